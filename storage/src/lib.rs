@@ -1,0 +1,25 @@
+//! `strata-storage`: the partition log under every Strata topic partition.
+//!
+//! - [`batch`]: the record batch codec (Kafka RecordBatch v2), used by the broker, the
+//!   client and tests alike: one codec everywhere.
+//! - [`Log`]: one partition's append-only log of segment files with sparse offset and
+//!   time indexes, a durability policy with group commit, crash recovery that scans only
+//!   the unflushed tail, and retention by age and size.
+//! - [`LogReader`]: lock-free-for-the-writer reads from any thread, bounded by the high
+//!   watermark.
+//!
+//! This crate knows nothing of networking, topics, consumer groups or async runtimes.
+//! The on-disk format is documented byte by byte in `docs/storage-format.md`.
+
+pub mod batch;
+mod checkpoint;
+mod config;
+mod error;
+mod index;
+mod log;
+mod segment;
+
+pub use config::{Durability, LogConfig};
+pub use error::{Error, InvalidBatch, Result};
+pub use log::{now_ms, AppendInfo, Log, LogReader, ReadResult};
+pub use segment::FileCache;

@@ -1,0 +1,1052 @@
+//! The partition log: an ordered list of segments, one writer and any number of readers.
+//!
+//! # Writing
+//! [`Log::write`] validates a batch, assigns its offsets and stages it; [`Log::commit`]
+//! writes staged batches with one `pwrite`, applies the durability policy (one fsync for
+//! everything staged: group commit) and only then publishes them to readers by advancing
+//! the high watermark. [`Log::append`] is `write` + `commit` for one batch.
+//!
+//! # Reading
+//! A [`LogReader`] is a cheap clone that other threads use. It loads the high watermark,
+//! takes a snapshot of the segment list (a read lock held for one `Arc` clone) and reads
+//! files with `pread`. It never sees past the watermark, so never a half-written batch.
+//!
+//! # Invariants
+//! - Offsets are dense and assigned in order: a segment's batches run from its base offset
+//!   without gaps, and each segment starts where the previous ended.
+//! - Only the last segment (the active one) is ever written; the others are sealed:
+//!   fsynced, with trimmed and fsynced indexes.
+//! - Published data (below `readable_len` and the high watermark) is never rewritten.
+//!   Under [`Durability::Fsync`] it is also on disk.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::batch::{set_base_offset, Batch, BatchHeader, BATCH_HEADER_LEN};
+use crate::checkpoint::{Checkpoint, CHECKPOINT_FILE};
+use crate::config::{Durability, LogConfig};
+use crate::error::{io_at, Error, Result};
+use crate::index::{Index, OffsetEntry, TimeEntry};
+use crate::segment::{
+    open_for_write, segment_path, FileCache, Segment, INDEX_EXT, LOG_EXT, TIME_INDEX_EXT,
+};
+
+/// Staged bytes are written out once they reach this size, even before a commit, so a
+/// long run of writes does not grow the staging buffer without bound.
+const STAGE_BYTES_MAX: usize = 1 << 20;
+/// Read size used when scanning a segment during recovery or an index rebuild.
+const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// Offset of its last record.
+    pub last_offset: u64,
+    /// Largest record timestamp in the batch.
+    pub max_timestamp: i64,
+}
+
+/// The answer to a read: whole batches, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadResult {
+    /// Concatenated encoded batches. The first may start before the requested offset
+    /// (a batch is never split); the reader skips those records.
+    pub batches: Vec<u8>,
+    /// Offset right after the last returned batch: where the next read continues.
+    pub next_offset: u64,
+    /// The high watermark when the read started.
+    pub high_watermark: u64,
+    /// The first offset in the log when the read started.
+    pub earliest_offset: u64,
+}
+
+struct Shared {
+    dir: PathBuf,
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    /// Next offset readers may not yet see; every offset below it is published.
+    high_watermark: AtomicU64,
+    files: FileCache,
+}
+
+impl Shared {
+    fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        Arc::clone(&self.segments.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn set_segments(&self, segments: Vec<Arc<Segment>>) {
+        *self.segments.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(segments);
+    }
+}
+
+/// A read handle on a log, for any thread. Clones are cheap and share the log.
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogReader")
+            .field("dir", &self.shared.dir)
+            .field("high_watermark", &self.high_watermark())
+            .finish()
+    }
+}
+
+/// Decides which batches get index entries. Shared by appends and recovery so an index
+/// rebuilt from the log equals the one written alongside it.
+#[derive(Debug, Clone, Copy)]
+struct IndexState {
+    bytes_since_entry: u64,
+    /// Largest record timestamp in the segment so far.
+    max_timestamp: i64,
+    /// Timestamp of the last time index entry.
+    time_indexed: i64,
+    /// Relative offset of the last batch.
+    last_batch: u32,
+}
+
+impl IndexState {
+    fn resume(segment: &Segment, position: u64, max_timestamp: i64) -> IndexState {
+        let last_entry = segment.offsets.last();
+        IndexState {
+            bytes_since_entry: position - last_entry.map_or(0, |e| u64::from(e.position)),
+            max_timestamp,
+            time_indexed: segment.times.last().map_or(i64::MIN, |e| e.timestamp),
+            last_batch: last_entry.map_or(0, |e| e.relative_offset),
+        }
+    }
+
+    fn add(&mut self, segment: &Segment, header: &BatchHeader, position: u64, interval: u64) {
+        let relative = (header.base_offset - segment.base_offset) as u32;
+        self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
+        if segment.offsets.len() == 0 || self.bytes_since_entry >= interval {
+            segment.offsets.push(OffsetEntry {
+                relative_offset: relative,
+                position: position as u32,
+            });
+            self.bytes_since_entry = 0;
+            if self.max_timestamp > self.time_indexed {
+                self.push_time(segment, relative);
+            }
+        }
+        self.bytes_since_entry += header.size as u64;
+        self.last_batch = relative;
+    }
+
+    /// Records the segment's final max timestamp, so a sealed segment's largest
+    /// timestamp is its last time index entry.
+    fn finish(&mut self, segment: &Segment) {
+        if self.max_timestamp > self.time_indexed {
+            self.push_time(segment, self.last_batch);
+        }
+    }
+
+    fn push_time(&mut self, segment: &Segment, relative: u32) {
+        segment.times.push(TimeEntry {
+            timestamp: self.max_timestamp,
+            relative_offset: relative,
+        });
+        self.time_indexed = self.max_timestamp;
+    }
+}
+
+/// The writer's view of the active segment.
+struct Active {
+    segment: Arc<Segment>,
+    file: fs::File,
+    /// Bytes in the file.
+    written: u64,
+    /// Bytes known to be on disk.
+    synced: u64,
+    /// Position of the last checkpoint.
+    checkpointed: u64,
+    /// Staged batches; they go to the file at position `written`.
+    staged: Vec<u8>,
+    /// Offset the next staged batch gets.
+    next_offset: u64,
+    index: IndexState,
+    created_ms: i64,
+}
+
+impl Active {
+    fn end(&self) -> u64 {
+        self.written + self.staged.len() as u64
+    }
+}
+
+/// One partition's log. See the module documentation.
+pub struct Log {
+    reader: LogReader,
+    config: LogConfig,
+    active: Active,
+    last_sync: Instant,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.reader.shared.dir)
+            .field("next_offset", &self.active.next_offset)
+            .field("high_watermark", &self.reader.high_watermark())
+            .finish()
+    }
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating it if needed, and recovers it: after a clean
+    /// close this reads only metadata; after a crash it scans the active segment from
+    /// the last checkpoint and truncates it at the first incomplete or corrupt batch.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig, files: &FileCache) -> Result<Log> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let created = !dir.exists();
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        if created {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        let bases = list_segments(&dir)?;
+        let checkpoint = Checkpoint::read(&dir).map_err(io_at(&dir.join(CHECKPOINT_FILE)))?;
+
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        for pair in bases.windows(2) {
+            segments.push(Arc::new(open_sealed(&dir, pair[0], pair[1], &config)?));
+        }
+        let active_base = bases.last().copied().unwrap_or(0);
+        let active = recover_active(&dir, active_base, checkpoint, &config)?;
+        let high_watermark = active.next_offset;
+        segments.push(Arc::clone(&active.segment));
+        if bases.is_empty() {
+            sync_dir(&dir)?;
+        }
+
+        let mut log = Log {
+            reader: LogReader {
+                shared: Arc::new(Shared {
+                    dir,
+                    segments: RwLock::new(Arc::new(segments)),
+                    high_watermark: AtomicU64::new(high_watermark),
+                    files: files.clone(),
+                }),
+            },
+            config,
+            active,
+            last_sync: Instant::now(),
+            poisoned: false,
+        };
+        // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
+        // and the next recovery starts from what this one established.
+        log.write_checkpoint(false)?;
+        Ok(log)
+    }
+
+    /// A read handle; clone it to read from other threads.
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
+    }
+
+    /// The log's configuration.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// The offset the next written batch gets (staged batches included).
+    pub fn next_offset(&self) -> u64 {
+        self.active.next_offset
+    }
+
+    /// Validates `batch`, assigns it the next offsets and stages it. It is neither
+    /// visible nor durable until [`Log::commit`]. A rejected batch changes nothing.
+    pub fn write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
+        self.check_poisoned()?;
+        if batch.len() > self.config.batch_bytes_max {
+            return Err(Error::BatchTooLarge {
+                size: batch.len(),
+                max: self.config.batch_bytes_max,
+            });
+        }
+        let parsed = Batch::new(batch)?;
+        parsed.validate_records()?;
+        let header = *parsed.header();
+        let record_count = header.record_count as u64;
+        self.guard(|log| {
+            if log.should_roll(batch.len(), record_count) {
+                log.roll()?;
+            }
+            let active = &mut log.active;
+            let base_offset = active.next_offset;
+            let position = active.end();
+            let start = active.staged.len();
+            active.staged.extend_from_slice(batch);
+            set_base_offset(&mut active.staged[start..], base_offset);
+            let header = BatchHeader {
+                base_offset,
+                ..header
+            };
+            active.index.add(
+                &active.segment,
+                &header,
+                position,
+                log.config.index_interval_bytes,
+            );
+            active.next_offset += record_count;
+            if active.staged.len() >= STAGE_BYTES_MAX {
+                log.write_staged()?;
+            }
+            Ok(AppendInfo {
+                base_offset,
+                last_offset: header.last_offset(),
+                max_timestamp: header.max_timestamp,
+            })
+        })
+    }
+
+    /// Writes staged batches, makes them durable as the policy says (fsync: one fsync
+    /// for all of them) and publishes them to readers. Returns the new high watermark.
+    pub fn commit(&mut self) -> Result<u64> {
+        self.check_poisoned()?;
+        self.guard(|log| {
+            log.write_staged()?;
+            let due = match log.config.durability {
+                Durability::Fsync => true,
+                Durability::Interval(every) => log.last_sync.elapsed() >= every,
+                Durability::None => false,
+            };
+            if due {
+                log.sync()?;
+            }
+            log.publish();
+            Ok(log.active.next_offset)
+        })
+    }
+
+    /// [`Log::write`] then [`Log::commit`]: under the fsync policy the batch is on disk
+    /// when this returns.
+    pub fn append(&mut self, batch: &[u8]) -> Result<AppendInfo> {
+        let info = self.write(batch)?;
+        self.commit()?;
+        Ok(info)
+    }
+
+    /// Writes, fsyncs and publishes everything, whatever the policy, and records a
+    /// checkpoint so recovery starts from here.
+    pub fn flush(&mut self) -> Result<()> {
+        self.check_poisoned()?;
+        self.guard(|log| {
+            log.write_staged()?;
+            log.sync()?;
+            log.publish();
+            if log.active.checkpointed != log.active.written {
+                log.sync_indexes()?;
+                log.write_checkpoint(false)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Flushes and closes the log, marking it clean so the next open skips recovery.
+    pub fn close(mut self) -> Result<()> {
+        self.flush()?;
+        let active = &mut self.active;
+        active.index.finish(&active.segment);
+        active.segment.seal_indexes()?;
+        self.write_checkpoint(true)
+    }
+
+    /// Deletes the oldest sealed segments that retention no longer keeps: those whose
+    /// newest record is older than `retention_ms` before `now_ms`, and those that take
+    /// the log over `retention_bytes`. The active segment is never deleted. Returns how
+    /// many segments were deleted.
+    pub fn apply_retention(&mut self, now_ms: i64) -> Result<usize> {
+        self.check_poisoned()?;
+        let segments = self.reader.shared.segments();
+        let sealed = &segments[..segments.len() - 1];
+        let mut expired = 0;
+        if let Some(ms) = self.config.retention_ms {
+            let cutoff = now_ms.saturating_sub(ms.min(i64::MAX as u64) as i64);
+            expired = sealed
+                .iter()
+                .take_while(|s| s.max_timestamp() < cutoff)
+                .count();
+        }
+        if let Some(max_bytes) = self.config.retention_bytes {
+            let mut total = self.size_bytes();
+            let mut oversize = 0;
+            for segment in sealed {
+                let len = segment.readable_len();
+                if total - len < max_bytes {
+                    break;
+                }
+                total -= len;
+                oversize += 1;
+            }
+            expired = expired.max(oversize);
+        }
+        if expired == 0 {
+            return Ok(0);
+        }
+        self.reader
+            .shared
+            .set_segments(segments[expired..].to_vec());
+        // Oldest first, log file first: a crash part way leaves a log that starts at a
+        // later segment, and index files without a log, which open removes.
+        for segment in &segments[..expired] {
+            for ext in [LOG_EXT, INDEX_EXT, TIME_INDEX_EXT] {
+                remove_if_exists(&segment_path(
+                    &self.reader.shared.dir,
+                    segment.base_offset,
+                    ext,
+                ))?;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Bytes in all segments, staged batches included.
+    pub fn size_bytes(&self) -> u64 {
+        let segments = self.reader.shared.segments();
+        let sealed: u64 = segments[..segments.len() - 1]
+            .iter()
+            .map(|s| s.readable_len())
+            .sum();
+        sealed + self.active.end()
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::Poisoned {
+                path: self.reader.shared.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs a step that touches files; if it fails, the log's state on disk is unknown
+    /// (a failed fsync may have dropped dirty pages), so refuse further writes.
+    fn guard<T>(&mut self, step: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let result = step(self);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
+    }
+
+    fn should_roll(&self, batch_bytes: usize, record_count: u64) -> bool {
+        let active = &self.active;
+        let segment = &active.segment;
+        if active.next_offset == segment.base_offset {
+            return false;
+        }
+        let too_big = active.end() + batch_bytes as u64 > self.config.segment_bytes_max;
+        let index_full = segment.offsets.is_nearly_full() || segment.times.is_nearly_full();
+        let offsets_full =
+            active.next_offset + record_count - segment.base_offset > u64::from(u32::MAX);
+        let too_old = self
+            .config
+            .segment_ms
+            .is_some_and(|ms| now_ms().saturating_sub(active.created_ms) >= ms as i64);
+        too_big || index_full || offsets_full || too_old
+    }
+
+    /// Seals the active segment and starts a new one at the next offset.
+    fn roll(&mut self) -> Result<()> {
+        self.write_staged()?;
+        self.sync()?;
+        self.publish();
+        let old = &mut self.active;
+        old.index.finish(&old.segment);
+        old.segment.seal_indexes()?;
+
+        let dir = self.reader.shared.dir.clone();
+        let base = self.active.next_offset;
+        let segment = Arc::new(create_segment(&dir, base, &self.config)?);
+        let file = open_for_write(&segment.log_path, true)?;
+        sync_dir(&dir)?;
+        let mut segments = self.reader.shared.segments().to_vec();
+        segments.push(Arc::clone(&segment));
+        self.reader.shared.set_segments(segments);
+        self.active = Active {
+            index: IndexState::resume(&segment, 0, i64::MIN),
+            segment,
+            file,
+            written: 0,
+            synced: 0,
+            checkpointed: 0,
+            staged: Vec::new(),
+            next_offset: base,
+            created_ms: now_ms(),
+        };
+        self.write_checkpoint(false)
+    }
+
+    fn write_staged(&mut self) -> Result<()> {
+        let active = &mut self.active;
+        if active.staged.is_empty() {
+            return Ok(());
+        }
+        active
+            .file
+            .write_all_at(&active.staged, active.written)
+            .map_err(io_at(&active.segment.log_path))?;
+        active.written += active.staged.len() as u64;
+        active.staged.clear();
+        Ok(())
+    }
+
+    /// Fsyncs written data and, every `checkpoint_interval_bytes`, the indexes and a new
+    /// checkpoint.
+    fn sync(&mut self) -> Result<()> {
+        let active = &mut self.active;
+        if active.synced < active.written {
+            active
+                .file
+                .sync_data()
+                .map_err(io_at(&active.segment.log_path))?;
+            active.synced = active.written;
+        }
+        self.last_sync = Instant::now();
+        if active.written - active.checkpointed >= self.config.checkpoint_interval_bytes {
+            self.sync_indexes()?;
+            self.write_checkpoint(false)?;
+        }
+        Ok(())
+    }
+
+    fn sync_indexes(&self) -> Result<()> {
+        self.active.segment.sync_indexes()
+    }
+
+    /// Makes everything written visible to readers. Under the fsync policy it is only
+    /// called once written data is synced.
+    fn publish(&self) {
+        let active = &self.active;
+        debug_assert!(active.staged.is_empty(), "publishing with staged batches");
+        debug_assert!(
+            self.config.durability != Durability::Fsync || active.synced == active.written,
+            "publishing unsynced data under the fsync policy"
+        );
+        active
+            .segment
+            .publish(active.written, active.index.max_timestamp);
+        self.reader
+            .shared
+            .high_watermark
+            .store(active.next_offset, Ordering::Release);
+    }
+
+    /// Records the active segment's durable state. The caller has written and synced
+    /// the segment and its indexes up to `written`.
+    fn write_checkpoint(&mut self, clean: bool) -> Result<()> {
+        let active = &mut self.active;
+        assert!(active.staged.is_empty() && active.synced == active.written);
+        let checkpoint = Checkpoint {
+            clean,
+            segment_base: active.segment.base_offset,
+            position: active.written,
+            next_offset: active.next_offset,
+            offset_entries: active.segment.offsets.len() as u32,
+            time_entries: active.segment.times.len() as u32,
+            max_timestamp: active.index.max_timestamp,
+            segment_created_ms: active.created_ms,
+        };
+        let dir = &self.reader.shared.dir;
+        checkpoint
+            .write(dir)
+            .map_err(io_at(&dir.join(CHECKPOINT_FILE)))?;
+        active.checkpointed = active.written;
+        Ok(())
+    }
+}
+
+impl LogReader {
+    /// The first offset still in the log.
+    pub fn earliest_offset(&self) -> u64 {
+        self.shared.segments()[0].base_offset
+    }
+
+    /// The offset after the last published batch: readers see every offset below it.
+    pub fn high_watermark(&self) -> u64 {
+        self.shared.high_watermark.load(Ordering::Acquire)
+    }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.shared.segments().len()
+    }
+
+    /// Bytes of published data in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.shared
+            .segments()
+            .iter()
+            .map(|s| s.readable_len())
+            .sum()
+    }
+
+    /// The partition directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Reads whole batches starting with the one that holds `from`, up to about
+    /// `max_bytes` (always at least one batch, so a large batch cannot stall a reader).
+    /// Reading at the high watermark returns no batches; outside
+    /// `[earliest, high watermark]` it is [`Error::OffsetOutOfRange`].
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<ReadResult> {
+        let high_watermark = self.high_watermark();
+        let segments = self.shared.segments();
+        let earliest_offset = segments[0].base_offset;
+        if from < earliest_offset || from > high_watermark {
+            return Err(Error::OffsetOutOfRange {
+                requested: from,
+                earliest: earliest_offset,
+                latest: high_watermark,
+            });
+        }
+        let mut result = ReadResult {
+            batches: Vec::new(),
+            next_offset: from,
+            high_watermark,
+            earliest_offset,
+        };
+        let first = segments.partition_point(|s| s.base_offset <= from) - 1;
+        for segment in &segments[first..] {
+            if result.next_offset >= high_watermark || result.batches.len() >= max_bytes {
+                break;
+            }
+            let reached_end = self.read_segment(segment, max_bytes, &mut result)?;
+            if !reached_end {
+                break;
+            }
+        }
+        Ok(result)
+    }
+
+    /// Appends batches from `segment`, starting at `result.next_offset`. Returns true
+    /// when it read to the segment's end, so the read may go on in the next segment.
+    fn read_segment(
+        &self,
+        segment: &Arc<Segment>,
+        max_bytes: usize,
+        result: &mut ReadResult,
+    ) -> Result<bool> {
+        let from = result.next_offset;
+        let high_watermark = result.high_watermark;
+        let readable = segment.readable_len();
+        let file = self.open(segment, from)?;
+
+        // Find the batch holding `from`: index, then a short walk over headers.
+        let mut position = segment.index_position(from);
+        let first = loop {
+            if position + BATCH_HEADER_LEN as u64 > readable {
+                return Ok(true);
+            }
+            let header = segment.read_header(&file, position)?;
+            if header.last_offset() >= from {
+                break header;
+            }
+            position += header.size as u64;
+        };
+        if first.base_offset >= high_watermark {
+            return Ok(false);
+        }
+        let budget = max_bytes.saturating_sub(result.batches.len());
+        if !result.batches.is_empty() && first.size > budget {
+            return Ok(false);
+        }
+        let want = (budget.max(first.size) as u64).min(readable - position) as usize;
+        let start = result.batches.len();
+        result.batches.resize(start + want, 0);
+        file.read_exact_at(&mut result.batches[start..], position)
+            .map_err(io_at(&segment.log_path))?;
+
+        // Keep whole, checked batches below the high watermark.
+        let mut kept = 0;
+        let mut rest = &result.batches[start..];
+        let mut expected = first.base_offset;
+        while rest.len() >= BATCH_HEADER_LEN {
+            let at = position + kept as u64;
+            let header =
+                BatchHeader::parse(rest).map_err(|e| segment.corrupted(at, e.to_string()))?;
+            if header.base_offset >= high_watermark || header.size > rest.len() {
+                break;
+            }
+            let (batch, tail) =
+                Batch::split_first(rest).map_err(|e| segment.corrupted(at, e.to_string()))?;
+            if batch.header().base_offset != expected {
+                return Err(segment.corrupted(
+                    at,
+                    format!(
+                        "batch has base offset {} where {expected} was expected",
+                        batch.header().base_offset
+                    ),
+                ));
+            }
+            expected = batch.header().next_offset();
+            kept += batch.as_bytes().len();
+            rest = tail;
+        }
+        if kept == 0 {
+            return Err(segment.corrupted(position, "batch runs past the published end".into()));
+        }
+        result.batches.truncate(start + kept);
+        result.next_offset = expected;
+        Ok(position + kept as u64 == readable)
+    }
+
+    /// The segment's read handle; a segment deleted by retention since the snapshot
+    /// means the requested offset is now out of range.
+    fn open(&self, segment: &Arc<Segment>, from: u64) -> Result<Arc<fs::File>> {
+        segment.file(&self.shared.files).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                Error::OffsetOutOfRange {
+                    requested: from,
+                    earliest: self.earliest_offset(),
+                    latest: self.high_watermark(),
+                }
+            }
+            other => other,
+        })
+    }
+
+    /// The first offset, in log order, whose record timestamp is at or after
+    /// `timestamp`; `None` when no published record is that new.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        let high_watermark = self.high_watermark();
+        let segments = self.shared.segments();
+        let mut buf = Vec::new();
+        for segment in segments.iter() {
+            if segment.max_timestamp() < timestamp {
+                continue;
+            }
+            let start = segment.time_index_offset(timestamp);
+            let file = self.open(segment, start)?;
+            let readable = segment.readable_len();
+            let mut position = segment.index_position(start);
+            while position + BATCH_HEADER_LEN as u64 <= readable {
+                let header = segment.read_header(&file, position)?;
+                if header.base_offset >= high_watermark {
+                    return Ok(None);
+                }
+                if header.max_timestamp >= timestamp {
+                    buf.resize(header.size, 0);
+                    file.read_exact_at(&mut buf, position)
+                        .map_err(io_at(&segment.log_path))?;
+                    let batch =
+                        Batch::new(&buf).map_err(|e| segment.corrupted(position, e.to_string()))?;
+                    for record in batch.records() {
+                        let record =
+                            record.map_err(|e| segment.corrupted(position, e.to_string()))?;
+                        if record.timestamp >= timestamp {
+                            return Ok(Some(record.offset));
+                        }
+                    }
+                }
+                position += header.size as u64;
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_at(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Base offsets of the segments in `dir`, ascending. Index files whose log is gone (a
+/// crash during retention) are removed.
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut logs = Vec::new();
+    let mut indexes = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_at(dir))? {
+        let entry = entry.map_err(io_at(dir))?;
+        let name = entry.file_name();
+        let Some((stem, ext)) = name.to_str().and_then(|n| n.split_once('.')) else {
+            continue;
+        };
+        let Some(base) = (stem.len() == 20)
+            .then(|| stem.parse::<u64>().ok())
+            .flatten()
+        else {
+            continue;
+        };
+        match ext {
+            LOG_EXT => logs.push(base),
+            INDEX_EXT | TIME_INDEX_EXT => indexes.push(entry.path()),
+            _ => {}
+        }
+    }
+    logs.sort_unstable();
+    for path in indexes {
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse().ok());
+        if stem.is_some_and(|base| logs.binary_search(&base).is_err()) {
+            remove_if_exists(&path)?;
+        }
+    }
+    Ok(logs)
+}
+
+fn create_segment(dir: &Path, base: u64, config: &LogConfig) -> Result<Segment> {
+    let index_path = segment_path(dir, base, INDEX_EXT);
+    let time_path = segment_path(dir, base, TIME_INDEX_EXT);
+    let offsets =
+        Index::open_writable(&index_path, 0, config.index_bytes_max).map_err(io_at(&index_path))?;
+    let times =
+        Index::open_writable(&time_path, 0, config.index_bytes_max).map_err(io_at(&time_path))?;
+    Ok(Segment::new(dir, base, offsets, times, 0, i64::MIN))
+}
+
+/// Opens a sealed segment, trusting its indexes after a cheap check of their last
+/// entries and rebuilding them from the log when that check fails.
+fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Result<Segment> {
+    let log_path = segment_path(dir, base, LOG_EXT);
+    let log_len = fs::metadata(&log_path).map_err(io_at(&log_path))?.len();
+    let span = next_base - base;
+    let index_path = segment_path(dir, base, INDEX_EXT);
+    let time_path = segment_path(dir, base, TIME_INDEX_EXT);
+    let offsets = open_sealed_index::<OffsetEntry>(&index_path)?.filter(|index| {
+        index.len() > 0
+            && index.last().is_some_and(|e| {
+                u64::from(e.position) < log_len && u64::from(e.relative_offset) < span
+            })
+    });
+    let times = open_sealed_index::<TimeEntry>(&time_path)?.filter(|index| {
+        index
+            .last()
+            .is_some_and(|e| u64::from(e.relative_offset) < span)
+    });
+    if let (Some(offsets), Some(times)) = (offsets, times) {
+        let max_timestamp = times.last().map_or(i64::MIN, |e| e.timestamp);
+        return Ok(Segment::new(
+            dir,
+            base,
+            offsets,
+            times,
+            log_len,
+            max_timestamp,
+        ));
+    }
+
+    // Rebuild both indexes with a full scan of this one segment.
+    remove_if_exists(&index_path)?;
+    remove_if_exists(&time_path)?;
+    let segment = create_segment(dir, base, config)?;
+    let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
+    let mut index = IndexState::resume(&segment, 0, i64::MIN);
+    // A sealed segment is never truncated (the next one starts at `next_base`); if it
+    // holds damage, reads past the damage report it as corruption.
+    scan(&file, &segment, &mut index, 0, base, log_len, config)?;
+    index.finish(&segment);
+    segment.seal_indexes()?;
+    segment.publish(log_len, index.max_timestamp);
+    Ok(segment)
+}
+
+fn open_sealed_index<E: crate::index::Entry>(path: &Path) -> Result<Option<Index<E>>> {
+    match Index::open_sealed(path) {
+        Ok(index) => Ok(index),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at(path)(e)),
+    }
+}
+
+/// Where a scan stopped: just after the last valid batch.
+struct ScanEnd {
+    position: u64,
+    next_offset: u64,
+}
+
+/// Walks the batches of `file` from `position` (expected to hold `next_offset`),
+/// checking each one's framing, CRC and offset continuity, and indexing it. Stops at
+/// `end` or at the first batch that does not check out. Reads in large chunks.
+fn scan(
+    file: &fs::File,
+    segment: &Segment,
+    index: &mut IndexState,
+    mut position: u64,
+    mut next_offset: u64,
+    end: u64,
+    config: &LogConfig,
+) -> Result<ScanEnd> {
+    let mut chunk = Chunk {
+        file,
+        path: &segment.log_path,
+        end,
+        buf: Vec::new(),
+        start: position,
+    };
+    while let Some(bytes) = chunk.get(position, BATCH_HEADER_LEN)? {
+        let Ok(header) = BatchHeader::parse(bytes) else {
+            break;
+        };
+        if header.base_offset != next_offset || header.record_count <= 0 {
+            break;
+        }
+        match chunk.get(position, header.size)? {
+            Some(bytes) if Batch::new(bytes).is_ok() => {}
+            _ => break,
+        }
+        index.add(segment, &header, position, config.index_interval_bytes);
+        position += header.size as u64;
+        next_offset = header.next_offset();
+    }
+    Ok(ScanEnd {
+        position,
+        next_offset,
+    })
+}
+
+/// A read-ahead window over a file, for sequential scans.
+struct Chunk<'a> {
+    file: &'a fs::File,
+    path: &'a Path,
+    /// Scans stop here.
+    end: u64,
+    buf: Vec<u8>,
+    /// File position of `buf[0]`.
+    start: u64,
+}
+
+impl Chunk<'_> {
+    /// The `len` bytes at `position`, or `None` if they run past `end`.
+    fn get(&mut self, position: u64, len: usize) -> Result<Option<&[u8]>> {
+        if position + len as u64 > self.end {
+            return Ok(None);
+        }
+        if position < self.start || position + len as u64 > self.start + self.buf.len() as u64 {
+            let read = (len.max(SCAN_CHUNK_BYTES) as u64).min(self.end - position) as usize;
+            self.buf.resize(read, 0);
+            self.file
+                .read_exact_at(&mut self.buf, position)
+                .map_err(io_at(self.path))?;
+            self.start = position;
+        }
+        let at = (position - self.start) as usize;
+        Ok(Some(&self.buf[at..at + len]))
+    }
+}
+
+/// Opens the active segment, scanning its unflushed tail and truncating it at the first
+/// invalid byte.
+fn recover_active(
+    dir: &Path,
+    base: u64,
+    checkpoint: Option<Checkpoint>,
+    config: &LogConfig,
+) -> Result<Active> {
+    let log_path = segment_path(dir, base, LOG_EXT);
+    let file = open_for_write(&log_path, true)?;
+    let file_len = file.metadata().map_err(io_at(&log_path))?.len();
+    let capacity = |entry_len: usize| config.index_bytes_max / entry_len as u64;
+    let trusted = checkpoint.filter(|c| {
+        c.segment_base == base
+            && c.position <= file_len
+            && c.next_offset >= base
+            && u64::from(c.offset_entries) <= capacity(crate::index::OFFSET_ENTRY_LEN)
+            && u64::from(c.time_entries) <= capacity(crate::index::TIME_ENTRY_LEN)
+    });
+    let index_path = segment_path(dir, base, INDEX_EXT);
+    let time_path = segment_path(dir, base, TIME_INDEX_EXT);
+    let open = |offset_entries: usize, time_entries: usize| -> Result<Segment> {
+        let offsets = Index::open_writable(&index_path, offset_entries, config.index_bytes_max)
+            .map_err(io_at(&index_path))?;
+        let times = Index::open_writable(&time_path, time_entries, config.index_bytes_max)
+            .map_err(io_at(&time_path))?;
+        Ok(Segment::new(dir, base, offsets, times, 0, i64::MIN))
+    };
+
+    // Trust the checkpointed prefix if its indexes agree with it; else start over.
+    let mut start = (0, base, i64::MIN, now_ms());
+    let mut segment = None;
+    if let Some(c) = trusted {
+        let s = open(c.offset_entries as usize, c.time_entries as usize)?;
+        let offsets_ok = s.offsets.last().is_none_or(|e| {
+            u64::from(e.position) < c.position
+                && base + u64::from(e.relative_offset) < c.next_offset
+        });
+        let times_ok = s
+            .times
+            .last()
+            .is_none_or(|e| base + u64::from(e.relative_offset) < c.next_offset);
+        if offsets_ok && times_ok {
+            start = (
+                c.position,
+                c.next_offset,
+                c.max_timestamp,
+                c.segment_created_ms,
+            );
+            segment = Some(s);
+        }
+    }
+    let segment = match segment {
+        Some(s) => s,
+        None => open(0, 0)?,
+    };
+    let (position, next_offset, max_timestamp, created_ms) = start;
+    let mut index = IndexState::resume(&segment, position, max_timestamp);
+    let clean = trusted.is_some_and(|c| c.clean && c.position == file_len) && position == file_len;
+    let end = if clean {
+        ScanEnd {
+            position,
+            next_offset,
+        }
+    } else {
+        scan(
+            &file,
+            &segment,
+            &mut index,
+            position,
+            next_offset,
+            file_len,
+            config,
+        )?
+    };
+    if end.position < file_len {
+        file.set_len(end.position).map_err(io_at(&log_path))?;
+    }
+    if !clean {
+        file.sync_data().map_err(io_at(&log_path))?;
+        segment.sync_indexes()?;
+    }
+    segment.publish(end.position, index.max_timestamp);
+    Ok(Active {
+        segment: Arc::new(segment),
+        file,
+        written: end.position,
+        synced: end.position,
+        checkpointed: 0,
+        staged: Vec::new(),
+        next_offset: end.next_offset,
+        index,
+        created_ms,
+    })
+}

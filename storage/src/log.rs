@@ -1050,3 +1050,191 @@ fn recover_active(
         created_ms,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{batches, BatchBuilder};
+
+    fn small() -> LogConfig {
+        LogConfig {
+            segment_bytes_max: 1024,
+            index_interval_bytes: 100,
+            durability: Durability::None,
+            ..LogConfig::default()
+        }
+    }
+
+    fn batch(values: &[&str], timestamp: i64) -> Vec<u8> {
+        let mut b = BatchBuilder::new();
+        for v in values {
+            b.push(timestamp, None, Some(v.as_bytes()), &[]);
+        }
+        b.finish()
+    }
+
+    /// Every record value readable from `from`, in order.
+    fn values(reader: &LogReader, from: u64) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        let mut offset = from;
+        while offset < reader.high_watermark() {
+            let result = reader.read(offset, 300).expect("read");
+            for b in batches(&result.batches) {
+                for r in b.expect("batch").records() {
+                    let r = r.expect("record");
+                    if r.offset >= offset {
+                        out.push((
+                            r.offset,
+                            String::from_utf8_lossy(r.value.unwrap_or_default()).into(),
+                        ));
+                    }
+                }
+            }
+            offset = result.next_offset;
+        }
+        out
+    }
+
+    #[test]
+    fn appends_roll_and_read_back_across_segments_and_reopens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::new(2);
+        let mut log = Log::open(dir.path(), small(), &files).expect("open");
+        let mut expected = Vec::new();
+        for i in 0..100u64 {
+            let v = format!("value-{i}");
+            let info = log.append(&batch(&[&v, &v], i as i64)).expect("append");
+            assert_eq!(info.base_offset, 2 * i);
+            expected.push((2 * i, v.clone()));
+            expected.push((2 * i + 1, v));
+        }
+        assert!(log.reader().segment_count() > 5, "segments rolled");
+        assert_eq!(values(log.reader(), 0), expected);
+        assert_eq!(values(log.reader(), 77), expected[77..]);
+        assert!(files.open_count() <= 2, "file cache bounded");
+        log.close().expect("close");
+
+        // Clean reopen, then an unclean one (drop without close).
+        let log = Log::open(dir.path(), small(), &files).expect("reopen");
+        assert_eq!(log.reader().high_watermark(), 200);
+        assert_eq!(values(log.reader(), 0), expected);
+        drop(log);
+        let mut log = Log::open(dir.path(), small(), &files).expect("reopen unclean");
+        assert_eq!(values(log.reader(), 0), expected);
+        assert_eq!(
+            log.append(&batch(&["more"], 5))
+                .expect("append")
+                .base_offset,
+            200
+        );
+    }
+
+    #[test]
+    fn out_of_range_and_rejected_batches_leave_the_log_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        log.append(&batch(&["a"], 1)).expect("append");
+        let mut bad = batch(&["b"], 1);
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(log.append(&bad), Err(Error::InvalidBatch(_))));
+        let big = batch(&[&"x".repeat(2 << 20)], 1);
+        assert!(matches!(log.append(&big), Err(Error::BatchTooLarge { .. })));
+        assert!(matches!(
+            log.reader().read(2, 100),
+            Err(Error::OffsetOutOfRange {
+                requested: 2,
+                earliest: 0,
+                latest: 1
+            })
+        ));
+        assert!(log
+            .reader()
+            .read(1, 100)
+            .expect("read at end")
+            .batches
+            .is_empty());
+        assert_eq!(
+            log.append(&batch(&["c"], 1)).expect("append").base_offset,
+            1
+        );
+        assert_eq!(
+            values(log.reader(), 0),
+            vec![(0, "a".into()), (1, "c".into())]
+        );
+    }
+
+    #[test]
+    fn offset_for_timestamp_matches_a_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        // Timestamps go up and down, as producer clocks do.
+        let stamps: Vec<i64> = (0..200).map(|i| (i * 37) % 101 + i / 2).collect();
+        for chunk in stamps.chunks(3) {
+            let mut b = BatchBuilder::new();
+            for &ts in chunk {
+                b.push(ts, None, Some(b"v"), &[]);
+            }
+            log.append(&b.finish()).expect("append");
+        }
+        for target in -1..=stamps.iter().max().copied().unwrap_or(0) + 1 {
+            let scan = stamps.iter().position(|&ts| ts >= target).map(|i| i as u64);
+            let found = log.reader().offset_for_timestamp(target).expect("lookup");
+            assert_eq!(found, scan, "target {target}");
+        }
+    }
+
+    #[test]
+    fn retention_deletes_oldest_sealed_segments_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            retention_bytes: Some(2048),
+            retention_ms: Some(1000),
+            ..small()
+        };
+        let mut log = Log::open(dir.path(), config, &FileCache::new(8)).expect("open");
+        for i in 0..60 {
+            log.append(&batch(&["0123456789"; 4], 10_000 + i))
+                .expect("append");
+        }
+        let before = log.reader().segment_count();
+        let deleted = log.apply_retention(0).expect("retention by size");
+        assert!(deleted > 0 && log.reader().segment_count() == before - deleted);
+        assert!(log.size_bytes() >= 2048 && log.size_bytes() < 2048 + 1024);
+        let earliest = log.reader().earliest_offset();
+        assert!(matches!(
+            log.reader().read(0, 100),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
+        assert_eq!(
+            values(log.reader(), earliest).first().map(|v| v.0),
+            Some(earliest)
+        );
+        // Everything is older than a minute after the newest record: all sealed go.
+        log.apply_retention(10_000 + 60 + 60_000)
+            .expect("retention by time");
+        assert_eq!(log.reader().segment_count(), 1);
+        drop(log);
+        let log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("reopen");
+        assert_eq!(log.reader().segment_count(), 1);
+        assert_eq!(log.reader().high_watermark(), 240);
+    }
+
+    #[test]
+    fn fsync_policy_publishes_only_committed_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            durability: Durability::Fsync,
+            ..small()
+        };
+        let mut log = Log::open(dir.path(), config, &FileCache::new(8)).expect("open");
+        let reader = log.reader().clone();
+        for i in 0..5 {
+            log.write(&batch(&["a", "b"], i)).expect("write");
+        }
+        assert_eq!(reader.high_watermark(), 0, "staged batches are invisible");
+        assert_eq!(log.commit().expect("commit"), 10);
+        assert_eq!(reader.high_watermark(), 10);
+        assert_eq!(values(&reader, 0).len(), 10);
+    }
+}

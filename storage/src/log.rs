@@ -621,7 +621,8 @@ impl LogReader {
         };
         let first = segments.partition_point(|s| s.base_offset <= from) - 1;
         for segment in &segments[first..] {
-            if result.next_offset >= high_watermark || result.batches.len() >= max_bytes {
+            let full = !result.batches.is_empty() && result.batches.len() >= max_bytes;
+            if result.next_offset >= high_watermark || full {
                 break;
             }
             let reached_end = self.read_segment(segment, max_bytes, &mut result)?;

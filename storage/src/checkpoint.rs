@@ -5,7 +5,7 @@
 //! It is what keeps recovery proportional to the unflushed tail: after a crash only the
 //! bytes of the active segment past `position` are scanned. It is written right after an
 //! fsync of the segment and its indexes, so everything before `position` is on disk. The
-//! file is rewritten in place: 52 bytes fit in one disk sector, and a torn or stale write
+//! file is rewritten in place: its 60 bytes fit in one disk sector, and a torn or stale write
 //! fails its CRC, which only costs a scan of the whole active segment.
 //!
 //! Layout (big-endian):

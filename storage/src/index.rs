@@ -171,6 +171,11 @@ impl<E: Entry> Index<E> {
         self.len() + 2 > self.capacity
     }
 
+    /// True when no slot is free.
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity
+    }
+
     /// Entry `i`; `i` must be below [`Index::len`].
     pub fn get(&self, i: usize) -> E {
         assert!(i < self.len(), "index entry {i} not published");

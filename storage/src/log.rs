@@ -124,10 +124,14 @@ impl IndexState {
         }
     }
 
+    /// Indexes a batch. When an index is nearly full (possible in a scan, if the index
+    /// settings shrank since the segment was written) entries are skipped: a sparser
+    /// index is slower to search but still correct.
     fn add(&mut self, segment: &Segment, header: &BatchHeader, position: u64, interval: u64) {
         let relative = (header.base_offset - segment.base_offset) as u32;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
-        if segment.offsets.len() == 0 || self.bytes_since_entry >= interval {
+        let room = !segment.offsets.is_nearly_full() && !segment.times.is_nearly_full();
+        if room && (segment.offsets.len() == 0 || self.bytes_since_entry >= interval) {
             segment.offsets.push(OffsetEntry {
                 relative_offset: relative,
                 position: position as u32,
@@ -144,7 +148,7 @@ impl IndexState {
     /// Records the segment's final max timestamp, so a sealed segment's largest
     /// timestamp is its last time index entry.
     fn finish(&mut self, segment: &Segment) {
-        if self.max_timestamp > self.time_indexed {
+        if self.max_timestamp > self.time_indexed && !segment.times.is_full() {
             self.push_time(segment, self.last_batch);
         }
     }
@@ -230,6 +234,7 @@ impl Log {
             sync_dir(&dir)?;
         }
 
+        let checkpoint_is_new = !dir.join(CHECKPOINT_FILE).exists();
         let mut log = Log {
             reader: LogReader {
                 shared: Arc::new(Shared {
@@ -247,6 +252,9 @@ impl Log {
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
         // and the next recovery starts from what this one established.
         log.write_checkpoint(false)?;
+        if checkpoint_is_new {
+            sync_dir(&log.reader.shared.dir)?;
+        }
         Ok(log)
     }
 
@@ -317,11 +325,15 @@ impl Log {
         self.check_poisoned()?;
         self.guard(|log| {
             log.write_staged()?;
-            let due = match log.config.durability {
-                Durability::Fsync => true,
-                Durability::Interval(every) => log.last_sync.elapsed() >= every,
-                Durability::None => false,
-            };
+            // Whatever the policy, sync once a checkpoint interval has been written, so
+            // recovery after a crash never scans more than that.
+            let unchecked = log.active.written - log.active.checkpointed;
+            let due = unchecked >= log.config.checkpoint_interval_bytes
+                || match log.config.durability {
+                    Durability::Fsync => true,
+                    Durability::Interval(every) => log.last_sync.elapsed() >= every,
+                    Durability::None => false,
+                };
             if due {
                 log.sync()?;
             }
@@ -409,6 +421,7 @@ impl Log {
                 ))?;
             }
         }
+        sync_dir(&self.reader.shared.dir)?;
         Ok(expired)
     }
 
@@ -451,10 +464,9 @@ impl Log {
         let index_full = segment.offsets.is_nearly_full() || segment.times.is_nearly_full();
         let offsets_full =
             active.next_offset + record_count - segment.base_offset > u64::from(u32::MAX);
-        let too_old = self
-            .config
-            .segment_ms
-            .is_some_and(|ms| now_ms().saturating_sub(active.created_ms) >= ms as i64);
+        let too_old = self.config.segment_ms.is_some_and(|ms| {
+            now_ms().saturating_sub(active.created_ms) >= ms.min(i64::MAX as u64) as i64
+        });
         too_big || index_full || offsets_full || too_old
     }
 
@@ -840,10 +852,11 @@ fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Res
                 u64::from(e.position) < log_len && u64::from(e.relative_offset) < span
             })
     });
+    // An empty time index is valid: every record may carry timestamp i64::MIN.
     let times = open_sealed_index::<TimeEntry>(&time_path)?.filter(|index| {
         index
             .last()
-            .is_some_and(|e| u64::from(e.relative_offset) < span)
+            .is_none_or(|e| u64::from(e.relative_offset) < span)
     });
     if let (Some(offsets), Some(times)) = (offsets, times) {
         let max_timestamp = times.last().map_or(i64::MIN, |e| e.timestamp);
@@ -1237,5 +1250,32 @@ mod tests {
         assert_eq!(log.commit().expect("commit"), 10);
         assert_eq!(reader.high_watermark(), 10);
         assert_eq!(values(&reader, 0).len(), 10);
+    }
+
+    /// Reopening with smaller index settings and a missing sealed index must rebuild a
+    /// sparser index, not overflow the new capacity (it used to panic).
+    #[test]
+    fn rebuild_with_shrunken_index_settings_does_not_overflow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            segment_bytes_max: 16 << 10,
+            ..small()
+        };
+        let mut log = Log::open(dir.path(), config.clone(), &FileCache::new(8)).expect("open");
+        let value = "v".repeat(1000);
+        for i in 0..40 {
+            log.append(&batch(&[&value], i)).expect("append");
+        }
+        let expected = values(log.reader(), 0);
+        drop(log);
+        fs::remove_file(segment_path(dir.path(), 0, INDEX_EXT)).expect("remove index");
+        let shrunk = LogConfig {
+            index_bytes_max: 48,
+            index_interval_bytes: 100,
+            ..config
+        };
+        let log = Log::open(dir.path(), shrunk, &FileCache::new(8)).expect("reopen");
+        assert_eq!(values(log.reader(), 0), expected);
+        log.close().expect("close");
     }
 }

@@ -1,0 +1,216 @@
+//! The broker's registry of topics and their partitions, and the data directory layout:
+//!
+//! ```text
+//! <data>/topics/<name>/topic.toml     settings
+//! <data>/topics/<name>/<partition>/   one storage log per partition
+//! <data>/tmp/                         topics being created (renamed into topics/)
+//! <data>/trash/                       topics being deleted (removed after the rename)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use strata_storage::FileCache;
+
+use crate::error::{Error, Result};
+use crate::partition::Partition;
+use crate::topic::{validate_name, TopicSettings};
+
+/// A topic and its open partitions.
+#[derive(Debug)]
+pub struct Topic {
+    /// The topic's name.
+    pub name: String,
+    /// Its settings.
+    pub settings: TopicSettings,
+    partitions: Vec<Arc<Partition>>,
+    next_partition: AtomicU32,
+}
+
+impl Topic {
+    /// Partition `id`, or `PartitionNotFound`.
+    pub fn partition(&self, id: u32) -> Result<&Arc<Partition>> {
+        self.partitions
+            .get(id as usize)
+            .ok_or_else(|| Error::PartitionNotFound {
+                topic: self.name.clone(),
+                partition: id,
+                partitions: self.partitions.len() as u32,
+            })
+    }
+
+    /// All partitions, in order.
+    pub fn partitions(&self) -> &[Arc<Partition>] {
+        &self.partitions
+    }
+
+    /// The partition for records without a key: each in turn.
+    pub fn next_partition(&self) -> u32 {
+        self.next_partition.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
+    }
+
+    fn shutdown(&self) {
+        for partition in &self.partitions {
+            partition.shutdown();
+        }
+    }
+}
+
+/// All topics of one data directory.
+#[derive(Debug)]
+pub struct Broker {
+    data_dir: PathBuf,
+    defaults: TopicSettings,
+    files: FileCache,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serializes creation and deletion (directory renames), not reads or produce.
+    admin: Mutex<()>,
+}
+
+impl Broker {
+    /// Opens the data directory, recovering every topic's partitions. Blocking.
+    pub fn open(data_dir: &Path, defaults: TopicSettings, max_open_files: usize) -> Result<Broker> {
+        for sub in ["topics", "tmp", "trash"] {
+            let dir = data_dir.join(sub);
+            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        }
+        // Leftovers of a create or delete that a crash interrupted.
+        for sub in ["tmp", "trash"] {
+            let dir = data_dir.join(sub);
+            for entry in std::fs::read_dir(&dir).map_err(Error::io(&dir))? {
+                let path = entry.map_err(Error::io(&dir))?.path();
+                std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
+            }
+        }
+        let broker = Broker {
+            data_dir: data_dir.to_path_buf(),
+            defaults,
+            files: FileCache::new(max_open_files),
+            topics: RwLock::new(BTreeMap::new()),
+            admin: Mutex::new(()),
+        };
+        let topics_dir = data_dir.join("topics");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&topics_dir).map_err(Error::io(&topics_dir))? {
+            let entry = entry.map_err(Error::io(&topics_dir))?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        for name in names {
+            let dir = topics_dir.join(&name);
+            let settings = TopicSettings::load(&dir)?;
+            let topic = broker.open_topic(&name, &dir, settings)?;
+            broker.write_topics().insert(name, Arc::new(topic));
+        }
+        Ok(broker)
+    }
+
+    /// Defaults for settings a create request leaves out.
+    pub fn defaults(&self) -> &TopicSettings {
+        &self.defaults
+    }
+
+    fn open_topic(&self, name: &str, dir: &Path, settings: TopicSettings) -> Result<Topic> {
+        let config = settings.log_config()?;
+        let partitions = (0..settings.partitions)
+            .map(|p| {
+                Partition::open(
+                    format!("{name}/{p}"),
+                    dir.join(p.to_string()),
+                    config.clone(),
+                    &self.files,
+                )
+                .map(Arc::new)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Topic {
+            name: name.to_string(),
+            settings,
+            partitions,
+            next_partition: AtomicU32::new(0),
+        })
+    }
+
+    fn read_topics(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Topic>>> {
+        self.topics.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_topics(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Topic>>> {
+        self.topics.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The topic called `name`.
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        self.read_topics()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::TopicNotFound(name.to_string()))
+    }
+
+    /// Every topic, sorted by name.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.read_topics().values().cloned().collect()
+    }
+
+    /// Creates a topic: builds its directory under `tmp/`, then renames it into place.
+    /// Blocking.
+    pub fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>> {
+        validate_name(name)?;
+        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if self.read_topics().contains_key(name) {
+            return Err(Error::TopicExists(name.to_string()));
+        }
+        let staging = self.data_dir.join("tmp").join(name);
+        std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
+        settings.store(&staging)?;
+        let dir = self.data_dir.join("topics").join(name);
+        std::fs::rename(&staging, &dir).map_err(Error::io(&dir))?;
+        sync_dir(&self.data_dir.join("topics"))?;
+        let topic = Arc::new(self.open_topic(name, &dir, settings)?);
+        self.write_topics()
+            .insert(name.to_string(), Arc::clone(&topic));
+        Ok(topic)
+    }
+
+    /// Deletes a topic and its data. Blocking.
+    pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let topic = self
+            .write_topics()
+            .remove(name)
+            .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
+        topic.shutdown();
+        let dir = self.data_dir.join("topics").join(name);
+        let trash = self.data_dir.join("trash").join(name);
+        std::fs::rename(&dir, &trash).map_err(Error::io(&dir))?;
+        sync_dir(&self.data_dir.join("topics"))?;
+        std::fs::remove_dir_all(&trash).map_err(Error::io(&trash))
+    }
+
+    /// Asks every partition to commit idle data and, when `retention` is set, to apply
+    /// retention. Cheap; never blocks.
+    pub fn maintain(&self, retention: bool) {
+        for topic in self.read_topics().values() {
+            for partition in &topic.partitions {
+                partition.maintain(retention);
+            }
+        }
+    }
+
+    /// Answers everything queued, then closes every log cleanly. Blocking.
+    pub fn shutdown(&self) {
+        let topics = std::mem::take(&mut *self.write_topics());
+        for topic in topics.values() {
+            topic.shutdown();
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(dir))
+}

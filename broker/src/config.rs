@@ -1,0 +1,194 @@
+//! `strata serve` configuration: defaults, overridden by an optional TOML file, then by
+//! environment variables, then by flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::topic::TopicSettings;
+
+/// The default gRPC address: loopback only, on a port no common service uses.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7717";
+/// The default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "strata-data";
+
+/// Flags of `strata serve`; each also reads an environment variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (same names, snake_case).
+    #[arg(long, env = "STRATA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./strata-data].
+    #[arg(long, env = "STRATA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC listen address; port 0 picks a free port [default: 127.0.0.1:7717].
+    #[arg(long, env = "STRATA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Durability of topics created without one: fsync, interval:<ms> or none [default: fsync].
+    #[arg(long, env = "STRATA_DEFAULT_DURABILITY")]
+    pub default_durability: Option<String>,
+    /// Retention by age of topics created without one, in ms; -1 keeps forever [default: 7 days].
+    #[arg(long, env = "STRATA_DEFAULT_RETENTION_MS", allow_hyphen_values = true)]
+    pub default_retention_ms: Option<i64>,
+    /// Retention by size per partition of topics created without one; -1 is unlimited [default: -1].
+    #[arg(
+        long,
+        env = "STRATA_DEFAULT_RETENTION_BYTES",
+        allow_hyphen_values = true
+    )]
+    pub default_retention_bytes: Option<i64>,
+    /// Segment size of topics created without one [default: 1 GiB].
+    #[arg(long, env = "STRATA_DEFAULT_SEGMENT_BYTES")]
+    pub default_segment_bytes: Option<u64>,
+    /// Largest batch of topics created without one [default: 1 MiB].
+    #[arg(long, env = "STRATA_DEFAULT_MAX_MESSAGE_BYTES")]
+    pub default_max_message_bytes: Option<u32>,
+    /// Most segment files kept open for reading across all partitions [default: 1024].
+    #[arg(long, env = "STRATA_MAX_OPEN_FILES")]
+    pub max_open_files: Option<usize>,
+    /// How often retention runs, in ms [default: 30000].
+    #[arg(long, env = "STRATA_RETENTION_CHECK_MS")]
+    pub retention_check_ms: Option<u64>,
+}
+
+/// The same settings as read from the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    default_durability: Option<String>,
+    default_retention_ms: Option<i64>,
+    default_retention_bytes: Option<i64>,
+    default_segment_bytes: Option<u64>,
+    default_max_message_bytes: Option<u32>,
+    max_open_files: Option<usize>,
+    retention_check_ms: Option<u64>,
+}
+
+/// Resolved configuration of a broker.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where topics live.
+    pub data_dir: PathBuf,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Settings for topics created without them.
+    pub topic_defaults: TopicSettings,
+    /// Open-file budget for segment reads.
+    pub max_open_files: usize,
+    /// Retention period.
+    pub retention_check: Duration,
+}
+
+impl ServeConfig {
+    /// Resolves flags (which clap already merged with the environment) over the file.
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
+        let file = match &args.config {
+            Some(path) => load(path)?,
+            None => FileConfig::default(),
+        };
+        let limit =
+            |name: &str, v: Option<i64>, default: Option<u64>| -> anyhow::Result<Option<u64>> {
+                match v {
+                    None => Ok(default),
+                    Some(-1) => Ok(None),
+                    Some(v) if v > 0 => Ok(Some(v as u64)),
+                    Some(v) => anyhow::bail!("{name} must be positive or -1, got {v}"),
+                }
+            };
+        let base = TopicSettings::default();
+        let topic_defaults = TopicSettings {
+            partitions: 1,
+            retention_ms: limit(
+                "default_retention_ms",
+                args.default_retention_ms.or(file.default_retention_ms),
+                base.retention_ms,
+            )?,
+            retention_bytes: limit(
+                "default_retention_bytes",
+                args.default_retention_bytes
+                    .or(file.default_retention_bytes),
+                base.retention_bytes,
+            )?,
+            segment_bytes: args
+                .default_segment_bytes
+                .or(file.default_segment_bytes)
+                .unwrap_or(base.segment_bytes),
+            segment_ms: base.segment_ms,
+            max_message_bytes: args
+                .default_max_message_bytes
+                .or(file.default_max_message_bytes)
+                .unwrap_or(base.max_message_bytes),
+            durability: args
+                .default_durability
+                .or(file.default_durability)
+                .unwrap_or(base.durability),
+        };
+        topic_defaults
+            .log_config()
+            .map_err(|e| anyhow::anyhow!("invalid topic defaults: {e}"))?;
+        let default_listen: SocketAddr = DEFAULT_LISTEN.parse()?;
+        Ok(ServeConfig {
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            listen: args.listen.or(file.listen).unwrap_or(default_listen),
+            topic_defaults,
+            max_open_files: args.max_open_files.or(file.max_open_files).unwrap_or(1024),
+            retention_check: Duration::from_millis(
+                args.retention_check_ms
+                    .or(file.retention_check_ms)
+                    .unwrap_or(30_000)
+                    .max(1),
+            ),
+        })
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("strata.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9999\"\ndefault_durability = \"none\"\n",
+        )
+        .expect("write");
+        let config = ServeConfig::resolve(ServeArgs {
+            config: Some(path.clone()),
+            default_durability: Some("interval:50".into()),
+            ..ServeArgs::default()
+        })
+        .expect("resolve");
+        assert_eq!(config.listen.port(), 9999);
+        assert_eq!(config.topic_defaults.durability, "interval:50");
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+
+        std::fs::write(&path, "no_such_setting = 1\n").expect("write");
+        let err = ServeConfig::resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        });
+        assert!(err.is_err());
+        let bad = ServeConfig::resolve(ServeArgs {
+            default_durability: Some("sometimes".into()),
+            ..ServeArgs::default()
+        });
+        assert!(bad.is_err());
+    }
+}

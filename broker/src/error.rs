@@ -1,0 +1,81 @@
+//! The broker's error type and its one conversion to a gRPC status.
+
+use tonic::{Code, Status};
+
+/// Everything a broker operation can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No topic of that name.
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    /// The partition number is not below the topic's partition count.
+    #[error("topic {topic:?} has {partitions} partitions (0 to {}); there is no partition {partition}", partitions.saturating_sub(1))]
+    PartitionNotFound {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// The topic's partition count.
+        partitions: u32,
+    },
+    /// A topic of that name already exists.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// The request is malformed; the message says how.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The partition's log failed a write and is being recovered.
+    #[error("partition {0} is unavailable: {1}")]
+    Unavailable(String, String),
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// An error from the partition log.
+    #[error(transparent)]
+    Storage(#[from] strata_storage::Error),
+    /// An I/O error on broker metadata.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// The broker's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        use strata_storage::Error as S;
+        let code = match &e {
+            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } => Code::NotFound,
+            Error::TopicExists(_) => Code::AlreadyExists,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Unavailable(..) | Error::ShuttingDown => Code::Unavailable,
+            Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
+            Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
+            Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,
+            Error::Storage(S::Io { source, .. }) | Error::Io { source, .. }
+                if source.raw_os_error() == Some(28) =>
+            {
+                Code::ResourceExhausted // ENOSPC: disk full
+            }
+            Error::Storage(S::InvalidConfig(_)) => Code::InvalidArgument,
+            Error::Storage(S::Poisoned { .. }) => Code::Unavailable,
+            _ => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}

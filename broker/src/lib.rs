@@ -1,0 +1,15 @@
+//! `strata-broker`: topics and partitions over `strata-storage`, the gRPC services, group
+//! commit, configuration, and the `strata` command line.
+//!
+//! Only this crate knows gRPC and topics; the storage crate knows neither.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod partition;
+pub mod server;
+pub mod service;
+pub mod topic;
+
+pub use error::{Error, Result};

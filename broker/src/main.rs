@@ -1,0 +1,78 @@
+//! The `strata` binary: `strata serve` runs the broker; the other subcommands are a
+//! command-line client for it.
+
+use clap::{Parser, Subcommand};
+use strata_broker::cli::{self, BrokerArg, ConsumeArgs, ProduceArgs, TopicCommand};
+use strata_broker::config::{ServeArgs, ServeConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "Strata: a single-binary, log-structured message broker"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Create, list, describe and delete topics.
+    Topic {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Write standard input to a topic, one record per line.
+    Produce {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[command(flatten)]
+        args: ProduceArgs,
+    },
+    /// Print a topic's records: partition, offset, timestamp, key, value (tab-separated).
+    Consume {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[command(flatten)]
+        args: ConsumeArgs,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strata: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                tracing_subscriber::fmt()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_target(false)
+                    .init();
+                let config = ServeConfig::resolve(args)?;
+                strata_broker::server::serve(config, strata_broker::server::shutdown_signal()).await
+            }
+            Command::Topic { broker, command } => cli::topic(&broker.broker, command).await,
+            Command::Produce { broker, args } => cli::produce(&broker.broker, args).await,
+            Command::Consume { broker, args } => cli::consume(&broker.broker, args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The gRPC services. Handlers validate requests, move blocking work (directory changes,
+//! file reads) off the async runtime, and convert errors to statuses in one place
+//! ([`crate::error`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_proto::v1::{self, admin_server, broker_server};
+use strata_storage::batch::{batches, BatchBuilder};
+use strata_storage::{now_ms, ReadResult};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::broker::{Broker, Topic};
+use crate::error::{Error, Result};
+use crate::partition::{Ack, Partition};
+use crate::topic::TopicSettings;
+
+/// Fetch size when a request leaves max_bytes at 0.
+pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
+/// Largest fetch response; clients must accept messages of this size plus one batch.
+pub const FETCH_BYTES_MAX: usize = 8 << 20;
+/// Longest a fetch may wait for data.
+pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Implements both gRPC services over one broker.
+#[derive(Debug, Clone)]
+pub struct Service {
+    broker: Arc<Broker>,
+}
+
+impl Service {
+    /// Services over `broker`.
+    pub fn new(broker: Arc<Broker>) -> Service {
+        Service { broker }
+    }
+}
+
+/// Runs blocking broker work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Error::ShuttingDown)?
+}
+
+fn topic_info(topic: &Topic) -> v1::TopicInfo {
+    v1::TopicInfo {
+        name: topic.name.clone(),
+        partitions: topic.settings.partitions,
+        config: Some(topic.settings.to_proto()),
+    }
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for Service {
+    async fn create_topic(
+        &self,
+        request: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        let request = request.into_inner();
+        let settings = TopicSettings::from_request(
+            request.partitions,
+            request.config.as_ref(),
+            self.broker.defaults(),
+        )?;
+        let broker = Arc::clone(&self.broker);
+        let topic = blocking(move || broker.create_topic(&request.name, settings)).await?;
+        tracing::info!(topic = %topic.name, partitions = topic.settings.partitions, "created topic");
+        Ok(Response::new(v1::CreateTopicResponse {
+            topic: Some(topic_info(&topic)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        let broker = Arc::clone(&self.broker);
+        let deleted = name.clone();
+        blocking(move || broker.delete_topic(&deleted)).await?;
+        tracing::info!(topic = %name, "deleted topic");
+        Ok(Response::new(v1::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        let topics = self.broker.topics().iter().map(|t| topic_info(t)).collect();
+        Ok(Response::new(v1::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<v1::DescribeTopicRequest>,
+    ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+        let topic = self.broker.topic(&request.into_inner().name)?;
+        let partitions = topic
+            .partitions()
+            .iter()
+            .enumerate()
+            .map(|(id, p)| {
+                let reader = p.reader();
+                v1::PartitionInfo {
+                    partition: id as u32,
+                    earliest_offset: reader.earliest_offset(),
+                    latest_offset: reader.high_watermark(),
+                    size_bytes: reader.size_bytes(),
+                    segments: reader.segment_count() as u32,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::DescribeTopicResponse {
+            topic: Some(topic_info(&topic)),
+            partitions,
+        }))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<v1::ListOffsetsRequest>,
+    ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
+        let request = request.into_inner();
+        let topic = self.broker.topic(&request.topic)?;
+        let partition = Arc::clone(topic.partition(request.partition)?);
+        let reader = partition.reader().clone();
+        let offset = match v1::OffsetSpec::try_from(request.spec) {
+            Ok(v1::OffsetSpec::Earliest) => reader.earliest_offset(),
+            Ok(v1::OffsetSpec::Latest) => reader.high_watermark(),
+            Ok(v1::OffsetSpec::Timestamp) => {
+                let at = request.timestamp_ms;
+                blocking(move || {
+                    let found = reader.offset_for_timestamp(at)?;
+                    Ok(found.unwrap_or_else(|| reader.high_watermark()))
+                })
+                .await?
+            }
+            Err(_) => {
+                return Err(
+                    Error::InvalidArgument(format!("unknown offset spec {}", request.spec)).into(),
+                )
+            }
+        };
+        Ok(Response::new(v1::ListOffsetsResponse { offset }))
+    }
+}
+
+/// Encodes the simple form of a produce request as one batch.
+fn encode_records(records: &[v1::Record]) -> Vec<u8> {
+    let now = now_ms();
+    let mut builder = BatchBuilder::new();
+    let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    for record in records {
+        headers.clear();
+        headers.extend(
+            record
+                .headers
+                .iter()
+                .map(|h| (h.key.as_str(), h.value.as_slice())),
+        );
+        let timestamp = if record.timestamp_ms == 0 {
+            now
+        } else {
+            record.timestamp_ms
+        };
+        builder.push(
+            timestamp,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+        );
+    }
+    builder.finish()
+}
+
+/// The partition a produce request goes to.
+fn target_partition(topic: &Topic, request: &v1::ProduceRequest) -> Result<u32> {
+    let partitions = topic.settings.partitions;
+    Ok(match &request.target {
+        Some(v1::produce_request::Target::Partition(p)) => {
+            topic.partition(*p)?;
+            *p
+        }
+        Some(v1::produce_request::Target::Key(key)) => {
+            strata_proto::partition_for_key(key, partitions)
+        }
+        None => match request.records.first().and_then(|r| r.key.as_deref()) {
+            Some(key) => strata_proto::partition_for_key(key, partitions),
+            None => topic.next_partition(),
+        },
+    })
+}
+
+/// Decodes the records at or after `from` for clients that asked for them.
+fn decode_records(batches_bytes: &[u8], from: u64) -> Result<Vec<v1::Record>> {
+    let mut records = Vec::new();
+    for batch in batches(batches_bytes) {
+        let batch = batch.map_err(strata_storage::Error::from)?;
+        for record in batch.records() {
+            let record = record.map_err(strata_storage::Error::from)?;
+            if record.offset < from {
+                continue;
+            }
+            records.push(v1::Record {
+                key: record.key.map(<[u8]>::to_vec),
+                value: record.value.map(<[u8]>::to_vec),
+                headers: record
+                    .headers()
+                    .map(|(key, value)| v1::Header {
+                        key: key.to_string(),
+                        value: value.unwrap_or_default().to_vec(),
+                    })
+                    .collect(),
+                timestamp_ms: record.timestamp,
+                offset: record.offset,
+            });
+        }
+    }
+    Ok(records)
+}
+
+fn fetch_response(
+    partition: u32,
+    from: u64,
+    read: ReadResult,
+    decode: bool,
+) -> Result<v1::FetchResponse> {
+    let records = if decode {
+        decode_records(&read.batches, from)?
+    } else {
+        Vec::new()
+    };
+    Ok(v1::FetchResponse {
+        partition,
+        batches: if decode { Vec::new() } else { read.batches },
+        records,
+        next_offset: read.next_offset,
+        high_watermark: read.high_watermark,
+        earliest_offset: read.earliest_offset,
+    })
+}
+
+fn fetch_bytes(max_bytes: u32) -> usize {
+    match max_bytes as usize {
+        0 => FETCH_BYTES_DEFAULT,
+        n => n.min(FETCH_BYTES_MAX),
+    }
+}
+
+/// Reads from `partition` on the blocking pool.
+async fn read(partition: &Arc<Partition>, from: u64, max_bytes: usize) -> Result<ReadResult> {
+    let reader = partition.reader().clone();
+    blocking(move || reader.read(from, max_bytes).map_err(Error::from)).await
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::FetchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl broker_server::Broker for Service {
+    async fn produce(
+        &self,
+        request: Request<v1::ProduceRequest>,
+    ) -> Result<Response<v1::ProduceResponse>, Status> {
+        let mut request = request.into_inner();
+        let topic = self.broker.topic(&request.topic)?;
+        let partition_id = target_partition(&topic, &request)?;
+        let batch = match (request.batch.is_empty(), request.records.is_empty()) {
+            (false, false) => {
+                return Err(Error::InvalidArgument(
+                    "send either records or an encoded batch, not both".into(),
+                )
+                .into())
+            }
+            (true, true) => {
+                return Err(Error::InvalidArgument("the request holds no records".into()).into())
+            }
+            (false, true) => std::mem::take(&mut request.batch),
+            (true, false) => encode_records(&request.records),
+        };
+        let ack = match v1::Acks::try_from(request.acks) {
+            Ok(v1::Acks::Durable) => Ack::Durable,
+            Ok(v1::Acks::Leader) => Ack::Leader,
+            Err(_) => {
+                return Err(
+                    Error::InvalidArgument(format!("unknown acks mode {}", request.acks)).into(),
+                )
+            }
+        };
+        let info = topic.partition(partition_id)?.append(batch, ack).await?;
+        Ok(Response::new(v1::ProduceResponse {
+            partition: partition_id,
+            base_offset: info.base_offset,
+            last_offset: info.last_offset,
+        }))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<v1::FetchRequest>,
+    ) -> Result<Response<v1::FetchResponse>, Status> {
+        let request = request.into_inner();
+        let topic = self.broker.topic(&request.topic)?;
+        let partition = Arc::clone(topic.partition(request.partition)?);
+        let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
+        if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
+            partition.wait_past(request.offset, wait).await;
+        }
+        let read = read(&partition, request.offset, fetch_bytes(request.max_bytes)).await?;
+        Ok(Response::new(fetch_response(
+            request.partition,
+            request.offset,
+            read,
+            request.decode,
+        )?))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let topic = self.broker.topic(&request.topic)?;
+        let partition = Arc::clone(topic.partition(request.partition)?);
+        let max_bytes = fetch_bytes(request.max_bytes);
+        // Check the starting offset now, so a bad one fails the call, not the stream.
+        let first = read(&partition, request.offset, max_bytes).await?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            let mut next = Some(first);
+            loop {
+                let read_result = match next.take() {
+                    Some(r) => Ok(r),
+                    None => {
+                        tokio::select! {
+                            _ = partition.wait_past(offset, FETCH_WAIT_MAX) => {}
+                            _ = sender.closed() => return,
+                        }
+                        read(&partition, offset, max_bytes).await
+                    }
+                };
+                let message = read_result.and_then(|r| {
+                    let from = offset;
+                    offset = r.next_offset;
+                    if r.batches.is_empty() {
+                        return Ok(None);
+                    }
+                    fetch_response(request.partition, from, r, request.decode).map(Some)
+                });
+                let failed = message.is_err();
+                match message {
+                    Ok(None) => continue,
+                    Ok(Some(m)) => {
+                        if sender.send(Ok(m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = sender.send(Err(e.into())).await;
+                    }
+                }
+                if failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}

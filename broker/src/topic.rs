@@ -1,0 +1,213 @@
+//! Topic names, per-topic settings and their persistence.
+//!
+//! A topic lives in `<data>/topics/<name>/`: `topic.toml` (its settings) and one
+//! directory per partition, `0/`, `1/`, ... each a storage log. A topic directory is
+//! built under `<data>/tmp/` and renamed into place, so a crash never leaves a topic
+//! half created; deletion renames it into `<data>/trash/` first, so a crash never leaves
+//! one half deleted.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use strata_proto::v1;
+use strata_storage::{Durability, LogConfig};
+
+use crate::error::{Error, Result};
+
+/// File holding a topic's settings inside its directory.
+pub const TOPIC_FILE: &str = "topic.toml";
+/// Most partitions a topic may have: each partition is a writer thread and open files.
+pub const PARTITIONS_MAX: u32 = 1024;
+
+/// Checks a topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty() || name.len() > 249 || !valid_chars || name == "." || name == ".." {
+        return Err(Error::InvalidArgument(format!(
+            "invalid topic name {name:?}: use 1 to 249 characters from [a-zA-Z0-9._-], not \".\" or \"..\""
+        )));
+    }
+    Ok(())
+}
+
+/// A topic's settings, as stored in `topic.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicSettings {
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Retention by age; `None` keeps data forever.
+    pub retention_ms: Option<u64>,
+    /// Retention by size per partition; `None` is unlimited.
+    pub retention_bytes: Option<u64>,
+    /// Segment size at which the active segment rolls.
+    pub segment_bytes: u64,
+    /// Segment age at which the active segment rolls; `None` never.
+    pub segment_ms: Option<u64>,
+    /// Largest batch a produce request may carry.
+    pub max_message_bytes: u32,
+    /// `fsync`, `interval:<ms>` or `none`.
+    pub durability: String,
+}
+
+impl TopicSettings {
+    /// Settings from a create request, with `defaults` for what it leaves out.
+    pub fn from_request(
+        partitions: u32,
+        config: Option<&v1::TopicConfig>,
+        defaults: &TopicSettings,
+    ) -> Result<TopicSettings> {
+        if partitions == 0 || partitions > PARTITIONS_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "partitions must be between 1 and {PARTITIONS_MAX}, got {partitions}"
+            )));
+        }
+        let c = config.cloned().unwrap_or_default();
+        let limit = |name: &str, v: Option<i64>, default: Option<u64>| -> Result<Option<u64>> {
+            match v {
+                None => Ok(default),
+                Some(-1) => Ok(None),
+                Some(v) if v > 0 => Ok(Some(v as u64)),
+                Some(v) => Err(Error::InvalidArgument(format!(
+                    "{name} must be positive or -1 (no limit), got {v}"
+                ))),
+            }
+        };
+        let settings = TopicSettings {
+            partitions,
+            retention_ms: limit("retention_ms", c.retention_ms, defaults.retention_ms)?,
+            retention_bytes: limit(
+                "retention_bytes",
+                c.retention_bytes,
+                defaults.retention_bytes,
+            )?,
+            segment_bytes: c.segment_bytes.unwrap_or(defaults.segment_bytes),
+            segment_ms: limit("segment_ms", c.segment_ms, defaults.segment_ms)?,
+            max_message_bytes: c.max_message_bytes.unwrap_or(defaults.max_message_bytes),
+            durability: c.durability.unwrap_or_else(|| defaults.durability.clone()),
+        };
+        settings.log_config()?;
+        Ok(settings)
+    }
+
+    /// The storage configuration of each partition log; checks every value.
+    pub fn log_config(&self) -> Result<LogConfig> {
+        let durability: Durability = self
+            .durability
+            .parse()
+            .map_err(|e: strata_storage::Error| Error::InvalidArgument(e.to_string()))?;
+        let config = LogConfig {
+            segment_bytes_max: self.segment_bytes,
+            segment_ms: self.segment_ms,
+            retention_ms: self.retention_ms,
+            retention_bytes: self.retention_bytes,
+            batch_bytes_max: self.max_message_bytes as usize,
+            durability,
+            ..LogConfig::default()
+        };
+        config
+            .validate()
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// The settings as the protocol shows them: every field set, -1 for "no limit".
+    pub fn to_proto(&self) -> v1::TopicConfig {
+        let limit = |v: Option<u64>| Some(v.map_or(-1, |v| v.min(i64::MAX as u64) as i64));
+        v1::TopicConfig {
+            retention_ms: limit(self.retention_ms),
+            retention_bytes: limit(self.retention_bytes),
+            segment_bytes: Some(self.segment_bytes),
+            segment_ms: limit(self.segment_ms),
+            max_message_bytes: Some(self.max_message_bytes),
+            durability: Some(self.durability.clone()),
+        }
+    }
+
+    /// Reads `topic.toml` from a topic directory.
+    pub fn load(dir: &Path) -> Result<TopicSettings> {
+        let path = dir.join(TOPIC_FILE);
+        let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+        toml::from_str(&text).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
+    }
+
+    /// Writes `topic.toml` into a topic directory and fsyncs it.
+    pub fn store(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(TOPIC_FILE);
+        let text = toml::to_string(self).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        std::fs::write(&path, text).map_err(Error::io(&path))?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(Error::io(&path))
+    }
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        let log = LogConfig::default();
+        TopicSettings {
+            partitions: 1,
+            retention_ms: log.retention_ms,
+            retention_bytes: log.retention_bytes,
+            segment_bytes: log.segment_bytes_max,
+            segment_ms: log.segment_ms,
+            max_message_bytes: log.batch_bytes_max as u32,
+            durability: log.durability.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["orders", "orders.created", "a", "A-b_c.9", &"x".repeat(249)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "ü", &"x".repeat(250)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_settings_take_defaults_and_reject_nonsense() {
+        let d = TopicSettings::default();
+        let s = TopicSettings::from_request(3, None, &d).expect("defaults");
+        assert_eq!(s.partitions, 3);
+        assert_eq!(s.durability, "fsync");
+        let forever = v1::TopicConfig {
+            retention_ms: Some(-1),
+            durability: Some("none".into()),
+            ..Default::default()
+        };
+        let s = TopicSettings::from_request(1, Some(&forever), &d).expect("forever");
+        assert_eq!((s.retention_ms, s.durability.as_str()), (None, "none"));
+        assert_eq!(s.to_proto().retention_ms, Some(-1));
+        for bad in [
+            v1::TopicConfig {
+                retention_ms: Some(0),
+                ..Default::default()
+            },
+            v1::TopicConfig {
+                durability: Some("sometimes".into()),
+                ..Default::default()
+            },
+            v1::TopicConfig {
+                segment_bytes: Some(10),
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                TopicSettings::from_request(1, Some(&bad), &d).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(TopicSettings::from_request(0, None, &d).is_err());
+    }
+}

@@ -110,6 +110,9 @@ async fn channel(broker: &str) -> anyhow::Result<Channel> {
     let url = endpoint(broker);
     tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("invalid broker address {broker:?}"))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(crate::server::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::server::CONNECTION_WINDOW_BYTES)
         .connect()
         .await
         .with_context(|| {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use strata_proto::v1::admin_server::AdminServer;
 use strata_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::broker::Broker;
 use crate::config::ServeConfig;
@@ -16,6 +16,12 @@ use crate::service::{Service, FETCH_BYTES_MAX};
 /// Largest gRPC message the server accepts or sends: a produce request carries at most
 /// one batch (max_message_bytes), a fetch at most FETCH_BYTES_MAX plus one batch.
 const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// HTTP/2 flow-control windows. The protocol's defaults (64 KiB) make a 4 MiB fetch or a
+/// burst of 64 KiB produce requests wait for a window update every 64 KiB; clients should
+/// use the same values (the CLI does).
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// See [`STREAM_WINDOW_BYTES`].
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 /// How often idle partitions are committed (syncing data under the interval policy).
 const COMMIT_TICK_MS: u64 = 100;
 
@@ -51,12 +57,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let service = Service::new(Arc::clone(&broker));
+    let stopping = service.clone();
+    // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
+    let shutdown = async move {
+        shutdown.await;
+        stopping.stop_waiting();
+    };
     const { assert!(FETCH_BYTES_MAX < MESSAGE_BYTES_MAX) };
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(
             AdminServer::new(service.clone())
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -69,7 +83,10 @@ pub async fn serve(
         )
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
 
     maintenance.abort();

@@ -217,7 +217,7 @@ fn flipped_bytes_in_the_tail_truncate_at_the_damaged_batch() {
 fn garbage_after_the_last_batch_is_cut_off_on_every_reopen() {
     let dir = scratch_dir();
     let stored = build(dir.path(), 8, None);
-    let mut rng = XorShift(0x9a4b_a9e);
+    let mut rng = XorShift(0x09a4_ba9e);
     for round in 0..20 {
         let path = active_log(dir.path());
         let mut bytes = fs::read(&path).expect("read log");

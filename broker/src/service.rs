@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strata_proto::v1::{self, admin_server, broker_server};
-use strata_storage::batch::{batches, BatchBuilder};
+use strata_storage::batch::{batches, Batch, BatchBuilder};
 use strata_storage::{now_ms, ReadResult};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -28,12 +28,33 @@ pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Service {
     broker: Arc<Broker>,
+    /// Set when the server starts shutting down: long polls answer and Subscribe streams
+    /// end, so a graceful shutdown does not wait for them.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Service {
     /// Services over `broker`.
     pub fn new(broker: Arc<Broker>) -> Service {
-        Service { broker }
+        let (stopping, _) = tokio::sync::watch::channel(false);
+        Service {
+            broker,
+            stopping: Arc::new(stopping),
+        }
+    }
+
+    /// Ends waiting: pending long polls answer with what they have and Subscribe
+    /// streams end with UNAVAILABLE. Call when a graceful shutdown begins.
+    pub fn stop_waiting(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Service::stop_waiting`] has been called.
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|&stopping| stopping).await;
+        }
     }
 }
 
@@ -188,11 +209,23 @@ fn target_partition(topic: &Topic, request: &v1::ProduceRequest) -> Result<u32> 
         Some(v1::produce_request::Target::Key(key)) => {
             strata_proto::partition_for_key(key, partitions)
         }
-        None => match request.records.first().and_then(|r| r.key.as_deref()) {
-            Some(key) => strata_proto::partition_for_key(key, partitions),
-            None => topic.next_partition(),
-        },
+        None => {
+            let key = match request.records.first() {
+                Some(record) => record.key.as_deref(),
+                None => first_batch_key(&request.batch),
+            };
+            match key {
+                Some(key) => strata_proto::partition_for_key(key, partitions),
+                None => topic.next_partition(),
+            }
+        }
     })
+}
+
+/// The key of the first record of an encoded batch, for routing a produce request that
+/// names no target. An invalid batch has none; the append rejects it afterwards.
+fn first_batch_key(batch: &[u8]) -> Option<&[u8]> {
+    Batch::new(batch).ok()?.records().next()?.ok()?.key
 }
 
 /// Decodes the records at or after `from` for clients that asked for them.
@@ -307,7 +340,10 @@ impl broker_server::Broker for Service {
         let partition = Arc::clone(topic.partition(request.partition)?);
         let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
         if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
-            partition.wait_past(request.offset, wait).await;
+            tokio::select! {
+                _ = partition.wait_past(request.offset, wait) => {}
+                _ = self.stopped() => {}
+            }
         }
         let read = read(&partition, request.offset, fetch_bytes(request.max_bytes)).await?;
         Ok(Response::new(fetch_response(
@@ -331,7 +367,10 @@ impl broker_server::Broker for Service {
         // Check the starting offset now, so a bad one fails the call, not the stream.
         let first = read(&partition, request.offset, max_bytes).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let stopped = self.stopped();
+        let broker = Arc::clone(&self.broker);
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             let mut offset = request.offset;
             let mut next = Some(first);
             loop {
@@ -341,6 +380,21 @@ impl broker_server::Broker for Service {
                         tokio::select! {
                             _ = partition.wait_past(offset, FETCH_WAIT_MAX) => {}
                             _ = sender.closed() => return,
+                            _ = &mut stopped => {
+                                // The client should reconnect, not take this as the end.
+                                let _ = sender.try_send(Err(Error::ShuttingDown.into()));
+                                return;
+                            }
+                        }
+                        // Once the topic is deleted its writer is gone and the wait above
+                        // returns at once: end the stream instead of spinning.
+                        if !broker
+                            .topic(&request.topic)
+                            .is_ok_and(|current| Arc::ptr_eq(&current, &topic))
+                        {
+                            let gone = Error::TopicNotFound(request.topic.clone());
+                            let _ = sender.send(Err(gone.into())).await;
+                            return;
                         }
                         read(&partition, offset, max_bytes).await
                     }

@@ -1586,3 +1586,21 @@ async fn graceful_shutdown_does_not_wait_for_subscribers_or_long_polls() {
     let mut client = broker.client().await;
     assert_eq!(read_partition(&mut client, "tail", 0).await.len(), 1);
 }
+
+/// Guards the data directory lock: a second broker on the same directory must refuse to
+/// start (two writers would corrupt each other's logs), with a clear message.
+#[test]
+fn a_second_broker_on_the_same_data_dir_refuses_to_start() {
+    let broker = Broker::start();
+    let output = strata_command()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(broker.data_dir())
+        .output()
+        .expect("run a second broker");
+    assert!(!output.status.success(), "second broker must fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("in use by another strata process"),
+        "stderr: {stderr}"
+    );
+}

@@ -61,6 +61,9 @@ impl Topic {
 /// All topics of one data directory.
 #[derive(Debug)]
 pub struct Broker {
+    /// Holds an exclusive lock on `<data>/lock` for the broker's lifetime: two brokers
+    /// on one data directory would corrupt each other's logs.
+    _lock: std::fs::File,
     data_dir: PathBuf,
     defaults: TopicSettings,
     files: FileCache,
@@ -72,6 +75,20 @@ pub struct Broker {
 impl Broker {
     /// Opens the data directory, recovering every topic's partitions. Blocking.
     pub fn open(data_dir: &Path, defaults: TopicSettings, max_open_files: usize) -> Result<Broker> {
+        std::fs::create_dir_all(data_dir).map_err(Error::io(data_dir))?;
+        let lock_path = data_dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(Error::io(&lock_path))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(Error::InvalidArgument(format!(
+                "data directory {} is in use by another strata process ({e})",
+                data_dir.display()
+            )));
+        }
         for sub in ["topics", "tmp", "trash"] {
             let dir = data_dir.join(sub);
             std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
@@ -85,6 +102,7 @@ impl Broker {
             }
         }
         let broker = Broker {
+            _lock: lock,
             data_dir: data_dir.to_path_buf(),
             defaults,
             files: FileCache::new(max_open_files),

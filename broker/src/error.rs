@@ -25,6 +25,9 @@ pub enum Error {
     /// The request is malformed; the message says how.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The disk is full: a write of the partition's log failed with ENOSPC.
+    #[error("partition {0}: disk full: {1}")]
+    DiskFull(String, String),
     /// The partition's log failed a write and is being recovered.
     #[error("partition {0} is unavailable: {1}")]
     Unavailable(String, String),
@@ -42,6 +45,13 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+const ENOSPC: i32 = 28;
+
+/// True when a storage error is the disk running out of space.
+pub fn is_disk_full(e: &strata_storage::Error) -> bool {
+    matches!(e, strata_storage::Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC))
 }
 
 /// The broker's result type.
@@ -67,10 +77,10 @@ impl From<Error> for Status {
             Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
             Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
             Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,
-            Error::Storage(S::Io { source, .. }) | Error::Io { source, .. }
-                if source.raw_os_error() == Some(28) =>
-            {
-                Code::ResourceExhausted // ENOSPC: disk full
+            Error::DiskFull(..) => Code::ResourceExhausted,
+            Error::Storage(e) if is_disk_full(e) => Code::ResourceExhausted,
+            Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
+                Code::ResourceExhausted
             }
             Error::Storage(S::InvalidConfig(_)) => Code::InvalidArgument,
             Error::Storage(S::Poisoned { .. }) => Code::Unavailable,

@@ -192,7 +192,8 @@ impl Writer {
             for (reply, info) in waiting.drain(..) {
                 let _ = reply.send(match &committed {
                     Ok(()) => Ok(info),
-                    Err(e) => Err(Error::Unavailable(self.name.clone(), e.clone())),
+                    Err((true, e)) => Err(Error::DiskFull(self.name.clone(), e.clone())),
+                    Err((false, e)) => Err(Error::Unavailable(self.name.clone(), e.clone())),
                 });
             }
             if maintain {
@@ -221,10 +222,11 @@ impl Writer {
 
     /// Commits and publishes the new high watermark. After a failed write or fsync the
     /// log's state is unknown: reopen it, which runs recovery, and go on from there.
-    fn commit(&mut self) -> std::result::Result<(), String> {
+    /// The error says whether the disk is full, and what happened.
+    fn commit(&mut self) -> std::result::Result<(), (bool, String)> {
         let Some(log) = self.log.as_mut() else {
             self.reopen();
-            return Err("the log could not be reopened".into());
+            return Err((false, "the log could not be reopened".into()));
         };
         match log.commit() {
             Ok(high_watermark) => {
@@ -235,7 +237,7 @@ impl Writer {
                 tracing::error!(partition = %self.name, error = %e, "commit failed; recovering the log");
                 self.log = None;
                 self.reopen();
-                Err(e.to_string())
+                Err((crate::error::is_disk_full(&e), e.to_string()))
             }
         }
     }

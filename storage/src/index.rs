@@ -86,7 +86,9 @@ impl Entry for TimeEntry {
 /// One index file and its mapping.
 pub(crate) struct Index<E: Entry> {
     path: PathBuf,
-    file: File,
+    /// Open while the index can still change; closed once sealed, so sealed segments
+    /// hold no file descriptors (the mapping outlives the descriptor).
+    file: Mutex<Option<File>>,
     /// `None` when the file is empty (an empty mapping is not allowed).
     map: Option<MmapRaw>,
     /// Entries the mapping can hold.
@@ -136,7 +138,9 @@ impl<E: Entry> Index<E> {
             return Ok(None);
         }
         let len = (size / E::LEN as u64) as usize;
-        Self::map(path, file, len, len).map(Some)
+        let index = Self::map(path, file, len, len)?;
+        index.file.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(Some(index))
     }
 
     fn map(path: &Path, file: File, len: usize, capacity: usize) -> io::Result<Self> {
@@ -147,7 +151,7 @@ impl<E: Entry> Index<E> {
         };
         Ok(Index {
             path: path.to_path_buf(),
-            file,
+            file: Mutex::new(Some(file)),
             map,
             capacity,
             len: AtomicUsize::new(len),
@@ -226,22 +230,32 @@ impl<E: Entry> Index<E> {
         self.len.store(i + 1, Ordering::Release);
     }
 
-    /// Writes the mapped entries back to the file and fsyncs it.
+    /// Writes the mapped entries back to the file and fsyncs it. A sealed index is
+    /// already durable.
     pub fn sync(&self) -> io::Result<()> {
-        if let Some(map) = &self.map {
-            map.flush()?;
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        match &*file {
+            Some(file) => {
+                if let Some(map) = &self.map {
+                    map.flush()?;
+                }
+                file.sync_data()
+            }
+            None => Ok(()),
         }
-        self.file.sync_data()
     }
 
-    /// Trims the file to its entries and makes it durable: the index of a sealed segment.
-    /// The mapping stays as it is; slots past the new end are never read.
+    /// Trims the file to its entries, makes it durable and closes it: the index of a
+    /// sealed segment. The mapping stays as it is; slots past the new end are never read.
     pub fn seal(&self) -> io::Result<()> {
+        let Some(file) = self.file.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(());
+        };
         if let Some(map) = &self.map {
             map.flush()?;
         }
-        self.file.set_len((self.len() * E::LEN) as u64)?;
-        self.file.sync_all()
+        file.set_len((self.len() * E::LEN) as u64)?;
+        file.sync_all()
     }
 }
 

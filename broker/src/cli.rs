@@ -113,6 +113,7 @@ async fn channel(broker: &str) -> anyhow::Result<Channel> {
         .tcp_nodelay(true)
         .initial_stream_window_size(crate::server::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(crate::server::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(crate::server::FRAME_BYTES_MAX)
         .connect()
         .await
         .with_context(|| {

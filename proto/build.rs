@@ -12,6 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("strata_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // `bytes` fields as `bytes::Bytes`: decoding slices the received buffer instead of
+    // copying record batches, and clones are free.
+    tonic_prost_build::configure()
+        .bytes(".strata.v1")
+        .compile_fds(descriptors)?;
     Ok(())
 }

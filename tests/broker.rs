@@ -36,7 +36,7 @@ async fn poll_once<F: Future + Unpin>(future: &mut F) -> bool {
 fn header(key: &str, value: &[u8]) -> v1::Header {
     v1::Header {
         key: key.to_string(),
-        value: value.to_vec(),
+        value: bytes::Bytes::copy_from_slice(value),
     }
 }
 
@@ -125,21 +125,21 @@ async fn produce_fetch_and_restarts_keep_everything() {
     // The decoded form: null key, empty key, null value, headers, non-monotonic times.
     let records = vec![
         v1::Record {
-            key: Some(b"k1".to_vec()),
-            value: Some(b"v1".to_vec()),
+            key: Some(b"k1".to_vec().into()),
+            value: Some(b"v1".to_vec().into()),
             headers: vec![header("trace", b"abc"), header("empty", b"")],
             timestamp_ms: 1_700_000_000_010,
             offset: 0,
         },
         v1::Record {
             key: None,
-            value: Some(b"no key".to_vec()),
+            value: Some(b"no key".to_vec().into()),
             headers: vec![],
             timestamp_ms: 1_700_000_000_000,
             offset: 0,
         },
         v1::Record {
-            key: Some(Vec::new()),
+            key: Some(bytes::Bytes::new()),
             value: None,
             headers: vec![header("bin", b"\x00\xff"), header("bin", b"again")],
             timestamp_ms: 1_700_000_000_020,
@@ -551,7 +551,7 @@ async fn keyed_records_stay_in_their_partition_in_order() {
             match (round + i) % 4 {
                 // target: key, decoded records
                 0 => {
-                    request.target = Some(v1::produce_request::Target::Key(k.to_vec()));
+                    request.target = Some(v1::produce_request::Target::Key(k.to_vec().into()));
                     request.records = values
                         .iter()
                         .map(|v| record(Some(k), v.as_bytes()))
@@ -559,8 +559,8 @@ async fn keyed_records_stay_in_their_partition_in_order() {
                 }
                 // target: key, encoded batch
                 1 => {
-                    request.target = Some(v1::produce_request::Target::Key(k.to_vec()));
-                    request.batch = batch_of(k, &values);
+                    request.target = Some(v1::produce_request::Target::Key(k.to_vec().into()));
+                    request.batch = batch_of(k, &values).into();
                 }
                 // no target, decoded records: the first record's key decides
                 2 => {
@@ -570,7 +570,7 @@ async fn keyed_records_stay_in_their_partition_in_order() {
                         .collect();
                 }
                 // no target, encoded batch: the first record's key decides
-                _ => request.batch = batch_of(k, &values),
+                _ => request.batch = batch_of(k, &values).into(),
             }
             let answer = client
                 .produce(request)
@@ -1063,7 +1063,7 @@ async fn list_offsets_match_a_scan_of_the_log() {
             let records = times
                 .iter()
                 .map(|&t| v1::Record {
-                    value: Some(format!("{i}@{t}").into_bytes()),
+                    value: Some(format!("{i}@{t}").into_bytes().into()),
                     timestamp_ms: t,
                     ..Default::default()
                 })
@@ -1162,7 +1162,7 @@ async fn acknowledged_records_survive_a_crash_under_concurrent_producers() {
                 let target = if producer < 2 {
                     v1::produce_request::Target::Partition(producer as u32)
                 } else {
-                    v1::produce_request::Target::Key(key.clone())
+                    v1::produce_request::Target::Key(key.clone().into())
                 };
                 let mut request = v1::ProduceRequest {
                     topic: "crash".into(),
@@ -1175,7 +1175,7 @@ async fn acknowledged_records_survive_a_crash_under_concurrent_producers() {
                         .map(|v| record(Some(&key), v.as_bytes()))
                         .collect();
                 } else {
-                    request.batch = batch_of(&key, &values);
+                    request.batch = batch_of(&key, &values).into();
                 }
                 let answer = match client.produce(request).await {
                     Ok(answer) => answer.into_inner(),

@@ -133,7 +133,7 @@ async fn produce(
     channel: Channel,
     topic: String,
     partition: u32,
-    batch: Vec<u8>,
+    batch: bytes::Bytes,
     batches: u64,
 ) -> Result<(), tonic::Status> {
     let mut client = BrokerClient::new(channel).max_encoding_message_size(64 << 20);
@@ -216,6 +216,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
 
     let (batch, records_per_batch) = encode_batch(args.record_bytes, args.batch_bytes);
+    let batch = bytes::Bytes::from(batch);
     let tasks = args.partitions as u64 * args.in_flight_per_partition as u64;
     let batches_per_task = (args.total_bytes / batch.len() as u64 / tasks).max(1);
     let start = Instant::now();

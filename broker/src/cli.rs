@@ -260,7 +260,7 @@ pub async fn produce(broker: &str, args: ProduceArgs) -> anyhow::Result<()> {
     let mut client = data(broker).await?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut total = 0u64;
-    let key = args.key.map(String::into_bytes);
+    let key = args.key.map(|k| bytes::Bytes::from(k.into_bytes()));
     loop {
         let Some(first) = lines.next_line().await.context("reading standard input")? else {
             break;
@@ -283,7 +283,7 @@ pub async fn produce(broker: &str, args: ProduceArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|line| v1::Record {
                 key: key.clone(),
-                value: Some(line.into_bytes()),
+                value: Some(line.into_bytes().into()),
                 ..Default::default()
             })
             .collect::<Vec<_>>();

@@ -36,7 +36,7 @@ pub enum Ack {
 
 enum Command {
     Append {
-        batch: Vec<u8>,
+        batch: bytes::Bytes,
         ack: Ack,
         reply: oneshot::Sender<Result<AppendInfo>>,
     },
@@ -105,7 +105,7 @@ impl Partition {
     }
 
     /// Appends an encoded batch; answers per `ack`.
-    pub async fn append(&self, batch: Vec<u8>, ack: Ack) -> Result<AppendInfo> {
+    pub async fn append(&self, batch: bytes::Bytes, ack: Ack) -> Result<AppendInfo> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Append { batch, ack, reply })

@@ -6,6 +6,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use strata_proto::v1::{self, admin_server, broker_server};
 use strata_storage::batch::{batches, Batch, BatchBuilder};
 use strata_storage::{now_ms, ReadResult};
@@ -181,7 +183,7 @@ fn encode_records(records: &[v1::Record]) -> Vec<u8> {
             record
                 .headers
                 .iter()
-                .map(|h| (h.key.as_str(), h.value.as_slice())),
+                .map(|h| (h.key.as_str(), &h.value[..])),
         );
         let timestamp = if record.timestamp_ms == 0 {
             now
@@ -239,13 +241,13 @@ fn decode_records(batches_bytes: &[u8], from: u64) -> Result<Vec<v1::Record>> {
                 continue;
             }
             records.push(v1::Record {
-                key: record.key.map(<[u8]>::to_vec),
-                value: record.value.map(<[u8]>::to_vec),
+                key: record.key.map(Bytes::copy_from_slice),
+                value: record.value.map(Bytes::copy_from_slice),
                 headers: record
                     .headers()
                     .map(|(key, value)| v1::Header {
                         key: key.to_string(),
-                        value: value.unwrap_or_default().to_vec(),
+                        value: Bytes::copy_from_slice(value.unwrap_or_default()),
                     })
                     .collect(),
                 timestamp_ms: record.timestamp,
@@ -269,7 +271,11 @@ fn fetch_response(
     };
     Ok(v1::FetchResponse {
         partition,
-        batches: if decode { Vec::new() } else { read.batches },
+        batches: if decode {
+            Bytes::new()
+        } else {
+            read.batches.into()
+        },
         records,
         next_offset: read.next_offset,
         high_watermark: read.high_watermark,
@@ -312,7 +318,7 @@ impl broker_server::Broker for Service {
                 return Err(Error::InvalidArgument("the request holds no records".into()).into())
             }
             (false, true) => std::mem::take(&mut request.batch),
-            (true, false) => encode_records(&request.records),
+            (true, false) => encode_records(&request.records).into(),
         };
         let ack = match v1::Acks::try_from(request.acks) {
             Ok(v1::Acks::Durable) => Ack::Durable,

@@ -259,12 +259,12 @@ impl Rec {
         Rec {
             offset: r.offset,
             timestamp: r.timestamp_ms,
-            key: r.key.clone(),
-            value: r.value.clone(),
+            key: r.key.as_deref().map(<[u8]>::to_vec),
+            value: r.value.as_deref().map(<[u8]>::to_vec),
             headers: r
                 .headers
                 .iter()
-                .map(|h| (h.key.clone(), h.value.clone()))
+                .map(|h| (h.key.clone(), h.value.to_vec()))
                 .collect(),
         }
     }
@@ -427,8 +427,8 @@ pub async fn topic_names(admin: &mut AdminClient<Channel>) -> Vec<String> {
 /// A simple record for produce requests.
 pub fn record(key: Option<&[u8]>, value: &[u8]) -> v1::Record {
     v1::Record {
-        key: key.map(<[u8]>::to_vec),
-        value: Some(value.to_vec()),
+        key: key.map(bytes::Bytes::copy_from_slice),
+        value: Some(bytes::Bytes::copy_from_slice(value)),
         ..Default::default()
     }
 }
@@ -452,7 +452,7 @@ pub fn produce_batch(topic: &str, partition: u32, batch: Vec<u8>) -> v1::Produce
     v1::ProduceRequest {
         topic: topic.to_string(),
         target: Some(v1::produce_request::Target::Partition(partition)),
-        batch,
+        batch: batch.into(),
         ..Default::default()
     }
 }

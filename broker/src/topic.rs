@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 pub const TOPIC_FILE: &str = "topic.toml";
 /// Most partitions a topic may have: each partition is a writer thread and open files.
 pub const PARTITIONS_MAX: u32 = 1024;
+/// Largest `max_message_bytes`: a produce request (one batch) and a fetch response (up to
+/// 8 MiB plus one batch) must fit in the server's 64 MiB gRPC message limit.
+pub const MESSAGE_BYTES_CAP: u32 = 32 << 20;
 
 /// Checks a topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_name(name: &str) -> Result<()> {
@@ -93,6 +96,12 @@ impl TopicSettings {
 
     /// The storage configuration of each partition log; checks every value.
     pub fn log_config(&self) -> Result<LogConfig> {
+        if self.max_message_bytes > MESSAGE_BYTES_CAP {
+            return Err(Error::InvalidArgument(format!(
+                "max_message_bytes {} is above the limit of {MESSAGE_BYTES_CAP}",
+                self.max_message_bytes
+            )));
+        }
         let durability: Durability = self
             .durability
             .parse()
@@ -200,6 +209,10 @@ mod tests {
             },
             v1::TopicConfig {
                 segment_bytes: Some(10),
+                ..Default::default()
+            },
+            v1::TopicConfig {
+                max_message_bytes: Some(64 << 20),
                 ..Default::default()
             },
         ] {

@@ -386,6 +386,11 @@ impl Log {
     /// many segments were deleted.
     pub fn apply_retention(&mut self, now_ms: i64) -> Result<usize> {
         self.check_poisoned()?;
+        // Rolling by age is otherwise checked on append only: without this, the last
+        // segment of a partition nobody writes to would never roll, so never expire.
+        if self.active.next_offset != self.active.segment.base_offset && self.active_is_old() {
+            self.guard(|log| log.roll())?;
+        }
         let segments = self.reader.shared.segments();
         let sealed = &segments[..segments.len() - 1];
         let mut expired = 0;
@@ -469,10 +474,14 @@ impl Log {
         let index_full = segment.offsets.is_nearly_full() || segment.times.is_nearly_full();
         let offsets_full =
             active.next_offset + record_count - segment.base_offset > u64::from(u32::MAX);
-        let too_old = self.config.segment_ms.is_some_and(|ms| {
-            now_ms().saturating_sub(active.created_ms) >= ms.min(i64::MAX as u64) as i64
-        });
-        too_big || index_full || offsets_full || too_old
+        too_big || index_full || offsets_full || self.active_is_old()
+    }
+
+    /// True when the active segment is older than `segment_ms`.
+    fn active_is_old(&self) -> bool {
+        self.config.segment_ms.is_some_and(|ms| {
+            now_ms().saturating_sub(self.active.created_ms) >= ms.min(i64::MAX as u64) as i64
+        })
     }
 
     /// Seals the active segment and starts a new one at the next offset.
@@ -1282,5 +1291,32 @@ mod tests {
         let log = Log::open(dir.path(), shrunk, &FileCache::new(8)).expect("reopen");
         assert_eq!(values(log.reader(), 0), expected);
         log.close().expect("close");
+    }
+
+    /// An idle partition's last segment must still roll by age and expire: rolling is
+    /// otherwise only checked on append.
+    #[test]
+    fn retention_rolls_and_expires_an_idle_aged_active_segment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            segment_ms: Some(1),
+            retention_ms: Some(1000),
+            ..small()
+        };
+        let mut log = Log::open(dir.path(), config, &FileCache::new(8)).expect("open");
+        log.append(&batch(&["old"], 0)).expect("append");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(log.apply_retention(now_ms()).expect("retention"), 1);
+        assert_eq!(log.reader().segment_count(), 1);
+        assert_eq!(log.reader().earliest_offset(), 1);
+        assert_eq!(log.reader().high_watermark(), 1);
+        // An empty active segment is left alone.
+        assert_eq!(log.apply_retention(now_ms()).expect("retention"), 0);
+        assert_eq!(
+            log.append(&batch(&["new"], now_ms()))
+                .expect("append")
+                .base_offset,
+            1
+        );
     }
 }

@@ -90,15 +90,9 @@ impl ServeConfig {
             Some(path) => load(path)?,
             None => FileConfig::default(),
         };
-        let limit =
-            |name: &str, v: Option<i64>, default: Option<u64>| -> anyhow::Result<Option<u64>> {
-                match v {
-                    None => Ok(default),
-                    Some(-1) => Ok(None),
-                    Some(v) if v > 0 => Ok(Some(v as u64)),
-                    Some(v) => anyhow::bail!("{name} must be positive or -1, got {v}"),
-                }
-            };
+        let limit = |name: &str, v: Option<i64>, default: Option<u64>| {
+            crate::topic::parse_limit(name, v, default).map_err(|e| anyhow::anyhow!("{e}"))
+        };
         let base = TopicSettings::default();
         let topic_defaults = TopicSettings {
             partitions: 1,

@@ -35,6 +35,19 @@ pub fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Reads a limit as the protocol and the configuration write it: absent takes
+/// `default`, -1 means "no limit", anything else must be positive.
+pub fn parse_limit(name: &str, value: Option<i64>, default: Option<u64>) -> Result<Option<u64>> {
+    match value {
+        None => Ok(default),
+        Some(-1) => Ok(None),
+        Some(v) if v > 0 => Ok(Some(v as u64)),
+        Some(v) => Err(Error::InvalidArgument(format!(
+            "{name} must be positive or -1 (no limit), got {v}"
+        ))),
+    }
+}
+
 /// A topic's settings, as stored in `topic.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSettings {
@@ -67,26 +80,16 @@ impl TopicSettings {
             )));
         }
         let c = config.cloned().unwrap_or_default();
-        let limit = |name: &str, v: Option<i64>, default: Option<u64>| -> Result<Option<u64>> {
-            match v {
-                None => Ok(default),
-                Some(-1) => Ok(None),
-                Some(v) if v > 0 => Ok(Some(v as u64)),
-                Some(v) => Err(Error::InvalidArgument(format!(
-                    "{name} must be positive or -1 (no limit), got {v}"
-                ))),
-            }
-        };
         let settings = TopicSettings {
             partitions,
-            retention_ms: limit("retention_ms", c.retention_ms, defaults.retention_ms)?,
-            retention_bytes: limit(
+            retention_ms: parse_limit("retention_ms", c.retention_ms, defaults.retention_ms)?,
+            retention_bytes: parse_limit(
                 "retention_bytes",
                 c.retention_bytes,
                 defaults.retention_bytes,
             )?,
             segment_bytes: c.segment_bytes.unwrap_or(defaults.segment_bytes),
-            segment_ms: limit("segment_ms", c.segment_ms, defaults.segment_ms)?,
+            segment_ms: parse_limit("segment_ms", c.segment_ms, defaults.segment_ms)?,
             max_message_bytes: c.max_message_bytes.unwrap_or(defaults.max_message_bytes),
             durability: c.durability.unwrap_or_else(|| defaults.durability.clone()),
         };

@@ -40,6 +40,8 @@ pub struct Broker {
     extra_args: Vec<String>,
     /// How many processes this fixture has started (names their log files).
     starts: usize,
+    /// The address `strata serve` listens on; port 0 picks a free port.
+    listen: SocketAddr,
 }
 
 impl Broker {
@@ -61,6 +63,7 @@ impl Broker {
             dir,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             starts: 0,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         };
         broker.spawn();
         broker
@@ -76,7 +79,7 @@ impl Broker {
         let mut child = strata_command()
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(self.listen.to_string())
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.extra_args)
@@ -205,6 +208,18 @@ impl Broker {
     /// Starts the broker again on the same data directory (after [`Broker::stop`] or
     /// [`Broker::kill`]). The new process listens on a new port.
     pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    /// Starts the broker again on the same data directory and the same port as before
+    /// (after [`Broker::stop`] or [`Broker::kill`]), so clients can reconnect to the
+    /// address they know.
+    #[allow(
+        dead_code,
+        reason = "used by the client tests, not by every test crate"
+    )]
+    pub fn restart_on_same_port(&mut self) {
+        self.listen = self.addr;
         self.spawn();
     }
 

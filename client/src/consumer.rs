@@ -1,0 +1,233 @@
+//! A standalone consumer of one partition (no consumer group): a background task
+//! long-polls Fetch and keeps one answer ready ahead of the application.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use strata_proto::v1::{self, broker_client::BrokerClient};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::transport::Channel;
+
+use crate::admin::{Admin, OffsetSpec};
+use crate::error::{Error, Result};
+use crate::record::{decode, ConsumedRecord};
+
+/// Where a [`PartitionConsumer`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// At this offset. An offset inside a batch skips the batch's earlier records.
+    Offset(u64),
+    /// At the first offset still stored.
+    Earliest,
+    /// At the high watermark: only records written from now on.
+    Latest,
+    /// At the first record whose timestamp is at or after this time (ms since the Unix
+    /// epoch), or at the high watermark if there is none.
+    Timestamp(i64),
+}
+
+/// Settings of a [`PartitionConsumer`].
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Soft limit on the bytes of one fetch answer (the broker caps it at 8 MiB).
+    pub fetch_bytes_max: u32,
+    /// How long a fetch waits at the end of the partition for new data.
+    pub max_wait: Duration,
+    /// How often a fetch that failed with a retriable error is retried, in a row, before
+    /// the stream yields the error and ends.
+    pub retries: u32,
+    /// First retry delay; doubled per attempt.
+    pub retry_backoff_min: Duration,
+    /// Largest retry delay.
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            fetch_bytes_max: 1 << 20,
+            max_wait: Duration::from_millis(500),
+            retries: 30,
+            retry_backoff_min: Duration::from_millis(20),
+            retry_backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reads one partition in offset order, as an endless [`Stream`] of records. After an
+/// error (an unknown topic, an [`Error::OffsetOutOfRange`] when retention overtook the
+/// reader, a broker unreachable for longer than the retries) the stream yields that
+/// error and ends.
+///
+/// Dropping the consumer stops its background fetches.
+///
+/// ```no_run
+/// use strata_client::{Client, StartAt};
+/// use tokio_stream::StreamExt;
+///
+/// # async fn run() -> strata_client::Result<()> {
+/// let client = Client::connect("127.0.0.1:7717").await?;
+/// let mut consumer = client.partition_consumer("orders", 0, StartAt::Earliest).await?;
+/// while let Some(record) = consumer.next().await {
+///     let record = record?;
+///     println!("{}: {:?}", record.offset, record.value);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct PartitionConsumer {
+    answers: mpsc::Receiver<Result<Vec<ConsumedRecord>>>,
+    ready: VecDeque<ConsumedRecord>,
+    task: tokio::task::JoinHandle<()>,
+    start: u64,
+}
+
+impl PartitionConsumer {
+    pub(crate) async fn start(
+        client: BrokerClient<Channel>,
+        admin: Admin,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+        config: ConsumerConfig,
+    ) -> Result<PartitionConsumer> {
+        let partitions = admin.describe_topic(topic).await?.topic.partitions;
+        if partition >= partitions {
+            return Err(Error::PartitionNotFound {
+                topic: topic.to_string(),
+                partition,
+                partitions,
+            });
+        }
+        let offset = match start {
+            StartAt::Offset(offset) => offset,
+            StartAt::Earliest => {
+                admin
+                    .list_offsets(topic, partition, OffsetSpec::Earliest)
+                    .await?
+            }
+            StartAt::Latest => {
+                admin
+                    .list_offsets(topic, partition, OffsetSpec::Latest)
+                    .await?
+            }
+            StartAt::Timestamp(t) => {
+                admin
+                    .list_offsets(topic, partition, OffsetSpec::Timestamp(t))
+                    .await?
+            }
+        };
+        // Capacity 1: the task holds one answer ready while the application works
+        // through the previous one, and waits for room before fetching further.
+        let (tx, answers) = mpsc::channel(1);
+        let fetcher = Fetcher {
+            client,
+            topic: topic.to_string(),
+            partition,
+            config,
+        };
+        let task = tokio::spawn(fetcher.run(offset, tx));
+        Ok(PartitionConsumer {
+            answers,
+            ready: VecDeque::new(),
+            task,
+            start: offset,
+        })
+    }
+
+    /// The offset this consumer started at (resolved from its [`StartAt`]).
+    pub fn start_offset(&self) -> u64 {
+        self.start
+    }
+}
+
+impl Stream for PartitionConsumer {
+    type Item = Result<ConsumedRecord>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(record) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(record)));
+            }
+            match self.answers.poll_recv(cx) {
+                Poll::Ready(Some(Ok(records))) => self.ready = records.into(),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Drop for PartitionConsumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Fetcher {
+    client: BrokerClient<Channel>,
+    topic: String,
+    partition: u32,
+    config: ConsumerConfig,
+}
+
+impl Fetcher {
+    async fn run(mut self, mut offset: u64, tx: mpsc::Sender<Result<Vec<ConsumedRecord>>>) {
+        let mut failures = 0;
+        loop {
+            let result = self.fetch(offset).await;
+            let records = match result {
+                Ok((records, next)) => {
+                    failures = 0;
+                    offset = offset.max(next);
+                    records
+                }
+                Err(e) if e.is_retriable() && failures < self.config.retries => {
+                    let delay = crate::backoff(
+                        self.config.retry_backoff_min,
+                        self.config.retry_backoff_max,
+                        failures,
+                    );
+                    failures += 1;
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            if !records.is_empty() && tx.send(Ok(records)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One fetch: the records at or after `offset` and where the next fetch starts.
+    async fn fetch(&mut self, offset: u64) -> Result<(Vec<ConsumedRecord>, u64)> {
+        let max_wait_ms = self.config.max_wait.as_millis().min(u32::MAX.into()) as u32;
+        let mut request = tonic::Request::new(v1::FetchRequest {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            max_bytes: self.config.fetch_bytes_max,
+            max_wait_ms,
+            decode: false,
+        });
+        request.set_timeout(self.config.max_wait + Duration::from_secs(30));
+        let answer = self
+            .client
+            .fetch(request)
+            .await
+            .map_err(|s| Error::from_status(s, &self.topic, Some((self.partition, offset))))?
+            .into_inner();
+        let mut records = Vec::new();
+        decode(&answer.batches, offset, &mut records)?;
+        Ok((records, answer.next_offset))
+    }
+}

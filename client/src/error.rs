@@ -1,0 +1,235 @@
+//! The client's one error type. Every gRPC status the broker returns is mapped here, in
+//! one place, to a variant that says what went wrong; the broker's message (meant for a
+//! person) is kept for `Display`.
+
+use tonic::{Code, Status};
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a Strata client call can fail with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker address cannot be parsed or used.
+    #[error("invalid broker address {address:?}: {message}")]
+    InvalidAddress {
+        /// The address as given.
+        address: String,
+        /// Why it was rejected.
+        message: String,
+    },
+    /// The topic does not exist (gRPC `NOT_FOUND`).
+    #[error("topic {topic:?} not found: {message}")]
+    TopicNotFound {
+        /// The topic asked for.
+        topic: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// The partition number is not below the topic's partition count.
+    #[error("topic {topic:?} has {partitions} partitions; there is no partition {partition}")]
+    PartitionNotFound {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// The topic's partition count.
+        partitions: u32,
+    },
+    /// CreateTopic with a name that is taken (gRPC `ALREADY_EXISTS`).
+    #[error("topic {topic:?} already exists")]
+    TopicExists {
+        /// The topic name.
+        topic: String,
+    },
+    /// The broker rejected a request argument (gRPC `INVALID_ARGUMENT`): a bad name,
+    /// partition count, config value or record batch.
+    #[error("invalid argument: {message}")]
+    InvalidArgument {
+        /// The broker's message.
+        message: String,
+    },
+    /// A read offset outside the partition's stored range (gRPC `OUT_OF_RANGE`), for
+    /// example after retention deleted the data at a consumer's position.
+    #[error("offset {offset} of {topic}/{partition} is out of range: {message}")]
+    OffsetOutOfRange {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The offset asked for.
+        offset: u64,
+        /// The broker's message, which gives the stored range.
+        message: String,
+    },
+    /// One record is larger than a batch may be, so it can never be sent.
+    #[error("record of about {size} bytes cannot fit in a batch of at most {max} bytes")]
+    RecordTooLarge {
+        /// Encoded size of the record, batch header included.
+        size: usize,
+        /// The batch size limit in force.
+        max: usize,
+    },
+    /// The broker refused for lack of a resource (gRPC `RESOURCE_EXHAUSTED`): a batch over
+    /// the topic's `max_message_bytes`, or a full disk.
+    #[error("too large or out of resources: {message}")]
+    TooLarge {
+        /// The broker's message.
+        message: String,
+    },
+    /// The broker is unreachable, shutting down, or a partition is recovering (gRPC
+    /// `UNAVAILABLE`, or a connection error). Retrying later is reasonable; the producer
+    /// and consumer already retried before returning this.
+    #[error("broker unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+    },
+    /// The request timed out (gRPC `DEADLINE_EXCEEDED`). The outcome is unknown: a
+    /// produce request may still have been written.
+    #[error("request timed out: {message}")]
+    Timeout {
+        /// What timed out.
+        message: String,
+    },
+    /// The broker failed internally (gRPC `INTERNAL`): an I/O error or corrupt data.
+    #[error("broker internal error: {message}")]
+    Internal {
+        /// The broker's message.
+        message: String,
+    },
+    /// Data from the broker could not be decoded.
+    #[error("the broker sent an invalid record batch: {0}")]
+    InvalidBatch(#[from] strata_storage::InvalidBatch),
+    /// The broker's answer lacks a field or holds a value this client does not know.
+    #[error("unexpected answer from the broker: {message}")]
+    Protocol {
+        /// What was wrong.
+        message: String,
+    },
+    /// The producer or consumer was shut down before the operation completed.
+    #[error("the client was closed before the operation completed")]
+    Closed,
+    /// Any other gRPC status.
+    #[error("gRPC status {code:?}: {message}")]
+    Status {
+        /// The status code.
+        code: Code,
+        /// Its message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// True for errors where the same request may succeed if sent again: the broker was
+    /// unavailable or the request timed out.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Error::Unavailable { .. } | Error::Timeout { .. })
+    }
+
+    /// Maps a gRPC status. `topic` and `read` (partition and offset of a read) give the
+    /// call's context to the variants that name them.
+    pub(crate) fn from_status(status: Status, topic: &str, read: Option<(u32, u64)>) -> Error {
+        let message = status.message().to_string();
+        // A status the transport made (not the broker) carries its cause as a source:
+        // a refused or reset connection, an HTTP/2 error, a timeout.
+        if std::error::Error::source(&status).is_some() && status.code() != Code::DeadlineExceeded {
+            let message = if message.is_empty() {
+                format!("{:?}", status.code())
+            } else {
+                message
+            };
+            return Error::Unavailable { message };
+        }
+        match status.code() {
+            Code::NotFound => Error::TopicNotFound {
+                topic: topic.to_string(),
+                message,
+            },
+            Code::AlreadyExists => Error::TopicExists {
+                topic: topic.to_string(),
+            },
+            Code::InvalidArgument => Error::InvalidArgument { message },
+            Code::OutOfRange => match read {
+                Some((partition, offset)) => Error::OffsetOutOfRange {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    message,
+                },
+                None => Error::Status {
+                    code: Code::OutOfRange,
+                    message,
+                },
+            },
+            Code::ResourceExhausted => Error::TooLarge { message },
+            Code::Unavailable => Error::Unavailable { message },
+            Code::DeadlineExceeded => Error::Timeout { message },
+            Code::Internal => Error::Internal { message },
+            code => Error::Status { code, message },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(status: Status, read: Option<(u32, u64)>, expected: Error) {
+        assert_eq!(Error::from_status(status, "t", read), expected);
+    }
+
+    #[test]
+    fn statuses_map_to_variants() {
+        let m = || "m".to_string();
+        check(
+            Status::not_found("m"),
+            None,
+            Error::TopicNotFound {
+                topic: "t".into(),
+                message: m(),
+            },
+        );
+        check(
+            Status::already_exists("m"),
+            None,
+            Error::TopicExists { topic: "t".into() },
+        );
+        check(
+            Status::out_of_range("m"),
+            Some((1, 9)),
+            Error::OffsetOutOfRange {
+                topic: "t".into(),
+                partition: 1,
+                offset: 9,
+                message: m(),
+            },
+        );
+        check(
+            Status::out_of_range("m"),
+            None,
+            Error::Status {
+                code: Code::OutOfRange,
+                message: m(),
+            },
+        );
+        check(
+            Status::resource_exhausted("m"),
+            None,
+            Error::TooLarge { message: m() },
+        );
+        check(
+            Status::unavailable("m"),
+            None,
+            Error::Unavailable { message: m() },
+        );
+        check(
+            Status::internal("m"),
+            None,
+            Error::Internal { message: m() },
+        );
+        assert!(Error::Unavailable { message: m() }.is_retriable());
+        assert!(!Error::Internal { message: m() }.is_retriable());
+    }
+}

@@ -1,0 +1,208 @@
+//! `strata-client`: the Rust client of the Strata broker.
+//!
+//! - [`Client`]: one HTTP/2 connection to a broker, shared by everything built from it.
+//! - [`Producer`]: batches records per partition (linger, size limit), encodes them with
+//!   the shared batch codec, keeps a bounded number of requests in flight, retries with
+//!   backoff, and resolves each [`send`](Producer::send) to its partition and offset.
+//! - [`PartitionConsumer`]: reads one partition from an offset, the earliest or latest
+//!   offset, or a time, as an async [`Stream`](tokio_stream::Stream) of owned records.
+//! - [`Admin`]: create, list, describe and delete topics; look up offsets.
+//! - [`Error`]: one typed error for every call.
+//!
+//! Delivery is at least once: a produce request that fails ambiguously (a dropped
+//! connection, a timeout) is retried and can then be written twice. Idempotent producers
+//! (producer ids and sequence numbers checked by the broker) need broker support that is
+//! not there yet. Consumer groups are not in the protocol yet either.
+//!
+//! ```no_run
+//! use strata_client::{Client, Record, StartAt, TopicConfig};
+//! use tokio_stream::StreamExt;
+//!
+//! # async fn run() -> strata_client::Result<()> {
+//! let client = Client::connect("127.0.0.1:7717").await?;
+//! client.admin().create_topic("orders", 3, TopicConfig::default()).await?;
+//!
+//! let producer = client.producer("orders").await?;
+//! let delivery = producer.send(Record::new("created").key("order-42")).await?;
+//! println!("stored at {}/{}", delivery.partition, delivery.offset);
+//!
+//! let mut consumer = client
+//!     .partition_consumer("orders", delivery.partition, StartAt::Earliest)
+//!     .await?;
+//! let record = consumer.next().await.expect("the stream is endless")?;
+//! assert_eq!(record.value.as_deref(), Some(&b"created"[..]));
+//! # Ok(())
+//! # }
+//! ```
+
+mod admin;
+mod consumer;
+mod error;
+mod producer;
+mod record;
+
+use std::time::Duration;
+
+use strata_proto::v1::{admin_client::AdminClient, broker_client::BrokerClient};
+use tonic::transport::{Channel, Endpoint};
+
+pub use admin::{
+    Admin, Durability, OffsetSpec, PartitionInfo, TopicConfig, TopicDescription, TopicInfo,
+};
+pub use consumer::{ConsumerConfig, PartitionConsumer, StartAt};
+pub use error::{Error, Result};
+pub use producer::{Acks, Delivery, Producer, ProducerConfig};
+pub use record::{ConsumedRecord, Record};
+
+/// Largest gRPC message sent or accepted: the broker's own limit.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// Initial HTTP/2 stream window, the broker's value: large fetches and bursts of produce
+/// requests do not stall on window updates.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// Initial HTTP/2 connection window, the broker's value.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 frame, the broker's value.
+pub const FRAME_BYTES_MAX: u32 = 1 << 20;
+/// How long establishing a TCP connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection to one broker. Cheap to clone; clones share the connection, which
+/// reconnects by itself (on the next call) after the broker restarts.
+///
+/// ```no_run
+/// # async fn run() -> strata_client::Result<()> {
+/// let client = strata_client::Client::connect("127.0.0.1:7717").await?;
+/// for topic in client.admin().list_topics().await? {
+///     println!("{} ({} partitions)", topic.name, topic.partitions);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to a broker at `host:port` or `http://host:port`, failing with
+    /// [`Error::Unavailable`] if it cannot be reached now.
+    pub async fn connect(address: &str) -> Result<Client> {
+        let endpoint = endpoint(address)?;
+        let channel = endpoint.connect().await.map_err(|e| Error::Unavailable {
+            message: format!("cannot connect to {address}: {}", error_chain(&e)),
+        })?;
+        Ok(Client { channel })
+    }
+
+    /// Like [`Client::connect`], but connects on the first call instead of now. Must be
+    /// called within a tokio runtime.
+    pub fn connect_lazy(address: &str) -> Result<Client> {
+        Ok(Client {
+            channel: endpoint(address)?.connect_lazy(),
+        })
+    }
+
+    /// Topic administration over this connection.
+    pub fn admin(&self) -> Admin {
+        Admin::new(self.admin_client())
+    }
+
+    /// A producer to `topic` with the default [`ProducerConfig`]. Looks up the topic's
+    /// partition count and batch limit once; fails if the topic does not exist.
+    pub async fn producer(&self, topic: &str) -> Result<Producer> {
+        self.producer_with(topic, ProducerConfig::default()).await
+    }
+
+    /// A producer to `topic` with the given settings.
+    pub async fn producer_with(&self, topic: &str, config: ProducerConfig) -> Result<Producer> {
+        Producer::new(self.broker_client(), self.admin(), topic, config).await
+    }
+
+    /// A consumer of one partition, starting at `start`, with the default
+    /// [`ConsumerConfig`]. Fails if the topic or partition does not exist.
+    pub async fn partition_consumer(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+    ) -> Result<PartitionConsumer> {
+        self.partition_consumer_with(topic, partition, start, ConsumerConfig::default())
+            .await
+    }
+
+    /// A consumer of one partition with the given settings.
+    pub async fn partition_consumer_with(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+        config: ConsumerConfig,
+    ) -> Result<PartitionConsumer> {
+        PartitionConsumer::start(
+            self.broker_client(),
+            self.admin(),
+            topic,
+            partition,
+            start,
+            config,
+        )
+        .await
+    }
+
+    /// The generated gRPC client of the `Broker` service on this connection, with the
+    /// message size limits set, for calls this crate does not wrap.
+    pub fn broker_client(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel.clone())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// The generated gRPC client of the `Admin` service on this connection.
+    pub fn admin_client(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+}
+
+fn endpoint(address: &str) -> Result<Endpoint> {
+    let url = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(url).map_err(|e| Error::InvalidAddress {
+        address: address.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(FRAME_BYTES_MAX))
+}
+
+/// An error with its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Exponential backoff: `min` doubled per attempt, capped at `max`.
+fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    min.saturating_mul(1u32 << attempt.min(16)).min(max)
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1604,3 +1604,47 @@ fn a_second_broker_on_the_same_data_dir_refuses_to_start() {
         "stderr: {stderr}"
     );
 }
+
+/// Guards the decoded-form budget: decoding a large batch of tiny records stops after
+/// about `max_bytes` of decoded records and continues inside the batch, so a decoded
+/// fetch never grows past the gRPC message limit, and consecutive fetches still see
+/// every record exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_fetch_stops_at_its_budget_and_resumes_inside_the_batch() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "tiny", 1, v1::TopicConfig::default()).await;
+    let mut client = broker.client().await;
+    let records: Vec<v1::Record> = (0..5_000u32)
+        .map(|i| record(None, &i.to_be_bytes()))
+        .collect();
+    client
+        .produce(produce_records("tiny", 0, records))
+        .await
+        .expect("produce one batch of 5,000 records");
+
+    let mut offset = 0;
+    let mut fetches = 0;
+    while offset < 5_000 {
+        let response = client
+            .fetch(v1::FetchRequest {
+                max_bytes: 4096,
+                ..fetch_request("tiny", 0, offset, true)
+            })
+            .await
+            .expect("decoded fetch")
+            .into_inner();
+        assert!(!response.records.is_empty(), "progress at offset {offset}");
+        for r in &response.records {
+            assert_eq!(r.offset, offset, "dense, in order");
+            assert_eq!(r.value.as_deref(), Some(&(offset as u32).to_be_bytes()[..]));
+            offset += 1;
+        }
+        assert_eq!(response.next_offset, offset);
+        fetches += 1;
+    }
+    assert!(
+        fetches > 10,
+        "a 4 KiB budget needs many fetches, took {fetches}"
+    );
+}

@@ -187,7 +187,17 @@ impl Broker {
         let dir = self.data_dir.join("topics").join(name);
         std::fs::rename(&staging, &dir).map_err(Error::io(&dir))?;
         sync_dir(&self.data_dir.join("topics"))?;
-        let topic = Arc::new(self.open_topic(name, &dir, settings)?);
+        let topic = match self.open_topic(name, &dir, settings) {
+            Ok(topic) => Arc::new(topic),
+            Err(e) => {
+                // Do not leave a directory that would come back as a topic at restart.
+                let trash = self.data_dir.join("trash").join(name);
+                if std::fs::rename(&dir, &trash).is_ok() {
+                    let _ = std::fs::remove_dir_all(&trash);
+                }
+                return Err(e);
+            }
+        };
         self.write_topics()
             .insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)

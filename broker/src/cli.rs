@@ -142,7 +142,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::AlreadyExists => "already exists",
         tonic::Code::InvalidArgument => "invalid argument",
         tonic::Code::OutOfRange => "out of range",
-        tonic::Code::ResourceExhausted => "too large",
+        tonic::Code::ResourceExhausted => "resource exhausted",
         tonic::Code::Unavailable => "unavailable",
         _ => "error",
     }

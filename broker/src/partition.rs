@@ -78,10 +78,7 @@ impl Partition {
         let (watermark, high_watermark) = watch::channel(reader.high_watermark());
         let writer = Writer {
             name: name.clone(),
-            dir,
-            config,
-            files: files.clone(),
-            log: Some(log),
+            log,
             watermark,
         };
         let thread = std::thread::Builder::new()
@@ -149,11 +146,7 @@ impl Partition {
 
 struct Writer {
     name: String,
-    dir: PathBuf,
-    config: LogConfig,
-    files: FileCache,
-    /// `None` only while a failed log is being reopened.
-    log: Option<Log>,
+    log: Log,
     watermark: watch::Sender<u64>,
 }
 
@@ -203,66 +196,47 @@ impl Writer {
                 break;
             }
         }
-        if let Some(log) = self.log.take() {
-            if let Err(e) = log.close() {
-                tracing::error!(partition = %self.name, error = %e, "closing the log failed");
-            }
+        if let Err(e) = self.log.close() {
+            tracing::error!(partition = %self.name, error = %e, "closing the log failed");
         }
     }
 
     fn write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
-        match self.log.as_mut() {
-            Some(log) => log.write(batch).map_err(Error::from),
-            None => Err(Error::Unavailable(
-                self.name.clone(),
-                "the log could not be reopened".into(),
-            )),
-        }
+        self.log.write(batch).map_err(Error::from)
     }
 
-    /// Commits and publishes the new high watermark. After a failed write or fsync the
-    /// log's state is unknown: reopen it, which runs recovery, and go on from there.
-    /// The error says whether the disk is full, and what happened.
+    /// Commits and publishes the new high watermark. The error says whether the disk is
+    /// full, and what happened.
+    ///
+    /// After a failed write or fsync the log's state is unknown, and the log refuses
+    /// further writes (fail-stop, as Kafka takes a failed log directory offline): the
+    /// partition keeps serving what it had published, and producers get UNAVAILABLE
+    /// until a broker restart runs recovery. Reopening in place would leave readers on
+    /// the old log and race two views of the same index files.
     fn commit(&mut self) -> std::result::Result<(), (bool, String)> {
-        let Some(log) = self.log.as_mut() else {
-            self.reopen();
-            return Err((false, "the log could not be reopened".into()));
-        };
-        match log.commit() {
+        match self.log.commit() {
             Ok(high_watermark) => {
                 self.watermark.send_replace(high_watermark);
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(partition = %self.name, error = %e, "commit failed; recovering the log");
-                self.log = None;
-                self.reopen();
+                tracing::error!(
+                    partition = %self.name,
+                    error = %e,
+                    "commit failed; the partition refuses writes until the broker restarts"
+                );
                 Err((crate::error::is_disk_full(&e), e.to_string()))
             }
         }
     }
 
-    fn reopen(&mut self) {
-        match Log::open(&self.dir, self.config.clone(), &self.files) {
-            Ok(log) => {
-                self.watermark.send_replace(log.reader().high_watermark());
-                self.log = Some(log);
-            }
-            Err(e) => {
-                tracing::error!(partition = %self.name, error = %e, "reopening the log failed")
-            }
-        }
-    }
-
     fn retention(&mut self) {
-        if let Some(log) = self.log.as_mut() {
-            match log.apply_retention(now_ms()) {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(partition = %self.name, segments = n, "retention deleted segments")
-                }
-                Err(e) => tracing::error!(partition = %self.name, error = %e, "retention failed"),
+        match self.log.apply_retention(now_ms()) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(partition = %self.name, segments = n, "retention deleted segments")
             }
+            Err(e) => tracing::error!(partition = %self.name, error = %e, "retention failed"),
         }
     }
 }

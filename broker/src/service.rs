@@ -231,8 +231,20 @@ fn first_batch_key(batch: &[u8]) -> Option<&[u8]> {
 }
 
 /// Decodes the records at or after `from` for clients that asked for them.
-fn decode_records(batches_bytes: &[u8], from: u64) -> Result<Vec<v1::Record>> {
+///
+/// Decoded records take more room than their batch (a record of empty key and value is
+/// a few bytes in a batch and tens of bytes decoded), so decoding stops after about
+/// `budget` bytes, always after at least one record; the returned offset is where the
+/// next fetch continues, possibly inside a batch.
+fn decode_records(
+    batches_bytes: &[u8],
+    from: u64,
+    budget: usize,
+) -> Result<(Vec<v1::Record>, Option<u64>)> {
+    /// Rough per-record overhead of the decoded form (offset, timestamp, framing).
+    const RECORD_OVERHEAD_BYTES: usize = 32;
     let mut records = Vec::new();
+    let mut used = 0;
     for batch in batches(batches_bytes) {
         let batch = batch.map_err(strata_storage::Error::from)?;
         for record in batch.records() {
@@ -240,6 +252,16 @@ fn decode_records(batches_bytes: &[u8], from: u64) -> Result<Vec<v1::Record>> {
             if record.offset < from {
                 continue;
             }
+            if !records.is_empty() && used >= budget {
+                return Ok((records, Some(record.offset)));
+            }
+            used += RECORD_OVERHEAD_BYTES
+                + record.key.map_or(0, <[u8]>::len)
+                + record.value.map_or(0, <[u8]>::len)
+                + record
+                    .headers()
+                    .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len) + 8)
+                    .sum::<usize>();
             records.push(v1::Record {
                 key: record.key.map(Bytes::copy_from_slice),
                 value: record.value.map(Bytes::copy_from_slice),
@@ -255,7 +277,7 @@ fn decode_records(batches_bytes: &[u8], from: u64) -> Result<Vec<v1::Record>> {
             });
         }
     }
-    Ok(records)
+    Ok((records, None))
 }
 
 fn fetch_response(
@@ -263,11 +285,12 @@ fn fetch_response(
     from: u64,
     read: ReadResult,
     decode: bool,
+    max_bytes: usize,
 ) -> Result<v1::FetchResponse> {
-    let records = if decode {
-        decode_records(&read.batches, from)?
+    let (records, stopped_at) = if decode {
+        decode_records(&read.batches, from, max_bytes)?
     } else {
-        Vec::new()
+        (Vec::new(), None)
     };
     Ok(v1::FetchResponse {
         partition,
@@ -277,7 +300,7 @@ fn fetch_response(
             read.batches.into()
         },
         records,
-        next_offset: read.next_offset,
+        next_offset: stopped_at.unwrap_or(read.next_offset),
         high_watermark: read.high_watermark,
         earliest_offset: read.earliest_offset,
     })
@@ -351,12 +374,14 @@ impl broker_server::Broker for Service {
                 _ = self.stopped() => {}
             }
         }
-        let read = read(&partition, request.offset, fetch_bytes(request.max_bytes)).await?;
+        let max_bytes = fetch_bytes(request.max_bytes);
+        let read = read(&partition, request.offset, max_bytes).await?;
         Ok(Response::new(fetch_response(
             request.partition,
             request.offset,
             read,
             request.decode,
+            max_bytes,
         )?))
     }
 
@@ -406,19 +431,23 @@ impl broker_server::Broker for Service {
                     }
                 };
                 let message = read_result.and_then(|r| {
-                    let from = offset;
-                    offset = r.next_offset;
                     if r.batches.is_empty() {
+                        offset = r.next_offset;
                         return Ok(None);
                     }
-                    fetch_response(request.partition, from, r, request.decode).map(Some)
+                    let m =
+                        fetch_response(request.partition, offset, r, request.decode, max_bytes)?;
+                    offset = m.next_offset;
+                    Ok(Some(m))
                 });
                 let failed = message.is_err();
                 match message {
                     Ok(None) => continue,
                     Ok(Some(m)) => {
-                        if sender.send(Ok(m)).await.is_err() {
-                            return;
+                        // A client that stops reading must not hold up a shutdown.
+                        tokio::select! {
+                            sent = sender.send(Ok(m)) => if sent.is_err() { return },
+                            _ = &mut stopped => return,
                         }
                     }
                     Err(e) => {

@@ -93,18 +93,18 @@ impl TopicSettings {
             max_message_bytes: c.max_message_bytes.unwrap_or(defaults.max_message_bytes),
             durability: c.durability.unwrap_or_else(|| defaults.durability.clone()),
         };
+        if settings.max_message_bytes > MESSAGE_BYTES_CAP {
+            return Err(Error::InvalidArgument(format!(
+                "max_message_bytes {} is above the limit of {MESSAGE_BYTES_CAP}",
+                settings.max_message_bytes
+            )));
+        }
         settings.log_config()?;
         Ok(settings)
     }
 
     /// The storage configuration of each partition log; checks every value.
     pub fn log_config(&self) -> Result<LogConfig> {
-        if self.max_message_bytes > MESSAGE_BYTES_CAP {
-            return Err(Error::InvalidArgument(format!(
-                "max_message_bytes {} is above the limit of {MESSAGE_BYTES_CAP}",
-                self.max_message_bytes
-            )));
-        }
         let durability: Durability = self
             .durability
             .parse()
@@ -141,10 +141,18 @@ impl TopicSettings {
     pub fn load(dir: &Path) -> Result<TopicSettings> {
         let path = dir.join(TOPIC_FILE);
         let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
-        toml::from_str(&text).map_err(|e| Error::Io {
+        let invalid = |reason: String| Error::Io {
             path: path.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        })
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason),
+        };
+        let settings: TopicSettings = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if settings.partitions == 0 || settings.partitions > PARTITIONS_MAX {
+            return Err(invalid(format!(
+                "partitions must be between 1 and {PARTITIONS_MAX}, found {}",
+                settings.partitions
+            )));
+        }
+        Ok(settings)
     }
 
     /// Writes `topic.toml` into a topic directory and fsyncs it.

@@ -53,7 +53,7 @@ pub enum Error {
     },
     /// An earlier write or fsync failed, so what is on disk is unknown. The log refuses
     /// further writes; reopening it runs recovery and brings it back.
-    #[error("the log at {} failed an earlier write and must be reopened", path.display())]
+    #[error("the log at {} failed an earlier write or fsync and refuses writes until it is reopened (restart the broker to run recovery)", path.display())]
     Poisoned {
         /// The partition directory.
         path: PathBuf,

@@ -4,17 +4,20 @@
 //! Entries are fixed-width and big-endian. An index file is preallocated to its capacity
 //! while its segment is active and trimmed to its entries when the segment is sealed.
 //!
-//! This is the crate's only `unsafe` code: reading and writing the mapping through raw
-//! pointers. It is sound because of one invariant: entry slots below `len` are never
-//! written again, slots at or above `len` are never read, and `len` is published with
-//! release/acquire ordering after its slot is written. Writers are serialized by a mutex,
-//! so two threads never write one slot. (Like every mmap user we assume no other process
+//! This is the crate's only `unsafe` code: reading the mapping through a raw pointer.
+//! It is sound because of one invariant: entry slots below `len` are never written
+//! again, slots at or above `len` are never read, and `len` is published with
+//! release/acquire ordering after its slot is written (with `pwrite`; see
+//! [`Index::push`]). Writers are serialized by a mutex, so two threads never write one
+//! slot, and a log is opened by one writer at a time (the broker locks its data
+//! directory). (Like every mmap user we assume no other process
 //! modifies the file while it is mapped; the data directory belongs to one broker.)
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -214,33 +217,30 @@ impl<E: Entry> Index<E> {
     }
 
     /// Appends an entry. The caller checks capacity first.
-    pub fn push(&self, entry: E) {
+    ///
+    /// The entry is written with `pwrite`, not through the mapping: the file is sparse,
+    /// and a store into a page the file system cannot allocate (disk full) would kill the
+    /// process with SIGBUS, where `pwrite` returns ENOSPC. The mapping is shared, so
+    /// readers see the entry through it once `len` is published.
+    pub fn push(&self, entry: E) -> io::Result<()> {
         let _writer = self.write.lock().unwrap_or_else(|e| e.into_inner());
         let i = self.len.load(Ordering::Relaxed);
         assert!(i < self.capacity, "index {} is full", self.path.display());
-        let map = self.map.as_ref().expect("a writable index is mapped");
         let mut buf = [0u8; MAX_ENTRY_LEN];
         entry.encode(&mut buf[..E::LEN]);
-        // SAFETY: slot `i` is inside the mapping (i < capacity). It is at or above the
-        // published length, so no reader looks at it, and the writer mutex keeps other
-        // writers out.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), map.as_mut_ptr().add(i * E::LEN), E::LEN);
-        }
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let file = file
+            .as_ref()
+            .ok_or_else(|| io::Error::other("index is sealed"))?;
+        file.write_all_at(&buf[..E::LEN], (i * E::LEN) as u64)?;
         self.len.store(i + 1, Ordering::Release);
+        Ok(())
     }
 
-    /// Writes the mapped entries back to the file and fsyncs it. A sealed index is
-    /// already durable.
+    /// Fsyncs the entries written so far. A sealed index is already durable.
     pub fn sync(&self) -> io::Result<()> {
-        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        match &*file {
-            Some(file) => {
-                if let Some(map) = &self.map {
-                    map.flush()?;
-                }
-                file.sync_data()
-            }
+        match &*self.file.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(file) => file.sync_data(),
             None => Ok(()),
         }
     }
@@ -251,9 +251,6 @@ impl<E: Entry> Index<E> {
         let Some(file) = self.file.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
-        if let Some(map) = &self.map {
-            map.flush()?;
-        }
         file.set_len((self.len() * E::LEN) as u64)?;
         file.sync_all()
     }
@@ -270,10 +267,12 @@ mod tests {
         let index = Index::<OffsetEntry>::open_writable(&path, 0, 80).expect("open");
         assert_eq!(index.capacity, 10);
         for i in 0..5u32 {
-            index.push(OffsetEntry {
-                relative_offset: i * 10,
-                position: i * 100,
-            });
+            index
+                .push(OffsetEntry {
+                    relative_offset: i * 10,
+                    position: i * 100,
+                })
+                .expect("push");
         }
         assert_eq!(index.partition_point(|e| e.relative_offset <= 25), 3);
         assert_eq!(index.partition_point(|e| e.relative_offset < 1), 1);
@@ -302,7 +301,7 @@ mod tests {
             timestamp: -5,
             relative_offset: 9,
         };
-        index.push(e);
+        index.push(e).expect("push");
         assert_eq!(index.get(0), e);
         index.seal().expect("seal");
         drop(index);

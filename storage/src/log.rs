@@ -127,38 +127,55 @@ impl IndexState {
     /// Indexes a batch. When an index is nearly full (possible in a scan, if the index
     /// settings shrank since the segment was written) entries are skipped: a sparser
     /// index is slower to search but still correct.
-    fn add(&mut self, segment: &Segment, header: &BatchHeader, position: u64, interval: u64) {
+    fn add(
+        &mut self,
+        segment: &Segment,
+        header: &BatchHeader,
+        position: u64,
+        interval: u64,
+    ) -> Result<()> {
         let relative = (header.base_offset - segment.base_offset) as u32;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         let room = !segment.offsets.is_nearly_full() && !segment.times.is_nearly_full();
         if room && (segment.offsets.len() == 0 || self.bytes_since_entry >= interval) {
-            segment.offsets.push(OffsetEntry {
+            let entry = OffsetEntry {
                 relative_offset: relative,
                 position: position as u32,
-            });
+            };
+            segment
+                .offsets
+                .push(entry)
+                .map_err(io_at(segment.offsets.path()))?;
             self.bytes_since_entry = 0;
             if self.max_timestamp > self.time_indexed {
-                self.push_time(segment, relative);
+                self.push_time(segment, relative)?;
             }
         }
         self.bytes_since_entry += header.size as u64;
         self.last_batch = relative;
+        Ok(())
     }
 
     /// Records the segment's final max timestamp, so a sealed segment's largest
     /// timestamp is its last time index entry.
-    fn finish(&mut self, segment: &Segment) {
+    fn finish(&mut self, segment: &Segment) -> Result<()> {
         if self.max_timestamp > self.time_indexed && !segment.times.is_full() {
-            self.push_time(segment, self.last_batch);
+            self.push_time(segment, self.last_batch)?;
         }
+        Ok(())
     }
 
-    fn push_time(&mut self, segment: &Segment, relative: u32) {
-        segment.times.push(TimeEntry {
+    fn push_time(&mut self, segment: &Segment, relative: u32) -> Result<()> {
+        let entry = TimeEntry {
             timestamp: self.max_timestamp,
             relative_offset: relative,
-        });
+        };
+        segment
+            .times
+            .push(entry)
+            .map_err(io_at(segment.times.path()))?;
         self.time_indexed = self.max_timestamp;
+        Ok(())
     }
 }
 
@@ -306,7 +323,7 @@ impl Log {
                 &header,
                 position,
                 log.config.index_interval_bytes,
-            );
+            )?;
             active.next_offset += record_count;
             if active.staged.len() >= STAGE_BYTES_MAX {
                 log.write_staged()?;
@@ -375,7 +392,7 @@ impl Log {
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
         let active = &mut self.active;
-        active.index.finish(&active.segment);
+        active.index.finish(&active.segment)?;
         active.segment.seal_indexes()?;
         self.write_checkpoint(true)
     }
@@ -490,7 +507,7 @@ impl Log {
         self.sync()?;
         self.publish();
         let old = &mut self.active;
-        old.index.finish(&old.segment);
+        old.index.finish(&old.segment)?;
         old.segment.seal_indexes()?;
 
         let dir = self.reader.shared.dir.clone();
@@ -534,10 +551,15 @@ impl Log {
     fn sync(&mut self) -> Result<()> {
         let active = &mut self.active;
         if active.synced < active.written {
-            active
-                .file
-                .sync_data()
-                .map_err(io_at(&active.segment.log_path))?;
+            if let Err(e) = active.file.sync_data() {
+                // After a failed fsync the kernel may have dropped the dirty pages or
+                // marked them clean without writing them: bytes after `synced` can read
+                // back fine now and be gone after a power loss. Cut them off so that
+                // recovery cannot build acknowledged batches on top of them. Under the
+                // fsync policy they were never published; the log is poisoned next.
+                let _ = active.file.set_len(active.synced);
+                return Err(io_at(&active.segment.log_path)(e));
+            }
             active.synced = active.written;
         }
         self.last_sync = Instant::now();
@@ -893,7 +915,7 @@ fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Res
     // A sealed segment is never truncated (the next one starts at `next_base`); if it
     // holds damage, reads past the damage report it as corruption.
     scan(&file, &segment, &mut index, 0, base, log_len, config)?;
-    index.finish(&segment);
+    index.finish(&segment)?;
     segment.seal_indexes()?;
     segment.publish(log_len, index.max_timestamp);
     Ok(segment)
@@ -943,7 +965,7 @@ fn scan(
             Some(bytes) if Batch::new(bytes).is_ok() => {}
             _ => break,
         }
-        index.add(segment, &header, position, config.index_interval_bytes);
+        index.add(segment, &header, position, config.index_interval_bytes)?;
         position += header.size as u64;
         next_offset = header.next_offset();
     }

@@ -12,6 +12,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::broker::Broker;
 use crate::config::ServeConfig;
 use crate::service::{Service, FETCH_BYTES_MAX};
+use crate::topic::MESSAGE_BYTES_CAP;
 
 /// Largest gRPC message the server accepts or sends: a produce request carries at most
 /// one batch (max_message_bytes), a fetch at most FETCH_BYTES_MAX plus one batch.
@@ -82,7 +83,9 @@ pub async fn serve(
         )
         .add_service(
             BrokerServer::new(service)
-                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                // A produce request carries one batch of at most MESSAGE_BYTES_CAP; a
+                // tighter bound also limits what a records-form request costs decoded.
+                .max_decoding_message_size(MESSAGE_BYTES_CAP as usize + (1 << 20))
                 .max_encoding_message_size(MESSAGE_BYTES_MAX),
         )
         .add_service(health_service)

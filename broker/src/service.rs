@@ -173,7 +173,9 @@ impl admin_server::Admin for Service {
 }
 
 /// Encodes the simple form of a produce request as one batch.
-fn encode_records(records: &[v1::Record]) -> Vec<u8> {
+/// Stops as soon as the batch passes `max_bytes`, so an oversized request costs no more
+/// than the limit.
+fn encode_records(records: &[v1::Record], max_bytes: usize) -> Result<Vec<u8>> {
     let now = now_ms();
     let mut builder = BatchBuilder::new();
     let mut headers: Vec<(&str, &[u8])> = Vec::new();
@@ -196,8 +198,15 @@ fn encode_records(records: &[v1::Record]) -> Vec<u8> {
             record.value.as_deref(),
             &headers,
         );
+        if builder.encoded_len() > max_bytes {
+            return Err(strata_storage::Error::BatchTooLarge {
+                size: builder.encoded_len(),
+                max: max_bytes,
+            }
+            .into());
+        }
     }
-    builder.finish()
+    Ok(builder.finish())
 }
 
 /// The partition a produce request goes to.
@@ -341,7 +350,9 @@ impl broker_server::Broker for Service {
                 return Err(Error::InvalidArgument("the request holds no records".into()).into())
             }
             (false, true) => std::mem::take(&mut request.batch),
-            (true, false) => encode_records(&request.records).into(),
+            (true, false) => {
+                encode_records(&request.records, topic.settings.max_message_bytes as usize)?.into()
+            }
         };
         let ack = match v1::Acks::try_from(request.acks) {
             Ok(v1::Acks::Durable) => Ack::Durable,

@@ -23,6 +23,8 @@ use crate::topic::TopicSettings;
 pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
 /// Largest fetch response; clients must accept messages of this size plus one batch.
 pub const FETCH_BYTES_MAX: usize = 8 << 20;
+/// Bytes of produce batches queued or being written at once, broker-wide.
+pub const PRODUCE_BUDGET_BYTES: usize = 512 << 20;
 /// Longest a fetch may wait for data.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
 
@@ -33,6 +35,10 @@ pub struct Service {
     /// Set when the server starts shutting down: long polls answer and Subscribe streams
     /// end, so a graceful shutdown does not wait for them.
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Bytes of produce batches the broker holds between decoding and acknowledging,
+    /// across all partitions: producers beyond it wait (back-pressure), so memory stays
+    /// bounded however many of them there are.
+    produce_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -42,6 +48,7 @@ impl Service {
         Service {
             broker,
             stopping: Arc::new(stopping),
+            produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
         }
     }
 
@@ -363,6 +370,14 @@ impl broker_server::Broker for Service {
                 )
             }
         };
+        // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
+        // waits for more permits than exist.
+        let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        let _budget = self
+            .produce_budget
+            .acquire_many(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let info = topic.partition(partition_id)?.append(batch, ack).await?;
         Ok(Response::new(v1::ProduceResponse {
             partition: partition_id,

@@ -80,6 +80,7 @@ impl Partition {
             name: name.clone(),
             log,
             watermark,
+            failed: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
@@ -148,6 +149,9 @@ struct Writer {
     name: String,
     log: Log,
     watermark: watch::Sender<u64>,
+    /// Set after the first failed commit: the log refuses writes from then on, so there
+    /// is nothing to commit and nothing to report again.
+    failed: bool,
 }
 
 impl Writer {
@@ -214,12 +218,17 @@ impl Writer {
     /// until a broker restart runs recovery. Reopening in place would leave readers on
     /// the old log and race two views of the same index files.
     fn commit(&mut self) -> std::result::Result<(), (bool, String)> {
+        if self.failed {
+            // Every write since the failure was refused, so nothing waits on this.
+            return Ok(());
+        }
         match self.log.commit() {
             Ok(high_watermark) => {
                 self.watermark.send_replace(high_watermark);
                 Ok(())
             }
             Err(e) => {
+                self.failed = true;
                 tracing::error!(
                     partition = %self.name,
                     error = %e,
@@ -231,6 +240,9 @@ impl Writer {
     }
 
     fn retention(&mut self) {
+        if self.failed {
+            return;
+        }
         match self.log.apply_retention(now_ms()) {
             Ok(0) => {}
             Ok(n) => {

@@ -72,7 +72,12 @@ impl Partition {
         config: LogConfig,
         files: &FileCache,
     ) -> Result<Partition> {
+        let opened = std::time::Instant::now();
         let log = Log::open(&dir, config.clone(), files)?;
+        if opened.elapsed() > Duration::from_secs(1) {
+            // Only recovery after a crash (a scan of the unflushed tail) takes this long.
+            tracing::info!(partition = %name, took = ?opened.elapsed(), "recovered the log");
+        }
         let reader = log.reader().clone();
         let (commands, receiver) = mpsc::channel(QUEUE_DEPTH);
         let (watermark, high_watermark) = watch::channel(reader.high_watermark());

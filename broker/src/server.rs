@@ -65,6 +65,9 @@ pub async fn serve(
     // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
     let shutdown = async move {
         shutdown.await;
+        // Health checks see the broker going away before connections close.
+        health.set_not_serving::<AdminServer<Service>>().await;
+        health.set_not_serving::<BrokerServer<Service>>().await;
         stopping.stop_waiting();
     };
     const { assert!(FETCH_BYTES_MAX < MESSAGE_BYTES_MAX) };

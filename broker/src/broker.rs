@@ -168,6 +168,11 @@ impl Broker {
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))
     }
 
+    /// Partition `partition` of topic `topic`.
+    pub fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>> {
+        self.topic(topic)?.partition(partition).cloned()
+    }
+
     /// Every topic, sorted by name.
     pub fn topics(&self) -> Vec<Arc<Topic>> {
         self.read_topics().values().cloned().collect()

@@ -155,8 +155,7 @@ impl admin_server::Admin for Service {
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
         let request = request.into_inner();
-        let topic = self.broker.topic(&request.topic)?;
-        let partition = Arc::clone(topic.partition(request.partition)?);
+        let partition = self.broker.partition(&request.topic, request.partition)?;
         let reader = partition.reader().clone();
         let offset = match v1::OffsetSpec::try_from(request.spec) {
             Ok(v1::OffsetSpec::Earliest) => reader.earliest_offset(),
@@ -391,8 +390,7 @@ impl broker_server::Broker for Service {
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
-        let topic = self.broker.topic(&request.topic)?;
-        let partition = Arc::clone(topic.partition(request.partition)?);
+        let partition = self.broker.partition(&request.topic, request.partition)?;
         let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
         if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
             tokio::select! {

@@ -79,6 +79,18 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of the log in `pristine` whose active segment is cut to `len` bytes.
+fn cut_copy(pristine: &Path, len: u64) -> tempfile::TempDir {
+    let dir = scratch_dir();
+    copy_dir(pristine, dir.path());
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(active_log(dir.path()))
+        .expect("open log");
+    file.set_len(len).expect("truncate");
+    dir
+}
+
 fn active_log(dir: &Path) -> PathBuf {
     let mut logs: Vec<PathBuf> = fs::read_dir(dir)
         .expect("read dir")
@@ -124,14 +136,7 @@ fn truncation_at_every_byte_of_the_last_batch_keeps_all_earlier_batches() {
         let stored = build(pristine.path(), 12, checkpoint_after);
         let last = stored.last().expect("batches");
         for cut in last.position..last.position + last.bytes.len() as u64 {
-            let dir = scratch_dir();
-            copy_dir(pristine.path(), dir.path());
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .open(active_log(dir.path()))
-                .expect("open log");
-            file.set_len(cut).expect("truncate");
-            drop(file);
+            let dir = cut_copy(pristine.path(), cut);
             let what = format!("checkpoint {checkpoint_after:?}, cut at byte {cut}");
             check_recovered(dir.path(), &stored, stored.len() - 1, &what);
         }
@@ -144,14 +149,7 @@ fn truncation_before_the_checkpoint_falls_back_to_a_full_scan() {
     let stored = build(pristine.path(), 12, Some(10));
     // Cut inside batch 5, before the checkpoint at batch 10: the checkpoint now points
     // past the end of the file and must not be trusted.
-    let dir = scratch_dir();
-    copy_dir(pristine.path(), dir.path());
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .open(active_log(dir.path()))
-        .expect("open log");
-    file.set_len(stored[5].position + 3).expect("truncate");
-    drop(file);
+    let dir = cut_copy(pristine.path(), stored[5].position + 3);
     check_recovered(dir.path(), &stored, 5, "cut before checkpoint");
 }
 

@@ -14,11 +14,14 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7717";
 /// The default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "strata-data";
 
-/// Flags of `strata serve`; each also reads an environment variable.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// Settings of `strata serve`: flags (each also read from an environment variable), and
+/// the same names, snake_case, in the TOML file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (same names, snake_case).
     #[arg(long, env = "STRATA_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Data directory [default: ./strata-data].
     #[arg(long, env = "STRATA_DATA_DIR")]
@@ -53,21 +56,6 @@ pub struct ServeArgs {
     pub retention_check_ms: Option<u64>,
 }
 
-/// The same settings as read from the TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    listen: Option<SocketAddr>,
-    default_durability: Option<String>,
-    default_retention_ms: Option<i64>,
-    default_retention_bytes: Option<i64>,
-    default_segment_bytes: Option<u64>,
-    default_max_message_bytes: Option<u32>,
-    max_open_files: Option<usize>,
-    retention_check_ms: Option<u64>,
-}
-
 /// Resolved configuration of a broker.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -88,7 +76,7 @@ impl ServeConfig {
     pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         let file = match &args.config {
             Some(path) => load(path)?,
-            None => FileConfig::default(),
+            None => ServeArgs::default(),
         };
         let limit = |name: &str, v: Option<i64>, default: Option<u64>| {
             crate::topic::parse_limit(name, v, default).map_err(|e| anyhow::anyhow!("{e}"))
@@ -143,7 +131,7 @@ impl ServeConfig {
     }
 }
 
-fn load(path: &Path) -> anyhow::Result<FileConfig> {
+fn load(path: &Path) -> anyhow::Result<ServeArgs> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
     toml::from_str(&text)

@@ -176,6 +176,34 @@ impl admin_server::Admin for Service {
         };
         Ok(Response::new(v1::ListOffsetsResponse { offset }))
     }
+
+    async fn list_groups(
+        &self,
+        _request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        Err(Status::unimplemented("consumer groups are being built"))
+    }
+
+    async fn describe_group(
+        &self,
+        _request: Request<v1::DescribeGroupRequest>,
+    ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        Err(Status::unimplemented("consumer groups are being built"))
+    }
+
+    async fn reset_offsets(
+        &self,
+        _request: Request<v1::ResetOffsetsRequest>,
+    ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
+        Err(Status::unimplemented("consumer groups are being built"))
+    }
+
+    async fn delete_group(
+        &self,
+        _request: Request<v1::DeleteGroupRequest>,
+    ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
+        Err(Status::unimplemented("consumer groups are being built"))
+    }
 }
 
 /// Encodes the simple form of a produce request as one batch.
@@ -382,6 +410,7 @@ impl broker_server::Broker for Service {
             partition: partition_id,
             base_offset: info.base_offset,
             last_offset: info.last_offset,
+            duplicate: false,
         }))
     }
 
@@ -410,6 +439,15 @@ impl broker_server::Broker for Service {
     }
 
     type SubscribeStream = SubscribeStream;
+
+    async fn init_producer(
+        &self,
+        _request: Request<v1::InitProducerRequest>,
+    ) -> Result<Response<v1::InitProducerResponse>, Status> {
+        Err(Status::unimplemented(
+            "idempotent producers are being built",
+        ))
+    }
 
     async fn subscribe(
         &self,

@@ -218,6 +218,7 @@ impl Fetcher {
             max_bytes: self.config.fetch_bytes_max,
             max_wait_ms,
             decode: false,
+            member: None,
         });
         request.set_timeout(self.config.max_wait + Duration::from_secs(30));
         let answer = self

@@ -320,6 +320,7 @@ pub fn fetch_request(topic: &str, partition: u32, offset: u64, decode: bool) -> 
         max_bytes: 0,
         max_wait_ms: 0,
         decode,
+        member: None,
     }
 }
 

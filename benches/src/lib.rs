@@ -1,0 +1,44 @@
+//! `strata-bench`: the load generator of Strata.
+//!
+//! N producers (each on its own thread), M consumers per consumer set, P partitions, a
+//! message size, a batch size and linger, a fixed or max rate, a duration or a message
+//! count, and a durability policy; against a Strata broker it starts itself (or one at
+//! `--broker`), the `--null` target (no broker: the generator's own ceiling), or, behind
+//! the `nats` and `redis` features, NATS JetStream and Redis Streams with the same
+//! traffic shape. It reports throughput per second and overall, publish → ack and
+//! end-to-end latency percentiles from HdrHistogram (from the intended send time in
+//! fixed-rate runs, so coordinated omission does not hide stalls), whether every
+//! acknowledged message reached every consumer set exactly once, and a same-run disk
+//! baseline so every MB/s can be read as a share of the disk.
+//!
+//! Code map:
+//! - [`options`]: flags, the named standard workloads, the resolved [`Plan`].
+//! - `generator`: the per-producer message loop and its pacing.
+//! - `payload`: the run's clock and the 16-byte message header (send time, id).
+//! - `stats`: tallies, latency recorders, the exactly-once bitmap.
+//! - `run`: one run from start to [`Report`]; the backend interface.
+//! - `strata`, `null`, `nats`, `redis`: the targets. `broker`: starting `strata`.
+//! - [`disk`]: the disk baseline. [`report`]: table, JSON and Markdown output.
+
+mod broker;
+pub mod disk;
+mod error;
+mod generator;
+pub mod machine;
+#[cfg(feature = "nats")]
+mod nats;
+mod null;
+pub mod options;
+mod payload;
+#[cfg(feature = "redis")]
+mod redis;
+pub mod report;
+mod run;
+mod stats;
+mod strata;
+
+pub use error::{Error, Result};
+pub use options::{Options, Plan, TargetKind, WorkloadName};
+pub use report::Report;
+pub use run::{run, Outcome};
+pub use stats::Percentiles;

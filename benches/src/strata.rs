@@ -1,0 +1,261 @@
+//! The Strata target, through `strata-client`.
+//!
+//! - Producer: one `Producer` (its own connection) per generator. The generator thread
+//!   calls [`Producer::send`], which places the record in its batch at once and returns
+//!   the future of its acknowledgement; the future goes, with the send time, through a
+//!   bounded channel to an async collector that awaits the futures in send order and
+//!   records publish → ack latency. The channel's capacity is the producer's window of
+//!   unacknowledged messages (`--max-pending`).
+//! - Consumer: standalone [`PartitionConsumer`]s (one connection per consumer), merged
+//!   when a consumer reads several partitions. Consumer sets are independent readers of
+//!   every partition; group consumers are a later addition behind the same interface.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strata_client::{
+    Client, ConsumedRecord, ConsumerConfig, Durability, ProducerConfig, Record, StartAt,
+    TopicConfig,
+};
+use tokio::task::JoinHandle;
+use tokio_stream::{Stream, StreamExt, StreamMap};
+
+use crate::broker::{find_strata, SpawnedBroker};
+use crate::error::{Error, Result};
+use crate::generator::{generate, GeneratorPlan, Offer};
+use crate::options::{Options, Plan};
+use crate::report::TargetInfo;
+use crate::run::{
+    ready_or_wait, Acks, ChunkSender, ConsumerOutcome, Consumption, ProducerOutcome, Shared,
+};
+
+/// Unacknowledged bytes a producer may have by default (`--max-pending` overrides the
+/// count); half the client's 64 MiB buffer, so sends never queue inside the client.
+const PENDING_BYTES_DEFAULT: usize = 32 << 20;
+
+/// A Strata broker with the run's topic.
+pub struct StrataTarget {
+    address: String,
+    topic: String,
+    admin: strata_client::Admin,
+    spawned: Option<SpawnedBroker>,
+    durability: Durability,
+    window: usize,
+}
+
+impl StrataTarget {
+    /// Starts a broker (unless `--broker` names one), connects, and creates the topic.
+    pub async fn open(plan: &Plan, options: &Options, parent: &Path) -> Result<StrataTarget> {
+        let spawned = match &options.broker {
+            Some(_) => None,
+            None => {
+                let binary = find_strata(options.strata_bin.as_deref(), options.quiet)?;
+                let parent = parent.to_path_buf();
+                let broker =
+                    tokio::task::spawn_blocking(move || SpawnedBroker::start(&binary, &parent))
+                        .await
+                        .map_err(|e| Error::Broker(format!("the start task failed: {e}")))??;
+                Some(broker)
+            }
+        };
+        let address = match (&options.broker, &spawned) {
+            (Some(address), _) => address.clone(),
+            (None, Some(broker)) => broker.address().to_string(),
+            (None, None) => unreachable!("a broker is given or spawned"),
+        };
+        let client = Client::connect(&address).await?;
+        let admin = client.admin();
+        let topic = format!(
+            "bench-{}-{}-{}",
+            plan.workload,
+            std::process::id(),
+            plan.durability.to_string().replace(':', "-")
+        );
+        let config = TopicConfig {
+            durability: Some(plan.durability),
+            // Room for the configured batch when it is above the broker's default limit.
+            max_message_bytes: (plan.batch_bytes > 1 << 20).then_some(plan.batch_bytes as u32),
+            ..TopicConfig::default()
+        };
+        admin.create_topic(&topic, plan.partitions, config).await?;
+        let window = plan
+            .max_pending
+            .unwrap_or(PENDING_BYTES_DEFAULT / plan.message_bytes)
+            .max(1);
+        Ok(StrataTarget {
+            address,
+            topic,
+            admin,
+            spawned,
+            durability: plan.durability,
+            window,
+        })
+    }
+
+    /// What the report says about this target.
+    pub fn info(&self) -> TargetInfo {
+        let durability_detail = match self.durability {
+            Durability::Fsync => {
+                "fsync: a batch is acknowledged after it is fdatasynced (group commit)".into()
+            }
+            Durability::None => {
+                "none: acknowledged once written to the page cache; the broker never fsyncs \
+                 on commit"
+                    .into()
+            }
+            Durability::IntervalMs(ms) => format!(
+                "interval:{ms}: acknowledged once in the page cache, fsynced within about \
+                 {ms} ms"
+            ),
+            other => other.to_string(),
+        };
+        let mut notes = vec![format!(
+            "producer window {} unacknowledged messages; consumer sets are independent \
+             standalone partition consumers (consumer groups are not used yet)",
+            crate::report::thousands(self.window as f64)
+        )];
+        if let Some(broker) = &self.spawned {
+            notes.push(format!(
+                "broker {} started by the bench, data in {}; it shares the machine's cores \
+                 with the load generator",
+                broker.binary().display(),
+                broker.data_dir().display()
+            ));
+        }
+        TargetInfo {
+            name: "strata".into(),
+            version: None,
+            address: Some(self.address.clone()),
+            durability: self.durability.to_string(),
+            durability_detail,
+            notes,
+        }
+    }
+
+    pub(crate) async fn start_producer(
+        &self,
+        shared: &Arc<Shared>,
+        plan: GeneratorPlan,
+    ) -> Result<JoinHandle<ProducerOutcome>> {
+        let client = Client::connect(&self.address).await?;
+        let config = ProducerConfig {
+            linger: Duration::from_millis(shared.plan.linger_ms),
+            max_batch_bytes: shared.plan.batch_bytes,
+            ..ProducerConfig::default()
+        };
+        let producer = client.producer_with(&self.topic, config).await?;
+        let (mut pending, mut acks_in) = ChunkSender::channel(self.window);
+        let clock = shared.clock;
+        let sent = shared.meters.sent.register();
+        let generator = tokio::task::spawn_blocking(move || {
+            let sent = generate(&plan, clock, &sent, |offer| match offer {
+                Offer::Message { value, sent_ns } => {
+                    let record = Record {
+                        value: Some(value.copy_out()),
+                        timestamp_ms: Some(clock.wall_ms(sent_ns)),
+                        ..Record::default()
+                    };
+                    pending.push((producer.send(record), sent_ns))
+                }
+                // Hand over what waits, so acknowledgements are seen when they come.
+                Offer::Idle => pending.flush(),
+            });
+            // A closed channel means the collector is gone and nothing is waiting.
+            let _ = pending.flush();
+            sent
+        });
+        let mut acks = Acks::new(shared);
+        Ok(tokio::spawn(async move {
+            while let Some(chunk) = acks_in.recv().await {
+                for (delivery, sent_ns) in chunk {
+                    match ready_or_wait(delivery).await {
+                        (Ok(_), waited) => acks.ok(sent_ns, waited),
+                        (Err(e), _) => acks.failed(1, e),
+                    }
+                }
+            }
+            let sent = match generator.await {
+                Ok(sent) => sent,
+                Err(e) => {
+                    acks.failed(0, format!("the generator failed: {e}"));
+                    0
+                }
+            };
+            ProducerOutcome {
+                sent,
+                acks: acks.finish(),
+            }
+        }))
+    }
+
+    pub(crate) async fn start_consumer(
+        &self,
+        shared: &Arc<Shared>,
+        set: u32,
+        partitions: Vec<u32>,
+    ) -> Result<JoinHandle<ConsumerOutcome>> {
+        let client = Client::connect(&self.address).await?;
+        let mut consumers = Vec::new();
+        for partition in partitions {
+            let consumer = client
+                .partition_consumer_with(
+                    &self.topic,
+                    partition,
+                    StartAt::Earliest,
+                    ConsumerConfig::default(),
+                )
+                .await?;
+            consumers.push((partition, consumer));
+        }
+        let consumption = Consumption::new(shared, set);
+        let shared = Arc::clone(shared);
+        Ok(match consumers.pop() {
+            // One partition needs no merging.
+            Some((partition, consumer)) if consumers.is_empty() => tokio::spawn(consume(
+                shared,
+                consumption,
+                consumer.map(move |record| (partition, record)),
+            )),
+            last => {
+                let mut streams = StreamMap::new();
+                for (partition, consumer) in consumers.into_iter().chain(last) {
+                    streams.insert(partition, consumer);
+                }
+                tokio::spawn(consume(shared, consumption, streams))
+            }
+        })
+    }
+
+    /// Deletes the topic from a broker the run did not start; a started one is killed
+    /// and its data removed.
+    pub async fn close(self) {
+        if self.spawned.is_none() {
+            let _ = self.admin.delete_topic(&self.topic).await;
+        }
+    }
+}
+
+/// Reads `records` (partition, record) until the run stops or a partition fails.
+async fn consume(
+    shared: Arc<Shared>,
+    mut consumption: Consumption,
+    mut records: impl Stream<Item = (u32, strata_client::Result<ConsumedRecord>)> + Unpin,
+) -> ConsumerOutcome {
+    let stop = shared.stop_signal();
+    tokio::pin!(stop);
+    let error = loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break None,
+            (next, waited) = ready_or_wait(records.next()) => match next {
+                Some((_, Ok(record))) => {
+                    consumption.message(record.value.as_deref().unwrap_or_default(), waited);
+                }
+                Some((partition, Err(e))) => break Some(format!("partition {partition}: {e}")),
+                None => break None,
+            },
+        }
+    };
+    consumption.finish(error)
+}

@@ -1,0 +1,138 @@
+//! The load generator (`strata-bench`) against the real `strata` binary: a small
+//! workload's report must account for every message — each one produced is
+//! acknowledged once and reaches every consumer set exactly once — and the bench must
+//! be able to start a broker by itself from a binary path.
+
+#[allow(
+    dead_code,
+    reason = "shared with tests/broker.rs, which uses the other helpers"
+)]
+mod common;
+
+use std::time::Duration;
+
+use clap::Parser;
+use common::{Broker, STRATA};
+use strata_bench::{Options, Outcome, Report};
+
+/// Guard against a hang; never reached when things work, and nothing asserts on time.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+async fn run(args: &[&str]) -> Report {
+    let mut all = vec!["strata-bench", "--quiet", "--disk-baseline-mib", "0"];
+    all.extend_from_slice(args);
+    let options = Options::try_parse_from(all).expect("valid flags");
+    let outcome = tokio::time::timeout(HANG_GUARD, strata_bench::run(&options))
+        .await
+        .expect("the run ends")
+        .expect("the run succeeds");
+    match outcome {
+        Outcome::Report(report) => *report,
+        Outcome::Skipped { reason, .. } => panic!("skipped: {reason}"),
+    }
+}
+
+/// Two producers, three partitions and two consumer sets of two consumers: every
+/// message is acknowledged and counted once per set, and each latency is recorded once
+/// per acknowledgement and once per receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_is_acknowledged_and_consumed_once_per_set() {
+    let broker = Broker::start();
+    let report = run(&[
+        "--broker",
+        &broker.addr_arg(),
+        "--producers",
+        "2",
+        "--partitions",
+        "3",
+        "--consumer-sets",
+        "2",
+        "--consumers",
+        "2",
+        "--messages",
+        "3001",
+        "--message-bytes",
+        "64",
+        "--linger-ms",
+        "1",
+        "--durability",
+        "none",
+    ])
+    .await;
+    let produced = report.produced.as_ref().expect("a produce side");
+    assert_eq!(
+        (produced.sent, produced.acked, produced.failed),
+        (3001, 3001, 0)
+    );
+    let consumed = report.consumed.as_ref().expect("a consume side");
+    assert_eq!(consumed.sets.len(), 2);
+    for set in &consumed.sets {
+        assert_eq!(
+            (
+                set.received,
+                set.unique,
+                set.duplicates,
+                set.missing,
+                set.malformed
+            ),
+            (3001, 3001, 0, 0, 0),
+            "set {}: {set:?}",
+            set.set
+        );
+        assert_eq!(set.error, None);
+    }
+    assert_eq!(report.ack_latency.expect("ack latencies").samples, 3001);
+    assert_eq!(
+        report.e2e_latency.expect("end-to-end latencies").samples,
+        6002
+    );
+    assert!(report.is_complete());
+    assert_eq!(report.target.durability, "none");
+
+    let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
+    assert_eq!(json["produced"]["acked"], 3001);
+    assert!(report
+        .markdown_row()
+        .starts_with("| custom | strata | none |"));
+}
+
+/// A fixed-rate replay against a broker the bench starts from the binary path: the
+/// backlog is written first, then read back in full from offset 0; replay runs report
+/// no end-to-end latency (the messages were sent long before they were read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_against_a_broker_the_bench_starts() {
+    let data = tempfile::tempdir().expect("a temporary directory");
+    let report = run(&[
+        "--strata-bin",
+        STRATA,
+        "--data-dir",
+        &data.path().display().to_string(),
+        "--workload",
+        "replay",
+        "--messages",
+        "2000",
+        "--rate",
+        "20000",
+        "--message-bytes",
+        "100",
+    ])
+    .await;
+    assert_eq!(report.plan.workload, "replay");
+    assert!(report.plan.modified);
+    let produced = report.produced.as_ref().expect("a produce side");
+    assert_eq!((produced.acked, produced.failed), (2000, 0));
+    let set = &report.consumed.as_ref().expect("a consume side").sets[0];
+    assert_eq!((set.unique, set.duplicates, set.missing), (2000, 0, 0));
+    assert_eq!(report.ack_latency.expect("ack latencies").samples, 2000);
+    assert_eq!(report.e2e_latency, None);
+    assert_eq!(report.target.durability, "fsync");
+    assert!(
+        report
+            .target
+            .notes
+            .iter()
+            .any(|n| n.contains("started by the bench")),
+        "{:?}",
+        report.target.notes
+    );
+}

@@ -91,9 +91,17 @@ async fn every_message_is_acknowledged_and_consumed_once_per_set() {
 
     let json: serde_json::Value = serde_json::from_str(&report.json()).expect("valid JSON");
     assert_eq!(json["produced"]["acked"], 3001);
-    assert!(report
-        .markdown_row()
-        .starts_with("| custom | strata | none |"));
+    let row = report.markdown_row();
+    assert!(row.starts_with("| custom | strata | none |"), "{row}");
+    let header = Report::markdown_header()
+        .lines()
+        .next()
+        .expect("a header line");
+    assert_eq!(
+        row.matches('|').count(),
+        header.matches('|').count(),
+        "{row}"
+    );
 }
 
 /// A fixed-rate replay against a broker the bench starts from the binary path: the

@@ -26,6 +26,12 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(strata_bench::run(&options)) {
         Ok(Outcome::Report(report)) => {
+            if let Some(path) = &options.save_json {
+                if let Err(e) = std::fs::write(path, report.json()) {
+                    eprintln!("strata-bench: cannot write {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
             if options.json {
                 println!("{}", report.json());
             } else if options.markdown {

@@ -84,12 +84,12 @@ pub struct Options {
     /// Durability of the Strata topic: `fsync`, `none` or `interval:<ms>`.
     #[arg(long, value_parser = parse_durability)]
     pub durability: Option<Durability>,
-    /// Messages a producer may have sent and not yet acknowledged (default: 32 MiB
-    /// worth for Strata and the null target, 5,000 for NATS, 20,000 for Redis).
+    /// Messages a producer may have sent and not yet acknowledged (default: 8 MiB worth
+    /// for Strata, 5,000 for NATS, 20,000 for Redis).
     #[arg(long)]
     pub max_pending: Option<usize>,
-    /// MiB the same-run disk baseline writes and reads (0 skips it; default 256, and
-    /// 1,024 for `--workload disk`).
+    /// MiB the same-run disk baseline writes and reads (0 skips it; default 512, and
+    /// 2,048 for `--workload disk`).
     #[arg(long)]
     pub disk_baseline_mib: Option<u64>,
     /// Stop waiting for consumers after this many seconds without progress once the
@@ -102,6 +102,9 @@ pub struct Options {
     /// Print the report as one Markdown table row (see `benches/run-all.sh`).
     #[arg(long)]
     pub markdown: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub save_json: Option<PathBuf>,
     /// Print the header of the `--markdown` table and exit.
     #[arg(long)]
     pub markdown_header: bool,
@@ -232,7 +235,8 @@ pub enum Amount {
 pub struct Plan {
     /// The workload's name, `custom` without one.
     pub workload: String,
-    /// Whether flags changed the named workload's parameters.
+    /// Whether flags changed the named workload's traffic shape (durability is a separate
+    /// axis and does not count).
     pub modified: bool,
     /// What the run goes against.
     pub target: TargetKind,
@@ -329,9 +333,9 @@ impl Plan {
         plan.max_pending = o.max_pending;
         plan.drain_timeout = Duration::from_secs(o.drain_timeout_s);
         let baseline_mib = o.disk_baseline_mib.unwrap_or(match (name, plan.target) {
-            (WorkloadName::Disk, _) => 1024,
+            (WorkloadName::Disk, _) => 2048,
             (_, TargetKind::Null) => 0,
-            _ => 256,
+            _ => 512,
         });
         plan.disk_baseline_bytes = baseline_mib << 20;
         plan.check()?;
@@ -356,7 +360,7 @@ impl Plan {
             amount: Amount::Seconds(10.0),
             durability: Durability::Fsync,
             max_pending: None,
-            disk_baseline_bytes: 256 << 20,
+            disk_baseline_bytes: 512 << 20,
             drain_timeout: Duration::from_secs(10),
         };
         match name {
@@ -386,7 +390,7 @@ impl Plan {
             WorkloadName::Disk => Plan {
                 mode: Mode::DiskOnly,
                 consumer_sets: 0,
-                disk_baseline_bytes: 1 << 30,
+                disk_baseline_bytes: 2 << 30,
                 ..base
             },
         }
@@ -402,7 +406,6 @@ impl Plan {
             && self.linger_ms == other.linger_ms
             && self.rate == other.rate
             && self.amount == other.amount
-            && self.durability == other.durability
     }
 
     fn check(&self) -> Result<()> {

@@ -214,8 +214,12 @@ impl Report {
         Some(100.0 * p.throughput.mb_per_s / disk.write_mb_s)
     }
 
-    /// Consume MB/s (all sets) as a percentage of the disk's O_DIRECT read bandwidth.
+    /// Replay runs: consume MB/s as a percentage of the disk's O_DIRECT read bandwidth.
+    /// (Live consumers read what was just written, from memory; no disk comparison.)
     pub fn consume_disk_pct(&self) -> Option<f64> {
+        if self.plan.mode != Mode::Replay {
+            return None;
+        }
         let read = self.disk.as_ref()?.read_direct_mb_s?;
         let c = self.consumed.as_ref()?;
         Some(100.0 * c.throughput.mb_per_s / read)
@@ -318,8 +322,8 @@ impl Report {
             }
             let _ = writeln!(
                 w,
-                "  (% of disk: produce vs sequential write with a final fsync; consume vs \
-                 O_DIRECT read)"
+                "  (% of disk: produce vs sequential write with a final fsync; replay consume \
+                 vs O_DIRECT read)"
             );
         }
         if self.ack_latency.is_some() || self.e2e_latency.is_some() {
@@ -413,15 +417,16 @@ impl Report {
         };
         if self.plan.mode == Mode::DiskOnly {
             let Some(d) = &self.disk else {
-                return "| disk | — | — | — | — | — | — | — | — |".into();
+                return "| disk | — | — | — | — | — | — | — | — | — |".into();
             };
             let opt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.0}"));
             return format!(
-                "| disk | raw file | write + final fsync / fsync every 1 MiB | {} / {} MB/s | — | 100 % | read O_DIRECT / page cache: {} / {} MB/s | — | — |",
+                "| disk | raw file | — | — | write {} MB/s (final fsync), {} MB/s (fsync every 1 MiB) | 100 % | read {} MB/s (O_DIRECT), {} MB/s (page cache) | — | — | {:.2} |",
                 opt(Some(d.write_mb_s)),
                 opt(d.write_fsync_each_mb_s),
                 opt(d.read_direct_mb_s),
                 opt(d.read_cached_mb_s),
+                self.machine.load_at_start[0],
             );
         }
         let (produce_rate, produce_mb) = self.produced.as_ref().map_or_else(
@@ -438,7 +443,6 @@ impl Report {
             |c| {
                 let pct = self
                     .consume_disk_pct()
-                    .filter(|_| self.plan.mode == Mode::Replay)
                     .map_or_else(String::new, |v| format!(" ({v:.0} % of disk read)"));
                 format!(
                     "{} ({:.1} MB/s){pct}",
@@ -453,7 +457,7 @@ impl Report {
             " **incomplete**"
         };
         format!(
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {}{complete} |",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {}{complete} | {:.2} |",
             self.plan.workload,
             if self.plan.modified { "*" } else { "" },
             self.target.name,
@@ -465,12 +469,13 @@ impl Report {
             consume,
             latency(&self.ack_latency),
             latency(&self.e2e_latency),
+            self.machine.load_at_start[0],
         )
     }
 
     /// The header of the Markdown table [`Report::markdown_row`] fills.
     pub fn markdown_header() -> &'static str {
-        "| workload | target | durability | produce msgs/s | produce MB/s | % of disk write | consume msgs/s (all sets) | publish→ack p50 / p99 / p99.9 / max | end-to-end p50 / p99 / p99.9 / max |\n|---|---|---|---|---|---|---|---|---|"
+        "| workload | target | durability | produce msgs/s | produce MB/s | % of disk write | consume msgs/s (all sets) | publish→ack p50 / p99 / p99.9 / max | end-to-end p50 / p99 / p99.9 / max | load at start |\n|---|---|---|---|---|---|---|---|---|---|"
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Only this crate knows gRPC and topics; the storage crate knows neither.
 
+pub mod assign;
 pub mod broker;
 pub mod cli;
 pub mod config;

@@ -7,6 +7,7 @@ pub mod assign;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod coordinator;
 pub mod error;
 pub mod partition;
 pub mod server;

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod groups;
 pub mod offsets;
 pub mod partition;
 pub mod server;

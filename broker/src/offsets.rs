@@ -185,6 +185,27 @@ impl Offsets {
         .await
     }
 
+    /// Forgets the offsets of topics for which `exists` is false: a crash between a
+    /// topic's deletion and its offsets' leaves them behind. Blocking.
+    pub fn forget_missing_topics(&self, exists: impl Fn(&str) -> bool) -> Result<()> {
+        let missing: std::collections::BTreeSet<String> = self
+            .read()
+            .values()
+            .flat_map(|offsets| offsets.keys())
+            .filter(|tp| !exists(&tp.topic))
+            .map(|tp| tp.topic.clone())
+            .collect();
+        for topic in missing {
+            tracing::info!(%topic, "forgetting committed offsets of a deleted topic");
+            let (reply, answer) = oneshot::channel();
+            self.changes
+                .blocking_send(Change::DeleteTopic { topic, reply })
+                .map_err(|_| Error::ShuttingDown)?;
+            answer.blocking_recv().map_err(|_| Error::ShuttingDown)??;
+        }
+        Ok(())
+    }
+
     /// The committed offsets of `group`.
     pub fn group(&self, group: &str) -> GroupOffsets {
         self.read().get(group).cloned().unwrap_or_default()

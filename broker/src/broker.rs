@@ -5,6 +5,7 @@
 //! <data>/topics/<name>/<partition>/   one storage log per partition
 //! <data>/tmp/                         topics being created (renamed into topics/)
 //! <data>/trash/                       topics being deleted (removed after the rename)
+//! <data>/groups/offsets/              the committed-offsets log of consumer groups
 //! ```
 
 use std::collections::BTreeMap;
@@ -14,7 +15,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use strata_storage::FileCache;
 
+use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
+use crate::offsets::{Offsets, SEGMENT_BYTES};
 use crate::partition::Partition;
 use crate::topic::{validate_name, TopicSettings};
 
@@ -70,6 +73,8 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
+    coordinator: Coordinator,
+    offsets: Offsets,
 }
 
 impl Broker {
@@ -101,13 +106,18 @@ impl Broker {
                 std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
             }
         }
+        let files = FileCache::new(max_open_files);
+        let offsets_dir = data_dir.join("groups").join("offsets");
+        let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES)?;
         let broker = Broker {
             _lock: lock,
             data_dir: data_dir.to_path_buf(),
             defaults,
-            files: FileCache::new(max_open_files),
+            files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            coordinator: Coordinator::default(),
+            offsets,
         };
         let topics_dir = data_dir.join("topics");
         let mut names = Vec::new();
@@ -123,7 +133,25 @@ impl Broker {
             let topic = broker.open_topic(&name, &dir, settings)?;
             broker.write_topics().insert(name, Arc::new(topic));
         }
+        broker
+            .offsets
+            .forget_missing_topics(|topic| broker.partition_count(topic).is_some())?;
         Ok(broker)
+    }
+
+    /// Consumer group membership.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// Committed consumer group offsets.
+    pub fn offsets(&self) -> &Offsets {
+        &self.offsets
+    }
+
+    /// The partition count of `topic`, `None` if it does not exist.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.read_topics().get(topic).map(|t| t.settings.partitions)
     }
 
     /// Defaults for settings a create request leaves out.
@@ -233,12 +261,21 @@ impl Broker {
         }
     }
 
+    /// Removes group members whose session or rebalance timeout passed.
+    pub fn expire_members(&self) {
+        self.coordinator.expire(
+            &|topic| self.partition_count(topic),
+            std::time::Instant::now(),
+        );
+    }
+
     /// Answers everything queued, then closes every log cleanly. Blocking.
     pub fn shutdown(&self) {
         let topics = std::mem::take(&mut *self.write_topics());
         for topic in topics.values() {
             topic.shutdown();
         }
+        self.offsets.shutdown();
     }
 }
 

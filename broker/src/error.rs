@@ -25,6 +25,17 @@ pub enum Error {
     /// The request is malformed; the message says how.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A group request from a member that is not (or no longer) allowed to make it: it
+    /// left or timed out, or does not own the partition at that epoch; or an admin
+    /// change to a group that has members.
+    #[error("{0}")]
+    Fenced(String),
+    /// A position outside what a partition holds.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// No consumer group of that name.
+    #[error("consumer group {0:?} does not exist (it has no members and no committed offsets)")]
+    GroupNotFound(String),
     /// The disk is full: a write of the partition's log failed with ENOSPC.
     #[error("partition {0}: disk full: {1}")]
     DiskFull(String, String),
@@ -70,7 +81,11 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         use strata_storage::Error as S;
         let code = match &e {
-            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } => Code::NotFound,
+            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::GroupNotFound(_) => {
+                Code::NotFound
+            }
+            Error::Fenced(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::TopicExists(_) => Code::AlreadyExists,
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::Unavailable(..) | Error::ShuttingDown => Code::Unavailable,

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
+use crate::groups;
 use crate::partition::{Ack, Partition};
 use crate::topic::TopicSettings;
 
@@ -50,6 +51,11 @@ impl Service {
             stopping: Arc::new(stopping),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
         }
+    }
+
+    /// The broker the services run on.
+    pub(crate) fn broker(&self) -> &Broker {
+        &self.broker
     }
 
     /// Ends waiting: pending long polls answer with what they have and Subscribe
@@ -112,6 +118,8 @@ impl admin_server::Admin for Service {
         let broker = Arc::clone(&self.broker);
         let deleted = name.clone();
         blocking(move || broker.delete_topic(&deleted)).await?;
+        // A topic created later under this name must not start from these positions.
+        self.broker.offsets().delete_topic(&name).await?;
         tracing::info!(topic = %name, "deleted topic");
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
@@ -181,28 +189,31 @@ impl admin_server::Admin for Service {
         &self,
         _request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        Ok(Response::new(groups::list_groups(&self.broker)))
     }
 
     async fn describe_group(
         &self,
-        _request: Request<v1::DescribeGroupRequest>,
+        request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        let group = request.into_inner().group;
+        Ok(Response::new(groups::describe_group(&self.broker, &group)?))
     }
 
     async fn reset_offsets(
         &self,
-        _request: Request<v1::ResetOffsetsRequest>,
+        request: Request<v1::ResetOffsetsRequest>,
     ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        let reset = groups::reset_offsets(&self.broker, request.into_inner()).await?;
+        Ok(Response::new(reset))
     }
 
     async fn delete_group(
         &self,
-        _request: Request<v1::DeleteGroupRequest>,
+        request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        groups::delete_group(&self.broker, &request.into_inner().group).await?;
+        Ok(Response::new(v1::DeleteGroupResponse {}))
     }
 }
 
@@ -420,6 +431,9 @@ impl broker_server::Broker for Service {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
         let partition = self.broker.partition(&request.topic, request.partition)?;
+        if let Some(member) = &request.member {
+            groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
+        }
         let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
         if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
             tokio::select! {

@@ -1,0 +1,840 @@
+//! Consumer group membership: who is in each group, which partitions each member owns,
+//! and how partitions move when members come and go.
+//!
+//! Server-side assignment in the spirit of Kafka's KIP-848. Members join and heartbeat
+//! with the topics they subscribe to and the partitions they still hold; each response
+//! carries the member's whole current assignment. When membership, subscriptions or
+//! partition counts change, the group computes a new *target* assignment
+//! ([`crate::assign`]) and every member moves toward it on its own heartbeats:
+//!
+//! - a partition the member owns but the target gives elsewhere is *revoked*: left out
+//!   of the member's assignment, but still the member's until a heartbeat no longer
+//!   lists it as held (the member commits and stops reading it first);
+//! - a partition the target gives the member is *granted* once no member owns it.
+//!
+//! So a partition never has two owners, and only partitions whose owner changes stop
+//! being consumed. Each change of a member's assignment bumps its epoch; a partition
+//! granted at epoch `e` may be committed or fetched with any epoch from `e` to the
+//! member's current one, which fences zombies: a removed member is unknown, and a
+//! member's request from before a partition came back to it carries an older epoch.
+//!
+//! Members are soft state: a broker restart forgets them, and they rejoin. Committed
+//! offsets are durable ([`crate::offsets`]).
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::assign::{assign, Assignment, TopicPartition};
+use crate::error::{Error, Result};
+
+/// Session timeout when a join leaves it at 0.
+pub const SESSION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Rebalance timeout when a join leaves it at 0.
+pub const REBALANCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Shortest session or rebalance timeout a member may ask for.
+pub const TIMEOUT_MIN: Duration = Duration::from_secs(1);
+/// Longest session or rebalance timeout a member may ask for.
+pub const TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// Longest heartbeat interval of a member whose group is stable.
+const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(3);
+/// Heartbeat interval while partitions move, so a released partition reaches its next
+/// owner quickly.
+const HEARTBEAT_INTERVAL_MOVING: Duration = Duration::from_millis(200);
+/// Longest group name.
+const GROUP_NAME_MAX: usize = 249;
+
+/// What a member says in a heartbeat.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    /// Empty to join.
+    pub member_id: String,
+    /// 0 to join.
+    pub member_epoch: u64,
+    /// Subscribed topics: required to join; empty later keeps the subscription.
+    pub topics: Vec<String>,
+    /// Partitions the member still holds.
+    pub owned: Vec<TopicPartition>,
+    /// Join only; zero takes the default.
+    pub session_timeout: Duration,
+    /// Join only; zero takes the default.
+    pub rebalance_timeout: Duration,
+    /// A name for people.
+    pub client_id: String,
+}
+
+/// The coordinator's answer to a heartbeat.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// The member's id.
+    pub member_id: String,
+    /// The member's epoch.
+    pub member_epoch: u64,
+    /// When to heartbeat next.
+    pub interval: Duration,
+    /// Every partition the member owns now.
+    pub assignment: Vec<TopicPartition>,
+}
+
+/// A group's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// No members.
+    Empty,
+    /// Every member owns exactly its target partitions.
+    Stable,
+    /// Partitions are moving.
+    Reconciling,
+}
+
+/// A member as DescribeGroup shows it.
+#[derive(Debug, Clone)]
+pub struct MemberView {
+    /// Its id.
+    pub member_id: String,
+    /// The name it gave.
+    pub client_id: String,
+    /// Its epoch.
+    pub member_epoch: u64,
+    /// Its subscription.
+    pub topics: Vec<String>,
+    /// Partitions it owns.
+    pub assignment: Vec<TopicPartition>,
+    /// Partitions revoked from it that it has not released.
+    pub revoking: Vec<TopicPartition>,
+    /// Its session timeout.
+    pub session_timeout: Duration,
+}
+
+/// A group as ListGroups and DescribeGroup show it.
+#[derive(Debug, Clone)]
+pub struct GroupView {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: GroupState,
+    /// Its epoch: bumped on every change of membership, subscriptions or partitions.
+    pub epoch: u64,
+    /// Its members, by id.
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug)]
+struct Member {
+    client_id: String,
+    topics: BTreeSet<String>,
+    epoch: u64,
+    /// Partitions owned and in the assignment, with the epoch each was granted at.
+    assigned: BTreeMap<TopicPartition, u64>,
+    /// Partitions owned but revoked, not yet released.
+    revoking: BTreeMap<TopicPartition, u64>,
+    /// When the oldest unreleased revocation began.
+    revoking_since: Option<Instant>,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    /// When the member expires without a heartbeat.
+    deadline: Instant,
+}
+
+impl Member {
+    fn owns(&self, tp: &TopicPartition) -> Option<u64> {
+        self.assigned
+            .get(tp)
+            .or_else(|| self.revoking.get(tp))
+            .copied()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    epoch: u64,
+    members: BTreeMap<String, Member>,
+    target: Assignment,
+    /// The owner of every owned partition (assigned or revoking).
+    owners: HashMap<TopicPartition, String>,
+    /// Partition counts of the subscribed topics when the target was computed.
+    partitions: BTreeMap<String, u32>,
+}
+
+impl Group {
+    fn state(&self) -> GroupState {
+        if self.members.is_empty() {
+            return GroupState::Empty;
+        }
+        let settled = self.members.iter().all(|(id, m)| {
+            m.revoking.is_empty()
+                && self.target.get(id).is_some_and(|t| {
+                    t.len() == m.assigned.len() && t.iter().all(|tp| m.assigned.contains_key(tp))
+                })
+        });
+        if settled {
+            GroupState::Stable
+        } else {
+            GroupState::Reconciling
+        }
+    }
+
+    /// Recomputes the target when subscriptions or partition counts changed (or
+    /// `changed` says membership did).
+    fn retarget(&mut self, mut changed: bool, partitions: &dyn Fn(&str) -> Option<u32>) {
+        let topics: BTreeSet<&String> = self.members.values().flat_map(|m| &m.topics).collect();
+        let counts: BTreeMap<String, u32> = topics
+            .into_iter()
+            .map(|t| (t.clone(), partitions(t).unwrap_or(0)))
+            .collect();
+        if counts != self.partitions {
+            self.partitions = counts;
+            changed = true;
+        }
+        if !changed {
+            return;
+        }
+        self.epoch += 1;
+        let subscriptions = self
+            .members
+            .iter()
+            .map(|(id, m)| (id.clone(), m.topics.clone()))
+            .collect();
+        self.target = assign(&subscriptions, &self.partitions, &self.target);
+    }
+
+    /// Moves `id`'s assignment toward its target: revokes what the target gives away,
+    /// grants what is free. Returns whether the assignment changed.
+    fn reconcile(&mut self, id: &str, now: Instant) -> bool {
+        let empty = BTreeSet::new();
+        let target = self.target.get(id).unwrap_or(&empty);
+        let Some(member) = self.members.get_mut(id) else {
+            return false;
+        };
+        let mut changed = false;
+        let revoked: Vec<TopicPartition> = member
+            .assigned
+            .keys()
+            .filter(|tp| !target.contains(*tp))
+            .cloned()
+            .collect();
+        for tp in revoked {
+            let granted = member.assigned.remove(&tp).expect("listed above");
+            member.revoking.insert(tp, granted);
+            member.revoking_since.get_or_insert(now);
+            changed = true;
+        }
+        let mut granted = Vec::new();
+        for tp in target {
+            if member.assigned.contains_key(tp) {
+                continue;
+            }
+            if let Some(since) = member.revoking.remove(tp) {
+                // Given back before it was released: it never stopped being the
+                // member's, so its grant epoch stands.
+                member.assigned.insert(tp.clone(), since);
+                changed = true;
+            } else if !self.owners.contains_key(tp) {
+                granted.push(tp.clone());
+            }
+        }
+        if member.revoking.is_empty() {
+            member.revoking_since = None;
+        }
+        let grew = !granted.is_empty();
+        if changed || grew {
+            member.epoch += 1;
+        }
+        for tp in granted {
+            self.owners.insert(tp.clone(), id.to_string());
+            member.assigned.insert(tp, member.epoch);
+        }
+        changed || grew
+    }
+
+    /// Releases the revoked partitions `id` no longer holds.
+    fn release(&mut self, id: &str, owned: &[TopicPartition]) {
+        let Some(member) = self.members.get_mut(id) else {
+            return;
+        };
+        let held: BTreeSet<&TopicPartition> = owned.iter().collect();
+        let released: Vec<TopicPartition> = member
+            .revoking
+            .keys()
+            .filter(|tp| !held.contains(tp))
+            .cloned()
+            .collect();
+        for tp in released {
+            member.revoking.remove(&tp);
+            self.owners.remove(&tp);
+        }
+        if member.revoking.is_empty() {
+            member.revoking_since = None;
+        }
+    }
+
+    /// Removes a member; its partitions are free at once.
+    fn remove(&mut self, id: &str, partitions: &dyn Fn(&str) -> Option<u32>) -> bool {
+        let Some(member) = self.members.remove(id) else {
+            return false;
+        };
+        for tp in member.assigned.keys().chain(member.revoking.keys()) {
+            self.owners.remove(tp);
+        }
+        self.target.remove(id);
+        self.retarget(true, partitions);
+        true
+    }
+
+    fn interval(&self, member: &Member) -> Duration {
+        if self.state() == GroupState::Reconciling {
+            HEARTBEAT_INTERVAL_MOVING
+        } else {
+            (member.session_timeout / 3).min(HEARTBEAT_INTERVAL_MAX)
+        }
+    }
+
+    fn view(&self, name: &str) -> GroupView {
+        GroupView {
+            name: name.to_string(),
+            state: self.state(),
+            epoch: self.epoch,
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| MemberView {
+                    member_id: id.clone(),
+                    client_id: m.client_id.clone(),
+                    member_epoch: m.epoch,
+                    topics: m.topics.iter().cloned().collect(),
+                    assignment: m.assigned.keys().cloned().collect(),
+                    revoking: m.revoking.keys().cloned().collect(),
+                    session_timeout: m.session_timeout,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Every consumer group's membership.
+#[derive(Debug)]
+pub struct Coordinator {
+    groups: Mutex<BTreeMap<String, Group>>,
+    /// Member ids are random, so an id from before a restart is never handed out again.
+    ids: RandomState,
+    next_id: AtomicU64,
+}
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        Coordinator {
+            groups: Mutex::new(BTreeMap::new()),
+            ids: RandomState::new(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Checks a group name: the rules of topic names, so it is safe in logs and paths.
+pub fn validate_group(name: &str) -> Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= GROUP_NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "group name {name:?} must be 1 to {GROUP_NAME_MAX} characters of [a-zA-Z0-9._-]"
+        )))
+    }
+}
+
+fn timeout(asked: Duration, default: Duration, what: &str) -> Result<Duration> {
+    if asked.is_zero() {
+        return Ok(default);
+    }
+    if asked < TIMEOUT_MIN || asked > TIMEOUT_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} ms is outside {} ms to {} ms",
+            asked.as_millis(),
+            TIMEOUT_MIN.as_millis(),
+            TIMEOUT_MAX.as_millis()
+        )));
+    }
+    Ok(asked)
+}
+
+fn fenced(group: &str, member_id: &str, why: &str) -> Error {
+    Error::Fenced(format!(
+        "member {member_id:?} of group {group:?} {why}; rejoin with an empty member id"
+    ))
+}
+
+impl Coordinator {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Group>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles a heartbeat (or a join). `partitions` gives a topic's partition count,
+    /// `None` for a topic that does not exist.
+    pub fn heartbeat(
+        &self,
+        group_name: &str,
+        request: Heartbeat,
+        partitions: &dyn Fn(&str) -> Option<u32>,
+        now: Instant,
+    ) -> Result<HeartbeatReply> {
+        validate_group(group_name)?;
+        for topic in &request.topics {
+            if partitions(topic).is_none() {
+                return Err(Error::TopicNotFound(topic.clone()));
+            }
+        }
+        let mut groups = self.lock();
+        let id = if request.member_id.is_empty() {
+            if request.member_epoch != 0 {
+                return Err(Error::InvalidArgument(
+                    "a join (empty member id) must have member epoch 0".into(),
+                ));
+            }
+            if request.topics.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a join must name the topics to consume".into(),
+                ));
+            }
+            let session_timeout = timeout(
+                request.session_timeout,
+                SESSION_TIMEOUT_DEFAULT,
+                "session timeout",
+            )?;
+            let rebalance_timeout = timeout(
+                request.rebalance_timeout,
+                REBALANCE_TIMEOUT_DEFAULT,
+                "rebalance timeout",
+            )?;
+            let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{:016x}", self.ids.hash_one(counter));
+            let group = groups.entry(group_name.to_string()).or_default();
+            group.members.insert(
+                id.clone(),
+                Member {
+                    client_id: request.client_id,
+                    topics: request.topics.iter().cloned().collect(),
+                    epoch: 0,
+                    assigned: BTreeMap::new(),
+                    revoking: BTreeMap::new(),
+                    revoking_since: None,
+                    session_timeout,
+                    rebalance_timeout,
+                    deadline: now + session_timeout,
+                },
+            );
+            group.retarget(true, partitions);
+            tracing::info!(group = group_name, member = %id, "member joined");
+            id
+        } else {
+            let group = groups
+                .get_mut(group_name)
+                .ok_or_else(|| fenced(group_name, &request.member_id, "is not in the group"))?;
+            let member = group
+                .members
+                .get_mut(&request.member_id)
+                .ok_or_else(|| fenced(group_name, &request.member_id, "is not in the group"))?;
+            if request.member_epoch > member.epoch {
+                return Err(fenced(
+                    group_name,
+                    &request.member_id,
+                    &format!(
+                        "sent epoch {} but its epoch is {}",
+                        request.member_epoch, member.epoch
+                    ),
+                ));
+            }
+            member.deadline = now + member.session_timeout;
+            let topics: BTreeSet<String> = request.topics.iter().cloned().collect();
+            let resubscribed = !topics.is_empty() && topics != member.topics;
+            if resubscribed {
+                member.topics = topics;
+            }
+            group.release(&request.member_id, &request.owned);
+            group.retarget(resubscribed, partitions);
+            request.member_id
+        };
+        let group = groups
+            .get_mut(group_name)
+            .expect("the member's group exists");
+        group.reconcile(&id, now);
+        let member = &group.members[&id];
+        Ok(HeartbeatReply {
+            member_id: id.clone(),
+            member_epoch: member.epoch,
+            interval: group.interval(member),
+            assignment: member.assigned.keys().cloned().collect(),
+        })
+    }
+
+    /// Removes a member at once. Leaving twice, or after the session expired, is fine.
+    pub fn leave(
+        &self,
+        group_name: &str,
+        member_id: &str,
+        partitions: &dyn Fn(&str) -> Option<u32>,
+    ) {
+        let mut groups = self.lock();
+        if let Some(group) = groups.get_mut(group_name) {
+            if group.remove(member_id, partitions) {
+                tracing::info!(group = group_name, member = member_id, "member left");
+            }
+            if group.members.is_empty() {
+                groups.remove(group_name);
+            }
+        }
+    }
+
+    /// Removes members whose session or rebalance timeout passed, and retargets groups
+    /// whose topics changed partition counts (a topic deleted or recreated).
+    pub fn expire(&self, partitions: &dyn Fn(&str) -> Option<u32>, now: Instant) {
+        let mut groups = self.lock();
+        for (name, group) in groups.iter_mut() {
+            let expired: Vec<(String, &'static str)> = group
+                .members
+                .iter()
+                .filter_map(|(id, m)| {
+                    if now > m.deadline {
+                        Some((id.clone(), "session timed out"))
+                    } else if m
+                        .revoking_since
+                        .is_some_and(|since| now > since + m.rebalance_timeout)
+                    {
+                        Some((
+                            id.clone(),
+                            "kept revoked partitions past its rebalance timeout",
+                        ))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            for (id, why) in expired {
+                tracing::info!(group = %name, member = %id, "member removed: {why}");
+                group.remove(&id, partitions);
+            }
+            group.retarget(false, partitions);
+        }
+        groups.retain(|_, group| !group.members.is_empty());
+    }
+
+    /// Checks that a request from a member (or, with an empty `member_id`, from outside
+    /// the group) may commit or fetch `partitions`.
+    pub fn check_owner<'a>(
+        &self,
+        group_name: &str,
+        member_id: &str,
+        member_epoch: u64,
+        partitions: impl IntoIterator<Item = &'a TopicPartition>,
+    ) -> Result<()> {
+        let groups = self.lock();
+        let group = groups.get(group_name);
+        if member_id.is_empty() {
+            return match group {
+                Some(g) if !g.members.is_empty() => Err(Error::Fenced(format!(
+                    "group {group_name:?} has {} active members: only they may commit;                      stop them first, or commit as a member",
+                    g.members.len()
+                ))),
+                _ => Ok(()),
+            };
+        }
+        let member = group
+            .and_then(|g| g.members.get(member_id))
+            .ok_or_else(|| fenced(group_name, member_id, "is not in the group"))?;
+        if member_epoch > member.epoch {
+            return Err(fenced(
+                group_name,
+                member_id,
+                &format!(
+                    "sent epoch {member_epoch} but its epoch is {}",
+                    member.epoch
+                ),
+            ));
+        }
+        for tp in partitions {
+            match member.owns(tp) {
+                Some(granted) if granted <= member_epoch => {}
+                Some(granted) => {
+                    return Err(fenced(
+                        group_name,
+                        member_id,
+                        &format!(
+                            "sent epoch {member_epoch} for {tp}, which it owns since epoch                              {granted}"
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(fenced(
+                        group_name,
+                        member_id,
+                        &format!("does not own {tp}"),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the group has members.
+    pub fn has_members(&self, group_name: &str) -> bool {
+        self.lock()
+            .get(group_name)
+            .is_some_and(|g| !g.members.is_empty())
+    }
+
+    /// A group with members, as DescribeGroup shows it.
+    pub fn describe(&self, group_name: &str) -> Option<GroupView> {
+        self.lock().get(group_name).map(|g| g.view(group_name))
+    }
+
+    /// Every group with members.
+    pub fn list(&self) -> Vec<GroupView> {
+        self.lock().iter().map(|(name, g)| g.view(name)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn six(topic: &str) -> Option<u32> {
+        (topic == "orders").then_some(6)
+    }
+
+    fn join(c: &Coordinator, now: Instant) -> HeartbeatReply {
+        c.heartbeat(
+            "payments",
+            Heartbeat {
+                topics: vec!["orders".into()],
+                ..Heartbeat::default()
+            },
+            &six,
+            now,
+        )
+        .expect("join")
+    }
+
+    /// A heartbeat from a member that holds exactly what it was last given.
+    fn beat(c: &Coordinator, last: &HeartbeatReply, now: Instant) -> Result<HeartbeatReply> {
+        c.heartbeat(
+            "payments",
+            Heartbeat {
+                member_id: last.member_id.clone(),
+                member_epoch: last.member_epoch,
+                owned: last.assignment.clone(),
+                ..Heartbeat::default()
+            },
+            &six,
+            now,
+        )
+    }
+
+    fn tp(p: u32) -> TopicPartition {
+        TopicPartition::new("orders", p)
+    }
+
+    #[test]
+    fn a_partition_moves_only_after_its_owner_released_it() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        assert_eq!(a.assignment.len(), 6);
+        let b = join(&c, now);
+        assert!(b.assignment.is_empty(), "nothing is free yet");
+        assert_eq!(
+            c.describe("payments").map(|g| g.state),
+            Some(GroupState::Reconciling)
+        );
+        // a learns it must give three up; they stay a's until it stops holding them.
+        let a_owned_before = a.assignment.clone();
+        let a = c
+            .heartbeat(
+                "payments",
+                Heartbeat {
+                    member_id: a.member_id.clone(),
+                    member_epoch: a.member_epoch,
+                    owned: a_owned_before.clone(),
+                    ..Heartbeat::default()
+                },
+                &six,
+                now,
+            )
+            .expect("beat");
+        assert_eq!(a.assignment.len(), 3);
+        let still_b = beat(&c, &b, now).expect("beat");
+        assert!(still_b.assignment.is_empty(), "a has not released yet");
+        // a may still commit what is being revoked, with its old epoch.
+        c.check_owner(
+            "payments",
+            &a.member_id,
+            a.member_epoch - 1,
+            &a_owned_before,
+        )
+        .expect("revoking partitions are still a's");
+        let a = beat(&c, &a, now).expect("a releases");
+        let b = beat(&c, &still_b, now).expect("b picks up");
+        assert_eq!(b.assignment.len(), 3);
+        assert!(b.assignment.iter().all(|p| !a.assignment.contains(p)));
+        assert_eq!(
+            c.describe("payments").map(|g| g.state),
+            Some(GroupState::Stable)
+        );
+        // a can no longer commit what moved.
+        let moved = &b.assignment[0];
+        assert!(matches!(
+            c.check_owner("payments", &a.member_id, a.member_epoch, [moved]),
+            Err(Error::Fenced(_))
+        ));
+        c.check_owner("payments", &b.member_id, b.member_epoch, &b.assignment)
+            .expect("b owns its partitions");
+    }
+
+    #[test]
+    fn an_expired_member_is_fenced_and_its_partitions_move() {
+        let c = Coordinator::default();
+        let start = Instant::now();
+        let a = join(&c, start);
+        let b = join(&c, start);
+        let a = beat(&c, &a, start).expect("a told to revoke");
+        let a = beat(&c, &a, start).expect("a released");
+        let b = beat(&c, &b, start).expect("b granted");
+        assert_eq!((a.assignment.len(), b.assignment.len()), (3, 3));
+        // b keeps heartbeating; a goes silent past its session.
+        let later = start + SESSION_TIMEOUT_DEFAULT + Duration::from_millis(1);
+        let b = beat(&c, &b, start + SESSION_TIMEOUT_DEFAULT / 2).expect("beat");
+        c.expire(&six, later);
+        let b = beat(&c, &b, later).expect("beat");
+        assert_eq!(b.assignment.len(), 6);
+        // The zombie cannot heartbeat, commit or fetch.
+        assert!(matches!(beat(&c, &a, later), Err(Error::Fenced(_))));
+        assert!(matches!(
+            c.check_owner("payments", &a.member_id, a.member_epoch, &a.assignment),
+            Err(Error::Fenced(_))
+        ));
+    }
+
+    #[test]
+    fn an_epoch_from_before_a_partition_came_back_is_fenced() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        let old_epoch = a.member_epoch;
+        let b = join(&c, now);
+        let a = beat(&c, &a, now).expect("revoke");
+        let a = beat(&c, &a, now).expect("release");
+        let b = beat(&c, &b, now).expect("grant");
+        let given_away = b.assignment[0].clone();
+        c.leave("payments", &b.member_id, &six);
+        let a = beat(&c, &a, now).expect("gets everything back");
+        assert_eq!(a.assignment.len(), 6);
+        c.check_owner("payments", &a.member_id, a.member_epoch, [&given_away])
+            .expect("current epoch");
+        assert!(matches!(
+            c.check_owner("payments", &a.member_id, old_epoch, [&given_away]),
+            Err(Error::Fenced(_))
+        ));
+    }
+
+    #[test]
+    fn a_member_that_never_releases_is_removed_after_its_rebalance_timeout() {
+        let c = Coordinator::default();
+        let start = Instant::now();
+        let a = join(&c, start);
+        let b = join(&c, start);
+        let stubborn = beat(&c, &a, start).expect("revoke");
+        // a keeps heartbeating but keeps holding all six.
+        let mut now = start;
+        while now < start + REBALANCE_TIMEOUT_DEFAULT + Duration::from_secs(2) {
+            now += Duration::from_secs(1);
+            let _ = c.heartbeat(
+                "payments",
+                Heartbeat {
+                    member_id: stubborn.member_id.clone(),
+                    member_epoch: stubborn.member_epoch,
+                    owned: a.assignment.clone(),
+                    ..Heartbeat::default()
+                },
+                &six,
+                now,
+            );
+            let _ = beat(&c, &b, now);
+            c.expire(&six, now);
+        }
+        let b = beat(&c, &b, now).expect("b stays");
+        assert_eq!(b.assignment.len(), 6);
+    }
+
+    #[test]
+    fn outsiders_commit_only_to_groups_without_members() {
+        let c = Coordinator::default();
+        c.check_owner("payments", "", 0, [&tp(0)])
+            .expect("no members: standalone commits are fine");
+        let a = join(&c, Instant::now());
+        assert!(matches!(
+            c.check_owner("payments", "", 0, [&tp(0)]),
+            Err(Error::Fenced(_))
+        ));
+        c.leave("payments", &a.member_id, &six);
+        assert!(c.describe("payments").is_none());
+    }
+
+    #[test]
+    fn bad_joins_are_refused() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let bad = |h: Heartbeat, group: &str| c.heartbeat(group, h, &six, now);
+        assert!(matches!(
+            bad(Heartbeat::default(), "g"),
+            Err(Error::InvalidArgument(_))
+        ));
+        let topics = || vec!["orders".to_string()];
+        assert!(matches!(
+            bad(
+                Heartbeat {
+                    topics: vec!["nope".into()],
+                    ..Heartbeat::default()
+                },
+                "g"
+            ),
+            Err(Error::TopicNotFound(_))
+        ));
+        assert!(matches!(
+            bad(
+                Heartbeat {
+                    topics: topics(),
+                    ..Heartbeat::default()
+                },
+                "bad name"
+            ),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            bad(
+                Heartbeat {
+                    topics: topics(),
+                    session_timeout: Duration::from_millis(5),
+                    ..Heartbeat::default()
+                },
+                "g"
+            ),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            bad(
+                Heartbeat {
+                    member_id: "nobody".into(),
+                    member_epoch: 1,
+                    ..Heartbeat::default()
+                },
+                "g"
+            ),
+            Err(Error::Fenced(_))
+        ));
+    }
+}

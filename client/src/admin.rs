@@ -568,6 +568,11 @@ impl Admin {
         to: ResetTo,
     ) -> Result<Vec<CommittedOffset>> {
         use v1::reset_offsets_request::To;
+        // An offset outside one partition's range is that partition's error.
+        let read = match (to, partitions) {
+            (ResetTo::Offset(offset), [partition]) => Some((*partition, offset)),
+            _ => None,
+        };
         let to = match to {
             ResetTo::Earliest => To::Earliest(true),
             ResetTo::Latest => To::Latest(true),
@@ -584,7 +589,12 @@ impl Admin {
                 to: Some(to),
             })
             .await
-            .map_err(|s| Error::from_group_admin_status(s, group, Some(topic)))?;
+            .map_err(|s| match read {
+                Some(read) if s.code() == tonic::Code::OutOfRange => {
+                    Error::from_status(s, topic, Some(read))
+                }
+                _ => Error::from_group_admin_status(s, group, Some(topic)),
+            })?;
         Ok(answer
             .into_inner()
             .offsets

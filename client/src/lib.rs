@@ -24,7 +24,7 @@
 //! connection, a timeout) is retried and can then be written twice, and a consumer that
 //! crashes gets its uncommitted records delivered again (to whichever member owns the
 //! partition next). Idempotent producers (producer ids and sequence numbers checked by
-//! the broker) remove the first kind of duplicate.
+//! the broker) need broker support that is not there yet.
 //!
 //! ```no_run
 //! use strata_client::{headers, Client, Record, TopicConfig};
@@ -77,6 +77,11 @@ pub use error::{Error, Result};
 pub use group::{Consumer, ConsumerGroupConfig, OffsetReset};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig};
 pub use record::{headers, ConsumedRecord, Record};
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// Largest gRPC message sent or accepted: the broker's own limit.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;

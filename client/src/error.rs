@@ -311,6 +311,34 @@ mod tests {
             None,
             Error::Internal { message: m() },
         );
+        assert_eq!(
+            Error::from_member_status(Status::failed_precondition("m"), "g", "t", None),
+            Error::Fenced {
+                group: "g".into(),
+                message: m(),
+            }
+        );
+        assert_eq!(
+            Error::from_group_admin_status(Status::not_found("m"), "g", None),
+            Error::GroupNotFound {
+                group: "g".into(),
+                message: m(),
+            }
+        );
+        assert_eq!(
+            Error::from_group_admin_status(Status::not_found("m"), "g", Some("t")),
+            Error::TopicNotFound {
+                topic: "t".into(),
+                message: m(),
+            }
+        );
+        assert_eq!(
+            Error::from_group_admin_status(Status::failed_precondition("m"), "g", Some("t")),
+            Error::GroupNotEmpty {
+                group: "g".into(),
+                message: m(),
+            }
+        );
         assert!(Error::Unavailable { message: m() }.is_retriable());
         assert!(!Error::Internal { message: m() }.is_retriable());
     }

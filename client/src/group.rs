@@ -404,7 +404,8 @@ impl Consumer {
     /// Commits, for every partition it owns, the position after the last record the
     /// stream handed out: call it once those records are processed. Fails with
     /// [`Error::Fenced`] while the consumer is rejoining its group (the records it had
-    /// received will be delivered again).
+    /// received will be delivered again), and with [`Error::Closed`] after the stream
+    /// ended on an error.
     pub async fn commit(&self) -> Result<()> {
         self.request(|reply| Command::Commit {
             record: None,
@@ -431,22 +432,29 @@ impl Consumer {
 
     /// Stops fetching, commits (with auto-commit: everything handed out; without: what
     /// was committed explicitly stays) and leaves the group, so its partitions move to
-    /// the other members at once.
+    /// the other members at once. If the broker cannot be reached this fails with
+    /// [`Error::Unavailable`]; the partitions then move when the session times out, and
+    /// what was not committed is delivered again.
     pub async fn close(self) -> Result<()> {
-        self.request(|reply| Command::Close { reply }).await
+        match self.request(|reply| Command::Close { reply }).await {
+            // Stopped already, after an error the stream reported: nothing to leave.
+            Err(Error::Closed) => Ok(()),
+            result => result,
+        }
     }
 
+    /// Hands a command to the coordinator and waits for its answer; [`Error::Closed`]
+    /// if the coordinator has stopped (after an error the stream reported).
     async fn request(
         &self,
         command: impl FnOnce(oneshot::Sender<Result<()>>) -> Command,
     ) -> Result<()> {
         let (reply, answer) = oneshot::channel();
-        // The coordinator ends only after an error the stream has reported (or when
-        // closed); there is nothing left to commit then.
-        if self.commands.send(command(reply)).await.is_err() {
-            return Ok(());
-        }
-        answer.await.unwrap_or(Ok(()))
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
     }
 }
 
@@ -1131,6 +1139,113 @@ mod tests {
         // starts there too.
         let fresh = cursor(5, false, Some(5));
         assert_eq!(fresh.pending(false), Some(5));
+    }
+
+    fn assigned(partition: u32, start: u64) -> Arc<Assigned> {
+        Arc::new(Assigned {
+            topic: Arc::from("t"),
+            partition,
+            cursor: Mutex::new(Cursor {
+                delivered: Some(start),
+                acked: Some(start),
+                ..Cursor::default()
+            }),
+        })
+    }
+
+    fn fetched(
+        part: &Arc<Assigned>,
+        offsets: std::ops::Range<u64>,
+        budget: &Arc<Semaphore>,
+    ) -> Answer {
+        let records = offsets
+            .map(|offset| ConsumedRecord {
+                topic: Arc::clone(&part.topic),
+                partition: part.partition,
+                offset,
+                timestamp_ms: 0,
+                key: None,
+                value: None,
+                headers: Vec::new(),
+            })
+            .collect::<Vec<_>>();
+        Answer::Records(Fetched {
+            assigned: Arc::clone(part),
+            records: records.into_iter(),
+            holding: false,
+            _budget: Arc::clone(budget).try_acquire_owned().expect("budget left"),
+        })
+    }
+
+    /// The application side alone, fed by hand instead of fetch tasks.
+    fn consumer() -> (Consumer, mpsc::UnboundedSender<Answer>) {
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        let (commands, _) = mpsc::channel(1);
+        let consumer = Consumer {
+            answers,
+            current: None,
+            commands,
+            status: Arc::default(),
+            group: "g".into(),
+            _coordinator: AbortOnDrop(tokio::spawn(async {})),
+        };
+        (consumer, answers_tx)
+    }
+
+    fn offsets_now(consumer: &mut Consumer) -> Vec<(u32, u64)> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(item)) = Pin::new(&mut *consumer).poll_next(&mut cx) {
+            let record = item.expect("a record");
+            out.push((record.partition, record.offset));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn records_of_a_revoked_partition_are_never_handed_out() {
+        let (mut consumer, answers) = consumer();
+        let budget = Arc::new(Semaphore::new(10));
+        let (p0, p1) = (assigned(0, 0), assigned(1, 5));
+        answers.send(fetched(&p0, 0..3, &budget)).expect("open");
+        answers.send(fetched(&p1, 5..7, &budget)).expect("open");
+        answers.send(fetched(&p0, 3..5, &budget)).expect("open");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let first = Pin::new(&mut consumer).poll_next(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Ok(ref r))) if r.offset == 0));
+        // Partition 0 is taken away with records of it buffered and in the current
+        // answer: none of them comes out, partition 1's do.
+        p0.lock().revoked = true;
+        assert_eq!(offsets_now(&mut consumer), [(1, 5), (1, 6)]);
+        // Every buffered answer was used up or discarded: the budget is whole again.
+        assert_eq!(budget.available_permits(), 10);
+        assert_eq!(p0.lock().delivered, Some(1));
+    }
+
+    #[tokio::test]
+    async fn the_record_in_hand_counts_once_the_next_is_asked_for() {
+        let (mut consumer, answers) = consumer();
+        let budget = Arc::new(Semaphore::new(10));
+        let part = assigned(0, 10);
+        answers.send(fetched(&part, 10..12, &budget)).expect("open");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut next = || match Pin::new(&mut consumer).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(record))) => Some(record.offset),
+            Poll::Pending => None,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(next(), Some(10));
+        assert_eq!(part.lock().committable(true), Some(10));
+        assert_eq!(next(), Some(11));
+        assert_eq!(part.lock().committable(true), Some(11));
+        // Asking again (nothing buffered) releases record 11.
+        assert_eq!(next(), None);
+        assert_eq!(part.lock().committable(true), Some(12));
+        // Without auto-commit only explicit commits count.
+        assert_eq!(part.lock().committable(false), Some(10));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use strata_storage::FileCache;
@@ -30,6 +30,10 @@ pub struct Topic {
     pub settings: TopicSettings,
     partitions: Vec<Arc<Partition>>,
     next_partition: AtomicU32,
+    /// Set when the topic is deleted, before its groups' offsets are: a commit that
+    /// checked the topic before the deletion and is written after it must not bring
+    /// them back.
+    deleted: AtomicBool,
 }
 
 impl Topic {
@@ -47,6 +51,11 @@ impl Topic {
     /// All partitions, in order.
     pub fn partitions(&self) -> &[Arc<Partition>] {
         &self.partitions
+    }
+
+    /// True once the topic has been deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
     }
 
     /// The partition for records without a key: each in turn.
@@ -177,6 +186,7 @@ impl Broker {
             settings,
             partitions,
             next_partition: AtomicU32::new(0),
+            deleted: AtomicBool::new(false),
         })
     }
 
@@ -243,6 +253,7 @@ impl Broker {
             .write_topics()
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
+        topic.deleted.store(true, Ordering::Release);
         topic.shutdown();
         let dir = self.data_dir.join("topics").join(name);
         let trash = self.data_dir.join("trash").join(name);

@@ -129,22 +129,35 @@ struct Member {
     epoch: u64,
     /// Partitions owned and in the assignment, with the epoch each was granted at.
     assigned: BTreeMap<TopicPartition, u64>,
-    /// Partitions owned but revoked, not yet released.
-    revoking: BTreeMap<TopicPartition, u64>,
-    /// When the oldest unreleased revocation began.
-    revoking_since: Option<Instant>,
+    /// Partitions owned but revoked, not yet released: grant epoch and revocation time.
+    revoking: BTreeMap<TopicPartition, Revoked>,
     session_timeout: Duration,
     rebalance_timeout: Duration,
     /// When the member expires without a heartbeat.
     deadline: Instant,
 }
 
+/// A partition taken away from a member that still holds it.
+#[derive(Debug, Clone, Copy)]
+struct Revoked {
+    granted: u64,
+    at: Instant,
+}
+
 impl Member {
+    /// The epoch at which the member was granted `tp`, if it owns it.
     fn owns(&self, tp: &TopicPartition) -> Option<u64> {
         self.assigned
             .get(tp)
-            .or_else(|| self.revoking.get(tp))
             .copied()
+            .or_else(|| self.revoking.get(tp).map(|r| r.granted))
+    }
+
+    /// True when the member kept a revoked partition past its rebalance timeout.
+    fn stuck(&self, now: Instant) -> bool {
+        self.revoking
+            .values()
+            .any(|r| now > r.at + self.rebalance_timeout)
     }
 }
 
@@ -218,8 +231,7 @@ impl Group {
             .collect();
         for tp in revoked {
             let granted = member.assigned.remove(&tp).expect("listed above");
-            member.revoking.insert(tp, granted);
-            member.revoking_since.get_or_insert(now);
+            member.revoking.insert(tp, Revoked { granted, at: now });
             changed = true;
         }
         let mut granted = Vec::new();
@@ -227,17 +239,14 @@ impl Group {
             if member.assigned.contains_key(tp) {
                 continue;
             }
-            if let Some(since) = member.revoking.remove(tp) {
+            if let Some(revoked) = member.revoking.remove(tp) {
                 // Given back before it was released: it never stopped being the
                 // member's, so its grant epoch stands.
-                member.assigned.insert(tp.clone(), since);
+                member.assigned.insert(tp.clone(), revoked.granted);
                 changed = true;
             } else if !self.owners.contains_key(tp) {
                 granted.push(tp.clone());
             }
-        }
-        if member.revoking.is_empty() {
-            member.revoking_since = None;
         }
         let grew = !granted.is_empty();
         if changed || grew {
@@ -250,24 +259,23 @@ impl Group {
         changed || grew
     }
 
-    /// Releases the revoked partitions `id` no longer holds.
-    fn release(&mut self, id: &str, owned: &[TopicPartition]) {
+    /// Releases the revoked partitions `id` no longer holds, as of a heartbeat sent at
+    /// `epoch`. A partition granted after that epoch is not released: the heartbeat
+    /// (a late or retried one) was sent before the member knew of it.
+    fn release(&mut self, id: &str, epoch: u64, owned: &[TopicPartition]) {
         let Some(member) = self.members.get_mut(id) else {
             return;
         };
         let held: BTreeSet<&TopicPartition> = owned.iter().collect();
         let released: Vec<TopicPartition> = member
             .revoking
-            .keys()
-            .filter(|tp| !held.contains(tp))
-            .cloned()
+            .iter()
+            .filter(|(tp, r)| r.granted <= epoch && !held.contains(tp))
+            .map(|(tp, _)| tp.clone())
             .collect();
         for tp in released {
             member.revoking.remove(&tp);
             self.owners.remove(&tp);
-        }
-        if member.revoking.is_empty() {
-            member.revoking_since = None;
         }
     }
 
@@ -318,6 +326,10 @@ impl Group {
 #[derive(Debug)]
 pub struct Coordinator {
     groups: Mutex<BTreeMap<String, Group>>,
+    /// Groups whose offsets an admin change (or a commit from outside) is writing: they
+    /// accept no joins until it is done, so no member starts from a position that is
+    /// about to change. Locked after `groups`, never before.
+    busy: Mutex<BTreeSet<String>>,
     /// Member ids are random, so an id from before a restart is never handed out again.
     ids: RandomState,
     next_id: AtomicU64,
@@ -327,9 +339,23 @@ impl Default for Coordinator {
     fn default() -> Self {
         Coordinator {
             groups: Mutex::new(BTreeMap::new()),
+            busy: Mutex::new(BTreeSet::new()),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
         }
+    }
+}
+
+/// A group reserved by [`Coordinator::exclusive`]; dropping it lets members join again.
+#[derive(Debug)]
+pub struct Exclusive<'a> {
+    coordinator: &'a Coordinator,
+    group: String,
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        self.coordinator.busy().remove(&self.group);
     }
 }
 
@@ -364,6 +390,13 @@ fn timeout(asked: Duration, default: Duration, what: &str) -> Result<Duration> {
     Ok(asked)
 }
 
+fn check_topics(topics: &[String], partitions: &dyn Fn(&str) -> Option<u32>) -> Result<()> {
+    match topics.iter().find(|t| partitions(t).is_none()) {
+        Some(missing) => Err(Error::TopicNotFound(missing.clone())),
+        None => Ok(()),
+    }
+}
+
 fn fenced(group: &str, member_id: &str, why: &str) -> Error {
     Error::Fenced(format!(
         "member {member_id:?} of group {group:?} {why}; rejoin with an empty member id"
@@ -373,6 +406,31 @@ fn fenced(group: &str, member_id: &str, why: &str) -> Error {
 impl Coordinator {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Group>> {
         self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves a group without members for a change of its offsets from outside
+    /// (a reset, a deletion, a standalone commit): joins wait until the guard is
+    /// dropped. `what` names the change for the error when the group has members.
+    pub fn exclusive(&self, group_name: &str, what: &str) -> Result<Exclusive<'_>> {
+        let groups = self.lock();
+        if let Some(group) = groups.get(group_name).filter(|g| !g.members.is_empty()) {
+            return Err(Error::Fenced(format!(
+                "cannot {what} group {group_name:?}: it has {} active members; stop them \
+                 first, or act as a member",
+                group.members.len()
+            )));
+        }
+        if !self.busy().insert(group_name.to_string()) {
+            return Err(Error::GroupBusy(group_name.to_string()));
+        }
+        Ok(Exclusive {
+            coordinator: self,
+            group: group_name.to_string(),
+        })
     }
 
     /// Handles a heartbeat (or a join). `partitions` gives a topic's partition count,
@@ -385,13 +443,12 @@ impl Coordinator {
         now: Instant,
     ) -> Result<HeartbeatReply> {
         validate_group(group_name)?;
-        for topic in &request.topics {
-            if partitions(topic).is_none() {
-                return Err(Error::TopicNotFound(topic.clone()));
-            }
-        }
         let mut groups = self.lock();
         let id = if request.member_id.is_empty() {
+            if self.busy().contains(group_name) {
+                return Err(Error::GroupBusy(group_name.to_string()));
+            }
+            check_topics(&request.topics, partitions)?;
             if request.member_epoch != 0 {
                 return Err(Error::InvalidArgument(
                     "a join (empty member id) must have member epoch 0".into(),
@@ -420,10 +477,9 @@ impl Coordinator {
                 Member {
                     client_id: request.client_id,
                     topics: request.topics.iter().cloned().collect(),
-                    epoch: 0,
+                    epoch: 1,
                     assigned: BTreeMap::new(),
                     revoking: BTreeMap::new(),
-                    revoking_since: None,
                     session_timeout,
                     rebalance_timeout,
                     deadline: now + session_timeout,
@@ -441,22 +497,25 @@ impl Coordinator {
                 .get_mut(&request.member_id)
                 .ok_or_else(|| fenced(group_name, &request.member_id, "is not in the group"))?;
             if request.member_epoch > member.epoch {
-                return Err(fenced(
-                    group_name,
-                    &request.member_id,
-                    &format!(
-                        "sent epoch {} but its epoch is {}",
-                        request.member_epoch, member.epoch
-                    ),
-                ));
+                let why = format!(
+                    "sent epoch {} but its epoch is {}",
+                    request.member_epoch, member.epoch
+                );
+                // Whoever sent this is not the member the group knows: free its
+                // partitions now rather than after its session times out.
+                group.remove(&request.member_id, partitions);
+                return Err(fenced(group_name, &request.member_id, &why));
             }
             member.deadline = now + member.session_timeout;
             let topics: BTreeSet<String> = request.topics.iter().cloned().collect();
             let resubscribed = !topics.is_empty() && topics != member.topics;
             if resubscribed {
+                // Only a new subscription is checked: a topic deleted since the member
+                // subscribed simply has no partitions to give.
+                check_topics(&request.topics, partitions)?;
                 member.topics = topics;
             }
-            group.release(&request.member_id, &request.owned);
+            group.release(&request.member_id, request.member_epoch, &request.owned);
             group.retarget(resubscribed, partitions);
             request.member_id
         };
@@ -502,10 +561,7 @@ impl Coordinator {
                 .filter_map(|(id, m)| {
                     if now > m.deadline {
                         Some((id.clone(), "session timed out"))
-                    } else if m
-                        .revoking_since
-                        .is_some_and(|since| now > since + m.rebalance_timeout)
-                    {
+                    } else if m.stuck(now) {
                         Some((
                             id.clone(),
                             "kept revoked partitions past its rebalance timeout",
@@ -538,7 +594,8 @@ impl Coordinator {
         if member_id.is_empty() {
             return match group {
                 Some(g) if !g.members.is_empty() => Err(Error::Fenced(format!(
-                    "group {group_name:?} has {} active members: only they may commit;                      stop them first, or commit as a member",
+                    "group {group_name:?} has {} active members: only they may read or \
+                     commit its partitions as members",
                     g.members.len()
                 ))),
                 _ => Ok(()),
@@ -768,6 +825,78 @@ mod tests {
         }
         let b = beat(&c, &b, now).expect("b stays");
         assert_eq!(b.assignment.len(), 6);
+    }
+
+    #[test]
+    fn a_late_heartbeat_does_not_release_what_was_granted_after_it() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        let stale = a.member_epoch;
+        assert_eq!(a.assignment.len(), 6);
+        let b = join(&c, now);
+        // a is told to give three up, but a heartbeat from before it had them (epoch
+        // 1, holding nothing) arrives late: it must not free them for b.
+        beat(&c, &a, now).expect("revoke");
+        c.heartbeat(
+            "payments",
+            Heartbeat {
+                member_id: a.member_id.clone(),
+                member_epoch: stale - 1,
+                ..Heartbeat::default()
+            },
+            &six,
+            now,
+        )
+        .expect("a late heartbeat is accepted");
+        let b = beat(&c, &b, now).expect("beat");
+        assert!(
+            b.assignment.is_empty(),
+            "b got {:?} while a holds them",
+            b.assignment
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_from_the_future_removes_the_member() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        let forged = HeartbeatReply {
+            member_epoch: a.member_epoch + 1,
+            ..a
+        };
+        assert!(matches!(beat(&c, &forged, now), Err(Error::Fenced(_))));
+        assert!(
+            c.describe("payments").is_none_or(|g| g.members.is_empty()),
+            "the member is gone at once"
+        );
+    }
+
+    #[test]
+    fn joins_wait_while_an_admin_change_holds_the_group() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let guard = c.exclusive("payments", "reset").expect("no members");
+        assert!(matches!(
+            c.heartbeat(
+                "payments",
+                Heartbeat {
+                    topics: vec!["orders".into()],
+                    ..Heartbeat::default()
+                },
+                &six,
+                now
+            ),
+            Err(Error::GroupBusy(_))
+        ));
+        drop(guard);
+        let a = join(&c, now);
+        assert!(matches!(
+            c.exclusive("payments", "reset"),
+            Err(Error::Fenced(_))
+        ));
+        c.leave("payments", &a.member_id, &six);
     }
 
     #[test]

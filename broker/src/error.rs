@@ -33,6 +33,9 @@ pub enum Error {
     /// A position outside what a partition holds.
     #[error("{0}")]
     OutOfRange(String),
+    /// An admin change to the group's offsets is in progress.
+    #[error("consumer group {0:?} is being reset or deleted; retry in a moment")]
+    GroupBusy(String),
     /// No consumer group of that name.
     #[error("consumer group {0:?} does not exist (it has no members and no committed offsets)")]
     GroupNotFound(String),
@@ -88,7 +91,7 @@ impl From<Error> for Status {
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::TopicExists(_) => Code::AlreadyExists,
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::Unavailable(..) | Error::ShuttingDown => Code::Unavailable,
+            Error::Unavailable(..) | Error::ShuttingDown | Error::GroupBusy(_) => Code::Unavailable,
             Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
             Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
             Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,

@@ -4,13 +4,14 @@
 //! translates requests and checks them against the partitions that exist.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_proto::v1::{self, groups_server};
 use tonic::{Request, Response, Status};
 
 use crate::assign::TopicPartition;
-use crate::broker::Broker;
+use crate::broker::{Broker, Topic};
 use crate::coordinator::{validate_group, GroupState, GroupView, Heartbeat};
 use crate::error::{Error, Result};
 use crate::offsets::{Committed, Mode};
@@ -137,9 +138,13 @@ impl groups_server::Groups for Service {
         validate_group(&request.group)?;
         let broker = self.broker();
         let mut offsets = Vec::with_capacity(request.offsets.len());
+        let mut topics: Vec<Arc<Topic>> = Vec::new();
         let mut seen = BTreeSet::new();
         for o in request.offsets {
             let tp = TopicPartition::new(o.topic, o.partition);
+            if !topics.iter().any(|t| t.name == tp.topic) {
+                topics.push(broker.topic(&tp.topic)?);
+            }
             let end = high_watermark(broker, &tp)?;
             if o.offset > end {
                 return Err(Error::OutOfRange(format!(
@@ -155,15 +160,26 @@ impl groups_server::Groups for Service {
             }
             offsets.push((tp, o.offset, o.metadata));
         }
-        broker.coordinator().check_owner(
-            &request.group,
-            &request.member_id,
-            request.member_epoch,
-            offsets.iter().map(|o| &o.0),
-        )?;
+        // A commit from outside the group keeps members from joining until it is
+        // written, so none starts from the position it replaces.
+        let _exclusive = if request.member_id.is_empty() {
+            Some(
+                broker
+                    .coordinator()
+                    .exclusive(&request.group, "commit to")?,
+            )
+        } else {
+            broker.coordinator().check_owner(
+                &request.group,
+                &request.member_id,
+                request.member_epoch,
+                offsets.iter().map(|o| &o.0),
+            )?;
+            None
+        };
         let committed = broker
             .offsets()
-            .commit(&request.group, offsets, Mode::Advance)
+            .commit(&request.group, offsets, topics, Mode::Advance)
             .await?;
         Ok(Response::new(v1::CommitOffsetsResponse {
             offsets: committed
@@ -270,17 +286,6 @@ pub fn describe_group(broker: &Broker, group: &str) -> Result<v1::DescribeGroupR
     })
 }
 
-/// Refuses admin changes to a group while members consume it.
-fn require_no_members(broker: &Broker, group: &str, what: &str) -> Result<()> {
-    match broker.coordinator().describe(group) {
-        Some(view) if !view.members.is_empty() => Err(Error::Fenced(format!(
-            "cannot {what} group {group:?}: it has {} active members; stop them first",
-            view.members.len()
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// Moves a group's committed offsets of one topic.
 pub async fn reset_offsets(
     broker: &Broker,
@@ -294,7 +299,9 @@ pub async fn reset_offsets(
             "say where to reset to: earliest, latest, a timestamp or an offset".into(),
         )
     })?;
-    require_no_members(broker, &request.group, "reset the offsets of")?;
+    let _exclusive = broker
+        .coordinator()
+        .exclusive(&request.group, "reset the offsets of")?;
     let ids: Vec<u32> = if request.partitions.is_empty() {
         (0..topic.settings.partitions).collect()
     } else {
@@ -330,7 +337,7 @@ pub async fn reset_offsets(
     }
     let committed = broker
         .offsets()
-        .commit(&request.group, offsets, Mode::Reset)
+        .commit(&request.group, offsets, vec![topic.clone()], Mode::Reset)
         .await?;
     tracing::info!(group = %request.group, topic = %topic.name, "reset committed offsets");
     Ok(v1::ResetOffsetsResponse {
@@ -344,7 +351,7 @@ pub async fn reset_offsets(
 /// Forgets a group without members.
 pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
     validate_group(group)?;
-    require_no_members(broker, group, "delete")?;
+    let _exclusive = broker.coordinator().exclusive(group, "delete")?;
     if broker.offsets().group(group).is_empty() {
         return Err(Error::GroupNotFound(group.to_string()));
     }

@@ -25,6 +25,7 @@ use strata_storage::{now_ms, Durability, FileCache, Log, LogConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::assign::TopicPartition;
+use crate::broker::Topic;
 use crate::error::{Error, Result};
 
 /// Largest metadata string of a commit.
@@ -36,12 +37,21 @@ const KIND_OFFSET: u8 = 1;
 const KIND_GROUP_DELETED: u8 = 2;
 /// Segment size of the offsets log: small, so compaction frees space soon.
 pub const SEGMENT_BYTES: u64 = 4 << 20;
-/// Rough bytes per live entry in the log, for deciding when to compact.
+/// Rough bytes per live entry in the log, for deciding when to compact before the
+/// first snapshot has measured them.
 const ENTRY_BYTES_ESTIMATE: u64 = 96;
 /// Changes queued before committers wait.
 const QUEUE_DEPTH: usize = 1024;
-/// Largest batch the writer encodes.
-const BATCH_BYTES_MAX: usize = 1 << 20;
+/// Changes the writer takes into one batch: one commit request is at most the Groups
+/// service's 4 MiB message limit, so a drain stays well below `BATCH_BYTES_MAX`.
+const DRAIN_BYTES_MAX: usize = 4 << 20;
+/// The writer starts a new batch before one would pass this. A drain fits in one batch,
+/// so it is durable as a whole or not at all; only a huge topic deletion or snapshot
+/// spans several.
+const BATCH_SPLIT_BYTES: usize = 12 << 20;
+/// Largest batch the offsets log accepts: a split batch plus one record of the longest
+/// kind.
+const BATCH_BYTES_MAX: usize = 16 << 20;
 
 /// A committed position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +80,8 @@ enum Change {
     Commit {
         group: String,
         offsets: Vec<(TopicPartition, u64, String)>,
+        /// The topics of `offsets`, as they were checked: refused if deleted since.
+        topics: Vec<Arc<Topic>>,
         mode: Mode,
         reply: Reply<Vec<(TopicPartition, Committed)>>,
     },
@@ -104,6 +116,7 @@ impl Offsets {
     pub fn open(dir: &Path, files: &FileCache, segment_bytes: u64) -> Result<Offsets> {
         let config = LogConfig {
             segment_bytes_max: segment_bytes,
+            batch_bytes_max: BATCH_BYTES_MAX,
             durability: Durability::Fsync,
             ..LogConfig::default()
         };
@@ -115,6 +128,7 @@ impl Offsets {
             log,
             committed: Arc::clone(&committed),
             segment_bytes,
+            snapshot_bytes: 0,
             failed: None,
         };
         let thread = std::thread::Builder::new()
@@ -143,12 +157,13 @@ impl Offsets {
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Commits `offsets` (partition, offset, metadata) for `group` durably; returns the
-    /// resulting position of each partition.
+    /// Commits `offsets` (partition, offset, metadata) of `topics` for `group` durably;
+    /// returns the resulting position of each partition. All or nothing.
     pub async fn commit(
         &self,
         group: &str,
         offsets: Vec<(TopicPartition, u64, String)>,
+        topics: Vec<Arc<Topic>>,
         mode: Mode,
     ) -> Result<Vec<(TopicPartition, Committed)>> {
         if let Some((tp, _, metadata)) = offsets.iter().find(|o| o.2.len() > METADATA_BYTES_MAX) {
@@ -160,6 +175,7 @@ impl Offsets {
         self.send(|reply| Change::Commit {
             group: group.to_string(),
             offsets,
+            topics,
             mode,
             reply,
         })
@@ -382,6 +398,8 @@ struct Writer {
     log: Log,
     committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
     segment_bytes: u64,
+    /// Size of the last snapshot: the live entries' size in the log.
+    snapshot_bytes: u64,
     /// Set after a failed write: the log refuses writes until a restart recovers it.
     failed: Option<String>,
 }
@@ -399,7 +417,7 @@ fn unavailable(written: &std::result::Result<(), String>) -> Result<()> {
 enum Answer {
     Committed(
         Reply<Vec<(TopicPartition, Committed)>>,
-        Vec<(TopicPartition, Committed)>,
+        Result<Vec<(TopicPartition, Committed)>>,
     ),
     Done(Reply<()>),
 }
@@ -414,17 +432,28 @@ impl Writer {
             let mut pending = Pending::new();
             let mut deleted_groups = Vec::new();
             let mut answers = Vec::new();
+            let mut staged_bytes = 0;
             let mut next = Some(first);
             while let Some(change) = next.take() {
                 match change {
                     Change::Commit {
                         group,
                         offsets,
+                        topics,
                         mode,
                         reply,
                     } => {
-                        let result =
-                            self.stage_commit(&mut pending, &deleted_groups, group, offsets, mode);
+                        staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
+                        let result = match topics.iter().find(|t| t.is_deleted()) {
+                            Some(gone) => Err(Error::TopicNotFound(gone.name.clone())),
+                            None => Ok(self.stage_commit(
+                                &mut pending,
+                                &deleted_groups,
+                                group,
+                                offsets,
+                                mode,
+                            )),
+                        };
                         answers.push(Answer::Committed(reply, result));
                     }
                     Change::DeleteGroup { group, reply } => {
@@ -438,7 +467,7 @@ impl Writer {
                     }
                     Change::Shutdown => shutdown = true,
                 }
-                if shutdown || answers.len() >= QUEUE_DEPTH {
+                if shutdown || answers.len() >= QUEUE_DEPTH || staged_bytes >= DRAIN_BYTES_MAX {
                     break;
                 }
                 next = changes.try_recv().ok();
@@ -463,7 +492,7 @@ impl Writer {
             for answer in answers {
                 match answer {
                     Answer::Committed(reply, result) => {
-                        let _ = reply.send(unavailable(&written).map(|()| result));
+                        let _ = reply.send(unavailable(&written).and(result));
                     }
                     Answer::Done(reply) => {
                         let _ = reply.send(unavailable(&written));
@@ -474,8 +503,12 @@ impl Writer {
                 self.compact_if_large();
             }
         }
-        if let Err(e) = self.log.close() {
-            tracing::error!(error = %e, "closing the offsets log failed");
+        // After a failed write, closing would write what that write had staged, which
+        // its committers were told failed; recovery at the next start decides instead.
+        if self.failed.is_none() {
+            if let Err(e) = self.log.close() {
+                tracing::error!(error = %e, "closing the offsets log failed");
+            }
         }
     }
 
@@ -563,10 +596,22 @@ impl Writer {
         if pending.is_empty() && deleted_groups.is_empty() {
             return Ok(());
         }
+        self.write_records(pending, deleted_groups).map_err(|e| {
+            let why = format!("writing the committed-offsets log failed: {e}");
+            tracing::error!("{why}; commits are refused until the broker restarts");
+            self.failed = Some(why.clone());
+            why
+        })
+    }
+
+    fn write_records(
+        &mut self,
+        pending: &Pending,
+        deleted_groups: &[String],
+    ) -> strata_storage::Result<()> {
         let now = now_ms();
         let (mut key, mut value) = (Vec::new(), Vec::new());
         let mut builder = BatchBuilder::new();
-        let mut result = Ok(());
         for group in deleted_groups {
             group_deleted_key(&mut key, group);
             builder.push(now, Some(&key), None, &[]);
@@ -578,31 +623,27 @@ impl Writer {
                 &value[..]
             });
             builder.push(now, Some(&key), value, &[]);
-            if builder.encoded_len() >= BATCH_BYTES_MAX {
-                result = result.and(self.log.write(&builder.finish()).map(|_| ()));
+            if builder.encoded_len() >= BATCH_SPLIT_BYTES {
+                self.log.write(&builder.finish())?;
                 builder = BatchBuilder::new();
             }
         }
         if builder.encoded_len() > strata_storage::batch::BATCH_HEADER_LEN {
-            result = result.and(self.log.write(&builder.finish()).map(|_| ()));
+            self.log.write(&builder.finish())?;
         }
-        let result = result.and_then(|()| self.log.commit().map(|_| ()));
-        result.map_err(|e| {
-            let why = format!("writing the committed-offsets log failed: {e}");
-            tracing::error!("{why}; commits are refused until the broker restarts");
-            self.failed = Some(why.clone());
-            why
-        })
+        self.log.commit().map(|_| ())
     }
 
     /// Appends a snapshot of every live entry and deletes what came before it, once the
-    /// log is larger than two segments and four times its live entries.
+    /// log is larger than two segments plus twice its live entries (as the last
+    /// snapshot measured them, or estimated before the first).
     fn compact_if_large(&mut self) {
         let size = self.log.size_bytes();
         let snapshot = {
             let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
             let live = committed.values().map(|g| g.len() as u64).sum::<u64>();
-            if size < 2 * self.segment_bytes + 4 * live * ENTRY_BYTES_ESTIMATE {
+            let live_bytes = self.snapshot_bytes.max(live * ENTRY_BYTES_ESTIMATE);
+            if size < 2 * self.segment_bytes + 2 * live_bytes {
                 return;
             }
             committed
@@ -615,7 +656,9 @@ impl Writer {
                 .collect::<Pending>()
         };
         let start = self.log.next_offset();
+        let before = self.log.size_bytes();
         let written = self.write(&snapshot, &[]);
+        self.snapshot_bytes = self.log.size_bytes().saturating_sub(before);
         match written.and_then(|()| self.log.delete_before(start).map_err(|e| e.to_string())) {
             Ok(deleted) => tracing::info!(
                 before = size,
@@ -656,38 +699,45 @@ mod tests {
                 .commit(
                     "g",
                     vec![(tp(0), 10, "m".into()), (tp(1), 5, String::new())],
+                    vec![],
                     Mode::Advance,
                 )
                 .await
                 .expect("commit");
             assert_eq!(c[0].1.offset, 10);
             let c = offsets
-                .commit("g", vec![(tp(0), 7, String::new())], Mode::Advance)
+                .commit("g", vec![(tp(0), 7, String::new())], vec![], Mode::Advance)
                 .await
                 .expect("commit");
             assert_eq!((c[0].1.offset, c[0].1.metadata.as_str()), (10, "m"));
             offsets
-                .commit("g", vec![(tp(1), 2, String::new())], Mode::Reset)
+                .commit("g", vec![(tp(1), 2, String::new())], vec![], Mode::Reset)
                 .await
                 .expect("reset");
             offsets
                 .commit(
                     "other",
                     vec![(TopicPartition::new("gone", 0), 3, String::new())],
+                    vec![],
                     Mode::Advance,
                 )
                 .await
                 .expect("commit");
             offsets.delete_topic("gone").await.expect("delete topic");
             offsets
-                .commit("dropped", vec![(tp(0), 1, String::new())], Mode::Advance)
+                .commit(
+                    "dropped",
+                    vec![(tp(0), 1, String::new())],
+                    vec![],
+                    Mode::Advance,
+                )
                 .await
                 .expect("commit");
             offsets.delete_group("dropped").await.expect("delete group");
             let too_long = "x".repeat(METADATA_BYTES_MAX + 1);
             assert!(matches!(
                 offsets
-                    .commit("g", vec![(tp(0), 11, too_long)], Mode::Advance)
+                    .commit("g", vec![(tp(0), 11, too_long)], vec![], Mode::Advance)
                     .await,
                 Err(Error::InvalidArgument(_))
             ));
@@ -715,7 +765,7 @@ mod tests {
             for round in 0..3000u64 {
                 let batch = (0..8).map(|p| (tp(p), round, "x".repeat(64))).collect();
                 offsets
-                    .commit("g", batch, Mode::Advance)
+                    .commit("g", batch, vec![], Mode::Advance)
                     .await
                     .expect("commit");
             }
@@ -738,6 +788,25 @@ mod tests {
         let g = reopened.group("g");
         assert_eq!(g.len(), 8);
         assert!(g.values().all(|c| c.offset == 2999));
+    }
+
+    #[test]
+    fn a_commit_larger_than_a_data_batch_is_one_durable_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let offsets = open(dir.path(), SEGMENT_BYTES);
+        // 300 partitions with the largest metadata: ~1.2 MiB in one request.
+        let big: Vec<_> = (0..300)
+            .map(|p| (tp(p), 1, "m".repeat(METADATA_BYTES_MAX)))
+            .collect();
+        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance))
+            .expect("a large commit");
+        rt.block_on(offsets.commit("g", vec![(tp(0), 2, String::new())], vec![], Mode::Advance))
+            .expect("later commits still work");
+        offsets.shutdown();
+        let reopened = open(dir.path(), SEGMENT_BYTES);
+        assert_eq!(reopened.group("g").len(), 300);
+        reopened.shutdown();
     }
 
     #[test]

@@ -117,9 +117,17 @@ impl admin_server::Admin for Service {
         let name = request.into_inner().name;
         let broker = Arc::clone(&self.broker);
         let deleted = name.clone();
-        blocking(move || broker.delete_topic(&deleted)).await?;
-        // A topic created later under this name must not start from these positions.
-        self.broker.offsets().delete_topic(&name).await?;
+        let topic = name.clone();
+        // The topic, then its groups' offsets (a topic created later under this name
+        // must not start from them), in a task of its own: a client that gives up
+        // waiting cannot stop it between the two.
+        tokio::spawn(async move {
+            let offsets = Arc::clone(&broker);
+            blocking(move || broker.delete_topic(&deleted)).await?;
+            offsets.offsets().delete_topic(&topic).await
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)??;
         tracing::info!(topic = %name, "deleted topic");
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
@@ -439,6 +447,10 @@ impl broker_server::Broker for Service {
             tokio::select! {
                 _ = partition.wait_past(request.offset, wait) => {}
                 _ = self.stopped() => {}
+            }
+            // The member may have lost the partition while it waited.
+            if let Some(member) = &request.member {
+                groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
             }
         }
         let max_bytes = fetch_bytes(request.max_bytes);

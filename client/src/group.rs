@@ -45,6 +45,8 @@ use crate::Client;
 /// The range the broker accepts for the session and rebalance timeouts.
 const GROUP_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 const GROUP_TIMEOUT_MAX: Duration = Duration::from_secs(300);
+/// How often [`Client::consumer`] retries its join on a retriable error before failing.
+const JOIN_RETRIES: u32 = 8;
 /// Commands from the application to the coordinator waiting at once; senders wait
 /// beyond.
 const COMMANDS_MAX: usize = 16;
@@ -360,10 +362,21 @@ impl Consumer {
             failures: 0,
         };
         // The first join answers here, so a missing topic or a bad setting fails the
-        // call instead of surfacing later in the stream.
-        let answer = coordinator
-            .call_heartbeat(coordinator.join_request())
-            .await?;
+        // call instead of surfacing later in the stream. A broker that is restarting,
+        // or busy resetting the group, is given a few tries.
+        let mut attempt = 0;
+        let answer = loop {
+            match coordinator.call_heartbeat(coordinator.join_request()).await {
+                Err(e) if e.is_retriable() && attempt < JOIN_RETRIES => {
+                    let config = &coordinator.config;
+                    let delay =
+                        crate::backoff(config.retry_backoff_min, config.retry_backoff_max, attempt);
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                result => break result?,
+            }
+        };
         coordinator.accept(answer).await;
         coordinator.next_auto_commit = coordinator
             .config

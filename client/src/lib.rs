@@ -149,7 +149,8 @@ impl Client {
 
     /// Joins consumer group `group` as a new member subscribed to `topics`, with the
     /// default [`ConsumerGroupConfig`] (auto-commit every 5 s, earliest offset without
-    /// a committed one). Fails if a topic does not exist.
+    /// a committed one). Fails if a topic does not exist, or with
+    /// [`Error::Unavailable`] if the broker stays unreachable through a few retries.
     pub async fn consumer(&self, group: &str, topics: &[&str]) -> Result<Consumer> {
         self.consumer_with(group, topics, ConsumerGroupConfig::default())
             .await

@@ -5,13 +5,16 @@
 //! <data>/topics/<name>/<partition>/   one storage log per partition
 //! <data>/tmp/                         topics being created (renamed into topics/)
 //! <data>/trash/                       topics being deleted (removed after the rename)
+//! <data>/producer_ids                 the producer ids reserved so far
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use strata_storage::batch::NO_PRODUCER_ID;
+use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
 use crate::error::{Error, Result};
@@ -70,6 +73,10 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
+    /// Hands out idempotent producer ids (blocking: it may fsync).
+    producer_ids: Mutex<ProducerIds>,
+    /// Every producer id handed out is below this; produce checks it without the lock.
+    producer_ids_unissued: AtomicI64,
 }
 
 impl Broker {
@@ -101,6 +108,7 @@ impl Broker {
                 std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
             }
         }
+        let producer_ids = ProducerIds::open(data_dir)?;
         let broker = Broker {
             _lock: lock,
             data_dir: data_dir.to_path_buf(),
@@ -108,6 +116,8 @@ impl Broker {
             files: FileCache::new(max_open_files),
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
+            producer_ids: Mutex::new(producer_ids),
         };
         let topics_dir = data_dir.join("topics");
         let mut names = Vec::new();
@@ -123,7 +133,48 @@ impl Broker {
             let topic = broker.open_topic(&name, &dir, settings)?;
             broker.write_topics().insert(name, Arc::new(topic));
         }
+        // Ids in the partitions' state were handed out, even if the id file was lost.
+        let max_seen = broker
+            .read_topics()
+            .values()
+            .flat_map(|t| t.partitions.iter().filter_map(|p| p.max_producer_id()))
+            .max();
+        if let Some(max_seen) = max_seen {
+            let mut ids = broker.lock_producer_ids();
+            ids.skip_through(max_seen);
+            broker
+                .producer_ids_unissued
+                .store(ids.next_unissued(), Ordering::Release);
+        }
         Ok(broker)
+    }
+
+    fn lock_producer_ids(&self) -> std::sync::MutexGuard<'_, ProducerIds> {
+        self.producer_ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new idempotent producer id, unique for the life of the data directory.
+    /// Blocking: it may write and fsync the id file.
+    pub fn allocate_producer_id(&self) -> Result<i64> {
+        let mut ids = self.lock_producer_ids();
+        let id = ids.allocate()?;
+        self.producer_ids_unissued
+            .store(ids.next_unissued(), Ordering::Release);
+        Ok(id)
+    }
+
+    /// Refuses producer ids this broker never handed out: a made-up id could collide
+    /// with one handed out later and mix two producers' sequences.
+    pub fn check_producer_id(&self, producer_id: i64) -> Result<()> {
+        if producer_id == NO_PRODUCER_ID
+            || (0..self.producer_ids_unissued.load(Ordering::Acquire)).contains(&producer_id)
+        {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "producer id {producer_id} was not handed out by this broker: get one with \
+             InitProducer, or send producer id -1 for a batch that is not idempotent"
+        )))
     }
 
     /// Defaults for settings a create request leaves out.

@@ -370,6 +370,13 @@ async fn a_producer_continues_after_a_batch_fails_for_good() {
     let lost = within("send", producer.send(Record::new("lost").key("k"))).await;
     assert!(matches!(lost, Err(Error::Unavailable { .. })), "{lost:?}");
     tokio::task::block_in_place(|| broker.restart_on_same_port());
+    // The producer may not retry, so reconnect its connection first.
+    within("reconnect", async {
+        while client.admin().list_topics().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let after = within("send", producer.send(Record::new("after").key("k")))
         .await
         .expect("stored after the failed batch");

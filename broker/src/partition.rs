@@ -274,7 +274,7 @@ impl Writer {
                 });
             }
             self.unsnapshotted_bytes += bytes as u64;
-            if committed.is_ok()
+            if !self.failed
                 && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes
             {
                 // Bounds the replay after a crash, like the log's checkpoint bounds its
@@ -525,5 +525,46 @@ mod tests {
         assert_eq!(written(&mut w, &plain.finish()), (5, 5, false, false));
         w.commit().expect("commit");
         assert_eq!(w.log.next_offset(), 6);
+    }
+
+    /// Once `checkpoint_interval_bytes` were written since the last snapshot, the writer
+    /// snapshots the producer state after the commit, so a crash replays only the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_snapshots_producer_state_periodically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            durability: Durability::Fsync,
+            checkpoint_interval_bytes: 1,
+            ..LogConfig::default()
+        };
+        let files = FileCache::new(4);
+        let partition =
+            Partition::open("t/0".into(), dir.path().into(), config, &files).expect("open");
+        for sequence in [0, 2] {
+            let stored = partition
+                .append(batch(3, sequence, 2).into(), Ack::Durable)
+                .await
+                .expect("stored");
+            assert!(!stored.duplicate);
+        }
+        // The snapshot is written after the answers: wait for the one after the second.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (states, recovery) = loop {
+            let (states, recovery) = ProducerStates::recover(partition.reader(), now_ms());
+            if recovery.snapshot == (SnapshotUse::Loaded { covers: 4 }) {
+                break (states, recovery);
+            }
+            assert!(std::time::Instant::now() < deadline, "{recovery:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(recovery.replayed_batches, 0);
+        assert_eq!(states.max_producer_id(), Some(3));
+        let retry = partition
+            .append(batch(3, 2, 2).into(), Ack::Durable)
+            .await
+            .expect("stored");
+        assert!(retry.duplicate);
+        assert_eq!((retry.info.base_offset, retry.info.last_offset), (2, 3));
+        tokio::task::block_in_place(|| partition.shutdown());
     }
 }

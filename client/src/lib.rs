@@ -9,10 +9,9 @@
 //! - [`Admin`]: create, list, describe and delete topics; look up offsets.
 //! - [`Error`]: one typed error for every call.
 //!
-//! Delivery is at least once: a produce request that fails ambiguously (a dropped
-//! connection, a timeout) is retried and can then be written twice. Idempotent producers
-//! (producer ids and sequence numbers checked by the broker) need broker support that is
-//! not there yet. Consumer groups are not in the protocol yet either.
+//! Producers are idempotent by default: a produce request that fails ambiguously (a
+//! dropped connection, a timeout) is retried, and the broker stores its batch once (see
+//! [`ProducerConfig::idempotent`]). Consumer groups are not in the protocol yet.
 //!
 //! ```no_run
 //! use strata_client::{Client, Record, StartAt, TopicConfig};

@@ -907,6 +907,34 @@ mod tests {
         );
     }
 
+    /// The examples of `docs/storage-format.md` (16.2 and 17), byte for byte.
+    #[test]
+    fn files_match_the_documented_examples() {
+        let mut s = ProducerStates::new();
+        s.record(&header(7, 0, 0, 3), 0, 1_700_000_000_000);
+        s.record(&header(7, 0, 3, 2), 3, 1_700_000_000_000);
+        let hex = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            hex(&s.encode(5)),
+            "53 54 50 53 01 00 00 00 00 00 00 00 00 00 00 05 \
+             00 00 00 01 00 00 00 00 00 00 00 07 00 00 02 00 \
+             00 00 01 8b cf e5 68 00 00 00 00 00 00 00 00 02 \
+             00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 02 \
+             00 00 00 03 00 00 00 04 00 00 00 00 00 00 00 03 \
+             00 00 00 00 00 00 00 04 c4 ed f2 87"
+        );
+        assert_eq!(
+            hex(&encode_ids(2000)),
+            "53 54 50 49 01 00 00 00 00 00 00 00 00 00 07 d0 46 eb ee 30"
+        );
+    }
+
     fn log_config() -> LogConfig {
         LogConfig {
             segment_bytes_max: 2048,

@@ -23,7 +23,12 @@
 //! stored batch with the original offsets. The broker accepts a partition's batches
 //! only in sequence order, so with several requests in flight a batch that overtook an
 //! earlier one is refused as out of order; it then waits for the earlier batch's outcome
-//! and is sent again if that was stored. A batch that fails for good leaves a hole in
+//! and is sent again if that was stored. The one exception is a producer the partition
+//! does not know (its first batch there, or one the broker has forgotten, for instance
+//! after a day without writes): the broker accepts any first sequence from it, so a batch
+//! overtaking that first one would be stored ahead of it. Therefore a batch sent while
+//! nothing else of its partition is unanswered goes alone: the next one waits for its
+//! answer. A batch that fails for good leaves a hole in
 //! the sequence that no later batch can follow, so the later ones in flight fail with
 //! it, and once none is in flight the partition starts a new epoch at sequence 0.
 
@@ -229,6 +234,10 @@ struct PartitionState {
     /// Idempotence: a batch failed for good, so its sequence numbers are a hole no later
     /// batch of this epoch can follow; the next batch sent starts a new epoch.
     new_epoch_due: bool,
+    /// Idempotence: the batch sent when nothing else was unanswered. No other is sent
+    /// until it has its answer, as the broker may not know the producer yet and would
+    /// then accept a batch overtaking it.
+    probe: Option<Arc<Outcome>>,
 }
 
 impl PartitionState {
@@ -240,6 +249,7 @@ impl PartitionState {
             epoch,
             next_sequence: 0,
             new_epoch_due: false,
+            probe: None,
         }
     }
 }
@@ -616,9 +626,18 @@ impl Shared {
                     part.epoch = epoch;
                 }
             }
+            if let Some(probe) = &part.probe {
+                if probe.result.get().is_none() {
+                    break;
+                }
+                part.probe = None;
+            }
             let Some(batch) = part.queued.pop_front() else {
                 break;
             };
+            if self.identity.is_some() && part.window.is_empty() {
+                part.probe = Some(Arc::clone(&batch.outcome));
+            }
             let (bytes, previous) = match self.identity {
                 None => (Ok(Bytes::from(batch.builder.finish())), None),
                 // Still due after the bump above: 32,767 epochs ended in failed batches.

@@ -6,13 +6,16 @@
 //! <data>/tmp/                         topics being created (renamed into topics/)
 //! <data>/trash/                       topics being deleted (removed after the rename)
 //! <data>/groups/offsets/              the committed-offsets log of consumer groups
+//! <data>/producer_ids                 the producer ids reserved so far
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use strata_storage::batch::NO_PRODUCER_ID;
+use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
 use crate::coordinator::Coordinator;
@@ -84,6 +87,10 @@ pub struct Broker {
     admin: Mutex<()>,
     coordinator: Coordinator,
     offsets: Offsets,
+    /// Hands out idempotent producer ids (blocking: it may fsync).
+    producer_ids: Mutex<ProducerIds>,
+    /// Every producer id handed out is below this; produce checks it without the lock.
+    producer_ids_unissued: AtomicI64,
 }
 
 impl Broker {
@@ -118,6 +125,7 @@ impl Broker {
         let files = FileCache::new(max_open_files);
         let offsets_dir = data_dir.join("groups").join("offsets");
         let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES)?;
+        let producer_ids = ProducerIds::open(data_dir)?;
         let broker = Broker {
             _lock: lock,
             data_dir: data_dir.to_path_buf(),
@@ -127,6 +135,8 @@ impl Broker {
             admin: Mutex::new(()),
             coordinator: Coordinator::default(),
             offsets,
+            producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
+            producer_ids: Mutex::new(producer_ids),
         };
         let topics_dir = data_dir.join("topics");
         let mut names = Vec::new();
@@ -145,6 +155,19 @@ impl Broker {
         broker
             .offsets
             .forget_missing_topics(|topic| broker.partition_count(topic).is_some())?;
+        // Ids in the partitions' state were handed out, even if the id file was lost.
+        let max_seen = broker
+            .read_topics()
+            .values()
+            .flat_map(|t| t.partitions.iter().filter_map(|p| p.max_producer_id()))
+            .max();
+        if let Some(max_seen) = max_seen {
+            let mut ids = broker.lock_producer_ids();
+            ids.skip_through(max_seen);
+            broker
+                .producer_ids_unissued
+                .store(ids.next_unissued(), Ordering::Release);
+        }
         Ok(broker)
     }
 
@@ -161,6 +184,34 @@ impl Broker {
     /// The partition count of `topic`, `None` if it does not exist.
     pub fn partition_count(&self, topic: &str) -> Option<u32> {
         self.read_topics().get(topic).map(|t| t.settings.partitions)
+    }
+
+    fn lock_producer_ids(&self) -> std::sync::MutexGuard<'_, ProducerIds> {
+        self.producer_ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new idempotent producer id, unique for the life of the data directory.
+    /// Blocking: it may write and fsync the id file.
+    pub fn allocate_producer_id(&self) -> Result<i64> {
+        let mut ids = self.lock_producer_ids();
+        let id = ids.allocate()?;
+        self.producer_ids_unissued
+            .store(ids.next_unissued(), Ordering::Release);
+        Ok(id)
+    }
+
+    /// Refuses producer ids this broker never handed out: a made-up id could collide
+    /// with one handed out later and mix two producers' sequences.
+    pub fn check_producer_id(&self, producer_id: i64) -> Result<()> {
+        if producer_id == NO_PRODUCER_ID
+            || (0..self.producer_ids_unissued.load(Ordering::Acquire)).contains(&producer_id)
+        {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "producer id {producer_id} was not handed out by this broker: get one with \
+             InitProducer, or send producer id -1 for a batch that is not idempotent"
+        )))
     }
 
     /// Defaults for settings a create request leaves out.

@@ -48,6 +48,10 @@ pub enum Error {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// An idempotent producer's batch was refused by the partition (fenced epoch,
+    /// out-of-order sequence, invalid producer fields). Nothing was written.
+    #[error("partition {0}: {1}")]
+    Sequence(String, strata_storage::SequenceError),
     /// An error from the partition log.
     #[error(transparent)]
     Storage(#[from] strata_storage::Error),
@@ -91,6 +95,10 @@ impl From<Error> for Status {
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::TopicExists(_) => Code::AlreadyExists,
             Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::Sequence(_, strata_storage::SequenceError::InvalidFields { .. }) => {
+                Code::InvalidArgument
+            }
+            Error::Sequence(..) => Code::FailedPrecondition,
             Error::Unavailable(..) | Error::ShuttingDown | Error::GroupBusy(_) => Code::Unavailable,
             Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
             Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use strata_proto::v1::{self, admin_server, broker_server};
-use strata_storage::batch::{batches, Batch, BatchBuilder};
+use strata_storage::batch::{batches, Batch, BatchBuilder, BatchHeader};
 use strata_storage::{now_ms, ReadResult};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -416,6 +416,10 @@ impl broker_server::Broker for Service {
                 )
             }
         };
+        // An unparsable header is left for the writer's validation to report.
+        if let Ok(header) = BatchHeader::parse(&batch) {
+            self.broker.check_producer_id(header.producer_id)?;
+        }
         // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
         // waits for more permits than exist.
         let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
@@ -424,12 +428,12 @@ impl broker_server::Broker for Service {
             .acquire_many(permits)
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        let info = topic.partition(partition_id)?.append(batch, ack).await?;
+        let stored = topic.partition(partition_id)?.append(batch, ack).await?;
         Ok(Response::new(v1::ProduceResponse {
             partition: partition_id,
-            base_offset: info.base_offset,
-            last_offset: info.last_offset,
-            duplicate: false,
+            base_offset: stored.info.base_offset,
+            last_offset: stored.info.last_offset,
+            duplicate: stored.duplicate,
         }))
     }
 
@@ -470,9 +474,13 @@ impl broker_server::Broker for Service {
         &self,
         _request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
-        Err(Status::unimplemented(
-            "idempotent producers are being built",
-        ))
+        let broker = Arc::clone(&self.broker);
+        let producer_id = blocking(move || broker.allocate_producer_id()).await?;
+        tracing::debug!(producer_id, "handed out a producer id");
+        Ok(Response::new(v1::InitProducerResponse {
+            producer_id,
+            producer_epoch: 0,
+        }))
     }
 
     async fn subscribe(

@@ -150,6 +150,15 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// The broker refused an idempotent producer's batch because its sequence number
+    /// does not follow the partition's last one (gRPC `FAILED_PRECONDITION` on
+    /// Produce): a batch before it failed, or the producer was fenced by a newer epoch.
+    /// Nothing of the batch was written.
+    #[error("batch refused by the producer sequence check: {message}")]
+    SequenceRejected {
+        /// The broker's (or the producer's) explanation.
+        message: String,
+    },
     /// The producer or consumer was shut down before the operation completed.
     #[error("the client was closed before the operation completed")]
     Closed,

@@ -20,11 +20,11 @@
 //! Event metadata travels in record headers; [`headers`] names the usual ones (event id,
 //! type, schema version, trace context).
 //!
-//! Delivery is at least once: a produce request that fails ambiguously (a dropped
-//! connection, a timeout) is retried and can then be written twice, and a consumer that
+//! Producers are idempotent by default: a produce request that fails ambiguously (a
+//! dropped connection, a timeout) is retried, and the broker stores its batch once (see
+//! [`ProducerConfig::idempotent`]). Consumers deliver at least once: a consumer that
 //! crashes gets its uncommitted records delivered again (to whichever member owns the
-//! partition next). Idempotent producers (producer ids and sequence numbers checked by
-//! the broker) need broker support that is not there yet.
+//! partition next).
 //!
 //! ```no_run
 //! use strata_client::{headers, Client, Record, TopicConfig};

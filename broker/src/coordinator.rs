@@ -464,6 +464,13 @@ impl Coordinator {
             .get_mut(group_name)
             .expect("the member's group exists");
         group.reconcile(&id, now);
+        let member = group
+            .members
+            .get_mut(&id)
+            .expect("the member was just found or added");
+        // Epoch 0 means "joining" in requests, so even a member that got nothing at its
+        // join answers with epoch 1; its first grant then moves it on to 2.
+        member.epoch = member.epoch.max(1);
         let member = &group.members[&id];
         Ok(HeartbeatReply {
             member_id: id.clone(),
@@ -538,7 +545,8 @@ impl Coordinator {
         if member_id.is_empty() {
             return match group {
                 Some(g) if !g.members.is_empty() => Err(Error::Fenced(format!(
-                    "group {group_name:?} has {} active members: only they may commit;                      stop them first, or commit as a member",
+                    "group {group_name:?} has {} active members: only they may commit; \
+                     stop them first, or commit as a member",
                     g.members.len()
                 ))),
                 _ => Ok(()),
@@ -565,17 +573,12 @@ impl Coordinator {
                         group_name,
                         member_id,
                         &format!(
-                            "sent epoch {member_epoch} for {tp}, which it owns since epoch                              {granted}"
+                            "sent epoch {member_epoch} for {tp}, which it owns since epoch \
+                             {granted}"
                         ),
                     ))
                 }
-                None => {
-                    return Err(fenced(
-                        group_name,
-                        member_id,
-                        &format!("does not own {tp}"),
-                    ))
-                }
+                None => return Err(fenced(group_name, member_id, &format!("does not own {tp}"))),
             }
         }
         Ok(())
@@ -693,6 +696,27 @@ mod tests {
         ));
         c.check_owner("payments", &b.member_id, b.member_epoch, &b.assignment)
             .expect("b owns its partitions");
+    }
+
+    #[test]
+    fn a_join_answers_with_epoch_one_even_without_partitions() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        assert_eq!((a.member_epoch, a.assignment.len()), (1, 6));
+        // Nothing is free for b yet; epoch 0 would read as "joining" in its next request.
+        let b = join(&c, now);
+        assert_eq!((b.member_epoch, b.assignment.len()), (1, 0));
+        let a = beat(&c, &a, now).expect("a told to revoke");
+        beat(&c, &a, now).expect("a released");
+        let b = beat(&c, &b, now).expect("b granted");
+        assert_eq!((b.member_epoch, b.assignment.len()), (2, 3));
+        c.check_owner("payments", &b.member_id, 2, &b.assignment)
+            .expect("granted at epoch 2");
+        assert!(matches!(
+            c.check_owner("payments", &b.member_id, 1, &b.assignment),
+            Err(Error::Fenced(_))
+        ));
     }
 
     #[test]

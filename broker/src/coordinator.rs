@@ -477,7 +477,7 @@ impl Coordinator {
                 Member {
                     client_id: request.client_id,
                     topics: request.topics.iter().cloned().collect(),
-                    epoch: 1,
+                    epoch: 0,
                     assigned: BTreeMap::new(),
                     revoking: BTreeMap::new(),
                     session_timeout,
@@ -523,6 +523,13 @@ impl Coordinator {
             .get_mut(group_name)
             .expect("the member's group exists");
         group.reconcile(&id, now);
+        let member = group
+            .members
+            .get_mut(&id)
+            .expect("the member was just found or added");
+        // Epoch 0 means "joining" in requests, so even a member that got nothing at its
+        // join answers with epoch 1; its first grant then moves it on to 2.
+        member.epoch = member.epoch.max(1);
         let member = &group.members[&id];
         Ok(HeartbeatReply {
             member_id: id.clone(),
@@ -622,17 +629,12 @@ impl Coordinator {
                         group_name,
                         member_id,
                         &format!(
-                            "sent epoch {member_epoch} for {tp}, which it owns since epoch                              {granted}"
+                            "sent epoch {member_epoch} for {tp}, which it owns since epoch \
+                             {granted}"
                         ),
                     ))
                 }
-                None => {
-                    return Err(fenced(
-                        group_name,
-                        member_id,
-                        &format!("does not own {tp}"),
-                    ))
-                }
+                None => return Err(fenced(group_name, member_id, &format!("does not own {tp}"))),
             }
         }
         Ok(())
@@ -750,6 +752,27 @@ mod tests {
         ));
         c.check_owner("payments", &b.member_id, b.member_epoch, &b.assignment)
             .expect("b owns its partitions");
+    }
+
+    #[test]
+    fn a_join_answers_with_epoch_one_even_without_partitions() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        assert_eq!((a.member_epoch, a.assignment.len()), (1, 6));
+        // Nothing is free for b yet; epoch 0 would read as "joining" in its next request.
+        let b = join(&c, now);
+        assert_eq!((b.member_epoch, b.assignment.len()), (1, 0));
+        let a = beat(&c, &a, now).expect("a told to revoke");
+        beat(&c, &a, now).expect("a released");
+        let b = beat(&c, &b, now).expect("b granted");
+        assert_eq!((b.member_epoch, b.assignment.len()), (2, 3));
+        c.check_owner("payments", &b.member_id, 2, &b.assignment)
+            .expect("granted at epoch 2");
+        assert!(matches!(
+            c.check_owner("payments", &b.member_id, 1, &b.assignment),
+            Err(Error::Fenced(_))
+        ));
     }
 
     #[test]
@@ -965,5 +988,372 @@ mod tests {
             ),
             Err(Error::Fenced(_))
         ));
+    }
+
+    /// A model-checked run of the coordinator: random joins, heartbeats (from members
+    /// that release what is taken away and from members that keep it), resubscriptions,
+    /// leaves, time passing, expiry and topics changing size or disappearing.
+    mod state_machine {
+        use std::cell::Cell;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const GROUP: &str = "g";
+        const TOPICS: [&str; 2] = ["t0", "t1"];
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Joins with the topics whose bits are set (1 to 3).
+            Join(u8),
+            /// A heartbeat of client `.0`; `.1`: it released what was taken away.
+            Heartbeat(usize, bool),
+            /// A heartbeat of client `.0` that subscribes to the topics of bits `.1`.
+            Resubscribe(usize, u8),
+            Leave(usize),
+            AdvanceMs(u64),
+            Expire,
+            /// Topic `.0` now has `.1` partitions; 0 deletes it.
+            Resize(usize, u32),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                2 => (1u8..4).prop_map(Op::Join),
+                8 => (0usize..8, prop::bool::weighted(0.8)).prop_map(|(c, r)| Op::Heartbeat(c, r)),
+                1 => (0usize..8, 1u8..4).prop_map(|(c, t)| Op::Resubscribe(c, t)),
+                1 => (0usize..8).prop_map(Op::Leave),
+                2 => (0u64..4000).prop_map(Op::AdvanceMs),
+                1 => Just(Op::Expire),
+                1 => (0usize..2, 0u32..7).prop_map(|(t, n)| Op::Resize(t, n)),
+            ]
+        }
+
+        fn topics(bits: u8) -> Vec<String> {
+            (0..TOPICS.len())
+                .filter(|t| bits & (1 << t) != 0)
+                .map(|t| TOPICS[t].to_string())
+                .collect()
+        }
+
+        /// The client side of a member, as the model sees it.
+        #[derive(Debug)]
+        struct Client {
+            id: String,
+            epoch: u64,
+            /// Assigned, or taken away and not released.
+            held: BTreeSet<TopicPartition>,
+        }
+
+        struct World {
+            coordinator: Coordinator,
+            counts: [Cell<u32>; 2],
+            now: Instant,
+            clients: Vec<Client>,
+        }
+
+        impl World {
+            fn partitions(&self, topic: &str) -> Option<u32> {
+                let t = TOPICS.iter().position(|&name| name == topic)?;
+                Some(self.counts[t].get()).filter(|&n| n > 0)
+            }
+
+            fn exists(&self, tp: &TopicPartition) -> bool {
+                self.partitions(&tp.topic).is_some_and(|n| tp.partition < n)
+            }
+
+            fn is_member(&self, id: &str) -> bool {
+                self.coordinator
+                    .lock()
+                    .get(GROUP)
+                    .is_some_and(|g| g.members.contains_key(id))
+            }
+
+            /// Every partition some member other than `id` owns.
+            fn owned_by_others(&self, id: &str) -> BTreeSet<TopicPartition> {
+                let groups = self.coordinator.lock();
+                groups
+                    .get(GROUP)
+                    .into_iter()
+                    .flat_map(|g| &g.members)
+                    .filter(|(other, _)| *other != id)
+                    .flat_map(|(_, m)| m.assigned.keys().chain(m.revoking.keys()))
+                    .cloned()
+                    .collect()
+            }
+
+            /// A heartbeat of client `i`, checked against the model.
+            fn heartbeat(
+                &mut self,
+                i: usize,
+                release: bool,
+                subscribe: Vec<String>,
+            ) -> std::result::Result<(), TestCaseError> {
+                let client = &self.clients[i];
+                let known = self.is_member(&client.id);
+                let missing_topic = subscribe.iter().any(|t| self.partitions(t).is_none());
+                let others = self.owned_by_others(&client.id);
+                let request = Heartbeat {
+                    member_id: client.id.clone(),
+                    member_epoch: client.epoch,
+                    topics: subscribe,
+                    owned: client.held.iter().cloned().collect(),
+                    ..Heartbeat::default()
+                };
+                let reply =
+                    self.coordinator
+                        .heartbeat(GROUP, request, &|t| self.partitions(t), self.now);
+                let reply = match reply {
+                    Err(Error::TopicNotFound(_)) if missing_topic => return Ok(()),
+                    Err(Error::Fenced(_)) if !known => {
+                        // Drops everything without committing and goes away.
+                        self.clients.remove(i);
+                        return Ok(());
+                    }
+                    other => other.map_err(|e| TestCaseError::fail(format!("heartbeat: {e}")))?,
+                };
+                let client = &mut self.clients[i];
+                prop_assert!(known, "an unknown member's heartbeat succeeded");
+                prop_assert!(reply.member_epoch >= client.epoch, "the epoch went back");
+                for tp in &reply.assignment {
+                    prop_assert!(
+                        !others.contains(tp),
+                        "{} assigned while another member owns it",
+                        tp
+                    );
+                }
+                let assignment: BTreeSet<TopicPartition> = reply.assignment.into_iter().collect();
+                client.epoch = reply.member_epoch;
+                if release {
+                    client.held = assignment;
+                } else {
+                    client.held.extend(assignment);
+                }
+                // Right after its heartbeat, a member is assigned only partitions of its
+                // target, which exist: those of a topic that shrank or went away are
+                // being revoked.
+                let id = client.id.clone();
+                let groups = self.coordinator.lock();
+                let group = &groups[GROUP];
+                let target = group.target.get(&id);
+                for tp in group.members[&id].assigned.keys() {
+                    prop_assert!(
+                        target.is_some_and(|t| t.contains(tp)),
+                        "{} assigned outside the target",
+                        tp
+                    );
+                    prop_assert!(self.exists(tp), "{} does not exist but is assigned", tp);
+                }
+                Ok(())
+            }
+
+            fn apply(&mut self, op: &Op) -> std::result::Result<(), TestCaseError> {
+                let pick = |i: usize, n: usize| (n > 0).then(|| i % n);
+                match *op {
+                    Op::Join(bits) => {
+                        let subscribe = topics(bits);
+                        let missing = subscribe.iter().any(|t| self.partitions(t).is_none());
+                        let others = self.owned_by_others("");
+                        let reply = self.coordinator.heartbeat(
+                            GROUP,
+                            Heartbeat {
+                                topics: subscribe,
+                                ..Heartbeat::default()
+                            },
+                            &|t| self.partitions(t),
+                            self.now,
+                        );
+                        match reply {
+                            Err(Error::TopicNotFound(_)) if missing => {}
+                            Ok(reply) => {
+                                prop_assert!(!missing, "joined a missing topic");
+                                prop_assert!(reply.member_epoch >= 1);
+                                for tp in &reply.assignment {
+                                    prop_assert!(
+                                        !others.contains(tp),
+                                        "{} given at a join while owned",
+                                        tp
+                                    );
+                                }
+                                self.clients.push(Client {
+                                    id: reply.member_id,
+                                    epoch: reply.member_epoch,
+                                    held: reply.assignment.into_iter().collect(),
+                                });
+                            }
+                            Err(e) => prop_assert!(false, "join: {}", e),
+                        }
+                    }
+                    Op::Heartbeat(i, release) => {
+                        if let Some(i) = pick(i, self.clients.len()) {
+                            self.heartbeat(i, release, Vec::new())?;
+                        }
+                    }
+                    Op::Resubscribe(i, bits) => {
+                        if let Some(i) = pick(i, self.clients.len()) {
+                            self.heartbeat(i, true, topics(bits))?;
+                        }
+                    }
+                    Op::Leave(i) => {
+                        if let Some(i) = pick(i, self.clients.len()) {
+                            let client = self.clients.remove(i);
+                            self.coordinator
+                                .leave(GROUP, &client.id, &|t| self.partitions(t));
+                            prop_assert!(!self.is_member(&client.id));
+                        }
+                    }
+                    Op::AdvanceMs(ms) => self.now += Duration::from_millis(ms),
+                    Op::Expire => self.coordinator.expire(&|t| self.partitions(t), self.now),
+                    Op::Resize(t, n) => self.counts[t].set(n),
+                }
+                Ok(())
+            }
+
+            /// Invariants that hold between any two operations.
+            fn check(&self) -> std::result::Result<(), TestCaseError> {
+                let groups = self.coordinator.lock();
+                let Some(group) = groups.get(GROUP) else {
+                    drop(groups);
+                    // A group without members is forgotten; its clients are zombies.
+                    for client in &self.clients {
+                        prop_assert!(self.zombie_is_fenced(client));
+                    }
+                    return Ok(());
+                };
+                prop_assert!(!group.members.is_empty(), "an empty group is kept");
+                // No partition has two owners, and the owner index agrees.
+                let mut owners: BTreeMap<&TopicPartition, &String> = BTreeMap::new();
+                for (id, m) in &group.members {
+                    let revoking = m.revoking.iter().map(|(tp, r)| (tp, &r.granted));
+                    for (tp, &granted) in m.assigned.iter().chain(revoking) {
+                        prop_assert!(
+                            granted <= m.epoch,
+                            "{} granted after the member's epoch",
+                            tp
+                        );
+                        if let Some(other) = owners.insert(tp, id) {
+                            prop_assert!(false, "{} owned by {} and {}", tp, other, id);
+                        }
+                    }
+                }
+                prop_assert_eq!(owners.len(), group.owners.len());
+                for (tp, id) in &owners {
+                    prop_assert_eq!(group.owners.get(*tp), Some(*id));
+                }
+                // The target gives each existing partition (as last seen) to at most one
+                // subscribed member.
+                let mut targeted = BTreeSet::new();
+                for (id, set) in &group.target {
+                    let member = group.members.get(id);
+                    prop_assert!(member.is_some(), "a target for a departed member {}", id);
+                    for tp in set {
+                        prop_assert!(member.is_some_and(|m| m.topics.contains(&tp.topic)));
+                        prop_assert!(group
+                            .partitions
+                            .get(&tp.topic)
+                            .is_some_and(|&n| tp.partition < n));
+                        prop_assert!(targeted.insert(tp), "{} targeted twice", tp);
+                    }
+                }
+                drop(groups);
+                // A client holds only what its member owns, at its epoch; a client
+                // whose member is gone is fenced from everything it still holds.
+                for client in &self.clients {
+                    if self.is_member(&client.id) {
+                        let groups = self.coordinator.lock();
+                        let member = &groups[GROUP].members[&client.id];
+                        prop_assert_eq!(member.epoch, client.epoch);
+                        for tp in &client.held {
+                            prop_assert!(member.owns(tp).is_some(), "{} held but not owned", tp);
+                        }
+                        drop(groups);
+                        prop_assert!(self
+                            .coordinator
+                            .check_owner(GROUP, &client.id, client.epoch, &client.held)
+                            .is_ok());
+                    } else {
+                        prop_assert!(self.zombie_is_fenced(client));
+                    }
+                }
+                Ok(())
+            }
+
+            fn zombie_is_fenced(&self, client: &Client) -> bool {
+                client.held.iter().all(|tp| {
+                    matches!(
+                        self.coordinator
+                            .check_owner(GROUP, &client.id, client.epoch, [tp]),
+                        Err(Error::Fenced(_))
+                    )
+                })
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn ownership_stays_exclusive_and_cooperative_members_settle_balanced(
+                ops in prop::collection::vec(op(), 1..80),
+            ) {
+                let mut world = World {
+                    coordinator: Coordinator::default(),
+                    counts: [Cell::new(6), Cell::new(3)],
+                    now: Instant::now(),
+                    clients: Vec::new(),
+                };
+                for op in &ops {
+                    world.apply(op)?;
+                    world.check()?;
+                }
+                // No more changes: members that heartbeat and release what is taken
+                // away reach the target within a few rounds (a round to learn of a
+                // revocation, one to release it, one for the next owner to get it).
+                for _ in 0..4 {
+                    let mut i = 0;
+                    while i < world.clients.len() {
+                        let before = world.clients.len();
+                        world.heartbeat(i, true, Vec::new())?;
+                        world.check()?;
+                        // A zombie's heartbeat removes it; the next client moved up.
+                        if world.clients.len() == before {
+                            i += 1;
+                        }
+                    }
+                }
+                let view = world.coordinator.describe(GROUP);
+                let Some(view) = view else {
+                    prop_assert!(world.clients.is_empty());
+                    return Ok(());
+                };
+                prop_assert_eq!(view.state, GroupState::Stable, "{:#?}", view);
+                prop_assert_eq!(view.members.len(), world.clients.len());
+                for topic in TOPICS {
+                    let subscribers: Vec<&MemberView> =
+                        view.members.iter().filter(|m| m.topics.iter().any(|t| t == topic)).collect();
+                    let count = world.partitions(topic).unwrap_or(0);
+                    if subscribers.is_empty() {
+                        continue;
+                    }
+                    let mut all: Vec<u32> = Vec::new();
+                    let mut per_member = Vec::new();
+                    for m in &subscribers {
+                        let mine: Vec<u32> = m.assignment.iter().filter(|tp| tp.topic == topic).map(|tp| tp.partition).collect();
+                        per_member.push(mine.len());
+                        all.extend(mine);
+                    }
+                    all.sort_unstable();
+                    prop_assert_eq!(all, (0..count).collect::<Vec<u32>>(), "{}: {:#?}", topic, view);
+                    let (min, max) = (per_member.iter().min(), per_member.iter().max());
+                    prop_assert!(max.zip(min).is_some_and(|(max, min)| max - min <= 1), "{}: {:?}", topic, per_member);
+                }
+                for client in &world.clients {
+                    let m = view.members.iter().find(|m| m.member_id == client.id);
+                    prop_assert!(m.is_some_and(|m| m.revoking.is_empty()
+                        && client.held == m.assignment.iter().cloned().collect::<BTreeSet<_>>()));
+                }
+            }
+        }
     }
 }

@@ -587,6 +587,27 @@ impl Coordinator {
         groups.retain(|_, group| !group.members.is_empty());
     }
 
+    /// Removes every member that owns a partition of `topic`, which was just deleted:
+    /// a topic created again under that name is a different log, and a member must not
+    /// carry its positions in the old one over to it. The members learn of it on their
+    /// next request (FAILED_PRECONDITION) and rejoin.
+    pub fn topic_deleted(&self, topic: &str, partitions: &dyn Fn(&str) -> Option<u32>) {
+        let mut groups = self.lock();
+        for (name, group) in groups.iter_mut() {
+            let owners: BTreeSet<String> = group
+                .owners
+                .iter()
+                .filter(|(tp, _)| tp.topic == topic)
+                .map(|(_, id)| id.clone())
+                .collect();
+            for id in owners {
+                tracing::info!(group = %name, member = %id, %topic, "member removed: its topic was deleted");
+                group.remove(&id, partitions);
+            }
+        }
+        groups.retain(|_, group| !group.members.is_empty());
+    }
+
     /// Checks that a request from a member (or, with an empty `member_id`, from outside
     /// the group) may commit or fetch `partitions`.
     pub fn check_owner<'a>(
@@ -920,6 +941,17 @@ mod tests {
             Err(Error::Fenced(_))
         ));
         c.leave("payments", &a.member_id, &six);
+    }
+
+    #[test]
+    fn deleting_a_topic_removes_the_members_that_own_its_partitions() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        assert_eq!(a.assignment.len(), 6);
+        c.topic_deleted("orders", &|_| None);
+        assert!(matches!(beat(&c, &a, now), Err(Error::Fenced(_))));
+        c.topic_deleted("elsewhere", &six);
     }
 
     #[test]

@@ -124,6 +124,9 @@ impl admin_server::Admin for Service {
         tokio::spawn(async move {
             let offsets = Arc::clone(&broker);
             blocking(move || broker.delete_topic(&deleted)).await?;
+            offsets
+                .coordinator()
+                .topic_deleted(&topic, &|t| offsets.partition_count(t));
             offsets.offsets().delete_topic(&topic).await
         })
         .await

@@ -1648,3 +1648,186 @@ async fn decoded_fetch_stops_at_its_budget_and_resumes_inside_the_batch() {
         "a 4 KiB budget needs many fetches, took {fetches}"
     );
 }
+
+/// The `LAG` column of partition `partition` in `strata group describe` output, and the
+/// total lag line.
+fn described_lag(out: &str, topic: &str, partition: u32) -> (String, String) {
+    let row = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && f[0] == topic && f[1] == partition.to_string())
+        .unwrap_or_else(|| panic!("no row for {topic}/{partition} in:\n{out}"));
+    let total = out
+        .lines()
+        .find_map(|l| l.strip_prefix("total lag:"))
+        .unwrap_or_else(|| panic!("no total lag in:\n{out}"))
+        .trim()
+        .to_string();
+    (row[4].to_string(), total)
+}
+
+/// Guards `strata group list|describe|reset|delete`: describe shows the lag of a group
+/// whose consumer stopped (growing as records arrive), and zero once it caught up;
+/// reset moves offsets of a group without members; errors exit non-zero with the
+/// broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_group_describe_shows_lag_and_reset_moves_offsets() {
+    use strata_proto::v1::groups_client::GroupsClient;
+    let broker = Broker::start();
+    let (ok, _, err) = cli(
+        &broker,
+        &["topic", "create", "lag", "--partitions", "2"],
+        "",
+    );
+    assert!(ok, "{err}");
+    let ten = "1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n";
+    assert!(cli(&broker, &["produce", "lag", "--partition", "0"], ten).0);
+    assert!(
+        cli(
+            &broker,
+            &["produce", "lag", "--partition", "1"],
+            "a\nb\nc\nd\ne\nf\n"
+        )
+        .0
+    );
+
+    // A consumer joins, processes part of partition 0 and all of partition 1, commits
+    // and stops (leaves).
+    let mut groups = GroupsClient::new(broker.channel().await);
+    let mut member = v1::HeartbeatResponse::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while member
+        .assignment
+        .iter()
+        .map(|t| t.partitions.len())
+        .sum::<usize>()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never got both partitions"
+        );
+        member = groups
+            .heartbeat(v1::HeartbeatRequest {
+                group: "billing".into(),
+                member_id: member.member_id.clone(),
+                member_epoch: member.member_epoch,
+                topics: vec!["lag".into()],
+                owned: member.assignment.clone(),
+                client_id: "cli-test".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("heartbeat")
+            .into_inner();
+    }
+    let commit = |member_id: &str, epoch: u64, p0: u64, p1: u64| v1::CommitOffsetsRequest {
+        group: "billing".into(),
+        member_id: member_id.to_string(),
+        member_epoch: epoch,
+        offsets: [(0, p0), (1, p1)]
+            .into_iter()
+            .map(|(partition, offset)| v1::PartitionOffset {
+                topic: "lag".into(),
+                partition,
+                offset,
+                ..Default::default()
+            })
+            .collect(),
+    };
+    groups
+        .commit_offsets(commit(&member.member_id, member.member_epoch, 4, 6))
+        .await
+        .expect("commit");
+    let (ok, out, err) = cli(&broker, &["group", "describe", "billing"], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("STABLE") && out.contains("cli-test"), "{out}");
+    groups
+        .leave_group(v1::LeaveGroupRequest {
+            group: "billing".into(),
+            member_id: member.member_id.clone(),
+        })
+        .await
+        .expect("leave");
+
+    let (ok, out, err) = cli(&broker, &["group", "describe", "billing"], "");
+    assert!(ok, "{err}");
+    assert!(out.contains("EMPTY"), "{out}");
+    assert_eq!(described_lag(&out, "lag", 0), ("6".into(), "6".into()));
+    assert_eq!(described_lag(&out, "lag", 1).0, "0");
+    // Records keep arriving while the consumer is stopped: the lag grows.
+    assert!(
+        cli(
+            &broker,
+            &["produce", "lag", "--partition", "1"],
+            "g\nh\ni\nj\nk\n"
+        )
+        .0
+    );
+    let (_, out, _) = cli(&broker, &["group", "describe", "billing"], "");
+    assert_eq!(described_lag(&out, "lag", 1), ("5".into(), "11".into()));
+    // It comes back and catches up (a commit from outside the empty group).
+    groups
+        .commit_offsets(commit("", 0, 10, 11))
+        .await
+        .expect("catch-up commit");
+    let (_, out, _) = cli(&broker, &["group", "describe", "billing"], "");
+    assert_eq!(described_lag(&out, "lag", 0), ("0".into(), "0".into()));
+
+    let (ok, out, _) = cli(&broker, &["group", "list"], "");
+    assert!(
+        ok && out
+            .lines()
+            .any(|l| l.starts_with("billing") && l.contains("EMPTY")),
+        "{out}"
+    );
+    let (ok, out, err) = cli(
+        &broker,
+        &[
+            "group", "reset", "billing", "--topic", "lag", "--to", "earliest",
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("billing lag/0 -> 0") && out.contains("billing lag/1 -> 0"),
+        "{out}"
+    );
+    let (_, out, _) = cli(&broker, &["group", "describe", "billing"], "");
+    assert_eq!(described_lag(&out, "lag", 1), ("11".into(), "21".into()));
+    let (ok, out, _) = cli(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "billing",
+            "--topic",
+            "lag",
+            "--partition",
+            "1",
+            "--to",
+            "7",
+        ],
+        "",
+    );
+    assert!(ok && out.trim() == "billing lag/1 -> 7", "{out}");
+
+    let (ok, _, err) = cli(
+        &broker,
+        &["group", "reset", "billing", "--topic", "lag", "--to", "99"],
+        "",
+    );
+    assert!(!ok && err.contains("out of range: offset 99"), "{err}");
+    let (ok, _, err) = cli(
+        &broker,
+        &[
+            "group", "reset", "billing", "--topic", "lag", "--to", "soon",
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("expected earliest, latest"), "{err}");
+    let (ok, out, err) = cli(&broker, &["group", "delete", "billing"], "");
+    assert!(ok && out.contains("deleted group billing"), "{err}");
+    let (ok, _, err) = cli(&broker, &["group", "describe", "billing"], "");
+    assert!(!ok && err.contains("not found"), "{err}");
+}

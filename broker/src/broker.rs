@@ -5,16 +5,22 @@
 //! <data>/topics/<name>/<partition>/   one storage log per partition
 //! <data>/tmp/                         topics being created (renamed into topics/)
 //! <data>/trash/                       topics being deleted (removed after the rename)
+//! <data>/groups/offsets/              the committed-offsets log of consumer groups
+//! <data>/producer_ids                 the producer ids reserved so far
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use strata_storage::batch::NO_PRODUCER_ID;
+use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
+use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
+use crate::offsets::{Offsets, SEGMENT_BYTES};
 use crate::partition::Partition;
 use crate::topic::{validate_name, TopicSettings};
 
@@ -27,6 +33,10 @@ pub struct Topic {
     pub settings: TopicSettings,
     partitions: Vec<Arc<Partition>>,
     next_partition: AtomicU32,
+    /// Set when the topic is deleted, before its groups' offsets are: a commit that
+    /// checked the topic before the deletion and is written after it must not bring
+    /// them back.
+    deleted: AtomicBool,
 }
 
 impl Topic {
@@ -44,6 +54,11 @@ impl Topic {
     /// All partitions, in order.
     pub fn partitions(&self) -> &[Arc<Partition>] {
         &self.partitions
+    }
+
+    /// True once the topic has been deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
     }
 
     /// The partition for records without a key: each in turn.
@@ -70,6 +85,12 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
+    coordinator: Coordinator,
+    offsets: Offsets,
+    /// Hands out idempotent producer ids (blocking: it may fsync).
+    producer_ids: Mutex<ProducerIds>,
+    /// Every producer id handed out is below this; produce checks it without the lock.
+    producer_ids_unissued: AtomicI64,
 }
 
 impl Broker {
@@ -101,13 +122,21 @@ impl Broker {
                 std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
             }
         }
+        let files = FileCache::new(max_open_files);
+        let offsets_dir = data_dir.join("groups").join("offsets");
+        let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES)?;
+        let producer_ids = ProducerIds::open(data_dir)?;
         let broker = Broker {
             _lock: lock,
             data_dir: data_dir.to_path_buf(),
             defaults,
-            files: FileCache::new(max_open_files),
+            files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            coordinator: Coordinator::default(),
+            offsets,
+            producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
+            producer_ids: Mutex::new(producer_ids),
         };
         let topics_dir = data_dir.join("topics");
         let mut names = Vec::new();
@@ -123,7 +152,66 @@ impl Broker {
             let topic = broker.open_topic(&name, &dir, settings)?;
             broker.write_topics().insert(name, Arc::new(topic));
         }
+        broker
+            .offsets
+            .forget_missing_topics(|topic| broker.partition_count(topic).is_some())?;
+        // Ids in the partitions' state were handed out, even if the id file was lost.
+        let max_seen = broker
+            .read_topics()
+            .values()
+            .flat_map(|t| t.partitions.iter().filter_map(|p| p.max_producer_id()))
+            .max();
+        if let Some(max_seen) = max_seen {
+            let mut ids = broker.lock_producer_ids();
+            ids.skip_through(max_seen);
+            broker
+                .producer_ids_unissued
+                .store(ids.next_unissued(), Ordering::Release);
+        }
         Ok(broker)
+    }
+
+    /// Consumer group membership.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// Committed consumer group offsets.
+    pub fn offsets(&self) -> &Offsets {
+        &self.offsets
+    }
+
+    /// The partition count of `topic`, `None` if it does not exist.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.read_topics().get(topic).map(|t| t.settings.partitions)
+    }
+
+    fn lock_producer_ids(&self) -> std::sync::MutexGuard<'_, ProducerIds> {
+        self.producer_ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new idempotent producer id, unique for the life of the data directory.
+    /// Blocking: it may write and fsync the id file.
+    pub fn allocate_producer_id(&self) -> Result<i64> {
+        let mut ids = self.lock_producer_ids();
+        let id = ids.allocate()?;
+        self.producer_ids_unissued
+            .store(ids.next_unissued(), Ordering::Release);
+        Ok(id)
+    }
+
+    /// Refuses producer ids this broker never handed out: a made-up id could collide
+    /// with one handed out later and mix two producers' sequences.
+    pub fn check_producer_id(&self, producer_id: i64) -> Result<()> {
+        if producer_id == NO_PRODUCER_ID
+            || (0..self.producer_ids_unissued.load(Ordering::Acquire)).contains(&producer_id)
+        {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "producer id {producer_id} was not handed out by this broker: get one with \
+             InitProducer, or send producer id -1 for a batch that is not idempotent"
+        )))
     }
 
     /// Defaults for settings a create request leaves out.
@@ -149,6 +237,7 @@ impl Broker {
             settings,
             partitions,
             next_partition: AtomicU32::new(0),
+            deleted: AtomicBool::new(false),
         })
     }
 
@@ -215,6 +304,7 @@ impl Broker {
             .write_topics()
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
+        topic.deleted.store(true, Ordering::Release);
         topic.shutdown();
         let dir = self.data_dir.join("topics").join(name);
         let trash = self.data_dir.join("trash").join(name);
@@ -233,12 +323,21 @@ impl Broker {
         }
     }
 
+    /// Removes group members whose session or rebalance timeout passed.
+    pub fn expire_members(&self) {
+        self.coordinator.expire(
+            &|topic| self.partition_count(topic),
+            std::time::Instant::now(),
+        );
+    }
+
     /// Answers everything queued, then closes every log cleanly. Blocking.
     pub fn shutdown(&self) {
         let topics = std::mem::take(&mut *self.write_topics());
         for topic in topics.values() {
             topic.shutdown();
         }
+        self.offsets.shutdown();
     }
 }
 

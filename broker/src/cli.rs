@@ -1,5 +1,5 @@
-//! The client subcommands of `strata`: `topic`, `produce` and `consume`, talking to a
-//! broker over gRPC like any other client.
+//! The client subcommands of `strata`: `topic`, `group`, `produce` and `consume`,
+//! talking to a broker over gRPC like any other client.
 
 use std::time::Duration;
 
@@ -63,6 +63,37 @@ pub enum TopicCommand {
     Delete {
         /// Topic name.
         name: String,
+    },
+}
+
+/// `strata group ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum GroupCommand {
+    /// List consumer groups: those with members and those with committed offsets.
+    List,
+    /// Show a group's members and, per partition, its committed offset, log end and lag.
+    Describe {
+        /// Group name.
+        group: String,
+    },
+    /// Move a group's committed offsets (the group must have no active members).
+    Reset {
+        /// Group name.
+        group: String,
+        /// The topic whose offsets move.
+        #[arg(long)]
+        topic: String,
+        /// Only these partitions (repeatable; default: all).
+        #[arg(long = "partition")]
+        partitions: Vec<u32>,
+        /// Where to: earliest, latest, an offset, or @<unix-ms> for a time.
+        #[arg(long)]
+        to: String,
+    },
+    /// Forget a group and its committed offsets (it must have no active members).
+    Delete {
+        /// Group name.
+        group: String,
     },
 }
 
@@ -250,6 +281,158 @@ pub async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?;
             println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
+
+fn group_state(state: i32) -> &'static str {
+    match v1::GroupState::try_from(state) {
+        Ok(v1::GroupState::Empty) => "EMPTY",
+        Ok(v1::GroupState::Stable) => "STABLE",
+        Ok(v1::GroupState::Reconciling) => "RECONCILING",
+        Err(_) => "UNKNOWN",
+    }
+}
+
+fn partition_list(partitions: &[v1::TopicPartitions]) -> String {
+    let parts: Vec<String> = partitions
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| format!("{}/{p}", t.topic)))
+        .collect();
+    if parts.is_empty() {
+        "-".to_string()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// Parses where `strata group reset --to` points.
+fn reset_target(to: &str) -> anyhow::Result<v1::reset_offsets_request::To> {
+    use v1::reset_offsets_request::To;
+    Ok(match to {
+        "earliest" => To::Earliest(true),
+        "latest" => To::Latest(true),
+        _ => match to.strip_prefix('@') {
+            Some(ms) => To::TimestampMs(
+                ms.parse()
+                    .with_context(|| format!("--to {to:?}: expected @<unix-ms>"))?,
+            ),
+            None => To::Offset(to.parse().with_context(|| {
+                format!("--to {to:?}: expected earliest, latest, an offset or @<unix-ms>")
+            })?),
+        },
+    })
+}
+
+/// Runs `strata group ...`.
+pub async fn group(broker: &str, command: GroupCommand) -> anyhow::Result<()> {
+    let mut client = admin(broker).await?;
+    match command {
+        GroupCommand::List => {
+            let groups = client
+                .list_groups(v1::ListGroupsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .groups;
+            println!(
+                "{:<32} {:<12} {:>7} {:>7}",
+                "GROUP", "STATE", "MEMBERS", "EPOCH"
+            );
+            for g in groups {
+                println!(
+                    "{:<32} {:<12} {:>7} {:>7}",
+                    g.group,
+                    group_state(g.state),
+                    g.members,
+                    g.epoch
+                );
+            }
+        }
+        GroupCommand::Describe { group } => {
+            let response = client
+                .describe_group(v1::DescribeGroupRequest { group })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let summary = response.group.unwrap_or_default();
+            println!("group:     {}", summary.group);
+            println!("state:     {}", group_state(summary.state));
+            println!("epoch:     {}", summary.epoch);
+            println!("members:   {}", summary.members);
+            println!("total lag: {}", response.total_lag);
+            if !response.members.is_empty() {
+                println!();
+                println!(
+                    "{:<18} {:<20} {:>6} {:<30} REVOKING",
+                    "MEMBER", "CLIENT", "EPOCH", "ASSIGNMENT"
+                );
+                for m in &response.members {
+                    println!(
+                        "{:<18} {:<20} {:>6} {:<30} {}",
+                        m.member_id,
+                        if m.client_id.is_empty() {
+                            "-"
+                        } else {
+                            &m.client_id
+                        },
+                        m.member_epoch,
+                        partition_list(&m.assignment),
+                        partition_list(&m.revoking)
+                    );
+                }
+            }
+            println!();
+            println!(
+                "{:<32} {:>9} {:>15} {:>15} {:>12}  MEMBER",
+                "TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG"
+            );
+            let dash = || "-".to_string();
+            for p in response.partitions {
+                println!(
+                    "{:<32} {:>9} {:>15} {:>15} {:>12}  {}",
+                    p.topic,
+                    p.partition,
+                    p.committed_offset.map_or_else(dash, |o| o.to_string()),
+                    p.log_end_offset,
+                    p.lag.map_or_else(dash, |l| l.to_string()),
+                    if p.member_id.is_empty() {
+                        "-"
+                    } else {
+                        &p.member_id
+                    }
+                );
+            }
+        }
+        GroupCommand::Reset {
+            group,
+            topic,
+            partitions,
+            to,
+        } => {
+            let response = client
+                .reset_offsets(v1::ResetOffsetsRequest {
+                    group: group.clone(),
+                    topic,
+                    partitions,
+                    to: Some(reset_target(&to)?),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            for o in response.offsets {
+                println!("{group} {}/{} -> {}", o.topic, o.partition, o.offset);
+            }
+        }
+        GroupCommand::Delete { group } => {
+            client
+                .delete_group(v1::DeleteGroupRequest {
+                    group: group.clone(),
+                })
+                .await
+                .map_err(status)?;
+            println!("deleted group {group}");
         }
     }
     Ok(())

@@ -25,6 +25,20 @@ pub enum Error {
     /// The request is malformed; the message says how.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A group request from a member that is not (or no longer) allowed to make it: it
+    /// left or timed out, or does not own the partition at that epoch; or an admin
+    /// change to a group that has members.
+    #[error("{0}")]
+    Fenced(String),
+    /// A position outside what a partition holds.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// An admin change to the group's offsets is in progress.
+    #[error("consumer group {0:?} is being reset or deleted; retry in a moment")]
+    GroupBusy(String),
+    /// No consumer group of that name.
+    #[error("consumer group {0:?} does not exist (it has no members and no committed offsets)")]
+    GroupNotFound(String),
     /// The disk is full: a write of the partition's log failed with ENOSPC.
     #[error("partition {0}: disk full: {1}")]
     DiskFull(String, String),
@@ -34,6 +48,10 @@ pub enum Error {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// An idempotent producer's batch was refused by the partition (fenced epoch,
+    /// out-of-order sequence, invalid producer fields). Nothing was written.
+    #[error("partition {0}: {1}")]
+    Sequence(String, strata_storage::SequenceError),
     /// An error from the partition log.
     #[error(transparent)]
     Storage(#[from] strata_storage::Error),
@@ -70,10 +88,18 @@ impl From<Error> for Status {
     fn from(e: Error) -> Status {
         use strata_storage::Error as S;
         let code = match &e {
-            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } => Code::NotFound,
+            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::GroupNotFound(_) => {
+                Code::NotFound
+            }
+            Error::Fenced(_) => Code::FailedPrecondition,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::TopicExists(_) => Code::AlreadyExists,
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::Unavailable(..) | Error::ShuttingDown => Code::Unavailable,
+            Error::Sequence(_, strata_storage::SequenceError::InvalidFields { .. }) => {
+                Code::InvalidArgument
+            }
+            Error::Sequence(..) => Code::FailedPrecondition,
+            Error::Unavailable(..) | Error::ShuttingDown | Error::GroupBusy(_) => Code::Unavailable,
             Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
             Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
             Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,

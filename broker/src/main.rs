@@ -2,7 +2,7 @@
 //! command-line client for it.
 
 use clap::{Parser, Subcommand};
-use strata_broker::cli::{self, BrokerArg, ConsumeArgs, ProduceArgs, TopicCommand};
+use strata_broker::cli::{self, BrokerArg, ConsumeArgs, GroupCommand, ProduceArgs, TopicCommand};
 use strata_broker::config::{ServeArgs, ServeConfig};
 
 #[derive(Debug, Parser)]
@@ -26,6 +26,13 @@ enum Command {
         broker: BrokerArg,
         #[command(subcommand)]
         command: TopicCommand,
+    },
+    /// List, describe (with lag), reset and delete consumer groups.
+    Group {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[command(subcommand)]
+        command: GroupCommand,
     },
     /// Write standard input to a topic, one record per line.
     Produce {
@@ -64,6 +71,7 @@ fn main() -> std::process::ExitCode {
                 strata_broker::server::serve(config, strata_broker::server::shutdown_signal()).await
             }
             Command::Topic { broker, command } => cli::topic(&broker.broker, command).await,
+            Command::Group { broker, command } => cli::group(&broker.broker, command).await,
             Command::Produce { broker, args } => cli::produce(&broker.broker, args).await,
             Command::Consume { broker, args } => cli::consume(&broker.broker, args).await,
         }

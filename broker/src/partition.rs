@@ -7,13 +7,22 @@
 //! therefore share fsyncs, and the more of them there are, the larger each group gets.
 //! Readers go straight to the log through a [`LogReader`] and wait for new data on a
 //! watch channel that carries the high watermark.
+//!
+//! The writer also owns the partition's idempotent producer state
+//! ([`ProducerStates`]): each batch with a producer id is checked against it before it
+//! is staged, so a retry is recognised even when its original is staged in the same
+//! commit group. A duplicate is answered with the original's offsets, after the commit
+//! that makes the original durable if it is not yet. The state is recovered when the
+//! partition opens and snapshotted periodically and at a clean close.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use strata_storage::{now_ms, AppendInfo, FileCache, Log, LogConfig, LogReader};
+use strata_storage::batch::{Batch, BatchHeader, NO_PRODUCER_ID};
+use strata_storage::producer::{ProducerStates, SnapshotUse, Verdict};
+use strata_storage::{now_ms, AppendInfo, Durability, FileCache, Log, LogConfig, LogReader};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
@@ -34,11 +43,21 @@ pub enum Ack {
     Leader,
 }
 
+/// Where a produced batch is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// Its offsets.
+    pub info: AppendInfo,
+    /// It was a retry of a batch already stored: `info` is the original's, and nothing
+    /// was written.
+    pub duplicate: bool,
+}
+
 enum Command {
     Append {
         batch: bytes::Bytes,
         ack: Ack,
-        reply: oneshot::Sender<Result<AppendInfo>>,
+        reply: oneshot::Sender<Result<Stored>>,
     },
     /// Commit (syncs idle data under the interval policy); apply retention if asked.
     Maintain {
@@ -54,6 +73,8 @@ pub struct Partition {
     commands: mpsc::Sender<Command>,
     high_watermark: watch::Receiver<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The largest producer id in the state recovered at open.
+    max_producer_id: Option<i64>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -78,6 +99,8 @@ impl Partition {
             // Only recovery after a crash (a scan of the unflushed tail) takes this long.
             tracing::info!(partition = %name, took = ?opened.elapsed(), "recovered the log");
         }
+        let producers = recover_producers(&name, &log)?;
+        let max_producer_id = producers.max_producer_id();
         let reader = log.reader().clone();
         let (commands, receiver) = mpsc::channel(QUEUE_DEPTH);
         let (watermark, high_watermark) = watch::channel(reader.high_watermark());
@@ -86,6 +109,8 @@ impl Partition {
             log,
             watermark,
             failed: false,
+            producers,
+            unsnapshotted_bytes: 0,
         };
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
@@ -99,7 +124,13 @@ impl Partition {
             commands,
             high_watermark,
             writer: Mutex::new(Some(thread)),
+            max_producer_id,
         })
+    }
+
+    /// The largest producer id this partition had state for when it was opened.
+    pub fn max_producer_id(&self) -> Option<i64> {
+        self.max_producer_id
     }
 
     /// Read access to the log.
@@ -107,8 +138,10 @@ impl Partition {
         &self.reader
     }
 
-    /// Appends an encoded batch; answers per `ack`.
-    pub async fn append(&self, batch: bytes::Bytes, ack: Ack) -> Result<AppendInfo> {
+    /// Appends an encoded batch; answers per `ack`. A batch of an idempotent producer
+    /// that repeats one already stored is not written again; the answer then carries
+    /// the original's offsets.
+    pub async fn append(&self, batch: bytes::Bytes, ack: Ack) -> Result<Stored> {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Append { batch, ack, reply })
@@ -150,6 +183,45 @@ impl Partition {
     }
 }
 
+/// Rebuilds the producer state of a freshly opened log, and snapshots it when the
+/// snapshot on disk did not describe it exactly: before the log changes, so a rejected
+/// snapshot can never be trusted later, and so the next open does not replay again.
+fn recover_producers(name: &str, log: &Log) -> Result<ProducerStates> {
+    let started = std::time::Instant::now();
+    let (producers, recovery) = ProducerStates::recover(log.reader(), now_ms());
+    if let Some(error) = &recovery.replay_error {
+        tracing::warn!(
+            partition = %name,
+            %error,
+            "cannot replay the log for idempotent producer state; every producer starts \
+             as unknown, so retries of batches written before this start are not recognised"
+        );
+    }
+    if let SnapshotUse::Rejected(reason) = &recovery.snapshot {
+        tracing::warn!(partition = %name, %reason, "producer state snapshot not used; replayed the log");
+    }
+    if started.elapsed() > Duration::from_secs(1) {
+        tracing::info!(
+            partition = %name,
+            batches = recovery.replayed_batches,
+            took = ?started.elapsed(),
+            "replayed the log for idempotent producer state"
+        );
+    }
+    if recovery.needs_snapshot() {
+        producers.write_snapshot(log.reader().dir(), log.next_offset(), true)?;
+    }
+    Ok(producers)
+}
+
+/// What [`Writer::write`] did with a batch.
+struct Written {
+    stored: Stored,
+    /// The batch (or the original of a duplicate) is published: the answer need not
+    /// wait for this group's commit.
+    published: bool,
+}
+
 struct Writer {
     name: String,
     log: Log,
@@ -157,11 +229,14 @@ struct Writer {
     /// Set after the first failed commit: the log refuses writes from then on, so there
     /// is nothing to commit and nothing to report again.
     failed: bool,
+    producers: ProducerStates,
+    /// Bytes written since the last producer state snapshot.
+    unsnapshotted_bytes: u64,
 }
 
 impl Writer {
     fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut waiting: Vec<(oneshot::Sender<Result<AppendInfo>>, AppendInfo)> = Vec::new();
+        let mut waiting: Vec<(oneshot::Sender<Result<Stored>>, Stored)> = Vec::new();
         let mut shutdown = false;
         while let Some(first) = commands.blocking_recv() {
             let mut next = Some(first);
@@ -173,10 +248,10 @@ impl Writer {
                         batches += 1;
                         bytes += batch.len();
                         match self.write(&batch) {
-                            Ok(info) if ack == Ack::Leader => {
-                                let _ = reply.send(Ok(info));
+                            Ok(written) if ack == Ack::Leader || written.published => {
+                                let _ = reply.send(Ok(written.stored));
                             }
-                            Ok(info) => waiting.push((reply, info)),
+                            Ok(written) => waiting.push((reply, written.stored)),
                             Err(e) => {
                                 let _ = reply.send(Err(e));
                             }
@@ -191,12 +266,21 @@ impl Writer {
                 next = commands.try_recv().ok();
             }
             let committed = self.commit();
-            for (reply, info) in waiting.drain(..) {
+            for (reply, stored) in waiting.drain(..) {
                 let _ = reply.send(match &committed {
-                    Ok(()) => Ok(info),
+                    Ok(()) => Ok(stored),
                     Err((true, e)) => Err(Error::DiskFull(self.name.clone(), e.clone())),
                     Err((false, e)) => Err(Error::Unavailable(self.name.clone(), e.clone())),
                 });
+            }
+            self.unsnapshotted_bytes += bytes as u64;
+            if !self.failed
+                && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes
+            {
+                // Bounds the replay after a crash, like the log's checkpoint bounds its
+                // scan. Under `none` nothing is fsynced between rolls, so neither is this.
+                let sync = self.log.config().durability != Durability::None;
+                self.snapshot_producers(sync);
             }
             if maintain {
                 self.retention();
@@ -205,13 +289,111 @@ impl Writer {
                 break;
             }
         }
-        if let Err(e) = self.log.close() {
-            tracing::error!(partition = %self.name, error = %e, "closing the log failed");
+        // A clean close leaves a snapshot of exactly the closed log, so the next start
+        // replays nothing.
+        let end = self.log.next_offset();
+        let dir = self.log.reader().dir().to_path_buf();
+        match self.log.close() {
+            Ok(()) => {
+                self.producers.expire(now_ms());
+                if let Err(e) = self.producers.write_snapshot(&dir, end, true) {
+                    tracing::warn!(
+                        partition = %self.name,
+                        error = %e,
+                        "cannot write the producer state snapshot; the next start replays the log"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(partition = %self.name, error = %e, "closing the log failed")
+            }
         }
     }
 
-    fn write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
-        self.log.write(batch).map_err(Error::from)
+    /// Snapshots the producer state; everything staged is committed. A failure only
+    /// makes the next recovery replay more, so it is logged, not returned.
+    fn snapshot_producers(&mut self, sync: bool) {
+        self.producers.expire(now_ms());
+        let dir = self.log.reader().dir();
+        match self
+            .producers
+            .write_snapshot(dir, self.log.next_offset(), sync)
+        {
+            Ok(()) => self.unsnapshotted_bytes = 0,
+            Err(e) => tracing::warn!(
+                partition = %self.name,
+                error = %e,
+                "cannot write the producer state snapshot; a crash now means a longer replay"
+            ),
+        }
+    }
+
+    /// Checks a batch of an idempotent producer against the producer state, then stages
+    /// it (or, for a duplicate, finds the original). A batch without a producer id goes
+    /// straight to the log.
+    fn write(&mut self, batch: &[u8]) -> Result<Written> {
+        let header = match BatchHeader::parse(batch) {
+            // After a failed commit the log refuses the write; a duplicate must not be
+            // answered from state that may describe batches the failure lost.
+            Ok(header) if header.producer_id != NO_PRODUCER_ID && !self.failed => header,
+            _ => {
+                let info = self.log.write(batch)?;
+                return Ok(Written {
+                    stored: Stored {
+                        info,
+                        duplicate: false,
+                    },
+                    published: false,
+                });
+            }
+        };
+        match self.producers.check(&header) {
+            Ok(Verdict::Append) => {
+                let info = self.log.write(batch)?;
+                self.producers.record(&header, info.base_offset, now_ms());
+                Ok(Written {
+                    stored: Stored {
+                        info,
+                        duplicate: false,
+                    },
+                    published: false,
+                })
+            }
+            Ok(Verdict::Duplicate(original)) => {
+                self.validate(batch)?;
+                Ok(Written {
+                    stored: Stored {
+                        info: AppendInfo {
+                            base_offset: original.base_offset,
+                            last_offset: original.last_offset,
+                            max_timestamp: header.max_timestamp,
+                        },
+                        duplicate: true,
+                    },
+                    published: original.last_offset < self.log.reader().high_watermark(),
+                })
+            }
+            Err(refused) => {
+                // A malformed batch is reported as such, whatever its sequence.
+                self.validate(batch)?;
+                Err(Error::Sequence(self.name.clone(), refused))
+            }
+        }
+    }
+
+    /// The checks the log applies to a batch it writes, for batches it will not write.
+    fn validate(&self, batch: &[u8]) -> Result<()> {
+        let max = self.log.config().batch_bytes_max;
+        if batch.len() > max {
+            return Err(strata_storage::Error::BatchTooLarge {
+                size: batch.len(),
+                max,
+            }
+            .into());
+        }
+        Batch::new(batch)
+            .and_then(|b| b.validate_records())
+            .map_err(|e| Error::Storage(e.into()))
     }
 
     /// Commits and publishes the new high watermark. The error says whether the disk is
@@ -255,5 +437,134 @@ impl Writer {
             }
             Err(e) => tracing::error!(partition = %self.name, error = %e, "retention failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_storage::batch::BatchBuilder;
+    use strata_storage::SequenceError;
+
+    fn writer(dir: &std::path::Path) -> Writer {
+        let config = LogConfig {
+            durability: Durability::Fsync,
+            ..LogConfig::default()
+        };
+        let log = Log::open(dir, config, &FileCache::new(4)).expect("open");
+        let producers = recover_producers("t/0", &log).expect("recover");
+        let (watermark, _) = watch::channel(0);
+        Writer {
+            name: "t/0".into(),
+            log,
+            watermark,
+            failed: false,
+            producers,
+            unsnapshotted_bytes: 0,
+        }
+    }
+
+    fn batch(producer_id: i64, sequence: i32, records: usize) -> Vec<u8> {
+        let mut b = BatchBuilder::new().producer(producer_id, 0, sequence);
+        for i in 0..records {
+            b.push(1, None, Some(&[i as u8; 10]), &[]);
+        }
+        b.finish()
+    }
+
+    fn written(writer: &mut Writer, batch: &[u8]) -> (u64, u64, bool, bool) {
+        let w = writer.write(batch).expect("written");
+        (
+            w.stored.info.base_offset,
+            w.stored.info.last_offset,
+            w.stored.duplicate,
+            w.published,
+        )
+    }
+
+    /// A retry that arrives while its original is still staged in the same commit
+    /// group is a duplicate, and its answer waits for that group's commit; once the
+    /// original is committed, a retry is answered at once.
+    #[test]
+    fn a_duplicate_in_the_same_group_waits_for_the_original_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        let first = batch(3, 0, 2);
+        assert_eq!(written(&mut w, &first), (0, 1, false, false));
+        assert_eq!(written(&mut w, &first), (0, 1, true, false));
+        let second = batch(3, 2, 3);
+        assert_eq!(written(&mut w, &second), (2, 4, false, false));
+        w.commit().expect("commit");
+        assert_eq!(written(&mut w, &first), (0, 1, true, true));
+        assert_eq!(written(&mut w, &second), (2, 4, true, true));
+        assert_eq!(w.log.next_offset(), 5, "duplicates wrote nothing");
+
+        // A gap is refused and writes nothing.
+        assert!(matches!(
+            w.write(&batch(3, 9, 1)),
+            Err(Error::Sequence(
+                _,
+                SequenceError::OutOfOrder {
+                    expected: 5,
+                    got: 9,
+                    ..
+                }
+            ))
+        ));
+        // A damaged retry is reported as damaged, not answered as a duplicate.
+        let mut damaged = first.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(matches!(
+            w.write(&damaged),
+            Err(Error::Storage(strata_storage::Error::InvalidBatch(_)))
+        ));
+        // Batches without a producer id are not checked.
+        let mut plain = BatchBuilder::new();
+        plain.push(1, None, Some(b"x"), &[]);
+        assert_eq!(written(&mut w, &plain.finish()), (5, 5, false, false));
+        w.commit().expect("commit");
+        assert_eq!(w.log.next_offset(), 6);
+    }
+
+    /// Once `checkpoint_interval_bytes` were written since the last snapshot, the writer
+    /// snapshots the producer state after the commit, so a crash replays only the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_snapshots_producer_state_periodically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            durability: Durability::Fsync,
+            checkpoint_interval_bytes: 1,
+            ..LogConfig::default()
+        };
+        let files = FileCache::new(4);
+        let partition =
+            Partition::open("t/0".into(), dir.path().into(), config, &files).expect("open");
+        for sequence in [0, 2] {
+            let stored = partition
+                .append(batch(3, sequence, 2).into(), Ack::Durable)
+                .await
+                .expect("stored");
+            assert!(!stored.duplicate);
+        }
+        // The snapshot is written after the answers: wait for the one after the second.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (states, recovery) = loop {
+            let (states, recovery) = ProducerStates::recover(partition.reader(), now_ms());
+            if recovery.snapshot == (SnapshotUse::Loaded { covers: 4 }) {
+                break (states, recovery);
+            }
+            assert!(std::time::Instant::now() < deadline, "{recovery:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(recovery.replayed_batches, 0);
+        assert_eq!(states.max_producer_id(), Some(3));
+        let retry = partition
+            .append(batch(3, 2, 2).into(), Ack::Durable)
+            .await
+            .expect("stored");
+        assert!(retry.duplicate);
+        assert_eq!((retry.info.base_offset, retry.info.last_offset), (2, 3));
+        tokio::task::block_in_place(|| partition.shutdown());
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use strata_proto::v1::admin_server::AdminServer;
 use strata_proto::v1::broker_server::BrokerServer;
+use strata_proto::v1::groups_server::GroupsServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
@@ -56,6 +57,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<Service>>().await;
     health.set_serving::<BrokerServer<Service>>().await;
+    health.set_serving::<GroupsServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(strata_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -68,6 +70,7 @@ pub async fn serve(
         // Health checks see the broker going away before connections close.
         health.set_not_serving::<AdminServer<Service>>().await;
         health.set_not_serving::<BrokerServer<Service>>().await;
+        health.set_not_serving::<GroupsServer<Service>>().await;
         stopping.stop_waiting();
     };
     const { assert!(FETCH_BYTES_MAX < MESSAGE_BYTES_MAX) };
@@ -84,6 +87,7 @@ pub async fn serve(
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX),
         )
+        .add_service(GroupsServer::new(service.clone()))
         .add_service(
             BrokerServer::new(service)
                 // A produce request carries one batch of at most MESSAGE_BYTES_CAP; a
@@ -116,6 +120,7 @@ async fn maintain(broker: Arc<Broker>, retention_every: std::time::Duration) {
             last_retention = tokio::time::Instant::now();
         }
         broker.maintain(retention);
+        broker.expire_members();
     }
 }
 

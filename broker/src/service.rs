@@ -9,13 +9,14 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use strata_proto::v1::{self, admin_server, broker_server};
-use strata_storage::batch::{batches, Batch, BatchBuilder};
+use strata_storage::batch::{batches, Batch, BatchBuilder, BatchHeader};
 use strata_storage::{now_ms, ReadResult};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
+use crate::groups;
 use crate::partition::{Ack, Partition};
 use crate::topic::TopicSettings;
 
@@ -50,6 +51,11 @@ impl Service {
             stopping: Arc::new(stopping),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
         }
+    }
+
+    /// The broker the services run on.
+    pub(crate) fn broker(&self) -> &Broker {
+        &self.broker
     }
 
     /// Ends waiting: pending long polls answer with what they have and Subscribe
@@ -111,7 +117,20 @@ impl admin_server::Admin for Service {
         let name = request.into_inner().name;
         let broker = Arc::clone(&self.broker);
         let deleted = name.clone();
-        blocking(move || broker.delete_topic(&deleted)).await?;
+        let topic = name.clone();
+        // The topic, then its groups' offsets (a topic created later under this name
+        // must not start from them), in a task of its own: a client that gives up
+        // waiting cannot stop it between the two.
+        tokio::spawn(async move {
+            let offsets = Arc::clone(&broker);
+            blocking(move || broker.delete_topic(&deleted)).await?;
+            offsets
+                .coordinator()
+                .topic_deleted(&topic, &|t| offsets.partition_count(t));
+            offsets.offsets().delete_topic(&topic).await
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)??;
         tracing::info!(topic = %name, "deleted topic");
         Ok(Response::new(v1::DeleteTopicResponse {}))
     }
@@ -181,28 +200,31 @@ impl admin_server::Admin for Service {
         &self,
         _request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        Ok(Response::new(groups::list_groups(&self.broker)))
     }
 
     async fn describe_group(
         &self,
-        _request: Request<v1::DescribeGroupRequest>,
+        request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        let group = request.into_inner().group;
+        Ok(Response::new(groups::describe_group(&self.broker, &group)?))
     }
 
     async fn reset_offsets(
         &self,
-        _request: Request<v1::ResetOffsetsRequest>,
+        request: Request<v1::ResetOffsetsRequest>,
     ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        let reset = groups::reset_offsets(&self.broker, request.into_inner()).await?;
+        Ok(Response::new(reset))
     }
 
     async fn delete_group(
         &self,
-        _request: Request<v1::DeleteGroupRequest>,
+        request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are being built"))
+        groups::delete_group(&self.broker, &request.into_inner().group).await?;
+        Ok(Response::new(v1::DeleteGroupResponse {}))
     }
 }
 
@@ -397,6 +419,10 @@ impl broker_server::Broker for Service {
                 )
             }
         };
+        // An unparsable header is left for the writer's validation to report.
+        if let Ok(header) = BatchHeader::parse(&batch) {
+            self.broker.check_producer_id(header.producer_id)?;
+        }
         // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
         // waits for more permits than exist.
         let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
@@ -405,12 +431,12 @@ impl broker_server::Broker for Service {
             .acquire_many(permits)
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        let info = topic.partition(partition_id)?.append(batch, ack).await?;
+        let stored = topic.partition(partition_id)?.append(batch, ack).await?;
         Ok(Response::new(v1::ProduceResponse {
             partition: partition_id,
-            base_offset: info.base_offset,
-            last_offset: info.last_offset,
-            duplicate: false,
+            base_offset: stored.info.base_offset,
+            last_offset: stored.info.last_offset,
+            duplicate: stored.duplicate,
         }))
     }
 
@@ -420,11 +446,18 @@ impl broker_server::Broker for Service {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
         let partition = self.broker.partition(&request.topic, request.partition)?;
+        if let Some(member) = &request.member {
+            groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
+        }
         let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
         if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
             tokio::select! {
                 _ = partition.wait_past(request.offset, wait) => {}
                 _ = self.stopped() => {}
+            }
+            // The member may have lost the partition while it waited.
+            if let Some(member) = &request.member {
+                groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
             }
         }
         let max_bytes = fetch_bytes(request.max_bytes);
@@ -444,9 +477,13 @@ impl broker_server::Broker for Service {
         &self,
         _request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
-        Err(Status::unimplemented(
-            "idempotent producers are being built",
-        ))
+        let broker = Arc::clone(&self.broker);
+        let producer_id = blocking(move || broker.allocate_producer_id()).await?;
+        tracing::debug!(producer_id, "handed out a producer id");
+        Ok(Response::new(v1::InitProducerResponse {
+            producer_id,
+            producer_epoch: 0,
+        }))
     }
 
     async fn subscribe(

@@ -3,7 +3,8 @@
 //!
 //! Creates a fresh topic with the given durability, sends `--records` keyless records of
 //! `--record-bytes` bytes with at most `--window` sends unawaited at a time, awaits
-//! every delivery, and prints records/s and MB/s (payload bytes).
+//! every delivery, and prints records/s and MB/s (payload bytes). The producer is
+//! idempotent (the default) unless `--no-idempotence` is given.
 //!
 //! ```text
 //! cargo build --release -p strata-broker --bin strata -p strata-client --example produce_throughput
@@ -27,6 +28,7 @@ struct Args {
     linger_ms: u64,
     window: usize,
     keyed: bool,
+    idempotent: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -40,11 +42,16 @@ fn parse_args() -> Result<Args, String> {
         linger_ms: 5,
         window: 500_000,
         keyed: false,
+        idempotent: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--keyed" {
             args.keyed = true;
+            continue;
+        }
+        if flag == "--no-idempotence" {
+            args.idempotent = false;
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -93,6 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ProducerConfig {
                 linger: Duration::from_millis(args.linger_ms),
                 max_in_flight: args.in_flight,
+                idempotent: args.idempotent,
                 ..ProducerConfig::default()
             },
         )
@@ -122,8 +130,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let elapsed = started.elapsed().as_secs_f64();
     let records_per_s = args.records as f64 / elapsed;
     println!(
-        "{} records of {} B to {} partitions ({}, durability {}, in-flight {}, linger {} ms): \
-         {:.2} s, {:.0} records/s, {:.1} MB/s",
+        "{} records of {} B to {} partitions ({}, durability {}, in-flight {}, linger {} ms, \
+         idempotent {}): {:.2} s, {:.0} records/s, {:.1} MB/s",
         args.records,
         args.record_bytes,
         args.partitions,
@@ -131,6 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.durability,
         args.in_flight,
         args.linger_ms,
+        args.idempotent,
         elapsed,
         records_per_s,
         records_per_s * args.record_bytes as f64 / 1e6,

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -126,7 +127,7 @@ impl PartitionConsumer {
         let (tx, answers) = mpsc::channel(1);
         let fetcher = Fetcher {
             client,
-            topic: topic.to_string(),
+            topic: Arc::from(topic),
             partition,
             config,
         };
@@ -171,7 +172,7 @@ impl Drop for PartitionConsumer {
 
 struct Fetcher {
     client: BrokerClient<Channel>,
-    topic: String,
+    topic: Arc<str>,
     partition: u32,
     config: ConsumerConfig,
 }
@@ -212,7 +213,7 @@ impl Fetcher {
     async fn fetch(&mut self, offset: u64) -> Result<(Vec<ConsumedRecord>, u64)> {
         let max_wait_ms = self.config.max_wait.as_millis().min(u32::MAX.into()) as u32;
         let mut request = tonic::Request::new(v1::FetchRequest {
-            topic: self.topic.clone(),
+            topic: self.topic.to_string(),
             partition: self.partition,
             offset,
             max_bytes: self.config.fetch_bytes_max,
@@ -228,7 +229,13 @@ impl Fetcher {
             .map_err(|s| Error::from_status(s, &self.topic, Some((self.partition, offset))))?
             .into_inner();
         let mut records = Vec::new();
-        decode(&answer.batches, offset, &mut records)?;
+        decode(
+            &answer.batches,
+            &self.topic,
+            self.partition,
+            offset,
+            &mut records,
+        )?;
         Ok((records, answer.next_offset))
     }
 }

@@ -63,6 +63,48 @@ pub enum Error {
         /// The broker's message, which gives the stored range.
         message: String,
     },
+    /// The consumer group does not exist: it has neither members nor committed offsets
+    /// (gRPC `NOT_FOUND` from a group administration call).
+    #[error("consumer group {group:?} not found: {message}")]
+    GroupNotFound {
+        /// The group asked for.
+        group: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// The group does not count this consumer as a member, or not as the owner of a
+    /// partition at its epoch (gRPC `FAILED_PRECONDITION` from a member's call): its
+    /// session expired, it was fenced for holding a revoked partition too long, or the
+    /// broker restarted. A [`Consumer`](crate::Consumer) handles this itself: it drops
+    /// its partitions without committing and rejoins; uncommitted records are delivered
+    /// again.
+    #[error("not a member of consumer group {group:?} (rejoining): {message}")]
+    Fenced {
+        /// The group.
+        group: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// The operation needs a group without members, and this one has some (gRPC
+    /// `FAILED_PRECONDITION` from resetting offsets or deleting a group): stop its
+    /// consumers first.
+    #[error("consumer group {group:?} has active members: {message}")]
+    GroupNotEmpty {
+        /// The group.
+        group: String,
+        /// The broker's message.
+        message: String,
+    },
+    /// A commit named a partition this consumer no longer owns: it was revoked (moved to
+    /// another member) after the record was read. The record will be delivered again
+    /// to the partition's new owner; keep consuming.
+    #[error("partition {topic}/{partition} is no longer assigned to this consumer")]
+    PartitionRevoked {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+    },
     /// One record is larger than a batch may be, so it can never be sent.
     #[error("record of about {size} bytes cannot fit in a batch of at most {max} bytes")]
     RecordTooLarge {
@@ -106,6 +148,15 @@ pub enum Error {
     #[error("unexpected answer from the broker: {message}")]
     Protocol {
         /// What was wrong.
+        message: String,
+    },
+    /// The broker refused an idempotent producer's batch because its sequence number
+    /// does not follow the partition's last one (gRPC `FAILED_PRECONDITION` on
+    /// Produce): a batch before it failed, or the producer was fenced by a newer epoch.
+    /// Nothing of the batch was written.
+    #[error("batch refused by the producer sequence check: {message}")]
+    SequenceRejected {
+        /// The broker's (or the producer's) explanation.
         message: String,
     },
     /// The producer or consumer was shut down before the operation completed.
@@ -170,6 +221,46 @@ impl Error {
             code => Error::Status { code, message },
         }
     }
+
+    /// Maps a gRPC status of a call a group member makes (heartbeat, commit, fenced
+    /// fetch): `FAILED_PRECONDITION` means the member is unknown or fenced.
+    pub(crate) fn from_member_status(
+        status: Status,
+        group: &str,
+        topic: &str,
+        read: Option<(u32, u64)>,
+    ) -> Error {
+        if status.code() == Code::FailedPrecondition && std::error::Error::source(&status).is_none()
+        {
+            return Error::Fenced {
+                group: group.to_string(),
+                message: status.message().to_string(),
+            };
+        }
+        Error::from_status(status, topic, read)
+    }
+
+    /// Maps a gRPC status of a group administration call: `FAILED_PRECONDITION` is a
+    /// group that still has members; `NOT_FOUND` an unknown `topic` when the call names
+    /// one, an unknown group otherwise.
+    pub(crate) fn from_group_admin_status(
+        status: Status,
+        group: &str,
+        topic: Option<&str>,
+    ) -> Error {
+        let transport = std::error::Error::source(&status).is_some();
+        match (status.code(), topic) {
+            (Code::FailedPrecondition, _) if !transport => Error::GroupNotEmpty {
+                group: group.to_string(),
+                message: status.message().to_string(),
+            },
+            (Code::NotFound, None) if !transport => Error::GroupNotFound {
+                group: group.to_string(),
+                message: status.message().to_string(),
+            },
+            (_, topic) => Error::from_status(status, topic.unwrap_or_default(), None),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -228,6 +319,34 @@ mod tests {
             Status::internal("m"),
             None,
             Error::Internal { message: m() },
+        );
+        assert_eq!(
+            Error::from_member_status(Status::failed_precondition("m"), "g", "t", None),
+            Error::Fenced {
+                group: "g".into(),
+                message: m(),
+            }
+        );
+        assert_eq!(
+            Error::from_group_admin_status(Status::not_found("m"), "g", None),
+            Error::GroupNotFound {
+                group: "g".into(),
+                message: m(),
+            }
+        );
+        assert_eq!(
+            Error::from_group_admin_status(Status::not_found("m"), "g", Some("t")),
+            Error::TopicNotFound {
+                topic: "t".into(),
+                message: m(),
+            }
+        );
+        assert_eq!(
+            Error::from_group_admin_status(Status::failed_precondition("m"), "g", Some("t")),
+            Error::GroupNotEmpty {
+                group: "g".into(),
+                message: m(),
+            }
         );
         assert!(Error::Unavailable { message: m() }.is_retriable());
         assert!(!Error::Internal { message: m() }.is_retriable());

@@ -4,18 +4,30 @@
 //! - [`Producer`]: batches records per partition (linger, size limit), encodes them with
 //!   the shared batch codec, keeps a bounded number of requests in flight, retries with
 //!   backoff, and resolves each [`send`](Producer::send) to its partition and offset.
-//! - [`PartitionConsumer`]: reads one partition from an offset, the earliest or latest
-//!   offset, or a time, as an async [`Stream`](tokio_stream::Stream) of owned records.
-//! - [`Admin`]: create, list, describe and delete topics; look up offsets.
+//! - [`Consumer`]: a member of a consumer group. It follows the partitions the broker
+//!   assigns it, long-polls them with prefetch, yields their records as an async
+//!   [`Stream`](tokio_stream::Stream), and commits what the application has received
+//!   (at an interval, on revoke and on close) or what it commits explicitly: at least
+//!   once.
+//! - [`DeadLetters`]: retries a handler with backoff, then moves a record that keeps
+//!   failing to a dead-letter topic (`<topic>.dlq`) with headers that say why.
+//! - [`PartitionConsumer`]: reads one partition without a group, from an offset, the
+//!   earliest or latest offset, or a time.
+//! - [`Admin`]: create, list, describe and delete topics; look up offsets; list,
+//!   describe (with lag), reset and delete consumer groups.
 //! - [`Error`]: one typed error for every call.
 //!
-//! Delivery is at least once: a produce request that fails ambiguously (a dropped
-//! connection, a timeout) is retried and can then be written twice. Idempotent producers
-//! (producer ids and sequence numbers checked by the broker) need broker support that is
-//! not there yet. Consumer groups are not in the protocol yet either.
+//! Event metadata travels in record headers; [`headers`] names the usual ones (event id,
+//! type, schema version, trace context).
+//!
+//! Producers are idempotent by default: a produce request that fails ambiguously (a
+//! dropped connection, a timeout) is retried, and the broker stores its batch once (see
+//! [`ProducerConfig::idempotent`]). Consumers deliver at least once: a consumer that
+//! crashes gets its uncommitted records delivered again (to whichever member owns the
+//! partition next).
 //!
 //! ```no_run
-//! use strata_client::{Client, Record, StartAt, TopicConfig};
+//! use strata_client::{headers, Client, Record, TopicConfig};
 //! use tokio_stream::StreamExt;
 //!
 //! # async fn run() -> strata_client::Result<()> {
@@ -23,36 +35,53 @@
 //! client.admin().create_topic("orders", 3, TopicConfig::default()).await?;
 //!
 //! let producer = client.producer("orders").await?;
-//! let delivery = producer.send(Record::new("created").key("order-42")).await?;
+//! let event = Record::new("created")
+//!     .key("order-42")
+//!     .header(headers::EVENT_TYPE, "order.created");
+//! let delivery = producer.send(event).await?;
 //! println!("stored at {}/{}", delivery.partition, delivery.offset);
 //!
-//! let mut consumer = client
-//!     .partition_consumer("orders", delivery.partition, StartAt::Earliest)
-//!     .await?;
+//! let mut consumer = client.consumer("billing", &["orders"]).await?;
 //! let record = consumer.next().await.expect("the stream is endless")?;
-//! assert_eq!(record.value.as_deref(), Some(&b"created"[..]));
+//! assert_eq!(record.header_str(headers::EVENT_TYPE), Some("order.created"));
+//! consumer.close().await?;
 //! # Ok(())
 //! # }
 //! ```
 
 mod admin;
 mod consumer;
+mod dead_letter;
 mod error;
+mod group;
 mod producer;
 mod record;
 
 use std::time::Duration;
 
-use strata_proto::v1::{admin_client::AdminClient, broker_client::BrokerClient};
+use strata_proto::v1::{
+    admin_client::AdminClient, broker_client::BrokerClient, groups_client::GroupsClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
 pub use admin::{
-    Admin, Durability, OffsetSpec, PartitionInfo, TopicConfig, TopicDescription, TopicInfo,
+    Admin, CommittedOffset, Durability, GroupDescription, GroupMemberInfo, GroupPartitionLag,
+    GroupState, GroupSummary, OffsetSpec, PartitionInfo, ResetTo, TopicConfig, TopicDescription,
+    TopicInfo, TopicPartition,
 };
 pub use consumer::{ConsumerConfig, PartitionConsumer, StartAt};
+pub use dead_letter::{
+    DeadLetterPolicy, DeadLetters, Outcome, DEAD_LETTER_SUFFIX, DLQ_ERROR_BYTES_MAX,
+};
 pub use error::{Error, Result};
+pub use group::{Consumer, ConsumerGroupConfig, OffsetReset};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig};
-pub use record::{ConsumedRecord, Record};
+pub use record::{headers, ConsumedRecord, Record};
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 /// Largest gRPC message sent or accepted: the broker's own limit.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
@@ -102,9 +131,9 @@ impl Client {
         })
     }
 
-    /// Topic administration over this connection.
+    /// Topic and consumer-group administration over this connection.
     pub fn admin(&self) -> Admin {
-        Admin::new(self.admin_client())
+        Admin::new(self.admin_client(), self.groups_client())
     }
 
     /// A producer to `topic` with the default [`ProducerConfig`]. Looks up the topic's
@@ -116,6 +145,25 @@ impl Client {
     /// A producer to `topic` with the given settings.
     pub async fn producer_with(&self, topic: &str, config: ProducerConfig) -> Result<Producer> {
         Producer::new(self.broker_client(), self.admin(), topic, config).await
+    }
+
+    /// Joins consumer group `group` as a new member subscribed to `topics`, with the
+    /// default [`ConsumerGroupConfig`] (auto-commit every 5 s, earliest offset without
+    /// a committed one). Fails if a topic does not exist, or with
+    /// [`Error::Unavailable`] if the broker stays unreachable through a few retries.
+    pub async fn consumer(&self, group: &str, topics: &[&str]) -> Result<Consumer> {
+        self.consumer_with(group, topics, ConsumerGroupConfig::default())
+            .await
+    }
+
+    /// Joins consumer group `group` with the given settings.
+    pub async fn consumer_with(
+        &self,
+        group: &str,
+        topics: &[&str],
+        config: ConsumerGroupConfig,
+    ) -> Result<Consumer> {
+        Consumer::start(self, group, topics, config).await
     }
 
     /// A consumer of one partition, starting at `start`, with the default
@@ -153,6 +201,13 @@ impl Client {
     /// message size limits set, for calls this crate does not wrap.
     pub fn broker_client(&self) -> BrokerClient<Channel> {
         BrokerClient::new(self.channel.clone())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// The generated gRPC client of the `Groups` service on this connection.
+    pub fn groups_client(&self) -> GroupsClient<Channel> {
+        GroupsClient::new(self.channel.clone())
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }

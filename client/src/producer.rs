@@ -4,12 +4,33 @@
 //! partition (one buffer per batch, `BatchBuilder`), so the hot path allocates nothing
 //! per record. A batch is sealed when the next record would not fit in
 //! `max_batch_bytes`, when its `linger` expires, or on [`Producer::flush`]. Sealed
-//! batches wait in their partition's queue until fewer than `max_in_flight` requests of
-//! that partition are in flight. All state sits behind one mutex that is never held
+//! batches wait in their partition's queue until the partition has a free request slot:
+//! `max_in_flight` bounds the window from its oldest unanswered batch to its newest
+//! sent one, so a batch answered early does not free a slot while one sent before it
+//! still waits (for idempotence, that window must not outgrow what the broker
+//! remembers). All state sits behind one mutex that is never held
 //! across an `.await`.
 //!
 //! Each batch has one shared [`Outcome`]; a record's send future holds the outcome and
 //! its index in the batch, and reads its offset from there once the broker answers.
+//!
+//! # Idempotence
+//!
+//! An idempotent producer gets a producer id from the broker when it is created. When a
+//! batch leaves its partition's queue it is stamped with the id, the partition's epoch
+//! and the partition's next sequence number, and its header and CRC are final: every
+//! retry sends the same bytes, so the broker recognises it and answers a retry of a
+//! stored batch with the original offsets. The broker accepts a partition's batches
+//! only in sequence order, so with several requests in flight a batch that overtook an
+//! earlier one is refused as out of order; it then waits for the earlier batch's outcome
+//! and is sent again if that was stored. The one exception is a producer the partition
+//! does not know (its first batch there, or one the broker has forgotten, for instance
+//! after a day without writes): the broker accepts any first sequence from it, so a batch
+//! overtaking that first one would be stored ahead of it. Therefore a batch sent while
+//! nothing else of its partition is unanswered goes alone: the next one waits for its
+//! answer. A batch that fails for good leaves a hole in
+//! the sequence that no later batch can follow, so the later ones in flight fail with
+//! it, and once none is in flight the partition starts a new epoch at sequence 0.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -19,8 +40,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use strata_proto::v1::{self, broker_client::BrokerClient};
 use strata_storage::batch::{BatchBuilder, BATCH_HEADER_LEN};
+use strata_storage::producer::{next_sequence, RECENT_BATCHES};
 use tokio::sync::{oneshot, Notify};
 use tonic::transport::Channel;
+use tonic::Code;
 
 use crate::admin::Admin;
 use crate::error::{Error, Result};
@@ -47,10 +70,14 @@ pub struct ProducerConfig {
     /// Largest encoded batch (default 1 MiB). Lowered to the topic's
     /// `max_message_bytes` when that is smaller.
     pub max_batch_bytes: usize,
-    /// Produce requests in flight per partition (default 1). The broker may append two
-    /// requests in flight to one partition in either order, so values above 1 trade
-    /// per-partition (and per-key) ordering for throughput until the broker checks
-    /// producer sequence numbers.
+    /// Produce requests in flight per partition (default 1), counted from the oldest
+    /// unanswered one: a batch is not sent while the one this many places before it
+    /// waits for its answer. With `idempotent` (the default) records stay in order
+    /// whatever the value, because the broker writes a partition's batches only in
+    /// sequence order; at most [`RECENT_BATCHES`] (5) is used, the number of batches the
+    /// broker remembers per producer for recognising retries. Without `idempotent`, the
+    /// broker may append two requests in flight to one partition in either order, so
+    /// values above 1 trade per-partition (and per-key) ordering for throughput.
     pub max_in_flight: usize,
     /// Bytes of records buffered and in flight (default 64 MiB). Records sent beyond
     /// this wait, in order, until acknowledgements make room; their send futures resolve
@@ -67,6 +94,13 @@ pub struct ProducerConfig {
     pub request_timeout: Duration,
     /// When the broker answers (default [`Acks::Durable`]).
     pub acks: Acks,
+    /// Idempotent produce (default true), as Kafka's `enable.idempotence`: the producer
+    /// gets a producer id from the broker and numbers its records per partition, and
+    /// the broker stores each batch once however often it is retried, so a retry after
+    /// a dropped connection or a timeout never writes a record twice. Costs one call to
+    /// the broker when the producer is created. Off: a retried batch can be stored
+    /// twice (at least once).
+    pub idempotent: bool,
 }
 
 impl Default for ProducerConfig {
@@ -81,6 +115,7 @@ impl Default for ProducerConfig {
             retry_backoff_max: Duration::from_secs(1),
             request_timeout: Duration::from_secs(30),
             acks: Acks::Durable,
+            idempotent: true,
         }
     }
 }
@@ -104,10 +139,11 @@ pub struct Delivery {
 ///
 /// [`send`](Producer::send) places the record in its batch at once, in call order, and
 /// returns a future that resolves to its [`Delivery`] when the broker acknowledges the
-/// batch. Retriable failures are retried with exponential backoff. Delivery is at least
-/// once: after an ambiguous failure (a dropped connection, a timeout) a retried batch
-/// can be stored twice. Idempotent producers, which make retries exact, need broker
-/// support that comes later.
+/// batch. Retriable failures are retried with exponential backoff. With
+/// [`ProducerConfig::idempotent`] (the default) a retried batch is stored once: after a
+/// dropped connection or a timeout, the broker recognises a batch it already has and
+/// answers with the original offsets. Without it delivery is at least once: a retried
+/// batch can be stored twice.
 ///
 /// Cheap to clone; clones share batches and connection.
 ///
@@ -147,8 +183,17 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// The producer id and the epoch the broker handed out.
+#[derive(Debug, Clone, Copy)]
+struct Identity {
+    producer_id: i64,
+    epoch: i16,
+}
+
 struct Shared {
     client: BrokerClient<Channel>,
+    /// Set for an idempotent producer.
+    identity: Option<Identity>,
     runtime: tokio::runtime::Handle,
     topic: String,
     partitions: u32,
@@ -176,11 +221,37 @@ struct State {
     flushing: usize,
 }
 
-#[derive(Default)]
 struct PartitionState {
     open: Option<OpenBatch>,
     queued: VecDeque<Sealed>,
-    in_flight: usize,
+    /// The batches sent, from the oldest one still unanswered on; answered ones leave
+    /// from the front only. Its length is what `max_in_flight` bounds.
+    window: VecDeque<Arc<Outcome>>,
+    /// Idempotence: the epoch of the next batch sent.
+    epoch: i16,
+    /// Idempotence: the sequence number of the next batch's first record.
+    next_sequence: i32,
+    /// Idempotence: a batch failed for good, so its sequence numbers are a hole no later
+    /// batch of this epoch can follow; the next batch sent starts a new epoch.
+    new_epoch_due: bool,
+    /// Idempotence: the batch sent when nothing else was unanswered. No other is sent
+    /// until it has its answer, as the broker may not know the producer yet and would
+    /// then accept a batch overtaking it.
+    probe: Option<Arc<Outcome>>,
+}
+
+impl PartitionState {
+    fn new(epoch: i16) -> PartitionState {
+        PartitionState {
+            open: None,
+            queued: VecDeque::new(),
+            window: VecDeque::new(),
+            epoch,
+            next_sequence: 0,
+            new_epoch_due: false,
+            probe: None,
+        }
+    }
 }
 
 struct OpenBatch {
@@ -190,11 +261,24 @@ struct OpenBatch {
     reserved: usize,
 }
 
+/// A batch closed for records, waiting for a request slot. Its header is filled in
+/// (producer id, epoch, sequence, CRC) when it is sent.
 struct Sealed {
-    bytes: Bytes,
+    builder: BatchBuilder,
     outcome: Arc<Outcome>,
     records: usize,
     reserved: usize,
+}
+
+/// A batch being sent, with its final bytes.
+struct Sending {
+    /// The bytes, identical in every attempt; or why the batch cannot be sent.
+    bytes: Result<Bytes>,
+    outcome: Arc<Outcome>,
+    records: usize,
+    reserved: usize,
+    /// Idempotence: the batch sent before this one to the partition in this epoch.
+    previous: Option<Arc<Outcome>>,
 }
 
 /// The answer for one batch: its partition and base offset, or the error.
@@ -202,6 +286,21 @@ struct Sealed {
 struct Outcome {
     result: OnceLock<Result<(u32, u64)>>,
     done: Notify,
+}
+
+impl Outcome {
+    /// Waits for the result.
+    async fn settled(&self) -> Result<(u32, u64)> {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(result) = self.result.get() {
+                return result.clone();
+            }
+            notified.await;
+        }
+    }
 }
 
 /// A record's place in a batch.
@@ -212,18 +311,11 @@ struct Slot {
 
 impl Slot {
     async fn wait(self) -> Result<Delivery> {
-        loop {
-            let notified = self.outcome.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(result) = self.outcome.result.get() {
-                return result.clone().map(|(partition, base)| Delivery {
-                    partition,
-                    offset: base + self.index,
-                });
-            }
-            notified.await;
-        }
+        let (partition, base) = self.outcome.settled().await?;
+        Ok(Delivery {
+            partition,
+            offset: base + self.index,
+        })
     }
 }
 
@@ -265,9 +357,18 @@ impl Producer {
             .max_batch_bytes
             .min(topic_max)
             .max(BATCH_HEADER_LEN + 1);
+        let identity = match config.idempotent {
+            true => Some(init_producer(client.clone()).await?),
+            false => None,
+        };
+        let max_in_flight = match identity {
+            Some(_) => config.max_in_flight.clamp(1, RECENT_BATCHES),
+            None => config.max_in_flight.max(1),
+        };
+        let epoch = identity.map_or(0, |i| i.epoch);
         let state = State {
             partitions: (0..info.partitions)
-                .map(|_| PartitionState::default())
+                .map(|_| PartitionState::new(epoch))
                 .collect(),
             sticky: 0,
             backlog: VecDeque::new(),
@@ -279,12 +380,13 @@ impl Producer {
         Ok(Producer {
             shared: Arc::new(Shared {
                 client,
+                identity,
                 runtime: tokio::runtime::Handle::current(),
                 topic: topic.to_string(),
                 partitions: info.partitions,
                 batch_bytes_max,
                 config: ProducerConfig {
-                    max_in_flight: config.max_in_flight.max(1),
+                    max_in_flight,
                     ..config
                 },
                 state: Mutex::new(state),
@@ -309,11 +411,16 @@ impl Producer {
         self.shared.batch_bytes_max
     }
 
+    /// The producer id the broker handed out, for an idempotent producer.
+    pub fn producer_id(&self) -> Option<i64> {
+        self.shared.identity.map(|i| i.producer_id)
+    }
+
     /// Adds `record` to its partition's batch now and returns a future that resolves to
     /// where it was stored once the broker acknowledges the batch (or to the error that
     /// failed it after any retries). The record is sent whether or not the future is
     /// awaited. Records sent by one caller keep their order within a partition (with
-    /// `max_in_flight` 1, the default).
+    /// idempotence, or with `max_in_flight` 1).
     pub fn send(&self, record: Record) -> impl Future<Output = Result<Delivery>> + Send + 'static {
         let ticket = self.shared.enqueue(record);
         async move {
@@ -460,7 +567,7 @@ impl Shared {
     /// then it keeps collecting records.
     fn seal_if_idle(self: &Arc<Self>, state: &mut State, partition: u32) {
         let part = &state.partitions[partition as usize];
-        if part.in_flight < self.config.max_in_flight && part.queued.is_empty() {
+        if part.window.len() < self.config.max_in_flight && part.queued.is_empty() {
             self.seal(state, partition);
         }
     }
@@ -492,7 +599,7 @@ impl Shared {
         };
         let records = open.builder.len();
         part.queued.push_back(Sealed {
-            bytes: Bytes::from(open.builder.finish()),
+            builder: open.builder,
             outcome: open.outcome,
             records,
             reserved: open.reserved,
@@ -503,27 +610,95 @@ impl Shared {
         self.pump(state, partition);
     }
 
+    /// Sends queued batches of `partition` while it has free request slots.
     fn pump(self: &Arc<Self>, state: &mut State, partition: u32) {
         let part = &mut state.partitions[partition as usize];
-        while part.in_flight < self.config.max_in_flight {
+        while part.window.len() < self.config.max_in_flight {
+            if part.new_epoch_due {
+                // Batches of the old epoch still in flight must not be fenced by the new
+                // one before they have their answers.
+                if !part.window.is_empty() {
+                    break;
+                }
+                if let Some(epoch) = part.epoch.checked_add(1) {
+                    part.new_epoch_due = false;
+                    part.next_sequence = 0;
+                    part.epoch = epoch;
+                }
+            }
+            if let Some(probe) = &part.probe {
+                if probe.result.get().is_none() {
+                    break;
+                }
+                part.probe = None;
+            }
             let Some(batch) = part.queued.pop_front() else {
                 break;
             };
-            part.in_flight += 1;
+            if self.identity.is_some() && part.window.is_empty() {
+                part.probe = Some(Arc::clone(&batch.outcome));
+            }
+            let (bytes, previous) = match self.identity {
+                None => (Ok(Bytes::from(batch.builder.finish())), None),
+                // Still due after the bump above: 32,767 epochs ended in failed batches.
+                Some(_) if part.new_epoch_due => (
+                    Err(Error::SequenceRejected {
+                        message: format!(
+                            "every producer epoch of partition {partition} ended with a \
+                             failed batch; create a new producer"
+                        ),
+                    }),
+                    None,
+                ),
+                Some(identity) => {
+                    let sequence = part.next_sequence;
+                    part.next_sequence = next_sequence(sequence, batch.records as i32);
+                    let bytes = batch
+                        .builder
+                        .producer(identity.producer_id, part.epoch, sequence)
+                        .finish();
+                    (Ok(Bytes::from(bytes)), part.window.back().cloned())
+                }
+            };
+            part.window.push_back(Arc::clone(&batch.outcome));
+            let sending = Sending {
+                bytes,
+                outcome: batch.outcome,
+                records: batch.records,
+                reserved: batch.reserved,
+                previous,
+            };
             let shared = Arc::clone(self);
-            self.runtime.spawn(shared.deliver(partition, batch));
+            self.runtime.spawn(shared.deliver(partition, sending));
         }
     }
 
-    async fn deliver(self: Arc<Self>, partition: u32, batch: Sealed) {
-        let result = self.produce(partition, &batch.bytes).await;
+    async fn deliver(self: Arc<Self>, partition: u32, batch: Sending) {
+        let result = match &batch.bytes {
+            Ok(bytes) => {
+                self.produce(partition, bytes, batch.previous.as_deref())
+                    .await
+            }
+            Err(e) => Err(e.clone()),
+        };
+        let failed = result.is_err();
         let _ = batch
             .outcome
             .result
             .set(result.map(|base| (partition, base)));
         batch.outcome.done.notify_waiters();
         let mut state = self.lock();
-        state.partitions[partition as usize].in_flight -= 1;
+        let part = &mut state.partitions[partition as usize];
+        while part
+            .window
+            .front()
+            .is_some_and(|o| o.result.get().is_some())
+        {
+            part.window.pop_front();
+        }
+        if failed && self.identity.is_some() {
+            part.new_epoch_due = true;
+        }
         state.buffered_bytes -= batch.reserved;
         state.outstanding -= batch.records;
         self.pump(&mut state, partition);
@@ -557,13 +732,22 @@ impl Shared {
     }
 
     /// Sends one batch, retrying retriable failures with backoff; its base offset.
-    async fn produce(&self, partition: u32, batch: &Bytes) -> Result<u64> {
+    /// `previous` is the batch of the same partition and epoch sent just before it, for
+    /// an idempotent producer.
+    async fn produce(
+        &self,
+        partition: u32,
+        batch: &Bytes,
+        previous: Option<&Outcome>,
+    ) -> Result<u64> {
         let acks = match self.config.acks {
             Acks::Durable => v1::Acks::Durable,
             Acks::Leader => v1::Acks::Leader,
         };
         let mut attempt = 0;
         loop {
+            // Whether the batch before this one had its answer before this attempt left.
+            let previous_pending = previous.is_some_and(|p| p.result.get().is_none());
             let mut request = tonic::Request::new(v1::ProduceRequest {
                 topic: self.topic.clone(),
                 target: Some(v1::produce_request::Target::Partition(partition)),
@@ -574,6 +758,30 @@ impl Shared {
             request.set_timeout(self.config.request_timeout);
             let error = match self.client.clone().produce(request).await {
                 Ok(answer) => return Ok(answer.into_inner().base_offset),
+                Err(status)
+                    if status.code() == Code::FailedPrecondition && self.identity.is_some() =>
+                {
+                    let refused = Error::SequenceRejected {
+                        message: status.message().to_string(),
+                    };
+                    // Refused as out of order because it overtook the batch before it,
+                    // which was still in flight: send it again once that one is stored.
+                    match previous {
+                        Some(previous) if previous_pending => match previous.settled().await {
+                            Ok(_) => continue,
+                            Err(e) => {
+                                return Err(Error::SequenceRejected {
+                                    message: format!(
+                                        "the batch sent before this one to partition \
+                                         {partition} failed ({e}), so this one cannot follow \
+                                         it in sequence"
+                                    ),
+                                })
+                            }
+                        },
+                        _ => return Err(refused),
+                    }
+                }
                 Err(status) => Error::from_status(status, &self.topic, None),
             };
             if !error.is_retriable() || attempt >= self.config.retries {
@@ -588,4 +796,40 @@ impl Shared {
             tokio::time::sleep(delay).await;
         }
     }
+}
+
+/// Asks the broker for a producer id.
+async fn init_producer(mut client: BrokerClient<Channel>) -> Result<Identity> {
+    let answer = client
+        .init_producer(v1::InitProducerRequest {})
+        .await
+        .map_err(|status| match status.code() {
+            Code::Unimplemented => Error::Protocol {
+                message: format!(
+                    "the broker does not support idempotent producers ({}); set \
+                     ProducerConfig::idempotent to false",
+                    status.message()
+                ),
+            },
+            _ => Error::from_status(status, "", None),
+        })?
+        .into_inner();
+    let epoch = i16::try_from(answer.producer_epoch).map_err(|_| Error::Protocol {
+        message: format!(
+            "producer epoch {} does not fit a record batch",
+            answer.producer_epoch
+        ),
+    })?;
+    if answer.producer_id < 0 || epoch < 0 {
+        return Err(Error::Protocol {
+            message: format!(
+                "invalid producer id {} or epoch {epoch}",
+                answer.producer_id
+            ),
+        });
+    }
+    Ok(Identity {
+        producer_id: answer.producer_id,
+        epoch,
+    })
 }

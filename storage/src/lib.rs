@@ -7,6 +7,8 @@
 //!   the unflushed tail, and retention by age and size.
 //! - [`LogReader`]: lock-free-for-the-writer reads from any thread, bounded by the high
 //!   watermark.
+//! - [`producer`]: idempotent producers — the per-partition sequence state that makes a
+//!   retried batch be stored once, its snapshot, and the producer id file.
 //!
 //! This crate knows nothing of networking, topics, consumer groups or async runtimes.
 //! The on-disk format is documented byte by byte in `docs/storage-format.md`.
@@ -17,9 +19,11 @@ mod config;
 mod error;
 mod index;
 mod log;
+pub mod producer;
 mod segment;
 
 pub use config::{Durability, LogConfig};
 pub use error::{Error, InvalidBatch, Result};
 pub use log::{now_ms, AppendInfo, Log, LogReader, ReadResult};
+pub use producer::SequenceError;
 pub use segment::FileCache;

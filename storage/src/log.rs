@@ -431,6 +431,27 @@ impl Log {
             }
             expired = expired.max(oversize);
         }
+        self.delete_oldest(&segments, expired)
+    }
+
+    /// Deletes the sealed segments that hold only offsets below `offset`, for a log
+    /// whose older records a later snapshot has made redundant (the broker's
+    /// committed-offsets log). The active segment is never deleted. Returns how many
+    /// segments were deleted.
+    pub fn delete_before(&mut self, offset: u64) -> Result<usize> {
+        self.check_poisoned()?;
+        let segments = self.reader.shared.segments();
+        // A sealed segment ends where the next one begins.
+        let below = segments
+            .windows(2)
+            .take_while(|pair| pair[1].base_offset <= offset)
+            .count();
+        self.delete_oldest(&segments, below)
+    }
+
+    /// Deletes the first `count` segments, which must all be sealed.
+    fn delete_oldest(&mut self, segments: &[Arc<Segment>], count: usize) -> Result<usize> {
+        let expired = count.min(segments.len() - 1);
         if expired == 0 {
             return Ok(0);
         }
@@ -1268,6 +1289,33 @@ mod tests {
         let log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("reopen");
         assert_eq!(log.reader().segment_count(), 1);
         assert_eq!(log.reader().high_watermark(), 240);
+    }
+
+    #[test]
+    fn delete_before_removes_only_whole_segments_below_the_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        for i in 0..60 {
+            log.append(&batch(&["0123456789"; 4], i)).expect("append");
+        }
+        let segments = log.reader().segment_count();
+        assert!(segments > 3);
+        assert_eq!(log.delete_before(0).expect("nothing below 0"), 0);
+        // An offset inside the second segment keeps it: it still holds that offset.
+        let deleted = log.delete_before(log.reader().earliest_offset() + 1);
+        assert_eq!(deleted.expect("delete"), 0);
+        let deleted = log.delete_before(120).expect("delete");
+        assert!(deleted > 0);
+        let earliest = log.reader().earliest_offset();
+        assert!(earliest <= 120, "offset 120 must still be readable");
+        assert_eq!(values(log.reader(), earliest).len() as u64, 240 - earliest);
+        // Never the active segment, whatever the offset.
+        log.delete_before(u64::MAX).expect("delete all sealed");
+        assert_eq!(log.reader().segment_count(), 1);
+        assert_eq!(log.reader().high_watermark(), 240);
+        drop(log);
+        let log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("reopen");
+        assert_eq!(log.reader().segment_count(), 1);
     }
 
     #[test]

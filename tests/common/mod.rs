@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
-use strata_proto::v1::{self, admin_client::AdminClient, broker_client::BrokerClient};
+use strata_proto::v1::{
+    self, admin_client::AdminClient, broker_client::BrokerClient, groups_client::GroupsClient,
+};
 use tonic::transport::Channel;
 
 /// Path of the `strata` binary cargo built for these tests.
@@ -163,6 +165,12 @@ impl Broker {
         BrokerClient::new(self.channel().await)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX)
+    }
+
+    /// A consumer-groups client on its own connection.
+    #[allow(dead_code, reason = "used by the group tests, not by every test crate")]
+    pub async fn groups(&self) -> GroupsClient<Channel> {
+        GroupsClient::new(self.channel().await)
     }
 
     fn wait(&mut self) -> ExitStatus {

@@ -1,0 +1,840 @@
+//! Committed consumer-group offsets, kept in an internal Strata log at
+//! `<data>/groups/offsets/` and cached in memory.
+//!
+//! Every change is a record of that log (docs/storage-format.md has the layout): the key
+//! names the group, topic and partition, the value holds the offset, the commit time and
+//! the metadata; a null value deletes. One writer thread applies changes in the order
+//! they arrive, so the log's order is the order of the cache's changes and replaying
+//! the log rebuilds the cache exactly. Like a partition's writer, it drains whatever has
+//! queued, writes one batch and fsyncs once (group commit), then publishes the changes
+//! to readers and answers: a commit is acknowledged only once it is on disk, and
+//! readers never see one that is not.
+//!
+//! The log would grow with every commit, so once it is larger than two segments plus
+//! four times its live entries, the writer appends a snapshot of every live entry and
+//! deletes the segments before it. Recovery reads the log from its start, which is then
+//! at most a few segments and a snapshot long.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use strata_storage::batch::{batches, BatchBuilder};
+use strata_storage::{now_ms, Durability, FileCache, Log, LogConfig};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::assign::TopicPartition;
+use crate::broker::Topic;
+use crate::error::{Error, Result};
+
+/// Largest metadata string of a commit.
+pub const METADATA_BYTES_MAX: usize = 4096;
+/// Record format version, the first byte of every key.
+const FORMAT_VERSION: u8 = 1;
+/// Key kinds.
+const KIND_OFFSET: u8 = 1;
+const KIND_GROUP_DELETED: u8 = 2;
+/// Segment size of the offsets log: small, so compaction frees space soon.
+pub const SEGMENT_BYTES: u64 = 4 << 20;
+/// Rough bytes per live entry in the log, for deciding when to compact before the
+/// first snapshot has measured them.
+const ENTRY_BYTES_ESTIMATE: u64 = 96;
+/// Changes queued before committers wait.
+const QUEUE_DEPTH: usize = 1024;
+/// Changes the writer takes into one batch: one commit request is at most the Groups
+/// service's 4 MiB message limit, so a drain stays well below `BATCH_BYTES_MAX`.
+const DRAIN_BYTES_MAX: usize = 4 << 20;
+/// The writer starts a new batch before one would pass this. A drain fits in one batch,
+/// so it is durable as a whole or not at all; only a huge topic deletion or snapshot
+/// spans several.
+const BATCH_SPLIT_BYTES: usize = 12 << 20;
+/// Largest batch the offsets log accepts: a split batch plus one record of the longest
+/// kind.
+const BATCH_BYTES_MAX: usize = 16 << 20;
+
+/// A committed position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The next offset to consume.
+    pub offset: u64,
+    /// The committer's note.
+    pub metadata: String,
+    /// When it was committed, in ms since the Unix epoch.
+    pub timestamp_ms: i64,
+}
+
+/// How a write treats positions already committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A consumer's commit: a position never moves backwards.
+    Advance,
+    /// An operator's reset: positions move wherever asked.
+    Reset,
+}
+
+type GroupOffsets = BTreeMap<TopicPartition, Committed>;
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Change {
+    Commit {
+        group: String,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        /// The topics of `offsets`, as they were checked: refused if deleted since.
+        topics: Vec<Arc<Topic>>,
+        mode: Mode,
+        reply: Reply<Vec<(TopicPartition, Committed)>>,
+    },
+    DeleteGroup {
+        group: String,
+        reply: Reply<()>,
+    },
+    DeleteTopic {
+        topic: String,
+        reply: Reply<()>,
+    },
+    Shutdown,
+}
+
+/// The committed offsets of every group.
+#[derive(Debug)]
+pub struct Offsets {
+    committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    changes: mpsc::Sender<Change>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Change")
+    }
+}
+
+impl Offsets {
+    /// Opens (recovering) the offsets log in `dir`, with segments of `segment_bytes`
+    /// ([`SEGMENT_BYTES`] but in tests), and starts its writer. Blocking.
+    pub fn open(dir: &Path, files: &FileCache, segment_bytes: u64) -> Result<Offsets> {
+        let config = LogConfig {
+            segment_bytes_max: segment_bytes,
+            batch_bytes_max: BATCH_BYTES_MAX,
+            durability: Durability::Fsync,
+            ..LogConfig::default()
+        };
+        let log = Log::open(dir, config, files)?;
+        let committed = replay(&log)?;
+        let committed = Arc::new(RwLock::new(committed));
+        let (changes, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let writer = Writer {
+            log,
+            committed: Arc::clone(&committed),
+            segment_bytes,
+            snapshot_bytes: 0,
+            failed: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("writer-offsets".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| {
+                Error::Unavailable("offsets".into(), format!("cannot start writer: {e}"))
+            })?;
+        Ok(Offsets {
+            committed,
+            changes,
+            writer: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, GroupOffsets>> {
+        self.committed.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn send<T>(&self, change: impl FnOnce(Reply<T>) -> Change) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        self.changes
+            .send(change(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        answer.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Commits `offsets` (partition, offset, metadata) of `topics` for `group` durably;
+    /// returns the resulting position of each partition. All or nothing.
+    pub async fn commit(
+        &self,
+        group: &str,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        topics: Vec<Arc<Topic>>,
+        mode: Mode,
+    ) -> Result<Vec<(TopicPartition, Committed)>> {
+        if let Some((tp, _, metadata)) = offsets.iter().find(|o| o.2.len() > METADATA_BYTES_MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "metadata of {tp} is {} bytes; at most {METADATA_BYTES_MAX} are allowed",
+                metadata.len()
+            )));
+        }
+        self.send(|reply| Change::Commit {
+            group: group.to_string(),
+            offsets,
+            topics,
+            mode,
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets every offset of `group`.
+    pub async fn delete_group(&self, group: &str) -> Result<()> {
+        self.send(|reply| Change::DeleteGroup {
+            group: group.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets every group's offsets of `topic` (it was deleted: a topic created later
+    /// under the same name must not inherit them).
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        self.send(|reply| Change::DeleteTopic {
+            topic: topic.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets the offsets of topics for which `exists` is false: a crash between a
+    /// topic's deletion and its offsets' leaves them behind. Blocking.
+    pub fn forget_missing_topics(&self, exists: impl Fn(&str) -> bool) -> Result<()> {
+        let missing: std::collections::BTreeSet<String> = self
+            .read()
+            .values()
+            .flat_map(|offsets| offsets.keys())
+            .filter(|tp| !exists(&tp.topic))
+            .map(|tp| tp.topic.clone())
+            .collect();
+        for topic in missing {
+            tracing::info!(%topic, "forgetting committed offsets of a deleted topic");
+            let (reply, answer) = oneshot::channel();
+            self.changes
+                .blocking_send(Change::DeleteTopic { topic, reply })
+                .map_err(|_| Error::ShuttingDown)?;
+            answer.blocking_recv().map_err(|_| Error::ShuttingDown)??;
+        }
+        Ok(())
+    }
+
+    /// The committed offsets of `group`.
+    pub fn group(&self, group: &str) -> GroupOffsets {
+        self.read().get(group).cloned().unwrap_or_default()
+    }
+
+    /// Names of the groups with committed offsets.
+    pub fn groups(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// Stops the writer after it has answered everything queued, and closes the log.
+    /// Blocking.
+    pub fn shutdown(&self) {
+        let _ = self.changes.blocking_send(Change::Shutdown);
+        let thread = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("offsets writer panicked");
+            }
+        }
+    }
+}
+
+/// Encodes the key of a partition's offset.
+fn offset_key(out: &mut Vec<u8>, group: &str, tp: &TopicPartition) {
+    out.clear();
+    out.extend_from_slice(&[FORMAT_VERSION, KIND_OFFSET]);
+    put_str(out, group);
+    put_str(out, &tp.topic);
+    out.extend_from_slice(&tp.partition.to_be_bytes());
+}
+
+fn group_deleted_key(out: &mut Vec<u8>, group: &str) {
+    out.clear();
+    out.extend_from_slice(&[FORMAT_VERSION, KIND_GROUP_DELETED]);
+    put_str(out, group);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    // Group and topic names are at most 249 bytes, metadata is not part of a key.
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn offset_value(out: &mut Vec<u8>, committed: &Committed) {
+    out.clear();
+    out.extend_from_slice(&committed.offset.to_be_bytes());
+    out.extend_from_slice(&committed.timestamp_ms.to_be_bytes());
+    out.extend_from_slice(committed.metadata.as_bytes());
+}
+
+/// A decoded record of the offsets log.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    Offset {
+        group: String,
+        tp: TopicPartition,
+        committed: Option<Committed>,
+    },
+    GroupDeleted {
+        group: String,
+    },
+}
+
+fn bad(why: &str) -> Error {
+    Error::Storage(strata_storage::Error::InvalidConfig(format!(
+        "the committed-offsets log holds a record this broker cannot read ({why}); \
+         was it written by a newer version?"
+    )))
+}
+
+fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if bytes.len() < n {
+        return Err(bad("truncated key or value"));
+    }
+    let (head, rest) = bytes.split_at(n);
+    *bytes = rest;
+    Ok(head)
+}
+
+fn take_str(bytes: &mut &[u8]) -> Result<String> {
+    let len = u16::from_be_bytes(take(bytes, 2)?.try_into().expect("2 bytes")) as usize;
+    String::from_utf8(take(bytes, len)?.to_vec()).map_err(|_| bad("a name is not UTF-8"))
+}
+
+fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
+    let mut key = key;
+    let header = take(&mut key, 2)?;
+    if header[0] != FORMAT_VERSION {
+        return Err(bad(&format!("format version {}", header[0])));
+    }
+    let group = take_str(&mut key)?;
+    match header[1] {
+        KIND_OFFSET => {
+            let topic = take_str(&mut key)?;
+            let partition = u32::from_be_bytes(take(&mut key, 4)?.try_into().expect("4 bytes"));
+            let committed = match value {
+                None => None,
+                Some(mut value) => {
+                    let offset = u64::from_be_bytes(take(&mut value, 8)?.try_into().expect("8"));
+                    let timestamp_ms =
+                        i64::from_be_bytes(take(&mut value, 8)?.try_into().expect("8"));
+                    let metadata = String::from_utf8(value.to_vec())
+                        .map_err(|_| bad("metadata is not UTF-8"))?;
+                    Some(Committed {
+                        offset,
+                        metadata,
+                        timestamp_ms,
+                    })
+                }
+            };
+            Ok(Entry::Offset {
+                group,
+                tp: TopicPartition { topic, partition },
+                committed,
+            })
+        }
+        KIND_GROUP_DELETED => Ok(Entry::GroupDeleted { group }),
+        kind => Err(bad(&format!("record kind {kind}"))),
+    }
+}
+
+fn apply(committed: &mut BTreeMap<String, GroupOffsets>, entry: Entry) {
+    match entry {
+        Entry::Offset {
+            group,
+            tp,
+            committed: Some(c),
+        } => {
+            committed.entry(group).or_default().insert(tp, c);
+        }
+        Entry::Offset {
+            group,
+            tp,
+            committed: None,
+        } => {
+            if let Some(offsets) = committed.get_mut(&group) {
+                offsets.remove(&tp);
+                if offsets.is_empty() {
+                    committed.remove(&group);
+                }
+            }
+        }
+        Entry::GroupDeleted { group } => {
+            committed.remove(&group);
+        }
+    }
+}
+
+/// Rebuilds the offsets from the whole log.
+fn replay(log: &Log) -> Result<BTreeMap<String, GroupOffsets>> {
+    let reader = log.reader();
+    let mut committed = BTreeMap::new();
+    let mut offset = reader.earliest_offset();
+    while offset < reader.high_watermark() {
+        let read = reader.read(offset, 1 << 20)?;
+        for batch in batches(&read.batches) {
+            let batch = batch.map_err(strata_storage::Error::from)?;
+            for record in batch.records() {
+                let record = record.map_err(strata_storage::Error::from)?;
+                if record.offset < offset {
+                    continue;
+                }
+                let key = record.key.ok_or_else(|| bad("a record without a key"))?;
+                apply(&mut committed, decode(key, record.value)?);
+            }
+        }
+        offset = read.next_offset;
+    }
+    Ok(committed)
+}
+
+struct Writer {
+    log: Log,
+    committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    segment_bytes: u64,
+    /// Size of the last snapshot: the live entries' size in the log.
+    snapshot_bytes: u64,
+    /// Set after a failed write: the log refuses writes until a restart recovers it.
+    failed: Option<String>,
+}
+
+/// One change to publish once durable: the new value, `None` to delete.
+type Pending = BTreeMap<(String, TopicPartition), Option<Committed>>;
+
+/// The error every change of a failed write gets.
+fn unavailable(written: &std::result::Result<(), String>) -> Result<()> {
+    written
+        .clone()
+        .map_err(|why| Error::Unavailable("offsets".into(), why))
+}
+
+enum Answer {
+    Committed(
+        Reply<Vec<(TopicPartition, Committed)>>,
+        Result<Vec<(TopicPartition, Committed)>>,
+    ),
+    Done(Reply<()>),
+}
+
+impl Writer {
+    fn run(mut self, mut changes: mpsc::Receiver<Change>) {
+        let mut shutdown = false;
+        while !shutdown {
+            let Some(first) = changes.blocking_recv() else {
+                break;
+            };
+            let mut pending = Pending::new();
+            let mut deleted_groups = Vec::new();
+            let mut answers = Vec::new();
+            let mut staged_bytes = 0;
+            let mut next = Some(first);
+            while let Some(change) = next.take() {
+                match change {
+                    Change::Commit {
+                        group,
+                        offsets,
+                        topics,
+                        mode,
+                        reply,
+                    } => {
+                        staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
+                        let result = match topics.iter().find(|t| t.is_deleted()) {
+                            Some(gone) => Err(Error::TopicNotFound(gone.name.clone())),
+                            None => Ok(self.stage_commit(
+                                &mut pending,
+                                &deleted_groups,
+                                group,
+                                offsets,
+                                mode,
+                            )),
+                        };
+                        answers.push(Answer::Committed(reply, result));
+                    }
+                    Change::DeleteGroup { group, reply } => {
+                        pending.retain(|(g, _), _| *g != group);
+                        deleted_groups.push(group);
+                        answers.push(Answer::Done(reply));
+                    }
+                    Change::DeleteTopic { topic, reply } => {
+                        self.stage_topic_deletion(&mut pending, &deleted_groups, &topic);
+                        answers.push(Answer::Done(reply));
+                    }
+                    Change::Shutdown => shutdown = true,
+                }
+                if shutdown || answers.len() >= QUEUE_DEPTH || staged_bytes >= DRAIN_BYTES_MAX {
+                    break;
+                }
+                next = changes.try_recv().ok();
+            }
+            let written = self.write(&pending, &deleted_groups);
+            if written.is_ok() {
+                let mut committed = self.committed.write().unwrap_or_else(|e| e.into_inner());
+                for group in &deleted_groups {
+                    committed.remove(group);
+                }
+                for ((group, tp), value) in pending {
+                    apply(
+                        &mut committed,
+                        Entry::Offset {
+                            group,
+                            tp,
+                            committed: value,
+                        },
+                    );
+                }
+            }
+            for answer in answers {
+                match answer {
+                    Answer::Committed(reply, result) => {
+                        let _ = reply.send(unavailable(&written).and(result));
+                    }
+                    Answer::Done(reply) => {
+                        let _ = reply.send(unavailable(&written));
+                    }
+                }
+            }
+            if written.is_ok() {
+                self.compact_if_large();
+            }
+        }
+        // After a failed write, closing would write what that write had staged, which
+        // its committers were told failed; recovery at the next start decides instead.
+        if self.failed.is_none() {
+            if let Err(e) = self.log.close() {
+                tracing::error!(error = %e, "closing the offsets log failed");
+            }
+        }
+    }
+
+    /// The current value of a partition's offset, staged changes included.
+    fn current(
+        &self,
+        pending: &Pending,
+        deleted_groups: &[String],
+        group: &str,
+        tp: &TopicPartition,
+    ) -> Option<Committed> {
+        if let Some(staged) = pending.get(&(group.to_string(), tp.clone())) {
+            return staged.clone();
+        }
+        if deleted_groups.iter().any(|g| g == group) {
+            return None;
+        }
+        let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
+        committed.get(group)?.get(tp).cloned()
+    }
+
+    fn stage_commit(
+        &self,
+        pending: &mut Pending,
+        deleted_groups: &[String],
+        group: String,
+        offsets: Vec<(TopicPartition, u64, String)>,
+        mode: Mode,
+    ) -> Vec<(TopicPartition, Committed)> {
+        let now = now_ms();
+        let mut result = Vec::with_capacity(offsets.len());
+        for (tp, offset, metadata) in offsets {
+            let current = self.current(pending, deleted_groups, &group, &tp);
+            let unchanged = current
+                .as_ref()
+                .is_some_and(|c| c.offset == offset && c.metadata == metadata);
+            let behind =
+                mode == Mode::Advance && current.as_ref().is_some_and(|c| c.offset > offset);
+            let value = match current {
+                Some(current) if unchanged || behind => current,
+                _ => {
+                    let value = Committed {
+                        offset,
+                        metadata,
+                        timestamp_ms: now,
+                    };
+                    pending.insert((group.clone(), tp.clone()), Some(value.clone()));
+                    value
+                }
+            };
+            result.push((tp, value));
+        }
+        result
+    }
+
+    fn stage_topic_deletion(&self, pending: &mut Pending, deleted_groups: &[String], topic: &str) {
+        let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
+        let stored = committed
+            .iter()
+            .filter(|(group, _)| !deleted_groups.contains(group))
+            .flat_map(|(group, offsets)| offsets.keys().map(move |tp| (group, tp)))
+            .filter(|(_, tp)| tp.topic == topic)
+            .map(|(group, tp)| (group.clone(), tp.clone()))
+            .collect::<Vec<_>>();
+        drop(committed);
+        for key in stored {
+            pending.insert(key, None);
+        }
+        for (key, value) in pending.iter_mut() {
+            if key.1.topic == topic {
+                *value = None;
+            }
+        }
+    }
+
+    /// Writes the staged changes as one batch and fsyncs; the error says what failed.
+    fn write(
+        &mut self,
+        pending: &Pending,
+        deleted_groups: &[String],
+    ) -> std::result::Result<(), String> {
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
+        if pending.is_empty() && deleted_groups.is_empty() {
+            return Ok(());
+        }
+        self.write_records(pending, deleted_groups).map_err(|e| {
+            let why = format!("writing the committed-offsets log failed: {e}");
+            tracing::error!("{why}; commits are refused until the broker restarts");
+            self.failed = Some(why.clone());
+            why
+        })
+    }
+
+    fn write_records(
+        &mut self,
+        pending: &Pending,
+        deleted_groups: &[String],
+    ) -> strata_storage::Result<()> {
+        let now = now_ms();
+        let (mut key, mut value) = (Vec::new(), Vec::new());
+        let mut builder = BatchBuilder::new();
+        for group in deleted_groups {
+            group_deleted_key(&mut key, group);
+            builder.push(now, Some(&key), None, &[]);
+        }
+        for ((group, tp), committed) in pending {
+            offset_key(&mut key, group, tp);
+            let value = committed.as_ref().map(|c| {
+                offset_value(&mut value, c);
+                &value[..]
+            });
+            builder.push(now, Some(&key), value, &[]);
+            if builder.encoded_len() >= BATCH_SPLIT_BYTES {
+                self.log.write(&builder.finish())?;
+                builder = BatchBuilder::new();
+            }
+        }
+        if builder.encoded_len() > strata_storage::batch::BATCH_HEADER_LEN {
+            self.log.write(&builder.finish())?;
+        }
+        self.log.commit().map(|_| ())
+    }
+
+    /// Appends a snapshot of every live entry and deletes what came before it, once the
+    /// log is larger than two segments plus twice its live entries (as the last
+    /// snapshot measured them, or estimated before the first).
+    fn compact_if_large(&mut self) {
+        let size = self.log.size_bytes();
+        let snapshot = {
+            let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
+            let live = committed.values().map(|g| g.len() as u64).sum::<u64>();
+            let live_bytes = self.snapshot_bytes.max(live * ENTRY_BYTES_ESTIMATE);
+            if size < 2 * self.segment_bytes + 2 * live_bytes {
+                return;
+            }
+            committed
+                .iter()
+                .flat_map(|(group, offsets)| {
+                    offsets
+                        .iter()
+                        .map(move |(tp, c)| ((group.clone(), tp.clone()), Some(c.clone())))
+                })
+                .collect::<Pending>()
+        };
+        let start = self.log.next_offset();
+        let before = self.log.size_bytes();
+        let written = self.write(&snapshot, &[]);
+        self.snapshot_bytes = self.log.size_bytes().saturating_sub(before);
+        match written.and_then(|()| self.log.delete_before(start).map_err(|e| e.to_string())) {
+            Ok(deleted) => tracing::info!(
+                before = size,
+                after = self.log.size_bytes(),
+                segments = deleted,
+                "compacted the committed-offsets log"
+            ),
+            Err(e) => tracing::error!(error = %e, "compacting the committed-offsets log failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: u32) -> TopicPartition {
+        TopicPartition::new("orders", p)
+    }
+
+    fn open(dir: &Path, segment_bytes: u64) -> Offsets {
+        Offsets::open(dir, &FileCache::new(8), segment_bytes).expect("open")
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn commits_never_move_back_resets_do_and_everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let offsets = open(dir.path(), SEGMENT_BYTES);
+        rt.block_on(async {
+            let c = offsets
+                .commit(
+                    "g",
+                    vec![(tp(0), 10, "m".into()), (tp(1), 5, String::new())],
+                    vec![],
+                    Mode::Advance,
+                )
+                .await
+                .expect("commit");
+            assert_eq!(c[0].1.offset, 10);
+            let c = offsets
+                .commit("g", vec![(tp(0), 7, String::new())], vec![], Mode::Advance)
+                .await
+                .expect("commit");
+            assert_eq!((c[0].1.offset, c[0].1.metadata.as_str()), (10, "m"));
+            offsets
+                .commit("g", vec![(tp(1), 2, String::new())], vec![], Mode::Reset)
+                .await
+                .expect("reset");
+            offsets
+                .commit(
+                    "other",
+                    vec![(TopicPartition::new("gone", 0), 3, String::new())],
+                    vec![],
+                    Mode::Advance,
+                )
+                .await
+                .expect("commit");
+            offsets.delete_topic("gone").await.expect("delete topic");
+            offsets
+                .commit(
+                    "dropped",
+                    vec![(tp(0), 1, String::new())],
+                    vec![],
+                    Mode::Advance,
+                )
+                .await
+                .expect("commit");
+            offsets.delete_group("dropped").await.expect("delete group");
+            let too_long = "x".repeat(METADATA_BYTES_MAX + 1);
+            assert!(matches!(
+                offsets
+                    .commit("g", vec![(tp(0), 11, too_long)], vec![], Mode::Advance)
+                    .await,
+                Err(Error::InvalidArgument(_))
+            ));
+        });
+        let expect = |offsets: &Offsets| {
+            let g = offsets.group("g");
+            assert_eq!(g[&tp(0)].offset, 10);
+            assert_eq!(g[&tp(0)].metadata, "m");
+            assert_eq!(g[&tp(1)].offset, 2);
+            assert_eq!(offsets.groups(), ["g"]);
+        };
+        expect(&offsets);
+        offsets.shutdown();
+        let reopened = open(dir.path(), SEGMENT_BYTES);
+        expect(&reopened);
+        reopened.shutdown();
+    }
+
+    #[test]
+    fn the_log_compacts_to_its_live_entries_and_replays_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let offsets = open(dir.path(), 64 << 10);
+        rt.block_on(async {
+            for round in 0..3000u64 {
+                let batch = (0..8).map(|p| (tp(p), round, "x".repeat(64))).collect();
+                offsets
+                    .commit("g", batch, vec![], Mode::Advance)
+                    .await
+                    .expect("commit");
+            }
+        });
+        // Index files are preallocated; the segments' .log files hold the data.
+        let log_dir_bytes = |dir: &Path| -> u64 {
+            std::fs::read_dir(dir)
+                .expect("read dir")
+                .map(|e| e.expect("entry").path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+                .map(|path| std::fs::metadata(path).expect("metadata").len())
+                .sum()
+        };
+        // 3000 rounds of 8 entries of ~100 bytes are ~2.4 MB written; compaction keeps
+        // two or three segments.
+        let kept = log_dir_bytes(dir.path());
+        assert!(kept < 512 << 10, "{kept} bytes kept");
+        offsets.shutdown();
+        let reopened = open(dir.path(), 64 << 10);
+        let g = reopened.group("g");
+        assert_eq!(g.len(), 8);
+        assert!(g.values().all(|c| c.offset == 2999));
+    }
+
+    #[test]
+    fn a_commit_larger_than_a_data_batch_is_one_durable_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let offsets = open(dir.path(), SEGMENT_BYTES);
+        // 300 partitions with the largest metadata: ~1.2 MiB in one request.
+        let big: Vec<_> = (0..300)
+            .map(|p| (tp(p), 1, "m".repeat(METADATA_BYTES_MAX)))
+            .collect();
+        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance))
+            .expect("a large commit");
+        rt.block_on(offsets.commit("g", vec![(tp(0), 2, String::new())], vec![], Mode::Advance))
+            .expect("later commits still work");
+        offsets.shutdown();
+        let reopened = open(dir.path(), SEGMENT_BYTES);
+        assert_eq!(reopened.group("g").len(), 300);
+        reopened.shutdown();
+    }
+
+    #[test]
+    fn records_round_trip_and_unknown_ones_are_refused() {
+        let mut key = Vec::new();
+        let mut value = Vec::new();
+        let c = Committed {
+            offset: 42,
+            metadata: "meta".into(),
+            timestamp_ms: 7,
+        };
+        offset_key(&mut key, "g", &tp(3));
+        offset_value(&mut value, &c);
+        assert_eq!(
+            decode(&key, Some(&value)).expect("decode"),
+            Entry::Offset {
+                group: "g".into(),
+                tp: tp(3),
+                committed: Some(c)
+            }
+        );
+        group_deleted_key(&mut key, "g");
+        assert_eq!(
+            decode(&key, None).expect("decode"),
+            Entry::GroupDeleted { group: "g".into() }
+        );
+        assert!(decode(&[9, 1, 0, 0], None).is_err());
+        assert!(decode(&[FORMAT_VERSION, 7, 0, 0], None).is_err());
+        assert!(decode(&[FORMAT_VERSION, KIND_OFFSET, 0, 5, b'a'], None).is_err());
+    }
+}

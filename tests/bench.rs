@@ -1,7 +1,8 @@
 //! The load generator (`strata-bench`) against the real `strata` binary: a small
 //! workload's report must account for every message — each one produced is
-//! acknowledged once and reaches every consumer set exactly once — and the bench must
-//! be able to start a broker by itself from a binary path.
+//! acknowledged once and reaches every consumer set exactly once, with standalone
+//! consumers and with consumer groups — and the bench must be able to start a broker by
+//! itself from a binary path.
 
 #[allow(
     dead_code,
@@ -101,6 +102,52 @@ async fn every_message_is_acknowledged_and_consumed_once_per_set() {
         row.matches('|').count(),
         header.matches('|').count(),
         "{row}"
+    );
+}
+
+/// Fan-out through consumer groups: each set is a group whose members the broker
+/// assigns the partitions to; the run waits for the groups to settle, and every group
+/// still receives every message exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_groups_each_receive_every_message_once() {
+    let broker = Broker::start();
+    let report = run(&[
+        "--broker",
+        &broker.addr_arg(),
+        "--workload",
+        "fanout",
+        "--consumer-sets",
+        "2",
+        "--consumers",
+        "2",
+        "--partitions",
+        "3",
+        "--messages",
+        "2000",
+        "--message-bytes",
+        "32",
+        "--linger-ms",
+        "1",
+    ])
+    .await;
+    assert!(
+        report.plan.shape().contains("consumer group"),
+        "{}",
+        report.plan.shape()
+    );
+    let produced = report.produced.as_ref().expect("a produce side");
+    assert_eq!((produced.acked, produced.failed), (2000, 0));
+    for set in &report.consumed.as_ref().expect("a consume side").sets {
+        assert_eq!(
+            (set.received, set.unique, set.duplicates, set.missing),
+            (2000, 2000, 0, 0),
+            "set {}: {set:?}",
+            set.set
+        );
+    }
+    assert_eq!(
+        report.e2e_latency.expect("end-to-end latencies").samples,
+        4000
     );
 }
 

@@ -38,7 +38,7 @@ mod stats;
 mod strata;
 
 pub use error::{Error, Result};
-pub use options::{Options, Plan, TargetKind, WorkloadName};
+pub use options::{ConsumerMode, Options, Plan, TargetKind, WorkloadName};
 pub use report::Report;
 pub use run::{run, Outcome};
 pub use stats::Percentiles;

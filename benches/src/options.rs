@@ -59,6 +59,10 @@ pub struct Options {
     /// Consumers per set; consumer `c` reads the partitions `p` with `p % consumers == c`.
     #[arg(long)]
     pub consumers: Option<u32>,
+    /// How a Strata consumer set reads: `groups` (each set is a consumer group) or
+    /// `standalone` (partition consumers). The peers always use standalone readers.
+    #[arg(long, value_enum)]
+    pub consumer_mode: Option<ConsumerMode>,
     /// Partitions (NATS: subjects of one stream; Redis: streams).
     #[arg(long)]
     pub partitions: Option<u32>,
@@ -125,7 +129,8 @@ pub enum WorkloadName {
     #[value(name = "latency-10k")]
     #[serde(rename = "latency-10k")]
     Latency10k,
-    /// 1 KiB messages at max rate, 1 producer, 4 partitions, 4 consumer sets, 10 s.
+    /// 1 KiB messages at max rate, 1 producer, 4 partitions, 4 consumer groups of 4
+    /// members (Strata; the peers use 4 sets of standalone readers), 10 s.
     Fanout,
     /// Write 500,000 messages of 1 KiB at max rate, then consume the backlog from
     /// offset 0 with one consumer set.
@@ -146,6 +151,18 @@ impl WorkloadName {
             WorkloadName::Disk => "disk",
         }
     }
+}
+
+/// How a Strata consumer set reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsumerMode {
+    /// Each consumer reads its share of the partitions with standalone partition
+    /// consumers, from offset 0.
+    Standalone,
+    /// Each set is a consumer group whose members the broker assigns partitions to;
+    /// they start at the earliest offset (a new group) and commit as they go.
+    Groups,
 }
 
 /// What a run goes against.
@@ -250,6 +267,8 @@ pub struct Plan {
     pub consumer_sets: u32,
     /// Consumers per set.
     pub consumers: u32,
+    /// How Strata consumer sets read.
+    pub consumer_mode: ConsumerMode,
     /// Message size in bytes.
     pub message_bytes: usize,
     /// Largest producer batch in bytes.
@@ -297,6 +316,7 @@ impl Plan {
         set!(partitions, o.partitions);
         set!(consumer_sets, o.consumer_sets);
         set!(consumers, o.consumers);
+        set!(consumer_mode, o.consumer_mode);
         set!(message_bytes, o.message_bytes);
         set!(batch_bytes, o.batch_bytes);
         set!(linger_ms, o.linger_ms);
@@ -353,6 +373,7 @@ impl Plan {
             partitions: 4,
             consumer_sets: 1,
             consumers: 4,
+            consumer_mode: ConsumerMode::Standalone,
             message_bytes: 100,
             batch_bytes: 1 << 20,
             linger_ms: 5,
@@ -379,6 +400,7 @@ impl Plan {
             WorkloadName::Fanout => Plan {
                 message_bytes: 1024,
                 consumer_sets: 4,
+                consumer_mode: ConsumerMode::Groups,
                 ..base
             },
             WorkloadName::Replay => Plan {
@@ -401,6 +423,7 @@ impl Plan {
             && self.partitions == other.partitions
             && self.consumer_sets == other.consumer_sets
             && self.consumers == other.consumers
+            && self.consumer_mode == other.consumer_mode
             && self.message_bytes == other.message_bytes
             && self.batch_bytes == other.batch_bytes
             && self.linger_ms == other.linger_ms
@@ -471,6 +494,12 @@ impl Plan {
                 "{sets} consumer set(s) × {} consumer(s), reading while producing",
                 self.consumers
             ),
+        };
+        let consume = match (self.consumer_mode, self.consumer_sets, self.target) {
+            (ConsumerMode::Groups, 1.., TargetKind::Strata) => {
+                format!("{consume} (each set a consumer group)")
+            }
+            _ => consume,
         };
         format!(
             "{} producer(s), {} partition(s), {} B messages, {rate}, {amount}, batch ≤ {} B, \

@@ -477,6 +477,14 @@ impl Backend {
         }
     }
 
+    /// Waits until consumers that coordinate (Strata consumer groups) are ready.
+    async fn settle(&self, plan: &Plan) -> Result<()> {
+        match self {
+            Backend::Strata(t) => t.settle(plan).await,
+            _ => Ok(()),
+        }
+    }
+
     async fn start_producer(
         &self,
         shared: &Arc<Shared>,
@@ -527,12 +535,12 @@ async fn drive(
 ) -> Result<Measured> {
     let plan = &shared.plan;
     let clock = shared.clock;
-    let reporter = Reporter::start(Arc::clone(shared), quiet);
-
     let mut consumers = Vec::new();
     if plan.mode == Mode::Live {
         start_consumers(backend, shared, &mut consumers).await?;
+        backend.settle(plan).await?;
     }
+    let reporter = Reporter::start(Arc::clone(shared), quiet);
 
     let start_ns = clock.now_ns() + START_LEAD_NS;
     let mut producers = Vec::new();
@@ -566,6 +574,7 @@ async fn drive(
     let consume_start_ns = if plan.mode == Mode::Replay {
         let now = clock.now_ns();
         start_consumers(backend, shared, &mut consumers).await?;
+        backend.settle(plan).await?;
         now
     } else {
         start_ns

@@ -6,17 +6,18 @@
 //!   bounded channel to an async collector that awaits the futures in send order and
 //!   records publish → ack latency. The channel's capacity is the producer's window of
 //!   unacknowledged messages (`--max-pending`).
-//! - Consumer: standalone [`PartitionConsumer`]s (one connection per consumer), merged
-//!   when a consumer reads several partitions. Consumer sets are independent readers of
-//!   every partition; group consumers are a later addition behind the same interface.
+//! - Consumer: standalone `PartitionConsumer`s (one connection per consumer), merged
+//!   when a consumer reads several partitions; or, with `--consumer-mode groups`, one
+//!   group `Consumer` per member, each set being one consumer group. Either way a
+//!   consumer is a stream of records fed to the shared [`Consumption`].
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use strata_client::{
-    Client, ConsumedRecord, ConsumerConfig, Durability, ProducerConfig, Record, StartAt,
-    TopicConfig,
+    Client, ConsumedRecord, ConsumerConfig, ConsumerGroupConfig, Durability, GroupState,
+    ProducerConfig, Record, StartAt, TopicConfig,
 };
 use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt, StreamMap};
@@ -24,7 +25,7 @@ use tokio_stream::{Stream, StreamExt, StreamMap};
 use crate::broker::{find_strata, SpawnedBroker};
 use crate::error::{Error, Result};
 use crate::generator::{generate, GeneratorPlan, Offer};
-use crate::options::{Options, Plan};
+use crate::options::{ConsumerMode, Options, Plan};
 use crate::report::TargetInfo;
 use crate::run::{
     ready_or_wait, Acks, ChunkSender, ConsumerOutcome, Consumption, ProducerOutcome, Shared,
@@ -36,6 +37,10 @@ use crate::run::{
 /// client. At max rate every message waits behind this window, so it sets the latency
 /// (window ÷ throughput); a larger one measured no higher throughput here.
 const PENDING_BYTES_DEFAULT: usize = 8 << 20;
+/// How long the consumer groups of a run may take to settle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the settling groups are looked at.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
 
 /// A Strata broker with the run's topic.
 pub struct StrataTarget {
@@ -45,6 +50,8 @@ pub struct StrataTarget {
     spawned: Option<SpawnedBroker>,
     durability: Durability,
     window: usize,
+    consumer_mode: ConsumerMode,
+    consumer_sets: u32,
 }
 
 impl StrataTarget {
@@ -93,6 +100,8 @@ impl StrataTarget {
             spawned,
             durability: plan.durability,
             window,
+            consumer_mode: plan.consumer_mode,
+            consumer_sets: plan.consumer_sets,
         })
     }
 
@@ -113,9 +122,17 @@ impl StrataTarget {
             ),
             other => other.to_string(),
         };
+        let consumers = match self.consumer_mode {
+            ConsumerMode::Groups => {
+                "each consumer set is a consumer group (client Consumer, auto-commit every \
+                 5 s), settled before the producers start"
+            }
+            ConsumerMode::Standalone => {
+                "consumer sets are independent standalone partition consumers"
+            }
+        };
         let mut notes = vec![format!(
-            "producer window {} unacknowledged messages; consumer sets are independent \
-             standalone partition consumers (consumer groups are not used yet)",
+            "producer window {} unacknowledged messages; {consumers}",
             crate::report::thousands(self.window as f64)
         )];
         if let Some(broker) = &self.spawned {
@@ -199,6 +216,25 @@ impl StrataTarget {
         partitions: Vec<u32>,
     ) -> Result<JoinHandle<ConsumerOutcome>> {
         let client = Client::connect(&self.address).await?;
+        let consumption = Consumption::new(shared, set);
+        let shared = Arc::clone(shared);
+        if self.consumer_mode == ConsumerMode::Groups {
+            // The broker assigns the partitions; `partitions` only said how many
+            // members the set has.
+            let config = ConsumerGroupConfig {
+                client_id: format!("strata-bench-set{set}"),
+                ..ConsumerGroupConfig::default()
+            };
+            let consumer = client
+                .consumer_with(&self.group_name(set), &[&self.topic], config)
+                .await?;
+            return Ok(tokio::spawn(async move {
+                let (outcome, consumer) = consume(shared, consumption, consumer).await;
+                // Leave the group at once rather than after the session timeout.
+                let _ = tokio::time::timeout(Duration::from_secs(5), consumer.close()).await;
+                outcome
+            }));
+        }
         let mut consumers = Vec::new();
         for partition in partitions {
             let consumer = client
@@ -211,40 +247,83 @@ impl StrataTarget {
                 .await?;
             consumers.push((partition, consumer));
         }
-        let consumption = Consumption::new(shared, set);
-        let shared = Arc::clone(shared);
         Ok(match consumers.pop() {
             // One partition needs no merging.
-            Some((partition, consumer)) if consumers.is_empty() => tokio::spawn(consume(
-                shared,
-                consumption,
-                consumer.map(move |record| (partition, record)),
-            )),
+            Some((_, consumer)) if consumers.is_empty() => {
+                tokio::spawn(async move { consume(shared, consumption, consumer).await.0 })
+            }
             last => {
                 let mut streams = StreamMap::new();
                 for (partition, consumer) in consumers.into_iter().chain(last) {
                     streams.insert(partition, consumer);
                 }
-                tokio::spawn(consume(shared, consumption, streams))
+                let records = streams.map(|(_, record)| record);
+                tokio::spawn(async move { consume(shared, consumption, records).await.0 })
             }
         })
     }
 
-    /// Deletes the topic from a broker the run did not start; a started one is killed
-    /// and its data removed.
+    /// Group mode: waits until every set's group is stable with all its members and
+    /// every partition assigned, so the run does not measure the first rebalances.
+    pub(crate) async fn settle(&self, plan: &Plan) -> Result<()> {
+        if self.consumer_mode != ConsumerMode::Groups {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
+        for set in 0..plan.consumer_sets {
+            let group = self.group_name(set);
+            loop {
+                let d = self.admin.describe_group(&group).await?;
+                let assigned: usize = d.members.iter().map(|m| m.assignment.len()).sum();
+                let revoking = d.members.iter().any(|m| !m.revoking.is_empty());
+                if d.group.state == GroupState::Stable
+                    && d.members.len() == plan.consumers as usize
+                    && assigned == plan.partitions as usize
+                    && !revoking
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Broker(format!(
+                        "consumer group {group} did not settle within {SETTLE_TIMEOUT:?}: \
+                         {} member(s), {assigned} partition(s) assigned, state {:?}",
+                        d.members.len(),
+                        d.group.state
+                    )));
+                }
+                tokio::time::sleep(SETTLE_POLL).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn group_name(&self, set: u32) -> String {
+        format!("{}-set{set}", self.topic)
+    }
+
+    /// Deletes the topic (and the groups) from a broker the run did not start; a
+    /// started one is killed and its data removed.
     pub async fn close(self) {
         if self.spawned.is_none() {
+            if self.consumer_mode == ConsumerMode::Groups {
+                for set in 0..self.consumer_sets {
+                    let _ = self.admin.delete_group(&self.group_name(set)).await;
+                }
+            }
             let _ = self.admin.delete_topic(&self.topic).await;
         }
     }
 }
 
-/// Reads `records` (partition, record) until the run stops or a partition fails.
-async fn consume(
+/// Reads `records` until the run stops or the stream fails; gives the stream back.
+async fn consume<S>(
     shared: Arc<Shared>,
     mut consumption: Consumption,
-    mut records: impl Stream<Item = (u32, strata_client::Result<ConsumedRecord>)> + Unpin,
-) -> ConsumerOutcome {
+    mut records: S,
+) -> (ConsumerOutcome, S)
+where
+    S: Stream<Item = strata_client::Result<ConsumedRecord>> + Unpin,
+{
     let stop = shared.stop_signal();
     tokio::pin!(stop);
     let error = loop {
@@ -252,13 +331,13 @@ async fn consume(
             biased;
             _ = &mut stop => break None,
             (next, waited) = ready_or_wait(records.next()) => match next {
-                Some((_, Ok(record))) => {
+                Some(Ok(record)) => {
                     consumption.message(record.value.as_deref().unwrap_or_default(), waited);
                 }
-                Some((partition, Err(e))) => break Some(format!("partition {partition}: {e}")),
+                Some(Err(e)) => break Some(e.to_string()),
                 None => break None,
             },
         }
     };
-    consumption.finish(error)
+    (consumption.finish(error), records)
 }

@@ -1,6 +1,7 @@
 //! `strata-bench`: the load generator of Strata.
 //!
-//! N producers (each on its own thread), M consumers per consumer set, P partitions, a
+//! N producers (each on its own thread), M consumers per consumer set (standalone
+//! partition consumers, or a consumer group per set), P partitions, a
 //! message size, a batch size and linger, a fixed or max rate, a duration or a message
 //! count, and a durability policy; against a Strata broker it starts itself (or one at
 //! `--broker`), the `--null` target (no broker: the generator's own ceiling), or, behind

@@ -10,8 +10,8 @@ pub enum Error {
     /// A Strata client call failed.
     #[error("strata: {0}")]
     Strata(#[from] strata_client::Error),
-    /// Starting the Strata broker failed.
-    #[error("starting the broker: {0}")]
+    /// Starting the Strata broker, or getting it ready for the run, failed.
+    #[error("broker: {0}")]
     Broker(String),
     /// A file operation failed.
     #[error("{context}: {source}")]
@@ -39,6 +39,9 @@ pub enum Error {
         /// Why the connection failed.
         message: String,
     },
+    /// A task of the run panicked or was cancelled (a bug in the load generator).
+    #[error("a task of the run failed: {0}")]
+    Task(String),
     /// The target was asked for but this binary was built without it.
     #[error(
         "--target {0} needs the `{0}` feature: cargo run --release -p strata-bench --features {0} -- ..."

@@ -598,9 +598,7 @@ async fn drive(
     for consumer in consumers {
         let outcome = match consumer.await {
             Ok(outcome) => outcome,
-            Err(e) => {
-                return Err(Error::Config(format!("a consumer task failed: {e}")));
-            }
+            Err(e) => return Err(Error::Task(format!("consumer: {e}"))),
         };
         last_receipt_ns = last_receipt_ns.max(outcome.last_ns);
         let (seen, result) = &mut sets[outcome.set as usize];

@@ -2,8 +2,8 @@
 //!
 //! The bench does not link the broker (nothing depends on `strata-broker`); it runs the
 //! `strata` binary: `--strata-bin`, else the one next to this executable in cargo's
-//! target directory, else (when started by `cargo run`, which sets `CARGO`) it builds
-//! it with cargo first. The broker listens on 127.0.0.1:0 over a temporary data
+//! target directory, which `cargo run` (it sets `CARGO`) first brings up to date with
+//! `cargo build`. The broker listens on 127.0.0.1:0 over a temporary data
 //! directory and prints `strata listening on <addr>`; the bench reads that line.
 
 use std::io::{BufRead, BufReader, Read};
@@ -110,8 +110,8 @@ impl Drop for SpawnedBroker {
     }
 }
 
-/// The `strata` binary to run: `explicit`, else next to this executable, else built with
-/// cargo when this process was started by cargo.
+/// The `strata` binary to run: `explicit`, else the one next to this executable, built
+/// (or brought up to date) with cargo first when this process was started by cargo.
 pub fn find_strata(explicit: Option<&Path>, quiet: bool) -> Result<PathBuf> {
     if let Some(path) = explicit {
         return if path.is_file() {
@@ -128,10 +128,12 @@ pub fn find_strata(explicit: Option<&Path>, quiet: bool) -> Result<PathBuf> {
         .parent()
         .ok_or_else(|| Error::Broker("this executable has no parent directory".into()))?;
     let beside = dir.join(format!("strata{}", std::env::consts::EXE_SUFFIX));
-    if beside.is_file() {
-        return Ok(beside);
-    }
+    // Under `cargo run` the broker is always (re)built: cargo does nothing when it is
+    // fresh, and a stale binary from an older checkout would run an older protocol.
     let Some(cargo) = std::env::var_os("CARGO") else {
+        if beside.is_file() {
+            return Ok(beside);
+        }
         return Err(Error::Broker(format!(
             "no strata binary at {}: build it with `cargo build --release -p strata-broker \
              --bin strata`, pass --strata-bin, or give a running broker with --broker",
@@ -142,7 +144,7 @@ pub fn find_strata(explicit: Option<&Path>, quiet: bool) -> Result<PathBuf> {
     let release = dir.file_name().is_some_and(|n| n == "release");
     if !quiet {
         eprintln!(
-            "strata-bench: building the broker ({} profile)",
+            "strata-bench: building the broker if needed ({} profile)",
             if release { "release" } else { "dev" }
         );
     }

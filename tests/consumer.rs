@@ -180,6 +180,31 @@ impl Member {
     }
 }
 
+/// Asserts that `group` committed every partition of `topic` up to one past the last
+/// record `produced` there (0 for a partition that got none).
+async fn assert_committed_to_the_end(
+    client: &Client,
+    group: &str,
+    topic: &str,
+    partitions: u32,
+    produced: &[Delivery],
+) {
+    let committed = committed(client, group, topic).await;
+    for partition in 0..partitions {
+        let end = produced
+            .iter()
+            .filter(|d| d.partition == partition)
+            .map(|d| d.offset + 1)
+            .max()
+            .unwrap_or(0);
+        assert_eq!(
+            committed.get(&partition).copied().unwrap_or(0),
+            end,
+            "{group} on {topic}/{partition}"
+        );
+    }
+}
+
 /// Waits until the group has `members` members, is stable, and each owns its share.
 async fn wait_stable(client: &Client, group: &str, members: usize) {
     let admin = client.admin();
@@ -339,16 +364,7 @@ async fn group_of_three_loses_nothing_when_a_member_crashes() {
         );
     }
     // Everything is committed in the end.
-    let committed = committed(&client, "checkout", "orders").await;
-    for partition in 0..6 {
-        let end = produced
-            .iter()
-            .filter(|d| d.partition == partition)
-            .map(|d| d.offset + 1)
-            .max()
-            .unwrap_or(0);
-        assert_eq!(committed.get(&partition).copied().unwrap_or(0), end);
-    }
+    assert_committed_to_the_end(&client, "checkout", "orders", 6, &produced).await;
 }
 
 /// A second member joins while the first is working through four partitions: the
@@ -748,16 +764,7 @@ async fn consumer_rides_out_a_broker_restart() {
         "rejoined with a new id"
     );
     consumer.close().await.expect("close");
-    let committed = committed(&client, "watchers", "signals").await;
-    for partition in 0..2 {
-        let end = produced
-            .iter()
-            .filter(|d| d.partition == partition)
-            .map(|d| d.offset + 1)
-            .max()
-            .unwrap_or(0);
-        assert_eq!(committed.get(&partition).copied().unwrap_or(0), end);
-    }
+    assert_committed_to_the_end(&client, "watchers", "signals", 2, &produced).await;
 }
 
 /// Group administration: list, describe with lag, reset (refused while the group has

@@ -44,8 +44,6 @@ const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(3);
 /// Heartbeat interval while partitions move, so a released partition reaches its next
 /// owner quickly.
 const HEARTBEAT_INTERVAL_MOVING: Duration = Duration::from_millis(200);
-/// Longest group name.
-const GROUP_NAME_MAX: usize = 249;
 
 /// What a member says in a heartbeat.
 #[derive(Debug, Default)]
@@ -361,18 +359,7 @@ impl Drop for Exclusive<'_> {
 
 /// Checks a group name: the rules of topic names, so it is safe in logs and paths.
 pub fn validate_group(name: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= GROUP_NAME_MAX
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "group name {name:?} must be 1 to {GROUP_NAME_MAX} characters of [a-zA-Z0-9._-]"
-        )))
-    }
+    crate::topic::validate("group", name)
 }
 
 fn timeout(asked: Duration, default: Duration, what: &str) -> Result<Duration> {

@@ -24,12 +24,18 @@ pub const MESSAGE_BYTES_CAP: u32 = 32 << 20;
 
 /// Checks a topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
 pub fn validate_name(name: &str) -> Result<()> {
+    validate("topic", name)
+}
+
+/// Checks a name of `kind` (a topic, a consumer group): 1 to 249 characters of
+/// [a-zA-Z0-9._-], not `.` or `..`, so it is safe as a directory name and in logs.
+pub fn validate(kind: &str, name: &str) -> Result<()> {
     let valid_chars = name
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if name.is_empty() || name.len() > 249 || !valid_chars || name == "." || name == ".." {
         return Err(Error::InvalidArgument(format!(
-            "invalid topic name {name:?}: use 1 to 249 characters from [a-zA-Z0-9._-], not \".\" or \"..\""
+            "invalid {kind} name {name:?}: use 1 to 249 characters from [a-zA-Z0-9._-], not \".\" or \"..\""
         )));
     }
     Ok(())

@@ -18,11 +18,11 @@ use strata_storage::batch::NO_PRODUCER_ID;
 use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
-use crate::coordinator::Coordinator;
+use crate::groups::coordinator::Coordinator;
 use crate::error::{Error, Result};
-use crate::offsets::{Offsets, SEGMENT_BYTES};
-use crate::partition::Partition;
-use crate::topic::{validate_name, TopicSettings};
+use crate::groups::offsets::{Offsets, SEGMENT_BYTES};
+use crate::topics::partition::Partition;
+use crate::topics::settings::{validate_name, TopicSettings};
 
 /// A topic and its open partitions.
 #[derive(Debug)]

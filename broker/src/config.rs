@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::topic::TopicSettings;
+use crate::topics::settings::TopicSettings;
 
 /// The default gRPC address: loopback only, on a port no common service uses.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7717";
@@ -79,7 +79,7 @@ impl ServeConfig {
             None => ServeArgs::default(),
         };
         let limit = |name: &str, v: Option<i64>, default: Option<u64>| {
-            crate::topic::parse_limit(name, v, default).map_err(|e| anyhow::anyhow!("{e}"))
+            crate::topics::settings::parse_limit(name, v, default).map_err(|e| anyhow::anyhow!("{e}"))
         };
         let base = TopicSettings::default();
         let topic_defaults = TopicSettings {

@@ -1,6 +1,5 @@
-//! The broker's error type and its one conversion to a gRPC status.
-
-use tonic::{Code, Status};
+//! The broker's error type. Each listener converts it to its wire form in one place
+//! (gRPC: [`crate::grpc::status`]).
 
 /// Everything a broker operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +64,8 @@ pub enum Error {
     },
 }
 
-const ENOSPC: i32 = 28;
+/// The errno of a full disk.
+pub(crate) const ENOSPC: i32 = 28;
 
 /// True when a storage error is the disk running out of space.
 pub fn is_disk_full(e: &strata_storage::Error) -> bool {
@@ -81,37 +81,5 @@ impl Error {
             path: path.display().to_string(),
             source,
         }
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        use strata_storage::Error as S;
-        let code = match &e {
-            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::GroupNotFound(_) => {
-                Code::NotFound
-            }
-            Error::Fenced(_) => Code::FailedPrecondition,
-            Error::OutOfRange(_) => Code::OutOfRange,
-            Error::TopicExists(_) => Code::AlreadyExists,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::Sequence(_, strata_storage::SequenceError::InvalidFields { .. }) => {
-                Code::InvalidArgument
-            }
-            Error::Sequence(..) => Code::FailedPrecondition,
-            Error::Unavailable(..) | Error::ShuttingDown | Error::GroupBusy(_) => Code::Unavailable,
-            Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
-            Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
-            Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,
-            Error::DiskFull(..) => Code::ResourceExhausted,
-            Error::Storage(e) if is_disk_full(e) => Code::ResourceExhausted,
-            Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
-                Code::ResourceExhausted
-            }
-            Error::Storage(S::InvalidConfig(_)) => Code::InvalidArgument,
-            Error::Storage(S::Poisoned { .. }) => Code::Unavailable,
-            _ => Code::Internal,
-        };
-        Status::new(code, e.to_string())
     }
 }

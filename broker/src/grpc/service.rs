@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
-use crate::groups;
-use crate::partition::{Ack, Partition};
-use crate::topic::TopicSettings;
+use crate::grpc::groups;
+use crate::topics::partition::{Ack, Partition};
+use crate::topics::settings::TopicSettings;
 
 /// Fetch size when a request leaves max_bytes at 0.
 pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;

@@ -24,7 +24,7 @@ use strata_storage::batch::{batches, BatchBuilder};
 use strata_storage::{now_ms, Durability, FileCache, Log, LogConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::assign::TopicPartition;
+use crate::groups::assign::TopicPartition;
 use crate::broker::Topic;
 use crate::error::{Error, Result};
 

@@ -1,6 +1,6 @@
 //! The consumer-group RPCs: the `Groups` service (membership and committed offsets)
 //! and the group half of `Admin` (list, describe, reset, delete). Membership rules live
-//! in [`crate::coordinator`], durable offsets in [`crate::offsets`]; this module
+//! in [`crate::groups::coordinator`], durable offsets in [`crate::groups::offsets`]; this module
 //! translates requests and checks them against the partitions that exist.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use strata_proto::v1::{self, groups_server};
 use tonic::{Request, Response, Status};
 
-use crate::assign::TopicPartition;
+use crate::groups::assign::TopicPartition;
 use crate::broker::{Broker, Topic};
-use crate::coordinator::{validate_group, GroupState, GroupView, Heartbeat};
+use crate::groups::coordinator::{validate_group, GroupState, GroupView, Heartbeat};
 use crate::error::{Error, Result};
-use crate::offsets::{Committed, Mode};
-use crate::service::Service;
+use crate::groups::offsets::{Committed, Mode};
+use crate::grpc::service::Service;
 
 fn to_partitions(from: &[v1::TopicPartitions]) -> Vec<TopicPartition> {
     from.iter()

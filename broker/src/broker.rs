@@ -18,8 +18,8 @@ use strata_storage::batch::NO_PRODUCER_ID;
 use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
-use crate::groups::coordinator::Coordinator;
 use crate::error::{Error, Result};
+use crate::groups::coordinator::Coordinator;
 use crate::groups::offsets::{Offsets, SEGMENT_BYTES};
 use crate::topics::partition::Partition;
 use crate::topics::settings::{validate_name, TopicSettings};

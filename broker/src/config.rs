@@ -79,7 +79,8 @@ impl ServeConfig {
             None => ServeArgs::default(),
         };
         let limit = |name: &str, v: Option<i64>, default: Option<u64>| {
-            crate::topics::settings::parse_limit(name, v, default).map_err(|e| anyhow::anyhow!("{e}"))
+            crate::topics::settings::parse_limit(name, v, default)
+                .map_err(|e| anyhow::anyhow!("{e}"))
         };
         let base = TopicSettings::default();
         let topic_defaults = TopicSettings {

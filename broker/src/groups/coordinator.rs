@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::groups::assign::{assign, Assignment, TopicPartition};
 use crate::error::{Error, Result};
+use crate::groups::assign::{assign, Assignment, TopicPartition};
 
 /// Session timeout when a join leaves it at 0.
 pub const SESSION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);

@@ -24,9 +24,9 @@ use strata_storage::batch::{batches, BatchBuilder};
 use strata_storage::{now_ms, Durability, FileCache, Log, LogConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::groups::assign::TopicPartition;
 use crate::broker::Topic;
 use crate::error::{Error, Result};
+use crate::groups::assign::TopicPartition;
 
 /// Largest metadata string of a commit.
 pub const METADATA_BYTES_MAX: usize = 4096;

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use strata_proto::v1::{self, groups_server};
 use tonic::{Request, Response, Status};
 
-use crate::groups::assign::TopicPartition;
 use crate::broker::{Broker, Topic};
-use crate::groups::coordinator::{validate_group, GroupState, GroupView, Heartbeat};
 use crate::error::{Error, Result};
+use crate::groups::assign::TopicPartition;
+use crate::groups::coordinator::{validate_group, GroupState, GroupView, Heartbeat};
 use crate::groups::offsets::{Committed, Mode};
 use crate::grpc::service::Service;
 

@@ -18,7 +18,7 @@ use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::grpc::groups;
 use crate::topics::partition::{Ack, Partition};
-use crate::topics::settings::TopicSettings;
+use crate::topics::settings::{TopicOverrides, TopicSettings};
 
 /// Fetch size when a request leaves max_bytes at 0.
 pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
@@ -82,11 +82,34 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::ShuttingDown)?
 }
 
+fn overrides(c: v1::TopicConfig) -> TopicOverrides {
+    TopicOverrides {
+        retention_ms: c.retention_ms,
+        retention_bytes: c.retention_bytes,
+        segment_bytes: c.segment_bytes,
+        segment_ms: c.segment_ms,
+        max_message_bytes: c.max_message_bytes,
+        durability: c.durability,
+    }
+}
+
+fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
+    let o = settings.overrides();
+    v1::TopicConfig {
+        retention_ms: o.retention_ms,
+        retention_bytes: o.retention_bytes,
+        segment_bytes: o.segment_bytes,
+        segment_ms: o.segment_ms,
+        max_message_bytes: o.max_message_bytes,
+        durability: o.durability,
+    }
+}
+
 fn topic_info(topic: &Topic) -> v1::TopicInfo {
     v1::TopicInfo {
         name: topic.name.clone(),
         partitions: topic.settings.partitions,
-        config: Some(topic.settings.to_proto()),
+        config: Some(topic_config(&topic.settings)),
     }
 }
 
@@ -99,7 +122,7 @@ impl admin_server::Admin for Service {
         let request = request.into_inner();
         let settings = TopicSettings::from_request(
             request.partitions,
-            request.config.as_ref(),
+            request.config.map(overrides).unwrap_or_default(),
             self.broker.defaults(),
         )?;
         let broker = Arc::clone(&self.broker);

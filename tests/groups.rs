@@ -896,6 +896,68 @@ async fn committed_offsets_and_group_descriptions_survive_a_crash() {
     );
 }
 
+/// Guards the group epoch through a time without members: it only increases
+/// (docs/protocol.md), so a group whose last member left is EMPTY with the epoch it
+/// reached (it used to show 0), and the next member moves it on from there. A group
+/// that never committed no longer exists once its members are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_group_keeps_its_epoch_and_one_without_offsets_is_gone() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    create(&mut admin, TOPIC, PARTITIONS).await;
+    let epoch = |d: &v1::DescribeGroupResponse| d.group.as_ref().map_or(0, |g| g.epoch);
+
+    let mut first = TestMember::join(&broker, "first", "billing", TOPIC, 0).await;
+    let active = describe(&mut admin, "billing").await;
+    assert!(epoch(&active) >= 1, "{active:#?}");
+    first.leave().await;
+    let empty = describe(&mut admin, "billing").await;
+    assert_eq!(state(&empty), v1::GroupState::Empty);
+    assert!(
+        epoch(&empty) > epoch(&active),
+        "the epoch went from {} to {} when the group became empty",
+        epoch(&active),
+        epoch(&empty)
+    );
+    let listed = admin
+        .list_groups(v1::ListGroupsRequest {})
+        .await
+        .expect("list groups")
+        .into_inner()
+        .groups;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|g| (g.group.as_str(), g.epoch))
+            .collect::<Vec<_>>(),
+        [("billing", epoch(&empty))]
+    );
+    let _second = TestMember::join(&broker, "second", "billing", TOPIC, 0).await;
+    let again = describe(&mut admin, "billing").await;
+    assert!(epoch(&again) > epoch(&empty), "{again:#?}");
+
+    // A member that leaves without committing leaves nothing behind.
+    let passing = TestMember::join(&broker, "passing", "passing", TOPIC, 0).await;
+    broker
+        .groups()
+        .await
+        .leave_group(v1::LeaveGroupRequest {
+            group: "passing".into(),
+            member_id: passing.member_id.clone(),
+        })
+        .await
+        .expect("leave");
+    expect_code(
+        admin
+            .describe_group(v1::DescribeGroupRequest {
+                group: "passing".into(),
+            })
+            .await,
+        Code::NotFound,
+        "describe of a group without members or offsets",
+    );
+}
+
 /// Guards resuming after a crash: a member processes part of each partition and
 /// commits, processes further without committing, and the broker is SIGKILLed. After
 /// the restart its heartbeat gets FAILED_PRECONDITION; it rejoins without committing,

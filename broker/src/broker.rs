@@ -323,12 +323,15 @@ impl Broker {
         }
     }
 
-    /// Removes group members whose session or rebalance timeout passed.
+    /// Removes group members whose session or rebalance timeout passed, and forgets
+    /// groups left with neither members nor committed offsets.
     pub fn expire_members(&self) {
         self.coordinator.expire(
             &|topic| self.partition_count(topic),
             std::time::Instant::now(),
         );
+        self.coordinator
+            .forget_empty(&|group| self.offsets.has_group(group));
     }
 
     /// Answers everything queued, then closes every log cleanly. Blocking.

@@ -44,6 +44,14 @@ pub enum Error {
     /// The partition's log failed a write and is being recovered.
     #[error("partition {0} is unavailable: {1}")]
     Unavailable(String, String),
+    /// Another broker process holds the data directory's lock.
+    #[error("data directory {path} is in use by {}", pid.map_or_else(|| "another strata process".to_string(), |pid| format!("strata process {pid}")))]
+    DataDirLocked {
+        /// The data directory.
+        path: String,
+        /// The process holding it, as its lock file says.
+        pid: Option<u32>,
+    },
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,

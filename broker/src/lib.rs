@@ -13,5 +13,6 @@ pub mod groups;
 pub mod grpc;
 pub mod server;
 pub mod topics;
+pub mod units;
 
 pub use error::{Error, Result};

@@ -9,16 +9,10 @@
 //! Every wait polls for a condition with a generous deadline; the one assertion on
 //! elapsed time is the session timeout, a bound the protocol states.
 
-#[allow(
-    dead_code,
-    reason = "shared with tests/broker.rs, which uses the other helpers"
-)]
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use strata_proto::v1::{
     self, admin_client::AdminClient, broker_client::BrokerClient, groups_client::GroupsClient,
 };

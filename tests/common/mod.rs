@@ -168,7 +168,6 @@ impl Broker {
     }
 
     /// A consumer-groups client on its own connection.
-    #[allow(dead_code, reason = "used by the group tests, not by every test crate")]
     pub async fn groups(&self) -> GroupsClient<Channel> {
         GroupsClient::new(self.channel().await)
     }
@@ -222,10 +221,6 @@ impl Broker {
     /// Starts the broker again on the same data directory and the same port as before
     /// (after [`Broker::stop`] or [`Broker::kill`]), so clients can reconnect to the
     /// address they know.
-    #[allow(
-        dead_code,
-        reason = "used by the client tests, not by every test crate"
-    )]
     pub fn restart_on_same_port(&mut self) {
         self.listen = self.addr;
         self.spawn();

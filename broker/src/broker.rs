@@ -120,8 +120,7 @@ impl Broker {
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path)(e)),
         }
         // The holder's process id, for the message a second broker gives.
-        (&lock)
-            .set_len(0)
+        lock.set_len(0)
             .and_then(|()| writeln!(&lock, "{}", std::process::id()))
             .map_err(Error::io(&lock_path))?;
         for sub in ["topics", "tmp", "trash"] {

@@ -2,7 +2,9 @@
 //! command-line client for it.
 
 use clap::{Parser, Subcommand};
-use strata_broker::cli::{self, BrokerArg, ConsumeArgs, GroupCommand, ProduceArgs, TopicCommand};
+mod cli;
+
+use cli::{BrokerArg, ConsumeArgs, GroupCommand, ProduceArgs, TopicCommand};
 use strata_broker::config::{ServeArgs, ServeConfig};
 
 #[derive(Debug, Parser)]

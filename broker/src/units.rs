@@ -96,7 +96,7 @@ fn parse(text: &str, units: &[(&str, u64)], expected: &str) -> Result<u64, UnitE
 fn write(f: &mut fmt::Formatter<'_>, value: u64, units: &[(&str, u64)]) -> fmt::Result {
     let (name, factor) = units
         .iter()
-        .find(|(_, factor)| value != 0 && value % factor == 0)
+        .find(|(_, factor)| value != 0 && value.is_multiple_of(*factor))
         .copied()
         .unwrap_or(units[units.len() - 1]);
     write!(f, "{}{name}", value / factor)

@@ -16,8 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::transport::Channel;
 
-use crate::error::Error;
-use crate::units::{ByteSize, Limit, Millis};
+use strata_broker::error::Error;
+use strata_broker::topics::settings::MESSAGE_BYTES_CAP;
+use strata_broker::units::{ByteSize, Limit, Millis};
 
 /// Default broker address of the client commands.
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7717";
@@ -250,7 +251,7 @@ pub async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
                     u32::try_from(size.0).with_context(|| {
                         format!(
                             "--max-message-bytes {size}: at most {} is allowed",
-                            ByteSize(crate::topics::settings::MESSAGE_BYTES_CAP.into())
+                            ByteSize(MESSAGE_BYTES_CAP.into())
                         )
                     })
                 })

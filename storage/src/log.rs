@@ -789,6 +789,40 @@ impl LogReader {
         })
     }
 
+    /// The timestamp of the first record of the batch that holds `offset` (the time it
+    /// was written, for a consumer's lag in time), reading only that batch's header.
+    /// `None` at or past the high watermark; [`Error::OffsetOutOfRange`] below the log
+    /// start.
+    pub fn batch_timestamp(&self, offset: u64) -> Result<Option<i64>> {
+        let high_watermark = self.high_watermark();
+        let segments = self.shared.segments();
+        if offset < segments[0].base_offset {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                earliest: segments[0].base_offset,
+                latest: high_watermark,
+            });
+        }
+        if offset >= high_watermark {
+            return Ok(None);
+        }
+        let segment = &segments[segments.partition_point(|s| s.base_offset <= offset) - 1];
+        let file = self.open(segment, offset)?;
+        let readable = segment.readable_len();
+        let mut position = segment.index_position(offset);
+        while position + BATCH_HEADER_LEN as u64 <= readable {
+            let header = segment.read_header(&file, position)?;
+            if header.last_offset() >= offset {
+                return Ok(Some(header.base_timestamp));
+            }
+            position += header.size as u64;
+        }
+        Err(segment.corrupted(
+            position,
+            format!("offset {offset} is below the high watermark but past the segment's end"),
+        ))
+    }
+
     /// The first offset, in log order, whose record timestamp is at or after
     /// `timestamp`; `None` when no published record is that new.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
@@ -1253,6 +1287,31 @@ mod tests {
             let found = log.reader().offset_for_timestamp(target).expect("lookup");
             assert_eq!(found, scan, "target {target}");
         }
+    }
+
+    #[test]
+    fn batch_timestamp_is_that_of_the_batch_holding_the_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        // Two records per batch, across several segments.
+        for i in 0..100i64 {
+            log.append(&batch(&["a", "b"], 1000 + i)).expect("append");
+        }
+        let reader = log.reader();
+        assert!(reader.segment_count() > 1);
+        for offset in [0, 1, 2, 77, 199] {
+            let expected = 1000 + (offset / 2) as i64;
+            assert_eq!(
+                reader.batch_timestamp(offset).expect("read"),
+                Some(expected)
+            );
+        }
+        assert_eq!(reader.batch_timestamp(200).expect("read"), None);
+        log.delete_before(100).expect("delete");
+        assert!(matches!(
+            log.reader().batch_timestamp(0),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
     }
 
     #[test]

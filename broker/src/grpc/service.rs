@@ -246,7 +246,7 @@ impl admin_server::Admin for Service {
         &self,
         request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
-        groups::delete_group(&self.broker, &request.into_inner().group).await?;
+        crate::groups::api::delete_group(&self.broker, &request.into_inner().group).await?;
         Ok(Response::new(v1::DeleteGroupResponse {}))
     }
 }

@@ -11,6 +11,9 @@ pub mod config;
 pub mod error;
 pub mod groups;
 pub mod grpc;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod topics;
 

@@ -3,7 +3,8 @@
 
 use clap::{Parser, Subcommand};
 use strata_broker::cli::{self, BrokerArg, ConsumeArgs, GroupCommand, ProduceArgs, TopicCommand};
-use strata_broker::config::{ServeArgs, ServeConfig};
+use strata_broker::config::{LogFormat, ServeArgs, ServeConfig};
+use tracing_subscriber::filter::Targets;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +51,30 @@ enum Command {
     },
 }
 
+/// Logs to standard error, as text for people (coloured on a terminal) or as one JSON
+/// object per line for collectors.
+fn init_logging(format: LogFormat, level: Targets) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(false)
+    });
+    tracing_subscriber::registry()
+        .with(level)
+        .with(text)
+        .with(json)
+        .init();
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -62,12 +87,8 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                tracing_subscriber::fmt()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_target(false)
-                    .init();
                 let config = ServeConfig::resolve(args)?;
+                init_logging(config.log_format, config.log_level.clone());
                 strata_broker::server::serve(config, strata_broker::server::shutdown_signal()).await
             }
             Command::Topic { broker, command } => cli::topic(&broker.broker, command).await,

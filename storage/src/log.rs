@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::batch::{set_base_offset, Batch, BatchHeader, BATCH_HEADER_LEN};
 use crate::checkpoint::{Checkpoint, CHECKPOINT_FILE};
@@ -209,6 +209,8 @@ pub struct Log {
     config: LogConfig,
     active: Active,
     last_sync: Instant,
+    /// How long the data fsync of the last commit took; `None` if it did not fsync.
+    last_fsync: Option<Duration>,
     poisoned: bool,
 }
 
@@ -264,6 +266,7 @@ impl Log {
             config,
             active,
             last_sync: Instant::now(),
+            last_fsync: None,
             poisoned: false,
         };
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
@@ -283,6 +286,12 @@ impl Log {
     /// The log's configuration.
     pub fn config(&self) -> &LogConfig {
         &self.config
+    }
+
+    /// How long the data fsync of the last [`Log::commit`] took; `None` when that commit
+    /// did not fsync (nothing new to sync, or the policy did not ask for it).
+    pub fn last_fsync(&self) -> Option<Duration> {
+        self.last_fsync
     }
 
     /// The offset the next written batch gets (staged batches included).
@@ -340,6 +349,7 @@ impl Log {
     /// for all of them) and publishes them to readers. Returns the new high watermark.
     pub fn commit(&mut self) -> Result<u64> {
         self.check_poisoned()?;
+        self.last_fsync = None;
         self.guard(|log| {
             log.write_staged()?;
             // Under `interval`, also sync once a checkpoint interval has been written, so
@@ -572,6 +582,7 @@ impl Log {
     fn sync(&mut self) -> Result<()> {
         let active = &mut self.active;
         if active.synced < active.written {
+            let started = Instant::now();
             if let Err(e) = active.file.sync_data() {
                 // After a failed fsync the kernel may have dropped the dirty pages or
                 // marked them clean without writing them: bytes after `synced` can read
@@ -582,6 +593,7 @@ impl Log {
                 return Err(io_at(&active.segment.log_path)(e));
             }
             active.synced = active.written;
+            self.last_fsync = Some(started.elapsed());
         }
         self.last_sync = Instant::now();
         if active.written - active.checkpointed >= self.config.checkpoint_interval_bytes {

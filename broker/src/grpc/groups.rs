@@ -83,6 +83,7 @@ impl groups_server::Groups for Service {
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let request = request.into_inner();
+        let scope = self.scope("Heartbeat").group(&request.group);
         let broker = self.broker();
         let reply = broker.coordinator().heartbeat(
             &request.group,
@@ -97,8 +98,8 @@ impl groups_server::Groups for Service {
             },
             &|topic| broker.partition_count(topic),
             Instant::now(),
-        )?;
-        Ok(Response::new(v1::HeartbeatResponse {
+        );
+        scope.finish(reply.map(|reply| v1::HeartbeatResponse {
             member_id: reply.member_id,
             member_epoch: reply.member_epoch,
             heartbeat_interval_ms: reply.interval.as_millis() as u32,
@@ -111,14 +112,16 @@ impl groups_server::Groups for Service {
         request: Request<v1::LeaveGroupRequest>,
     ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
         let request = request.into_inner();
-        validate_group(&request.group)?;
+        let scope = self.scope("LeaveGroup").group(&request.group);
         let broker = self.broker();
-        broker
-            .coordinator()
-            .leave(&request.group, &request.member_id, &|topic| {
-                broker.partition_count(topic)
-            });
-        Ok(Response::new(v1::LeaveGroupResponse {}))
+        scope.finish(validate_group(&request.group).map(|()| {
+            broker
+                .coordinator()
+                .leave(&request.group, &request.member_id, &|topic| {
+                    broker.partition_count(topic)
+                });
+            v1::LeaveGroupResponse {}
+        }))
     }
 
     async fn commit_offsets(
@@ -126,6 +129,7 @@ impl groups_server::Groups for Service {
         request: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
         let request = request.into_inner();
+        let scope = self.scope("CommitOffsets").group(&request.group);
         let committer = if request.member_id.is_empty() {
             Committer::Outside
         } else {
@@ -145,9 +149,8 @@ impl groups_server::Groups for Service {
                 )
             })
             .collect();
-        let committed =
-            api::commit_offsets(self.broker(), &request.group, committer, offsets).await?;
-        Ok(Response::new(v1::CommitOffsetsResponse {
+        let committed = api::commit_offsets(self.broker(), &request.group, committer, offsets).await;
+        scope.finish(committed.map(|committed| v1::CommitOffsetsResponse {
             offsets: committed.into_iter().map(partition_offset).collect(),
         }))
     }
@@ -157,10 +160,11 @@ impl groups_server::Groups for Service {
         request: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
         let request = request.into_inner();
+        let scope = self.scope("FetchOffsets").group(&request.group);
         let wanted: BTreeSet<TopicPartition> =
             to_partitions(&request.partitions).into_iter().collect();
-        let offsets = api::fetch_offsets(self.broker(), &request.group, &wanted)?;
-        Ok(Response::new(v1::FetchOffsetsResponse {
+        let offsets = api::fetch_offsets(self.broker(), &request.group, &wanted);
+        scope.finish(offsets.map(|offsets| v1::FetchOffsetsResponse {
             offsets: offsets.into_iter().map(partition_offset).collect(),
         }))
     }

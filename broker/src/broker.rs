@@ -19,10 +19,10 @@ use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
 use crate::error::{Error, Result};
-use crate::health::{Faults, Problem};
-use crate::metrics::Metrics;
 use crate::groups::coordinator::Coordinator;
 use crate::groups::offsets::{Offsets, SEGMENT_BYTES};
+use crate::health::{Faults, Problem};
+use crate::metrics::Metrics;
 use crate::topics::partition::Partition;
 use crate::topics::settings::{validate_name, TopicSettings};
 

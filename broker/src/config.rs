@@ -158,10 +158,10 @@ impl ServeConfig {
             .log_level
             .or(file.log_level)
             .unwrap_or_else(|| "info".to_string());
-        let log_level = log_level.parse().map_err(|e| {
+        let log_level = parse_log_level(&log_level).ok_or_else(|| {
             anyhow::anyhow!(
-                "invalid log_level {log_level:?}: {e}; give a level (error, warn, info, debug, \
-                 trace), optionally with per-module levels: info,strata_broker::grpc=debug"
+                "invalid log_level {log_level:?}: give a level (error, warn, info, debug, \
+                 trace, off), optionally with per-module levels: info,strata_broker::grpc=debug"
             )
         })?;
         Ok(ServeConfig {
@@ -183,6 +183,17 @@ impl ServeConfig {
             ),
         })
     }
+}
+
+/// Log level directives: `level` or `module=level`, comma-separated. Stricter than
+/// [`Targets`]'s own parser, which takes a misspelt level for a module name.
+fn parse_log_level(directives: &str) -> Option<Targets> {
+    let is_level = |l: &str| l.parse::<tracing_subscriber::filter::LevelFilter>().is_ok();
+    let valid = directives.split(',').all(|d| match d.split_once('=') {
+        Some((module, level)) => !module.is_empty() && is_level(level),
+        None => is_level(d),
+    });
+    valid.then(|| directives.parse().ok()).flatten()
 }
 
 /// The default HTTP address: the gRPC address with the next port, so brokers given
@@ -240,5 +251,37 @@ mod tests {
             ..ServeArgs::default()
         });
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn the_http_listener_sits_next_to_the_grpc_one_unless_told_otherwise() {
+        let resolve = |listen: &str, http: Option<&str>| {
+            ServeConfig::resolve(ServeArgs {
+                listen: Some(listen.parse().expect("address")),
+                http_listen: http.map(str::to_string),
+                ..ServeArgs::default()
+            })
+        };
+        let http = |c: ServeConfig| c.http_listen.map(|a| a.to_string());
+        assert_eq!(
+            http(resolve("127.0.0.1:7717", None).expect("ok")).as_deref(),
+            Some("127.0.0.1:7718")
+        );
+        assert_eq!(
+            http(resolve("127.0.0.1:0", None).expect("ok")).as_deref(),
+            Some("127.0.0.1:0")
+        );
+        assert_eq!(http(resolve("127.0.0.1:0", Some("off")).expect("ok")), None);
+        assert_eq!(
+            http(resolve("127.0.0.1:0", Some("0.0.0.0:9100")).expect("ok")).as_deref(),
+            Some("0.0.0.0:9100")
+        );
+        assert!(resolve("127.0.0.1:65535", None).is_err());
+        assert!(resolve("127.0.0.1:0", Some("nowhere")).is_err());
+        let bad_level = ServeConfig::resolve(ServeArgs {
+            log_level: Some("loud".into()),
+            ..ServeArgs::default()
+        });
+        assert!(bad_level.is_err());
     }
 }

@@ -291,8 +291,16 @@ impl BrokerCollector {
             "The partition's high watermark: the offset the next record gets",
             None,
         );
-        let mut size = Series::new("strata_log_size", "Bytes of the partition's log", Some(Unit::Bytes));
-        let mut segments = Series::new("strata_log_segments", "Segment files of the partition", None);
+        let mut size = Series::new(
+            "strata_log_size",
+            "Bytes of the partition's log",
+            Some(Unit::Bytes),
+        );
+        let mut segments = Series::new(
+            "strata_log_segments",
+            "Segment files of the partition",
+            None,
+        );
         let mut failed = Series::new(
             "strata_partition_fail_stopped",
             "1 while the partition refuses writes after a failed write or fsync",
@@ -383,7 +391,11 @@ impl BrokerCollector {
                     .collect()
             })
             .collect();
-        let mut members = Series::new("strata_group_members", "Members of the consumer group", None);
+        let mut members = Series::new(
+            "strata_group_members",
+            "Members of the consumer group",
+            None,
+        );
         let mut rebalances = Series::new(
             "strata_group_rebalances",
             "Times the group's assignment was recomputed (its epoch) since the broker started",

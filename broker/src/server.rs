@@ -76,7 +76,10 @@ pub async fn serve(
 /// The HTTP listener's task, when it is on.
 struct HttpListener {
     state: Arc<HttpState>,
-    task: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<std::io::Result<()>>)>,
+    task: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        JoinHandle<std::io::Result<()>>,
+    )>,
 }
 
 impl HttpListener {

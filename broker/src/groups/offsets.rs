@@ -26,8 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::Topic;
 use crate::error::{Error, Result};
-use crate::health::{Fault, Faults};
 use crate::groups::assign::TopicPartition;
+use crate::health::{Fault, Faults};
 
 /// Largest metadata string of a commit.
 pub const METADATA_BYTES_MAX: usize = 4096;

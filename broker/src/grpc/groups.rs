@@ -149,7 +149,8 @@ impl groups_server::Groups for Service {
                 )
             })
             .collect();
-        let committed = api::commit_offsets(self.broker(), &request.group, committer, offsets).await;
+        let committed =
+            api::commit_offsets(self.broker(), &request.group, committer, offsets).await;
         scope.finish(committed.map(|committed| v1::CommitOffsetsResponse {
             offsets: committed.into_iter().map(partition_offset).collect(),
         }))

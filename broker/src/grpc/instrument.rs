@@ -56,7 +56,10 @@ const RPCS: &[&str] = &[
 /// The RPC name of a request path `/package.Service/Method`; `unknown` for any other.
 fn rpc_name(path: &str) -> &'static str {
     let method = path.rsplit('/').next().unwrap_or_default();
-    RPCS.iter().find(|&&m| m == method).copied().unwrap_or("unknown")
+    RPCS.iter()
+        .find(|&&m| m == method)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// The context of one request, for its metrics and, if it fails, its log line.
@@ -122,9 +125,9 @@ impl Scope {
     /// reason.
     pub fn fail(&self, e: Error) -> Status {
         let reason = e.reason();
-        let topic = self.topic.as_deref().unwrap_or_default();
-        let group = self.group.as_deref().unwrap_or_default();
-        let partition = self.partition.map(i64::from).unwrap_or(-1);
+        // Fields a request does not have are left out of the line.
+        let (topic, partition, group) =
+            (self.topic.as_deref(), self.partition, self.group.as_deref());
         macro_rules! log {
             ($level:expr) => {
                 tracing::event!(

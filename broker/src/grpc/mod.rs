@@ -35,8 +35,8 @@ use tonic_health::ServingStatus;
 
 use crate::broker::Broker;
 use crate::health::Problem;
-use instrument::{Counted, RequestsLayer};
 use crate::topics::settings::MESSAGE_BYTES_CAP;
+use instrument::{Counted, RequestsLayer};
 use service::{Service, FETCH_BYTES_MAX};
 
 /// Serves the gRPC services (with health and reflection) on `listener` until `shutdown`
@@ -66,7 +66,9 @@ pub async fn serve(
         shutdown.await;
         reporter.abort();
         // Health checks see the broker going away before connections close.
-        health.set_service_status("", ServingStatus::NotServing).await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         health.set_not_serving::<AdminServer<Service>>().await;
         health.set_not_serving::<BrokerServer<Service>>().await;
         health.set_not_serving::<GroupsServer<Service>>().await;

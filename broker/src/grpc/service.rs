@@ -131,7 +131,11 @@ impl Service {
     }
 
     /// Serves a fetch; the scope's clock restarts after a long poll's wait.
-    async fn serve_fetch(&self, request: v1::FetchRequest, scope: &mut Scope) -> Result<v1::FetchResponse> {
+    async fn serve_fetch(
+        &self,
+        request: v1::FetchRequest,
+        scope: &mut Scope,
+    ) -> Result<v1::FetchResponse> {
         let partition = self.broker.partition(&request.topic, request.partition)?;
         if let Some(member) = &request.member {
             groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;

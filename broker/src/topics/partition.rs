@@ -209,7 +209,10 @@ impl Partition {
         match thread.map(JoinHandle::join) {
             None | Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(format!("partition {}: {e}", self.name)),
-            Some(Err(_)) => Err(format!("partition {}: the writer thread panicked", self.name)),
+            Some(Err(_)) => Err(format!(
+                "partition {}: the writer thread panicked",
+                self.name
+            )),
         }
     }
 }
@@ -288,8 +291,8 @@ impl Writer {
                         if let Ok(w) = &written {
                             if !w.stored.duplicate {
                                 staged_batches += 1;
-                                staged_records += w.stored.info.last_offset + 1
-                                    - w.stored.info.base_offset;
+                                staged_records +=
+                                    w.stored.info.last_offset + 1 - w.stored.info.base_offset;
                                 staged_bytes += batch.len();
                             }
                         }

@@ -23,7 +23,9 @@ const TOPIC: &str = "events";
 
 /// The broker's HTTP address, which it has unless told `--http-listen off`.
 fn http(broker: &Broker) -> std::net::SocketAddr {
-    broker.http_addr().expect("the broker announced its HTTP listener")
+    broker
+        .http_addr()
+        .expect("the broker announced its HTTP listener")
 }
 
 /// One scrape of `/metrics`, parsed.
@@ -358,4 +360,153 @@ async fn a_broken_partition_shows_in_health_readiness_metrics_and_one_log_line()
         "{}",
         broker.log()
     );
+}
+
+/// The metric names a scrape declares (its `# TYPE` lines, so a family without samples
+/// yet counts), with the sample suffixes of their types.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+    }
+    names
+}
+
+/// The `strata_*` and `process_*` metric names a query or rules file mentions.
+fn mentioned_metrics(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("strata_") || t.starts_with("process_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `promtool` with `args` in `dir`; `None` when promtool is not installed.
+fn promtool(dir: &std::path::Path, args: &[&str]) -> Option<String> {
+    let output = match std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("run promtool: {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?} failed:\n{text}");
+    Some(text)
+}
+
+/// Guards docs/monitoring: the Grafana dashboard is well formed (unique ids, panels on
+/// the 24-column grid, every query with a datasource and a ref id, every variable it
+/// uses defined) and, like the alert rules, names only metrics a real broker exports.
+/// Where promtool is installed (CI installs it), the rules pass `promtool check rules`
+/// and their unit tests. (`promtool check metrics` reads the older Prometheus text
+/// format, not the OpenMetrics text the broker serves, so it does not apply.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alert_rules_use_only_metrics_the_broker_exports() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    let mut groups = broker.groups().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    // A group with a member, so the group metrics exist.
+    groups
+        .heartbeat(v1::HeartbeatRequest {
+            group: "g".into(),
+            topics: vec![TOPIC.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("join");
+    // A rejection, so the rejected-requests family has a sample.
+    let mut client = broker.client().await;
+    let missing = client
+        .produce(produce_batch("missing", 0, batch(1, 1)))
+        .await;
+    assert!(missing.is_err());
+    let (status, text) = http_get(http(&broker), "/metrics");
+    assert_eq!(status, 200);
+    let exported = metric_names(&text);
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("grafana-dashboard.json")).expect("read the dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating variables")
+        .iter()
+        .map(|v| v["name"].as_str().expect("a variable name"))
+        .collect();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    let mut queries = 0;
+    for panel in panels {
+        let title = panel["title"].as_str().expect("a panel title");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("an id")),
+            "{title}: id reused"
+        );
+        let grid = &panel["gridPos"];
+        let (x, w, h) = (grid["x"].as_u64(), grid["w"].as_u64(), grid["h"].as_u64());
+        let (x, w, h) = (x.expect("x"), w.expect("w"), h.expect("h"));
+        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: off the grid");
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            queries += 1;
+            assert!(target["refId"].is_string(), "{title}");
+            let expr = target["expr"].as_str().expect("an expression");
+            for metric in mentioned_metrics(expr) {
+                assert!(
+                    exported.contains(&metric),
+                    "{title}: {metric} is not exported"
+                );
+            }
+            for used in expr.split('$').skip(1) {
+                let name: String = used
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    name.starts_with("__") || variables.contains(&name.as_str()),
+                    "{title}: ${name} is not a dashboard variable"
+                );
+            }
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+
+    let rules = std::fs::read_to_string(dir.join("strata-alerts.yml")).expect("read the rules");
+    for metric in mentioned_metrics(&rules) {
+        assert!(
+            exported.contains(&metric),
+            "rules: {metric} is not exported"
+        );
+    }
+    match promtool(&dir, &["check", "rules", "strata-alerts.yml"]) {
+        None => eprintln!("promtool is not installed: skipping the promtool checks"),
+        Some(_) => {
+            promtool(&dir, &["test", "rules", "strata-alerts.test.yml"]);
+        }
+    }
 }

@@ -190,6 +190,11 @@ impl Broker {
         &self.offsets
     }
 
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// The metrics recorded as requests and commits happen.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

@@ -359,7 +359,25 @@ impl BrokerCollector {
             Vec::new(),
             i64::from(self.broker.offsets().fault().reason().is_some()),
         );
-        encode_gauges(encoder, offsets_failed)
+        encode_gauges(encoder, offsets_failed)?;
+        // The filesystem of the data directory: a full disk stops every partition.
+        if let Ok(fs) = rustix::fs::statvfs(self.broker.data_dir()) {
+            let mut free = Series::new(
+                "strata_data_dir_free",
+                "Bytes free for the broker on the data directory's filesystem",
+                Some(Unit::Bytes),
+            );
+            free.push(Vec::new(), clamp(fs.f_bavail.saturating_mul(fs.f_frsize)));
+            encode_gauges(encoder, free)?;
+            let mut capacity = Series::new(
+                "strata_data_dir_capacity",
+                "Size of the data directory's filesystem",
+                Some(Unit::Bytes),
+            );
+            capacity.push(Vec::new(), clamp(fs.f_blocks.saturating_mul(fs.f_frsize)));
+            encode_gauges(encoder, capacity)?;
+        }
+        Ok(())
     }
 
     fn encode_groups(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {

@@ -510,3 +510,65 @@ async fn dashboard_and_alert_rules_use_only_metrics_the_broker_exports() {
         }
     }
 }
+
+/// Guards `strata top --once`: it reads the broker's metrics and shows each topic with
+/// its partition count and each group with its members and lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strata_top_shows_topics_and_group_lag() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    let mut client = broker.client().await;
+    let mut groups = broker.groups().await;
+    create_topic(&mut admin, TOPIC, 3, v1::TopicConfig::default()).await;
+    client
+        .produce(produce_batch(TOPIC, 1, batch(25, 10)))
+        .await
+        .expect("produce");
+    groups
+        .heartbeat(v1::HeartbeatRequest {
+            group: "billing".into(),
+            topics: vec![TOPIC.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("join");
+    let output = strata_command()
+        .args(["top", "--once", "--interval", "0.2", "--broker"])
+        .arg(broker.addr_arg())
+        .arg("--http")
+        .arg(http(&broker).to_string())
+        .output()
+        .expect("run strata top");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let row = |first: &str| -> Vec<String> {
+        out.lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.first().map(String::as_str) == Some(first))
+            .unwrap_or_else(|| panic!("no {first} row in:\n{out}"))
+    };
+    assert!(out.starts_with("strata top:"), "{out}");
+    assert!(out.contains("broker: ready"), "{out}");
+    assert_eq!(row(TOPIC)[1], "3", "{out}");
+    let billing = row("billing");
+    assert_eq!(
+        (billing[1].as_str(), billing[2].as_str()),
+        ("1", "25"),
+        "{out}"
+    );
+
+    let unreachable = strata_command()
+        .args(["top", "--once", "--http", "127.0.0.1:1"])
+        .output()
+        .expect("run strata top");
+    assert!(!unreachable.status.success());
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the broker's HTTP"),
+        "{}",
+        String::from_utf8_lossy(&unreachable.stderr)
+    );
+}

@@ -2,6 +2,7 @@
 //! command-line client for it.
 
 use clap::{Parser, Subcommand};
+use strata_broker::cli::top::TopArgs;
 use strata_broker::cli::{self, BrokerArg, ConsumeArgs, GroupCommand, ProduceArgs, TopicCommand};
 use strata_broker::config::{LogFormat, ServeArgs, ServeConfig};
 use tracing_subscriber::filter::Targets;
@@ -49,6 +50,13 @@ enum Command {
         #[command(flatten)]
         args: ConsumeArgs,
     },
+    /// A live view of the broker: topic rates, group lag, latencies, the process.
+    Top {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[command(flatten)]
+        args: TopArgs,
+    },
 }
 
 /// Logs to standard error, as text for people (coloured on a terminal) or as one JSON
@@ -95,6 +103,7 @@ fn main() -> std::process::ExitCode {
             Command::Group { broker, command } => cli::group(&broker.broker, command).await,
             Command::Produce { broker, args } => cli::produce(&broker.broker, args).await,
             Command::Consume { broker, args } => cli::consume(&broker.broker, args).await,
+            Command::Top { broker, args } => cli::top::top(&broker.broker, args).await,
         }
     });
     match result {

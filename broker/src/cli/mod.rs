@@ -1,6 +1,8 @@
 //! The client subcommands of `strata`: `topic`, `group`, `produce` and `consume`,
 //! talking to a broker over gRPC like any other client.
 
+pub mod top;
+
 use std::time::Duration;
 
 use anyhow::Context;

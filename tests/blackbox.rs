@@ -11,5 +11,6 @@ mod broker;
 mod client;
 mod consumer;
 mod groups;
+mod metrics;
 mod producer;
 mod tour;

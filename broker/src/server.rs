@@ -2,15 +2,16 @@
 //! maintenance, and shuts down cleanly.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use std::net::SocketAddr;
-
-use tokio::net::TcpSocket;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::ServeConfig;
 use crate::error::Error;
+use crate::http::HttpState;
 
 /// How often idle partitions are committed (syncing data under the interval policy).
 const COMMIT_TICK_MS: u64 = 100;
@@ -18,15 +19,19 @@ const COMMIT_TICK_MS: u64 = 100;
 const LISTEN_BACKLOG: u32 = 1024;
 
 /// Serves until `shutdown` resolves, then answers queued requests and closes every log
-/// cleanly. Prints `strata listening on <addr>` once the port is bound.
+/// cleanly; fails if some log could not be closed cleanly. Prints
+/// `strata http on http://<addr>` (unless the HTTP listener is off), then
+/// `strata listening on <addr>` once both ports are bound and the data directory is open.
 pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    // The address is taken before the data directory is touched, so a port in use costs
-    // nothing and leaves no new directory behind; connections are accepted only once
-    // every partition is open.
+    // Both addresses are taken before the data directory is touched: a port in use fails
+    // at once and leaves no new directory behind. /readyz answers "starting" while
+    // recovery runs; the gRPC port accepts connections only once every partition is open.
     let socket = bind(config.listen)?;
+    let http = HttpListener::start(config.http_listen).await?;
+
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
     let max_open_files = config.max_open_files;
@@ -48,15 +53,31 @@ pub async fn serve(
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;
     let address = listener.local_addr()?;
+    http.state.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
-    crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await?;
+    let state = Arc::clone(&http.state);
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: answering queued requests");
+        state.stop();
+    };
+    let served = crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await;
 
     maintenance.abort();
     tracing::info!("shutting down: flushing and closing partitions");
-    tokio::task::spawn_blocking(move || broker.shutdown()).await?;
+    let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
+    http.stop().await;
+    served?;
+    if !errors.is_empty() {
+        anyhow::bail!(
+            "shut down, but {} log(s) did not close cleanly; the next start recovers them: {}",
+            errors.len(),
+            errors.join("; ")
+        );
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }
@@ -84,6 +105,52 @@ fn listen_error(address: SocketAddr, e: std::io::Error) -> anyhow::Error {
         )
     } else {
         anyhow::anyhow!("cannot listen on {address}: {e}")
+    }
+}
+
+/// The HTTP listener's task, when it is on.
+struct HttpListener {
+    state: Arc<HttpState>,
+    task: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        JoinHandle<std::io::Result<()>>,
+    )>,
+}
+
+impl HttpListener {
+    /// Binds and starts serving `/healthz`, `/readyz` (starting) and `/metrics`.
+    async fn start(address: Option<SocketAddr>) -> anyhow::Result<HttpListener> {
+        let state = Arc::new(HttpState::default());
+        let Some(address) = address else {
+            return Ok(HttpListener { state, task: None });
+        };
+        let listener = TcpListener::bind(address).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for HTTP (metrics) on {address}: {e}; choose another address \
+                 with --http-listen, or turn it off with --http-listen off"
+            )
+        })?;
+        println!("strata http on http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(crate::http::serve(listener, Arc::clone(&state), async {
+            let _ = stopped.await;
+        }));
+        Ok(HttpListener {
+            state,
+            task: Some((stop, task)),
+        })
+    }
+
+    /// Stops serving once everything else has shut down.
+    async fn stop(self) {
+        if let Some((stop, task)) = self.task {
+            let _ = stop.send(());
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP listener failed"),
+                Err(e) => tracing::warn!(error = %e, "the HTTP listener panicked"),
+            }
+        }
     }
 }
 

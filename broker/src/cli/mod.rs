@@ -7,6 +7,8 @@
 
 mod member;
 
+pub mod top;
+
 use std::time::Duration;
 
 use anyhow::Context;
@@ -16,9 +18,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::transport::Channel;
 
-use strata_broker::error::Error;
-use strata_broker::topics::settings::MESSAGE_BYTES_CAP;
-use strata_broker::units::{ByteSize, Limit, Millis};
+use crate::error::Error;
+use crate::topics::settings::MESSAGE_BYTES_CAP;
+use crate::units::{ByteSize, Limit, Millis};
 
 /// Default broker address of the client commands.
 pub const DEFAULT_BROKER: &str = "127.0.0.1:7717";

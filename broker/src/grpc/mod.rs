@@ -3,6 +3,7 @@
 //! and domain errors into statuses in one place ([`status`]).
 
 pub mod groups;
+pub mod instrument;
 pub mod service;
 pub mod status;
 
@@ -26,15 +27,25 @@ use strata_proto::v1::admin_server::AdminServer;
 use strata_proto::v1::broker_server::BrokerServer;
 use strata_proto::v1::groups_server::GroupsServer;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 use crate::broker::Broker;
+use crate::health::Problem;
 use crate::topics::settings::MESSAGE_BYTES_CAP;
+use instrument::{Counted, RequestsLayer};
 use service::{Service, FETCH_BYTES_MAX};
 
 /// Serves the gRPC services (with health and reflection) on `listener` until `shutdown`
 /// resolves; then health turns NOT_SERVING, long polls answer, Subscribe streams end,
 /// and queued requests are answered before this returns.
+///
+/// Health follows the broker's faults: `strata.v1.Broker` is NOT_SERVING while a
+/// partition is fail-stopped, `strata.v1.Groups` while the offsets log is, and the
+/// whole server (the empty service name) while either is.
 pub async fn serve(
     broker: Arc<Broker>,
     listener: TcpListener,
@@ -42,28 +53,36 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     const { assert!(FETCH_BYTES_MAX < MESSAGE_BYTES_MAX) };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AdminServer<Service>>().await;
-    health.set_serving::<BrokerServer<Service>>().await;
-    health.set_serving::<GroupsServer<Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(strata_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let metrics = Arc::clone(broker.metrics());
+    let reporter = tokio::spawn(report_health(Arc::clone(&broker), health.clone()));
     let service = Service::new(broker);
     let stopping = service.clone();
     // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
     let shutdown = async move {
         shutdown.await;
+        reporter.abort();
         // Health checks see the broker going away before connections close.
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
         health.set_not_serving::<AdminServer<Service>>().await;
         health.set_not_serving::<BrokerServer<Service>>().await;
         health.set_not_serving::<GroupsServer<Service>>().await;
         stopping.stop_waiting();
     };
+    let connections = metrics.connections.clone();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|io| Counted::new(io, &connections)));
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)
+        .layer(RequestsLayer::new(metrics))
         .add_service(
             AdminServer::new(service.clone())
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -79,10 +98,48 @@ pub async fn serve(
         )
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+/// Keeps the health service in step with the broker's faults, which only ever appear
+/// (a fail-stopped component stays so until a restart).
+async fn report_health(broker: Arc<Broker>, health: HealthReporter) {
+    let mut changed = broker.faults().changed();
+    loop {
+        let problems = broker.problems();
+        let partition_failed = problems
+            .iter()
+            .any(|p| matches!(p, Problem::PartitionFailed { .. }));
+        let offsets_failed = problems
+            .iter()
+            .any(|p| matches!(p, Problem::OffsetsFailed { .. }));
+        let status = |failed: bool| {
+            if failed {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            }
+        };
+        health
+            .set_service_status("", status(!problems.is_empty()))
+            .await;
+        health.set_serving::<AdminServer<Service>>().await;
+        health
+            .set_service_status(
+                <BrokerServer<Service> as NamedService>::NAME,
+                status(partition_failed),
+            )
+            .await;
+        health
+            .set_service_status(
+                <GroupsServer<Service> as NamedService>::NAME,
+                status(offsets_failed),
+            )
+            .await;
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
 }

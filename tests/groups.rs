@@ -109,6 +109,15 @@ async fn describe(admin: &mut AdminClient<Channel>, group: &str) -> v1::Describe
         .into_inner()
 }
 
+async fn list_groups(admin: &mut AdminClient<Channel>) -> Vec<v1::GroupSummary> {
+    admin
+        .list_groups(v1::ListGroupsRequest {})
+        .await
+        .expect("list groups")
+        .into_inner()
+        .groups
+}
+
 fn state(d: &v1::DescribeGroupResponse) -> v1::GroupState {
     d.group.as_ref().expect("a group summary").state()
 }
@@ -866,12 +875,7 @@ async fn committed_offsets_and_group_descriptions_survive_a_crash() {
     );
     assert_eq!(state(&billing_after), v1::GroupState::Empty);
     assert_eq!(describe(&mut admin, "audit").await, audit_before);
-    let listed = admin
-        .list_groups(v1::ListGroupsRequest {})
-        .await
-        .expect("list groups")
-        .into_inner()
-        .groups;
+    let listed = list_groups(&mut admin).await;
     let names: Vec<(&str, v1::GroupState, u32)> = listed
         .iter()
         .map(|g| (g.group.as_str(), g.state(), g.members))
@@ -914,12 +918,7 @@ async fn an_empty_group_keeps_its_epoch() {
         epoch(&active),
         epoch(&empty)
     );
-    let listed = admin
-        .list_groups(v1::ListGroupsRequest {})
-        .await
-        .expect("list groups")
-        .into_inner()
-        .groups;
+    let listed = list_groups(&mut admin).await;
     assert_eq!(
         listed
             .iter()
@@ -1621,12 +1620,7 @@ async fn resets_move_committed_offsets_either_way_and_deleted_groups_are_gone() 
         Code::NotFound,
         "delete of a deleted group",
     );
-    let listed = admin
-        .list_groups(v1::ListGroupsRequest {})
-        .await
-        .expect("list groups")
-        .into_inner()
-        .groups;
+    let listed = list_groups(&mut admin).await;
     assert!(listed.is_empty(), "{listed:?}");
 }
 

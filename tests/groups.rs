@@ -1418,12 +1418,8 @@ async fn bad_membership_requests_get_clear_statuses_and_change_nothing() {
     assert_eq!(d.members[0].member_id, a.member_id);
     assert_eq!(d.partitions, description_before.partitions);
     assert_eq!(state(&d), v1::GroupState::Stable);
-    let listed: Vec<String> = admin
-        .list_groups(v1::ListGroupsRequest {})
+    let listed: Vec<String> = list_groups(&mut admin)
         .await
-        .expect("list groups")
-        .into_inner()
-        .groups
         .into_iter()
         .map(|g| g.group)
         .collect();
@@ -1687,12 +1683,8 @@ async fn deleting_a_topic_forgets_its_committed_offsets() {
             Code::NotFound,
             &format!("{run}: describe of a group whose only topic was deleted"),
         );
-        let listed: Vec<String> = admin
-            .list_groups(v1::ListGroupsRequest {})
+        let listed: Vec<String> = list_groups(&mut admin)
             .await
-            .expect("list groups")
-            .into_inner()
-            .groups
             .into_iter()
             .map(|g| g.group)
             .collect();
@@ -1813,12 +1805,8 @@ async fn describe_shows_lag_per_partition_and_list_shows_empty_and_active_groups
     let list = |admin: &mut AdminClient<Channel>| {
         let mut admin = admin.clone();
         async move {
-            admin
-                .list_groups(v1::ListGroupsRequest {})
+            list_groups(&mut admin)
                 .await
-                .expect("list groups")
-                .into_inner()
-                .groups
                 .into_iter()
                 .map(|g| (g.group.clone(), g.state(), g.members))
                 .collect::<Vec<_>>()

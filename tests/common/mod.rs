@@ -103,12 +103,24 @@ impl Broker {
                 bash
             }
         };
-        let mut child = command
+        // On a fixed gRPC port (a restart on the same port) the default HTTP address, the
+        // next port, may have been taken meanwhile (by any connection's ephemeral port):
+        // a free port instead, unless the test chose one.
+        let http_free_port = self.listen.port() != 0
+            && !self
+                .extra_args
+                .iter()
+                .any(|a| a.starts_with("--http-listen"));
+        command
             .arg("serve")
             .arg("--listen")
             .arg(self.listen.to_string())
             .arg("--data-dir")
-            .arg(self.data_dir())
+            .arg(self.data_dir());
+        if http_free_port {
+            command.args(["--http-listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

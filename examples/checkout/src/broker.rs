@@ -88,7 +88,7 @@ fn build_if_stale(cargo: &Path, profile_dir: &Path, binary: &Path) -> Result<()>
     if stale {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         eprintln!(
-            "checkout: building the strata broker ({} profile)",
+            "checkout: bringing the strata broker up to date ({} profile)",
             if release { "release" } else { "dev" }
         );
         let mut build = Command::new(cargo);

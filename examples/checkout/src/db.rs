@@ -26,9 +26,12 @@ use sqlx::{Any, AnyPool, Executor, Transaction};
 
 use crate::error::{Error, Result};
 
-/// Connections per pool. SQLite takes one writer at a time anyway; a few connections
-/// let reads (GET /orders, the outbox relay's scan) run beside it.
-const SQLITE_CONNECTIONS_MAX: u32 = 4;
+/// Connections per pool on SQLite: one. SQLite takes one writer at a time anyway, and
+/// writers on several connections wait for its lock in SQLite's busy handler, which
+/// sleeps 1 to 100 ms between tries; one connection makes them queue in the pool
+/// instead, first come first served. (Another process on the same file still waits in
+/// the busy handler, which is why write transactions take the lock up front.)
+const SQLITE_CONNECTIONS_MAX: u32 = 1;
 /// Connections per pool on PostgreSQL: five services (and the tests' parallel runs)
 /// stay well below its default limit of 100.
 const POSTGRES_CONNECTIONS_MAX: u32 = 6;

@@ -376,7 +376,7 @@ fn failure_cause(message: &str) -> String {
         .split(|c: char| c.is_ascii_digit())
         .next()
         .unwrap_or(message)
-        .trim_end_matches([' ', '('])
+        .trim_end_matches([' ', '(', ':'])
         .to_string();
     if cause.is_empty() {
         message.to_string()

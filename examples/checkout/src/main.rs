@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "checkout", version)]
 struct Cli {
-    /// Log level: error, warn, info, debug or trace [default: info; warn for load and
-    /// compare].
+    /// Log level: error, warn, info, debug or trace [default: info; error for load and
+    /// compare, whose simulated failures would flood the log].
     #[arg(long, global = true)]
     log: Option<tracing::Level>,
     #[command(subcommand)]
@@ -230,7 +230,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let quiet = matches!(cli.command, Command::Load(_) | Command::Compare(_));
     let level = cli.log.unwrap_or(if quiet {
-        tracing::Level::WARN
+        tracing::Level::ERROR
     } else {
         tracing::Level::INFO
     });

@@ -151,6 +151,15 @@ impl Outbox {
     }
 
     async fn relay(&self, client: Client, shutdown: CancellationToken) {
+        // Under the after-commit crash point, only a wake-up (which the crash comes
+        // before) makes the relay look: a timed poll could otherwise publish the row in
+        // the instant between the commit and the abort, and the test would prove
+        // nothing.
+        let poll_interval = if self.crash_at == Some(CrashPoint::AfterCommit) {
+            Duration::from_secs(24 * 60 * 60)
+        } else {
+            POLL_INTERVAL
+        };
         let mut producers = HashMap::new();
         let mut next_cleanup = now_ms();
         while !shutdown.is_cancelled() {
@@ -163,7 +172,7 @@ impl Outbox {
                         }
                         next_cleanup = now_ms() + SENT_ROWS_KEEP_MS / 4;
                     }
-                    POLL_INTERVAL
+                    poll_interval
                 }
                 Err(e) => {
                     tracing::warn!(table = self.table, error = %e, "outbox relay failed; retrying");

@@ -314,9 +314,9 @@ impl Inventory {
                     None => Error::Unprocessable(format!("unknown product {:?}", line.sku)),
                 });
             }
-            sqlx::query(
+            let inserted = sqlx::query(
                 "INSERT INTO inventory_reservations (order_id, sku, quantity, status, updated_at_ms)
-                 VALUES ($1, $2, $3, $4, $5)",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
             )
             .bind(&request.order_id)
             .bind(&line.sku)
@@ -324,7 +324,14 @@ impl Inventory {
             .bind(RESERVED)
             .bind(now)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                // A concurrent request for the same order (on PostgreSQL, where the
+                // check above does not lock) reserved it first: undo ours.
+                tx.rollback().await?;
+                return Ok(false);
+            }
         }
         tx.commit().await?;
         Ok(true)

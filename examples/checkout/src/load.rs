@@ -71,6 +71,12 @@ pub struct RunArgs {
     /// Users checking out at the same time.
     #[arg(long, default_value_t = 50)]
     pub concurrency: usize,
+    /// Start checkouts at this rate (per second, not scaled) instead of each user's
+    /// next one as soon as the last answered: both designs then get the same offered
+    /// load. A checkout that starts late because every user is busy counts the wait in
+    /// its latency. 0: as fast as the users go.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
     /// How often a user retries a failed checkout (F5).
     #[arg(long, default_value_t = 1)]
     pub retries: u32,
@@ -148,9 +154,9 @@ struct Attempt {
 
 /// Runs `mode` with `outage` (overriding `--outage`).
 pub async fn run(mode: Mode, args: &RunArgs, outage: Option<Service>) -> Result<LoadReport> {
-    if args.checkouts == 0 || args.concurrency == 0 {
+    if args.checkouts == 0 || args.concurrency == 0 || !(args.rate >= 0.0) {
         return Err(Error::Setup(
-            "--checkouts and --concurrency must be at least 1".into(),
+            "--checkouts and --concurrency must be at least 1, --rate 0 or more".into(),
         ));
     }
     let mut profile_args = args.profile.clone();
@@ -274,6 +280,8 @@ async fn drive(
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Vec::with_capacity(args.checkouts)));
     let timeout = profile.scaled(args.client_timeout_ms as f64);
+    let started = Instant::now();
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
     let mut users = Vec::with_capacity(args.concurrency);
     for _ in 0..args.concurrency.min(args.checkouts) {
         let (http, next, results, profile) = (
@@ -295,7 +303,12 @@ async fn drive(
                     return;
                 }
                 let request = cart(&profile, format!("{customers}{i}"));
-                let attempts = checkout(&http, &url, mode, &request, retries, timeout).await;
+                let scheduled = interval.map(|interval| started + interval * i as u32);
+                if let Some(at) = scheduled {
+                    tokio::time::sleep_until(at).await;
+                }
+                let attempts =
+                    checkout(&http, &url, mode, &request, retries, timeout, scheduled).await;
                 results
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -329,7 +342,8 @@ fn cart(profile: &Profile, customer_id: String) -> CheckoutRequest {
     }
 }
 
-/// One user's checkout: the first try and the F5s.
+/// One user's checkout: the first try and the F5s. The first try's latency counts from
+/// `scheduled`, when there is a schedule.
 async fn checkout(
     http: &HttpClient,
     url: &str,
@@ -337,6 +351,7 @@ async fn checkout(
     request: &CheckoutRequest,
     retries: u32,
     timeout: Duration,
+    scheduled: Option<Instant>,
 ) -> Vec<Attempt> {
     let key = uuid::Uuid::new_v4().to_string();
     let traceparent = TraceContext::new_root().to_string();
@@ -345,8 +360,11 @@ async fn checkout(
         headers.push((IDEMPOTENCY_KEY, key.as_str()));
     }
     let mut attempts = Vec::new();
-    for _ in 0..=retries {
-        let started = Instant::now();
+    for attempt in 0..=retries {
+        let started = match scheduled {
+            Some(at) if attempt == 0 => at,
+            _ => Instant::now(),
+        };
         let outcome = http
             .post_json("checkout", url, &headers, request, timeout)
             .await;

@@ -12,6 +12,7 @@ fn args(checkouts: usize) -> RunArgs {
     RunArgs {
         checkouts,
         concurrency: checkouts.min(6),
+        rate: 0.0,
         retries: 1,
         client_timeout_ms: 600_000,
         settle_timeout_s: 90,

@@ -12,12 +12,14 @@
 //!   past records whose handling finished (processed or dead-lettered). A member that
 //!   dies, or is stopped in the middle of a handler, leaves those records uncommitted,
 //!   and they are delivered again: delivery is at least once, so every handler is
-//!   idempotent (a processed-events table, or a version check).
+//!   idempotent: a version check, or a processed-events table written in the same
+//!   transaction as the handler's effect ([`processed_table`], [`first_delivery`]).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::{Any, Transaction};
 use strata_client::{
     Client, ConsumedRecord, Consumer, ConsumerGroupConfig, DeadLetterPolicy, DeadLetters, Outcome,
 };
@@ -26,6 +28,7 @@ use tokio::time::Instant;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::{now_ms, Db};
 use crate::error::Result;
 use crate::events::Event;
 
@@ -279,4 +282,44 @@ impl<H: Handler> Member<H> {
 pub fn decode_as<T: serde::de::DeserializeOwned>(event: &Event, event_type: &str) -> Result<T> {
     event.expect_type(event_type)?;
     event.payload()
+}
+
+/// The `CREATE TABLE IF NOT EXISTS` of an idempotent consumer's processed-events table.
+pub fn processed_table(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+            event_id TEXT PRIMARY KEY,
+            processed_at_ms BIGINT NOT NULL
+        )"
+    )
+}
+
+/// Records `event_id` in `table` inside `tx`, the transaction of the handler's effect.
+/// `false`: another delivery of the event got there first, and the handler must do
+/// nothing (the transaction can be dropped).
+pub async fn first_delivery(
+    tx: &mut Transaction<'static, Any>,
+    table: &str,
+    event_id: &str,
+) -> Result<bool> {
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO {table} (event_id, processed_at_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+    ))
+    .bind(event_id)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Whether `event_id` is in `table` already: a cheap check before work that should not
+/// be repeated (a charge); [`first_delivery`] stays the guarantee.
+pub async fn already_processed(db: &Db, table: &str, event_id: &str) -> Result<bool> {
+    let found: Option<String> =
+        sqlx::query_scalar(&format!("SELECT event_id FROM {table} WHERE event_id = $1"))
+            .bind(event_id)
+            .fetch_optional(db.pool())
+            .await?;
+    Ok(found.is_some())
 }

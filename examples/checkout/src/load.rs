@@ -154,7 +154,7 @@ struct Attempt {
 
 /// Runs `mode` with `outage` (overriding `--outage`).
 pub async fn run(mode: Mode, args: &RunArgs, outage: Option<Service>) -> Result<LoadReport> {
-    if args.checkouts == 0 || args.concurrency == 0 || !(args.rate >= 0.0) {
+    if args.checkouts == 0 || args.concurrency == 0 || !args.rate.is_finite() || args.rate < 0.0 {
         return Err(Error::Setup(
             "--checkouts and --concurrency must be at least 1, --rate 0 or more".into(),
         ));

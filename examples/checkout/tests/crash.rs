@@ -5,6 +5,7 @@
 //! a restart, and the order is charged once.
 
 #[allow(dead_code, reason = "shared by the test files, each using part of it")]
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
@@ -13,29 +14,8 @@ use checkout::db::Db;
 use checkout::events::topics;
 use checkout::services::order::{self, order_id_for_key, status};
 use checkout::services::payment;
-use common::{Env, Store};
-
-/// Runs a scenario on SQLite and on PostgreSQL.
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let env = Env::new(Store::Sqlite).await.expect("SQLite is always there");
-                super::$scenario(env).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                if let Some(env) = Env::new(Store::Postgres).await {
-                    super::$scenario(env).await;
-                }
-            }
-        }
-    )*};
-}
+use checkout::system::System;
+use common::Env;
 
 on_both_stores!(
     killing_the_payment_service_mid_stream_charges_each_order_once,
@@ -104,17 +84,8 @@ async fn killing_the_payment_service_mid_stream_charges_each_order_once(env: Env
 /// the relay publishes it, payment charges it once, and the client's retry with the
 /// same key gets that order.
 async fn a_crash_after_the_checkout_commit_still_publishes_the_order(env: Env) {
-    let mut config = env.config(common::fast_profile());
-    config.order = None;
-    let system = common::start(&config).await;
-    let inventory = system.inventory_url().expect("inventory runs").to_string();
-    let order_args = [
-        "order",
-        "--listen",
-        "127.0.0.1:0",
-        "--inventory-url",
-        &inventory,
-    ];
+    let (system, order_args) = all_but_order(&env).await;
+    let order_args: Vec<&str> = order_args.iter().map(String::as_str).collect();
     let mut crashing = env.spawn_checkout(
         "orders",
         &[&order_args[..], &["--crash-at", "after-commit"]].concat(),
@@ -168,17 +139,8 @@ async fn a_crash_after_the_checkout_commit_still_publishes_the_order(env: Env) {
 /// before marking the row sent. Restarted, it publishes the row again: the topic holds
 /// the event twice, with one event id, and payment charges the order once.
 async fn a_crash_after_publishing_publishes_again_and_charges_once(env: Env) {
-    let mut config = env.config(common::fast_profile());
-    config.order = None;
-    let system = common::start(&config).await;
-    let inventory = system.inventory_url().expect("inventory runs").to_string();
-    let order_args = [
-        "order",
-        "--listen",
-        "127.0.0.1:0",
-        "--inventory-url",
-        &inventory,
-    ];
+    let (system, order_args) = all_but_order(&env).await;
+    let order_args: Vec<&str> = order_args.iter().map(String::as_str).collect();
     let mut crashing = env.spawn_checkout(
         "orders",
         &[&order_args[..], &["--crash-at", "after-publish"]].concat(),
@@ -222,6 +184,23 @@ async fn a_crash_after_publishing_publishes_again_and_charges_once(env: Env) {
     let payments = payment::list_payments(&payments_db).await.expect("reads");
     assert_eq!(payments.len(), 1, "charged once");
     system.stop().await;
+}
+
+/// Every service but order, in this process; and the arguments of a `checkout order`
+/// process that completes them.
+async fn all_but_order(env: &Env) -> (System, Vec<String>) {
+    let mut config = env.config(common::fast_profile());
+    config.order = None;
+    let system = common::start(&config).await;
+    let inventory = system.inventory_url().expect("inventory runs").to_string();
+    let args = [
+        "order",
+        "--listen",
+        "127.0.0.1:0",
+        "--inventory-url",
+        &inventory,
+    ];
+    (system, args.map(str::to_string).to_vec())
 }
 
 async fn unsent(db: &Db) -> i64 {

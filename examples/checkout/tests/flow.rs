@@ -6,6 +6,7 @@
 //! from offset 0.
 
 #[allow(dead_code, reason = "shared by the test files, each using part of it")]
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -19,28 +20,6 @@ use checkout::system::DEFAULT_INITIAL_STOCK;
 use checkout::trace::TraceContext;
 use common::{Env, Store};
 use strata_client::{headers, Record};
-
-/// Runs a scenario on SQLite and on PostgreSQL.
-macro_rules! on_both_stores {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let env = Env::new(Store::Sqlite).await.expect("SQLite is always there");
-                super::$scenario(env).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                if let Some(env) = Env::new(Store::Postgres).await {
-                    super::$scenario(env).await;
-                }
-            }
-        }
-    )*};
-}
 
 on_both_stores!(
     every_checkout_settles_and_a_failed_payment_releases_its_stock,

@@ -48,6 +48,7 @@ use crate::trace::{TraceContext, TRACEPARENT};
 /// The consumer group releasing reservations.
 pub const GROUP: &str = "inventory";
 const TOPICS: &[&str] = &[topics::PAYMENTS_FAILED];
+const PROCESSED: &str = "inventory_processed";
 const RESERVED: &str = "RESERVED";
 const RELEASED: &str = "RELEASED";
 
@@ -122,11 +123,7 @@ pub async fn start(
             PRIMARY KEY (order_id, sku)
         )"
         .into(),
-        "CREATE TABLE IF NOT EXISTS inventory_processed (
-            event_id TEXT PRIMARY KEY,
-            processed_at_ms BIGINT NOT NULL
-        )"
-        .into(),
+        consume::processed_table(PROCESSED),
         outbox.migration(),
     ])
     .await?;
@@ -378,17 +375,7 @@ impl Handler for Inventory {
 
     async fn handle(&self, event: &Event, failed: &PaymentFailed) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        let first = sqlx::query(
-            "INSERT INTO inventory_processed (event_id, processed_at_ms) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&event.id)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !first {
+        if !consume::first_delivery(&mut tx, PROCESSED, &event.id).await? {
             return Ok(());
         }
         let lines = release(&mut tx, &failed.order_id).await?;

@@ -33,6 +33,7 @@ use crate::services::Running;
 /// The consumer group.
 pub const GROUP: &str = "payment";
 const TOPICS: &[&str] = &[topics::ORDERS_CREATED];
+const PROCESSED: &str = "payment_processed";
 
 /// Settings of the payment service.
 #[derive(Debug, Clone, Default)]
@@ -89,11 +90,7 @@ pub async fn start(
         )"
         .into(),
         "CREATE INDEX IF NOT EXISTS payments_by_order ON payments (order_id)".into(),
-        "CREATE TABLE IF NOT EXISTS payment_processed (
-            event_id TEXT PRIMARY KEY,
-            processed_at_ms BIGINT NOT NULL
-        )"
-        .into(),
+        consume::processed_table(PROCESSED),
         outbox.migration(),
     ])
     .await?;
@@ -138,17 +135,6 @@ pub async fn list_payments(db: &Db) -> Result<Vec<PaymentRow>> {
         .collect()
 }
 
-impl Payments {
-    async fn processed(&self, event_id: &str) -> Result<bool> {
-        let found: Option<String> =
-            sqlx::query_scalar("SELECT event_id FROM payment_processed WHERE event_id = $1")
-                .bind(event_id)
-                .fetch_optional(self.db.pool())
-                .await?;
-        Ok(found.is_some())
-    }
-}
-
 /// `orders.created` → charge → `payments.completed` or `payments.failed`.
 impl Handler for Payments {
     type Message = OrderCreatedV1;
@@ -158,7 +144,7 @@ impl Handler for Payments {
     }
 
     async fn handle(&self, event: &Event, order: &OrderCreatedV1) -> Result<()> {
-        if self.processed(&event.id).await? {
+        if consume::already_processed(&self.db, PROCESSED, &event.id).await? {
             tracing::debug!(order_id = order.order_id, "already charged");
             return Ok(());
         }
@@ -185,17 +171,7 @@ impl Handler for Payments {
         let payment_id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
         let mut tx = self.db.begin().await?;
-        let first = sqlx::query(
-            "INSERT INTO payment_processed (event_id, processed_at_ms) VALUES ($1, $2)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&event.id)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !first {
+        if !consume::first_delivery(&mut tx, PROCESSED, &event.id).await? {
             return Ok(());
         }
         sqlx::query(

@@ -22,6 +22,29 @@ use checkout::system::{Databases, System, SystemConfig};
 use strata_client::{Client, DeadLetterPolicy, StartAt};
 use tokio_stream::StreamExt;
 
+/// Runs each scenario (an `async fn(Env)` of the test file) as two tests: `sqlite`, and
+/// `postgres`, which passes without running when no server answers.
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use crate::common::{Env, Store};
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let env = Env::new(Store::Sqlite).await.expect("SQLite is always there");
+                super::$scenario(env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(env) = Env::new(Store::Postgres).await {
+                    super::$scenario(env).await;
+                }
+            }
+        }
+    )*};
+}
+
 /// How long a condition may take before the test fails. Never reached when things
 /// work; nothing asserts on time.
 pub const DEADLINE: Duration = Duration::from_secs(90);

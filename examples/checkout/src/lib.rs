@@ -39,3 +39,8 @@ pub mod system;
 pub mod trace;
 
 pub use error::{Error, Result};
+
+/// The README's example, compiled as a doc test so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -163,35 +163,44 @@ pub async fn run(mode: Mode, args: &RunArgs, outage: Option<Service>) -> Result<
     profile_args.outage = outage;
     let profile = Arc::new(profile_args.build(DEFAULT_TIME_SCALE)?);
     let customers = format!("load-{}-", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    match mode {
-        Mode::Sync => {
-            let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-            let baseline = Baseline::start(Arc::clone(&profile), listen).await?;
-            let url = format!("{}/checkout", baseline.url());
-            let started = Instant::now();
-            let attempts = drive(mode, args, &profile, &url, &customers).await;
-            let answered_after = started.elapsed();
-            let orders = baseline.count_by_status(&customers);
-            let duplicates = baseline.duplicate_orders(&customers);
-            baseline.stop().await;
-            // Statuses are final when the chain answers, or never.
-            let settled_after = (orders.pending == 0).then_some(answered_after);
-            Ok(report(
-                mode,
-                args,
-                &profile,
-                attempts,
-                orders,
-                duplicates,
-                answered_after,
-                settled_after,
-            ))
-        }
-        Mode::Events => run_events(args, profile, &customers).await,
-    }
+    let measured = match mode {
+        Mode::Sync => run_sync(args, &profile, &customers).await?,
+        Mode::Events => run_events(args, &profile, &customers).await?,
+    };
+    Ok(report(mode, args, &profile, measured))
 }
 
-async fn run_events(args: &RunArgs, profile: Arc<Profile>, customers: &str) -> Result<LoadReport> {
+/// What a run measured, before it is summed up.
+struct Measured {
+    /// Every request's outcome, grouped by checkout.
+    attempts: Vec<Vec<Attempt>>,
+    orders: StatusCounts,
+    duplicates: usize,
+    answered_after: Duration,
+    settled_after: Option<Duration>,
+}
+
+async fn run_sync(args: &RunArgs, profile: &Arc<Profile>, customers: &str) -> Result<Measured> {
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let baseline = Baseline::start(Arc::clone(profile), listen).await?;
+    let url = format!("{}/checkout", baseline.url());
+    let started = Instant::now();
+    let attempts = drive(Mode::Sync, args, profile, &url, customers).await;
+    let answered_after = started.elapsed();
+    let orders = baseline.count_by_status(customers);
+    let duplicates = baseline.duplicate_orders(customers);
+    baseline.stop().await;
+    Ok(Measured {
+        attempts,
+        orders,
+        duplicates,
+        answered_after,
+        // Statuses are final when the chain answers, or never.
+        settled_after: (orders.pending == 0).then_some(answered_after),
+    })
+}
+
+async fn run_events(args: &RunArgs, profile: &Arc<Profile>, customers: &str) -> Result<Measured> {
     let outage = profile.outage();
     if let Some(service @ (Service::Auth | Service::Catalog | Service::Discount | Service::Order)) =
         outage
@@ -225,7 +234,7 @@ async fn run_events(args: &RunArgs, profile: Arc<Profile>, customers: &str) -> R
         Some(url) => Databases::Url(url.clone()),
         None => Databases::Dir(temp.path().to_path_buf()),
     };
-    let mut config = SystemConfig::all(&broker, databases.clone(), Arc::clone(&profile));
+    let mut config = SystemConfig::all(&broker, databases.clone(), Arc::clone(profile));
     config.partitions = args.partitions;
     config.payment_workers = (outage != Some(Service::Payment)).then_some(args.partitions as usize);
     config.notification_workers = (outage != Some(Service::Notification)).then_some(2);
@@ -238,7 +247,7 @@ async fn run_events(args: &RunArgs, profile: Arc<Profile>, customers: &str) -> R
     );
     let orders_db = Db::connect(&databases.url("orders")).await?;
     let started = Instant::now();
-    let attempts = drive(Mode::Events, args, &profile, &url, customers).await;
+    let attempts = drive(Mode::Events, args, profile, &url, customers).await;
     let answered_after = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(args.settle_timeout_s);
     let (orders, settled_after) = loop {
@@ -255,16 +264,13 @@ async fn run_events(args: &RunArgs, profile: Arc<Profile>, customers: &str) -> R
     orders_db.close().await;
     system.stop().await;
     drop(spawned);
-    Ok(report(
-        Mode::Events,
-        args,
-        &profile,
+    Ok(Measured {
         attempts,
         orders,
         duplicates,
         answered_after,
         settled_after,
-    ))
+    })
 }
 
 /// Runs the checkouts against `url` and returns every request's outcome, grouped by
@@ -403,21 +409,11 @@ fn failure_cause(message: &str) -> String {
     }
 }
 
-#[allow(clippy::too_many_arguments, reason = "assembles the report's parts")]
-fn report(
-    mode: Mode,
-    args: &RunArgs,
-    profile: &Profile,
-    checkouts: Vec<Vec<Attempt>>,
-    orders: StatusCounts,
-    duplicates: usize,
-    answered_after: Duration,
-    settled_after: Option<Duration>,
-) -> LoadReport {
+fn report(mode: Mode, args: &RunArgs, profile: &Profile, measured: Measured) -> LoadReport {
     let mut latencies = Vec::new();
     let mut failures = BTreeMap::new();
     let mut abandoned = 0;
-    for attempts in &checkouts {
+    for attempts in &measured.attempts {
         if attempts.iter().all(|a| a.failure.is_some()) {
             abandoned += 1;
         }
@@ -433,7 +429,7 @@ fn report(
     LoadReport {
         mode,
         outage: profile.outage(),
-        checkouts: checkouts.len(),
+        checkouts: measured.attempts.len(),
         concurrency: args.concurrency,
         requests: latencies.len(),
         succeeded: latencies.len() - failed,
@@ -442,10 +438,10 @@ fn report(
         p50: percentile(&latencies, 0.50),
         p99: percentile(&latencies, 0.99),
         max: latencies.last().copied().unwrap_or_default(),
-        orders,
-        duplicates,
-        answered_after,
-        settled_after,
+        orders: measured.orders,
+        duplicates: measured.duplicates,
+        answered_after: measured.answered_after,
+        settled_after: measured.settled_after,
         time_scale: profile.time_scale(),
         seed: profile.seed(),
     }

@@ -1605,6 +1605,22 @@ fn a_second_broker_on_the_same_data_dir_refuses_to_start() {
     );
 }
 
+/// Guards the HTTP listener's wiring: by default it serves health next to gRPC, and
+/// `--http-listen off` turns it off (no announcement, and the broker still serves gRPC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_listener_serves_health_and_can_be_turned_off() {
+    let broker = Broker::start();
+    let http = broker.http_addr().expect("an HTTP listener by default");
+    assert_eq!(http_get(http, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(http, "/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(http_get(http, "/nowhere").0, 404);
+
+    let quiet = Broker::start_with(&["--http-listen", "off"]);
+    assert_eq!(quiet.http_addr(), None);
+    let mut admin = quiet.admin().await;
+    create_topic(&mut admin, "t", 1, v1::TopicConfig::default()).await;
+}
+
 /// Guards the decoded-form budget: decoding a large batch of tiny records stops after
 /// about `max_bytes` of decoded records and continues inside the batch, so a decoded
 /// fetch never grows past the gRPC message limit, and consecutive fetches still see

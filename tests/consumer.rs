@@ -876,3 +876,82 @@ async fn group_admin_and_join_errors() {
         Err(Error::GroupNotFound { .. })
     ));
 }
+
+/// Guards trace propagation across the broker: records sent inside a trace context carry
+/// a child of it in `traceparent`, stored by the broker as a header; a group consumer
+/// reads the same trace id back, and a handler run with `in_trace` (as `DeadLetters`
+/// runs every handler) continues the trace in what it produces. Records sent outside any
+/// context carry no trace header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_id_travels_from_producer_through_the_broker_to_consumers() {
+    use strata_client::trace::{self, TraceContext};
+
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "orders", 2).await;
+    create_topic(&client, "payments", 1).await;
+    let orders = client.producer("orders").await.expect("a producer");
+    let payments = client.producer("payments").await.expect("a producer");
+
+    let root = TraceContext::new_root();
+    trace::in_context(root, async {
+        for i in 0..4 {
+            let record = Record::new(format!("order-{i}")).key(format!("order-{i}"));
+            orders.send(record).await.expect("delivered");
+        }
+    })
+    .await;
+    orders
+        .send(Record::new("untraced").key("order-x"))
+        .await
+        .expect("delivered");
+
+    let mut consumer = client
+        .consumer_with("payment", &["orders"], quick("payer"))
+        .await
+        .expect("join");
+    let dead_letters = DeadLetters::new(&client, DeadLetterPolicy::default());
+    let mut traced = 0;
+    for _ in 0..5 {
+        let record = next(&mut consumer).await;
+        let Some(context) = record.trace_context() else {
+            assert_eq!(record.value.as_deref(), Some(&b"untraced"[..]));
+            assert_eq!(record.header(headers::TRACEPARENT), None);
+            continue;
+        };
+        traced += 1;
+        assert_eq!(context.trace_id, root.trace_id, "{record:?}");
+        assert_ne!(context.span_id, root.span_id, "the producer sends a child");
+        // The handler continues the trace: what it produces carries the same trace id.
+        let outcome = dead_letters
+            .process(&record, |r| {
+                let payments = &payments;
+                let value = r.value.clone().unwrap_or_default();
+                async move {
+                    let current = TraceContext::current().expect("inside the record's trace");
+                    assert_eq!(current.trace_id, root.trace_id);
+                    payments
+                        .send(Record::new(value))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await
+            .expect("processed");
+        assert!(matches!(outcome, Outcome::Processed { attempts: 1 }));
+    }
+    assert_eq!(traced, 4);
+    consumer.close().await.expect("close");
+
+    let mut payment_reader = client
+        .consumer_with("audit", &["payments"], quick("auditor"))
+        .await
+        .expect("join");
+    for _ in 0..4 {
+        let record = next(&mut payment_reader).await;
+        let context = record.trace_context().expect("a trace context");
+        assert_eq!(context.trace_id, root.trace_id, "{record:?}");
+    }
+    payment_reader.close().await.expect("close");
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strata_broker::server::{CONNECTION_WINDOW_BYTES, FRAME_BYTES_MAX, STREAM_WINDOW_BYTES};
+use strata_broker::grpc::{CONNECTION_WINDOW_BYTES, FRAME_BYTES_MAX, STREAM_WINDOW_BYTES};
 use strata_proto::v1::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use strata_storage::batch::BatchBuilder;
 use tonic::transport::Channel;

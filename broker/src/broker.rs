@@ -18,11 +18,13 @@ use strata_storage::batch::NO_PRODUCER_ID;
 use strata_storage::producer::ProducerIds;
 use strata_storage::FileCache;
 
-use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
-use crate::offsets::{Offsets, SEGMENT_BYTES};
-use crate::partition::Partition;
-use crate::topic::{validate_name, TopicSettings};
+use crate::groups::coordinator::Coordinator;
+use crate::groups::offsets::{Offsets, SEGMENT_BYTES};
+use crate::health::{Faults, Problem};
+use crate::metrics::Metrics;
+use crate::topics::partition::Partition;
+use crate::topics::settings::{validate_name, TopicSettings};
 
 /// A topic and its open partitions.
 #[derive(Debug)]
@@ -66,10 +68,12 @@ impl Topic {
         self.next_partition.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
     }
 
-    fn shutdown(&self) {
-        for partition in &self.partitions {
-            partition.shutdown();
-        }
+    /// Closes every partition; the errors say which did not close cleanly.
+    fn shutdown(&self) -> Vec<String> {
+        self.partitions
+            .iter()
+            .filter_map(|p| p.shutdown().err())
+            .collect()
     }
 }
 
@@ -91,6 +95,8 @@ pub struct Broker {
     producer_ids: Mutex<ProducerIds>,
     /// Every producer id handed out is below this; produce checks it without the lock.
     producer_ids_unissued: AtomicI64,
+    metrics: Arc<Metrics>,
+    faults: Faults,
 }
 
 impl Broker {
@@ -123,8 +129,9 @@ impl Broker {
             }
         }
         let files = FileCache::new(max_open_files);
+        let faults = Faults::default();
         let offsets_dir = data_dir.join("groups").join("offsets");
-        let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES)?;
+        let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES, &faults)?;
         let producer_ids = ProducerIds::open(data_dir)?;
         let broker = Broker {
             _lock: lock,
@@ -137,6 +144,8 @@ impl Broker {
             offsets,
             producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
             producer_ids: Mutex::new(producer_ids),
+            metrics: Arc::default(),
+            faults,
         };
         let topics_dir = data_dir.join("topics");
         let mut names = Vec::new();
@@ -179,6 +188,43 @@ impl Broker {
     /// Committed consumer group offsets.
     pub fn offsets(&self) -> &Offsets {
         &self.offsets
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The metrics recorded as requests and commits happen.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Notifications of new faults (a partition or the offsets log fail-stopping).
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// What keeps the broker from being fully ready now: fail-stopped partitions and a
+    /// failed offsets log. Empty when everything works.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems: Vec<Problem> = self
+            .read_topics()
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .filter_map(|p| {
+                Some(Problem::PartitionFailed {
+                    partition: p.name().to_string(),
+                    reason: p.fault().reason()?.to_string(),
+                })
+            })
+            .collect();
+        if let Some(reason) = self.offsets.fault().reason() {
+            problems.push(Problem::OffsetsFailed {
+                reason: reason.to_string(),
+            });
+        }
+        problems
     }
 
     /// The partition count of `topic`, `None` if it does not exist.
@@ -228,6 +274,8 @@ impl Broker {
                     dir.join(p.to_string()),
                     config.clone(),
                     &self.files,
+                    &self.metrics,
+                    &self.faults,
                 )
                 .map(Arc::new)
             })
@@ -305,7 +353,10 @@ impl Broker {
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
         topic.deleted.store(true, Ordering::Release);
-        topic.shutdown();
+        // Its data goes next: a partition that did not close cleanly loses nothing more.
+        for error in topic.shutdown() {
+            tracing::warn!(topic = %name, %error, "deleting a topic whose partition did not close cleanly");
+        }
         let dir = self.data_dir.join("topics").join(name);
         let trash = self.data_dir.join("trash").join(name);
         std::fs::rename(&dir, &trash).map_err(Error::io(&dir))?;
@@ -331,13 +382,13 @@ impl Broker {
         );
     }
 
-    /// Answers everything queued, then closes every log cleanly. Blocking.
-    pub fn shutdown(&self) {
+    /// Answers everything queued, then closes every log cleanly. Blocking. The errors
+    /// name every log that did not close cleanly (the next start runs recovery on it).
+    pub fn shutdown(&self) -> Vec<String> {
         let topics = std::mem::take(&mut *self.write_topics());
-        for topic in topics.values() {
-            topic.shutdown();
-        }
-        self.offsets.shutdown();
+        let mut errors: Vec<String> = topics.values().flat_map(|t| t.shutdown()).collect();
+        errors.extend(self.offsets.shutdown().err());
+        errors
     }
 }
 

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tracing_subscriber::filter::Targets;
 
-use crate::topic::TopicSettings;
+use crate::topics::settings::TopicSettings;
 
 /// The default gRPC address: loopback only, on a port no common service uses.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7717";
@@ -54,6 +55,28 @@ pub struct ServeArgs {
     /// How often retention runs, in ms [default: 30000].
     #[arg(long, env = "STRATA_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
+    /// HTTP address serving /metrics, /healthz and /readyz, or `off` [default: the gRPC
+    /// address with the next port, 127.0.0.1:7718; port 0 when the gRPC port is 0].
+    #[arg(long, env = "STRATA_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Log format: `text` (for people) or `json` (one object per line) [default: text].
+    #[arg(long, env = "STRATA_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log level (error, warn, info, debug, trace), optionally per module:
+    /// `info,strata_broker::grpc=debug` [default: info].
+    #[arg(long, env = "STRATA_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// How the broker writes its log (to standard error).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// Resolved configuration of a broker.
@@ -69,6 +92,12 @@ pub struct ServeConfig {
     pub max_open_files: usize,
     /// Retention period.
     pub retention_check: Duration,
+    /// HTTP address of /metrics, /healthz and /readyz; `None` when off.
+    pub http_listen: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log level directives.
+    pub log_level: Targets,
 }
 
 impl ServeConfig {
@@ -79,7 +108,8 @@ impl ServeConfig {
             None => ServeArgs::default(),
         };
         let limit = |name: &str, v: Option<i64>, default: Option<u64>| {
-            crate::topic::parse_limit(name, v, default).map_err(|e| anyhow::anyhow!("{e}"))
+            crate::topics::settings::parse_limit(name, v, default)
+                .map_err(|e| anyhow::anyhow!("{e}"))
         };
         let base = TopicSettings::default();
         let topic_defaults = TopicSettings {
@@ -113,12 +143,36 @@ impl ServeConfig {
             .log_config()
             .map_err(|e| anyhow::anyhow!("invalid topic defaults: {e}"))?;
         let default_listen: SocketAddr = DEFAULT_LISTEN.parse()?;
+        let listen = args.listen.or(file.listen).unwrap_or(default_listen);
+        let http_listen = match args.http_listen.or(file.http_listen).as_deref() {
+            Some("off") => None,
+            Some(address) => Some(address.parse().map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid http_listen {address:?}: {e}; give host:port (port 0 picks a \
+                     free one) or `off`"
+                )
+            })?),
+            None => Some(http_next_to(listen)?),
+        };
+        let log_level = args
+            .log_level
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".to_string());
+        let log_level = parse_log_level(&log_level).ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid log_level {log_level:?}: give a level (error, warn, info, debug, \
+                 trace, off), optionally with per-module levels: info,strata_broker::grpc=debug"
+            )
+        })?;
         Ok(ServeConfig {
             data_dir: args
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-            listen: args.listen.or(file.listen).unwrap_or(default_listen),
+            listen,
+            http_listen,
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            log_level,
             topic_defaults,
             max_open_files: args.max_open_files.or(file.max_open_files).unwrap_or(1024),
             retention_check: Duration::from_millis(
@@ -129,6 +183,31 @@ impl ServeConfig {
             ),
         })
     }
+}
+
+/// Log level directives: `level` or `module=level`, comma-separated. Stricter than
+/// [`Targets`]'s own parser, which takes a misspelt level for a module name.
+fn parse_log_level(directives: &str) -> Option<Targets> {
+    let is_level = |l: &str| l.parse::<tracing_subscriber::filter::LevelFilter>().is_ok();
+    let valid = directives.split(',').all(|d| match d.split_once('=') {
+        Some((module, level)) => !module.is_empty() && is_level(level),
+        None => is_level(d),
+    });
+    valid.then(|| directives.parse().ok()).flatten()
+}
+
+/// The default HTTP address: the gRPC address with the next port, so brokers given
+/// different gRPC ports do not collide; port 0 stays 0 (a free port).
+fn http_next_to(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let port = match listen.port() {
+        0 => 0,
+        port => port.checked_add(1).ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot put the HTTP listener on the port after {port}: give --http-listen"
+            )
+        })?,
+    };
+    Ok(SocketAddr::new(listen.ip(), port))
 }
 
 fn load(path: &Path) -> anyhow::Result<ServeArgs> {
@@ -172,5 +251,37 @@ mod tests {
             ..ServeArgs::default()
         });
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn the_http_listener_sits_next_to_the_grpc_one_unless_told_otherwise() {
+        let resolve = |listen: &str, http: Option<&str>| {
+            ServeConfig::resolve(ServeArgs {
+                listen: Some(listen.parse().expect("address")),
+                http_listen: http.map(str::to_string),
+                ..ServeArgs::default()
+            })
+        };
+        let http = |c: ServeConfig| c.http_listen.map(|a| a.to_string());
+        assert_eq!(
+            http(resolve("127.0.0.1:7717", None).expect("ok")).as_deref(),
+            Some("127.0.0.1:7718")
+        );
+        assert_eq!(
+            http(resolve("127.0.0.1:0", None).expect("ok")).as_deref(),
+            Some("127.0.0.1:0")
+        );
+        assert_eq!(http(resolve("127.0.0.1:0", Some("off")).expect("ok")), None);
+        assert_eq!(
+            http(resolve("127.0.0.1:0", Some("0.0.0.0:9100")).expect("ok")).as_deref(),
+            Some("0.0.0.0:9100")
+        );
+        assert!(resolve("127.0.0.1:65535", None).is_err());
+        assert!(resolve("127.0.0.1:0", Some("nowhere")).is_err());
+        let bad_level = ServeConfig::resolve(ServeArgs {
+            log_level: Some("loud".into()),
+            ..ServeArgs::default()
+        });
+        assert!(bad_level.is_err());
     }
 }

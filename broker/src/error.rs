@@ -1,6 +1,5 @@
-//! The broker's error type and its one conversion to a gRPC status.
-
-use tonic::{Code, Status};
+//! The broker's error type. Each listener converts it to its wire form in one place
+//! (gRPC: [`crate::grpc::status`]).
 
 /// Everything a broker operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +64,8 @@ pub enum Error {
     },
 }
 
-const ENOSPC: i32 = 28;
+/// The errno of a full disk.
+pub(crate) const ENOSPC: i32 = 28;
 
 /// True when a storage error is the disk running out of space.
 pub fn is_disk_full(e: &strata_storage::Error) -> bool {
@@ -75,7 +75,82 @@ pub fn is_disk_full(e: &strata_storage::Error) -> bool {
 /// The broker's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Every value [`Error::reason`] returns.
+pub const REASONS: &[&str] = &[
+    "topic_not_found",
+    "partition_not_found",
+    "topic_exists",
+    "invalid_argument",
+    "fenced",
+    "out_of_range",
+    "group_busy",
+    "group_not_found",
+    "disk_full",
+    "partition_unavailable",
+    "shutting_down",
+    "producer_sequence",
+    "invalid_batch",
+    "batch_too_large",
+    "offset_out_of_range",
+    "invalid_config",
+    "corrupt_data",
+    "storage_error",
+    "io_error",
+];
+
+/// Whose fault a failed request is, which decides how loudly it is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The request was wrong or came at the wrong time (unknown topic, bad batch, stale
+    /// epoch, shutting down): the client's business, logged at debug.
+    Client,
+    /// The broker cannot serve it for now (disk full, a fail-stopped partition): the
+    /// operator's business, logged at warn.
+    Degraded,
+    /// Something broke inside the broker (corrupt data, an I/O error): logged at error.
+    Fault,
+}
+
 impl Error {
+    /// A short, stable name for the kind of error, from a fixed set: the `reason` label
+    /// of the rejected-requests metric and the `strata-reason` header of a gRPC error.
+    pub fn reason(&self) -> &'static str {
+        use strata_storage::Error as S;
+        match self {
+            Error::TopicNotFound(_) => "topic_not_found",
+            Error::PartitionNotFound { .. } => "partition_not_found",
+            Error::TopicExists(_) => "topic_exists",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::Fenced(_) => "fenced",
+            Error::OutOfRange(_) => "out_of_range",
+            Error::GroupBusy(_) => "group_busy",
+            Error::GroupNotFound(_) => "group_not_found",
+            Error::DiskFull(..) => "disk_full",
+            Error::Unavailable(..) => "partition_unavailable",
+            Error::ShuttingDown => "shutting_down",
+            Error::Sequence(..) => "producer_sequence",
+            Error::Storage(S::InvalidBatch(_)) => "invalid_batch",
+            Error::Storage(S::BatchTooLarge { .. }) => "batch_too_large",
+            Error::Storage(S::OffsetOutOfRange { .. }) => "offset_out_of_range",
+            Error::Storage(S::InvalidConfig(_)) => "invalid_config",
+            Error::Storage(S::Poisoned { .. }) => "partition_unavailable",
+            Error::Storage(e) if is_disk_full(e) => "disk_full",
+            Error::Storage(S::Corrupted { .. }) => "corrupt_data",
+            Error::Storage(_) => "storage_error",
+            Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => "disk_full",
+            Error::Io { .. } => "io_error",
+        }
+    }
+
+    /// Whose fault it is.
+    pub fn severity(&self) -> Severity {
+        match self.reason() {
+            "disk_full" | "partition_unavailable" => Severity::Degraded,
+            "corrupt_data" | "storage_error" | "io_error" => Severity::Fault,
+            _ => Severity::Client,
+        }
+    }
+
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
         move |source| Error::Io {
             path: path.display().to_string(),
@@ -84,34 +159,48 @@ impl Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason comes from [`REASONS`], so metric labels stay a fixed set.
+    #[test]
+    fn reasons_are_listed() {
         use strata_storage::Error as S;
-        let code = match &e {
-            Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::GroupNotFound(_) => {
-                Code::NotFound
-            }
-            Error::Fenced(_) => Code::FailedPrecondition,
-            Error::OutOfRange(_) => Code::OutOfRange,
-            Error::TopicExists(_) => Code::AlreadyExists,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::Sequence(_, strata_storage::SequenceError::InvalidFields { .. }) => {
-                Code::InvalidArgument
-            }
-            Error::Sequence(..) => Code::FailedPrecondition,
-            Error::Unavailable(..) | Error::ShuttingDown | Error::GroupBusy(_) => Code::Unavailable,
-            Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
-            Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
-            Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,
-            Error::DiskFull(..) => Code::ResourceExhausted,
-            Error::Storage(e) if is_disk_full(e) => Code::ResourceExhausted,
-            Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
-                Code::ResourceExhausted
-            }
-            Error::Storage(S::InvalidConfig(_)) => Code::InvalidArgument,
-            Error::Storage(S::Poisoned { .. }) => Code::Unavailable,
-            _ => Code::Internal,
-        };
-        Status::new(code, e.to_string())
+        let io = || std::io::Error::other("x");
+        let errors = [
+            Error::TopicNotFound("t".into()),
+            Error::PartitionNotFound {
+                topic: "t".into(),
+                partition: 1,
+                partitions: 1,
+            },
+            Error::TopicExists("t".into()),
+            Error::InvalidArgument("x".into()),
+            Error::Fenced("x".into()),
+            Error::OutOfRange("x".into()),
+            Error::GroupBusy("g".into()),
+            Error::GroupNotFound("g".into()),
+            Error::DiskFull("t/0".into(), "x".into()),
+            Error::Unavailable("t/0".into(), "x".into()),
+            Error::ShuttingDown,
+            Error::Storage(S::InvalidConfig("x".into())),
+            Error::Storage(S::OffsetOutOfRange {
+                requested: 1,
+                earliest: 0,
+                latest: 0,
+            }),
+            Error::Storage(S::Io {
+                path: "p".into(),
+                source: io(),
+            }),
+            Error::Io {
+                path: "p".into(),
+                source: io(),
+            },
+        ];
+        for e in errors {
+            assert!(REASONS.contains(&e.reason()), "{e:?}");
+        }
     }
 }

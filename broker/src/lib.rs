@@ -1,19 +1,20 @@
-//! `strata-broker`: topics and partitions over `strata-storage`, the gRPC services, group
-//! commit, configuration, and the `strata` command line.
+//! `strata-broker`: topics and partitions over `strata-storage`, consumer groups, the
+//! listeners, configuration, and the `strata` command line.
 //!
-//! Only this crate knows gRPC and topics; the storage crate knows neither.
+//! The domain ([`broker`], [`topics`], [`groups`]) knows no wire protocol; each listener
+//! ([`grpc`]) decodes requests, calls the domain and encodes answers and errors. Only
+//! this crate knows gRPC and topics; the storage crate knows neither.
 
-pub mod assign;
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod coordinator;
 pub mod error;
 pub mod groups;
-pub mod offsets;
-pub mod partition;
+pub mod grpc;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod server;
-pub mod service;
-pub mod topic;
+pub mod topics;
 
 pub use error::{Error, Result};

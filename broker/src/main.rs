@@ -2,8 +2,10 @@
 //! command-line client for it.
 
 use clap::{Parser, Subcommand};
+use strata_broker::cli::top::TopArgs;
 use strata_broker::cli::{self, BrokerArg, ConsumeArgs, GroupCommand, ProduceArgs, TopicCommand};
-use strata_broker::config::{ServeArgs, ServeConfig};
+use strata_broker::config::{LogFormat, ServeArgs, ServeConfig};
+use tracing_subscriber::filter::Targets;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +50,37 @@ enum Command {
         #[command(flatten)]
         args: ConsumeArgs,
     },
+    /// A live view of the broker: topic rates, group lag, latencies, the process.
+    Top {
+        #[command(flatten)]
+        broker: BrokerArg,
+        #[command(flatten)]
+        args: TopArgs,
+    },
+}
+
+/// Logs to standard error, as text for people (coloured on a terminal) or as one JSON
+/// object per line for collectors.
+fn init_logging(format: LogFormat, level: Targets) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_current_span(false)
+    });
+    tracing_subscriber::registry()
+        .with(level)
+        .with(text)
+        .with(json)
+        .init();
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,18 +95,15 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                tracing_subscriber::fmt()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                    .with_target(false)
-                    .init();
                 let config = ServeConfig::resolve(args)?;
+                init_logging(config.log_format, config.log_level.clone());
                 strata_broker::server::serve(config, strata_broker::server::shutdown_signal()).await
             }
             Command::Topic { broker, command } => cli::topic(&broker.broker, command).await,
             Command::Group { broker, command } => cli::group(&broker.broker, command).await,
             Command::Produce { broker, args } => cli::produce(&broker.broker, args).await,
             Command::Consume { broker, args } => cli::consume(&broker.broker, args).await,
+            Command::Top { broker, args } => cli::top::top(&broker.broker, args).await,
         }
     });
     match result {

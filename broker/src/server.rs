@@ -1,41 +1,36 @@
-//! Runs the broker: opens the data directory, serves gRPC (with health and reflection),
-//! drives periodic maintenance, and shuts down cleanly.
+//! Runs the broker: opens the data directory, starts the listeners, drives periodic
+//! maintenance, and shuts down cleanly.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use strata_proto::v1::admin_server::AdminServer;
-use strata_proto::v1::broker_server::BrokerServer;
-use strata_proto::v1::groups_server::GroupsServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::ServeConfig;
-use crate::service::{Service, FETCH_BYTES_MAX};
-use crate::topic::MESSAGE_BYTES_CAP;
+use crate::http::HttpState;
 
-/// Largest gRPC message the server accepts or sends: a produce request carries at most
-/// one batch (max_message_bytes), a fetch at most FETCH_BYTES_MAX plus one batch.
-const MESSAGE_BYTES_MAX: usize = 64 << 20;
-/// HTTP/2 flow-control windows. The protocol's defaults (64 KiB) make a 4 MiB fetch or a
-/// burst of 64 KiB produce requests wait for a window update every 64 KiB; clients should
-/// use the same values (the CLI does).
-pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
-/// See [`STREAM_WINDOW_BYTES`].
-pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
-/// Largest HTTP/2 frame each side accepts. The protocol's default of 16 KiB cuts a 4 MiB
-/// fetch into 256 frames; larger frames cut the per-frame work of both sides.
-pub const FRAME_BYTES_MAX: u32 = 1 << 20;
 /// How often idle partitions are committed (syncing data under the interval policy).
 const COMMIT_TICK_MS: u64 = 100;
 
 /// Serves until `shutdown` resolves, then answers queued requests and closes every log
-/// cleanly. Prints `strata listening on <addr>` once the port is bound.
+/// cleanly; fails if some log could not be closed cleanly. Prints
+/// `strata http on http://<addr>` (unless the HTTP listener is off), then
+/// `strata listening on <addr>` once both ports are bound and the data directory is open.
 pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Bind before opening the data directory: a port in use fails at once and leaves
+    // nothing behind, and /readyz answers "starting" while recovery runs.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let address = listener.local_addr()?;
+    let http = HttpListener::start(config.http_listen).await?;
+
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
     let max_open_files = config.max_open_files;
@@ -49,65 +44,79 @@ pub async fn serve(
                 )
             })?;
     let broker = Arc::new(broker);
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let address = listener.local_addr()?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AdminServer<Service>>().await;
-    health.set_serving::<BrokerServer<Service>>().await;
-    health.set_serving::<GroupsServer<Service>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(strata_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let service = Service::new(Arc::clone(&broker));
-    let stopping = service.clone();
-    // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
-    let shutdown = async move {
-        shutdown.await;
-        // Health checks see the broker going away before connections close.
-        health.set_not_serving::<AdminServer<Service>>().await;
-        health.set_not_serving::<BrokerServer<Service>>().await;
-        health.set_not_serving::<GroupsServer<Service>>().await;
-        stopping.stop_waiting();
-    };
-    const { assert!(FETCH_BYTES_MAX < MESSAGE_BYTES_MAX) };
+    http.state.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
-    tonic::transport::Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_frame_size(FRAME_BYTES_MAX)
-        .add_service(
-            AdminServer::new(service.clone())
-                .max_decoding_message_size(MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(MESSAGE_BYTES_MAX),
-        )
-        .add_service(GroupsServer::new(service.clone()))
-        .add_service(
-            BrokerServer::new(service)
-                // A produce request carries one batch of at most MESSAGE_BYTES_CAP; a
-                // tighter bound also limits what a records-form request costs decoded.
-                .max_decoding_message_size(MESSAGE_BYTES_CAP as usize + (1 << 20))
-                .max_encoding_message_size(MESSAGE_BYTES_MAX),
-        )
-        .add_service(health_service)
-        .add_service(reflection)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
+    let state = Arc::clone(&http.state);
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: answering queued requests");
+        state.stop();
+    };
+    let served = crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await;
 
     maintenance.abort();
     tracing::info!("shutting down: flushing and closing partitions");
-    tokio::task::spawn_blocking(move || broker.shutdown()).await?;
+    let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
+    http.stop().await;
+    served?;
+    if !errors.is_empty() {
+        anyhow::bail!(
+            "shut down, but {} log(s) did not close cleanly; the next start recovers them: {}",
+            errors.len(),
+            errors.join("; ")
+        );
+    }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// The HTTP listener's task, when it is on.
+struct HttpListener {
+    state: Arc<HttpState>,
+    task: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        JoinHandle<std::io::Result<()>>,
+    )>,
+}
+
+impl HttpListener {
+    /// Binds and starts serving `/healthz`, `/readyz` (starting) and `/metrics`.
+    async fn start(address: Option<SocketAddr>) -> anyhow::Result<HttpListener> {
+        let state = Arc::new(HttpState::default());
+        let Some(address) = address else {
+            return Ok(HttpListener { state, task: None });
+        };
+        let listener = TcpListener::bind(address).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for HTTP (metrics) on {address}: {e}; choose another address \
+                 with --http-listen, or turn it off with --http-listen off"
+            )
+        })?;
+        println!("strata http on http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(crate::http::serve(listener, Arc::clone(&state), async {
+            let _ = stopped.await;
+        }));
+        Ok(HttpListener {
+            state,
+            task: Some((stop, task)),
+        })
+    }
+
+    /// Stops serving once everything else has shut down.
+    async fn stop(self) {
+        if let Some((stop, task)) = self.task {
+            let _ = stop.send(());
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP listener failed"),
+                Err(e) => tracing::warn!(error = %e, "the HTTP listener panicked"),
+            }
+        }
+    }
 }
 
 async fn maintain(broker: Arc<Broker>, retention_every: std::time::Duration) {

@@ -309,10 +309,13 @@ pub struct GroupPartitionLag {
     pub committed_offset: Option<u64>,
     /// The metadata stored with the commit.
     pub metadata: String,
+    /// The first offset still in the partition's log.
+    pub log_start_offset: u64,
     /// The partition's high watermark.
     pub log_end_offset: u64,
-    /// `log_end_offset - committed_offset`: records not yet consumed; `None` without a
-    /// committed offset.
+    /// Records not yet consumed: `log_end_offset - committed_offset`, or
+    /// `log_end_offset - log_start_offset` without a committed offset (where a new
+    /// member starts). `None` once the topic is gone.
     pub lag: Option<u64>,
     /// The member that owns the partition, if one does.
     pub owner: Option<String>,
@@ -327,7 +330,7 @@ pub struct GroupDescription {
     pub members: Vec<GroupMemberInfo>,
     /// Every partition of the subscribed topics, and every committed one, sorted.
     pub partitions: Vec<GroupPartitionLag>,
-    /// The sum of the known lags.
+    /// The sum of the partitions' lags.
     pub total_lag: u64,
 }
 
@@ -527,6 +530,7 @@ impl Admin {
                     partition: p.partition,
                     committed_offset: p.committed_offset,
                     metadata: p.metadata,
+                    log_start_offset: p.log_start_offset,
                     log_end_offset: p.log_end_offset,
                     lag: p.lag,
                     owner: (!p.member_id.is_empty()).then_some(p.member_id),

@@ -147,7 +147,19 @@ impl DeadLetters {
     /// topic and waits until it is stored. Fails only if the dead letter cannot be
     /// written: then the record is neither processed nor stored, and must not be
     /// committed.
-    pub async fn process<F, Fut, E>(
+    ///
+    /// It all runs inside the record's trace ([`ConsumedRecord::in_trace`]): what the
+    /// handler produces, and the dead letter, continue the producer's trace.
+    pub async fn process<F, Fut, E>(&self, record: &ConsumedRecord, handler: F) -> Result<Outcome>
+    where
+        F: FnMut(&ConsumedRecord) -> Fut,
+        Fut: Future<Output = std::result::Result<(), E>>,
+        E: Display,
+    {
+        record.in_trace(self.process_here(record, handler)).await
+    }
+
+    async fn process_here<F, Fut, E>(
         &self,
         record: &ConsumedRecord,
         mut handler: F,

@@ -18,7 +18,8 @@
 //! - [`Error`]: one typed error for every call.
 //!
 //! Event metadata travels in record headers; [`headers`] names the usual ones (event id,
-//! type, schema version, trace context).
+//! type, schema version, trace context). [`trace`] carries W3C trace context from
+//! producers to consumers in those headers, so one trace crosses the broker.
 //!
 //! Producers are idempotent by default: a produce request that fails ambiguously (a
 //! dropped connection, a timeout) is retried, and the broker stores its batch once (see
@@ -56,6 +57,7 @@ mod error;
 mod group;
 mod producer;
 mod record;
+pub mod trace;
 
 use std::time::Duration;
 

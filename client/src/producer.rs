@@ -44,10 +44,12 @@ use strata_storage::producer::{next_sequence, RECENT_BATCHES};
 use tokio::sync::{oneshot, Notify};
 use tonic::transport::Channel;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::admin::Admin;
 use crate::error::{Error, Result};
-use crate::record::Record;
+use crate::record::{headers, Record};
+use crate::trace::{ClientSpan, SpanKind, TraceContext};
 
 /// When the broker answers a produce request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -421,7 +423,40 @@ impl Producer {
     /// failed it after any retries). The record is sent whether or not the future is
     /// awaited. Records sent by one caller keep their order within a partition (with
     /// idempotence, or with `max_in_flight` 1).
-    pub fn send(&self, record: Record) -> impl Future<Output = Result<Delivery>> + Send + 'static {
+    ///
+    /// Sent inside a trace context ([`crate::trace`]), the record gets a `traceparent`
+    /// header naming a child of it (unless it has one), and the future is instrumented
+    /// with a `strata.produce` span.
+    pub fn send(
+        &self,
+        mut record: Record,
+    ) -> impl Future<Output = Result<Delivery>> + Send + 'static {
+        let (span, mut publish) = match TraceContext::current() {
+            Some(parent) => {
+                let publish = ClientSpan::start(
+                    SpanKind::Producer,
+                    format!("{} publish", self.shared.topic),
+                    parent,
+                );
+                if !record
+                    .headers
+                    .iter()
+                    .any(|(n, _)| n == headers::TRACEPARENT)
+                {
+                    record.headers.push((
+                        headers::TRACEPARENT.to_string(),
+                        publish.context.to_string().into(),
+                    ));
+                }
+                let span = tracing::debug_span!(
+                    "strata.produce",
+                    topic = %self.shared.topic,
+                    trace_id = %publish.context.trace_id_hex(),
+                );
+                (span, Some(publish))
+            }
+            None => (tracing::Span::none(), None),
+        };
         let ticket = self.shared.enqueue(record);
         async move {
             let slot = match ticket {
@@ -429,8 +464,13 @@ impl Producer {
                 Ticket::Waiting(rx) => rx.await.map_err(|_| Error::Closed)?,
                 Ticket::Failed(e) => return Err(e),
             };
-            slot.wait().await
+            let delivery = slot.wait().await;
+            if let (Some(publish), Ok(d)) = (&mut publish, &delivery) {
+                publish.record_position(d.partition, d.offset);
+            }
+            delivery
         }
+        .instrument(span)
     }
 
     /// Sends every open batch now and waits until every record sent so far has its

@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::batch::{set_base_offset, Batch, BatchHeader, BATCH_HEADER_LEN};
 use crate::checkpoint::{Checkpoint, CHECKPOINT_FILE};
@@ -209,6 +209,8 @@ pub struct Log {
     config: LogConfig,
     active: Active,
     last_sync: Instant,
+    /// How long the data fsync of the last commit took; `None` if it did not fsync.
+    last_fsync: Option<Duration>,
     poisoned: bool,
 }
 
@@ -264,6 +266,7 @@ impl Log {
             config,
             active,
             last_sync: Instant::now(),
+            last_fsync: None,
             poisoned: false,
         };
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
@@ -283,6 +286,12 @@ impl Log {
     /// The log's configuration.
     pub fn config(&self) -> &LogConfig {
         &self.config
+    }
+
+    /// How long the data fsync of the last [`Log::commit`] took; `None` when that commit
+    /// did not fsync (nothing new to sync, or the policy did not ask for it).
+    pub fn last_fsync(&self) -> Option<Duration> {
+        self.last_fsync
     }
 
     /// The offset the next written batch gets (staged batches included).
@@ -340,6 +349,7 @@ impl Log {
     /// for all of them) and publishes them to readers. Returns the new high watermark.
     pub fn commit(&mut self) -> Result<u64> {
         self.check_poisoned()?;
+        self.last_fsync = None;
         self.guard(|log| {
             log.write_staged()?;
             // Under `interval`, also sync once a checkpoint interval has been written, so
@@ -572,6 +582,7 @@ impl Log {
     fn sync(&mut self) -> Result<()> {
         let active = &mut self.active;
         if active.synced < active.written {
+            let started = Instant::now();
             if let Err(e) = active.file.sync_data() {
                 // After a failed fsync the kernel may have dropped the dirty pages or
                 // marked them clean without writing them: bytes after `synced` can read
@@ -582,6 +593,7 @@ impl Log {
                 return Err(io_at(&active.segment.log_path)(e));
             }
             active.synced = active.written;
+            self.last_fsync = Some(started.elapsed());
         }
         self.last_sync = Instant::now();
         if active.written - active.checkpointed >= self.config.checkpoint_interval_bytes {
@@ -787,6 +799,40 @@ impl LogReader {
             }
             other => other,
         })
+    }
+
+    /// The timestamp of the first record of the batch that holds `offset` (the time it
+    /// was written, for a consumer's lag in time), reading only that batch's header.
+    /// `None` at or past the high watermark; [`Error::OffsetOutOfRange`] below the log
+    /// start.
+    pub fn batch_timestamp(&self, offset: u64) -> Result<Option<i64>> {
+        let high_watermark = self.high_watermark();
+        let segments = self.shared.segments();
+        if offset < segments[0].base_offset {
+            return Err(Error::OffsetOutOfRange {
+                requested: offset,
+                earliest: segments[0].base_offset,
+                latest: high_watermark,
+            });
+        }
+        if offset >= high_watermark {
+            return Ok(None);
+        }
+        let segment = &segments[segments.partition_point(|s| s.base_offset <= offset) - 1];
+        let file = self.open(segment, offset)?;
+        let readable = segment.readable_len();
+        let mut position = segment.index_position(offset);
+        while position + BATCH_HEADER_LEN as u64 <= readable {
+            let header = segment.read_header(&file, position)?;
+            if header.last_offset() >= offset {
+                return Ok(Some(header.base_timestamp));
+            }
+            position += header.size as u64;
+        }
+        Err(segment.corrupted(
+            position,
+            format!("offset {offset} is below the high watermark but past the segment's end"),
+        ))
     }
 
     /// The first offset, in log order, whose record timestamp is at or after
@@ -1253,6 +1299,31 @@ mod tests {
             let found = log.reader().offset_for_timestamp(target).expect("lookup");
             assert_eq!(found, scan, "target {target}");
         }
+    }
+
+    #[test]
+    fn batch_timestamp_is_that_of_the_batch_holding_the_offset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        // Two records per batch, across several segments.
+        for i in 0..100i64 {
+            log.append(&batch(&["a", "b"], 1000 + i)).expect("append");
+        }
+        let reader = log.reader();
+        assert!(reader.segment_count() > 1);
+        for offset in [0, 1, 2, 77, 199] {
+            let expected = 1000 + (offset / 2) as i64;
+            assert_eq!(
+                reader.batch_timestamp(offset).expect("read"),
+                Some(expected)
+            );
+        }
+        assert_eq!(reader.batch_timestamp(200).expect("read"), None);
+        log.delete_before(100).expect("delete");
+        assert!(matches!(
+            log.reader().batch_timestamp(0),
+            Err(Error::OffsetOutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -21,7 +21,10 @@ const MESSAGE_BYTES_MAX: usize = 64 << 20;
 /// A `strata` command with every `STRATA_*` variable of the test environment removed, so
 /// an operator's settings cannot leak into a test.
 pub fn strata_command() -> Command {
-    let mut command = Command::new(STRATA);
+    without_strata_env(Command::new(STRATA))
+}
+
+fn without_strata_env(mut command: Command) -> Command {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("STRATA_") {
             command.env_remove(name);
@@ -44,6 +47,10 @@ pub struct Broker {
     starts: usize,
     /// The address `strata serve` listens on; port 0 picks a free port.
     listen: SocketAddr,
+    /// The HTTP (metrics) address of the running broker.
+    http: Option<SocketAddr>,
+    /// Shell commands run before `exec strata serve` (e.g. resource limits), if any.
+    shell_prefix: Option<String>,
 }
 
 impl Broker {
@@ -54,6 +61,12 @@ impl Broker {
 
     /// Starts a broker on a fresh data directory with extra `strata serve` flags.
     pub fn start_with(extra_args: &[&str]) -> Broker {
+        Broker::start_in_shell(None, extra_args)
+    }
+
+    /// Starts a broker through `bash -c "<prefix>; exec strata serve ..."`, so the
+    /// prefix can set limits (`ulimit`) or signal dispositions (`trap`) it inherits.
+    pub fn start_in_shell(prefix: Option<&str>, extra_args: &[&str]) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("strata-test-")
             .tempdir()
@@ -66,6 +79,8 @@ impl Broker {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             starts: 0,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: None,
+            shell_prefix: prefix.map(str::to_string),
         };
         broker.spawn();
         broker
@@ -78,7 +93,17 @@ impl Broker {
         self.starts += 1;
         let log_path = self.log_path(self.starts);
         let log = std::fs::File::create(&log_path).expect("create the broker log file");
-        let mut child = strata_command()
+        let mut command = match &self.shell_prefix {
+            None => strata_command(),
+            Some(prefix) => {
+                let mut bash = without_strata_env(Command::new("bash"));
+                bash.arg("-c")
+                    .arg(format!("{prefix}; exec \"$0\" \"$@\""))
+                    .arg(STRATA);
+                bash
+            }
+        };
+        let mut child = command
             .arg("serve")
             .arg("--listen")
             .arg(self.listen.to_string())
@@ -107,6 +132,9 @@ impl Broker {
                     self.log()
                 );
             }
+            if let Some(http) = line.trim().strip_prefix("strata http on http://") {
+                self.http = Some(http.parse().expect("parse the HTTP address"));
+            }
             if let Some(addr) = line.trim().strip_prefix("strata listening on ") {
                 break addr
                     .parse::<SocketAddr>()
@@ -134,6 +162,11 @@ impl Broker {
     /// The address as `strata --broker` takes it.
     pub fn addr_arg(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// The address of the broker's HTTP listener (metrics, health), if it has one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
     }
 
     /// The broker's data directory.
@@ -173,7 +206,8 @@ impl Broker {
         GroupsClient::new(self.channel().await)
     }
 
-    fn wait(&mut self) -> ExitStatus {
+    /// Waits for the broker process to exit and returns how it exited.
+    pub fn wait(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the broker is running");
         child.wait().expect("wait for the broker to exit")
     }
@@ -494,4 +528,50 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// A plain HTTP/1.1 GET of `path` from `addr`: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end in {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
 }

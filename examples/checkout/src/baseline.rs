@@ -35,7 +35,7 @@ use crate::http::{HttpClient, HttpResponse, Server};
 use crate::profile::{Profile, Service};
 use crate::services::order::{status, StatusCounts};
 use crate::system::DEFAULT_INITIAL_STOCK;
-use crate::trace::{TraceContext, TRACEPARENT};
+use crate::trace::{self, TraceContext, TRACEPARENT};
 
 /// How long stopping waits for requests in progress.
 const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -431,7 +431,7 @@ async fn checkout(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<BaselineAnswer>)> {
-    let trace = TraceContext::from_http(&headers);
+    let trace = trace::from_http(&headers);
     let request: CheckoutRequest = parse(&body)?;
     let customer_id = request.customer_id.clone();
     let _: serde_json::Value = front

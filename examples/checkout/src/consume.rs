@@ -267,7 +267,7 @@ impl<H: Handler> Member<H> {
             tracing::warn!(
                 group = self.group,
                 event_id = event.id,
-                trace_id = event.trace.trace_id(),
+                trace_id = event.trace.trace_id_hex(),
                 attempts,
                 dead_letter_topic = topic,
                 error,

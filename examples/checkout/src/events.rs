@@ -234,7 +234,8 @@ pub struct Event {
     pub event_type: String,
     /// The `schema-version` header, at least 1.
     pub schema_version: u32,
-    /// The consumer's span: a child of the record's `traceparent`.
+    /// The trace context its producer sent (the `traceparent` header), or a new trace
+    /// if there was none: its trace id is the one to log.
     pub trace: TraceContext,
     /// The record.
     pub record: ConsumedRecord,
@@ -262,7 +263,9 @@ impl Event {
             .ok_or_else(|| {
                 Error::BadEvent(format!("schema-version {version:?} is not 1 or more"))
             })?;
-        let trace = TraceContext::from_record(&record);
+        let trace = record
+            .trace_context()
+            .unwrap_or_else(TraceContext::new_root);
         Ok(Event {
             id,
             event_type,
@@ -270,6 +273,14 @@ impl Event {
             trace,
             record,
         })
+    }
+
+    /// The context of the handling of this event, the parent of what the handler
+    /// publishes: the client's processing span when the handler runs inside it (as
+    /// [`DeadLetters::process`](strata_client::DeadLetters::process) runs it), else the
+    /// producer's context.
+    pub fn context(&self) -> TraceContext {
+        TraceContext::current().unwrap_or(self.trace)
     }
 
     /// Fails with [`Error::BadEvent`] unless this is an event of `event_type`.

@@ -10,7 +10,8 @@
 //! Code map:
 //! - [`events`]: topics, event types, payloads and their versions, the header envelope;
 //!   the JSON Schemas are in `schemas/`.
-//! - [`trace`]: W3C `traceparent` on requests and records (the one place).
+//! - [`trace`]: W3C `traceparent` at the HTTP edge; records carry it through
+//!   strata-client's own trace support.
 //! - [`outbox`]: the transactional outbox and its relay; [`consume`]: the consumer
 //!   loop every service uses (groups, dead letters, commits).
 //! - [`services`]: order (API, idempotency, status projection), inventory (reservation,

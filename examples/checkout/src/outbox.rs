@@ -37,6 +37,7 @@ use crate::db::{now_ms, placeholders, Db};
 use crate::error::Result;
 use crate::events::Outgoing;
 use crate::trace::TraceContext;
+use strata_client::trace;
 
 /// Rows published per round.
 const BATCH_ROWS_MAX: i64 = 256;
@@ -223,7 +224,7 @@ impl Outbox {
                 producers.insert(topic.clone(), producer);
             }
             let producer = &producers[&topic];
-            let mut record = Record::new(row.try_get::<String, _>("payload")?)
+            let record = Record::new(row.try_get::<String, _>("payload")?)
                 .key(row.try_get::<String, _>("event_key")?)
                 .header(headers::EVENT_ID, row.try_get::<String, _>("event_id")?)
                 .header(headers::EVENT_TYPE, row.try_get::<String, _>("event_type")?)
@@ -231,10 +232,18 @@ impl Outbox {
                     headers::SCHEMA_VERSION,
                     row.try_get::<i64, _>("schema_version")?.to_string(),
                 );
-            if let Some(trace) = TraceContext::parse(&row.try_get::<String, _>("traceparent")?) {
-                record = trace.inject(record);
-            }
-            deliveries.push(producer.send(record));
+            // Sent inside the context that caused the event, the record gets a child of
+            // it as its traceparent (and the client's publish span).
+            #[expect(
+                clippy::async_yields_async,
+                reason = "only send() must run in the context; the delivery is awaited \
+                          with the round's others"
+            )]
+            let delivery = match TraceContext::parse(&row.try_get::<String, _>("traceparent")?) {
+                Some(context) => trace::in_context(context, async { producer.send(record) }).await,
+                None => producer.send(record),
+            };
+            deliveries.push(delivery);
         }
         for delivery in deliveries {
             delivery.await?;

@@ -66,7 +66,7 @@ async fn every_checkout_settles_and_a_failed_payment_releases_its_stock(env: Env
         assert_eq!(read.order_id, view.order_id);
         placed.push(view);
     }
-    assert_eq!(placed[0].trace_id, caller_trace.trace_id());
+    assert_eq!(placed[0].trace_id, caller_trace.trace_id_hex());
 
     let orders_db = env.db("orders").await;
     let counts = common::wait_settled(&orders_db, "flow-", 12).await;

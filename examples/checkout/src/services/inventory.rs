@@ -43,7 +43,7 @@ use crate::http::{HttpClient, Server};
 use crate::outbox::Outbox;
 use crate::profile::{Profile, Service};
 use crate::services::Running;
-use crate::trace::{TraceContext, TRACEPARENT};
+use crate::trace::{self, TraceContext, TRACEPARENT};
 
 /// The consumer group releasing reservations.
 pub const GROUP: &str = "inventory";
@@ -169,7 +169,7 @@ async fn reserve(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Reservation>)> {
-    let trace = TraceContext::from_http(&headers);
+    let trace = trace::from_http(&headers);
     let request: ReservationRequest = serde_json::from_slice(&body)
         .map_err(|e| Error::Invalid(format!("reservation body: {e}")))?;
     if request.order_id.is_empty() || request.lines.is_empty() {
@@ -189,7 +189,7 @@ async fn reserve(
     let created = inventory.reserve(&request).await?;
     tracing::debug!(
         order_id = request.order_id,
-        trace_id = trace.trace_id(),
+        trace_id = trace.trace_id_hex(),
         created,
         "reserved"
     );
@@ -391,7 +391,7 @@ impl Handler for Inventory {
                 types::INVENTORY_RELEASED,
                 versions::INVENTORY_RELEASED,
                 &failed.order_id,
-                &event.trace,
+                &event.context(),
                 &released,
             )?;
             self.outbox.add(&mut tx, &outgoing).await?;
@@ -400,7 +400,7 @@ impl Handler for Inventory {
         self.outbox.wake();
         tracing::info!(
             order_id = failed.order_id,
-            trace_id = event.trace.trace_id(),
+            trace_id = event.trace.trace_id_hex(),
             lines = lines.len(),
             "payment failed: reservation released"
         );

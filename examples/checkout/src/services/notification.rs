@@ -101,7 +101,7 @@ impl Handler for Notifications {
         }
         self.profile.call(Service::Notification).await?;
         let recipient = format!("{}@example.com", paid.customer_id);
-        let trace_id = event.trace.trace_id();
+        let trace_id = event.trace.trace_id_hex();
         sqlx::query(
             "INSERT INTO notifications (event_id, order_id, recipient, trace_id, sent_at_ms)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",

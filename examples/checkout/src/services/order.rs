@@ -50,7 +50,7 @@ use crate::http::Server;
 use crate::outbox::{CrashPoint, Outbox};
 use crate::services::inventory::InventoryClient;
 use crate::services::Running;
-use crate::trace::TraceContext;
+use crate::trace::{self, TraceContext};
 
 /// The consumer group of the status projection.
 pub const GROUP: &str = "order-projection";
@@ -203,7 +203,7 @@ async fn checkout(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response> {
-    let trace = TraceContext::from_http(&headers);
+    let trace = trace::from_http(&headers);
     let request: CheckoutRequest =
         serde_json::from_slice(&body).map_err(|e| Error::Invalid(format!("checkout body: {e}")))?;
     let order = catalog::validate(&request)?;
@@ -401,7 +401,7 @@ impl Orders {
         .bind(&order.payment_token)
         .bind(status::PENDING)
         .bind(seq::CREATED)
-        .bind(trace.trace_id())
+        .bind(trace.trace_id_hex())
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -437,7 +437,7 @@ impl Orders {
             discount_cents: order.discount_cents,
             total_cents: order.total_cents,
             currency: CURRENCY.into(),
-            trace_id: trace.trace_id(),
+            trace_id: trace.trace_id_hex(),
             created_at_ms: now,
             updated_at_ms: now,
         }))
@@ -596,7 +596,7 @@ impl Handler for Orders {
         tracing::info!(
             order_id = change.order_id,
             status = change.status,
-            trace_id = event.trace.trace_id(),
+            trace_id = event.trace.trace_id_hex(),
             applied = moved,
             "order status"
         );

@@ -148,7 +148,7 @@ impl Handler for Payments {
             tracing::debug!(order_id = order.order_id, "already charged");
             return Ok(());
         }
-        let trace_id = event.trace.trace_id();
+        let trace_id = event.trace.trace_id_hex();
         if self
             .stall_after
             .is_some_and(|n| self.charges.load(Ordering::SeqCst) >= n)
@@ -192,13 +192,14 @@ impl Handler for Payments {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        let context = event.context();
         let outgoing = match declined {
             None => Outgoing::new(
                 topics::PAYMENTS_COMPLETED,
                 types::PAYMENT_COMPLETED,
                 versions::PAYMENT_COMPLETED,
                 &order.order_id,
-                &event.trace,
+                &context,
                 &PaymentCompleted {
                     order_id: order.order_id.clone(),
                     payment_id,
@@ -213,7 +214,7 @@ impl Handler for Payments {
                 types::PAYMENT_FAILED,
                 versions::PAYMENT_FAILED,
                 &order.order_id,
-                &event.trace,
+                &context,
                 &PaymentFailed {
                     order_id: order.order_id.clone(),
                     payment_id,

@@ -9,7 +9,6 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use strata_proto::v1;
 use strata_storage::{Durability, LogConfig};
 
 use crate::error::{Error, Result};
@@ -54,6 +53,24 @@ pub fn parse_limit(name: &str, value: Option<i64>, default: Option<u64>) -> Resu
     }
 }
 
+/// The settings a create request gives, each `None` when it takes the broker's default.
+/// Limits are written as the protocols write them: -1 means "no limit".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicOverrides {
+    /// Retention by age in ms; -1 keeps forever.
+    pub retention_ms: Option<i64>,
+    /// Retention by size per partition; -1 is unlimited.
+    pub retention_bytes: Option<i64>,
+    /// Segment size at which the active segment rolls.
+    pub segment_bytes: Option<u64>,
+    /// Segment age in ms at which the active segment rolls; -1 never.
+    pub segment_ms: Option<i64>,
+    /// Largest batch a produce request may carry.
+    pub max_message_bytes: Option<u32>,
+    /// `fsync`, `interval:<ms>` or `none`.
+    pub durability: Option<String>,
+}
+
 /// A topic's settings, as stored in `topic.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicSettings {
@@ -77,7 +94,7 @@ impl TopicSettings {
     /// Settings from a create request, with `defaults` for what it leaves out.
     pub fn from_request(
         partitions: u32,
-        config: Option<&v1::TopicConfig>,
+        c: TopicOverrides,
         defaults: &TopicSettings,
     ) -> Result<TopicSettings> {
         if partitions == 0 || partitions > PARTITIONS_MAX {
@@ -85,7 +102,6 @@ impl TopicSettings {
                 "partitions must be between 1 and {PARTITIONS_MAX}, got {partitions}"
             )));
         }
-        let c = config.cloned().unwrap_or_default();
         let settings = TopicSettings {
             partitions,
             retention_ms: parse_limit("retention_ms", c.retention_ms, defaults.retention_ms)?,
@@ -130,10 +146,10 @@ impl TopicSettings {
         Ok(config)
     }
 
-    /// The settings as the protocol shows them: every field set, -1 for "no limit".
-    pub fn to_proto(&self) -> v1::TopicConfig {
+    /// The settings as overrides: every field set, -1 for "no limit".
+    pub fn overrides(&self) -> TopicOverrides {
         let limit = |v: Option<u64>| Some(v.map_or(-1, |v| v.min(i64::MAX as u64) as i64));
-        v1::TopicConfig {
+        TopicOverrides {
             retention_ms: limit(self.retention_ms),
             retention_bytes: limit(self.retention_bytes),
             segment_bytes: Some(self.segment_bytes),
@@ -204,40 +220,40 @@ mod tests {
     #[test]
     fn request_settings_take_defaults_and_reject_nonsense() {
         let d = TopicSettings::default();
-        let s = TopicSettings::from_request(3, None, &d).expect("defaults");
+        let s = TopicSettings::from_request(3, TopicOverrides::default(), &d).expect("defaults");
         assert_eq!(s.partitions, 3);
         assert_eq!(s.durability, "fsync");
-        let forever = v1::TopicConfig {
+        let forever = TopicOverrides {
             retention_ms: Some(-1),
             durability: Some("none".into()),
             ..Default::default()
         };
-        let s = TopicSettings::from_request(1, Some(&forever), &d).expect("forever");
+        let s = TopicSettings::from_request(1, forever, &d).expect("forever");
         assert_eq!((s.retention_ms, s.durability.as_str()), (None, "none"));
-        assert_eq!(s.to_proto().retention_ms, Some(-1));
+        assert_eq!(s.overrides().retention_ms, Some(-1));
         for bad in [
-            v1::TopicConfig {
+            TopicOverrides {
                 retention_ms: Some(0),
                 ..Default::default()
             },
-            v1::TopicConfig {
+            TopicOverrides {
                 durability: Some("sometimes".into()),
                 ..Default::default()
             },
-            v1::TopicConfig {
+            TopicOverrides {
                 segment_bytes: Some(10),
                 ..Default::default()
             },
-            v1::TopicConfig {
+            TopicOverrides {
                 max_message_bytes: Some(64 << 20),
                 ..Default::default()
             },
         ] {
             assert!(
-                TopicSettings::from_request(1, Some(&bad), &d).is_err(),
+                TopicSettings::from_request(1, bad.clone(), &d).is_err(),
                 "{bad:?}"
             );
         }
-        assert!(TopicSettings::from_request(0, None, &d).is_err());
+        assert!(TopicSettings::from_request(0, TopicOverrides::default(), &d).is_err());
     }
 }

@@ -16,9 +16,10 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
-use crate::groups;
-use crate::partition::{Ack, Partition};
-use crate::topic::TopicSettings;
+use crate::grpc::groups;
+use crate::grpc::instrument::Scope;
+use crate::topics::partition::{Ack, Partition};
+use crate::topics::settings::{TopicOverrides, TopicSettings};
 
 /// Fetch size when a request leaves max_bytes at 0.
 pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
@@ -58,6 +59,11 @@ impl Service {
         &self.broker
     }
 
+    /// Starts recording a request of `rpc`.
+    pub(crate) fn scope(&self, rpc: &'static str) -> Scope {
+        Scope::new(self.broker.metrics(), rpc)
+    }
+
     /// Ends waiting: pending long polls answer with what they have and Subscribe
     /// streams end with UNAVAILABLE. Call when a graceful shutdown begins.
     pub fn stop_waiting(&self) {
@@ -73,6 +79,107 @@ impl Service {
     }
 }
 
+impl Service {
+    async fn serve_produce(&self, mut request: v1::ProduceRequest) -> Result<v1::ProduceResponse> {
+        let topic = self.broker.topic(&request.topic)?;
+        let partition_id = target_partition(&topic, &request)?;
+        let batch = match (request.batch.is_empty(), request.records.is_empty()) {
+            (false, false) => {
+                return Err(Error::InvalidArgument(
+                    "send either records or an encoded batch, not both".into(),
+                ))
+            }
+            (true, true) => {
+                return Err(Error::InvalidArgument(
+                    "the request holds no records".into(),
+                ))
+            }
+            (false, true) => std::mem::take(&mut request.batch),
+            (true, false) => {
+                encode_records(&request.records, topic.settings.max_message_bytes as usize)?.into()
+            }
+        };
+        let ack = match v1::Acks::try_from(request.acks) {
+            Ok(v1::Acks::Durable) => Ack::Durable,
+            Ok(v1::Acks::Leader) => Ack::Leader,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown acks mode {}",
+                    request.acks
+                )))
+            }
+        };
+        // An unparsable header is left for the writer's validation to report.
+        if let Ok(header) = BatchHeader::parse(&batch) {
+            self.broker.check_producer_id(header.producer_id)?;
+        }
+        // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
+        // waits for more permits than exist.
+        let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        let _budget = self
+            .produce_budget
+            .acquire_many(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let stored = topic.partition(partition_id)?.append(batch, ack).await?;
+        Ok(v1::ProduceResponse {
+            partition: partition_id,
+            base_offset: stored.info.base_offset,
+            last_offset: stored.info.last_offset,
+            duplicate: stored.duplicate,
+        })
+    }
+
+    /// Serves a fetch; the scope's clock restarts after a long poll's wait.
+    async fn serve_fetch(
+        &self,
+        request: v1::FetchRequest,
+        scope: &mut Scope,
+    ) -> Result<v1::FetchResponse> {
+        let partition = self.broker.partition(&request.topic, request.partition)?;
+        if let Some(member) = &request.member {
+            groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
+        }
+        let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
+        if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
+            tokio::select! {
+                _ = partition.wait_past(request.offset, wait) => {}
+                _ = self.stopped() => {}
+            }
+            scope.restart_clock();
+            // The member may have lost the partition while it waited.
+            if let Some(member) = &request.member {
+                groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
+            }
+        }
+        let max_bytes = fetch_bytes(request.max_bytes);
+        let read = read(&partition, request.offset, max_bytes).await?;
+        let response = fetch_response(
+            request.partition,
+            request.offset,
+            read,
+            request.decode,
+            max_bytes,
+        )?;
+        count_fetched(&partition, request.offset, &response);
+        Ok(response)
+    }
+}
+
+/// Counts what a fetch response hands out: offsets are dense, so the records from the
+/// requested offset to the next one.
+fn count_fetched(partition: &Partition, from: u64, response: &v1::FetchResponse) {
+    let bytes = response.batches.len()
+        + response
+            .records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, Bytes::len) + r.key.as_ref().map_or(0, Bytes::len))
+            .sum::<usize>();
+    partition
+        .stats()
+        .fetched(response.next_offset.saturating_sub(from), bytes as u64);
+}
+
 /// Runs blocking broker work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T> + Send + 'static,
@@ -82,11 +189,34 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::ShuttingDown)?
 }
 
+fn overrides(c: v1::TopicConfig) -> TopicOverrides {
+    TopicOverrides {
+        retention_ms: c.retention_ms,
+        retention_bytes: c.retention_bytes,
+        segment_bytes: c.segment_bytes,
+        segment_ms: c.segment_ms,
+        max_message_bytes: c.max_message_bytes,
+        durability: c.durability,
+    }
+}
+
+fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
+    let o = settings.overrides();
+    v1::TopicConfig {
+        retention_ms: o.retention_ms,
+        retention_bytes: o.retention_bytes,
+        segment_bytes: o.segment_bytes,
+        segment_ms: o.segment_ms,
+        max_message_bytes: o.max_message_bytes,
+        durability: o.durability,
+    }
+}
+
 fn topic_info(topic: &Topic) -> v1::TopicInfo {
     v1::TopicInfo {
         name: topic.name.clone(),
         partitions: topic.settings.partitions,
-        config: Some(topic.settings.to_proto()),
+        config: Some(topic_config(&topic.settings)),
     }
 }
 
@@ -97,17 +227,23 @@ impl admin_server::Admin for Service {
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let request = request.into_inner();
-        let settings = TopicSettings::from_request(
-            request.partitions,
-            request.config.as_ref(),
-            self.broker.defaults(),
-        )?;
-        let broker = Arc::clone(&self.broker);
-        let topic = blocking(move || broker.create_topic(&request.name, settings)).await?;
-        tracing::info!(topic = %topic.name, partitions = topic.settings.partitions, "created topic");
-        Ok(Response::new(v1::CreateTopicResponse {
-            topic: Some(topic_info(&topic)),
-        }))
+        let scope = self.scope("CreateTopic").topic(&request.name);
+        scope.finish(
+            async {
+                let settings = TopicSettings::from_request(
+                    request.partitions,
+                    request.config.map(overrides).unwrap_or_default(),
+                    self.broker.defaults(),
+                )?;
+                let broker = Arc::clone(&self.broker);
+                let topic = blocking(move || broker.create_topic(&request.name, settings)).await?;
+                tracing::info!(topic = %topic.name, partitions = topic.settings.partitions, "created topic");
+                Ok(v1::CreateTopicResponse {
+                    topic: Some(topic_info(&topic)),
+                })
+            }
+            .await,
+        )
     }
 
     async fn delete_topic(
@@ -115,13 +251,14 @@ impl admin_server::Admin for Service {
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let name = request.into_inner().name;
+        let scope = self.scope("DeleteTopic").topic(&name);
         let broker = Arc::clone(&self.broker);
         let deleted = name.clone();
         let topic = name.clone();
         // The topic, then its groups' offsets (a topic created later under this name
         // must not start from them), in a task of its own: a client that gives up
         // waiting cannot stop it between the two.
-        tokio::spawn(async move {
+        let done = tokio::spawn(async move {
             let offsets = Arc::clone(&broker);
             blocking(move || broker.delete_topic(&deleted)).await?;
             offsets
@@ -130,9 +267,12 @@ impl admin_server::Admin for Service {
             offsets.offsets().delete_topic(&topic).await
         })
         .await
-        .map_err(|_| Error::ShuttingDown)??;
-        tracing::info!(topic = %name, "deleted topic");
-        Ok(Response::new(v1::DeleteTopicResponse {}))
+        .map_err(|_| Error::ShuttingDown)
+        .and_then(|deleted| deleted);
+        if done.is_ok() {
+            tracing::info!(topic = %name, "deleted topic");
+        }
+        scope.finish(done.map(|()| v1::DeleteTopicResponse {}))
     }
 
     async fn list_topics(
@@ -140,32 +280,36 @@ impl admin_server::Admin for Service {
         _request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         let topics = self.broker.topics().iter().map(|t| topic_info(t)).collect();
-        Ok(Response::new(v1::ListTopicsResponse { topics }))
+        self.scope("ListTopics")
+            .finish(Ok(v1::ListTopicsResponse { topics }))
     }
 
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
-        let topic = self.broker.topic(&request.into_inner().name)?;
-        let partitions = topic
-            .partitions()
-            .iter()
-            .enumerate()
-            .map(|(id, p)| {
-                let reader = p.reader();
-                v1::PartitionInfo {
-                    partition: id as u32,
-                    earliest_offset: reader.earliest_offset(),
-                    latest_offset: reader.high_watermark(),
-                    size_bytes: reader.size_bytes(),
-                    segments: reader.segment_count() as u32,
-                }
-            })
-            .collect();
-        Ok(Response::new(v1::DescribeTopicResponse {
-            topic: Some(topic_info(&topic)),
-            partitions,
+        let name = request.into_inner().name;
+        let scope = self.scope("DescribeTopic").topic(&name);
+        scope.finish(self.broker.topic(&name).map(|topic| {
+            let partitions = topic
+                .partitions()
+                .iter()
+                .enumerate()
+                .map(|(id, p)| {
+                    let reader = p.reader();
+                    v1::PartitionInfo {
+                        partition: id as u32,
+                        earliest_offset: reader.earliest_offset(),
+                        latest_offset: reader.high_watermark(),
+                        size_bytes: reader.size_bytes(),
+                        segments: reader.segment_count() as u32,
+                    }
+                })
+                .collect();
+            v1::DescribeTopicResponse {
+                topic: Some(topic_info(&topic)),
+                partitions,
+            }
         }))
     }
 
@@ -174,33 +318,44 @@ impl admin_server::Admin for Service {
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
         let request = request.into_inner();
-        let partition = self.broker.partition(&request.topic, request.partition)?;
-        let reader = partition.reader().clone();
-        let offset = match v1::OffsetSpec::try_from(request.spec) {
-            Ok(v1::OffsetSpec::Earliest) => reader.earliest_offset(),
-            Ok(v1::OffsetSpec::Latest) => reader.high_watermark(),
-            Ok(v1::OffsetSpec::Timestamp) => {
-                let at = request.timestamp_ms;
-                blocking(move || {
-                    let found = reader.offset_for_timestamp(at)?;
-                    Ok(found.unwrap_or_else(|| reader.high_watermark()))
-                })
-                .await?
+        let scope = self
+            .scope("ListOffsets")
+            .topic(&request.topic)
+            .partition(request.partition);
+        scope.finish(
+            async {
+                let partition = self.broker.partition(&request.topic, request.partition)?;
+                let reader = partition.reader().clone();
+                let offset = match v1::OffsetSpec::try_from(request.spec) {
+                    Ok(v1::OffsetSpec::Earliest) => reader.earliest_offset(),
+                    Ok(v1::OffsetSpec::Latest) => reader.high_watermark(),
+                    Ok(v1::OffsetSpec::Timestamp) => {
+                        let at = request.timestamp_ms;
+                        blocking(move || {
+                            let found = reader.offset_for_timestamp(at)?;
+                            Ok(found.unwrap_or_else(|| reader.high_watermark()))
+                        })
+                        .await?
+                    }
+                    Err(_) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "unknown offset spec {}",
+                            request.spec
+                        )))
+                    }
+                };
+                Ok(v1::ListOffsetsResponse { offset })
             }
-            Err(_) => {
-                return Err(
-                    Error::InvalidArgument(format!("unknown offset spec {}", request.spec)).into(),
-                )
-            }
-        };
-        Ok(Response::new(v1::ListOffsetsResponse { offset }))
+            .await,
+        )
     }
 
     async fn list_groups(
         &self,
         _request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
-        Ok(Response::new(groups::list_groups(&self.broker)))
+        self.scope("ListGroups")
+            .finish(Ok(groups::list_groups(&self.broker)))
     }
 
     async fn describe_group(
@@ -208,23 +363,33 @@ impl admin_server::Admin for Service {
         request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
         let group = request.into_inner().group;
-        Ok(Response::new(groups::describe_group(&self.broker, &group)?))
+        let scope = self.scope("DescribeGroup").group(&group);
+        scope.finish(groups::describe_group(&self.broker, &group))
     }
 
     async fn reset_offsets(
         &self,
         request: Request<v1::ResetOffsetsRequest>,
     ) -> Result<Response<v1::ResetOffsetsResponse>, Status> {
-        let reset = groups::reset_offsets(&self.broker, request.into_inner()).await?;
-        Ok(Response::new(reset))
+        let request = request.into_inner();
+        let scope = self
+            .scope("ResetOffsets")
+            .group(&request.group)
+            .topic(&request.topic);
+        scope.finish(groups::reset_offsets(&self.broker, request).await)
     }
 
     async fn delete_group(
         &self,
         request: Request<v1::DeleteGroupRequest>,
     ) -> Result<Response<v1::DeleteGroupResponse>, Status> {
-        groups::delete_group(&self.broker, &request.into_inner().group).await?;
-        Ok(Response::new(v1::DeleteGroupResponse {}))
+        let group = request.into_inner().group;
+        let scope = self.scope("DeleteGroup").group(&group);
+        scope.finish(
+            crate::groups::api::delete_group(&self.broker, &group)
+                .await
+                .map(|()| v1::DeleteGroupResponse {}),
+        )
     }
 }
 
@@ -392,52 +557,12 @@ impl broker_server::Broker for Service {
         &self,
         request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        let mut request = request.into_inner();
-        let topic = self.broker.topic(&request.topic)?;
-        let partition_id = target_partition(&topic, &request)?;
-        let batch = match (request.batch.is_empty(), request.records.is_empty()) {
-            (false, false) => {
-                return Err(Error::InvalidArgument(
-                    "send either records or an encoded batch, not both".into(),
-                )
-                .into())
-            }
-            (true, true) => {
-                return Err(Error::InvalidArgument("the request holds no records".into()).into())
-            }
-            (false, true) => std::mem::take(&mut request.batch),
-            (true, false) => {
-                encode_records(&request.records, topic.settings.max_message_bytes as usize)?.into()
-            }
-        };
-        let ack = match v1::Acks::try_from(request.acks) {
-            Ok(v1::Acks::Durable) => Ack::Durable,
-            Ok(v1::Acks::Leader) => Ack::Leader,
-            Err(_) => {
-                return Err(
-                    Error::InvalidArgument(format!("unknown acks mode {}", request.acks)).into(),
-                )
-            }
-        };
-        // An unparsable header is left for the writer's validation to report.
-        if let Ok(header) = BatchHeader::parse(&batch) {
-            self.broker.check_producer_id(header.producer_id)?;
+        let request = request.into_inner();
+        let mut scope = self.scope("Produce").topic(&request.topic);
+        if let Some(v1::produce_request::Target::Partition(p)) = request.target {
+            scope = scope.partition(p);
         }
-        // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
-        // waits for more permits than exist.
-        let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        let _budget = self
-            .produce_budget
-            .acquire_many(permits)
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        let stored = topic.partition(partition_id)?.append(batch, ack).await?;
-        Ok(Response::new(v1::ProduceResponse {
-            partition: partition_id,
-            base_offset: stored.info.base_offset,
-            last_offset: stored.info.last_offset,
-            duplicate: stored.duplicate,
-        }))
+        scope.finish(self.serve_produce(request).await)
     }
 
     async fn fetch(
@@ -445,30 +570,15 @@ impl broker_server::Broker for Service {
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
-        let partition = self.broker.partition(&request.topic, request.partition)?;
+        let mut scope = self
+            .scope("Fetch")
+            .topic(&request.topic)
+            .partition(request.partition);
         if let Some(member) = &request.member {
-            groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
+            scope = scope.group(&member.group);
         }
-        let wait = Duration::from_millis(request.max_wait_ms.into()).min(FETCH_WAIT_MAX);
-        if !wait.is_zero() && partition.reader().high_watermark() == request.offset {
-            tokio::select! {
-                _ = partition.wait_past(request.offset, wait) => {}
-                _ = self.stopped() => {}
-            }
-            // The member may have lost the partition while it waited.
-            if let Some(member) = &request.member {
-                groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
-            }
-        }
-        let max_bytes = fetch_bytes(request.max_bytes);
-        let read = read(&partition, request.offset, max_bytes).await?;
-        Ok(Response::new(fetch_response(
-            request.partition,
-            request.offset,
-            read,
-            request.decode,
-            max_bytes,
-        )?))
+        let answer = self.serve_fetch(request, &mut scope).await;
+        scope.finish(answer)
     }
 
     type SubscribeStream = SubscribeStream;
@@ -478,12 +588,15 @@ impl broker_server::Broker for Service {
         _request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
         let broker = Arc::clone(&self.broker);
-        let producer_id = blocking(move || broker.allocate_producer_id()).await?;
-        tracing::debug!(producer_id, "handed out a producer id");
-        Ok(Response::new(v1::InitProducerResponse {
-            producer_id,
-            producer_epoch: 0,
-        }))
+        let allocated = blocking(move || broker.allocate_producer_id()).await;
+        if let Ok(producer_id) = allocated {
+            tracing::debug!(producer_id, "handed out a producer id");
+        }
+        self.scope("InitProducer")
+            .finish(allocated.map(|producer_id| v1::InitProducerResponse {
+                producer_id,
+                producer_epoch: 0,
+            }))
     }
 
     async fn subscribe(
@@ -491,11 +604,23 @@ impl broker_server::Broker for Service {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
-        let topic = self.broker.topic(&request.topic)?;
-        let partition = Arc::clone(topic.partition(request.partition)?);
+        let scope = self
+            .scope("Subscribe")
+            .topic(&request.topic)
+            .partition(request.partition);
+        let started = async {
+            let topic = self.broker.topic(&request.topic)?;
+            let partition = Arc::clone(topic.partition(request.partition)?);
+            // Check the starting offset now, so a bad one fails the call, not the stream.
+            let first = read(&partition, request.offset, fetch_bytes(request.max_bytes)).await?;
+            Ok((topic, partition, first))
+        }
+        .await;
+        let (topic, partition, first) = match started {
+            Ok(started) => started,
+            Err(e) => return Err(scope.fail(e)),
+        };
         let max_bytes = fetch_bytes(request.max_bytes);
-        // Check the starting offset now, so a bad one fails the call, not the stream.
-        let first = read(&partition, request.offset, max_bytes).await?;
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
         let stopped = self.stopped();
         let broker = Arc::clone(&self.broker);
@@ -523,7 +648,7 @@ impl broker_server::Broker for Service {
                             .is_ok_and(|current| Arc::ptr_eq(&current, &topic))
                         {
                             let gone = Error::TopicNotFound(request.topic.clone());
-                            let _ = sender.send(Err(gone.into())).await;
+                            let _ = sender.send(Err(scope.fail(gone))).await;
                             return;
                         }
                         read(&partition, offset, max_bytes).await
@@ -536,6 +661,7 @@ impl broker_server::Broker for Service {
                     }
                     let m =
                         fetch_response(request.partition, offset, r, request.decode, max_bytes)?;
+                    count_fetched(&partition, offset, &m);
                     offset = m.next_offset;
                     Ok(Some(m))
                 });
@@ -550,7 +676,7 @@ impl broker_server::Broker for Service {
                         }
                     }
                     Err(e) => {
-                        let _ = sender.send(Err(e.into())).await;
+                        let _ = sender.send(Err(scope.fail(e))).await;
                     }
                 }
                 if failed {

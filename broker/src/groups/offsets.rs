@@ -24,9 +24,10 @@ use strata_storage::batch::{batches, BatchBuilder};
 use strata_storage::{now_ms, Durability, FileCache, Log, LogConfig};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::assign::TopicPartition;
 use crate::broker::Topic;
 use crate::error::{Error, Result};
+use crate::groups::assign::TopicPartition;
+use crate::health::{Fault, Faults};
 
 /// Largest metadata string of a commit.
 pub const METADATA_BYTES_MAX: usize = 4096;
@@ -100,8 +101,11 @@ enum Change {
 #[derive(Debug)]
 pub struct Offsets {
     committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    /// Set by the writer when a write fails and commits are refused.
+    fault: Arc<Fault>,
     changes: mpsc::Sender<Change>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer thread; it ends with an error if the log did not close cleanly.
+    writer: Mutex<Option<JoinHandle<std::result::Result<(), String>>>>,
 }
 
 impl std::fmt::Debug for Change {
@@ -113,7 +117,12 @@ impl std::fmt::Debug for Change {
 impl Offsets {
     /// Opens (recovering) the offsets log in `dir`, with segments of `segment_bytes`
     /// ([`SEGMENT_BYTES`] but in tests), and starts its writer. Blocking.
-    pub fn open(dir: &Path, files: &FileCache, segment_bytes: u64) -> Result<Offsets> {
+    pub fn open(
+        dir: &Path,
+        files: &FileCache,
+        segment_bytes: u64,
+        faults: &Faults,
+    ) -> Result<Offsets> {
         let config = LogConfig {
             segment_bytes_max: segment_bytes,
             batch_bytes_max: BATCH_BYTES_MAX,
@@ -124,12 +133,14 @@ impl Offsets {
         let committed = replay(&log)?;
         let committed = Arc::new(RwLock::new(committed));
         let (changes, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let fault = faults.fault();
         let writer = Writer {
             log,
             committed: Arc::clone(&committed),
             segment_bytes,
             snapshot_bytes: 0,
             failed: None,
+            fault: Arc::clone(&fault),
         };
         let thread = std::thread::Builder::new()
             .name("writer-offsets".into())
@@ -139,6 +150,7 @@ impl Offsets {
             })?;
         Ok(Offsets {
             committed,
+            fault,
             changes,
             writer: Mutex::new(Some(thread)),
         })
@@ -222,6 +234,11 @@ impl Offsets {
         Ok(())
     }
 
+    /// Why commits are refused, once they are.
+    pub fn fault(&self) -> &Fault {
+        &self.fault
+    }
+
     /// The committed offsets of `group`.
     pub fn group(&self, group: &str) -> GroupOffsets {
         self.read().get(group).cloned().unwrap_or_default()
@@ -232,15 +249,15 @@ impl Offsets {
         self.read().keys().cloned().collect()
     }
 
-    /// Stops the writer after it has answered everything queued, and closes the log.
-    /// Blocking.
-    pub fn shutdown(&self) {
+    /// Stops the writer after it has answered everything queued, and closes the log;
+    /// the error says why it could not. Blocking.
+    pub fn shutdown(&self) -> std::result::Result<(), String> {
         let _ = self.changes.blocking_send(Change::Shutdown);
         let thread = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = thread {
-            if thread.join().is_err() {
-                tracing::error!("offsets writer panicked");
-            }
+        match thread.map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(format!("offsets log: {e}")),
+            Some(Err(_)) => Err("offsets log: the writer thread panicked".into()),
         }
     }
 }
@@ -402,6 +419,7 @@ struct Writer {
     snapshot_bytes: u64,
     /// Set after a failed write: the log refuses writes until a restart recovers it.
     failed: Option<String>,
+    fault: Arc<Fault>,
 }
 
 /// One change to publish once durable: the new value, `None` to delete.
@@ -423,7 +441,8 @@ enum Answer {
 }
 
 impl Writer {
-    fn run(mut self, mut changes: mpsc::Receiver<Change>) {
+    /// Serves changes until shutdown; then closes the log, returning why it could not.
+    fn run(mut self, mut changes: mpsc::Receiver<Change>) -> std::result::Result<(), String> {
         let mut shutdown = false;
         while !shutdown {
             let Some(first) = changes.blocking_recv() else {
@@ -505,11 +524,13 @@ impl Writer {
         }
         // After a failed write, closing would write what that write had staged, which
         // its committers were told failed; recovery at the next start decides instead.
-        if self.failed.is_none() {
-            if let Err(e) = self.log.close() {
-                tracing::error!(error = %e, "closing the offsets log failed");
-            }
+        if let Some(why) = self.failed {
+            return Err(format!("not closed after an earlier failure ({why})"));
         }
+        self.log.close().map_err(|e| {
+            tracing::error!(error = %e, "closing the offsets log failed");
+            format!("closing failed: {e}")
+        })
     }
 
     /// The current value of a partition's offset, staged changes included.
@@ -600,6 +621,7 @@ impl Writer {
             let why = format!("writing the committed-offsets log failed: {e}");
             tracing::error!("{why}; commits are refused until the broker restarts");
             self.failed = Some(why.clone());
+            self.fault.set(why.clone());
             why
         })
     }
@@ -680,7 +702,7 @@ mod tests {
     }
 
     fn open(dir: &Path, segment_bytes: u64) -> Offsets {
-        Offsets::open(dir, &FileCache::new(8), segment_bytes).expect("open")
+        Offsets::open(dir, &FileCache::new(8), segment_bytes, &Faults::default()).expect("open")
     }
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -750,10 +772,10 @@ mod tests {
             assert_eq!(offsets.groups(), ["g"]);
         };
         expect(&offsets);
-        offsets.shutdown();
+        offsets.shutdown().expect("closed cleanly");
         let reopened = open(dir.path(), SEGMENT_BYTES);
         expect(&reopened);
-        reopened.shutdown();
+        reopened.shutdown().expect("closed cleanly");
     }
 
     #[test]
@@ -783,7 +805,7 @@ mod tests {
         // two or three segments.
         let kept = log_dir_bytes(dir.path());
         assert!(kept < 512 << 10, "{kept} bytes kept");
-        offsets.shutdown();
+        offsets.shutdown().expect("closed cleanly");
         let reopened = open(dir.path(), 64 << 10);
         let g = reopened.group("g");
         assert_eq!(g.len(), 8);
@@ -803,10 +825,10 @@ mod tests {
             .expect("a large commit");
         rt.block_on(offsets.commit("g", vec![(tp(0), 2, String::new())], vec![], Mode::Advance))
             .expect("later commits still work");
-        offsets.shutdown();
+        offsets.shutdown().expect("closed cleanly");
         let reopened = open(dir.path(), SEGMENT_BYTES);
         assert_eq!(reopened.group("g").len(), 300);
-        reopened.shutdown();
+        reopened.shutdown().expect("closed cleanly");
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! partition opens and snapshotted periodically and at a clean close.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ use strata_storage::{now_ms, AppendInfo, Durability, FileCache, Log, LogConfig, 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::health::{Fault, Faults};
+use crate::metrics::{Metrics, PartitionStats};
 
 /// Produce requests that may queue per partition before producers wait (back-pressure).
 const QUEUE_DEPTH: usize = 1024;
@@ -72,9 +74,13 @@ pub struct Partition {
     reader: LogReader,
     commands: mpsc::Sender<Command>,
     high_watermark: watch::Receiver<u64>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    /// The writer thread; it ends with an error if the log did not close cleanly.
+    writer: Mutex<Option<JoinHandle<std::result::Result<(), String>>>>,
     /// The largest producer id in the state recovered at open.
     max_producer_id: Option<i64>,
+    stats: Arc<PartitionStats>,
+    /// Set by the writer when the partition fail-stops.
+    fault: Arc<Fault>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -92,6 +98,8 @@ impl Partition {
         dir: PathBuf,
         config: LogConfig,
         files: &FileCache,
+        metrics: &Arc<Metrics>,
+        faults: &Faults,
     ) -> Result<Partition> {
         let opened = std::time::Instant::now();
         let log = Log::open(&dir, config.clone(), files)?;
@@ -104,6 +112,8 @@ impl Partition {
         let reader = log.reader().clone();
         let (commands, receiver) = mpsc::channel(QUEUE_DEPTH);
         let (watermark, high_watermark) = watch::channel(reader.high_watermark());
+        let stats = Arc::new(PartitionStats::default());
+        let fault = faults.fault();
         let writer = Writer {
             name: name.clone(),
             log,
@@ -111,6 +121,9 @@ impl Partition {
             failed: false,
             producers,
             unsnapshotted_bytes: 0,
+            stats: Arc::clone(&stats),
+            metrics: Arc::clone(metrics),
+            fault: Arc::clone(&fault),
         };
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
@@ -125,7 +138,24 @@ impl Partition {
             high_watermark,
             writer: Mutex::new(Some(thread)),
             max_producer_id,
+            stats,
+            fault,
         })
+    }
+
+    /// Records and bytes produced to and fetched from this partition.
+    pub fn stats(&self) -> &PartitionStats {
+        &self.stats
+    }
+
+    /// Why the partition refuses writes, once it does.
+    pub fn fault(&self) -> &Fault {
+        &self.fault
+    }
+
+    /// `topic/partition`.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The largest producer id this partition had state for when it was opened.
@@ -171,14 +201,18 @@ impl Partition {
     }
 
     /// Stops the writer after it has answered everything queued, and closes the log
-    /// cleanly. Blocks; call from a blocking context.
-    pub fn shutdown(&self) {
+    /// cleanly; the error says why it could not (the next start then runs recovery).
+    /// Blocks; call from a blocking context.
+    pub fn shutdown(&self) -> std::result::Result<(), String> {
         let _ = self.commands.blocking_send(Command::Shutdown);
         let thread = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = thread {
-            if thread.join().is_err() {
-                tracing::error!(partition = %self.name, "writer thread panicked");
-            }
+        match thread.map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(format!("partition {}: {e}", self.name)),
+            Some(Err(_)) => Err(format!(
+                "partition {}: the writer thread panicked",
+                self.name
+            )),
         }
     }
 }
@@ -232,22 +266,37 @@ struct Writer {
     producers: ProducerStates,
     /// Bytes written since the last producer state snapshot.
     unsnapshotted_bytes: u64,
+    stats: Arc<PartitionStats>,
+    metrics: Arc<Metrics>,
+    fault: Arc<Fault>,
 }
 
 impl Writer {
-    fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+    /// Serves commands until shutdown; then closes the log, returning why it could not.
+    fn run(mut self, mut commands: mpsc::Receiver<Command>) -> std::result::Result<(), String> {
         let mut waiting: Vec<(oneshot::Sender<Result<Stored>>, Stored)> = Vec::new();
         let mut shutdown = false;
         while let Some(first) = commands.blocking_recv() {
             let mut next = Some(first);
             let (mut batches, mut bytes) = (0, 0);
+            // What this group stages: counted as produced once the commit succeeds.
+            let (mut staged_batches, mut staged_records, mut staged_bytes) = (0, 0, 0);
             let mut maintain = false;
             while let Some(command) = next.take() {
                 match command {
                     Command::Append { batch, ack, reply } => {
                         batches += 1;
                         bytes += batch.len();
-                        match self.write(&batch) {
+                        let written = self.write(&batch);
+                        if let Ok(w) = &written {
+                            if !w.stored.duplicate {
+                                staged_batches += 1;
+                                staged_records +=
+                                    w.stored.info.last_offset + 1 - w.stored.info.base_offset;
+                                staged_bytes += batch.len();
+                            }
+                        }
+                        match written {
                             Ok(written) if ack == Ack::Leader || written.published => {
                                 let _ = reply.send(Ok(written.stored));
                             }
@@ -266,6 +315,11 @@ impl Writer {
                 next = commands.try_recv().ok();
             }
             let committed = self.commit();
+            if committed.is_ok() && staged_batches > 0 {
+                self.stats.produced(staged_records, staged_bytes as u64);
+                self.metrics
+                    .commit(staged_batches, staged_bytes, self.log.last_fsync());
+            }
             for (reply, stored) in waiting.drain(..) {
                 let _ = reply.send(match &committed {
                     Ok(()) => Ok(stored),
@@ -305,9 +359,11 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(partition = %self.name, error = %e, "closing the log failed")
+                tracing::error!(partition = %self.name, error = %e, "closing the log failed");
+                return Err(format!("closing the log failed: {e}"));
             }
         }
+        Ok(())
     }
 
     /// Snapshots the producer state; everything staged is committed. A failure only
@@ -416,6 +472,7 @@ impl Writer {
             }
             Err(e) => {
                 self.failed = true;
+                self.fault.set(e.to_string());
                 tracing::error!(
                     partition = %self.name,
                     error = %e,
@@ -461,6 +518,9 @@ mod tests {
             failed: false,
             producers,
             unsnapshotted_bytes: 0,
+            stats: Arc::default(),
+            metrics: Arc::default(),
+            fault: Faults::default().fault(),
         }
     }
 
@@ -538,8 +598,15 @@ mod tests {
             ..LogConfig::default()
         };
         let files = FileCache::new(4);
-        let partition =
-            Partition::open("t/0".into(), dir.path().into(), config, &files).expect("open");
+        let partition = Partition::open(
+            "t/0".into(),
+            dir.path().into(),
+            config,
+            &files,
+            &Arc::default(),
+            &Faults::default(),
+        )
+        .expect("open");
         for sequence in [0, 2] {
             let stored = partition
                 .append(batch(3, sequence, 2).into(), Ack::Durable)
@@ -565,6 +632,6 @@ mod tests {
             .expect("stored");
         assert!(retry.duplicate);
         assert_eq!((retry.info.base_offset, retry.info.last_offset), (2, 3));
-        tokio::task::block_in_place(|| partition.shutdown());
+        tokio::task::block_in_place(|| partition.shutdown()).expect("closed cleanly");
     }
 }

@@ -5,7 +5,7 @@
 //! with the topics they subscribe to and the partitions they still hold; each response
 //! carries the member's whole current assignment. When membership, subscriptions or
 //! partition counts change, the group computes a new *target* assignment
-//! ([`crate::assign`]) and every member moves toward it on its own heartbeats:
+//! ([`crate::groups::assign`]) and every member moves toward it on its own heartbeats:
 //!
 //! - a partition the member owns but the target gives elsewhere is *revoked*: left out
 //!   of the member's assignment, but still the member's until a heartbeat no longer
@@ -19,7 +19,7 @@
 //! member's request from before a partition came back to it carries an older epoch.
 //!
 //! Members are soft state: a broker restart forgets them, and they rejoin. Committed
-//! offsets are durable ([`crate::offsets`]).
+//! offsets are durable ([`crate::groups::offsets`]).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::assign::{assign, Assignment, TopicPartition};
 use crate::error::{Error, Result};
+use crate::groups::assign::{assign, Assignment, TopicPartition};
 
 /// Session timeout when a join leaves it at 0.
 pub const SESSION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -359,7 +359,7 @@ impl Drop for Exclusive<'_> {
 
 /// Checks a group name: the rules of topic names, so it is safe in logs and paths.
 pub fn validate_group(name: &str) -> Result<()> {
-    crate::topic::validate("group", name)
+    crate::topics::settings::validate("group", name)
 }
 
 fn timeout(asked: Duration, default: Duration, what: &str) -> Result<Duration> {

@@ -1,6 +1,8 @@
 //! The client subcommands of `strata`: `topic`, `group`, `produce` and `consume`,
 //! talking to a broker over gRPC like any other client.
 
+pub mod top;
+
 use std::time::Duration;
 
 use anyhow::Context;
@@ -142,9 +144,9 @@ async fn channel(broker: &str) -> anyhow::Result<Channel> {
     tonic::transport::Endpoint::from_shared(url.clone())
         .with_context(|| format!("invalid broker address {broker:?}"))?
         .tcp_nodelay(true)
-        .initial_stream_window_size(crate::server::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(crate::server::CONNECTION_WINDOW_BYTES)
-        .max_frame_size(crate::server::FRAME_BYTES_MAX)
+        .initial_stream_window_size(crate::grpc::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::grpc::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(crate::grpc::FRAME_BYTES_MAX)
         .connect()
         .await
         .with_context(|| {

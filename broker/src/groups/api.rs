@@ -1,0 +1,363 @@
+//! The operations every listener offers on consumer groups, over the coordinator
+//! (membership) and the committed offsets: list, describe with lag, commit from a member
+//! or from outside, fetch, reset, delete, and the ownership check of a member's fetch.
+//!
+//! Lag is measured the same way everywhere (DescribeGroup, the CLI, metrics): a
+//! partition's lag is its log end minus the group's committed offset, and a partition
+//! the group never committed counts from the log start, where a new member begins. So a
+//! new group in front of a backlog shows that backlog, not zero.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use strata_storage::now_ms;
+
+use crate::broker::{Broker, Topic};
+use crate::error::{Error, Result};
+use crate::groups::assign::TopicPartition;
+use crate::groups::coordinator::{validate_group, GroupState, GroupView, MemberView};
+use crate::groups::offsets::{Committed, Mode};
+
+/// A group as a list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// Its name.
+    pub name: String,
+    /// Its state.
+    pub state: GroupState,
+    /// How many members it has.
+    pub members: u32,
+    /// Its epoch (0 without members).
+    pub epoch: u64,
+}
+
+impl GroupSummary {
+    fn new(name: &str, view: Option<&GroupView>) -> GroupSummary {
+        GroupSummary {
+            name: name.to_string(),
+            state: view.map_or(GroupState::Empty, |v| v.state),
+            members: view.map_or(0, |v| v.members.len() as u32),
+            epoch: view.map_or(0, |v| v.epoch),
+        }
+    }
+}
+
+/// One partition of a group's description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: TopicPartition,
+    /// The group's position; `None` when it never committed one.
+    pub committed: Option<Committed>,
+    /// The partition's log start and end; `None` once its topic is gone.
+    pub log: Option<LogRange>,
+    /// Records between the group's position (the log start without one) and the end;
+    /// `None` once the topic is gone.
+    pub lag: Option<u64>,
+    /// The member that owns the partition, if any.
+    pub member_id: Option<String>,
+}
+
+/// The offsets a partition holds: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRange {
+    /// The first offset still in the log.
+    pub start: u64,
+    /// The high watermark.
+    pub end: u64,
+}
+
+/// A group's members and, per partition, its position and lag.
+#[derive(Debug, Clone)]
+pub struct GroupDescription {
+    /// The group.
+    pub summary: GroupSummary,
+    /// Its members.
+    pub members: Vec<MemberView>,
+    /// Every partition of the subscribed topics and every committed one, sorted.
+    pub partitions: Vec<PartitionLag>,
+    /// The sum of the partitions' lags.
+    pub total_lag: u64,
+}
+
+/// Where a reset moves a group's positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The first offset still in each log.
+    Earliest,
+    /// Each log's end: only new records are consumed.
+    Latest,
+    /// The first record at or after this time (ms since the Unix epoch); the log end
+    /// where none is that new.
+    Timestamp(i64),
+    /// This offset, which every partition must hold.
+    Offset(u64),
+}
+
+/// Who commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committer<'a> {
+    /// A member, which must own every partition at this epoch.
+    Member {
+        /// Its id.
+        id: &'a str,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// A tool outside the group: refused while the group has members.
+    Outside,
+}
+
+fn log_range(broker: &Broker, tp: &TopicPartition) -> Result<LogRange> {
+    let partition = broker.partition(&tp.topic, tp.partition)?;
+    let reader = partition.reader();
+    Ok(LogRange {
+        start: reader.earliest_offset(),
+        end: reader.high_watermark(),
+    })
+}
+
+/// The lag of a partition at `log` for a group at `committed`.
+pub fn lag(log: LogRange, committed: Option<&Committed>) -> u64 {
+    let position = committed.map_or(log.start, |c| c.offset.max(log.start));
+    log.end.saturating_sub(position)
+}
+
+/// Every group with members or committed offsets, sorted by name.
+pub fn list_groups(broker: &Broker) -> Vec<GroupSummary> {
+    let active: BTreeMap<String, GroupView> = broker
+        .coordinator()
+        .list()
+        .into_iter()
+        .map(|v| (v.name.clone(), v))
+        .collect();
+    let mut names: BTreeSet<String> = broker.offsets().groups().into_iter().collect();
+    names.extend(active.keys().cloned());
+    names
+        .iter()
+        .map(|name| GroupSummary::new(name, active.get(name)))
+        .collect()
+}
+
+/// A group's members, and per partition its committed offset, log range and lag.
+pub fn describe_group(broker: &Broker, group: &str) -> Result<GroupDescription> {
+    validate_group(group)?;
+    let view = broker.coordinator().describe(group);
+    let committed = broker.offsets().group(group);
+    if view.is_none() && committed.is_empty() {
+        return Err(Error::GroupNotFound(group.to_string()));
+    }
+    let mut owners: BTreeMap<TopicPartition, String> = BTreeMap::new();
+    let mut partitions: BTreeSet<TopicPartition> = committed.keys().cloned().collect();
+    for member in view.iter().flat_map(|v| &v.members) {
+        for tp in member.assignment.iter().chain(&member.revoking) {
+            owners.insert(tp.clone(), member.member_id.clone());
+        }
+        for topic in &member.topics {
+            let count = broker.partition_count(topic).unwrap_or(0);
+            partitions.extend((0..count).map(|p| TopicPartition::new(topic.clone(), p)));
+        }
+    }
+    let partitions: Vec<PartitionLag> = partitions
+        .into_iter()
+        .map(|tp| {
+            // A topic deleted since has no log to measure lag against.
+            let log = log_range(broker, &tp).ok();
+            let commit = committed.get(&tp).cloned();
+            PartitionLag {
+                lag: log.map(|log| lag(log, commit.as_ref())),
+                log,
+                committed: commit,
+                member_id: owners.get(&tp).cloned(),
+                partition: tp,
+            }
+        })
+        .collect();
+    Ok(GroupDescription {
+        summary: GroupSummary::new(group, view.as_ref()),
+        members: view.map(|v| v.members).unwrap_or_default(),
+        total_lag: partitions.iter().filter_map(|p| p.lag).sum(),
+        partitions,
+    })
+}
+
+/// Commits `offsets` (partition, offset, metadata) for `group`, all or nothing; returns
+/// the resulting position of each partition (a member's commit never moves one back).
+pub async fn commit_offsets(
+    broker: &Broker,
+    group: &str,
+    committer: Committer<'_>,
+    offsets: Vec<(TopicPartition, u64, String)>,
+) -> Result<Vec<(TopicPartition, Committed)>> {
+    validate_group(group)?;
+    let mut topics: Vec<Arc<Topic>> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (tp, offset, _) in &offsets {
+        if !topics.iter().any(|t| t.name == tp.topic) {
+            topics.push(broker.topic(&tp.topic)?);
+        }
+        let end = log_range(broker, tp)?.end;
+        if *offset > end {
+            return Err(Error::OutOfRange(format!(
+                "cannot commit offset {offset} for {tp}: its log ends at {end}"
+            )));
+        }
+        if !seen.insert(tp.clone()) {
+            return Err(Error::InvalidArgument(format!(
+                "{tp} appears twice in one commit"
+            )));
+        }
+    }
+    // A commit from outside the group keeps members from joining until it is written, so
+    // none starts from the position it replaces.
+    let _exclusive = match committer {
+        Committer::Outside => Some(broker.coordinator().exclusive(group, "commit to")?),
+        Committer::Member { id, epoch } => {
+            broker
+                .coordinator()
+                .check_owner(group, id, epoch, offsets.iter().map(|o| &o.0))?;
+            None
+        }
+    };
+    broker
+        .offsets()
+        .commit(group, offsets, topics, Mode::Advance)
+        .await
+}
+
+/// The committed offsets of `group`, limited to `wanted` unless it is empty.
+pub fn fetch_offsets(
+    broker: &Broker,
+    group: &str,
+    wanted: &BTreeSet<TopicPartition>,
+) -> Result<Vec<(TopicPartition, Committed)>> {
+    validate_group(group)?;
+    Ok(broker
+        .offsets()
+        .group(group)
+        .into_iter()
+        .filter(|(tp, _)| wanted.is_empty() || wanted.contains(tp))
+        .collect())
+}
+
+/// Moves a group's committed offsets of `partitions` of `topic` (every partition when
+/// empty). Refused while the group has members.
+pub async fn reset_offsets(
+    broker: &Broker,
+    group: &str,
+    topic: &str,
+    partitions: &[u32],
+    to: ResetTo,
+) -> Result<Vec<(TopicPartition, Committed)>> {
+    validate_group(group)?;
+    let topic = broker.topic(topic)?;
+    let _exclusive = broker
+        .coordinator()
+        .exclusive(group, "reset the offsets of")?;
+    let ids: Vec<u32> = if partitions.is_empty() {
+        (0..topic.settings.partitions).collect()
+    } else {
+        partitions.to_vec()
+    };
+    let mut offsets = Vec::with_capacity(ids.len());
+    for id in ids {
+        let reader = topic.partition(id)?.reader().clone();
+        let (earliest, latest) = (reader.earliest_offset(), reader.high_watermark());
+        let offset = match to {
+            ResetTo::Earliest => earliest,
+            ResetTo::Latest => latest,
+            ResetTo::Timestamp(at) => tokio::task::spawn_blocking(move || {
+                reader
+                    .offset_for_timestamp(at)
+                    .map(|found| found.unwrap_or(latest))
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)??,
+            ResetTo::Offset(offset) if (earliest..=latest).contains(&offset) => offset,
+            ResetTo::Offset(offset) => {
+                return Err(Error::OutOfRange(format!(
+                    "offset {offset} is outside {}/{id}, which holds {earliest} to {latest}",
+                    topic.name
+                )))
+            }
+        };
+        offsets.push((
+            TopicPartition::new(topic.name.clone(), id),
+            offset,
+            String::new(),
+        ));
+    }
+    let committed = broker
+        .offsets()
+        .commit(group, offsets, vec![topic.clone()], Mode::Reset)
+        .await?;
+    tracing::info!(%group, topic = %topic.name, "reset committed offsets");
+    Ok(committed)
+}
+
+/// Forgets a group without members.
+pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
+    validate_group(group)?;
+    let _exclusive = broker.coordinator().exclusive(group, "delete")?;
+    if broker.offsets().group(group).is_empty() {
+        return Err(Error::GroupNotFound(group.to_string()));
+    }
+    broker.offsets().delete_group(group).await?;
+    tracing::info!(%group, "deleted group");
+    Ok(())
+}
+
+/// Checks a fetch by a group member: it must own the partition at its epoch.
+pub fn check_fetch(
+    broker: &Broker,
+    group: &str,
+    member_id: &str,
+    member_epoch: u64,
+    tp: &TopicPartition,
+) -> Result<()> {
+    broker
+        .coordinator()
+        .check_owner(group, member_id, member_epoch, [tp])
+}
+
+/// Milliseconds since the record at a group's position was written: how far behind the
+/// group is in time. The time is that of the batch holding the position (its first
+/// record's timestamp); 0 without lag. Blocking: it reads a batch header.
+pub fn lag_ms(broker: &Broker, tp: &TopicPartition, position: u64) -> Result<u64> {
+    let partition = broker.partition(&tp.topic, tp.partition)?;
+    let reader = partition.reader();
+    if position >= reader.high_watermark() {
+        return Ok(0);
+    }
+    let position = position.max(reader.earliest_offset());
+    Ok(match reader.batch_timestamp(position)? {
+        Some(written_ms) => now_ms().saturating_sub(written_ms).max(0) as u64,
+        None => 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn committed(offset: u64) -> Committed {
+        Committed {
+            offset,
+            metadata: String::new(),
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn lag_counts_from_the_log_start_without_a_commit() {
+        let log = LogRange {
+            start: 10,
+            end: 110,
+        };
+        assert_eq!(lag(log, None), 100);
+        assert_eq!(lag(log, Some(&committed(60))), 50);
+        assert_eq!(lag(log, Some(&committed(110))), 0);
+        // Retention deleted records the group never read: they are not lag any more.
+        assert_eq!(lag(log, Some(&committed(3))), 100);
+    }
+}

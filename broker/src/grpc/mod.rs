@@ -1,0 +1,145 @@
+//! The gRPC listener: the `Admin`, `Broker` and `Groups` services, translating requests
+//! into calls on the domain ([`crate::broker`], [`crate::topics`], [`crate::groups`])
+//! and domain errors into statuses in one place ([`status`]).
+
+pub mod groups;
+pub mod instrument;
+pub mod service;
+pub mod status;
+
+/// Largest gRPC message the server accepts or sends: a produce request carries at most
+/// one batch (max_message_bytes), a fetch at most FETCH_BYTES_MAX plus one batch.
+const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// HTTP/2 flow-control windows. The protocol's defaults (64 KiB) make a 4 MiB fetch or a
+/// burst of 64 KiB produce requests wait for a window update every 64 KiB; clients should
+/// use the same values (the CLI does).
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// See [`STREAM_WINDOW_BYTES`].
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 frame each side accepts. The protocol's default of 16 KiB cuts a 4 MiB
+/// fetch into 256 frames; larger frames cut the per-frame work of both sides.
+pub const FRAME_BYTES_MAX: u32 = 1 << 20;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use strata_proto::v1::admin_server::AdminServer;
+use strata_proto::v1::broker_server::BrokerServer;
+use strata_proto::v1::groups_server::GroupsServer;
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::broker::Broker;
+use crate::health::Problem;
+use crate::topics::settings::MESSAGE_BYTES_CAP;
+use instrument::{Counted, RequestsLayer};
+use service::{Service, FETCH_BYTES_MAX};
+
+/// Serves the gRPC services (with health and reflection) on `listener` until `shutdown`
+/// resolves; then health turns NOT_SERVING, long polls answer, Subscribe streams end,
+/// and queued requests are answered before this returns.
+///
+/// Health follows the broker's faults: `strata.v1.Broker` is NOT_SERVING while a
+/// partition is fail-stopped, `strata.v1.Groups` while the offsets log is, and the
+/// whole server (the empty service name) while either is.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    const { assert!(FETCH_BYTES_MAX < MESSAGE_BYTES_MAX) };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(strata_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let metrics = Arc::clone(broker.metrics());
+    let reporter = tokio::spawn(report_health(Arc::clone(&broker), health.clone()));
+    let service = Service::new(broker);
+    let stopping = service.clone();
+    // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
+    let shutdown = async move {
+        shutdown.await;
+        reporter.abort();
+        // Health checks see the broker going away before connections close.
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health.set_not_serving::<AdminServer<Service>>().await;
+        health.set_not_serving::<BrokerServer<Service>>().await;
+        health.set_not_serving::<GroupsServer<Service>>().await;
+        stopping.stop_waiting();
+    };
+    let connections = metrics.connections.clone();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |accepted| accepted.map(|io| Counted::new(io, &connections)));
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(FRAME_BYTES_MAX)
+        .layer(RequestsLayer::new(metrics))
+        .add_service(
+            AdminServer::new(service.clone())
+                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        )
+        .add_service(GroupsServer::new(service.clone()))
+        .add_service(
+            BrokerServer::new(service)
+                // A produce request carries one batch of at most MESSAGE_BYTES_CAP; a
+                // tighter bound also limits what a records-form request costs decoded.
+                .max_decoding_message_size(MESSAGE_BYTES_CAP as usize + (1 << 20))
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        )
+        .add_service(health_service)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Keeps the health service in step with the broker's faults, which only ever appear
+/// (a fail-stopped component stays so until a restart).
+async fn report_health(broker: Arc<Broker>, health: HealthReporter) {
+    let mut changed = broker.faults().changed();
+    loop {
+        let problems = broker.problems();
+        let partition_failed = problems
+            .iter()
+            .any(|p| matches!(p, Problem::PartitionFailed { .. }));
+        let offsets_failed = problems
+            .iter()
+            .any(|p| matches!(p, Problem::OffsetsFailed { .. }));
+        let status = |failed: bool| {
+            if failed {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            }
+        };
+        health
+            .set_service_status("", status(!problems.is_empty()))
+            .await;
+        health.set_serving::<AdminServer<Service>>().await;
+        health
+            .set_service_status(
+                <BrokerServer<Service> as NamedService>::NAME,
+                status(partition_failed),
+            )
+            .await;
+        health
+            .set_service_status(
+                <GroupsServer<Service> as NamedService>::NAME,
+                status(offsets_failed),
+            )
+            .await;
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1611,9 +1611,12 @@ fn a_second_broker_on_the_same_data_dir_refuses_to_start() {
 async fn the_http_listener_serves_health_and_can_be_turned_off() {
     let broker = Broker::start();
     let http = broker.http_addr().expect("an HTTP listener by default");
-    assert_eq!(http_get(http, "/healthz"), (200, "ok\n".to_string()));
-    assert_eq!(http_get(http, "/readyz"), (200, "ready\n".to_string()));
-    assert_eq!(http_get(http, "/nowhere").0, 404);
+    assert_eq!(http_get(http, "/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(
+        http_get(http, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
+    assert_eq!(http_get(http, "/nowhere").await.0, 404);
 
     let quiet = Broker::start_with(&["--http-listen", "off"]);
     assert_eq!(quiet.http_addr(), None);

@@ -34,8 +34,8 @@ struct Scrape {
 }
 
 impl Scrape {
-    fn take(broker: &Broker) -> Scrape {
-        let (status, body) = http_get(http(broker), "/metrics");
+    async fn take(broker: &Broker) -> Scrape {
+        let (status, body) = http_get(http(broker), "/metrics").await;
         assert_eq!(status, 200, "{body}");
         let lines = body.lines().map(|l| Ok(l.to_string()));
         let scrape = prometheus_parse::Scrape::parse(lines).expect("a parsable scrape");
@@ -68,10 +68,17 @@ impl Scrape {
     }
 }
 
+/// Records written a minute ago, so a group's lag in time is about a minute.
 fn batch(records: usize, value_bytes: usize) -> Vec<u8> {
+    let minute_ago = strata_storage::now_ms() - 60_000;
     let mut b = BatchBuilder::new();
     for i in 0..records {
-        b.push(1_000 + i as i64, None, Some(&vec![b'v'; value_bytes]), &[]);
+        b.push(
+            minute_ago + i as i64,
+            None,
+            Some(&vec![b'v'; value_bytes]),
+            &[],
+        );
     }
     b.finish()
 }
@@ -158,7 +165,7 @@ async fn metrics_count_what_was_sent_and_lag_is_the_real_backlog() {
         .await
         .expect("commit");
 
-    let scrape = Scrape::take(&broker);
+    let scrape = Scrape::take(&broker).await;
     for p in 0..3u32 {
         let labels = [("topic", TOPIC), ("partition", &p.to_string())];
         let n = records[&p] as f64;
@@ -186,7 +193,10 @@ async fn metrics_count_what_was_sent_and_lag_is_the_real_backlog() {
             ("partition", &p.to_string()),
         ];
         assert_eq!(scrape.value("strata_group_lag_records", &group_labels), n);
-        assert!(scrape.value("strata_group_lag_seconds", &group_labels) >= 0.0);
+        // The oldest unconsumed record was written a minute ago (the machine may be
+        // slow, but not ten minutes slow).
+        let age = scrape.value("strata_group_lag_seconds", &group_labels);
+        assert!((59.0..600.0).contains(&age), "lag of {age} s");
     }
     assert_eq!(
         scrape.value(
@@ -197,6 +207,7 @@ async fn metrics_count_what_was_sent_and_lag_is_the_real_backlog() {
     );
     let half = [("group", "half"), ("topic", TOPIC), ("partition", "0")];
     assert_eq!(scrape.value("strata_group_lag_records", &half), 50.0);
+    assert_eq!(scrape.value("strata_ready", &[]), 1.0);
     assert_eq!(scrape.value("strata_group_committed_offset", &half), 50.0);
     assert_eq!(
         scrape.value("strata_group_members", &[("group", "fresh")]),
@@ -253,9 +264,9 @@ async fn metrics_count_what_was_sent_and_lag_is_the_real_backlog() {
         "no total lag of 600 in:\n{out}"
     );
 
-    let (status, body) = http_get(http(&broker), "/readyz");
+    let (status, body) = http_get(http(&broker), "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));
-    let (status, body) = http_get(http(&broker), "/healthz");
+    let (status, body) = http_get(http(&broker), "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
 }
 
@@ -320,13 +331,13 @@ async fn a_broken_partition_shows_in_health_readiness_metrics_and_one_log_line()
         ServingStatus::Serving
     );
 
-    let (status, body) = http_get(http(&broker), "/readyz");
+    let (status, body) = http_get(http(&broker), "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("partition events/1 refuses writes") && body.contains("File too large"),
         "{body}"
     );
-    let scrape = Scrape::take(&broker);
+    let scrape = Scrape::take(&broker).await;
     let failed = |p: &str| {
         scrape.value(
             "strata_partition_fail_stopped",
@@ -341,6 +352,24 @@ async fn a_broken_partition_shows_in_health_readiness_metrics_and_one_log_line()
         .await
         .expect("the healthy partition takes writes");
 
+    // Later writes to it are refused without a new log line at WARN or above.
+    let warned = |log: &str| log.lines().filter(|l| l.contains("WARN")).count();
+    let warnings = warned(&broker.log());
+    let refused = client
+        .produce(produce_batch(TOPIC, 1, batch(1, 10)))
+        .await
+        .expect_err("the partition is fail-stopped");
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        refused
+            .metadata()
+            .get("strata-reason")
+            .and_then(|r| r.to_str().ok()),
+        Some("partition_fail_stopped")
+    );
+    assert_eq!(warned(&broker.log()), warnings, "{}", broker.log());
+    assert_eq!(Scrape::take(&broker).await.value("strata_ready", &[]), 0.0);
+
     let log = broker.log();
     let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
     assert_eq!(errors.len(), 1, "{log}");
@@ -349,8 +378,15 @@ async fn a_broken_partition_shows_in_health_readiness_metrics_and_one_log_line()
         "{log}"
     );
 
+    // A client that never finishes its HTTP request cannot hold the shutdown.
+    let mut half_sent = tokio::net::TcpStream::connect(http(&broker))
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut half_sent, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send half a request");
     broker.terminate();
-    let exit = broker.wait();
+    let exit = broker.wait_within(Duration::from_secs(60));
     assert!(
         !exit.success(),
         "a shutdown that could not close a log must fail"
@@ -437,7 +473,7 @@ async fn dashboard_and_alert_rules_use_only_metrics_the_broker_exports() {
         .produce(produce_batch("missing", 0, batch(1, 1)))
         .await;
     assert!(missing.is_err());
-    let (status, text) = http_get(http(&broker), "/metrics");
+    let (status, text) = http_get(http(&broker), "/metrics").await;
     assert_eq!(status, 200);
     let exported = metric_names(&text);
 
@@ -571,4 +607,45 @@ async fn strata_top_shows_topics_and_group_lag() {
         "{}",
         String::from_utf8_lossy(&unreachable.stderr)
     );
+}
+
+/// Guards health after the broken component goes away: deleting the topic of a
+/// fail-stopped partition makes gRPC health SERVING and `/readyz` ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_broken_topic_makes_the_broker_healthy_again() {
+    const FILE_LIMIT_KIB: u64 = 12 << 10;
+    let broker = Broker::start_in_shell(
+        Some(&format!("trap '' XFSZ; ulimit -f {FILE_LIMIT_KIB}")),
+        &[],
+    );
+    let mut admin = broker.admin().await;
+    let mut client = broker.client().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    let chunk = batch(100, 10 << 10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client
+        .produce(produce_batch(TOPIC, 0, chunk.clone()))
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "the file size limit never hit");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health(&broker, "").await != ServingStatus::NotServing {
+        assert!(Instant::now() < deadline, "health stayed SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin
+        .delete_topic(v1::DeleteTopicRequest { name: TOPIC.into() })
+        .await
+        .expect("delete");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while health(&broker, "").await != ServingStatus::Serving
+        || health(&broker, "strata.v1.Broker").await != ServingStatus::Serving
+    {
+        assert!(Instant::now() < deadline, "health stayed NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = http_get(http(&broker), "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
 }

@@ -100,8 +100,14 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Opens the data directory, recovering every topic's partitions. Blocking.
-    pub fn open(data_dir: &Path, defaults: TopicSettings, max_open_files: usize) -> Result<Broker> {
+    /// Opens the data directory, recovering every topic's partitions, recording into
+    /// `metrics`. Blocking.
+    pub fn open(
+        data_dir: &Path,
+        defaults: TopicSettings,
+        max_open_files: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Broker> {
         std::fs::create_dir_all(data_dir).map_err(Error::io(data_dir))?;
         let lock_path = data_dir.join("lock");
         let lock = std::fs::OpenOptions::new()
@@ -144,7 +150,7 @@ impl Broker {
             offsets,
             producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
             producer_ids: Mutex::new(producer_ids),
-            metrics: Arc::default(),
+            metrics,
             faults,
         };
         let topics_dir = data_dir.join("topics");
@@ -357,6 +363,8 @@ impl Broker {
         for error in topic.shutdown() {
             tracing::warn!(topic = %name, %error, "deleting a topic whose partition did not close cleanly");
         }
+        // Its partitions' faults, if any, are gone with it.
+        self.faults.removed();
         let dir = self.data_dir.join("topics").join(name);
         let trash = self.data_dir.join("trash").join(name);
         std::fs::rename(&dir, &trash).map_err(Error::io(&dir))?;

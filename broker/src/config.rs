@@ -55,8 +55,8 @@ pub struct ServeArgs {
     /// How often retention runs, in ms [default: 30000].
     #[arg(long, env = "STRATA_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
-    /// HTTP address serving /metrics, /healthz and /readyz, or `off` [default: the gRPC
-    /// address with the next port, 127.0.0.1:7718; port 0 when the gRPC port is 0].
+    /// HTTP address serving /metrics, /healthz and /readyz, or `off` [default: loopback
+    /// on the port after the gRPC one, 127.0.0.1:7718; port 0 when the gRPC port is 0].
     #[arg(long, env = "STRATA_HTTP_LISTEN")]
     pub http_listen: Option<String>,
     /// Log format: `text` (for people) or `json` (one object per line) [default: text].
@@ -196,8 +196,10 @@ fn parse_log_level(directives: &str) -> Option<Targets> {
     valid.then(|| directives.parse().ok()).flatten()
 }
 
-/// The default HTTP address: the gRPC address with the next port, so brokers given
-/// different gRPC ports do not collide; port 0 stays 0 (a free port).
+/// The default HTTP address: loopback, whatever the gRPC address (metrics name every
+/// topic and group; exposing them is a decision to make with --http-listen), on the
+/// port after the gRPC one, so brokers given different gRPC ports do not collide; port
+/// 0 stays 0 (a free port).
 fn http_next_to(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
     let port = match listen.port() {
         0 => 0,
@@ -207,7 +209,12 @@ fn http_next_to(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
             )
         })?,
     };
-    Ok(SocketAddr::new(listen.ip(), port))
+    let loopback: std::net::IpAddr = if listen.is_ipv6() {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    };
+    Ok(SocketAddr::new(loopback, port))
 }
 
 fn load(path: &Path) -> anyhow::Result<ServeArgs> {
@@ -275,6 +282,11 @@ mod tests {
         assert_eq!(
             http(resolve("127.0.0.1:0", Some("0.0.0.0:9100")).expect("ok")).as_deref(),
             Some("0.0.0.0:9100")
+        );
+        assert_eq!(
+            http(resolve("0.0.0.0:7717", None).expect("ok")).as_deref(),
+            Some("127.0.0.1:7718"),
+            "loopback unless told otherwise"
         );
         assert!(resolve("127.0.0.1:65535", None).is_err());
         assert!(resolve("127.0.0.1:0", Some("nowhere")).is_err());

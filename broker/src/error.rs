@@ -87,6 +87,7 @@ pub const REASONS: &[&str] = &[
     "group_not_found",
     "disk_full",
     "partition_unavailable",
+    "partition_fail_stopped",
     "shutting_down",
     "producer_sequence",
     "invalid_batch",
@@ -133,7 +134,7 @@ impl Error {
             Error::Storage(S::BatchTooLarge { .. }) => "batch_too_large",
             Error::Storage(S::OffsetOutOfRange { .. }) => "offset_out_of_range",
             Error::Storage(S::InvalidConfig(_)) => "invalid_config",
-            Error::Storage(S::Poisoned { .. }) => "partition_unavailable",
+            Error::Storage(S::Poisoned { .. }) => "partition_fail_stopped",
             Error::Storage(e) if is_disk_full(e) => "disk_full",
             Error::Storage(S::Corrupted { .. }) => "corrupt_data",
             Error::Storage(_) => "storage_error",
@@ -142,7 +143,9 @@ impl Error {
         }
     }
 
-    /// Whose fault it is.
+    /// Whose fault it is. A write refused by a partition that already fail-stopped is
+    /// the client's business: the failure itself was logged once, at ERROR, and health
+    /// and metrics show it; a retrying producer must not flood the log.
     pub fn severity(&self) -> Severity {
         match self.reason() {
             "disk_full" | "partition_unavailable" => Severity::Degraded,

@@ -4,9 +4,9 @@
 //! A [`Fault`] belongs to one component that can fail-stop: a partition's writer, the
 //! committed-offsets writer. It is set once, by that component's own thread, when a
 //! write or fsync fails and the component starts refusing writes; it stays set until
-//! the broker restarts and recovery runs. Setting it bumps a broker-wide counter on a
-//! watch channel ([`Faults::changed`]), so health reporters react at once instead of
-//! polling.
+//! the broker restarts and recovery runs, or its topic is deleted. Setting it, or
+//! deleting a topic, bumps a broker-wide counter on a watch channel
+//! ([`Faults::changed`]), so health reporters react at once instead of polling.
 
 use std::sync::{Arc, OnceLock};
 
@@ -35,9 +35,15 @@ impl Faults {
         })
     }
 
-    /// A receiver that sees a new value whenever a fault is set.
+    /// A receiver that sees a new value whenever a fault is set or goes away.
     pub fn changed(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// Tells the health reporters to look again: a component with a fault went away
+    /// (its topic was deleted).
+    pub fn removed(&self) {
+        self.changes.send_modify(|n| *n += 1);
     }
 }
 

@@ -12,15 +12,20 @@
 //! - **Read at scrape time** by [`BrokerCollector`]: log start and end offsets, size and
 //!   segments per partition; fail-stopped partitions; per group its members, rebalances,
 //!   and per partition its committed offset and lag in records and in seconds; the
-//!   process's resident memory, open fds, threads and CPU time. Nothing here is kept
-//!   between scrapes, so a deleted topic or group simply stops appearing.
+//!   process's resident memory, open fds, threads and CPU time; readiness. Only the
+//!   time of the batch at each group position is remembered between scrapes (it never
+//!   changes), so a deleted topic or group simply stops appearing.
+//!
+//! The registry exists before the broker opens its data directory ([`Source`] says when
+//! it is open), so a scrape during recovery shows the process and `strata_ready 0`.
 //!
 //! Cardinality is bounded by what exists: per partition 9 series, per group 2 plus 3
 //! per partition the group consumes, per RPC one histogram, and rejected requests by RPC,
 //! status code and reason (fixed sets). docs/operations.md lists every metric.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
@@ -34,8 +39,11 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use strata_storage::now_ms;
+
 use crate::broker::Broker;
 use crate::groups::api;
+use crate::groups::assign::TopicPartition;
 
 /// Counters of one partition, added to by its writer (produced) and by fetch handlers.
 #[derive(Debug, Default)]
@@ -100,6 +108,9 @@ pub struct Metrics {
     /// Bytes per partition commit.
     pub commit_bytes: Histogram,
     started: SystemTime,
+    /// The histograms of `request_seconds`, one per RPC of every listener, made up front
+    /// so that timing a request needs no lock and no hashing.
+    request_histograms: Vec<(&'static str, &'static str, Histogram)>,
 }
 
 /// Latency buckets from 50 µs to about 3.3 s, doubling.
@@ -109,8 +120,21 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 
 impl Default for Metrics {
     fn default() -> Metrics {
+        let request_seconds: Family<RpcLabels, Histogram> =
+            Family::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let listeners = [("grpc", crate::grpc::instrument::RPCS)];
+        let request_histograms = listeners
+            .iter()
+            .flat_map(|&(listener, rpcs)| rpcs.iter().map(move |&rpc| (listener, rpc)))
+            .map(|(listener, rpc)| {
+                let labels = RpcLabels { listener, rpc };
+                let histogram = request_seconds.get_or_create(&labels).clone();
+                (listener, rpc, histogram)
+            })
+            .collect();
         Metrics {
-            request_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            request_seconds,
+            request_histograms,
             rejected: Family::default(),
             connections: Gauge::default(),
             in_flight: Gauge::default(),
@@ -123,22 +147,73 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one partition commit: how many batches and bytes it carried, and its
-    /// fsync time if it synced.
-    pub fn commit(&self, batches: usize, bytes: usize, fsync: Option<Duration>) {
+    /// Records how long a request of `rpc` on `listener` took: a short scan of a fixed
+    /// list, no hashing. An RPC outside the list is not recorded.
+    pub fn request(&self, listener: &str, rpc: &str, took: Duration) {
+        if let Some((_, _, histogram)) = self
+            .request_histograms
+            .iter()
+            .find(|(l, r, _)| *l == listener && *r == rpc)
+        {
+            histogram.observe(took.as_secs_f64());
+        }
+    }
+
+    /// Records one partition commit that wrote data: how many batches and bytes.
+    pub fn commit(&self, batches: usize, bytes: usize) {
         self.commit_batches.observe(batches as f64);
         self.commit_bytes.observe(bytes as f64);
-        if let Some(fsync) = fsync {
-            self.fsync_seconds.observe(fsync.as_secs_f64());
+    }
+
+    /// Records one data fsync of a partition log (a commit's or a segment roll's).
+    pub fn fsync(&self, took: Duration) {
+        self.fsync_seconds.observe(took.as_secs_f64());
+    }
+}
+
+/// Where the scrape-time metrics come from: the broker once it is open, and whether it
+/// is ready. Filled in as the broker starts and stops.
+#[derive(Debug, Default)]
+pub struct Source {
+    broker: OnceLock<Arc<Broker>>,
+    stopping: AtomicBool,
+}
+
+impl Source {
+    /// The broker is open.
+    pub fn serve(&self, broker: Arc<Broker>) {
+        let _ = self.broker.set(broker);
+    }
+
+    /// A shutdown began.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// The open broker, if it is open.
+    pub fn broker(&self) -> Option<&Arc<Broker>> {
+        self.broker.get()
+    }
+
+    /// Why the broker is not ready, one line each; empty when it is.
+    pub fn not_ready(&self) -> Vec<String> {
+        if self.stopping.load(Ordering::Acquire) {
+            return vec!["shutting down".into()];
+        }
+        match self.broker.get() {
+            None => vec!["starting: opening the data directory".into()],
+            Some(broker) => broker.problems().iter().map(|p| p.to_string()).collect(),
         }
     }
 }
 
-/// A registry of every metric of `broker`, ready to encode.
-pub fn registry(broker: Arc<Broker>) -> Registry {
+/// A registry of every metric, ready to encode: those in `metrics`, and those read at
+/// scrape time from `source` (the process's from the start, the broker's once it is
+/// open).
+pub fn registry(metrics: &Metrics, source: Arc<Source>) -> Registry {
     // Not `with_prefix`: the process metrics keep the names every exporter uses.
     let mut registry = Registry::default();
-    let m = broker.metrics();
+    let m = metrics;
     registry.register_with_unit(
         "strata_request_duration",
         "Time the broker took to answer a request, by RPC (Fetch without its long-poll wait)",
@@ -162,7 +237,7 @@ pub fn registry(broker: Arc<Broker>) -> Registry {
     );
     registry.register_with_unit(
         "strata_fsync_duration",
-        "Time of each data fsync of a partition commit",
+        "Time of each data fsync of a partition log (commits and segment rolls)",
         Unit::Seconds,
         m.fsync_seconds.clone(),
     );
@@ -177,7 +252,11 @@ pub fn registry(broker: Arc<Broker>) -> Registry {
         Unit::Bytes,
         m.commit_bytes.clone(),
     );
-    registry.register_collector(Box::new(BrokerCollector { broker }));
+    registry.register_collector(Box::new(BrokerCollector {
+        source,
+        started: m.started,
+        lag_times: Mutex::default(),
+    }));
     registry
 }
 
@@ -185,8 +264,16 @@ pub fn registry(broker: Arc<Broker>) -> Registry {
 /// one batch header per lagging partition, and process metrics read `/proc`.
 #[derive(Debug)]
 pub struct BrokerCollector {
-    broker: Arc<Broker>,
+    source: Arc<Source>,
+    started: SystemTime,
+    /// The time of the batch at each group position seen by the last scrape: a position
+    /// that did not move since needs no read (the log below the high watermark never
+    /// changes), so an idle or caught-up group costs no I/O per scrape.
+    lag_times: Mutex<LagTimes>,
 }
+
+/// Per group and partition: the position last seen and the time of the batch there.
+type LagTimes = HashMap<(String, TopicPartition), (u64, Option<i64>)>;
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
@@ -251,15 +338,29 @@ fn clamp(v: u64) -> i64 {
 
 impl Collector for BrokerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        self.encode_partitions(&mut encoder)?;
-        self.encode_groups(&mut encoder)?;
-        encode_process(&mut encoder, self.broker.metrics().started)
+        let mut ready = Series::new(
+            "strata_ready",
+            "1 when the broker serves everything (as /readyz answers 200), 0 while it starts, \
+             shuts down, or has a fail-stopped component",
+            None,
+        );
+        ready.push(Vec::new(), i64::from(self.source.not_ready().is_empty()));
+        encode_gauges(&mut encoder, ready)?;
+        if let Some(broker) = self.source.broker() {
+            self.encode_partitions(broker, &mut encoder)?;
+            self.encode_groups(broker, &mut encoder)?;
+        }
+        encode_process(&mut encoder, self.started)
     }
 }
 
 impl BrokerCollector {
-    fn encode_partitions(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let topics = self.broker.topics();
+    fn encode_partitions(
+        &self,
+        broker: &Broker,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let topics = broker.topics();
         let names: Vec<Vec<String>> = topics
             .iter()
             .map(|t| (0..t.partitions().len()).map(|p| p.to_string()).collect())
@@ -357,11 +458,11 @@ impl BrokerCollector {
         );
         offsets_failed.push(
             Vec::new(),
-            i64::from(self.broker.offsets().fault().reason().is_some()),
+            i64::from(broker.offsets().fault().reason().is_some()),
         );
         encode_gauges(encoder, offsets_failed)?;
         // The filesystem of the data directory: a full disk stops every partition.
-        if let Ok(fs) = rustix::fs::statvfs(self.broker.data_dir()) {
+        if let Ok(fs) = rustix::fs::statvfs(broker.data_dir()) {
             let mut free = Series::new(
                 "strata_data_dir_free",
                 "Bytes free for the broker on the data directory's filesystem",
@@ -380,17 +481,24 @@ impl BrokerCollector {
         Ok(())
     }
 
-    fn encode_groups(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let descriptions: Vec<api::GroupDescription> = api::list_groups(&self.broker)
+    fn encode_groups(
+        &self,
+        broker: &Broker,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let descriptions: Vec<api::GroupDescription> = api::list_groups(broker)
             .iter()
-            .filter_map(|g| api::describe_group(&self.broker, &g.name).ok())
+            .filter_map(|g| api::describe_group(broker, &g.name).ok())
             .collect();
+        let mut lag_times = self.lag_times.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = HashMap::with_capacity(lag_times.len());
         struct Row {
             partition: String,
             committed: Option<u64>,
             lag: u64,
             lag_ms: Option<u64>,
         }
+        let now = now_ms();
         let rows: Vec<Vec<Row>> = descriptions
             .iter()
             .map(|d| {
@@ -398,17 +506,30 @@ impl BrokerCollector {
                     .iter()
                     .filter_map(|p| {
                         let (log, lag) = (p.log?, p.lag?);
-                        let position = p.committed.as_ref().map_or(log.start, |c| c.offset);
+                        let position = p
+                            .committed
+                            .as_ref()
+                            .map_or(log.start, |c| c.offset.max(log.start));
+                        let key = (d.summary.name.clone(), p.partition.clone());
+                        // A time found once never changes; "nothing waits" can.
+                        let written = match lag_times.get(&key) {
+                            Some(&(at, Some(written))) if at == position => Some(written),
+                            _ => api::batch_time(broker, &p.partition, position).ok()?,
+                        };
+                        seen.insert(key, (position, written));
                         Some(Row {
                             partition: p.partition.partition.to_string(),
                             committed: p.committed.as_ref().map(|c| c.offset),
                             lag,
-                            lag_ms: api::lag_ms(&self.broker, &p.partition, position).ok(),
+                            lag_ms: written.map(|w| now.saturating_sub(w).max(0) as u64),
                         })
                     })
                     .collect()
             })
             .collect();
+        // Forget positions of groups and partitions that are gone.
+        *lag_times = seen;
+        drop(lag_times);
         let mut members = Series::new(
             "strata_group_members",
             "Members of the consumer group",
@@ -447,9 +568,7 @@ impl BrokerCollector {
                 if let Some(offset) = row.committed {
                     committed.push(labels.clone(), clamp(offset));
                 }
-                if let Some(ms) = row.lag_ms {
-                    lag_seconds.push(labels.clone(), ms as f64 / 1000.0);
-                }
+                lag_seconds.push(labels.clone(), row.lag_ms.unwrap_or(0) as f64 / 1000.0);
                 lag.push(labels, clamp(row.lag));
             }
         }

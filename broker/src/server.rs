@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -11,6 +12,7 @@ use tokio::task::JoinHandle;
 use crate::broker::Broker;
 use crate::config::ServeConfig;
 use crate::http::HttpState;
+use crate::metrics::{Metrics, Source};
 
 /// How often idle partitions are committed (syncing data under the interval policy).
 const COMMIT_TICK_MS: u64 = 100;
@@ -29,31 +31,34 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let address = listener.local_addr()?;
-    let http = HttpListener::start(config.http_listen).await?;
+    let metrics = Arc::new(Metrics::default());
+    let source = Arc::new(Source::default());
+    let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
 
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
     let max_open_files = config.max_open_files;
-    let broker =
-        tokio::task::spawn_blocking(move || Broker::open(&data_dir, defaults, max_open_files))
-            .await?
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot open data directory {}: {e}",
-                    config.data_dir.display()
-                )
-            })?;
+    let broker = tokio::task::spawn_blocking(move || {
+        Broker::open(&data_dir, defaults, max_open_files, metrics)
+    })
+    .await?
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open data directory {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
     let broker = Arc::new(broker);
-    http.state.serve(Arc::clone(&broker));
+    source.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
-    let state = Arc::clone(&http.state);
+    let stopping = Arc::clone(&source);
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutdown requested: answering queued requests");
-        state.stop();
+        stopping.stop();
     };
     let served = crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await;
 
@@ -75,20 +80,28 @@ pub async fn serve(
 
 /// The HTTP listener's task, when it is on.
 struct HttpListener {
-    state: Arc<HttpState>,
     task: Option<(
         tokio::sync::oneshot::Sender<()>,
         JoinHandle<std::io::Result<()>>,
     )>,
 }
 
+/// How long a stopping HTTP listener waits for requests in progress (a scrape) before
+/// it drops their connections: a client that never finishes its request must not hold
+/// the shutdown.
+const HTTP_STOP_WAIT: Duration = Duration::from_secs(2);
+
 impl HttpListener {
     /// Binds and starts serving `/healthz`, `/readyz` (starting) and `/metrics`.
-    async fn start(address: Option<SocketAddr>) -> anyhow::Result<HttpListener> {
-        let state = Arc::new(HttpState::default());
+    async fn start(
+        address: Option<SocketAddr>,
+        metrics: &Metrics,
+        source: Arc<Source>,
+    ) -> anyhow::Result<HttpListener> {
         let Some(address) = address else {
-            return Ok(HttpListener { state, task: None });
+            return Ok(HttpListener { task: None });
         };
+        let state = Arc::new(HttpState::new(metrics, source));
         let listener = TcpListener::bind(address).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot listen for HTTP (metrics) on {address}: {e}; choose another address \
@@ -101,19 +114,23 @@ impl HttpListener {
             let _ = stopped.await;
         }));
         Ok(HttpListener {
-            state,
             task: Some((stop, task)),
         })
     }
 
-    /// Stops serving once everything else has shut down.
+    /// Stops serving once everything else has shut down, waiting at most
+    /// [`HTTP_STOP_WAIT`] for requests in progress.
     async fn stop(self) {
-        if let Some((stop, task)) = self.task {
+        if let Some((stop, mut task)) = self.task {
             let _ = stop.send(());
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP listener failed"),
-                Err(e) => tracing::warn!(error = %e, "the HTTP listener panicked"),
+            match tokio::time::timeout(HTTP_STOP_WAIT, &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the HTTP listener failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "the HTTP listener panicked"),
+                Err(_) => {
+                    tracing::info!("dropping HTTP connections with unfinished requests");
+                    task.abort();
+                }
             }
         }
     }

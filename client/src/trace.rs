@@ -149,7 +149,7 @@ pub(crate) struct ClientSpan {
     /// The span's own context: the parent's trace, a new span id.
     pub context: TraceContext,
     #[cfg(feature = "otlp")]
-    exported: Option<opentelemetry::global::BoxedSpan>,
+    exported: Option<opentelemetry_sdk::trace::Span>,
 }
 
 impl ClientSpan {
@@ -245,7 +245,8 @@ pub mod otlp {
 
     use super::{SpanKind, TraceContext};
 
-    static PROVIDER: RwLock<Option<SdkTracerProvider>> = RwLock::new(None);
+    /// The tracer of the installed exporter, made once at install.
+    static TRACER: RwLock<Option<opentelemetry_sdk::trace::SdkTracer>> = RwLock::new(None);
 
     /// Exports spans while it lives; dropping it flushes what is left and stops.
     #[derive(Debug)]
@@ -271,13 +272,13 @@ pub mod otlp {
             .with_batch_exporter(exporter)
             .with_resource(resource)
             .build();
-        *PROVIDER.write().unwrap_or_else(|e| e.into_inner()) = Some(provider.clone());
+        *TRACER.write().unwrap_or_else(|e| e.into_inner()) = Some(provider.tracer("strata-client"));
         Ok(Exporter { provider })
     }
 
     impl Drop for Exporter {
         fn drop(&mut self) {
-            PROVIDER.write().unwrap_or_else(|e| e.into_inner()).take();
+            TRACER.write().unwrap_or_else(|e| e.into_inner()).take();
             // Flushes the last batch; a collector that is gone only loses those spans.
             let _ = self.provider.shutdown();
         }
@@ -288,10 +289,8 @@ pub mod otlp {
         kind: SpanKind,
         name: String,
         parent: TraceContext,
-    ) -> Option<(TraceContext, opentelemetry::global::BoxedSpan)> {
-        let provider = PROVIDER.read().unwrap_or_else(|e| e.into_inner()).clone()?;
-        let tracer =
-            opentelemetry::global::BoxedTracer::new(Box::new(provider.tracer("strata-client")));
+    ) -> Option<(TraceContext, opentelemetry_sdk::trace::Span)> {
+        let tracer = TRACER.read().unwrap_or_else(|e| e.into_inner()).clone()?;
         let remote = SpanContext::new(
             opentelemetry::trace::TraceId::from_bytes(parent.trace_id),
             opentelemetry::trace::SpanId::from_bytes(parent.span_id),

@@ -39,6 +39,8 @@ use crate::segment::{
 /// Staged bytes are written out once they reach this size, even before a commit, so a
 /// long run of writes does not grow the staging buffer without bound.
 const STAGE_BYTES_MAX: usize = 1 << 20;
+/// Fsync durations kept for [`Log::take_fsyncs`] between two calls.
+pub const FSYNCS_KEPT_MAX: usize = 64;
 /// Read size used when scanning a segment during recovery or an index rebuild.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
@@ -209,8 +211,9 @@ pub struct Log {
     config: LogConfig,
     active: Active,
     last_sync: Instant,
-    /// How long the data fsync of the last commit took; `None` if it did not fsync.
-    last_fsync: Option<Duration>,
+    /// How long each data fsync since the last [`Log::take_fsyncs`] took (commits and
+    /// segment rolls). Drained by the writer after each commit, so it stays short.
+    fsyncs: Vec<Duration>,
     poisoned: bool,
 }
 
@@ -266,7 +269,7 @@ impl Log {
             config,
             active,
             last_sync: Instant::now(),
-            last_fsync: None,
+            fsyncs: Vec::new(),
             poisoned: false,
         };
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
@@ -288,10 +291,11 @@ impl Log {
         &self.config
     }
 
-    /// How long the data fsync of the last [`Log::commit`] took; `None` when that commit
-    /// did not fsync (nothing new to sync, or the policy did not ask for it).
-    pub fn last_fsync(&self) -> Option<Duration> {
-        self.last_fsync
+    /// How long each data fsync since the last call took (those of commits and of
+    /// segment rolls), oldest first; the log keeps at most [`FSYNCS_KEPT_MAX`] between
+    /// calls.
+    pub fn take_fsyncs(&mut self) -> std::vec::Drain<'_, Duration> {
+        self.fsyncs.drain(..)
     }
 
     /// The offset the next written batch gets (staged batches included).
@@ -349,7 +353,6 @@ impl Log {
     /// for all of them) and publishes them to readers. Returns the new high watermark.
     pub fn commit(&mut self) -> Result<u64> {
         self.check_poisoned()?;
-        self.last_fsync = None;
         self.guard(|log| {
             log.write_staged()?;
             // Under `interval`, also sync once a checkpoint interval has been written, so
@@ -593,7 +596,9 @@ impl Log {
                 return Err(io_at(&active.segment.log_path)(e));
             }
             active.synced = active.written;
-            self.last_fsync = Some(started.elapsed());
+            if self.fsyncs.len() < FSYNCS_KEPT_MAX {
+                self.fsyncs.push(started.elapsed());
+            }
         }
         self.last_sync = Instant::now();
         if active.written - active.checkpointed >= self.config.checkpoint_interval_bytes {

@@ -206,6 +206,25 @@ impl Broker {
         GroupsClient::new(self.channel().await)
     }
 
+    /// Waits for the broker process to exit, failing the test if it has not within
+    /// `limit` (a hung shutdown), and returns how it exited.
+    pub fn wait_within(&mut self, limit: std::time::Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        let child = self.child.as_mut().expect("the broker is running");
+        loop {
+            if let Some(status) = child.try_wait().expect("poll the broker") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the broker did not exit within {limit:?}; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Waits for the broker process to exit and returns how it exited.
     pub fn wait(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the broker is running");
@@ -225,7 +244,7 @@ impl Broker {
     /// Waits for the broker to exit after [`Broker::terminate`]; asserts that it exited
     /// successfully.
     pub fn wait_stopped(&mut self) {
-        let status = self.wait();
+        let status = self.wait_within(std::time::Duration::from_secs(120));
         assert!(
             status.success(),
             "strata serve exited with {status} after SIGTERM; its log:\n{}",
@@ -530,48 +549,10 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
     names
 }
 
-/// A plain HTTP/1.1 GET of `path` from `addr`: the status code and the body.
-pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP listener");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("read the response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {response:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, body)
-}
-
-/// The payload of a chunked HTTP/1.1 body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
+/// A GET of `path` from the broker's HTTP listener at `addr`: the status code and the
+/// body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    strata_broker::http::client::get(&addr.to_string(), path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }

@@ -56,13 +56,21 @@ pub async fn top(broker: &str, args: TopArgs) -> anyhow::Result<()> {
     }
     let interval = Duration::from_secs_f64(args.interval);
     let terminal = std::io::stdout().is_terminal() && !args.once;
-    let mut previous = Snapshot::take(&http).await?;
+    // Ctrl-C quits at any point, also while a scrape is in flight.
+    let quit = tokio::signal::ctrl_c();
+    tokio::pin!(quit);
+    let mut previous = tokio::select! {
+        snapshot = Snapshot::take(&http) => snapshot?,
+        _ = &mut quit => return Ok(()),
+    };
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
-        let current = Snapshot::take(&http).await?;
+        let current = tokio::select! {
+            snapshot = async {
+                tokio::time::sleep(interval).await;
+                Snapshot::take(&http).await
+            } => snapshot?,
+            _ = &mut quit => return Ok(()),
+        };
         let view = render(&http, &previous, &current);
         let mut out = std::io::stdout().lock();
         if terminal {
@@ -391,55 +399,14 @@ fn render(http: &str, before: &Snapshot, after: &Snapshot) -> String {
     out
 }
 
-/// A plain HTTP/1.1 GET: the status and the body.
+/// GETs `path` from the broker's HTTP listener.
 async fn get(http: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(http)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the broker's HTTP listener at {http}; is the broker running, and \
+    crate::http::client::get(http, path).await.with_context(|| {
+        format!(
+            "cannot reach the broker's HTTP listener at {http}; is the broker running, and \
              with this --http address (see `strata serve --http-listen`)?"
-            )
-        })?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response);
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{http} did not answer HTTP"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{http} did not answer HTTP"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body).with_context(|| format!("{http} sent a broken chunked body"))?
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut body: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n")?;
-        let size = usize::from_str_radix(size.trim(), 16).ok()?;
-        if size == 0 {
-            return Some(out);
-        }
-        out.push_str(rest.get(..size)?);
-        body = rest.get(size + 2..)?;
-    }
+    })
 }
 
 #[cfg(test)]

@@ -10,8 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use strata_storage::now_ms;
-
 use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
@@ -320,20 +318,17 @@ pub fn check_fetch(
         .check_owner(group, member_id, member_epoch, [tp])
 }
 
-/// Milliseconds since the record at a group's position was written: how far behind the
-/// group is in time. The time is that of the batch holding the position (its first
-/// record's timestamp); 0 without lag. Blocking: it reads a batch header.
-pub fn lag_ms(broker: &Broker, tp: &TopicPartition, position: u64) -> Result<u64> {
+/// When the records at a group's position were written: the timestamp of the batch
+/// holding `position` (its first record's, as the producer set it), for the group's
+/// lag in time. `None` at or past the high watermark, where nothing waits. Blocking:
+/// it reads a batch header.
+pub fn batch_time(broker: &Broker, tp: &TopicPartition, position: u64) -> Result<Option<i64>> {
     let partition = broker.partition(&tp.topic, tp.partition)?;
     let reader = partition.reader();
     if position >= reader.high_watermark() {
-        return Ok(0);
+        return Ok(None);
     }
-    let position = position.max(reader.earliest_offset());
-    Ok(match reader.batch_timestamp(position)? {
-        Some(written_ms) => now_ms().saturating_sub(written_ms).max(0) as u64,
-        None => 0,
-    })
+    Ok(reader.batch_timestamp(position.max(reader.earliest_offset()))?)
 }
 
 #[cfg(test)]

@@ -226,9 +226,12 @@ pub async fn reset_offsets(
         Some(To::TimestampMs(at)) => ResetTo::Timestamp(at),
         Some(To::Offset(offset)) => ResetTo::Offset(offset),
         None => {
+            // The group and the topic are checked first, as when `to` is given.
+            validate_group(&request.group)?;
+            broker.topic(&request.topic)?;
             return Err(Error::InvalidArgument(
                 "say where to reset to: earliest, latest, a timestamp or an offset".into(),
-            ))
+            ));
         }
     };
     let committed = api::reset_offsets(

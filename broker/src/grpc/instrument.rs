@@ -22,7 +22,7 @@ use tonic::transport::server::Connected;
 use tonic::{Code, Response, Status};
 
 use crate::error::{Error, Result, Severity};
-use crate::metrics::{Metrics, RejectedLabels, RpcLabels};
+use crate::metrics::{Metrics, RejectedLabels};
 
 /// The header of an error status that names its reason ([`Error::reason`]).
 pub const REASON_HEADER: &str = "strata-reason";
@@ -30,7 +30,7 @@ pub const REASON_HEADER: &str = "strata-reason";
 const LISTENER: &str = "grpc";
 
 /// Every RPC the listener serves, so metric labels come from a fixed set.
-const RPCS: &[&str] = &[
+pub const RPCS: &[&str] = &[
     "CreateTopic",
     "DeleteTopic",
     "ListTopics",
@@ -97,6 +97,11 @@ impl Scope {
         self
     }
 
+    /// The partition the request turned out to be about (a produce routed by key).
+    pub fn set_partition(&mut self, partition: u32) {
+        self.partition = Some(partition);
+    }
+
     /// The consumer group the request is about.
     pub fn group(mut self, group: &str) -> Scope {
         self.group = Some(group.to_string());
@@ -112,12 +117,7 @@ impl Scope {
     /// Records the request's duration and turns its result into the gRPC answer.
     pub fn finish<T>(self, result: Result<T>) -> Result<Response<T>, Status> {
         self.metrics
-            .request_seconds
-            .get_or_create(&RpcLabels {
-                listener: LISTENER,
-                rpc: self.rpc,
-            })
-            .observe(self.started.elapsed().as_secs_f64());
+            .request(LISTENER, self.rpc, self.started.elapsed());
         result.map(Response::new).map_err(|e| self.fail(e))
     }
 

@@ -65,6 +65,8 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         reporter.abort();
+        // Wait for it to stop, so it cannot report SERVING after what follows.
+        let _ = reporter.await;
         // Health checks see the broker going away before connections close.
         health
             .set_service_status("", ServingStatus::NotServing)

@@ -80,9 +80,15 @@ impl Service {
 }
 
 impl Service {
-    async fn serve_produce(&self, mut request: v1::ProduceRequest) -> Result<v1::ProduceResponse> {
+    /// Serves a produce; the scope learns the partition once it is chosen.
+    async fn serve_produce(
+        &self,
+        mut request: v1::ProduceRequest,
+        scope: &mut Scope,
+    ) -> Result<v1::ProduceResponse> {
         let topic = self.broker.topic(&request.topic)?;
         let partition_id = target_partition(&topic, &request)?;
+        scope.set_partition(partition_id);
         let batch = match (request.batch.is_empty(), request.records.is_empty()) {
             (false, false) => {
                 return Err(Error::InvalidArgument(
@@ -559,10 +565,8 @@ impl broker_server::Broker for Service {
     ) -> Result<Response<v1::ProduceResponse>, Status> {
         let request = request.into_inner();
         let mut scope = self.scope("Produce").topic(&request.topic);
-        if let Some(v1::produce_request::Target::Partition(p)) = request.target {
-            scope = scope.partition(p);
-        }
-        scope.finish(self.serve_produce(request).await)
+        let answer = self.serve_produce(request, &mut scope).await;
+        scope.finish(answer)
     }
 
     async fn fetch(

@@ -317,8 +317,10 @@ impl Writer {
             let committed = self.commit();
             if committed.is_ok() && staged_batches > 0 {
                 self.stats.produced(staged_records, staged_bytes as u64);
-                self.metrics
-                    .commit(staged_batches, staged_bytes, self.log.last_fsync());
+                self.metrics.commit(staged_batches, staged_bytes);
+            }
+            for fsync in self.log.take_fsyncs() {
+                self.metrics.fsync(fsync);
             }
             for (reply, stored) in waiting.drain(..) {
                 let _ = reply.send(match &committed {
@@ -393,7 +395,7 @@ impl Writer {
             // answered from state that may describe batches the failure lost.
             Ok(header) if header.producer_id != NO_PRODUCER_ID && !self.failed => header,
             _ => {
-                let info = self.log.write(batch)?;
+                let info = self.log_write(batch)?;
                 return Ok(Written {
                     stored: Stored {
                         info,
@@ -405,7 +407,7 @@ impl Writer {
         };
         match self.producers.check(&header) {
             Ok(Verdict::Append) => {
-                let info = self.log.write(batch)?;
+                let info = self.log_write(batch)?;
                 self.producers.record(&header, info.base_offset, now_ms());
                 Ok(Written {
                     stored: Stored {
@@ -470,17 +472,35 @@ impl Writer {
                 self.watermark.send_replace(high_watermark);
                 Ok(())
             }
-            Err(e) => {
-                self.failed = true;
-                self.fault.set(e.to_string());
-                tracing::error!(
-                    partition = %self.name,
-                    error = %e,
-                    "commit failed; the partition refuses writes until the broker restarts"
-                );
-                Err((crate::error::is_disk_full(&e), e.to_string()))
-            }
+            Err(e) => Err(self.fail(&e)),
         }
+    }
+
+    /// Stages a batch in the log. A write can flush staged data or roll the segment, so
+    /// it can fail with an I/O error: the partition then fail-stops here, with that
+    /// error as the cause, exactly as a failed commit does.
+    fn log_write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
+        self.log.write(batch).map_err(|e| match e {
+            strata_storage::Error::Io { .. } if !self.failed => match self.fail(&e) {
+                (true, why) => Error::DiskFull(self.name.clone(), why),
+                (false, why) => Error::Unavailable(self.name.clone(), why),
+            },
+            e => e.into(),
+        })
+    }
+
+    /// Fail-stops the partition after a failed write or fsync: reports the cause once
+    /// (log line, fault for health and metrics) and refuses writes from then on.
+    /// Returns whether the disk is full, and the cause.
+    fn fail(&mut self, e: &strata_storage::Error) -> (bool, String) {
+        self.failed = true;
+        self.fault.set(e.to_string());
+        tracing::error!(
+            partition = %self.name,
+            error = %e,
+            "commit failed; the partition refuses writes until the broker restarts"
+        );
+        (crate::error::is_disk_full(e), e.to_string())
     }
 
     fn retention(&mut self) {

@@ -4,16 +4,10 @@
 //! consumers and with consumer groups — and the bench must be able to start a broker by
 //! itself from a binary path.
 
-#[allow(
-    dead_code,
-    reason = "shared with tests/broker.rs, which uses the other helpers"
-)]
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{Broker, STRATA};
 use clap::Parser;
-use common::{Broker, STRATA};
 use strata_bench::{Options, Outcome, Report};
 
 /// Guard against a hang; never reached when things work, and nothing asserts on time.

@@ -1,8 +1,6 @@
 //! Black-box tests of the `strata` binary: each test starts the real broker on a free
 //! port over a temporary data directory and talks to it over gRPC (or runs the CLI).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -11,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use strata_proto::v1::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use strata_storage::batch::BatchBuilder;
 use tonic::transport::Channel;
@@ -1450,8 +1448,11 @@ fn cli_creates_produces_and_consumes() {
         "a\nb b\nc\n",
     );
     assert!(ok, "produce --key failed: {err}");
-    assert!(err.contains("3 record(s) produced"), "{err}");
     let keyed = strata_proto::partition_for_key(b"user-7", 2);
+    assert!(
+        err.contains(&format!("record(s) to partition {keyed} at offsets 0..=")),
+        "{err}"
+    );
     let other = 1 - keyed;
     let (ok, _, err) = cli(
         &broker,
@@ -1520,8 +1521,123 @@ fn cli_creates_produces_and_consumes() {
     );
     let (ok, _, err) = cli(&broker, &["topic", "create", "cli"], "");
     assert!(!ok && err.contains("already exists"), "{err}");
+}
+
+/// Guards the CLI's errors: each one a person can fix says how. Producing to or
+/// consuming a missing topic suggests creating it; an unreachable broker suggests
+/// starting one or pointing --broker at it (and names its cause once); `--broker` also
+/// works before the subcommand and is refused for `serve`; sizes and durations take
+/// units.
+#[test]
+fn cli_errors_name_the_next_step() {
+    let broker = Broker::start();
+    let create = "create it with `strata topic create nope`";
     let (ok, _, err) = cli(&broker, &["produce", "nope"], "line\n");
-    assert!(!ok && err.contains("not found"), "{err}");
+    assert!(!ok && err.contains(create), "{err}");
+    let (ok, _, err) = cli(&broker, &["consume", "nope"], "");
+    assert!(!ok && err.contains(create), "{err}");
+    let (ok, _, err) = cli(&broker, &["consume", "nope", "--group", "g"], "");
+    assert!(!ok && err.contains(create), "{err}");
+    let (ok, _, err) = cli(&broker, &["topic", "describe", "nope"], "");
+    assert!(!ok && err.contains("`strata topic list`"), "{err}");
+
+    // A port nothing listens on: the broker's own, once it is gone.
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let output = strata_command()
+        .args(["topic", "list", "--broker", &unreachable])
+        .output()
+        .expect("run the CLI");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("`strata serve`") && err.contains("--broker") && err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
+
+    let output = strata_command()
+        .args(["--broker", &broker.addr_arg(), "topic", "create", "units"])
+        .args(["--retention-ms", "3d", "--segment-bytes", "64MiB"])
+        .args(["--retention-bytes", "-1", "--max-message-bytes", "2MiB"])
+        .output()
+        .expect("run the CLI");
+    assert!(output.status.success(), "{output:?}");
+    let (ok, out, err) = cli(&broker, &["topic", "describe", "units"], "");
+    assert!(ok, "{err}");
+    for line in [
+        "retention_ms:      259200000 (3d)",
+        "retention_bytes:   unlimited",
+        "segment_bytes:     67108864 (64MiB)",
+        "max_message_bytes: 2097152 (2MiB)",
+    ] {
+        assert!(out.contains(line), "{line:?} in:\n{out}");
+    }
+    let (ok, _, err) = cli(
+        &broker,
+        &["topic", "create", "bad", "--segment-bytes", "1GB"],
+        "",
+    );
+    assert!(!ok && err.contains("KiB, MiB, GiB"), "{err}");
+
+    let output = strata_command()
+        .args(["--broker", &broker.addr_arg(), "serve"])
+        .output()
+        .expect("run the CLI");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && err.contains("--listen"),
+        "{err}"
+    );
+}
+
+/// Guards `strata consume --group`: a member prints what it reads, commits it, and a
+/// member started later resumes after it; `--max-records` stops, commits and leaves.
+#[test]
+fn cli_group_members_commit_what_they_print() {
+    let broker = Broker::start();
+    let (ok, _, err) = cli(&broker, &["topic", "create", "ledger"], "");
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&broker, &["produce", "ledger"], "a\nb\nc\nd\ne\n");
+    assert!(ok, "{err}");
+    let member = |max: &str| {
+        cli(
+            &broker,
+            &[
+                "consume",
+                "ledger",
+                "--group",
+                "audit",
+                "--max-records",
+                max,
+            ],
+            "",
+        )
+    };
+    let values = |out: &str| -> Vec<String> {
+        out.lines()
+            .map(|l| l.rsplit('\t').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (ok, out, err) = member("3");
+    assert!(ok, "{err}");
+    assert_eq!(values(&out), ["a", "b", "c"]);
+    assert!(err.starts_with("joined group audit as member "), "{err}");
+    assert!(err.contains("owns ledger/0\n"), "{err}");
+    assert!(err.ends_with("committed and left group audit\n"), "{err}");
+    let (ok, out, err) = member("2");
+    assert!(ok, "{err}");
+    assert_eq!(values(&out), ["d", "e"], "resumes at the committed offset");
+    let (ok, out, err) = cli(&broker, &["group", "describe", "audit"], "");
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().any(
+            |l| l.split_whitespace().collect::<Vec<_>>() == ["ledger", "0", "5", "5", "0", "-"]
+        ),
+        "{out}"
+    );
 }
 
 /// Guards graceful shutdown with waiting clients: SIGTERM while a Subscribe stream is
@@ -1599,10 +1715,33 @@ fn a_second_broker_on_the_same_data_dir_refuses_to_start() {
         .expect("run a second broker");
     assert!(!output.status.success(), "second broker must fail");
     let stderr = String::from_utf8_lossy(&output.stderr);
+    let holder = format!("is in use by strata process {}; stop", broker.pid());
     assert!(
-        stderr.contains("in use by another strata process"),
+        stderr.contains(&holder) && stderr.contains("--data-dir"),
         "stderr: {stderr}"
     );
+}
+
+/// Guards the listen address check: a broker whose address is taken says to choose
+/// another with --listen, and leaves no data directory behind (it binds the address
+/// before it creates the directory).
+#[test]
+fn a_broker_whose_address_is_taken_says_so_and_creates_nothing() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let data = dir.path().join("never-created");
+    let output = strata_command()
+        .args(["serve", "--listen", &broker.addr_arg(), "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("run a second broker");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("address is in use") && stderr.contains("--listen"),
+        "stderr: {stderr}"
+    );
+    assert!(!data.exists(), "the data directory was created");
 }
 
 /// Guards the HTTP listener's wiring: by default it serves health next to gRPC, and

@@ -3,17 +3,11 @@
 //! positions, admin round trips and typed errors. Every wait is on an answer or a
 //! record, never on a clock; [`within`] only turns a hang into a failure.
 
-#[allow(
-    dead_code,
-    reason = "shared with tests/broker.rs, which uses the other helpers"
-)]
-mod common;
-
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use common::Broker;
+use crate::common::Broker;
 use strata_client::{
     Client, ConsumedRecord, Delivery, Durability, Error, OffsetSpec, PartitionConsumer,
     ProducerConfig, Record, StartAt, TopicConfig,
@@ -74,7 +68,7 @@ async fn read_all(client: &Client, topic: &str, partition: u32) -> Vec<ConsumedR
 async fn batch_sizes(client: &Client, topic: &str) -> Vec<i32> {
     let answer = client
         .broker_client()
-        .fetch(common::fetch_request(topic, 0, 0, false))
+        .fetch(crate::common::fetch_request(topic, 0, 0, false))
         .await
         .expect("fetch")
         .into_inner();

@@ -5,18 +5,12 @@
 //! broker restart is ridden out, and the group admin calls. Every wait polls for a
 //! condition with a generous deadline; nothing asserts on time.
 
-#[allow(
-    dead_code,
-    reason = "shared with tests/broker.rs, which uses the other helpers"
-)]
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Broker;
+use crate::common::Broker;
 use strata_client::{
     headers, Client, ConsumedRecord, Consumer, ConsumerGroupConfig, DeadLetterPolicy, DeadLetters,
     Delivery, Durability, Error, GroupState, Outcome, ProducerConfig, Record, ResetTo, StartAt,
@@ -646,7 +640,7 @@ async fn manual_commits_resume_exactly_after_a_restart() {
     }
     let answer = client
         .broker_client()
-        .fetch(common::fetch_request("ledger", 0, 0, false))
+        .fetch(crate::common::fetch_request("ledger", 0, 0, false))
         .await
         .expect("fetch")
         .into_inner();

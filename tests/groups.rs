@@ -9,16 +9,10 @@
 //! Every wait polls for a condition with a generous deadline; the one assertion on
 //! elapsed time is the session timeout, a bound the protocol states.
 
-#[allow(
-    dead_code,
-    reason = "shared with tests/broker.rs, which uses the other helpers"
-)]
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use strata_proto::v1::{
     self, admin_client::AdminClient, broker_client::BrokerClient, groups_client::GroupsClient,
 };
@@ -113,6 +107,15 @@ async fn describe(admin: &mut AdminClient<Channel>, group: &str) -> v1::Describe
         .await
         .unwrap_or_else(|e| panic!("describe group {group}: {e:?}"))
         .into_inner()
+}
+
+async fn list_groups(admin: &mut AdminClient<Channel>) -> Vec<v1::GroupSummary> {
+    admin
+        .list_groups(v1::ListGroupsRequest {})
+        .await
+        .expect("list groups")
+        .into_inner()
+        .groups
 }
 
 fn state(d: &v1::DescribeGroupResponse) -> v1::GroupState {
@@ -872,12 +875,7 @@ async fn committed_offsets_and_group_descriptions_survive_a_crash() {
     );
     assert_eq!(state(&billing_after), v1::GroupState::Empty);
     assert_eq!(describe(&mut admin, "audit").await, audit_before);
-    let listed = admin
-        .list_groups(v1::ListGroupsRequest {})
-        .await
-        .expect("list groups")
-        .into_inner()
-        .groups;
+    let listed = list_groups(&mut admin).await;
     let names: Vec<(&str, v1::GroupState, u32)> = listed
         .iter()
         .map(|g| (g.group.as_str(), g.state(), g.members))
@@ -894,6 +892,43 @@ async fn committed_offsets_and_group_descriptions_survive_a_crash() {
         Code::FailedPrecondition,
         "heartbeat of a member from before the restart",
     );
+}
+
+/// Guards the group epoch through a time without members: it only increases
+/// (docs/protocol.md), so a group whose last member left is EMPTY with the epoch it
+/// reached (it used to show 0), and the next member moves it on from there. (That a
+/// group that never committed is gone once its members are is checked with the other
+/// bad requests below.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_group_keeps_its_epoch() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    create(&mut admin, TOPIC, PARTITIONS).await;
+    let epoch = |d: &v1::DescribeGroupResponse| d.group.as_ref().map_or(0, |g| g.epoch);
+
+    let mut first = TestMember::join(&broker, "first", "billing", TOPIC, 0).await;
+    let active = describe(&mut admin, "billing").await;
+    assert!(epoch(&active) >= 1, "{active:#?}");
+    first.leave().await;
+    let empty = describe(&mut admin, "billing").await;
+    assert_eq!(state(&empty), v1::GroupState::Empty);
+    assert!(
+        epoch(&empty) > epoch(&active),
+        "the epoch went from {} to {} when the group became empty",
+        epoch(&active),
+        epoch(&empty)
+    );
+    let listed = list_groups(&mut admin).await;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|g| (g.group.as_str(), g.epoch))
+            .collect::<Vec<_>>(),
+        [("billing", epoch(&empty))]
+    );
+    let _second = TestMember::join(&broker, "second", "billing", TOPIC, 0).await;
+    let again = describe(&mut admin, "billing").await;
+    assert!(epoch(&again) > epoch(&empty), "{again:#?}");
 }
 
 /// Guards resuming after a crash: a member processes part of each partition and
@@ -1383,12 +1418,8 @@ async fn bad_membership_requests_get_clear_statuses_and_change_nothing() {
     assert_eq!(d.members[0].member_id, a.member_id);
     assert_eq!(d.partitions, description_before.partitions);
     assert_eq!(state(&d), v1::GroupState::Stable);
-    let listed: Vec<String> = admin
-        .list_groups(v1::ListGroupsRequest {})
+    let listed: Vec<String> = list_groups(&mut admin)
         .await
-        .expect("list groups")
-        .into_inner()
-        .groups
         .into_iter()
         .map(|g| g.group)
         .collect();
@@ -1585,12 +1616,7 @@ async fn resets_move_committed_offsets_either_way_and_deleted_groups_are_gone() 
         Code::NotFound,
         "delete of a deleted group",
     );
-    let listed = admin
-        .list_groups(v1::ListGroupsRequest {})
-        .await
-        .expect("list groups")
-        .into_inner()
-        .groups;
+    let listed = list_groups(&mut admin).await;
     assert!(listed.is_empty(), "{listed:?}");
 }
 
@@ -1657,12 +1683,8 @@ async fn deleting_a_topic_forgets_its_committed_offsets() {
             Code::NotFound,
             &format!("{run}: describe of a group whose only topic was deleted"),
         );
-        let listed: Vec<String> = admin
-            .list_groups(v1::ListGroupsRequest {})
+        let listed: Vec<String> = list_groups(&mut admin)
             .await
-            .expect("list groups")
-            .into_inner()
-            .groups
             .into_iter()
             .map(|g| g.group)
             .collect();
@@ -1783,12 +1805,8 @@ async fn describe_shows_lag_per_partition_and_list_shows_empty_and_active_groups
     let list = |admin: &mut AdminClient<Channel>| {
         let mut admin = admin.clone();
         async move {
-            admin
-                .list_groups(v1::ListGroupsRequest {})
+            list_groups(&mut admin)
                 .await
-                .expect("list groups")
-                .into_inner()
-                .groups
                 .into_iter()
                 .map(|g| (g.group.clone(), g.state(), g.members))
                 .collect::<Vec<_>>()

@@ -4,16 +4,10 @@
 //! I/O error shows in gRPC health, `/readyz`, the metrics and one log line, and makes
 //! the shutdown exit non-zero.
 
-#[allow(
-    dead_code,
-    reason = "shared with tests/broker.rs, which uses the other helpers"
-)]
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use strata_proto::v1;
 use strata_storage::batch::BatchBuilder;
 use tonic_health::pb::health_check_response::ServingStatus;

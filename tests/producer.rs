@@ -5,12 +5,6 @@
 //! refused without touching the log; a producer continues after a batch fails for good;
 //! and a million small keyed records read back in per-key order.
 
-#[allow(
-    dead_code,
-    reason = "shared with the other test crates, which use the other helpers"
-)]
-mod common;
-
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Broker;
+use crate::common::Broker;
 use strata_client::{
     Client, Delivery, Durability, Error, OffsetSpec, PartitionConsumer, ProducerConfig, Record,
     StartAt, TopicConfig,
@@ -391,7 +385,7 @@ async fn a_producer_continues_after_a_batch_fails_for_good() {
 
 /// A produce request carrying one encoded batch.
 fn produce(batch: Vec<u8>) -> v1::ProduceRequest {
-    common::produce_batch("idem", 0, batch)
+    crate::common::produce_batch("idem", 0, batch)
 }
 
 /// A batch of producer `id` with `count` records valued `{tag}-{i}`.
@@ -439,7 +433,7 @@ async fn producer_state_survives_restarts_and_bad_sequences_change_nothing() {
         durability: Some("fsync".into()),
         ..Default::default()
     };
-    common::create_topic(&mut admin, "idem", 1, fsync).await;
+    crate::common::create_topic(&mut admin, "idem", 1, fsync).await;
     let mut client = broker.client().await;
     let init = client
         .init_producer(v1::InitProducerRequest {})
@@ -530,7 +524,7 @@ async fn producer_state_survives_restarts_and_bad_sequences_change_nothing() {
     refused(&mut client, batch(-5, 0, 0, 1, "x"), Code::InvalidArgument).await;
     refused(&mut client, batch(id, 0, -2, 1, "x"), Code::InvalidArgument).await;
 
-    let values: Vec<Vec<u8>> = common::read_partition(&mut client, "idem", 0)
+    let values: Vec<Vec<u8>> = crate::common::read_partition(&mut client, "idem", 0)
         .await
         .into_iter()
         .map(|r| r.value.expect("a value"))

@@ -7,9 +7,11 @@
 //! <data>/trash/                       topics being deleted (removed after the rename)
 //! <data>/groups/offsets/              the committed-offsets log of consumer groups
 //! <data>/producer_ids                 the producer ids reserved so far
+//! <data>/lock                         locked while a broker runs; holds its process id
 //! ```
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -116,12 +118,23 @@ impl Broker {
             .write(true)
             .open(&lock_path)
             .map_err(Error::io(&lock_path))?;
-        if let Err(e) = lock.try_lock() {
-            return Err(Error::InvalidArgument(format!(
-                "data directory {} is in use by another strata process ({e})",
-                data_dir.display()
-            )));
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let pid = std::fs::read_to_string(&lock_path)
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok());
+                return Err(Error::DataDirLocked {
+                    path: data_dir.display().to_string(),
+                    pid,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path)(e)),
         }
+        // The holder's process id, for the message a second broker gives.
+        lock.set_len(0)
+            .and_then(|()| writeln!(&lock, "{}", std::process::id()))
+            .map_err(Error::io(&lock_path))?;
         for sub in ["topics", "tmp", "trash"] {
             let dir = data_dir.join(sub);
             std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
@@ -382,12 +395,15 @@ impl Broker {
         }
     }
 
-    /// Removes group members whose session or rebalance timeout passed.
+    /// Removes group members whose session or rebalance timeout passed, and forgets
+    /// groups left with neither members nor committed offsets.
     pub fn expire_members(&self) {
         self.coordinator.expire(
             &|topic| self.partition_count(topic),
             std::time::Instant::now(),
         );
+        self.coordinator
+            .forget_empty(&|group| self.offsets.has_group(group));
     }
 
     /// Answers everything queued, then closes every log cleanly. Blocking. The errors

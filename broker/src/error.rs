@@ -44,6 +44,14 @@ pub enum Error {
     /// The partition's log failed a write and is being recovered.
     #[error("partition {0} is unavailable: {1}")]
     Unavailable(String, String),
+    /// Another broker process holds the data directory's lock.
+    #[error("data directory {path} is in use by {}", pid.map_or_else(|| "another strata process".to_string(), |pid| format!("strata process {pid}")))]
+    DataDirLocked {
+        /// The data directory.
+        path: String,
+        /// The process holding it, as its lock file says.
+        pid: Option<u32>,
+    },
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
@@ -129,6 +137,8 @@ impl Error {
             Error::DiskFull(..) => "disk_full",
             Error::Unavailable(..) => "partition_unavailable",
             Error::ShuttingDown => "shutting_down",
+            // Only `strata serve` at start meets it, never a request.
+            Error::DataDirLocked { .. } => "data_dir_locked",
             Error::Sequence(..) => "producer_sequence",
             Error::Storage(S::InvalidBatch(_)) => "invalid_batch",
             Error::Storage(S::BatchTooLarge { .. }) => "batch_too_large",
@@ -148,7 +158,7 @@ impl Error {
     /// and metrics show it; a retrying producer must not flood the log.
     pub fn severity(&self) -> Severity {
         match self.reason() {
-            "disk_full" | "partition_unavailable" => Severity::Degraded,
+            "disk_full" | "partition_unavailable" | "data_dir_locked" => Severity::Degraded,
             "corrupt_data" | "storage_error" | "io_error" => Severity::Fault,
             _ => Severity::Client,
         }

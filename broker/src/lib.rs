@@ -16,5 +16,6 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod topics;
+pub mod units;
 
 pub use error::{Error, Result};

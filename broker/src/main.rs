@@ -14,6 +14,10 @@ use tracing_subscriber::filter::Targets;
     about = "Strata: a single-binary, log-structured message broker"
 )]
 struct Cli {
+    /// Broker address of the client commands, host:port or http://host:port (also
+    /// accepted after the subcommand) [env: STRATA_BROKER] [default: 127.0.0.1:7717].
+    #[arg(long, value_name = "ADDRESS")]
+    broker: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,18 +96,25 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let outer = BrokerArg { broker: cli.broker };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
+                if outer.broker.is_some() {
+                    anyhow::bail!(
+                        "--broker names the broker the client commands talk to; `strata \
+                         serve` listens where --listen says"
+                    );
+                }
                 let config = ServeConfig::resolve(args)?;
                 init_logging(config.log_format, config.log_level.clone());
                 strata_broker::server::serve(config, strata_broker::server::shutdown_signal()).await
             }
-            Command::Topic { broker, command } => cli::topic(&broker.broker, command).await,
-            Command::Group { broker, command } => cli::group(&broker.broker, command).await,
-            Command::Produce { broker, args } => cli::produce(&broker.broker, args).await,
-            Command::Consume { broker, args } => cli::consume(&broker.broker, args).await,
-            Command::Top { broker, args } => cli::top::top(&broker.broker, args).await,
+            Command::Topic { broker, command } => cli::topic(&broker.resolve(outer), command).await,
+            Command::Group { broker, command } => cli::group(&broker.resolve(outer), command).await,
+            Command::Produce { broker, args } => cli::produce(&broker.resolve(outer), args).await,
+            Command::Consume { broker, args } => cli::consume(&broker.resolve(outer), args).await,
+            Command::Top { broker, args } => cli::top::top(&broker.resolve(outer), args).await,
         }
     });
     match result {

@@ -6,16 +6,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::config::ServeConfig;
+use crate::error::Error;
 use crate::http::HttpState;
 use crate::metrics::{Metrics, Source};
 
 /// How often idle partitions are committed (syncing data under the interval policy).
 const COMMIT_TICK_MS: u64 = 100;
+/// Connections the kernel queues before the broker accepts them (tokio's default).
+const LISTEN_BACKLOG: u32 = 1024;
 
 /// Serves until `shutdown` resolves, then answers queued requests and closes every log
 /// cleanly; fails if some log could not be closed cleanly. Prints
@@ -25,12 +28,10 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    // Bind before opening the data directory: a port in use fails at once and leaves
-    // nothing behind, and /readyz answers "starting" while recovery runs.
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let address = listener.local_addr()?;
+    // Both addresses are taken before the data directory is touched: a port in use fails
+    // at once and leaves no new directory behind. /readyz answers "starting" while
+    // recovery runs; the gRPC port accepts connections only once every partition is open.
+    let socket = bind(config.listen)?;
     let metrics = Arc::new(Metrics::default());
     let source = Arc::new(Source::default());
     let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
@@ -42,13 +43,21 @@ pub async fn serve(
         Broker::open(&data_dir, defaults, max_open_files, metrics)
     })
     .await?
-    .map_err(|e| {
-        anyhow::anyhow!(
+    .map_err(|e| match e {
+        Error::DataDirLocked { .. } => anyhow::anyhow!(
+            "{e}; stop that process, or give this broker a directory of its own with \
+             --data-dir <path>"
+        ),
+        e => anyhow::anyhow!(
             "cannot open data directory {}: {e}",
             config.data_dir.display()
-        )
+        ),
     })?;
     let broker = Arc::new(broker);
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|e| listen_error(config.listen, e))?;
+    let address = listener.local_addr()?;
     source.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
@@ -76,6 +85,32 @@ pub async fn serve(
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Binds a socket to `address` without listening yet.
+fn bind(address: SocketAddr) -> anyhow::Result<TcpSocket> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    // As a listener bound by tokio: a restart may take a port whose old connections
+    // are still in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address).map_err(|e| listen_error(address, e))?;
+    Ok(socket)
+}
+
+fn listen_error(address: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!(
+            "cannot listen on {address}: the address is in use (by another strata serve, or \
+             another program); stop that, or choose another address with --listen <ip:port> \
+             (port 0 picks a free port)"
+        )
+    } else {
+        anyhow::anyhow!("cannot listen on {address}: {e}")
+    }
 }
 
 /// The HTTP listener's task, when it is on.

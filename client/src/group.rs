@@ -183,9 +183,10 @@ impl ConsumerGroupConfig {
 /// refused (a topic deleted, an invalid setting), after which the stream ends, and an
 /// unexpected broker failure on a partition, which is retried.
 ///
-/// Call [`close`](Consumer::close) to commit and leave the group, so the partitions move
-/// at once. Dropping a consumer stops it at once, like a crash: nothing is committed, and
-/// its partitions move when its session times out.
+/// Call [`close`](Consumer::close) to commit and leave the group, so the partitions are
+/// free at once and the other members take them on their next heartbeat (within 3 s).
+/// Dropping a consumer stops it at once, like a crash: nothing is committed, and its
+/// partitions move when its session times out.
 ///
 /// ```no_run
 /// use strata_client::Client;
@@ -444,10 +445,11 @@ impl Consumer {
     }
 
     /// Stops fetching, commits (with auto-commit: everything handed out; without: what
-    /// was committed explicitly stays) and leaves the group, so its partitions move to
-    /// the other members at once. If the broker cannot be reached this fails with
-    /// [`Error::Unavailable`]; the partitions then move when the session times out, and
-    /// what was not committed is delivered again.
+    /// was committed explicitly stays) and leaves the group, so its partitions are free
+    /// at once; the other members take them on their next heartbeat (within 3 s, the
+    /// longest heartbeat interval the broker gives). If the broker cannot be reached
+    /// this fails with [`Error::Unavailable`]; the partitions then move when the session
+    /// times out, and what was not committed is delivered again.
     pub async fn close(self) -> Result<()> {
         match self.request(|reply| Command::Close { reply }).await {
             // Stopped already, after an error the stream reported: nothing to leave.

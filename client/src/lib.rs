@@ -240,13 +240,20 @@ fn endpoint(address: &str) -> Result<Endpoint> {
         .max_frame_size(FRAME_BYTES_MAX))
 }
 
-/// An error with its causes, `: `-separated.
+/// An error with its causes, `: `-separated. A cause that reads exactly like the one
+/// before it is left out: transport errors wrap an error in another that displays the
+/// same text ("tcp connect error: tcp connect error: ...").
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
+    let mut last = e.to_string();
+    let mut out = last.clone();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+            last = text;
+        }
         source = s.source();
     }
     out

@@ -103,12 +103,24 @@ impl Broker {
                 bash
             }
         };
-        let mut child = command
+        // On a fixed gRPC port (a restart on the same port) the default HTTP address, the
+        // next port, may have been taken meanwhile (by any connection's ephemeral port):
+        // a free port instead, unless the test chose one.
+        let http_free_port = self.listen.port() != 0
+            && !self
+                .extra_args
+                .iter()
+                .any(|a| a.starts_with("--http-listen"));
+        command
             .arg("serve")
             .arg("--listen")
             .arg(self.listen.to_string())
             .arg("--data-dir")
-            .arg(self.data_dir())
+            .arg(self.data_dir());
+        if http_free_port {
+            command.args(["--http-listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -201,7 +213,6 @@ impl Broker {
     }
 
     /// A consumer-groups client on its own connection.
-    #[allow(dead_code, reason = "used by the group tests, not by every test crate")]
     pub async fn groups(&self) -> GroupsClient<Channel> {
         GroupsClient::new(self.channel().await)
     }
@@ -275,10 +286,6 @@ impl Broker {
     /// Starts the broker again on the same data directory and the same port as before
     /// (after [`Broker::stop`] or [`Broker::kill`]), so clients can reconnect to the
     /// address they know.
-    #[allow(
-        dead_code,
-        reason = "used by the client tests, not by every test crate"
-    )]
     pub fn restart_on_same_port(&mut self) {
         self.listen = self.addr;
         self.spawn();

@@ -1,57 +1,86 @@
 //! The client subcommands of `strata`: `topic`, `group`, `produce` and `consume`,
-//! talking to a broker over gRPC like any other client.
+//! talking to a broker over gRPC like any other client, through `strata-client`'s
+//! connection (`consume --group` through its group [`Consumer`](strata_client::Consumer)).
+//!
+//! Every error a person can fix says how: the CLI knows which command failed and which
+//! topic or group it was about, so it adds the next step to the broker's message.
+
+mod member;
 
 pub mod top;
 
 use std::time::Duration;
 
 use anyhow::Context;
+use strata_client::Client;
 use strata_proto::v1::{self, admin_client::AdminClient, broker_client::BrokerClient};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_stream::{StreamExt, StreamMap};
 use tonic::transport::Channel;
 
+use crate::error::Error;
+use crate::topics::settings::MESSAGE_BYTES_CAP;
+use crate::units::{ByteSize, Limit, Millis};
+
 /// Default broker address of the client commands.
-pub const DEFAULT_BROKER: &str = "http://127.0.0.1:7717";
-/// Largest message the CLI accepts: a fetch of the broker's maximum plus a batch.
-const MESSAGE_BYTES_MAX: usize = 64 << 20;
+pub const DEFAULT_BROKER: &str = "127.0.0.1:7717";
+/// The environment variable that names the broker when `--broker` is not given.
+pub const BROKER_ENV: &str = "STRATA_BROKER";
 /// Lines typed within this window go out in one produce request.
 const PRODUCE_LINGER: Duration = Duration::from_millis(5);
 /// Most lines in one produce request.
 const PRODUCE_LINES_MAX: usize = 1000;
 
-/// Where the broker is.
-#[derive(Debug, Clone, clap::Args)]
+/// Where the broker is. Accepted before the subcommand (`strata --broker ADDR topic
+/// list`) and after it (`strata topic list --broker ADDR`); after wins.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct BrokerArg {
-    /// Broker address, `host:port` or `http://host:port`.
-    #[arg(long, env = "STRATA_BROKER", default_value = DEFAULT_BROKER, global = true)]
-    pub broker: String,
+    /// Broker address, host:port or http://host:port [env: STRATA_BROKER] [default:
+    /// 127.0.0.1:7717].
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    pub broker: Option<String>,
+}
+
+impl BrokerArg {
+    /// The address to use: this flag, else `outer` (the flag before the subcommand),
+    /// else `STRATA_BROKER`, else the default.
+    pub fn resolve(self, outer: BrokerArg) -> String {
+        self.broker
+            .or(outer.broker)
+            .or_else(|| std::env::var(BROKER_ENV).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| DEFAULT_BROKER.to_string())
+    }
 }
 
 /// `strata topic ...`
 #[derive(Debug, clap::Subcommand)]
 pub enum TopicCommand {
-    /// Create a topic.
+    /// Create a topic. Settings left out take the broker's defaults (`strata serve
+    /// --help`).
     Create {
         /// Topic name: 1 to 249 characters from [a-zA-Z0-9._-].
         name: String,
-        /// Number of partitions.
+        /// Number of partitions, 1 to 1024.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
-        /// Keep records this long (ms); -1 forever. Default: the broker's.
-        #[arg(long, allow_hyphen_values = true)]
-        retention_ms: Option<i64>,
-        /// Keep at most this many bytes per partition; -1 unlimited.
-        #[arg(long, allow_hyphen_values = true)]
-        retention_bytes: Option<i64>,
-        /// Segment size in bytes.
-        #[arg(long)]
-        segment_bytes: Option<u64>,
-        /// Largest batch in bytes.
-        #[arg(long)]
-        max_message_bytes: Option<u32>,
-        /// fsync, interval:<ms> or none.
-        #[arg(long)]
+        /// Keep records this long: a duration (7d, 12h, 30m; a plain number is ms), or
+        /// -1 to keep them forever [default: the broker's, 7d unless set].
+        #[arg(long, allow_hyphen_values = true, value_name = "DURATION")]
+        retention_ms: Option<Limit<Millis>>,
+        /// Keep at most this much per partition: a size (10GiB, 512MiB; a plain number is
+        /// bytes), or -1 for no limit [default: the broker's, -1 unless set].
+        #[arg(long, allow_hyphen_values = true, value_name = "SIZE")]
+        retention_bytes: Option<Limit<ByteSize>>,
+        /// Start a new segment file at this size: a size (256MiB; a plain number is bytes)
+        /// [default: the broker's, 1GiB unless set].
+        #[arg(long, value_name = "SIZE")]
+        segment_bytes: Option<ByteSize>,
+        /// Largest batch a produce request may carry, at most 32MiB [default: the
+        /// broker's, 1MiB unless set].
+        #[arg(long, value_name = "SIZE")]
+        max_message_bytes: Option<ByteSize>,
+        /// fsync, interval:<ms> or none [default: the broker's, fsync unless set].
+        #[arg(long, value_name = "POLICY")]
         durability: Option<String>,
     },
     /// List topics.
@@ -118,10 +147,10 @@ pub struct ConsumeArgs {
     /// Topic to read.
     pub topic: String,
     /// Only this partition (default: all).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub partition: Option<u32>,
     /// Where to start: earliest, latest, an offset, or @<unix-ms> for a time.
-    #[arg(long, default_value = "earliest")]
+    #[arg(long, default_value = "earliest", conflicts_with = "group")]
     pub from: String,
     /// Keep waiting for new records instead of stopping at the end.
     #[arg(long)]
@@ -129,45 +158,53 @@ pub struct ConsumeArgs {
     /// Stop after this many records.
     #[arg(long)]
     pub max_records: Option<u64>,
+    /// Read as a member of this consumer group: share the topic's partitions with the
+    /// group's other members, start where the group left off (a new group starts at
+    /// the earliest offset), commit as records are printed, and run until Ctrl-C (or
+    /// --max-records), which commits and leaves the group.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
 }
 
-fn endpoint(broker: &str) -> String {
-    if broker.contains("://") {
-        broker.to_string()
-    } else {
-        format!("http://{broker}")
-    }
-}
-
-async fn channel(broker: &str) -> anyhow::Result<Channel> {
-    let url = endpoint(broker);
-    tonic::transport::Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid broker address {broker:?}"))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(crate::grpc::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(crate::grpc::CONNECTION_WINDOW_BYTES)
-        .max_frame_size(crate::grpc::FRAME_BYTES_MAX)
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot connect to the broker at {url}; is `strata serve` running?")
-        })
+/// Connects to the broker, or says how to get one running.
+async fn connect(broker: &str) -> anyhow::Result<Client> {
+    Client::connect(broker).await.map_err(|e| match e {
+        strata_client::Error::Unavailable { message } => anyhow::anyhow!(
+            "{message}; is `strata serve` running there? Start it, or point --broker (or \
+             {BROKER_ENV}) at a running broker"
+        ),
+        e => anyhow::anyhow!(e),
+    })
 }
 
 async fn admin(broker: &str) -> anyhow::Result<AdminClient<Channel>> {
-    Ok(AdminClient::new(channel(broker).await?).max_decoding_message_size(MESSAGE_BYTES_MAX))
+    Ok(connect(broker).await?.admin_client())
 }
 
-async fn data(broker: &str) -> anyhow::Result<BrokerClient<Channel>> {
-    Ok(BrokerClient::new(channel(broker).await?)
-        .max_decoding_message_size(MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_BYTES_MAX))
-}
-
-/// A gRPC error as a person reads it.
+/// A gRPC error as a person reads it: its kind, then the broker's message.
 fn status(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(e.code()), e.message())
 }
+
+/// Like [`status`], with the next step when the broker says `topic` does not exist:
+/// `hint` completes "…does not exist; ".
+fn topic_status<'a>(topic: &str, hint: &'a str) -> impl Fn(tonic::Status) -> anyhow::Error + 'a {
+    let missing = Error::TopicNotFound(topic.to_string()).to_string();
+    move |e| {
+        if e.code() == tonic::Code::NotFound && e.message() == missing {
+            anyhow::anyhow!("not found: {missing}; {hint}")
+        } else {
+            status(e)
+        }
+    }
+}
+
+/// The next step for a command that needs `topic` to exist.
+fn create_it(topic: &str) -> String {
+    format!("create it with `strata topic create {topic}` (`strata topic list` shows the topics there are)")
+}
+
+const LIST_TOPICS: &str = "`strata topic list` shows the topics there are";
 
 fn code_name(code: tonic::Code) -> &'static str {
     match code {
@@ -176,6 +213,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::InvalidArgument => "invalid argument",
         tonic::Code::OutOfRange => "out of range",
         tonic::Code::ResourceExhausted => "resource exhausted",
+        tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::Unavailable => "unavailable",
         _ => "error",
     }
@@ -185,6 +223,15 @@ fn limit(v: Option<i64>) -> String {
     match v {
         Some(-1) | None => "unlimited".into(),
         Some(v) => v.to_string(),
+    }
+}
+
+/// A raw value followed by its human form when that says more: `604800000 (7d)`.
+fn with_unit(raw: u64, human: String) -> String {
+    if human == format!("{raw}B") || human == format!("{raw}ms") {
+        raw.to_string()
+    } else {
+        format!("{raw} ({human})")
     }
 }
 
@@ -201,10 +248,20 @@ pub async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
             max_message_bytes,
             durability,
         } => {
+            let max_message_bytes = max_message_bytes
+                .map(|size| {
+                    u32::try_from(size.0).with_context(|| {
+                        format!(
+                            "--max-message-bytes {size}: at most {} is allowed",
+                            ByteSize(MESSAGE_BYTES_CAP.into())
+                        )
+                    })
+                })
+                .transpose()?;
             let config = v1::TopicConfig {
-                retention_ms,
-                retention_bytes,
-                segment_bytes,
+                retention_ms: retention_ms.map(Limit::to_protocol),
+                retention_bytes: retention_bytes.map(Limit::to_protocol),
+                segment_bytes: segment_bytes.map(u64::from),
                 segment_ms: None,
                 max_message_bytes,
                 durability,
@@ -249,21 +306,35 @@ pub async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
         }
         TopicCommand::Describe { name } => {
             let response = client
-                .describe_topic(v1::DescribeTopicRequest { name })
+                .describe_topic(v1::DescribeTopicRequest { name: name.clone() })
                 .await
-                .map_err(status)?
+                .map_err(topic_status(&name, LIST_TOPICS))?
                 .into_inner();
             let topic = response.topic.unwrap_or_default();
             let c = topic.config.unwrap_or_default();
+            let millis = |v: Option<i64>| match v {
+                Some(ms) if ms >= 0 => with_unit(ms as u64, Millis(ms as u64).to_string()),
+                v => limit(v),
+            };
+            let bytes = |v: u64| with_unit(v, ByteSize(v).to_string());
             println!("topic:             {}", topic.name);
             println!("partitions:        {}", topic.partitions);
             println!("durability:        {}", c.durability.unwrap_or_default());
-            println!("retention_ms:      {}", limit(c.retention_ms));
-            println!("retention_bytes:   {}", limit(c.retention_bytes));
-            println!("segment_bytes:     {}", c.segment_bytes.unwrap_or_default());
+            println!("retention_ms:      {}", millis(c.retention_ms));
+            println!(
+                "retention_bytes:   {}",
+                match c.retention_bytes {
+                    Some(b) if b >= 0 => bytes(b as u64),
+                    v => limit(v),
+                }
+            );
+            println!(
+                "segment_bytes:     {}",
+                bytes(c.segment_bytes.unwrap_or_default())
+            );
             println!(
                 "max_message_bytes: {}",
-                c.max_message_bytes.unwrap_or_default()
+                bytes(c.max_message_bytes.unwrap_or_default().into())
             );
             println!();
             println!(
@@ -281,7 +352,7 @@ pub async fn topic(broker: &str, command: TopicCommand) -> anyhow::Result<()> {
             client
                 .delete_topic(v1::DeleteTopicRequest { name: name.clone() })
                 .await
-                .map_err(status)?;
+                .map_err(topic_status(&name, LIST_TOPICS))?;
             println!("deleted topic {name}");
         }
     }
@@ -370,7 +441,17 @@ pub async fn group(broker: &str, command: GroupCommand) -> anyhow::Result<()> {
                     "{:<18} {:<20} {:>6} {:<30} REVOKING",
                     "MEMBER", "CLIENT", "EPOCH", "ASSIGNMENT"
                 );
-                for m in &response.members {
+                // In the order of the partitions they own, like the table below; members
+                // that own nothing last.
+                let mut members = response.members.clone();
+                members.sort_by_cached_key(|m| {
+                    let first = m
+                        .assignment
+                        .iter()
+                        .find_map(|t| t.partitions.iter().min().map(|&p| (t.topic.clone(), p)));
+                    (first.is_none(), first, m.member_id.clone())
+                });
+                for m in &members {
                     println!(
                         "{:<18} {:<20} {:>6} {:<30} {}",
                         m.member_id,
@@ -416,12 +497,12 @@ pub async fn group(broker: &str, command: GroupCommand) -> anyhow::Result<()> {
             let response = client
                 .reset_offsets(v1::ResetOffsetsRequest {
                     group: group.clone(),
-                    topic,
+                    topic: topic.clone(),
                     partitions,
                     to: Some(reset_target(&to)?),
                 })
                 .await
-                .map_err(status)?
+                .map_err(topic_status(&topic, LIST_TOPICS))?
                 .into_inner();
             for o in response.offsets {
                 println!("{group} {}/{} -> {}", o.topic, o.partition, o.offset);
@@ -442,9 +523,10 @@ pub async fn group(broker: &str, command: GroupCommand) -> anyhow::Result<()> {
 
 /// Runs `strata produce`: lines arriving together go out in one request.
 pub async fn produce(broker: &str, args: ProduceArgs) -> anyhow::Result<()> {
-    let mut client = data(broker).await?;
+    let mut client = connect(broker).await?.broker_client();
+    let missing = create_it(&args.topic);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    let mut total = 0u64;
+    let (mut total, mut requests) = (0u64, 0u64);
     let key = args.key.map(|k| bytes::Bytes::from(k.into_bytes()));
     loop {
         let Some(first) = lines.next_line().await.context("reading standard input")? else {
@@ -482,9 +564,10 @@ pub async fn produce(broker: &str, args: ProduceArgs) -> anyhow::Result<()> {
                 ..Default::default()
             })
             .await
-            .map_err(status)?
+            .map_err(topic_status(&args.topic, &missing))?
             .into_inner();
         total += count;
+        requests += 1;
         eprintln!(
             "produced {count} record(s) to partition {} at offsets {}..={}",
             response.partition, response.base_offset, response.last_offset
@@ -493,20 +576,43 @@ pub async fn produce(broker: &str, args: ProduceArgs) -> anyhow::Result<()> {
             break;
         }
     }
-    eprintln!("{total} record(s) produced");
+    if requests != 1 {
+        eprintln!("{total} record(s) produced");
+    }
     Ok(())
+}
+
+/// Writes one record as `strata consume` prints it: partition, offset, timestamp, key
+/// and value, tab-separated, key and value as text (a null one as an empty field).
+fn record_line(
+    partition: u32,
+    offset: u64,
+    timestamp_ms: i64,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) -> String {
+    format!(
+        "{partition}\t{offset}\t{timestamp_ms}\t{}\t{}\n",
+        String::from_utf8_lossy(key.unwrap_or_default()),
+        String::from_utf8_lossy(value.unwrap_or_default())
+    )
 }
 
 /// Runs `strata consume`.
 pub async fn consume(broker: &str, args: ConsumeArgs) -> anyhow::Result<()> {
-    let mut admin = admin(broker).await?;
-    let mut client = data(broker).await?;
+    let connection = connect(broker).await?;
+    if let Some(group) = &args.group {
+        return member::consume(&connection, group, &args.topic, args.max_records).await;
+    }
+    let missing = create_it(&args.topic);
+    let mut admin = connection.admin_client();
+    let mut client: BrokerClient<Channel> = connection.broker_client();
     let topic = admin
         .describe_topic(v1::DescribeTopicRequest {
             name: args.topic.clone(),
         })
         .await
-        .map_err(status)?
+        .map_err(topic_status(&args.topic, &missing))?
         .into_inner();
     let partitions: Vec<u32> = match args.partition {
         Some(p) => vec![p],
@@ -575,10 +681,15 @@ pub async fn consume(broker: &str, args: ConsumeArgs) -> anyhow::Result<()> {
             .into_inner();
         streams.insert(partition, stream);
     }
+    if args.follow {
+        // Every start position is fixed now: whatever is produced from here on is
+        // printed. Saying so tells a person (and a script) that it is waiting, not stuck.
+        eprintln!("waiting for records (Ctrl-C to stop)");
+    }
     let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
     let mut printed = 0u64;
     while let Some((partition, message)) = streams.next().await {
-        let message = message.map_err(status)?;
+        let message = message.map_err(topic_status(&args.topic, LIST_TOPICS))?;
         let end = ends
             .iter()
             .find(|(p, _)| *p == partition)
@@ -587,19 +698,12 @@ pub async fn consume(broker: &str, args: ConsumeArgs) -> anyhow::Result<()> {
             if !args.follow && record.offset >= end {
                 break;
             }
-            let key = record
-                .key
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            let value = record
-                .value
-                .as_deref()
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            let line = format!(
-                "{partition}\t{}\t{}\t{key}\t{value}\n",
-                record.offset, record.timestamp_ms
+            let line = record_line(
+                partition,
+                record.offset,
+                record.timestamp_ms,
+                record.key.as_deref(),
+                record.value.as_deref(),
             );
             out.write_all(line.as_bytes()).await?;
             printed += 1;

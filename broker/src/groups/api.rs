@@ -130,7 +130,12 @@ pub fn list_groups(broker: &Broker) -> Vec<GroupSummary> {
         .map(|v| (v.name.clone(), v))
         .collect();
     let mut names: BTreeSet<String> = broker.offsets().groups().into_iter().collect();
-    names.extend(active.keys().cloned());
+    names.extend(
+        active
+            .values()
+            .filter(|v| !v.members.is_empty())
+            .map(|v| v.name.clone()),
+    );
     names
         .iter()
         .map(|name| GroupSummary::new(name, active.get(name)))
@@ -142,7 +147,10 @@ pub fn describe_group(broker: &Broker, group: &str) -> Result<GroupDescription> 
     validate_group(group)?;
     let view = broker.coordinator().describe(group);
     let committed = broker.offsets().group(group);
-    if view.is_none() && committed.is_empty() {
+    // A group exists while it has members or committed offsets; the coordinator may
+    // still hold one that just lost both.
+    let has_members = view.as_ref().is_some_and(|v| !v.members.is_empty());
+    if !has_members && committed.is_empty() {
         return Err(Error::GroupNotFound(group.to_string()));
     }
     let mut owners: BTreeMap<TopicPartition, String> = BTreeMap::new();

@@ -18,8 +18,14 @@
 //! member's current one, which fences zombies: a removed member is unknown, and a
 //! member's request from before a partition came back to it carries an older epoch.
 //!
-//! Members are soft state: a broker restart forgets them, and they rejoin. Committed
-//! offsets are durable ([`crate::groups::offsets`]).
+//! The group epoch counts changes of membership, subscriptions and partition counts. It
+//! only increases while the group exists: a group whose last member leaves stays known,
+//! EMPTY, with its epoch, for as long as it has committed offsets, and a member joining
+//! it later moves the epoch on from there. A group with neither members nor offsets no
+//! longer exists and is forgotten ([`Coordinator::forget_empty`]).
+//!
+//! Members are soft state: a broker restart forgets them (and group epochs), and they
+//! rejoin. Committed offsets are durable ([`crate::groups::offsets`]).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -538,9 +544,6 @@ impl Coordinator {
             if group.remove(member_id, partitions) {
                 tracing::info!(group = group_name, member = member_id, "member left");
             }
-            if group.members.is_empty() {
-                groups.remove(group_name);
-            }
         }
     }
 
@@ -571,7 +574,16 @@ impl Coordinator {
             }
             group.retarget(false, partitions);
         }
-        groups.retain(|_, group| !group.members.is_empty());
+    }
+
+    /// Forgets the groups that have no members and, as `has_offsets` tells, no
+    /// committed offsets: such a group no longer exists, and its name starts over at
+    /// epoch 0. A group without members that has committed offsets is EMPTY and keeps
+    /// its epoch, so a group's epoch only increases for as long as it exists. The
+    /// groups kept are therefore those with members or committed offsets.
+    pub fn forget_empty(&self, has_offsets: &dyn Fn(&str) -> bool) {
+        self.lock()
+            .retain(|name, group| !group.members.is_empty() || has_offsets(name));
     }
 
     /// Removes every member that owns a partition of `topic`, which was just deleted:
@@ -592,7 +604,6 @@ impl Coordinator {
                 group.remove(&id, partitions);
             }
         }
-        groups.retain(|_, group| !group.members.is_empty());
     }
 
     /// Checks that a request from a member (or, with an empty `member_id`, from outside
@@ -655,12 +666,13 @@ impl Coordinator {
             .is_some_and(|g| !g.members.is_empty())
     }
 
-    /// A group with members, as DescribeGroup shows it.
+    /// A group the coordinator knows, as DescribeGroup shows it: one with members, or
+    /// one without that [`Coordinator::forget_empty`] keeps.
     pub fn describe(&self, group_name: &str) -> Option<GroupView> {
         self.lock().get(group_name).map(|g| g.view(group_name))
     }
 
-    /// Every group with members.
+    /// Every group the coordinator knows (see [`Coordinator::describe`]).
     pub fn list(&self) -> Vec<GroupView> {
         self.lock().iter().map(|(name, g)| g.view(name)).collect()
     }
@@ -760,6 +772,40 @@ mod tests {
         ));
         c.check_owner("payments", &b.member_id, b.member_epoch, &b.assignment)
             .expect("b owns its partitions");
+    }
+
+    /// Guards the promise of docs/protocol.md that a group's epoch only increases: it
+    /// used to go back to 0 when the last member left, because the group was forgotten
+    /// although it still had committed offsets.
+    #[test]
+    fn the_group_epoch_only_increases_through_empty_times() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let a = join(&c, now);
+        assert_eq!(c.describe("payments").map(|g| g.epoch), Some(1));
+        c.leave("payments", &a.member_id, &six);
+        let empty = c
+            .describe("payments")
+            .expect("a group with offsets stays known");
+        assert_eq!((empty.state, empty.epoch), (GroupState::Empty, 2));
+        c.forget_empty(&|_| true);
+        assert_eq!(c.describe("payments").map(|g| g.epoch), Some(2));
+
+        // A join continues from there; so does a member expiring.
+        join(&c, now);
+        assert_eq!(c.describe("payments").map(|g| g.epoch), Some(3));
+        c.expire(
+            &six,
+            now + SESSION_TIMEOUT_DEFAULT + Duration::from_millis(1),
+        );
+        let expired = c.describe("payments").expect("still known");
+        assert_eq!((expired.state, expired.epoch), (GroupState::Empty, 4));
+
+        // Without members and offsets the group no longer exists; its name starts over.
+        c.forget_empty(&|_| false);
+        assert!(c.describe("payments").is_none());
+        join(&c, now);
+        assert_eq!(c.describe("payments").map(|g| g.epoch), Some(1));
     }
 
     #[test]
@@ -952,7 +998,8 @@ mod tests {
             Err(Error::Fenced(_))
         ));
         c.leave("payments", &a.member_id, &six);
-        assert!(c.describe("payments").is_none());
+        c.check_owner("payments", "", 0, [&tp(0)])
+            .expect("no members any more: standalone commits are fine again");
     }
 
     #[test]
@@ -1033,6 +1080,8 @@ mod tests {
             Leave(usize),
             AdvanceMs(u64),
             Expire,
+            /// Forgets the group if it is empty; `.0`: it has committed offsets.
+            ForgetEmpty(bool),
             /// Topic `.0` now has `.1` partitions; 0 deletes it.
             Resize(usize, u32),
         }
@@ -1045,6 +1094,7 @@ mod tests {
                 1 => (0usize..8).prop_map(Op::Leave),
                 2 => (0u64..4000).prop_map(Op::AdvanceMs),
                 1 => Just(Op::Expire),
+                1 => any::<bool>().prop_map(Op::ForgetEmpty),
                 1 => (0usize..2, 0u32..7).prop_map(|(t, n)| Op::Resize(t, n)),
             ]
         }
@@ -1070,6 +1120,8 @@ mod tests {
             counts: [Cell<u32>; 2],
             now: Instant,
             clients: Vec<Client>,
+            /// The group's epoch when last seen; 0 once it was forgotten.
+            epoch: Cell<u64>,
         }
 
         impl World {
@@ -1224,6 +1276,12 @@ mod tests {
                     }
                     Op::AdvanceMs(ms) => self.now += Duration::from_millis(ms),
                     Op::Expire => self.coordinator.expire(&|t| self.partitions(t), self.now),
+                    Op::ForgetEmpty(has_offsets) => {
+                        self.coordinator.forget_empty(&|_| has_offsets);
+                        if self.coordinator.describe(GROUP).is_none() {
+                            self.epoch.set(0);
+                        }
+                    }
                     Op::Resize(t, n) => self.counts[t].set(n),
                 }
                 Ok(())
@@ -1234,13 +1292,19 @@ mod tests {
                 let groups = self.coordinator.lock();
                 let Some(group) = groups.get(GROUP) else {
                     drop(groups);
-                    // A group without members is forgotten; its clients are zombies.
+                    // A group never created, or forgotten: its clients are zombies.
                     for client in &self.clients {
                         prop_assert!(self.zombie_is_fenced(client));
                     }
                     return Ok(());
                 };
-                prop_assert!(!group.members.is_empty(), "an empty group is kept");
+                prop_assert!(
+                    group.epoch >= self.epoch.get(),
+                    "the group epoch went back from {} to {}",
+                    self.epoch.get(),
+                    group.epoch
+                );
+                self.epoch.set(group.epoch);
                 // No partition has two owners, and the owner index agrees.
                 let mut owners: BTreeMap<&TopicPartition, &String> = BTreeMap::new();
                 for (id, m) in &group.members {
@@ -1321,6 +1385,7 @@ mod tests {
                     counts: [Cell::new(6), Cell::new(3)],
                     now: Instant::now(),
                     clients: Vec::new(),
+                    epoch: Cell::new(0),
                 };
                 for op in &ops {
                     world.apply(op)?;
@@ -1342,7 +1407,7 @@ mod tests {
                     }
                 }
                 let view = world.coordinator.describe(GROUP);
-                let Some(view) = view else {
+                let Some(view) = view.filter(|v| !v.members.is_empty()) else {
                     prop_assert!(world.clients.is_empty());
                     return Ok(());
                 };

@@ -244,6 +244,11 @@ impl Offsets {
         self.read().get(group).cloned().unwrap_or_default()
     }
 
+    /// True when `group` has committed offsets.
+    pub fn has_group(&self, group: &str) -> bool {
+        self.read().contains_key(group)
+    }
+
     /// Names of the groups with committed offsets.
     pub fn groups(&self) -> Vec<String> {
         self.read().keys().cloned().collect()

@@ -3,12 +3,10 @@
 //! log must reopen keeping every complete batch before the damage, losing nothing
 //! earlier, never panicking, and accepting appends at the right offset afterwards.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::scratch_dir;
+use crate::common::scratch_dir;
 use strata_storage::batch::BatchBuilder;
 use strata_storage::{Durability, FileCache, Log, LogConfig};
 

@@ -6,8 +6,6 @@
 //! The model knows the rolling and retention rules, so a disagreement in where segments
 //! start or which ones retention deletes is caught too.
 
-mod common;
-
 use proptest::prelude::*;
 use strata_storage::batch::{batches, set_base_offset, Batch, BatchBuilder};
 use strata_storage::{Durability, FileCache, Log, LogConfig};
@@ -203,7 +201,7 @@ fn check_same(log: &Log, model: &Model) -> Result<(), TestCaseError> {
 }
 
 fn run(ops: Vec<Op>, retention_bytes: u64) -> Result<(), TestCaseError> {
-    let dir = common::scratch_dir();
+    let dir = crate::common::scratch_dir();
     let files = FileCache::new(3);
     let config = config(retention_bytes);
     let mut log = Some(Log::open(dir.path(), config.clone(), &files).expect("open"));

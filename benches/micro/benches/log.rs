@@ -30,7 +30,7 @@
 //! Files live under Cargo's `CARGO_TARGET_TMPDIR` (`target/tmp`), on the project's file
 //! system.
 //!
-//! Run with `cargo bench -p strata-storage --bench log` (add a filter such as
+//! Run with `cargo bench -p strata-microbench --bench log` (add a filter such as
 //! `append_none` to run some). Each benchmark takes 10 samples of one or a few
 //! iterations; the whole run takes about one and a half to two minutes.
 

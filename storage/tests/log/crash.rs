@@ -108,7 +108,7 @@ fn sigkilled_appender_loses_no_acknowledged_record() {
         let acks_before_kill = 1 + rng % 40;
         let mut child = Command::new(&exe)
             .args([
-                "crash_child",
+                "crash::crash_child",
                 "--exact",
                 "--ignored",
                 "--nocapture",

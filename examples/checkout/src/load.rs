@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio::time::Instant;
 
 use crate::baseline::Baseline;
-use crate::broker::{find_strata, SpawnedBroker};
 use crate::catalog::{CheckoutRequest, ItemRequest, PRODUCTS};
 use crate::db::Db;
 use crate::error::{Error, Result};
@@ -214,10 +214,12 @@ async fn run_events(args: &RunArgs, profile: &Arc<Profile>, customers: &str) -> 
     let spawned = match &args.broker {
         Some(_) => None,
         None => {
-            let binary = find_strata(args.strata_bin.as_deref())?;
-            let broker = tokio::task::spawn_blocking(move || SpawnedBroker::start(&binary, None))
-                .await
-                .map_err(|e| Error::Setup(format!("starting the broker panicked: {e}")))??;
+            let binary = find_strata(args.strata_bin.as_deref(), Some("checkout"))?;
+            let broker = tokio::task::spawn_blocking(move || {
+                SpawnedBroker::start(&binary, BrokerDir::Temporary(None))
+            })
+            .await
+            .map_err(|e| Error::Setup(format!("starting the broker panicked: {e}")))??;
             Some(broker)
         }
     };

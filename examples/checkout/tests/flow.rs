@@ -378,7 +378,7 @@ async fn poison_events_go_to_dead_letter_topics() {
     assert!(poison.iter().any(|l| l.error.contains("does not decode")));
     assert!(poison.iter().all(|l| l.attempts == "0"));
 
-    let strata = checkout::broker::find_strata(None).expect("the strata binary");
+    let strata = common::strata().expect("the strata binary");
     let output = std::process::Command::new(strata)
         .args([
             "consume",

@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkout::broker::{find_strata, SpawnedBroker};
 use checkout::catalog::{CheckoutRequest, ItemRequest};
 use checkout::consume::ConsumerSettings;
 use checkout::db::Db;
@@ -20,6 +19,7 @@ use checkout::profile::Profile;
 use checkout::services::order::{self, OrderView, IDEMPOTENCY_KEY};
 use checkout::system::{Databases, System, SystemConfig};
 use strata_client::{Client, DeadLetterPolicy, StartAt};
+use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio_stream::StreamExt;
 
 /// Runs each scenario (an `async fn(Env)` of the test file) as two tests: `sqlite`, and
@@ -87,11 +87,13 @@ impl Env {
                 (Databases::Url(database.url.clone()), Some(database))
             }
         };
-        let binary = find_strata(None).expect("the strata binary");
-        let broker = tokio::task::spawn_blocking(move || SpawnedBroker::start(&binary, None))
-            .await
-            .expect("the broker start does not panic")
-            .expect("the broker starts");
+        let binary = strata().expect("the strata binary");
+        let broker = tokio::task::spawn_blocking(move || {
+            SpawnedBroker::start(&binary, BrokerDir::Temporary(None))
+        })
+        .await
+        .expect("the broker start does not panic")
+        .expect("the broker starts");
         Some(Env {
             broker,
             databases,
@@ -188,6 +190,11 @@ impl Env {
         });
         service
     }
+}
+
+/// The `strata` binary the tests run: the workspace's, built first when stale.
+pub fn strata() -> strata_spawn::Result<PathBuf> {
+    find_strata(None, Some("checkout"))
 }
 
 /// Consumers that give up a dead member's partitions after 2 s and dead-letter after

@@ -29,7 +29,7 @@ use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio::time::Instant;
 
 use crate::baseline::Baseline;
-use crate::catalog::{CheckoutRequest, ItemRequest, PRODUCTS};
+use crate::catalog::{CheckoutRequest, PRODUCTS};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::http::HttpClient;
@@ -337,17 +337,13 @@ async fn drive(
 fn cart(profile: &Profile, customer_id: String) -> CheckoutRequest {
     let lines = 1 + (profile.uniform() * 3.0) as usize;
     let first = (profile.uniform() * PRODUCTS.len() as f64) as usize;
-    let items = (0..lines)
-        .map(|k| ItemRequest {
-            sku: PRODUCTS[(first + k) % PRODUCTS.len()].sku.to_string(),
-            quantity: 1 + (profile.uniform() * 3.0) as i64,
+    let items: Vec<(&str, i64)> = (0..lines)
+        .map(|k| {
+            let product = &PRODUCTS[(first + k) % PRODUCTS.len()];
+            (product.sku, 1 + (profile.uniform() * 3.0) as i64)
         })
         .collect();
-    CheckoutRequest {
-        customer_id,
-        items,
-        payment_token: None,
-    }
+    CheckoutRequest::new(customer_id, &items)
 }
 
 /// One user's checkout: the first try and the F5s. The first try's latency counts from

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkout::catalog::{CheckoutRequest, ItemRequest};
+use checkout::catalog::CheckoutRequest;
 use checkout::consume::ConsumerSettings;
 use checkout::db::Db;
 use checkout::events::Event;
@@ -281,21 +281,6 @@ where
     }
 }
 
-/// A checkout of `items` (sku, quantity) by `customer_id`.
-pub fn cart(customer_id: &str, items: &[(&str, i64)], token: Option<&str>) -> CheckoutRequest {
-    CheckoutRequest {
-        customer_id: customer_id.to_string(),
-        items: items
-            .iter()
-            .map(|(sku, quantity)| ItemRequest {
-                sku: sku.to_string(),
-                quantity: *quantity,
-            })
-            .collect(),
-        payment_token: token.map(str::to_string),
-    }
-}
-
 /// POSTs `request` to the order service at `url`, with an idempotency key if given.
 pub async fn post_checkout(
     url: &str,
@@ -322,8 +307,13 @@ pub async fn post_checkout(
 }
 
 /// POSTs a checkout that must be accepted (201); returns the order.
-pub async fn place(url: &str, request: &CheckoutRequest, key: Option<&str>) -> OrderView {
-    let response = post_checkout(url, request, key, None)
+pub async fn place(
+    url: &str,
+    request: &CheckoutRequest,
+    key: Option<&str>,
+    traceparent: Option<&str>,
+) -> OrderView {
+    let response = post_checkout(url, request, key, traceparent)
         .await
         .expect("the order service answers");
     assert_eq!(

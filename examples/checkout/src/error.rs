@@ -80,7 +80,7 @@ pub enum Error {
     #[error("{0}")]
     Setup(String),
     /// No `strata` binary, or a broker that would not start.
-    #[error("{0}")]
+    #[error(transparent)]
     Spawn(#[from] strata_spawn::Error),
 }
 

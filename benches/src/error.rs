@@ -10,9 +10,12 @@ pub enum Error {
     /// A Strata client call failed.
     #[error("strata: {0}")]
     Strata(#[from] strata_client::Error),
-    /// Starting the Strata broker, or getting it ready for the run, failed.
+    /// Getting the Strata broker ready for the run failed.
     #[error("broker: {0}")]
     Broker(String),
+    /// Finding or starting the `strata` binary failed.
+    #[error("broker: {0}")]
+    Spawn(#[from] strata_spawn::Error),
     /// A file operation failed.
     #[error("{context}: {source}")]
     Io {

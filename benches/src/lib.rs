@@ -18,10 +18,10 @@
 //! - `payload`: the run's clock and the 16-byte message header (send time, id).
 //! - `stats`: tallies, latency recorders, the exactly-once bitmap.
 //! - `run`: one run from start to [`Report`]; the backend interface.
-//! - `strata`, `null`, `nats`, `redis`: the targets. `broker`: starting `strata`.
+//! - `strata`, `null`, `nats`, `redis`: the targets; `strata` starts its own broker with
+//!   `strata-spawn` unless `--broker` names one.
 //! - [`disk`]: the disk baseline. [`report`]: table, JSON and Markdown output.
 
-mod broker;
 pub mod disk;
 mod error;
 mod generator;

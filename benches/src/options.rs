@@ -37,7 +37,7 @@ pub struct Options {
     #[arg(long)]
     pub broker: Option<String>,
     /// The `strata` binary to start (default: next to this executable, built with cargo
-    /// if missing and run through `cargo run`).
+    /// first if missing or stale and run through `cargo run`; else on `PATH`).
     #[arg(long)]
     pub strata_bin: Option<PathBuf>,
     /// Directory for the started broker's data and for the disk baseline (default: the

@@ -19,10 +19,10 @@ use strata_client::{
     Client, ConsumedRecord, ConsumerConfig, ConsumerGroupConfig, Durability, GroupState,
     ProducerConfig, Record, StartAt, TopicConfig,
 };
+use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt, StreamMap};
 
-use crate::broker::{find_strata, SpawnedBroker};
 use crate::error::{Error, Result};
 use crate::generator::{generate, GeneratorPlan, Offer};
 use crate::options::{ConsumerMode, Options, Plan};
@@ -60,12 +60,14 @@ impl StrataTarget {
         let spawned = match &options.broker {
             Some(_) => None,
             None => {
-                let binary = find_strata(options.strata_bin.as_deref(), options.quiet)?;
+                let progress = (!options.quiet).then_some("strata-bench");
+                let binary = find_strata(options.strata_bin.as_deref(), progress)?;
                 let parent = parent.to_path_buf();
-                let broker =
-                    tokio::task::spawn_blocking(move || SpawnedBroker::start(&binary, &parent))
-                        .await
-                        .map_err(|e| Error::Broker(format!("the start task failed: {e}")))??;
+                let broker = tokio::task::spawn_blocking(move || {
+                    SpawnedBroker::start(&binary, BrokerDir::Temporary(Some(&parent)))
+                })
+                .await
+                .map_err(|e| Error::Broker(format!("the start task failed: {e}")))??;
                 Some(broker)
             }
         };

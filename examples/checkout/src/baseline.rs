@@ -508,57 +508,95 @@ async fn checkout(
             },
         )
         .await?;
-    let status_path = format!("/orders/{}/status", order.order_id);
-    if charged.declined.is_some() {
-        let _: serde_json::Value = front
-            .call(Service::Inventory, "/release", &trace, &reservation)
-            .await?;
-        let _: serde_json::Value = front
-            .call(
-                Service::Order,
-                &status_path,
-                &trace,
-                &StatusUpdate {
-                    status: status::CANCELLED.into(),
-                },
-            )
-            .await?;
-        return Ok((
-            StatusCode::OK,
-            Json(BaselineAnswer {
-                order_id: order.order_id,
-                status: status::CANCELLED.into(),
-                total_cents,
-            }),
-        ));
-    }
+    // Declined: release the stock, then cancel the order. Charged: mark it paid, then
+    // notify the customer.
+    let (final_status, answer_status) = match charged.declined {
+        Some(_) => {
+            let _: serde_json::Value = front
+                .call(Service::Inventory, "/release", &trace, &reservation)
+                .await?;
+            (status::CANCELLED, StatusCode::OK)
+        }
+        None => (status::PAID, StatusCode::CREATED),
+    };
     let _: serde_json::Value = front
         .call(
             Service::Order,
-            &status_path,
+            &format!("/orders/{}/status", order.order_id),
             &trace,
             &StatusUpdate {
-                status: status::PAID.into(),
+                status: final_status.into(),
             },
         )
         .await?;
-    let _: serde_json::Value = front
-        .call(
-            Service::Notification,
-            "/notify",
-            &trace,
-            &NotifyRequest {
-                order_id: order.order_id.clone(),
-                customer_id,
-            },
-        )
-        .await?;
+    if final_status == status::PAID {
+        let _: serde_json::Value = front
+            .call(
+                Service::Notification,
+                "/notify",
+                &trace,
+                &NotifyRequest {
+                    order_id: order.order_id.clone(),
+                    customer_id,
+                },
+            )
+            .await?;
+    }
     Ok((
-        StatusCode::CREATED,
+        answer_status,
         Json(BaselineAnswer {
             order_id: order.order_id,
-            status: status::PAID.into(),
+            status: final_status.into(),
             total_cents,
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::profile::DECLINED_TOKEN;
+
+    /// The chain's two endings: a charge marks the order PAID, notifies and answers 201;
+    /// a decline releases the stock, marks the order CANCELLED and answers 200.
+    #[tokio::test]
+    async fn a_decline_cancels_the_order_and_releases_its_stock() {
+        let profile = Arc::new(Profile::default().with(1.0, 0.0, 0.0, None));
+        let baseline = Baseline::start(profile, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("the baseline starts");
+        let http = HttpClient::new();
+        let url = format!("{}/checkout", baseline.url());
+        let post = |request: CheckoutRequest| {
+            let (http, url) = (&http, &url);
+            async move {
+                let response = http
+                    .post_json("checkout", url, &[], &request, Duration::from_secs(30))
+                    .await
+                    .expect("the front service answers");
+                let answer: BaselineAnswer = response.json().expect("an answer");
+                (response.status, answer.status)
+            }
+        };
+
+        let paid = post(CheckoutRequest::new("paid-1", &[("TEA-01", 2)])).await;
+        assert_eq!(paid, (StatusCode::CREATED, status::PAID.to_string()));
+        let declined = post(CheckoutRequest {
+            payment_token: Some(DECLINED_TOKEN.into()),
+            ..CheckoutRequest::new("declined-1", &[("MUG-01", 3)])
+        })
+        .await;
+        assert_eq!(declined, (StatusCode::OK, status::CANCELLED.to_string()));
+
+        assert_eq!(baseline.count_by_status("paid-").paid, 1);
+        assert_eq!(baseline.count_by_status("declined-").cancelled, 1);
+        {
+            let books = baseline.state.books();
+            assert_eq!(books.stock["TEA-01"], DEFAULT_INITIAL_STOCK - 2);
+            assert_eq!(books.stock["MUG-01"], DEFAULT_INITIAL_STOCK);
+        }
+        baseline.stop().await;
+    }
 }

@@ -91,6 +91,24 @@ pub struct CheckoutRequest {
     pub payment_token: Option<String>,
 }
 
+impl CheckoutRequest {
+    /// A checkout of `items` (product, quantity) by `customer_id`, paid with
+    /// [`DEFAULT_PAYMENT_TOKEN`].
+    pub fn new(customer_id: impl Into<String>, items: &[(&str, i64)]) -> CheckoutRequest {
+        CheckoutRequest {
+            customer_id: customer_id.into(),
+            items: items
+                .iter()
+                .map(|&(sku, quantity)| ItemRequest {
+                    sku: sku.to_string(),
+                    quantity,
+                })
+                .collect(),
+            payment_token: None,
+        }
+    }
+}
+
 /// One line of a [`CheckoutRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemRequest {
@@ -217,17 +235,7 @@ mod tests {
     use super::*;
 
     fn request(items: &[(&str, i64)]) -> CheckoutRequest {
-        CheckoutRequest {
-            customer_id: "alice".into(),
-            items: items
-                .iter()
-                .map(|(sku, quantity)| ItemRequest {
-                    sku: sku.to_string(),
-                    quantity: *quantity,
-                })
-                .collect(),
-            payment_token: None,
-        }
+        CheckoutRequest::new("alice", items)
     }
 
     #[test]

@@ -75,10 +75,13 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// A setting or the environment is unusable: a bad database URL, no `strata`
-    /// binary, a broker that would not start.
+    /// A setting or the environment is unusable: a bad database URL, a missing
+    /// service URL.
     #[error("{0}")]
     Setup(String),
+    /// No `strata` binary, or a broker that would not start.
+    #[error(transparent)]
+    Spawn(#[from] strata_spawn::Error),
 }
 
 impl Error {
@@ -98,7 +101,7 @@ impl Error {
             Error::Refused { status, .. } => *status,
             Error::Unavailable { .. } | Error::Broker(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::Database(_) | Error::Io { .. } | Error::Setup(_) => {
+            Error::Database(_) | Error::Io { .. } | Error::Setup(_) | Error::Spawn(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }

@@ -19,12 +19,12 @@
 //! - [`db`]: one SQL code path for SQLite and PostgreSQL.
 //! - [`catalog`]: the business rules both designs share; [`profile`]: the simulated
 //!   latencies, tails, failures and outages both designs run under.
-//! - [`system`]: every service in one process; [`broker`]: finding and starting
-//!   `strata`; [`load`]: the load generator and the comparison.
+//! - [`system`]: every service in one process; [`load`]: the load generator and the
+//!   comparison. A broker of its own, when none is given, is started with
+//!   `strata-spawn`.
 //! - [`http`]: the HTTP client and server plumbing; [`error`]: the one error type.
 
 pub mod baseline;
-pub mod broker;
 pub mod catalog;
 pub mod consume;
 pub mod db;

@@ -25,11 +25,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio::time::Instant;
 
 use crate::baseline::Baseline;
-use crate::broker::{find_strata, SpawnedBroker};
-use crate::catalog::{CheckoutRequest, ItemRequest, PRODUCTS};
+use crate::catalog::{CheckoutRequest, PRODUCTS};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::http::HttpClient;
@@ -214,10 +214,12 @@ async fn run_events(args: &RunArgs, profile: &Arc<Profile>, customers: &str) -> 
     let spawned = match &args.broker {
         Some(_) => None,
         None => {
-            let binary = find_strata(args.strata_bin.as_deref())?;
-            let broker = tokio::task::spawn_blocking(move || SpawnedBroker::start(&binary, None))
-                .await
-                .map_err(|e| Error::Setup(format!("starting the broker panicked: {e}")))??;
+            let binary = find_strata(args.strata_bin.as_deref(), Some("checkout"))?;
+            let broker = tokio::task::spawn_blocking(move || {
+                SpawnedBroker::start(&binary, BrokerDir::Temporary(None))
+            })
+            .await
+            .map_err(|e| Error::Setup(format!("starting the broker panicked: {e}")))??;
             Some(broker)
         }
     };
@@ -335,17 +337,13 @@ async fn drive(
 fn cart(profile: &Profile, customer_id: String) -> CheckoutRequest {
     let lines = 1 + (profile.uniform() * 3.0) as usize;
     let first = (profile.uniform() * PRODUCTS.len() as f64) as usize;
-    let items = (0..lines)
-        .map(|k| ItemRequest {
-            sku: PRODUCTS[(first + k) % PRODUCTS.len()].sku.to_string(),
-            quantity: 1 + (profile.uniform() * 3.0) as i64,
+    let items: Vec<(&str, i64)> = (0..lines)
+        .map(|k| {
+            let product = &PRODUCTS[(first + k) % PRODUCTS.len()];
+            (product.sku, 1 + (profile.uniform() * 3.0) as i64)
         })
         .collect();
-    CheckoutRequest {
-        customer_id,
-        items,
-        payment_token: None,
-    }
+    CheckoutRequest::new(customer_id, &items)
 }
 
 /// One user's checkout: the first try and the F5s. The first try's latency counts from

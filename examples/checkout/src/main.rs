@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use checkout::broker::{find_strata, SpawnedBroker};
 use checkout::consume::ConsumerSettings;
 use checkout::db::Db;
 use checkout::load::{self, LoadReport, Mode, RunArgs};
@@ -22,6 +21,7 @@ use checkout::system::{
 };
 use clap::{Parser, Subcommand};
 use strata_client::Client;
+use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio_util::sync::CancellationToken;
 
 /// Sample checkout services on Strata: an event-driven checkout against a synchronous
@@ -392,10 +392,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let spawned = match &args.broker {
         Some(_) => None,
         None => {
-            let binary = find_strata(args.strata_bin.as_deref())?;
+            let binary = find_strata(args.strata_bin.as_deref(), Some("checkout"))?;
             let broker_dir = data_dir.join("broker");
             let spawned = tokio::task::spawn_blocking(move || {
-                SpawnedBroker::start(&binary, Some(&broker_dir))
+                SpawnedBroker::start(&binary, BrokerDir::Kept(&broker_dir))
             })
             .await??;
             Some(spawned)

@@ -10,6 +10,7 @@ mod common;
 
 use std::collections::HashMap;
 
+use checkout::catalog::CheckoutRequest;
 use checkout::db::Db;
 use checkout::events::topics;
 use checkout::services::order::{self, order_id_for_key, status};
@@ -33,8 +34,8 @@ async fn killing_the_payment_service_mid_stream_charges_each_order_once(env: Env
     let system = common::start(&config).await;
     let url = system.order_url().expect("order runs").to_string();
     for i in 0..30 {
-        let request = common::cart(&format!("kill-{i}"), &[("SCL-01", 1)], None);
-        common::place(&url, &request, None).await;
+        let request = CheckoutRequest::new(format!("kill-{i}"), &[("SCL-01", 1)]);
+        common::place(&url, &request, None, None).await;
     }
     let payment_args = [
         "payment",
@@ -91,7 +92,7 @@ async fn a_crash_after_the_checkout_commit_still_publishes_the_order(env: Env) {
         &[&order_args[..], &["--crash-at", "after-commit"]].concat(),
     );
     let url = crashing.url.clone().expect("the order service listens");
-    let request = common::cart("crash-commit", &[("MUG-01", 2)], None);
+    let request = CheckoutRequest::new("crash-commit", &[("MUG-01", 2)]);
     let answer = common::post_checkout(&url, &request, Some("k"), None).await;
     assert!(answer.is_err(), "the process died before answering");
     assert!(crashing.wait_for_crash().await, "aborted, not exited");
@@ -146,7 +147,7 @@ async fn a_crash_after_publishing_publishes_again_and_charges_once(env: Env) {
         &[&order_args[..], &["--crash-at", "after-publish"]].concat(),
     );
     let url = crashing.url.clone().expect("the order service listens");
-    let request = common::cart("crash-publish", &[("TEA-02", 1)], None);
+    let request = CheckoutRequest::new("crash-publish", &[("TEA-02", 1)]);
     // The answer races the relay's abort; either way the order is committed.
     let _ = common::post_checkout(&url, &request, Some("k"), None).await;
     assert!(crashing.wait_for_crash().await, "aborted, not exited");

@@ -11,6 +11,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
+use checkout::catalog::CheckoutRequest;
 use checkout::events::{self, topics, types, versions, OrderCreatedV1, OrderCreatedV2};
 use checkout::profile::{Service, DECLINED_TOKEN};
 use checkout::services::inventory::{Reservation, Stock};
@@ -41,22 +42,12 @@ async fn every_checkout_settles_and_a_failed_payment_releases_its_stock(env: Env
     let mut declined = HashSet::new();
     for i in 0..12 {
         let token = (i % 4 == 3).then_some(DECLINED_TOKEN);
-        let request = common::cart(
-            &format!("flow-{i}"),
-            &[("TEA-01", 1 + i % 3), ("MUG-01", 1)],
-            token,
-        );
+        let request = CheckoutRequest {
+            payment_token: token.map(str::to_string),
+            ..CheckoutRequest::new(format!("flow-{i}"), &[("TEA-01", 1 + i % 3), ("MUG-01", 1)])
+        };
         let traceparent = (i == 0).then(|| caller_trace.to_string());
-        let response = common::post_checkout(&url, &request, None, traceparent.as_deref())
-            .await
-            .expect("answers");
-        assert_eq!(
-            response.status.as_u16(),
-            201,
-            "{}",
-            response.error_message()
-        );
-        let view: OrderView = response.json().expect("an order");
+        let view = common::place(&url, &request, None, traceparent.as_deref()).await;
         assert_eq!(view.status, status::PENDING);
         if token.is_some() {
             declined.insert(view.order_id.clone());
@@ -167,8 +158,8 @@ async fn one_idempotency_key_makes_one_order(env: Env) {
     let system = common::start(&env.config(common::fast_profile())).await;
     let url = system.order_url().expect("order runs").to_string();
     let inventory = system.inventory_url().expect("inventory runs").to_string();
-    let request = common::cart("idem-a", &[("POT-01", 2)], None);
-    let first = common::place(&url, &request, Some("key-1")).await;
+    let request = CheckoutRequest::new("idem-a", &[("POT-01", 2)]);
+    let first = common::place(&url, &request, Some("key-1"), None).await;
     for _ in 0..2 {
         let again = common::post_checkout(&url, &request, Some("key-1"), None)
             .await
@@ -181,13 +172,13 @@ async fn one_idempotency_key_makes_one_order(env: Env) {
         let view: OrderView = again.json().expect("an order");
         assert_eq!(view.order_id, first.order_id);
     }
-    let other_cart = common::cart("idem-a", &[("POT-01", 3)], None);
+    let other_cart = CheckoutRequest::new("idem-a", &[("POT-01", 3)]);
     let refused = common::post_checkout(&url, &other_cart, Some("key-1"), None)
         .await
         .expect("answers");
     assert_eq!(refused.status.as_u16(), 422, "{}", refused.error_message());
 
-    let racing = common::cart("idem-b", &[("KET-01", 1)], None);
+    let racing = CheckoutRequest::new("idem-b", &[("KET-01", 1)]);
     let answers = futures_join_all((0..8).map(|_| {
         let (url, racing) = (url.clone(), racing.clone());
         async move {
@@ -249,8 +240,8 @@ async fn the_notification_outage_leaves_checkout_untouched(env: Env) {
     let url = system.order_url().expect("order runs").to_string();
     let mut placed = Vec::new();
     for i in 0..10 {
-        let request = common::cart(&format!("outage-{i}"), &[("TIN-01", 1)], None);
-        placed.push(common::place(&url, &request, Some(&format!("k{i}"))).await);
+        let request = CheckoutRequest::new(format!("outage-{i}"), &[("TIN-01", 1)]);
+        placed.push(common::place(&url, &request, Some(&format!("k{i}")), None).await);
     }
     let orders_db = env.db("orders").await;
     let counts = common::wait_settled(&orders_db, "outage-", 10).await;
@@ -378,7 +369,7 @@ async fn poison_events_go_to_dead_letter_topics() {
     assert!(poison.iter().any(|l| l.error.contains("does not decode")));
     assert!(poison.iter().all(|l| l.attempts == "0"));
 
-    let strata = checkout::broker::find_strata(None).expect("the strata binary");
+    let strata = common::strata().expect("the strata binary");
     let output = std::process::Command::new(strata)
         .args([
             "consume",
@@ -396,7 +387,8 @@ async fn poison_events_go_to_dead_letter_topics() {
     let url = system.order_url().expect("order runs").to_string();
     let view = common::place(
         &url,
-        &common::cart("after-poison", &[("FLT-01", 1)], None),
+        &CheckoutRequest::new("after-poison", &[("FLT-01", 1)]),
+        None,
         None,
     )
     .await;

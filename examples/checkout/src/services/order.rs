@@ -635,36 +635,14 @@ mod tests {
             outbox,
             inventory: InventoryClient::new("http://127.0.0.1:9", Duration::from_secs(1)),
         };
-        let request = CheckoutRequest {
-            customer_id: "alice".into(),
-            items: vec![catalog::ItemRequest {
-                sku: "TEA-01".into(),
-                quantity: 1,
-            }],
-            payment_token: None,
-        };
+        let request = CheckoutRequest::new("alice", &[("TEA-01", 1)]);
         let order = catalog::validate(&request).expect("valid");
-        let created = orders
-            .create(
-                "o-1",
-                &order,
-                Some("k"),
-                &fingerprint(&order),
-                &TraceContext::new_root(),
-            )
-            .await
-            .expect("stored");
-        assert!(matches!(created, Created::New(_)));
-        let again = orders
-            .create(
-                "o-1",
-                &order,
-                Some("k"),
-                &fingerprint(&order),
-                &TraceContext::new_root(),
-            )
-            .await
-            .expect("answered");
+        let fingerprint = fingerprint(&order);
+        let trace = TraceContext::new_root();
+        // The same checkout twice: stored once, then answered from its key.
+        let store = || orders.create("o-1", &order, Some("k"), &fingerprint, &trace);
+        assert!(matches!(store().await.expect("stored"), Created::New(_)));
+        let again = store().await.expect("answered");
         assert!(matches!(again, Created::Existing(e) if e.view.order_id == "o-1"));
         assert_eq!(orders.outbox.unsent().await.expect("counts"), 1);
         (db, "o-1".into())

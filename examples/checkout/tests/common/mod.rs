@@ -10,8 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use checkout::broker::{find_strata, SpawnedBroker};
-use checkout::catalog::{CheckoutRequest, ItemRequest};
+use checkout::catalog::CheckoutRequest;
 use checkout::consume::ConsumerSettings;
 use checkout::db::Db;
 use checkout::events::Event;
@@ -20,6 +19,7 @@ use checkout::profile::Profile;
 use checkout::services::order::{self, OrderView, IDEMPOTENCY_KEY};
 use checkout::system::{Databases, System, SystemConfig};
 use strata_client::{Client, DeadLetterPolicy, StartAt};
+use strata_spawn::{find_strata, BrokerDir, SpawnedBroker};
 use tokio_stream::StreamExt;
 
 /// Runs each scenario (an `async fn(Env)` of the test file) as two tests: `sqlite`, and
@@ -87,11 +87,13 @@ impl Env {
                 (Databases::Url(database.url.clone()), Some(database))
             }
         };
-        let binary = find_strata(None).expect("the strata binary");
-        let broker = tokio::task::spawn_blocking(move || SpawnedBroker::start(&binary, None))
-            .await
-            .expect("the broker start does not panic")
-            .expect("the broker starts");
+        let binary = strata().expect("the strata binary");
+        let broker = tokio::task::spawn_blocking(move || {
+            SpawnedBroker::start(&binary, BrokerDir::Temporary(None))
+        })
+        .await
+        .expect("the broker start does not panic")
+        .expect("the broker starts");
         Some(Env {
             broker,
             databases,
@@ -190,6 +192,11 @@ impl Env {
     }
 }
 
+/// The `strata` binary the tests run: the workspace's, built first when stale.
+pub fn strata() -> strata_spawn::Result<PathBuf> {
+    find_strata(None, Some("checkout"))
+}
+
 /// Consumers that give up a dead member's partitions after 2 s and dead-letter after
 /// three quick tries.
 pub fn test_consumer() -> ConsumerSettings {
@@ -274,21 +281,6 @@ where
     }
 }
 
-/// A checkout of `items` (sku, quantity) by `customer_id`.
-pub fn cart(customer_id: &str, items: &[(&str, i64)], token: Option<&str>) -> CheckoutRequest {
-    CheckoutRequest {
-        customer_id: customer_id.to_string(),
-        items: items
-            .iter()
-            .map(|(sku, quantity)| ItemRequest {
-                sku: sku.to_string(),
-                quantity: *quantity,
-            })
-            .collect(),
-        payment_token: token.map(str::to_string),
-    }
-}
-
 /// POSTs `request` to the order service at `url`, with an idempotency key if given.
 pub async fn post_checkout(
     url: &str,
@@ -315,8 +307,13 @@ pub async fn post_checkout(
 }
 
 /// POSTs a checkout that must be accepted (201); returns the order.
-pub async fn place(url: &str, request: &CheckoutRequest, key: Option<&str>) -> OrderView {
-    let response = post_checkout(url, request, key, None)
+pub async fn place(
+    url: &str,
+    request: &CheckoutRequest,
+    key: Option<&str>,
+    traceparent: Option<&str>,
+) -> OrderView {
+    let response = post_checkout(url, request, key, traceparent)
         .await
         .expect("the order service answers");
     assert_eq!(

@@ -36,7 +36,7 @@ HTTP=$(sed -n 's|^strata http on http://||p' "$DIR/out")
 for t in $(seq 1 "$TOPICS"); do
     echo "topic $t: $PARTITIONS partitions, 4 consumer groups" >&2
     "$BENCH" --broker "$ADDR" --workload fanout --partitions "$PARTITIONS" \
-        --messages $((PARTITIONS * 20)) --disk-baseline-mib 0 --quiet >/dev/null
+        --messages $((PARTITIONS * 20)) --disk-baseline-mib 0 --keep --quiet >/dev/null
 done
 
 curl -s "http://$HTTP/metrics" >"$DIR/body"

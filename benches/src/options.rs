@@ -100,6 +100,10 @@ pub struct Options {
     /// producers are done.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// Leave the run's topic and consumer groups on the broker given with `--broker`
+    /// instead of deleting them, to look at it after the run (its metrics, its lag).
+    #[arg(long, requires = "broker")]
+    pub keep: bool,
     /// Print the report as JSON on stdout.
     #[arg(long, conflicts_with = "markdown")]
     pub json: bool,

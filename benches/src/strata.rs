@@ -52,6 +52,7 @@ pub struct StrataTarget {
     window: usize,
     consumer_mode: ConsumerMode,
     consumer_sets: u32,
+    keep: bool,
 }
 
 impl StrataTarget {
@@ -104,6 +105,7 @@ impl StrataTarget {
             window,
             consumer_mode: plan.consumer_mode,
             consumer_sets: plan.consumer_sets,
+            keep: options.keep,
         })
     }
 
@@ -303,10 +305,10 @@ impl StrataTarget {
         format!("{}-set{set}", self.topic)
     }
 
-    /// Deletes the topic (and the groups) from a broker the run did not start; a
-    /// started one is killed and its data removed.
+    /// Deletes the topic (and the groups) from a broker the run did not start, unless
+    /// `--keep`; a started one is killed and its data removed.
     pub async fn close(self) {
-        if self.spawned.is_none() {
+        if self.spawned.is_none() && !self.keep {
             if self.consumer_mode == ConsumerMode::Groups {
                 for set in 0..self.consumer_sets {
                     let _ = self.admin.delete_group(&self.group_name(set)).await;

@@ -69,7 +69,13 @@ pub async fn serve(
         tracing::info!("shutdown requested: answering queued requests");
         stopping.stop();
     };
-    let served = crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await;
+    let served = crate::grpc::serve(
+        Arc::clone(&broker),
+        config.limits.clone(),
+        listener,
+        shutdown,
+    )
+    .await;
 
     maintenance.abort();
     tracing::info!("shutting down: flushing and closing partitions");

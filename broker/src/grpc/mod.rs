@@ -2,6 +2,7 @@
 //! into calls on the domain ([`crate::broker`], [`crate::topics`], [`crate::groups`])
 //! and domain errors into statuses in one place ([`status`]).
 
+pub mod checks;
 pub mod groups;
 pub mod instrument;
 pub mod service;
@@ -35,6 +36,7 @@ use tonic_health::ServingStatus;
 
 use crate::broker::Broker;
 use crate::health::Problem;
+use crate::limits::Limits;
 use crate::topics::settings::MESSAGE_BYTES_CAP;
 use instrument::{Counted, RequestsLayer};
 use service::{Service, FETCH_BYTES_MAX};
@@ -48,6 +50,7 @@ use service::{Service, FETCH_BYTES_MAX};
 /// whole server (the empty service name) while either is.
 pub async fn serve(
     broker: Arc<Broker>,
+    limits: Limits,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -59,7 +62,7 @@ pub async fn serve(
         .build_v1()?;
     let metrics = Arc::clone(broker.metrics());
     let reporter = tokio::spawn(report_health(Arc::clone(&broker), health.clone()));
-    let service = Service::new(broker);
+    let service = Service::new(broker, limits.clone());
     let stopping = service.clone();
     // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
     let shutdown = async move {
@@ -81,16 +84,26 @@ pub async fn serve(
         .with_nodelay(Some(true))
         .map(move |accepted| accepted.map(|io| Counted::new(io, &connections)));
     tonic::transport::Server::builder()
+        // tonic's default is no limit at all (hyper's own is 200).
+        .max_concurrent_streams(limits.streams_per_connection)
+        // Peers that vanish without closing (a crashed host, a dropped NAT entry) are
+        // found by PINGs and their connections dropped.
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)
         .layer(RequestsLayer::new(metrics))
         .add_service(
             AdminServer::new(service.clone())
-                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_decoding_message_size(limits.admin_request_bytes)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX),
         )
-        .add_service(GroupsServer::new(service.clone()))
+        .add_service(
+            GroupsServer::new(service.clone())
+                .max_decoding_message_size(limits.groups_request_bytes)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        )
         .add_service(
             BrokerServer::new(service)
                 // A produce request carries one batch of at most MESSAGE_BYTES_CAP; a

@@ -18,6 +18,7 @@ use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::grpc::groups;
 use crate::grpc::instrument::Scope;
+use crate::limits::Limits;
 use crate::topics::partition::{Ack, Partition};
 use crate::topics::settings::{TopicOverrides, TopicSettings};
 
@@ -41,17 +42,25 @@ pub struct Service {
     /// across all partitions: producers beyond it wait (back-pressure), so memory stays
     /// bounded however many of them there are.
     produce_budget: Arc<tokio::sync::Semaphore>,
+    /// What one request may ask for.
+    limits: Arc<Limits>,
 }
 
 impl Service {
-    /// Services over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Service {
+    /// Services over `broker`, within `limits`.
+    pub fn new(broker: Arc<Broker>, limits: Limits) -> Service {
         let (stopping, _) = tokio::sync::watch::channel(false);
         Service {
             broker,
             stopping: Arc::new(stopping),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
+            limits: Arc::new(limits),
         }
+    }
+
+    /// The limits requests are checked against.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The broker the services run on.

@@ -1,0 +1,557 @@
+//! The broker under hostile load, against the real `strata` binary: oversized and
+//! malformed requests of every service, each answered with its documented status
+//! (RESOURCE_EXHAUSTED naming the limit, or INVALID_ARGUMENT and the like), while a
+//! well-behaved producer and consumer keep working beside them; the broker's memory
+//! (RSS, read from /proc) stays under a stated bound and no partition is fail-stopped at
+//! the end. The limits are those of docs/operations.md.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use strata_proto::v1;
+use tonic::{Code, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+const TOPIC: &str = "orders";
+const PARTITIONS: u32 = 3;
+/// The broker's RSS bound under every attack here: the produce budget (512 MiB) is the
+/// largest single holder; the attacks' requests are capped at a few MiB each.
+const RSS_BOUND_BYTES: u64 = 1 << 30;
+
+/// The resident set size of process `pid`, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a VmRSS line");
+    kib * 1024
+}
+
+/// A well-behaved producer and consumer on their own connections: the producer sends a
+/// small batch at a time to partition 0 and the consumer follows it with long polls.
+struct WellBehaved {
+    stop: Arc<AtomicBool>,
+    produced: Arc<AtomicU64>,
+    consumed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), Status>>>,
+}
+
+impl WellBehaved {
+    async fn start(broker: &Broker) -> WellBehaved {
+        let stop = Arc::new(AtomicBool::new(false));
+        let produced = Arc::new(AtomicU64::new(0));
+        let consumed = Arc::new(AtomicU64::new(0));
+        let mut producer = broker.client().await;
+        let mut consumer = broker.client().await;
+        let producing = {
+            let (stop, produced) = (Arc::clone(&stop), Arc::clone(&produced));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let records = (0..10).map(|i| record(None, &[i; 100])).collect();
+                    let answer = producer
+                        .produce(produce_records(TOPIC, 0, records))
+                        .await?
+                        .into_inner();
+                    produced.store(answer.last_offset + 1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        };
+        let consuming = {
+            let (stop, consumed) = (Arc::clone(&stop), Arc::clone(&consumed));
+            tokio::spawn(async move {
+                let mut offset = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut request = fetch_request(TOPIC, 0, offset, false);
+                    request.max_wait_ms = 200;
+                    let answer = consumer.fetch(request).await?.into_inner();
+                    offset = answer.next_offset;
+                    consumed.store(offset, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        };
+        WellBehaved {
+            stop,
+            produced,
+            consumed,
+            tasks: vec![producing, consuming],
+        }
+    }
+
+    /// Records produced and consumed so far.
+    fn progress(&self) -> (u64, u64) {
+        (
+            self.produced.load(Ordering::Relaxed),
+            self.consumed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops both; fails if either met an error.
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await
+                .expect("the well-behaved client panicked")
+                .expect("the well-behaved client's request failed");
+        }
+        (
+            self.produced.load(Ordering::Relaxed),
+            self.consumed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+type Attack = Pin<Box<dyn Future<Output = Result<(), Status>> + Send>>;
+
+/// One hostile request: what it is, the code it must get, and words its message must
+/// hold (the limit's name for RESOURCE_EXHAUSTED).
+struct Case {
+    what: &'static str,
+    code: Code,
+    says: &'static str,
+    attack: Attack,
+}
+
+fn case(
+    what: &'static str,
+    code: Code,
+    says: &'static str,
+    attack: impl Future<Output = Result<(), Status>> + Send + 'static,
+) -> Case {
+    Case {
+        what,
+        code,
+        says,
+        attack: Box::pin(attack),
+    }
+}
+
+async fn health(broker: &Broker, service: &str) -> ServingStatus {
+    let mut health = HealthClient::new(broker.channel().await);
+    health
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status()
+}
+
+fn join(group: &str, topics: Vec<String>) -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest {
+        group: group.to_string(),
+        topics,
+        ..Default::default()
+    }
+}
+
+/// Every kind of malformed or oversized request below gets its documented status, the
+/// broker's RSS stays under [`RSS_BOUND_BYTES`], the well-behaved client keeps going
+/// throughout, and the partitions are all healthy at the end.
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_their_statuses_and_cost_little() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, PARTITIONS, v1::TopicConfig::default()).await;
+    create_topic(&mut admin, "payments", 1, v1::TopicConfig::default()).await;
+    let well_behaved = WellBehaved::start(&broker).await;
+    let admin = broker.admin().await;
+    let groups = broker.groups().await;
+    let data = broker.client().await;
+    let topics = || vec![TOPIC.to_string()];
+    let owned = |partitions: Vec<u32>| {
+        vec![v1::TopicPartitions {
+            topic: TOPIC.into(),
+            partitions,
+        }]
+    };
+    let offset = |partition: u32, metadata: String| v1::PartitionOffset {
+        topic: TOPIC.into(),
+        partition,
+        offset: 0,
+        metadata,
+        commit_timestamp_ms: 0,
+    };
+    let reset = |partitions: Vec<u32>| v1::ResetOffsetsRequest {
+        group: "g".into(),
+        topic: TOPIC.into(),
+        partitions,
+        to: Some(v1::reset_offsets_request::To::Earliest(true)),
+    };
+    let (a, g, d) = (admin.clone(), groups.clone(), data.clone());
+    macro_rules! rpc {
+        ($client:expr, $method:ident, $request:expr) => {{
+            let mut client = $client.clone();
+            let request = $request;
+            async move { client.$method(request).await.map(|_| ()) }
+        }};
+    }
+    let cases = vec![
+        case(
+            "ResetOffsets naming 3 million partitions",
+            Code::InvalidArgument,
+            "lists 3000000 partitions",
+            rpc!(a, reset_offsets, reset(vec![0; 3_000_000])),
+        ),
+        case(
+            "ResetOffsets naming a partition twice",
+            Code::InvalidArgument,
+            "twice",
+            rpc!(a, reset_offsets, reset(vec![1, 1])),
+        ),
+        case(
+            "ResetOffsets of a partition the topic lacks",
+            Code::NotFound,
+            "no partition 7",
+            rpc!(a, reset_offsets, reset(vec![7])),
+        ),
+        case(
+            "an Admin request over the Admin limit (5 MiB)",
+            Code::ResourceExhausted,
+            "max_admin_request_bytes",
+            rpc!(
+                a,
+                create_topic,
+                v1::CreateTopicRequest {
+                    name: "n".repeat(5 << 20),
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "CreateTopic with a 1 MiB name",
+            Code::InvalidArgument,
+            "bytes in all",
+            rpc!(
+                a,
+                create_topic,
+                v1::CreateTopicRequest {
+                    name: "n".repeat(1 << 20),
+                    partitions: 1,
+                    config: None,
+                }
+            ),
+        ),
+        case(
+            "CreateTopic with a million partitions",
+            Code::InvalidArgument,
+            "partitions must be between",
+            rpc!(
+                a,
+                create_topic,
+                v1::CreateTopicRequest {
+                    name: "many".into(),
+                    partitions: 1_000_000,
+                    config: None,
+                }
+            ),
+        ),
+        case(
+            "DescribeGroup with a 1 MiB group name",
+            Code::InvalidArgument,
+            "bytes in all",
+            rpc!(
+                a,
+                describe_group,
+                v1::DescribeGroupRequest {
+                    group: "g".repeat(1 << 20)
+                }
+            ),
+        ),
+        case(
+            "a Groups request over the Groups limit (5 MiB)",
+            Code::ResourceExhausted,
+            "max_groups_request_bytes",
+            rpc!(g, heartbeat, join("g", vec!["t".repeat(5 << 20)])),
+        ),
+        case(
+            "a join with a 3 MB client id",
+            Code::ResourceExhausted,
+            "max_client_id_bytes",
+            rpc!(
+                g,
+                heartbeat,
+                v1::HeartbeatRequest {
+                    client_id: "c".repeat(3_000_000),
+                    ..join("g", topics())
+                }
+            ),
+        ),
+        case(
+            "a heartbeat with a 1 KiB member id",
+            Code::InvalidArgument,
+            "member id is 1024 bytes",
+            rpc!(
+                g,
+                heartbeat,
+                v1::HeartbeatRequest {
+                    member_id: "m".repeat(1024),
+                    ..join("g", topics())
+                }
+            ),
+        ),
+        case(
+            "a heartbeat owning a million partitions",
+            Code::InvalidArgument,
+            "lists 1000000 partitions",
+            rpc!(
+                g,
+                heartbeat,
+                v1::HeartbeatRequest {
+                    owned: owned(vec![0; 1_000_000]),
+                    ..join("g", topics())
+                }
+            ),
+        ),
+        case(
+            "a heartbeat owning a partition twice",
+            Code::InvalidArgument,
+            "twice",
+            rpc!(
+                g,
+                heartbeat,
+                v1::HeartbeatRequest {
+                    owned: owned(vec![2, 2]),
+                    ..join("g", topics())
+                }
+            ),
+        ),
+        case(
+            "a join naming its topic 400000 times",
+            Code::InvalidArgument,
+            "names 400000 topics",
+            rpc!(g, heartbeat, join("g", vec![TOPIC.to_string(); 400_000])),
+        ),
+        case(
+            "a join naming its topic twice",
+            Code::InvalidArgument,
+            "twice",
+            rpc!(g, heartbeat, join("g", vec![TOPIC.to_string(); 2])),
+        ),
+        case(
+            "a join with a session timeout of an hour",
+            Code::InvalidArgument,
+            "session timeout",
+            rpc!(
+                g,
+                heartbeat,
+                v1::HeartbeatRequest {
+                    session_timeout_ms: 3_600_000,
+                    ..join("g", topics())
+                }
+            ),
+        ),
+        case(
+            "LeaveGroup with a 1 KiB member id",
+            Code::InvalidArgument,
+            "member id is 1024 bytes",
+            rpc!(
+                g,
+                leave_group,
+                v1::LeaveGroupRequest {
+                    group: "g".into(),
+                    member_id: "m".repeat(1024),
+                }
+            ),
+        ),
+        case(
+            "FetchOffsets for a million partitions",
+            Code::InvalidArgument,
+            "lists 1000000 partitions",
+            rpc!(
+                g,
+                fetch_offsets,
+                v1::FetchOffsetsRequest {
+                    group: "g".into(),
+                    partitions: owned(vec![0; 1_000_000]),
+                }
+            ),
+        ),
+        case(
+            "FetchOffsets naming a topic twice",
+            Code::InvalidArgument,
+            "twice",
+            rpc!(
+                g,
+                fetch_offsets,
+                v1::FetchOffsetsRequest {
+                    group: "g".into(),
+                    partitions: [owned(vec![0]), owned(vec![1])].concat(),
+                }
+            ),
+        ),
+        case(
+            "a commit with 1 MiB of metadata",
+            Code::ResourceExhausted,
+            "max_commit_metadata_bytes",
+            rpc!(
+                g,
+                commit_offsets,
+                v1::CommitOffsetsRequest {
+                    group: "g".into(),
+                    offsets: vec![offset(0, "m".repeat(1 << 20))],
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "a commit of 100000 offsets of a 3-partition topic",
+            Code::InvalidArgument,
+            "more partitions of topic",
+            rpc!(
+                g,
+                commit_offsets,
+                v1::CommitOffsetsRequest {
+                    group: "g".into(),
+                    offsets: vec![offset(0, String::new()); 100_000],
+                    ..Default::default()
+                }
+            ),
+        ),
+        case(
+            "a produce over the Broker limit (40 MiB)",
+            Code::ResourceExhausted,
+            "produce_request_bytes",
+            rpc!(d, produce, produce_batch(TOPIC, 1, vec![0; 40 << 20])),
+        ),
+        case(
+            "a produce of a batch that is not one",
+            Code::InvalidArgument,
+            "batch",
+            rpc!(d, produce, produce_batch(TOPIC, 1, vec![7; 4096])),
+        ),
+        case(
+            "a produce of records over max_message_bytes",
+            Code::ResourceExhausted,
+            "exceeds the maximum",
+            rpc!(
+                d,
+                produce,
+                produce_records(TOPIC, 1, vec![record(None, &[0; 64 << 10]); 32])
+            ),
+        ),
+        case(
+            "a produce with both records and a batch",
+            Code::InvalidArgument,
+            "not both",
+            rpc!(
+                d,
+                produce,
+                v1::ProduceRequest {
+                    records: vec![record(None, b"x")],
+                    ..produce_batch(TOPIC, 1, vec![1])
+                }
+            ),
+        ),
+        case(
+            "a produce with an unknown acks mode",
+            Code::InvalidArgument,
+            "acks",
+            rpc!(
+                d,
+                produce,
+                v1::ProduceRequest {
+                    acks: 99,
+                    ..produce_records(TOPIC, 1, vec![record(None, b"x")])
+                }
+            ),
+        ),
+        case(
+            "a produce to a 1 MiB topic name",
+            Code::NotFound,
+            "bytes in all",
+            rpc!(
+                d,
+                produce,
+                produce_records(&"t".repeat(1 << 20), 1, vec![record(None, b"x")])
+            ),
+        ),
+        case(
+            "a fetch of partition 2^31",
+            Code::NotFound,
+            "no partition",
+            rpc!(d, fetch, fetch_request(TOPIC, 1 << 31, 0, false)),
+        ),
+        case(
+            "a fetch far past the end",
+            Code::OutOfRange,
+            "offset",
+            rpc!(d, fetch, fetch_request(TOPIC, 1, u64::MAX, false)),
+        ),
+        case(
+            "ListOffsets with an unknown spec",
+            Code::InvalidArgument,
+            "unknown offset spec",
+            rpc!(
+                a,
+                list_offsets,
+                v1::ListOffsetsRequest {
+                    topic: TOPIC.into(),
+                    partition: 0,
+                    spec: 42,
+                    timestamp_ms: 0,
+                }
+            ),
+        ),
+    ];
+    assert!(cases.len() >= 20, "at least 20 kinds of hostile requests");
+    let pid = broker.pid();
+    let mut peak = 0;
+    for case in cases {
+        let status = case.attack.await.expect_err(case.what);
+        assert_eq!(status.code(), case.code, "{}: {status:?}", case.what);
+        assert!(
+            status.message().contains(case.says),
+            "{}: {:?} does not say {:?}",
+            case.what,
+            status.message(),
+            case.says
+        );
+        peak = peak.max(rss_bytes(pid));
+    }
+    assert!(
+        peak < RSS_BOUND_BYTES,
+        "the broker's RSS reached {peak} bytes"
+    );
+    // The group the attacks named was never created, nor changed.
+    let mut a = admin.clone();
+    let missing = a
+        .describe_group(v1::DescribeGroupRequest { group: "g".into() })
+        .await
+        .expect_err("no group");
+    assert_eq!(missing.code(), Code::NotFound);
+    let before = well_behaved.progress();
+    wait_for_progress(&well_behaved, before).await;
+    let (produced, consumed) = well_behaved.finish().await;
+    assert!(produced > 0 && consumed > 0);
+    assert_eq!(health(&broker, "").await, ServingStatus::Serving);
+    assert_eq!(
+        health(&broker, "strata.v1.Broker").await,
+        ServingStatus::Serving
+    );
+}
+
+/// Waits until the well-behaved client has both produced and consumed past `before`.
+async fn wait_for_progress(client: &WellBehaved, before: (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (produced, consumed) = client.progress();
+        if produced > before.0 && consumed > before.1 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the well-behaved client made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

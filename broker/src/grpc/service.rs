@@ -98,7 +98,8 @@ impl Service {
         let topic = self.broker.topic(&request.topic)?;
         let partition_id = target_partition(&topic, &request)?;
         scope.set_partition(partition_id);
-        let batch = match (request.batch.is_empty(), request.records.is_empty()) {
+        let max_bytes = topic.settings.max_message_bytes as usize;
+        let (batch, budget) = match (request.batch.is_empty(), request.records.is_empty()) {
             (false, false) => {
                 return Err(Error::InvalidArgument(
                     "send either records or an encoded batch, not both".into(),
@@ -109,9 +110,25 @@ impl Service {
                     "the request holds no records".into(),
                 ))
             }
-            (false, true) => std::mem::take(&mut request.batch),
+            (false, true) => {
+                let batch = std::mem::take(&mut request.batch);
+                // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this
+                // never waits for more permits than exist.
+                let budget = self.charge(batch.len()).await?;
+                (batch, budget)
+            }
             (true, false) => {
-                encode_records(&request.records, topic.settings.max_message_bytes as usize)?.into()
+                // Charged before the batch is built, at what a batch of these records
+                // takes (one that would pass the topic's limit is refused).
+                let estimate = records_bytes(&request.records).min(max_bytes);
+                let mut budget = self.charge(estimate).await?;
+                let batch = encode_records(&request.records, max_bytes)?;
+                request.records = Vec::new();
+                match batch.len().checked_sub(budget.num_permits()) {
+                    Some(more) if more > 0 => budget.merge(self.charge(more).await?),
+                    _ => drop(budget.split(budget.num_permits() - batch.len())),
+                }
+                (batch.into(), budget)
             }
         };
         let ack = match v1::Acks::try_from(request.acks) {
@@ -128,21 +145,26 @@ impl Service {
         if let Ok(header) = BatchHeader::parse(&batch) {
             self.broker.check_producer_id(header.producer_id)?;
         }
-        // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
-        // waits for more permits than exist.
-        let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        let _budget = self
-            .produce_budget
-            .acquire_many(permits)
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        let stored = topic.partition(partition_id)?.append(batch, ack).await?;
+        let stored = topic
+            .partition(partition_id)?
+            .append(batch, ack, Some(budget))
+            .await?;
         Ok(v1::ProduceResponse {
             partition: partition_id,
             base_offset: stored.info.base_offset,
             last_offset: stored.info.last_offset,
             duplicate: stored.duplicate,
         })
+    }
+
+    /// Takes `bytes` (at most [`PRODUCE_BUDGET_BYTES`]) of the produce budget, waiting
+    /// while other batches hold it.
+    async fn charge(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let permits = u32::try_from(bytes.min(PRODUCE_BUDGET_BYTES)).unwrap_or(u32::MAX);
+        Arc::clone(&self.produce_budget)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)
     }
 
     /// Serves a fetch; the scope's clock restarts after a long poll's wait.
@@ -406,6 +428,27 @@ impl admin_server::Admin for Service {
                 .map(|()| v1::DeleteGroupResponse {}),
         )
     }
+}
+
+/// Most bytes one record adds to a batch beyond its key, value and headers (varint
+/// lengths, deltas, attributes).
+const RECORD_BYTES_MAX: usize = 64;
+
+/// What encoding `records` as a batch may take: their keys, values and headers plus
+/// the framing of each.
+fn records_bytes(records: &[v1::Record]) -> usize {
+    records
+        .iter()
+        .map(|r| {
+            RECORD_BYTES_MAX
+                + r.key.as_ref().map_or(0, Bytes::len)
+                + r.value.as_ref().map_or(0, Bytes::len)
+                + r.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.len() + 16)
+                    .sum::<usize>()
+        })
+        .sum()
 }
 
 /// Encodes the simple form of a produce request as one batch.

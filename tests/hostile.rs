@@ -555,3 +555,97 @@ async fn wait_for_progress(client: &WellBehaved, before: (u64, u64)) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Opens `n` TCP connections to the broker that never send anything.
+fn idle_connections(broker: &Broker, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| std::net::TcpStream::connect(broker.addr_arg()).expect("connect"))
+        .collect()
+}
+
+/// Lists the topics on a new connection.
+async fn list_topics(broker: &Broker) -> Result<(), Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr_arg()))
+        .expect("an endpoint")
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    v1::admin_client::AdminClient::new(channel)
+        .list_topics(v1::ListTopicsRequest {})
+        .await
+        .map(|_| ())
+}
+
+/// Connections beyond --max-connections are closed at once (the client's request fails
+/// with a transport error); the broker serves again as soon as some close.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let broker = Broker::start_with(&["--max-connections", "4"]);
+    let idle = idle_connections(&broker, 4);
+    // The broker has accepted them all once a fifth is refused.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match list_topics(&broker).await {
+            // The connection is reset: tonic says UNKNOWN "transport error".
+            Err(status) => {
+                assert!(
+                    matches!(status.code(), Code::Unavailable | Code::Unknown),
+                    "{status:?}"
+                );
+                break;
+            }
+            Ok(()) => assert!(Instant::now() < deadline, "a fifth connection was served"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while list_topics(&broker).await.is_err() {
+        assert!(Instant::now() < deadline, "the broker did not serve again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        broker.log().contains("max_connections are open"),
+        "{}",
+        broker.log()
+    );
+}
+
+/// A client holding a half-sent request and an open health Watch stream do not keep
+/// the broker from shutting down: it logs the signal, drains for the configured time,
+/// cuts them, closes its logs and exits cleanly.
+#[tokio::test]
+async fn a_watch_stream_and_a_half_sent_request_do_not_hold_a_shutdown() {
+    use std::io::Write;
+    let mut broker = Broker::start_with(&["--shutdown-timeout-ms", "500ms"]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    let mut health = HealthClient::new(broker.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("a status").expect("a status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+    // An HTTP/2 preface, then nothing: a request that never finishes arriving.
+    let mut half = std::net::TcpStream::connect(broker.addr_arg()).expect("connect");
+    half.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .expect("write the preface");
+    broker.terminate();
+    let status = broker.wait_within(Duration::from_secs(60));
+    let log = broker.log();
+    assert!(status.success(), "{status}; its log:\n{log}");
+    for said in [
+        "received a shutdown signal",
+        "signal=\"SIGTERM\"",
+        "cutting them",
+        "shut down cleanly",
+    ] {
+        assert!(log.contains(said), "the log does not say {said:?}:\n{log}");
+    }
+    // The Watch stream ended (cut) rather than staying open.
+    while let Ok(Some(_)) = watch.message().await {}
+}

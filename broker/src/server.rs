@@ -64,9 +64,14 @@ pub async fn serve(
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
+    let drain = config.limits.shutdown_timeout;
     let shutdown = async move {
         shutdown.await;
-        tracing::info!("shutdown requested: answering queued requests");
+        tracing::info!(
+            ?drain,
+            "shutting down: no new connections; answering requests in progress for at most \
+             the drain time, then cutting the connections still open"
+        );
         stopping.stop();
     };
     let served = crate::grpc::serve(
@@ -202,8 +207,9 @@ pub async fn shutdown_signal() {
                 return;
             }
         };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    tracing::info!(signal, "received a shutdown signal");
 }

@@ -3,6 +3,7 @@
 //! and domain errors into statuses in one place ([`status`]).
 
 pub mod checks;
+pub mod connections;
 pub mod groups;
 pub mod instrument;
 pub mod service;
@@ -28,9 +29,7 @@ use strata_proto::v1::admin_server::AdminServer;
 use strata_proto::v1::broker_server::BrokerServer;
 use strata_proto::v1::groups_server::GroupsServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -38,7 +37,8 @@ use crate::broker::Broker;
 use crate::health::Problem;
 use crate::limits::Limits;
 use crate::topics::settings::MESSAGE_BYTES_CAP;
-use instrument::{Counted, RequestsLayer};
+use connections::{Accepting, Cut};
+use instrument::RequestsLayer;
 use service::{Service, FETCH_BYTES_MAX};
 
 /// Serves the gRPC services (with health and reflection) on `listener` until `shutdown`
@@ -79,11 +79,22 @@ pub async fn serve(
         health.set_not_serving::<GroupsServer<Service>>().await;
         stopping.stop_waiting();
     };
-    let connections = metrics.connections.clone();
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|io| Counted::new(io, &connections)));
-    tonic::transport::Server::builder()
+    let cut = Arc::new(Cut::default());
+    let incoming = connections::incoming(
+        listener,
+        Accepting {
+            max_connections: limits.connections,
+            keepalive: limits.keepalive_interval,
+            gauge: metrics.connections.clone(),
+            cut: Arc::clone(&cut),
+        },
+    );
+    let (draining, mut drain_begun) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        draining.send_replace(true);
+    };
+    let served = tonic::transport::Server::builder()
         // tonic's default is no limit at all (hyper's own is 200).
         .max_concurrent_streams(limits.streams_per_connection)
         // Peers that vanish without closing (a crashed host, a dropped NAT entry) are
@@ -93,7 +104,7 @@ pub async fn serve(
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)
-        .layer(RequestsLayer::new(metrics))
+        .layer(RequestsLayer::new(Arc::clone(&metrics)))
         .add_service(
             AdminServer::new(service.clone())
                 .max_decoding_message_size(limits.admin_request_bytes)
@@ -113,10 +124,31 @@ pub async fn serve(
         )
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::pin!(served);
+    tokio::select! {
+        served = &mut served => return Ok(served?),
+        _ = drain_begun.wait_for(|&begun| begun) => {}
+    }
+    // Requests in progress get the drain time; then whatever is still open (a client
+    // that stopped sending halfway, a health Watch stream) is cut.
+    if let Ok(served) = tokio::time::timeout(limits.shutdown_timeout, &mut served).await {
+        return Ok(served?);
+    }
+    tracing::warn!(
+        open = metrics.connections.get(),
+        drain = ?limits.shutdown_timeout,
+        "shutdown: connections still open after the drain time; cutting them"
+    );
+    cut.cut();
+    if tokio::time::timeout(CUT_WAIT, &mut served).await.is_err() {
+        tracing::warn!("shutdown: cut connections did not close; going on without them");
+    }
     Ok(())
 }
+
+/// How long the server may take to drop connections once they are cut.
+const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Keeps the health service in step with the broker's faults, which only ever appear
 /// (a fail-stopped component stays so until a restart).

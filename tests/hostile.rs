@@ -649,3 +649,72 @@ async fn a_watch_stream_and_a_half_sent_request_do_not_hold_a_shutdown() {
     // The Watch stream ended (cut) rather than staying open.
     while let Ok(Some(_)) = watch.message().await {}
 }
+
+/// CPU time (user + system) process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("a command name")
+        .1
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| fields[i].parse::<u64>().expect("a number");
+    // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+    field(11) + field(12)
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ; 100 on Linux everywhere).
+const TICKS_PER_SECOND: u64 = 100;
+
+/// At the descriptor limit (a low `ulimit -n` filled by idle connections), `accept`
+/// backs off instead of spinning, the log says why, the start warned that the limit
+/// is too low, and the broker serves again once the connections close.
+#[tokio::test]
+async fn accept_backs_off_at_the_descriptor_limit() {
+    let broker = Broker::start_in_shell(Some("ulimit -n 128"), &[]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    let mut data = broker.client().await;
+    let idle = idle_connections(&broker, 200);
+    let pid = broker.pid();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !broker.log().contains("out of file descriptors") {
+        assert!(
+            Instant::now() < deadline,
+            "no warning about accept: {}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let window = Duration::from_secs(2);
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(window).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < window.as_secs() * TICKS_PER_SECOND / 2,
+        "the broker used {used} ticks of CPU in {window:?} with accept failing: a spin"
+    );
+    // A connection opened before keeps working.
+    data.produce(produce_records(TOPIC, 0, vec![record(None, b"still here")]))
+        .await
+        .expect("produce at the descriptor limit");
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while list_topics(&broker).await.is_err() {
+        assert!(Instant::now() < deadline, "the broker did not serve again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        broker
+            .log()
+            .contains("the open-file limit (ulimit -n) is below"),
+        "{}",
+        broker.log()
+    );
+    assert_eq!(
+        health(&broker, "strata.v1.Broker").await,
+        ServingStatus::Serving
+    );
+}

@@ -36,6 +36,7 @@ pub async fn serve(
     let source = Arc::new(Source::default());
     let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
 
+    let nofile = raise_nofile_limit();
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
     let max_open_files = config.max_open_files;
@@ -54,6 +55,7 @@ pub async fn serve(
         ),
     })?;
     let broker = Arc::new(broker);
+    check_nofile_limit(nofile, &config, &broker);
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;
@@ -96,6 +98,64 @@ pub async fn serve(
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: the broker holds a few
+/// descriptors per partition and one per connection, and the usual soft limit (1024)
+/// is easily reached. Returns the limit in force (`None`: unlimited).
+fn raise_nofile_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return limit.current;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit");
+            limit.maximum
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, limit = ?limit.current, "cannot raise the open-file limit");
+            limit.current
+        }
+    }
+}
+
+/// Descriptors the broker needs beyond those of partitions and connections: the data
+/// directory's lock, the offsets log, listeners, the runtime, standard streams.
+const NOFILE_MARGIN: u64 = 64;
+
+/// Descriptors the broker may need: [`NOFILE_MARGIN`], three per partition (the active
+/// segment's log and indexes), the segment read budget and one per connection.
+fn nofile_needed(partitions: u64, max_open_files: usize, max_connections: usize) -> u64 {
+    NOFILE_MARGIN + 3 * partitions + max_open_files as u64 + max_connections as u64
+}
+
+/// Warns when the open-file limit is below what the configuration may need: past it,
+/// a segment roll fails (fail-stopping its partition) or connections are refused.
+fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
+    let partitions: u64 = broker
+        .topics()
+        .iter()
+        .map(|t| u64::from(t.settings.partitions))
+        .sum();
+    let needed = nofile_needed(partitions, config.max_open_files, config.limits.connections);
+    if let Some(limit) = limit.filter(|&limit| limit < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            partitions,
+            max_open_files = config.max_open_files,
+            max_connections = config.limits.connections,
+            "the open-file limit (ulimit -n) is below what this broker may need \
+             (64 + 3 x partitions + max_open_files + max_connections): raise the hard \
+             limit, or lower --max-connections or --max-open-files"
+        );
+    }
 }
 
 /// Binds a socket to `address` without listening yet.

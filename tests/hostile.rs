@@ -718,3 +718,139 @@ async fn accept_backs_off_at_the_descriptor_limit() {
         ServingStatus::Serving
     );
 }
+
+/// Fills partition 0 of `topic` with about `mib` MiB, in 1 MiB requests of 512 KiB
+/// records.
+async fn fill(broker: &Broker, topic: &str, mib: usize) {
+    let mut data = broker.client().await;
+    for _ in 0..mib {
+        let records = vec![record(None, &[7; 500 << 10]); 2];
+        data.produce(produce_records(topic, 0, records))
+            .await
+            .expect("produce");
+    }
+}
+
+/// Opens a Subscribe stream from offset 0 on its own connection and never reads it.
+async fn unread_subscribe(
+    broker: &Broker,
+    topic: &str,
+    max_bytes: u32,
+) -> Result<tonic::Streaming<v1::FetchResponse>, Status> {
+    let mut client = broker.client().await;
+    client
+        .subscribe(v1::SubscribeRequest {
+            topic: topic.to_string(),
+            partition: 0,
+            offset: 0,
+            max_bytes,
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Twenty Subscribe streams whose clients never read held about 1 GB before their
+/// queues were bounded in bytes and their responses charged to the fetch memory
+/// budget; now the broker stays under a bound and a well-behaved client keeps going.
+#[tokio::test]
+async fn unread_subscribe_streams_hold_bounded_memory() {
+    let broker = Broker::start_with(&["--default-max-message-bytes", "2MiB"]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    create_topic(&mut admin, "big", 1, v1::TopicConfig::default()).await;
+    fill(&broker, "big", 96).await;
+    let well_behaved = WellBehaved::start(&broker).await;
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        match unread_subscribe(&broker, "big", 8 << 20).await {
+            Ok(stream) => streams.push(stream),
+            // Refused while the others hold the budget: what the limit is for.
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("fetch_memory_bytes"),
+                    "{status:?}"
+                );
+            }
+        }
+    }
+    assert!(!streams.is_empty());
+    // The streams fill their queues and the budget; let them get there.
+    let pid = broker.pid();
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_bytes(pid));
+    }
+    println!(
+        "{} unread Subscribe streams: broker RSS peaked at {} MiB",
+        streams.len(),
+        peak >> 20
+    );
+    assert!(
+        peak < SUBSCRIBE_RSS_BOUND_BYTES,
+        "the broker's RSS reached {} MiB",
+        peak >> 20
+    );
+    let before = well_behaved.progress();
+    wait_for_progress(&well_behaved, before).await;
+    drop(streams);
+    well_behaved.finish().await;
+}
+
+/// The RSS bound with unread Subscribe streams: the fetch memory budget (256 MiB), what
+/// the transport holds of each stream's last response (up to 8 MiB each), and the rest
+/// of the broker.
+const SUBSCRIBE_RSS_BOUND_BYTES: u64 = 640 << 20;
+
+/// With a small fetch memory budget held by unread streams, a new Subscribe and a
+/// Fetch are refused with RESOURCE_EXHAUSTED naming fetch_memory_bytes instead of
+/// piling up.
+#[tokio::test]
+async fn a_held_fetch_budget_refuses_new_reads_naming_the_limit() {
+    let broker = Broker::start_with(&[
+        "--fetch-memory-bytes",
+        "16MiB",
+        "--subscribe-queue-bytes",
+        "8MiB",
+    ]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "big", 1, v1::TopicConfig::default()).await;
+    fill(&broker, "big", 64).await;
+    let mut streams = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        match unread_subscribe(&broker, "big", 4 << 20).await {
+            Ok(stream) => streams.push(stream),
+            Err(status) => break status,
+        }
+        assert!(Instant::now() < deadline, "Subscribe was never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("fetch_memory_bytes"),
+        "{refused:?}"
+    );
+    // Subscribe streams may hold three quarters of the budget: 12 MiB, so an 8 MiB
+    // fetch finds no room, while a 1 MiB one (strata-client's default) does.
+    let mut data = broker.client().await;
+    let mut request = fetch_request("big", 0, 0, false);
+    request.max_bytes = 8 << 20;
+    let fetch = data.fetch(request).await.map(|_| ()).expect_err("no room");
+    assert_eq!(fetch.code(), Code::ResourceExhausted, "{fetch:?}");
+    data.fetch(fetch_request("big", 0, 0, false))
+        .await
+        .expect("a 1 MiB fetch fits in the rest");
+    assert!(fetch.message().contains("fetch_memory_bytes"), "{fetch:?}");
+    // Once the streams are gone, large reads are served again.
+    drop(streams);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut large = fetch_request("big", 0, 0, false);
+    large.max_bytes = 8 << 20;
+    while data.fetch(large.clone()).await.map(|_| ()).is_err() {
+        assert!(Instant::now() < deadline, "fetches stayed refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tracing_subscriber::filter::Targets;
 
-use crate::limits::Limits;
+use crate::limits::{Limits, FETCH_MEMORY_BYTES_MIN};
 use crate::topics::settings::{TopicSettings, MESSAGE_BYTES_CAP};
 use crate::units::{ByteSize, Limit, Millis};
 
@@ -98,6 +98,14 @@ pub struct ServeArgs {
     /// connections [default: 10s].
     #[arg(long, env = "STRATA_SHUTDOWN_TIMEOUT_MS")]
     pub shutdown_timeout_ms: Option<Millis>,
+    /// Bytes of Fetch and Subscribe responses in flight, broker-wide (a size, at least
+    /// 16MiB) [default: 256MiB].
+    #[arg(long, env = "STRATA_FETCH_MEMORY_BYTES")]
+    pub fetch_memory_bytes: Option<ByteSize>,
+    /// Bytes one Subscribe stream may hold queued for a slow client (a size)
+    /// [default: 16MiB].
+    #[arg(long, env = "STRATA_SUBSCRIBE_QUEUE_BYTES")]
+    pub subscribe_queue_bytes: Option<ByteSize>,
     /// Longest client id of a group member (a size) [default: 255B].
     #[arg(long, env = "STRATA_MAX_CLIENT_ID_BYTES")]
     pub max_client_id_bytes: Option<ByteSize>,
@@ -319,6 +327,18 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
             file.shutdown_timeout_ms,
             base.shutdown_timeout,
         )?,
+        fetch_memory_bytes: size(
+            "fetch_memory_bytes",
+            args.fetch_memory_bytes,
+            file.fetch_memory_bytes,
+            base.fetch_memory_bytes,
+        )?,
+        subscribe_queue_bytes: size(
+            "subscribe_queue_bytes",
+            args.subscribe_queue_bytes,
+            file.subscribe_queue_bytes,
+            base.subscribe_queue_bytes,
+        )?,
         client_id_bytes: size(
             "max_client_id_bytes",
             args.max_client_id_bytes,
@@ -339,6 +359,13 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
         )?,
         groups: count("max_groups", args.max_groups, file.max_groups, base.groups)?,
     };
+    if limits.fetch_memory_bytes < FETCH_MEMORY_BYTES_MIN {
+        anyhow::bail!(
+            "fetch_memory_bytes {} is below the least of {}: two of the largest fetches",
+            ByteSize(limits.fetch_memory_bytes as u64),
+            ByteSize(FETCH_MEMORY_BYTES_MIN as u64)
+        );
+    }
     for (name, bytes) in [
         ("max_admin_request_bytes", limits.admin_request_bytes),
         ("max_groups_request_bytes", limits.groups_request_bytes),
@@ -544,6 +571,10 @@ mod tests {
                 "keepalive_timeout_ms" => assert_eq!(millis(), l.keepalive_timeout),
                 "shutdown_timeout_ms" => assert_eq!(millis(), l.shutdown_timeout),
                 "max_client_id_bytes" => assert_eq!(size(), l.client_id_bytes as u64),
+                "fetch_memory_bytes" => assert_eq!(size(), l.fetch_memory_bytes as u64),
+                "subscribe_queue_bytes" => {
+                    assert_eq!(size(), l.subscribe_queue_bytes as u64)
+                }
                 "max_commit_metadata_bytes" => {
                     assert_eq!(size(), l.commit_metadata_bytes as u64)
                 }
@@ -553,7 +584,7 @@ mod tests {
             }
             shown += 1;
         }
-        assert_eq!(shown, 23, "every setting but --config shows its default");
+        assert_eq!(shown, 25, "every setting but --config shows its default");
     }
 
     #[test]

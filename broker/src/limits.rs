@@ -27,6 +27,14 @@ pub const KEEPALIVE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(20);
 /// How long a shutdown waits for requests in progress before it cuts the remaining
 /// connections, when `--shutdown-timeout-ms` is not given.
 pub const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Bytes of Fetch and Subscribe responses in flight, broker-wide, when
+/// `--fetch-memory-bytes` is not given.
+pub const FETCH_MEMORY_BYTES_DEFAULT: usize = 256 << 20;
+/// The least `--fetch-memory-bytes` may be: two of the largest fetches.
+pub const FETCH_MEMORY_BYTES_MIN: usize = 16 << 20;
+/// Bytes one Subscribe stream may hold queued for its client (a response larger than
+/// this still goes, alone) when `--subscribe-queue-bytes` is not given.
+pub const SUBSCRIBE_QUEUE_BYTES_DEFAULT: usize = 16 << 20;
 /// Longest id a client may give (member id, client id).
 pub const ID_BYTES_MAX: usize = 255;
 /// Longest client id a member may give when `--max-client-id-bytes` is not given.
@@ -56,6 +64,10 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// How long a shutdown drains before it cuts connections.
     pub shutdown_timeout: Duration,
+    /// Bytes of Fetch and Subscribe responses in flight, broker-wide.
+    pub fetch_memory_bytes: usize,
+    /// Bytes one Subscribe stream may hold queued.
+    pub subscribe_queue_bytes: usize,
     /// Longest client id of a group member.
     pub client_id_bytes: usize,
     /// Longest metadata of a committed offset.
@@ -76,6 +88,8 @@ impl Default for Limits {
             keepalive_interval: KEEPALIVE_INTERVAL_DEFAULT,
             keepalive_timeout: KEEPALIVE_TIMEOUT_DEFAULT,
             shutdown_timeout: SHUTDOWN_TIMEOUT_DEFAULT,
+            fetch_memory_bytes: FETCH_MEMORY_BYTES_DEFAULT,
+            subscribe_queue_bytes: SUBSCRIBE_QUEUE_BYTES_DEFAULT,
             client_id_bytes: CLIENT_ID_BYTES_DEFAULT,
             commit_metadata_bytes: COMMIT_METADATA_BYTES_DEFAULT,
             group_members: GROUP_MEMBERS_DEFAULT,

@@ -22,6 +22,7 @@ use tonic::transport::server::Connected;
 use tonic::{Code, Response, Status};
 
 use crate::error::{Error, Result, Severity};
+use crate::grpc::service::ResponseMemory;
 use crate::metrics::{Metrics, RejectedLabels};
 
 /// The header of an error status that names its reason ([`Error::reason`]).
@@ -219,10 +220,12 @@ where
         let in_flight = InFlight::new(&metrics.in_flight);
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let response = answer.await.map(|r| {
+            let response = answer.await.map(|mut r| {
+                let memory = r.extensions_mut().remove::<ResponseMemory>();
                 r.map(|body| LimitNamed {
                     inner: body,
                     limit: path_limit,
+                    _memory: memory,
                 })
             });
             let mut response = response;
@@ -307,9 +310,13 @@ fn name_size_limit(limit: &'static str, headers: &mut http::HeaderMap) {
 
 /// A response body whose trailers get [`name_size_limit`]: tonic reports a request
 /// over the size limit in the trailers once it has sent the response headers.
+///
+/// It also holds the response's share of the fetch memory budget, if it has one, until
+/// the transport drops it, having sent (nearly) all of it.
 pub struct LimitNamed<B> {
     inner: B,
     limit: &'static str,
+    _memory: Option<ResponseMemory>,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for LimitNamed<B> {

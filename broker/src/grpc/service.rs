@@ -18,9 +18,10 @@ use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::grpc::groups;
 use crate::grpc::instrument::Scope;
-use crate::limits::Limits;
+use crate::limits::{Limits, FETCH_MEMORY_BYTES_MIN};
 use crate::topics::partition::{Ack, Partition};
 use crate::topics::settings::{TopicOverrides, TopicSettings};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Fetch size when a request leaves max_bytes at 0.
 pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
@@ -30,6 +31,34 @@ pub const FETCH_BYTES_MAX: usize = 8 << 20;
 pub const PRODUCE_BUDGET_BYTES: usize = 512 << 20;
 /// Longest a fetch may wait for data.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Quarters of the fetch memory budget Subscribe streams may hold.
+const SUBSCRIBE_SHARE_QUARTERS: usize = 3;
+/// Longest a fetch waits for room in the fetch memory budget before it is refused.
+const FETCH_BUDGET_WAIT: Duration = Duration::from_secs(1);
+
+/// Permits of the fetch memory budget for `bytes` (at most the largest fetch plus the
+/// largest batch, below the least budget).
+fn fetch_permits(bytes: usize) -> u32 {
+    bytes.min(FETCH_MEMORY_BYTES_MIN) as u32
+}
+
+/// What a fetch response holds: its batches, or its decoded records.
+fn response_bytes(response: &v1::FetchResponse) -> usize {
+    response.batches.len()
+        + response
+            .records
+            .iter()
+            .map(|r| {
+                RECORD_DECODED_OVERHEAD_BYTES
+                    + r.value.as_ref().map_or(0, Bytes::len)
+                    + r.key.as_ref().map_or(0, Bytes::len)
+                    + r.headers
+                        .iter()
+                        .map(|h| h.key.len() + h.value.len() + 16)
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+}
 
 /// Implements both gRPC services over one broker.
 #[derive(Debug, Clone)]
@@ -44,6 +73,12 @@ pub struct Service {
     produce_budget: Arc<tokio::sync::Semaphore>,
     /// What one request may ask for.
     limits: Arc<Limits>,
+    /// Bytes of Fetch and Subscribe responses the broker holds until they are sent,
+    /// broker-wide: clients that do not read cannot make it hold more.
+    fetch_budget: Arc<Semaphore>,
+    /// The part of the fetch budget Subscribe streams may hold: the rest stays for
+    /// Fetch, which consumers (strata-client's among them) use.
+    subscribe_share: Arc<Semaphore>,
 }
 
 impl Service {
@@ -54,7 +89,47 @@ impl Service {
             broker,
             stopping: Arc::new(stopping),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
+            fetch_budget: Arc::new(Semaphore::new(limits.fetch_memory_bytes)),
+            subscribe_share: Arc::new(Semaphore::new(
+                limits.fetch_memory_bytes / 4 * SUBSCRIBE_SHARE_QUARTERS,
+            )),
             limits: Arc::new(limits),
+        }
+    }
+
+    /// Takes `bytes` of the fetch memory budget, waiting at most [`FETCH_BUDGET_WAIT`]
+    /// for responses in flight to free it.
+    async fn fetch_memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
+        let permits = fetch_permits(bytes);
+        let budget = Arc::clone(&self.fetch_budget);
+        match tokio::time::timeout(FETCH_BUDGET_WAIT, budget.acquire_many_owned(permits)).await {
+            Ok(permit) => permit.map_err(|_| Error::ShuttingDown),
+            Err(_) => Err(self.fetch_memory_exhausted()),
+        }
+    }
+
+    /// Takes `bytes` of Subscribe's share of the fetch memory budget, and of the
+    /// budget, if they have them now.
+    fn try_subscribe_memory(
+        &self,
+        bytes: usize,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let take = |semaphore: &Arc<Semaphore>| {
+            Arc::clone(semaphore)
+                .try_acquire_many_owned(fetch_permits(bytes))
+                .map_err(|_| self.fetch_memory_exhausted())
+        };
+        Ok((take(&self.subscribe_share)?, take(&self.fetch_budget)?))
+    }
+
+    fn fetch_memory_exhausted(&self) -> Error {
+        Error::LimitExceeded {
+            limit: "fetch_memory_bytes",
+            message: format!(
+                "responses in flight hold all {} of the fetch memory budget (clients that \
+                 do not read their Subscribe streams or responses); retry later",
+                crate::units::ByteSize(self.limits.fetch_memory_bytes as u64)
+            ),
         }
     }
 
@@ -172,7 +247,7 @@ impl Service {
         &self,
         request: v1::FetchRequest,
         scope: &mut Scope,
-    ) -> Result<v1::FetchResponse> {
+    ) -> Result<(v1::FetchResponse, OwnedSemaphorePermit)> {
         let partition = self.broker.partition(&request.topic, request.partition)?;
         if let Some(member) = &request.member {
             groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
@@ -190,6 +265,8 @@ impl Service {
             }
         }
         let max_bytes = fetch_bytes(request.max_bytes);
+        // Held until the handler returns its response to the transport.
+        let mut memory = self.fetch_memory(max_bytes).await?;
         let read = read(&partition, request.offset, max_bytes).await?;
         let response = fetch_response(
             request.partition,
@@ -198,8 +275,9 @@ impl Service {
             request.decode,
             max_bytes,
         )?;
+        fit(&self.fetch_budget, &mut memory, response_bytes(&response));
         count_fetched(&partition, request.offset, &response);
-        Ok(response)
+        Ok((response, memory))
     }
 }
 
@@ -518,6 +596,9 @@ fn first_batch_key(batch: &[u8]) -> Option<&[u8]> {
     Batch::new(batch).ok()?.records().next()?.ok()?.key
 }
 
+/// Rough per-record overhead of the decoded form (offset, timestamp, framing).
+const RECORD_DECODED_OVERHEAD_BYTES: usize = 32;
+
 /// Decodes the records at or after `from` for clients that asked for them.
 ///
 /// Decoded records take more room than their batch (a record of empty key and value is
@@ -529,8 +610,6 @@ fn decode_records(
     from: u64,
     budget: usize,
 ) -> Result<(Vec<v1::Record>, Option<u64>)> {
-    /// Rough per-record overhead of the decoded form (offset, timestamp, framing).
-    const RECORD_OVERHEAD_BYTES: usize = 32;
     let mut records = Vec::new();
     let mut used = 0;
     for batch in batches(batches_bytes) {
@@ -543,7 +622,7 @@ fn decode_records(
             if !records.is_empty() && used >= budget {
                 return Ok((records, Some(record.offset)));
             }
-            used += RECORD_OVERHEAD_BYTES
+            used += RECORD_DECODED_OVERHEAD_BYTES
                 + record.key.map_or(0, <[u8]>::len)
                 + record.value.map_or(0, <[u8]>::len)
                 + record
@@ -633,8 +712,17 @@ impl broker_server::Broker for Service {
         if let Some(member) = &request.member {
             scope = scope.group(&member.group);
         }
-        let answer = self.serve_fetch(request, &mut scope).await;
-        scope.finish(answer)
+        let (answer, memory) = match self.serve_fetch(request, &mut scope).await {
+            Ok((response, memory)) => (Ok(response), Some(memory)),
+            Err(e) => (Err(e), None),
+        };
+        let mut response = scope.finish(answer)?;
+        if let Some(memory) = memory {
+            response
+                .extensions_mut()
+                .insert(ResponseMemory(Arc::new(memory)));
+        }
+        Ok(response)
     }
 
     type SubscribeStream = SubscribeStream;
@@ -664,50 +752,75 @@ impl broker_server::Broker for Service {
             .scope("Subscribe")
             .topic(&request.topic)
             .partition(request.partition);
+        let max_bytes = fetch_bytes(request.max_bytes);
+        let queue_bytes = self.limits.subscribe_queue_bytes;
+        let queue = Arc::new(Semaphore::new(queue_bytes));
         let started = async {
             let topic = self.broker.topic(&request.topic)?;
             let partition = Arc::clone(topic.partition(request.partition)?);
+            // Refused at once while responses in flight hold the whole budget, so new
+            // streams do not pile up waiting with their first read.
+            let (share, memory) = self.try_subscribe_memory(max_bytes)?;
+            let held = Held {
+                share,
+                memory,
+                queued: Arc::clone(&queue)
+                    .try_acquire_many_owned(fetch_permits(max_bytes.min(queue_bytes)))
+                    .map_err(|_| Error::ShuttingDown)?,
+            };
             // Check the starting offset now, so a bad one fails the call, not the stream.
-            let first = read(&partition, request.offset, fetch_bytes(request.max_bytes)).await?;
-            Ok((topic, partition, first))
+            let first = read(&partition, request.offset, max_bytes).await?;
+            Ok((topic, partition, first, held))
         }
         .await;
-        let (topic, partition, first) = match started {
+        let (topic, partition, first, held) = match started {
             Ok(started) => started,
             Err(e) => return Err(scope.fail(e)),
         };
-        let max_bytes = fetch_bytes(request.max_bytes);
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<(_, Option<Held>)>(4);
         let stopped = self.stopped();
-        let broker = Arc::clone(&self.broker);
+        let service = self.clone();
         tokio::spawn(async move {
             tokio::pin!(stopped);
             let mut offset = request.offset;
-            let mut next = Some(first);
+            let mut next = Some((first, held));
             loop {
-                let read_result = match next.take() {
-                    Some(r) => Ok(r),
+                let (read_result, mut held) = match next.take() {
+                    Some((r, held)) => (Ok(r), held),
                     None => {
                         tokio::select! {
                             _ = partition.wait_past(offset, FETCH_WAIT_MAX) => {}
                             _ = sender.closed() => return,
                             _ = &mut stopped => {
                                 // The client should reconnect, not take this as the end.
-                                let _ = sender.try_send(Err(Error::ShuttingDown.into()));
+                                let _ = sender.try_send((Err(Error::ShuttingDown.into()), None));
                                 return;
                             }
                         }
                         // Once the topic is deleted its writer is gone and the wait above
                         // returns at once: end the stream instead of spinning.
-                        if !broker
+                        if !service
+                            .broker
                             .topic(&request.topic)
                             .is_ok_and(|current| Arc::ptr_eq(&current, &topic))
                         {
                             let gone = Error::TopicNotFound(request.topic.clone());
-                            let _ = sender.send(Err(scope.fail(gone))).await;
+                            let _ = sender.send((Err(scope.fail(gone)), None)).await;
                             return;
                         }
-                        read(&partition, offset, max_bytes).await
+                        // Room for the next response before it is read: in this stream's
+                        // queue (a client that does not read stops here), then in the
+                        // broker-wide budget.
+                        let held = tokio::select! {
+                            held = service.hold(&queue, max_bytes) => held,
+                            _ = sender.closed() => return,
+                            _ = &mut stopped => {
+                                let _ = sender.try_send((Err(Error::ShuttingDown.into()), None));
+                                return;
+                            }
+                        };
+                        let Some(held) = held else { return };
+                        (read(&partition, offset, max_bytes).await, held)
                     }
                 };
                 let message = read_result.and_then(|r| {
@@ -725,14 +838,18 @@ impl broker_server::Broker for Service {
                 match message {
                     Ok(None) => continue,
                     Ok(Some(m)) => {
+                        let bytes = response_bytes(&m);
+                        fit(&service.fetch_budget, &mut held.memory, bytes);
+                        fit(&service.subscribe_share, &mut held.share, bytes);
+                        fit(&queue, &mut held.queued, bytes.min(queue_bytes));
                         // A client that stops reading must not hold up a shutdown.
                         tokio::select! {
-                            sent = sender.send(Ok(m)) => if sent.is_err() { return },
+                            sent = sender.send((Ok(m), Some(held))) => if sent.is_err() { return },
                             _ = &mut stopped => return,
                         }
                     }
                     Err(e) => {
-                        let _ = sender.send(Err(scope.fail(e))).await;
+                        let _ = sender.send((Err(scope.fail(e)), None)).await;
                     }
                 }
                 if failed {
@@ -740,8 +857,90 @@ impl broker_server::Broker for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(Box::pin(Holding {
+            inner: tokio_stream::wrappers::ReceiverStream::new(receiver),
+            held: None,
+        })))
+    }
+}
+
+/// What a Subscribe response holds until the transport has taken it: its share of the
+/// fetch memory budget and of its stream's queue.
+struct Held {
+    share: OwnedSemaphorePermit,
+    memory: OwnedSemaphorePermit,
+    queued: OwnedSemaphorePermit,
+}
+
+impl Service {
+    /// Room for a response of up to `max_bytes`: in `queue` (of `subscribe_queue_bytes`;
+    /// all of it for a larger response), then in Subscribe's share of the fetch memory
+    /// budget and in the budget; waits for each. `None` once a semaphore is closed.
+    async fn hold(&self, queue: &Arc<Semaphore>, max_bytes: usize) -> Option<Held> {
+        let queued = Arc::clone(queue)
+            .acquire_many_owned(fetch_permits(
+                max_bytes.min(self.limits.subscribe_queue_bytes),
+            ))
+            .await
+            .ok()?;
+        let share = Arc::clone(&self.subscribe_share)
+            .acquire_many_owned(fetch_permits(max_bytes))
+            .await
+            .ok()?;
+        let memory = Arc::clone(&self.fetch_budget)
+            .acquire_many_owned(fetch_permits(max_bytes))
+            .await
+            .ok()?;
+        Some(Held {
+            share,
+            memory,
+            queued,
+        })
+    }
+}
+
+/// Fits `permit` of `semaphore` (taken for a response before it was read) to the
+/// response's `bytes`: frees what it does not need, or takes what it needs beyond, if
+/// free (the response is read already; at most one batch over what was asked for).
+fn fit(semaphore: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, bytes: usize) {
+    let held = permit.num_permits();
+    if bytes < held {
+        drop(permit.split(held - bytes));
+    } else if let Ok(more) =
+        Arc::clone(semaphore).try_acquire_many_owned(fetch_permits(bytes - held))
+    {
+        permit.merge(more);
+    }
+}
+
+/// A response's share of the fetch memory budget, released when the transport drops
+/// the response's body: the layer around the services ([`crate::grpc::instrument`])
+/// moves it from the response's extensions into its body.
+#[derive(Clone)]
+pub struct ResponseMemory(pub Arc<OwnedSemaphorePermit>);
+
+/// A Subscribe stream's responses for tonic: each keeps its [`Held`] share until
+/// tonic asks for the next one, by when the transport has taken it (HTTP/2 asks for
+/// more only once the client's flow-control window lets the last one go).
+struct Holding {
+    inner:
+        tokio_stream::wrappers::ReceiverStream<(Result<v1::FetchResponse, Status>, Option<Held>)>,
+    held: Option<Held>,
+}
+
+impl Stream for Holding {
+    type Item = Result<v1::FetchResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.held = None;
+        Pin::new(&mut self.inner).poll_next(cx).map(|next| {
+            next.map(|(item, held)| {
+                self.held = held;
+                item
+            })
+        })
     }
 }

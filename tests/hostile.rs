@@ -854,3 +854,33 @@ async fn a_held_fetch_budget_refuses_new_reads_naming_the_limit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Joins beyond --max-group-members or --max-groups get RESOURCE_EXHAUSTED naming the
+/// setting; the members already in keep their group.
+#[tokio::test]
+async fn joins_beyond_the_group_limits_are_refused() {
+    let broker = Broker::start_with(&["--max-group-members", "2", "--max-groups", "1"]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, PARTITIONS, v1::TopicConfig::default()).await;
+    let mut groups = broker.groups().await;
+    for _ in 0..2 {
+        groups
+            .heartbeat(join("g", vec![TOPIC.into()]))
+            .await
+            .expect("a join within the limits");
+    }
+    for (group, limit) in [("g", "max_group_members"), ("h", "max_groups")] {
+        let refused = groups
+            .heartbeat(join(group, vec![TOPIC.into()]))
+            .await
+            .expect_err("a join beyond the limits");
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        assert!(refused.message().contains(limit), "{refused:?}");
+    }
+    let described = admin
+        .describe_group(v1::DescribeGroupRequest { group: "g".into() })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(described.members.len(), 2);
+}

@@ -56,6 +56,9 @@ pub async fn serve(
     })?;
     let broker = Arc::new(broker);
     check_nofile_limit(nofile, &config, &broker);
+    broker
+        .coordinator()
+        .set_limits(config.limits.group_members, config.limits.groups);
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;

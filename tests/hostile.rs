@@ -424,6 +424,16 @@ async fn malformed_and_oversized_requests_get_their_statuses_and_cost_little() {
             rpc!(d, produce, produce_batch(TOPIC, 1, vec![0; 40 << 20])),
         ),
         case(
+            "a produce of a million empty records (2 MB on the wire)",
+            Code::ResourceExhausted,
+            "produce_decoded_bytes",
+            rpc!(
+                d,
+                produce,
+                produce_records(TOPIC, 1, vec![v1::Record::default(); 1_000_000])
+            ),
+        ),
+        case(
             "a produce of a batch that is not one",
             Code::InvalidArgument,
             "batch",

@@ -894,3 +894,86 @@ async fn joins_beyond_the_group_limits_are_refused() {
         .into_inner();
     assert_eq!(described.members.len(), 2);
 }
+
+/// The committed offsets of a group without members expire after
+/// --offsets-retention-ms (Kafka's offsets.retention.minutes); those of a group with a
+/// member stay.
+#[tokio::test]
+async fn committed_offsets_of_empty_groups_expire() {
+    let broker = Broker::start_with(&[
+        "--offsets-retention-ms",
+        "1s",
+        "--retention-check-ms",
+        "100ms",
+    ]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    let mut data = broker.client().await;
+    data.produce(produce_records(TOPIC, 0, vec![record(None, b"x")]))
+        .await
+        .expect("produce");
+    let mut groups = broker.groups().await;
+    let commit = |group: &str, member_id: String, member_epoch: u64| v1::CommitOffsetsRequest {
+        group: group.into(),
+        member_id,
+        member_epoch,
+        offsets: vec![v1::PartitionOffset {
+            topic: TOPIC.into(),
+            partition: 0,
+            offset: 1,
+            ..Default::default()
+        }],
+    };
+    groups
+        .commit_offsets(commit("gone", String::new(), 0))
+        .await
+        .expect("a commit from outside");
+    let member = groups
+        .heartbeat(v1::HeartbeatRequest {
+            session_timeout_ms: 60_000,
+            ..join("live", vec![TOPIC.into()])
+        })
+        .await
+        .expect("join")
+        .into_inner();
+    groups
+        .commit_offsets(commit(
+            "live",
+            member.member_id.clone(),
+            member.member_epoch,
+        ))
+        .await
+        .expect("a member's commit");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let described = admin
+            .describe_group(v1::DescribeGroupRequest {
+                group: "gone".into(),
+            })
+            .await;
+        match described {
+            Err(status) if status.code() == Code::NotFound => break,
+            other => {
+                other.expect("the group exists until it expires");
+            }
+        }
+        assert!(Instant::now() < deadline, "the empty group never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past its retention too (its commit is older than the retention by then), but it
+    // has a member.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let live = admin
+        .describe_group(v1::DescribeGroupRequest {
+            group: "live".into(),
+        })
+        .await
+        .expect("the group with a member stays")
+        .into_inner();
+    assert_eq!(live.partitions[0].committed_offset, Some(1));
+    assert!(
+        broker.log().contains("expired the committed offsets"),
+        "{}",
+        broker.log()
+    );
+}

@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// Most consumer groups with members, broker-wide [default: 10000].
     #[arg(long, env = "STRATA_MAX_GROUPS")]
     pub max_groups: Option<usize>,
+    /// How long the committed offsets of a group without members are kept after its
+    /// last member left or its last commit: a duration [default: 7d].
+    #[arg(long, env = "STRATA_OFFSETS_RETENTION_MS")]
+    pub offsets_retention_ms: Option<Millis>,
 }
 
 /// How the broker writes its log (to standard error).
@@ -358,6 +362,12 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
             base.group_members,
         )?,
         groups: count("max_groups", args.max_groups, file.max_groups, base.groups)?,
+        offsets_retention: duration(
+            "offsets_retention_ms",
+            args.offsets_retention_ms,
+            file.offsets_retention_ms,
+            base.offsets_retention,
+        )?,
     };
     if limits.fetch_memory_bytes < FETCH_MEMORY_BYTES_MIN {
         anyhow::bail!(
@@ -580,11 +590,12 @@ mod tests {
                 }
                 "max_group_members" => assert_eq!(default.parse(), Ok(l.group_members)),
                 "max_groups" => assert_eq!(default.parse(), Ok(l.groups)),
+                "offsets_retention_ms" => assert_eq!(millis(), l.offsets_retention),
                 other => panic!("--help shows a default of {other} this test does not check"),
             }
             shown += 1;
         }
-        assert_eq!(shown, 25, "every setting but --config shows its default");
+        assert_eq!(shown, 26, "every setting but --config shows its default");
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub const CLIENT_ID_BYTES_DEFAULT: usize = 255;
 /// Longest metadata of a committed offset when `--max-commit-metadata-bytes` is not
 /// given (Kafka's `offset.metadata.max.bytes`).
 pub const COMMIT_METADATA_BYTES_DEFAULT: usize = 4096;
+/// How long the committed offsets of a group without members are kept after its last
+/// member left or its last commit, when `--offsets-retention-ms` is not given (Kafka's
+/// `offsets.retention.minutes`).
+pub const OFFSETS_RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 86_400);
 /// Members of one group when `--max-group-members` is not given.
 pub const GROUP_MEMBERS_DEFAULT: usize = 1000;
 /// Groups with members, broker-wide, when `--max-groups` is not given.
@@ -76,6 +80,8 @@ pub struct Limits {
     pub group_members: usize,
     /// Groups with members, broker-wide.
     pub groups: usize,
+    /// How long an empty group's committed offsets are kept.
+    pub offsets_retention: Duration,
 }
 
 impl Default for Limits {
@@ -94,6 +100,7 @@ impl Default for Limits {
             commit_metadata_bytes: COMMIT_METADATA_BYTES_DEFAULT,
             group_members: GROUP_MEMBERS_DEFAULT,
             groups: GROUPS_DEFAULT,
+            offsets_retention: OFFSETS_RETENTION_DEFAULT,
         }
     }
 }

@@ -66,6 +66,11 @@ pub async fn serve(
     source.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
+    let expiry = tokio::spawn(expire_offsets(
+        Arc::clone(&broker),
+        config.limits.offsets_retention,
+        config.retention_check,
+    ));
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
@@ -88,6 +93,9 @@ pub async fn serve(
     .await;
 
     maintenance.abort();
+    expiry.abort();
+    // Wait for it: an expiry in progress holds the broker and writes the offsets log.
+    let _ = expiry.await;
     tracing::info!("shutting down: flushing and closing partitions");
     let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     http.stop().await;
@@ -256,6 +264,22 @@ async fn maintain(broker: Arc<Broker>, retention_every: std::time::Duration) {
         }
         broker.maintain(retention);
         broker.expire_members();
+    }
+}
+
+/// Every `every`, deletes the committed offsets of groups empty for `retention`.
+async fn expire_offsets(broker: Arc<Broker>, retention: Duration, every: Duration) {
+    let mut activity = crate::groups::api::GroupActivity::new(strata_storage::now_ms());
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        crate::groups::api::expire_offsets(
+            &broker,
+            retention,
+            &mut activity,
+            strata_storage::now_ms(),
+        )
+        .await;
     }
 }
 

@@ -515,6 +515,15 @@ async fn malformed_and_oversized_requests_get_their_statuses_and_cost_little() {
     ];
     assert!(cases.len() >= 20, "at least 20 kinds of hostile requests");
     let pid = broker.pid();
+    // The well-behaved client's rate alone, then beside the attacks: printed, not
+    // asserted (it depends on the machine's load).
+    let rate = |from: (u64, u64), to: (u64, u64), took: Duration| {
+        (to.0 - from.0) as f64 / took.as_secs_f64()
+    };
+    let solo_from = (well_behaved.progress(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let solo = rate(solo_from.0, well_behaved.progress(), solo_from.1.elapsed());
+    let attacked_from = (well_behaved.progress(), Instant::now());
     let mut peak = 0;
     for case in cases {
         let status = case.attack.await.expect_err(case.what);
@@ -528,6 +537,16 @@ async fn malformed_and_oversized_requests_get_their_statuses_and_cost_little() {
         );
         peak = peak.max(rss_bytes(pid));
     }
+    let attacked = rate(
+        attacked_from.0,
+        well_behaved.progress(),
+        attacked_from.1.elapsed(),
+    );
+    println!(
+        "well-behaved producer: {solo:.0} records/s alone, {attacked:.0} records/s beside \
+         the attacks; broker RSS peaked at {} MiB",
+        peak >> 20
+    );
     assert!(
         peak < RSS_BOUND_BYTES,
         "the broker's RSS reached {peak} bytes"

@@ -188,6 +188,7 @@ async fn malformed_and_oversized_requests_get_their_statuses_and_cost_little() {
         to: Some(v1::reset_offsets_request::To::Earliest(true)),
     };
     let (a, g, d) = (admin.clone(), groups.clone(), data.clone());
+    let lone = broker.admin().await;
     macro_rules! rpc {
         ($client:expr, $method:ident, $request:expr) => {{
             let mut client = $client.clone();
@@ -496,6 +497,20 @@ async fn malformed_and_oversized_requests_get_their_statuses_and_cost_little() {
             Code::OutOfRange,
             "offset",
             rpc!(d, fetch, fetch_request(TOPIC, 1, u64::MAX, false)),
+        ),
+        case(
+            "a request with 1 MiB of metadata (its connection is closed)",
+            Code::ResourceExhausted,
+            "",
+            {
+                let mut client = lone;
+                let mut request = tonic::Request::new(v1::ListTopicsRequest {});
+                request.metadata_mut().insert(
+                    "x-padding",
+                    "p".repeat(1 << 20).parse().expect("a header value"),
+                );
+                async move { client.list_topics(request).await.map(|_| ()) }
+            },
         ),
         case(
             "ListOffsets with an unknown spec",

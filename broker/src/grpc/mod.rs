@@ -18,6 +18,9 @@ const MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// See [`STREAM_WINDOW_BYTES`].
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest header list (gRPC metadata) of a request: trace context, a few custom
+/// headers; gRPC implementations commonly allow 8 to 16 KiB.
+const HEADER_LIST_BYTES_MAX: u32 = 64 << 10;
 /// Largest HTTP/2 frame each side accepts. The protocol's default of 16 KiB cuts a 4 MiB
 /// fetch into 256 frames; larger frames cut the per-frame work of both sides.
 pub const FRAME_BYTES_MAX: u32 = 1 << 20;
@@ -101,6 +104,8 @@ pub async fn serve(
         // found by PINGs and their connections dropped.
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        // hyper's default lets every request carry 16 MiB of headers (metadata).
+        .http2_max_header_list_size(HEADER_LIST_BYTES_MAX)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)

@@ -944,3 +944,64 @@ impl Stream for Holding {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn held(budget: &Arc<Semaphore>, bytes: u32) -> Held {
+        let take = || {
+            Arc::clone(budget)
+                .try_acquire_many_owned(bytes)
+                .expect("room")
+        };
+        Held {
+            share: take(),
+            memory: take(),
+            queued: take(),
+        }
+    }
+
+    /// A Subscribe response keeps its share of the budget until tonic asks for the
+    /// next one, by when the transport has taken it.
+    #[tokio::test]
+    async fn a_response_holds_its_budget_until_the_next_is_asked_for() {
+        let budget = Arc::new(Semaphore::new(60));
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        for _ in 0..2 {
+            let response = Ok(v1::FetchResponse::default());
+            sender
+                .send((response, Some(held(&budget, 10))))
+                .await
+                .expect("send");
+        }
+        drop(sender);
+        let mut stream = Holding {
+            inner: tokio_stream::wrappers::ReceiverStream::new(receiver),
+            held: None,
+        };
+        assert_eq!(budget.available_permits(), 0);
+        stream.next().await.expect("a first").expect("a response");
+        assert_eq!(budget.available_permits(), 0, "both still held");
+        stream.next().await.expect("a second").expect("a response");
+        assert_eq!(budget.available_permits(), 30, "the first released");
+        assert!(stream.next().await.is_none());
+        assert_eq!(budget.available_permits(), 60, "all released at the end");
+    }
+
+    #[test]
+    fn a_fit_frees_what_a_response_does_not_need() {
+        let budget = Arc::new(Semaphore::new(100));
+        let mut permit = Arc::clone(&budget)
+            .try_acquire_many_owned(40)
+            .expect("room");
+        fit(&budget, &mut permit, 25);
+        assert_eq!((permit.num_permits(), budget.available_permits()), (25, 75));
+        fit(&budget, &mut permit, 90);
+        assert_eq!((permit.num_permits(), budget.available_permits()), (90, 10));
+        // More than is free: the response is read already; it keeps what it has.
+        fit(&budget, &mut permit, 200);
+        assert_eq!(permit.num_permits(), 90);
+    }
+}

@@ -9,7 +9,10 @@
 #   DURATION=3600 RATE=20000 benches/soak.sh      # RATE: half the broker's max rate
 #
 # Writes $OUT/soak.csv and $OUT/soak.svg (default OUT: target/soak). Uses the release
-# binaries (built first), or BIN=target/debug for a quick run.
+# binaries (built first), or BIN=target/debug for a quick run. The broker takes its
+# settings from STRATA_* variables: segments of 64MiB and 256MiB of retention per
+# partition unless they are set, so the run reaches a steady state (rolls and
+# retention) and the disk use stays bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +28,9 @@ if [ "$BIN" = target/release ]; then
 fi
 mkdir -p "$OUT"
 DIR=$(mktemp -d "$OUT/run-XXXX")
+export STRATA_DEFAULT_SEGMENT_BYTES=${STRATA_DEFAULT_SEGMENT_BYTES:-64MiB}
+export STRATA_DEFAULT_RETENTION_BYTES=${STRATA_DEFAULT_RETENTION_BYTES:-256MiB}
+export STRATA_RETENTION_CHECK_MS=${STRATA_RETENTION_CHECK_MS:-10s}
 "$BIN/strata" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --data-dir "$DIR/data" \
     >"$DIR/out" 2>"$DIR/log" &
 PID=$!
@@ -58,6 +64,8 @@ done
 
 # The churning group: one member at a time, each replaced after CHURN_S seconds.
 (
+    member=""
+    trap 'kill $member 2>/dev/null; exit 0' TERM
     while true; do
         "$BIN/strata" --broker "$ADDR" consume "$TOPIC" --group churn >/dev/null 2>&1 &
         member=$!

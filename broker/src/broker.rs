@@ -329,6 +329,11 @@ impl Broker {
         self.topic(topic)?.partition(partition).cloned()
     }
 
+    /// How many topics there are.
+    pub fn topic_count(&self) -> usize {
+        self.read_topics().len()
+    }
+
     /// Every topic, sorted by name.
     pub fn topics(&self) -> Vec<Arc<Topic>> {
         self.read_topics().values().cloned().collect()

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tracing_subscriber::filter::Targets;
 
+use crate::limits::{Limits, FETCH_MEMORY_BYTES_MIN};
 use crate::topics::settings::{TopicSettings, MESSAGE_BYTES_CAP};
 use crate::units::{ByteSize, Limit, Millis};
 
@@ -74,6 +75,53 @@ pub struct ServeArgs {
     /// `info,strata_broker::grpc=debug` [default: info].
     #[arg(long, env = "STRATA_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Largest request of the Admin service (a size) [default: 4MiB].
+    #[arg(long, env = "STRATA_MAX_ADMIN_REQUEST_BYTES")]
+    pub max_admin_request_bytes: Option<ByteSize>,
+    /// Largest request of the Groups service (a size) [default: 4MiB].
+    #[arg(long, env = "STRATA_MAX_GROUPS_REQUEST_BYTES")]
+    pub max_groups_request_bytes: Option<ByteSize>,
+    /// Most open client connections; more are closed at once [default: 1024].
+    #[arg(long, env = "STRATA_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most concurrent requests (HTTP/2 streams) per connection [default: 200].
+    #[arg(long, env = "STRATA_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
+    /// How often idle connections are probed (HTTP/2 PING, TCP keepalive): a duration
+    /// [default: 30s].
+    #[arg(long, env = "STRATA_KEEPALIVE_INTERVAL_MS")]
+    pub keepalive_interval_ms: Option<Millis>,
+    /// How long a PING may go unanswered before the connection is dropped [default: 20s].
+    #[arg(long, env = "STRATA_KEEPALIVE_TIMEOUT_MS")]
+    pub keepalive_timeout_ms: Option<Millis>,
+    /// How long a shutdown waits for requests in progress before it cuts the remaining
+    /// connections [default: 10s].
+    #[arg(long, env = "STRATA_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<Millis>,
+    /// Bytes of Fetch and Subscribe responses in flight, broker-wide (a size, at least
+    /// 16MiB) [default: 256MiB].
+    #[arg(long, env = "STRATA_FETCH_MEMORY_BYTES")]
+    pub fetch_memory_bytes: Option<ByteSize>,
+    /// Bytes one Subscribe stream may hold queued for a slow client (a size)
+    /// [default: 16MiB].
+    #[arg(long, env = "STRATA_SUBSCRIBE_QUEUE_BYTES")]
+    pub subscribe_queue_bytes: Option<ByteSize>,
+    /// Longest client id of a group member (a size) [default: 255B].
+    #[arg(long, env = "STRATA_MAX_CLIENT_ID_BYTES")]
+    pub max_client_id_bytes: Option<ByteSize>,
+    /// Longest metadata of a committed offset (a size) [default: 4KiB].
+    #[arg(long, env = "STRATA_MAX_COMMIT_METADATA_BYTES")]
+    pub max_commit_metadata_bytes: Option<ByteSize>,
+    /// Most members of one consumer group [default: 1000].
+    #[arg(long, env = "STRATA_MAX_GROUP_MEMBERS")]
+    pub max_group_members: Option<usize>,
+    /// Most consumer groups with members, broker-wide [default: 10000].
+    #[arg(long, env = "STRATA_MAX_GROUPS")]
+    pub max_groups: Option<usize>,
+    /// How long the committed offsets of a group without members are kept after its
+    /// last member left or its last commit: a duration [default: 7d].
+    #[arg(long, env = "STRATA_OFFSETS_RETENTION_MS")]
+    pub offsets_retention_ms: Option<Millis>,
 }
 
 /// How the broker writes its log (to standard error).
@@ -106,6 +154,8 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     /// Log level directives.
     pub log_level: Targets,
+    /// Resource limits.
+    pub limits: Limits,
 }
 
 impl ServeConfig {
@@ -119,6 +169,7 @@ impl ServeConfig {
             crate::topics::settings::parse_limit(name, v, default)
                 .map_err(|e| anyhow::anyhow!("{e}"))
         };
+        let limits = resolve_limits(&args, &file)?;
         let base = TopicSettings::default();
         let max_message_bytes = args
             .default_max_message_bytes
@@ -187,6 +238,7 @@ impl ServeConfig {
             )
         })?;
         Ok(ServeConfig {
+            limits,
             data_dir: args
                 .data_dir
                 .or(file.data_dir)
@@ -208,6 +260,135 @@ impl ServeConfig {
             ),
         })
     }
+}
+
+/// The resource limits: flags over the file over [`Limits::default`]; every one must be
+/// positive.
+fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> {
+    let base = Limits::default();
+    fn positive<T: Copy + Into<u64>>(name: &str, v: T) -> anyhow::Result<T> {
+        if v.into() == 0 {
+            anyhow::bail!("{name} must be positive");
+        }
+        Ok(v)
+    }
+    let size = |name: &str, a: Option<ByteSize>, f: Option<ByteSize>, d: usize| {
+        a.or(f).map_or(Ok(d), |s| {
+            positive(name, s.0).and_then(|b| {
+                usize::try_from(b).map_err(|_| anyhow::anyhow!("{name} {s} is too large"))
+            })
+        })
+    };
+    let count = |name: &str, a: Option<usize>, f: Option<usize>, d: usize| {
+        a.or(f)
+            .map_or(Ok(d), |n| positive(name, n as u64).map(|n| n as usize))
+    };
+    let duration = |name: &str, a: Option<Millis>, f: Option<Millis>, d: Duration| {
+        a.or(f)
+            .map_or(Ok(d), |m| positive(name, m.0).map(Duration::from_millis))
+    };
+    let request_cap = MESSAGE_BYTES_CAP as usize;
+    let limits = Limits {
+        admin_request_bytes: size(
+            "max_admin_request_bytes",
+            args.max_admin_request_bytes,
+            file.max_admin_request_bytes,
+            base.admin_request_bytes,
+        )?,
+        groups_request_bytes: size(
+            "max_groups_request_bytes",
+            args.max_groups_request_bytes,
+            file.max_groups_request_bytes,
+            base.groups_request_bytes,
+        )?,
+        connections: count(
+            "max_connections",
+            args.max_connections,
+            file.max_connections,
+            base.connections,
+        )?,
+        streams_per_connection: positive(
+            "max_streams_per_connection",
+            args.max_streams_per_connection
+                .or(file.max_streams_per_connection)
+                .unwrap_or(base.streams_per_connection),
+        )?,
+        keepalive_interval: duration(
+            "keepalive_interval_ms",
+            args.keepalive_interval_ms,
+            file.keepalive_interval_ms,
+            base.keepalive_interval,
+        )?,
+        keepalive_timeout: duration(
+            "keepalive_timeout_ms",
+            args.keepalive_timeout_ms,
+            file.keepalive_timeout_ms,
+            base.keepalive_timeout,
+        )?,
+        shutdown_timeout: duration(
+            "shutdown_timeout_ms",
+            args.shutdown_timeout_ms,
+            file.shutdown_timeout_ms,
+            base.shutdown_timeout,
+        )?,
+        fetch_memory_bytes: size(
+            "fetch_memory_bytes",
+            args.fetch_memory_bytes,
+            file.fetch_memory_bytes,
+            base.fetch_memory_bytes,
+        )?,
+        subscribe_queue_bytes: size(
+            "subscribe_queue_bytes",
+            args.subscribe_queue_bytes,
+            file.subscribe_queue_bytes,
+            base.subscribe_queue_bytes,
+        )?,
+        client_id_bytes: size(
+            "max_client_id_bytes",
+            args.max_client_id_bytes,
+            file.max_client_id_bytes,
+            base.client_id_bytes,
+        )?,
+        commit_metadata_bytes: size(
+            "max_commit_metadata_bytes",
+            args.max_commit_metadata_bytes,
+            file.max_commit_metadata_bytes,
+            base.commit_metadata_bytes,
+        )?,
+        group_members: count(
+            "max_group_members",
+            args.max_group_members,
+            file.max_group_members,
+            base.group_members,
+        )?,
+        groups: count("max_groups", args.max_groups, file.max_groups, base.groups)?,
+        offsets_retention: duration(
+            "offsets_retention_ms",
+            args.offsets_retention_ms,
+            file.offsets_retention_ms,
+            base.offsets_retention,
+        )?,
+    };
+    if limits.fetch_memory_bytes < FETCH_MEMORY_BYTES_MIN {
+        anyhow::bail!(
+            "fetch_memory_bytes {} is below the least of {}: two of the largest fetches",
+            ByteSize(limits.fetch_memory_bytes as u64),
+            ByteSize(FETCH_MEMORY_BYTES_MIN as u64)
+        );
+    }
+    for (name, bytes) in [
+        ("max_admin_request_bytes", limits.admin_request_bytes),
+        ("max_groups_request_bytes", limits.groups_request_bytes),
+    ] {
+        if bytes > request_cap {
+            anyhow::bail!(
+                "{name} {} is above the limit of {}",
+                ByteSize(bytes as u64),
+                ByteSize(request_cap as u64)
+            );
+        }
+    }
+    Ok(limits)
 }
 
 /// Log level directives: `level` or `module=level`, comma-separated. Stricter than
@@ -333,6 +514,7 @@ mod tests {
     fn help_shows_the_defaults_in_use() {
         let config = ServeConfig::resolve(ServeArgs::default()).expect("defaults");
         let d = &config.topic_defaults;
+        let l = &config.limits;
         let limit = |v: Option<u64>| v.map_or(-1, |v| v as i64);
         let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
         let mut shown = 0;
@@ -346,6 +528,7 @@ mod tests {
                 continue;
             };
             let size = || default.parse::<ByteSize>().expect(default).0;
+            let millis = || Duration::from_millis(default.parse::<Millis>().expect(default).0);
             match arg.get_id().as_str() {
                 "data_dir" => assert_eq!(
                     config.data_dir,
@@ -384,11 +567,35 @@ mod tests {
                     format!("{:?}", parse_log_level(default)),
                     format!("{:?}", Some(&config.log_level))
                 ),
+                "max_admin_request_bytes" => {
+                    assert_eq!(size(), l.admin_request_bytes as u64)
+                }
+                "max_groups_request_bytes" => {
+                    assert_eq!(size(), l.groups_request_bytes as u64)
+                }
+                "max_connections" => assert_eq!(default.parse(), Ok(l.connections)),
+                "max_streams_per_connection" => {
+                    assert_eq!(default.parse(), Ok(l.streams_per_connection))
+                }
+                "keepalive_interval_ms" => assert_eq!(millis(), l.keepalive_interval),
+                "keepalive_timeout_ms" => assert_eq!(millis(), l.keepalive_timeout),
+                "shutdown_timeout_ms" => assert_eq!(millis(), l.shutdown_timeout),
+                "max_client_id_bytes" => assert_eq!(size(), l.client_id_bytes as u64),
+                "fetch_memory_bytes" => assert_eq!(size(), l.fetch_memory_bytes as u64),
+                "subscribe_queue_bytes" => {
+                    assert_eq!(size(), l.subscribe_queue_bytes as u64)
+                }
+                "max_commit_metadata_bytes" => {
+                    assert_eq!(size(), l.commit_metadata_bytes as u64)
+                }
+                "max_group_members" => assert_eq!(default.parse(), Ok(l.group_members)),
+                "max_groups" => assert_eq!(default.parse(), Ok(l.groups)),
+                "offsets_retention_ms" => assert_eq!(millis(), l.offsets_retention),
                 other => panic!("--help shows a default of {other} this test does not check"),
             }
             shown += 1;
         }
-        assert_eq!(shown, 12, "every setting but --config shows its default");
+        assert_eq!(shown, 26, "every setting but --config shows its default");
     }
 
     #[test]

@@ -55,6 +55,15 @@ pub enum Error {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The request needs more than one of the broker's limits allows
+    /// ([`crate::limits`]): `limit` is the setting's name, the message says by how much.
+    #[error("{message} (limit {limit})")]
+    LimitExceeded {
+        /// The setting, as the configuration file names it.
+        limit: &'static str,
+        /// What the request asked for and what the limit is.
+        message: String,
+    },
     /// An idempotent producer's batch was refused by the partition (fenced epoch,
     /// out-of-order sequence, invalid producer fields). Nothing was written.
     #[error("partition {0}: {1}")]
@@ -97,6 +106,7 @@ pub const REASONS: &[&str] = &[
     "partition_unavailable",
     "partition_fail_stopped",
     "shutting_down",
+    "limit_exceeded",
     "producer_sequence",
     "invalid_batch",
     "batch_too_large",
@@ -137,6 +147,7 @@ impl Error {
             Error::DiskFull(..) => "disk_full",
             Error::Unavailable(..) => "partition_unavailable",
             Error::ShuttingDown => "shutting_down",
+            Error::LimitExceeded { .. } => "limit_exceeded",
             // Only `strata serve` at start meets it, never a request.
             Error::DataDirLocked { .. } => "data_dir_locked",
             Error::Sequence(..) => "producer_sequence",
@@ -197,6 +208,10 @@ mod tests {
             Error::DiskFull("t/0".into(), "x".into()),
             Error::Unavailable("t/0".into(), "x".into()),
             Error::ShuttingDown,
+            Error::LimitExceeded {
+                limit: "max_groups",
+                message: "x".into(),
+            },
             Error::Storage(S::InvalidConfig("x".into())),
             Error::Storage(S::OffsetOutOfRange {
                 requested: 1,

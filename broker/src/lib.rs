@@ -13,6 +13,7 @@ pub mod groups;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod topics;

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list, describe and delete topics.
     Topic {
         #[command(flatten)]
@@ -106,7 +106,7 @@ fn main() -> std::process::ExitCode {
                          serve` listens where --listen says"
                     );
                 }
-                let config = ServeConfig::resolve(args)?;
+                let config = ServeConfig::resolve(*args)?;
                 init_logging(config.log_format, config.log_level.clone());
                 strata_broker::server::serve(config, strata_broker::server::shutdown_signal()).await
             }

@@ -36,6 +36,7 @@ pub async fn serve(
     let source = Arc::new(Source::default());
     let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
 
+    let nofile = raise_nofile_limit();
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
     let max_open_files = config.max_open_files;
@@ -54,6 +55,10 @@ pub async fn serve(
         ),
     })?;
     let broker = Arc::new(broker);
+    check_nofile_limit(nofile, &config, &broker);
+    broker
+        .coordinator()
+        .set_limits(config.limits.group_members, config.limits.groups);
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;
@@ -61,17 +66,36 @@ pub async fn serve(
     source.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
+    let expiry = tokio::spawn(expire_offsets(
+        Arc::clone(&broker),
+        config.limits.offsets_retention,
+        config.retention_check,
+    ));
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
+    let drain = config.limits.shutdown_timeout;
     let shutdown = async move {
         shutdown.await;
-        tracing::info!("shutdown requested: answering queued requests");
+        tracing::info!(
+            ?drain,
+            "shutting down: no new connections; answering requests in progress for at most \
+             the drain time, then cutting the connections still open"
+        );
         stopping.stop();
     };
-    let served = crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await;
+    let served = crate::grpc::serve(
+        Arc::clone(&broker),
+        config.limits.clone(),
+        listener,
+        shutdown,
+    )
+    .await;
 
     maintenance.abort();
+    expiry.abort();
+    // Wait for it: an expiry in progress holds the broker and writes the offsets log.
+    let _ = expiry.await;
     tracing::info!("shutting down: flushing and closing partitions");
     let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     http.stop().await;
@@ -85,6 +109,64 @@ pub async fn serve(
     }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: the broker holds a few
+/// descriptors per partition and one per connection, and the usual soft limit (1024)
+/// is easily reached. Returns the limit in force (`None`: unlimited).
+fn raise_nofile_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return limit.current;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit");
+            limit.maximum
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, limit = ?limit.current, "cannot raise the open-file limit");
+            limit.current
+        }
+    }
+}
+
+/// Descriptors the broker needs beyond those of partitions and connections: the data
+/// directory's lock, the offsets log, listeners, the runtime, standard streams.
+const NOFILE_MARGIN: u64 = 64;
+
+/// Descriptors the broker may need: [`NOFILE_MARGIN`], three per partition (the active
+/// segment's log and indexes), the segment read budget and one per connection.
+fn nofile_needed(partitions: u64, max_open_files: usize, max_connections: usize) -> u64 {
+    NOFILE_MARGIN + 3 * partitions + max_open_files as u64 + max_connections as u64
+}
+
+/// Warns when the open-file limit is below what the configuration may need: past it,
+/// a segment roll fails (fail-stopping its partition) or connections are refused.
+fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
+    let partitions: u64 = broker
+        .topics()
+        .iter()
+        .map(|t| u64::from(t.settings.partitions))
+        .sum();
+    let needed = nofile_needed(partitions, config.max_open_files, config.limits.connections);
+    if let Some(limit) = limit.filter(|&limit| limit < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            partitions,
+            max_open_files = config.max_open_files,
+            max_connections = config.limits.connections,
+            "the open-file limit (ulimit -n) is below what this broker may need \
+             (64 + 3 x partitions + max_open_files + max_connections): raise the hard \
+             limit, or lower --max-connections or --max-open-files"
+        );
+    }
 }
 
 /// Binds a socket to `address` without listening yet.
@@ -185,6 +267,22 @@ async fn maintain(broker: Arc<Broker>, retention_every: std::time::Duration) {
     }
 }
 
+/// Every `every`, deletes the committed offsets of groups empty for `retention`.
+async fn expire_offsets(broker: Arc<Broker>, retention: Duration, every: Duration) {
+    let mut activity = crate::groups::api::GroupActivity::new(strata_storage::now_ms());
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        crate::groups::api::expire_offsets(
+            &broker,
+            retention,
+            &mut activity,
+            strata_storage::now_ms(),
+        )
+        .await;
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let mut terminate =
@@ -196,8 +294,9 @@ pub async fn shutdown_signal() {
                 return;
             }
         };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    let signal = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    };
+    tracing::info!(signal, "received a shutdown signal");
 }

@@ -87,6 +87,11 @@ pub struct ReadmeDoctests;
 
 /// Largest gRPC message sent or accepted: the broker's own limit.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// How often the connection is probed when idle (HTTP/2 PING and TCP keepalive), the
+/// broker's default.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a PING may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Initial HTTP/2 stream window, the broker's value: large fetches and bursts of produce
 /// requests do not stall on window updates.
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
@@ -235,6 +240,13 @@ fn endpoint(address: &str) -> Result<Endpoint> {
     Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
+        // A broker that vanished without closing the connection (a crashed host, a
+        // dropped NAT entry) is noticed within KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT,
+        // so requests fail and reconnect instead of waiting forever.
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX))

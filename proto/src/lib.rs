@@ -5,7 +5,10 @@
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("strata.v1");
+    include!(concat!(env!("OUT_DIR"), "/decode_checks.rs"));
 }
+
+pub mod codec;
 
 /// The encoded `FileDescriptorSet` of the protocol, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -313,6 +313,83 @@ pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
     Ok(())
 }
 
+/// When groups were last seen with members, for [`expire_offsets`]: ms since the Unix
+/// epoch, with a floor of when the broker started (it knows nothing from before).
+#[derive(Debug)]
+pub struct GroupActivity {
+    started_ms: i64,
+    last_active_ms: BTreeMap<String, i64>,
+}
+
+impl GroupActivity {
+    /// No group seen yet; the broker started at `now_ms`.
+    pub fn new(now_ms: i64) -> GroupActivity {
+        GroupActivity {
+            started_ms: now_ms,
+            last_active_ms: BTreeMap::new(),
+        }
+    }
+}
+
+/// Deletes the committed offsets of every group that has had no members, nor a commit,
+/// for `retention` (Kafka's `offsets.retention.minutes`); returns the groups deleted.
+/// `activity` remembers when groups had members; call this periodically with the same.
+pub async fn expire_offsets(
+    broker: &Broker,
+    retention: std::time::Duration,
+    activity: &mut GroupActivity,
+    now_ms: i64,
+) -> Vec<String> {
+    for view in broker.coordinator().list() {
+        if !view.members.is_empty() {
+            activity.last_active_ms.insert(view.name, now_ms);
+        }
+    }
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let expired = |group: &str| {
+        let newest_commit = broker
+            .offsets()
+            .group(group)
+            .values()
+            .map(|c| c.timestamp_ms)
+            .max()
+            .unwrap_or(i64::MIN);
+        let active = activity
+            .last_active_ms
+            .get(group)
+            .copied()
+            .unwrap_or(activity.started_ms);
+        now_ms.saturating_sub(newest_commit.max(active)) > retention_ms
+    };
+    let mut deleted = Vec::new();
+    for group in broker.offsets().groups() {
+        if !expired(&group) {
+            continue;
+        }
+        // Members and commits from outside wait while it holds the group; a group that
+        // has members again, or is being changed, is left for the next round.
+        let Ok(_exclusive) = broker.coordinator().exclusive(&group, "expire") else {
+            continue;
+        };
+        if !expired(&group) {
+            continue;
+        }
+        match broker.offsets().delete_group(&group).await {
+            Ok(()) => {
+                tracing::info!(%group, ?retention, "expired the committed offsets of an empty group");
+                deleted.push(group);
+            }
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "cannot expire the offsets of a group");
+            }
+        }
+    }
+    activity
+        .last_active_ms
+        .retain(|group, _| broker.offsets().has_group(group));
+    deleted
+}
+
 /// Checks a fetch by a group member: it must own the partition at its epoch.
 pub fn check_fetch(
     broker: &Broker,

@@ -30,7 +30,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -337,6 +337,10 @@ pub struct Coordinator {
     /// Member ids are random, so an id from before a restart is never handed out again.
     ids: RandomState,
     next_id: AtomicU64,
+    /// Most members of one group ([`Coordinator::set_limits`]; none by default).
+    max_members: AtomicUsize,
+    /// Most groups with members.
+    max_groups: AtomicUsize,
 }
 
 impl Default for Coordinator {
@@ -346,6 +350,8 @@ impl Default for Coordinator {
             busy: Mutex::new(BTreeSet::new()),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
+            max_members: AtomicUsize::new(usize::MAX),
+            max_groups: AtomicUsize::new(usize::MAX),
         }
     }
 }
@@ -405,6 +411,39 @@ impl Coordinator {
         self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Limits joins: at most `max_members` in one group, at most `max_groups` groups
+    /// with members. A join beyond either is refused with
+    /// [`Error::LimitExceeded`]; members already in are not affected.
+    pub fn set_limits(&self, max_members: usize, max_groups: usize) {
+        self.max_members.store(max_members, Ordering::Relaxed);
+        self.max_groups.store(max_groups, Ordering::Relaxed);
+    }
+
+    /// Refuses a join to `group_name` beyond the limits.
+    fn check_join_limits(&self, groups: &BTreeMap<String, Group>, group_name: &str) -> Result<()> {
+        let members = groups.get(group_name).map_or(0, |g| g.members.len());
+        let max_members = self.max_members.load(Ordering::Relaxed);
+        if members >= max_members {
+            return Err(Error::LimitExceeded {
+                limit: "max_group_members",
+                message: format!("group {group_name:?} has {members} members already"),
+            });
+        }
+        let max_groups = self.max_groups.load(Ordering::Relaxed);
+        if members == 0 {
+            let active = groups.values().filter(|g| !g.members.is_empty()).count();
+            if active >= max_groups {
+                return Err(Error::LimitExceeded {
+                    limit: "max_groups",
+                    message: format!(
+                        "the broker has {active} consumer groups with members already"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Reserves a group without members for a change of its offsets from outside
     /// (a reset, a deletion, a standalone commit): joins wait until the guard is
     /// dropped. `what` names the change for the error when the group has members.
@@ -462,6 +501,7 @@ impl Coordinator {
                 REBALANCE_TIMEOUT_DEFAULT,
                 "rebalance timeout",
             )?;
+            self.check_join_limits(&groups, group_name)?;
             let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
             let id = format!("{:016x}", self.ids.hash_one(counter));
             let group = groups.entry(group_name.to_string()).or_default();
@@ -806,6 +846,39 @@ mod tests {
         assert!(c.describe("payments").is_none());
         join(&c, now);
         assert_eq!(c.describe("payments").map(|g| g.epoch), Some(1));
+    }
+
+    #[test]
+    fn joins_beyond_the_member_and_group_limits_are_refused() {
+        let c = Coordinator::default();
+        c.set_limits(2, 1);
+        let now = Instant::now();
+        let first = join(&c, now);
+        join(&c, now);
+        let third = c.heartbeat(
+            "payments",
+            Heartbeat {
+                topics: vec!["orders".into()],
+                ..Heartbeat::default()
+            },
+            &six,
+            now,
+        );
+        let e = third.expect_err("a third member");
+        assert!(e.to_string().contains("max_group_members"), "{e}");
+        let other = c.heartbeat(
+            "billing",
+            Heartbeat {
+                topics: vec!["orders".into()],
+                ..Heartbeat::default()
+            },
+            &six,
+            now,
+        );
+        let e = other.expect_err("a second group");
+        assert!(e.to_string().contains("max_groups"), "{e}");
+        // Members already in keep heartbeating.
+        beat(&c, &first, now).expect("a member's heartbeat");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::groups::api::{self, Committer, GroupSummary, ResetTo};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState, Heartbeat};
 use crate::groups::offsets::Committed;
+use crate::grpc::checks;
 use crate::grpc::service::Service;
 
 fn to_partitions(from: &[v1::TopicPartitions]) -> Vec<TopicPartition> {
@@ -85,6 +86,13 @@ impl groups_server::Groups for Service {
         let request = request.into_inner();
         let scope = self.scope("Heartbeat").group(&request.group);
         let broker = self.broker();
+        let checked = checks::id("the member id", &request.member_id)
+            .and_then(|()| checks::client_id(&request.client_id, self.limits().client_id_bytes))
+            .and_then(|()| checks::topic_names(broker, &request.topics, "the heartbeat"))
+            .and_then(|()| checks::topic_partitions(broker, &request.owned, "the heartbeat"));
+        if let Err(e) = checked {
+            return scope.finish(Err(e));
+        }
         let reply = broker.coordinator().heartbeat(
             &request.group,
             Heartbeat {
@@ -114,7 +122,9 @@ impl groups_server::Groups for Service {
         let request = request.into_inner();
         let scope = self.scope("LeaveGroup").group(&request.group);
         let broker = self.broker();
-        scope.finish(validate_group(&request.group).map(|()| {
+        let checked = validate_group(&request.group)
+            .and_then(|()| checks::id("the member id", &request.member_id));
+        scope.finish(checked.map(|()| {
             broker
                 .coordinator()
                 .leave(&request.group, &request.member_id, &|topic| {
@@ -130,6 +140,16 @@ impl groups_server::Groups for Service {
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
         let request = request.into_inner();
         let scope = self.scope("CommitOffsets").group(&request.group);
+        let checked = checks::id("the member id", &request.member_id).and_then(|()| {
+            checks::commit_offsets(
+                self.broker(),
+                &request.offsets,
+                self.limits().commit_metadata_bytes,
+            )
+        });
+        if let Err(e) = checked {
+            return scope.finish(Err(e));
+        }
         let committer = if request.member_id.is_empty() {
             Committer::Outside
         } else {
@@ -162,6 +182,10 @@ impl groups_server::Groups for Service {
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
         let request = request.into_inner();
         let scope = self.scope("FetchOffsets").group(&request.group);
+        if let Err(e) = checks::topic_partitions(self.broker(), &request.partitions, "the request")
+        {
+            return scope.finish(Err(e));
+        }
         let wanted: BTreeSet<TopicPartition> =
             to_partitions(&request.partitions).into_iter().collect();
         let offsets = api::fetch_offsets(self.broker(), &request.group, &wanted);
@@ -234,6 +258,11 @@ pub async fn reset_offsets(
             ));
         }
     };
+    validate_group(&request.group)?;
+    let count = broker
+        .partition_count(&request.topic)
+        .ok_or_else(|| Error::TopicNotFound(request.topic.clone()))?;
+    checks::partition_list(&request.topic, count, &request.partitions, "the reset")?;
     let committed = api::reset_offsets(
         broker,
         &request.group,

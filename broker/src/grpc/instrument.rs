@@ -22,6 +22,7 @@ use tonic::transport::server::Connected;
 use tonic::{Code, Response, Status};
 
 use crate::error::{Error, Result, Severity};
+use crate::grpc::service::ResponseMemory;
 use crate::metrics::{Metrics, RejectedLabels};
 
 /// The header of an error status that names its reason ([`Error::reason`]).
@@ -201,8 +202,9 @@ impl<S, B, ResBody> tower_service::Service<http::Request<B>> for Requests<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    ResBody: http_body::Body + Unpin,
 {
-    type Response = S::Response;
+    type Response = http::Response<LimitNamed<ResBody>>;
     type Error = S::Error;
     type Future =
         Pin<Box<dyn Future<Output = std::result::Result<Self::Response, Self::Error>> + Send>>;
@@ -213,13 +215,23 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let rpc = rpc_name(request.uri().path());
+        let path_limit = size_limit(request.uri().path());
         let metrics = Arc::clone(&self.metrics);
         let in_flight = InFlight::new(&metrics.in_flight);
         let answer = self.inner.call(request);
         Box::pin(async move {
-            let response = answer.await;
+            let response = answer.await.map(|mut r| {
+                let memory = r.extensions_mut().remove::<ResponseMemory>();
+                r.map(|body| LimitNamed {
+                    inner: body,
+                    limit: path_limit,
+                    _memory: memory,
+                })
+            });
+            let mut response = response;
             drop(in_flight);
-            if let Ok(response) = &response {
+            if let Ok(response) = &mut response {
+                name_size_limit(path_limit, response.headers_mut());
                 // An error answered before any message is a trailers-only response: its
                 // status is in the headers. Errors inside a stream are not seen here.
                 let headers = response.headers();
@@ -253,6 +265,87 @@ where
             }
             response
         })
+    }
+}
+
+/// The setting that bounds the requests of the service at `path`.
+fn size_limit(path: &str) -> &'static str {
+    if path.starts_with("/strata.v1.Admin/") {
+        "max_admin_request_bytes"
+    } else if path.starts_with("/strata.v1.Groups/") {
+        "max_groups_request_bytes"
+    } else {
+        // The Broker service's bound is the largest batch (32MiB) plus 1MiB.
+        "produce_request_bytes"
+    }
+}
+
+/// Turns tonic's refusal of a request over the size limit (OUT_OF_RANGE, "decoded
+/// message length too large") into RESOURCE_EXHAUSTED naming the setting, as every
+/// other limit is reported.
+fn name_size_limit(limit: &'static str, headers: &mut http::HeaderMap) {
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            // Percent-encoded, as grpc-message is on the wire.
+            .is_some_and(|m| m.contains("message%20length%20too%20large"));
+    if !too_large {
+        return;
+    }
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or_default();
+    let rewritten = format!("{message}%20(limit%20{limit})");
+    if let Ok(value) = http::HeaderValue::from_str(&rewritten) {
+        headers.insert("grpc-message", value);
+    }
+    headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    headers.insert(
+        REASON_HEADER,
+        http::HeaderValue::from_static("limit_exceeded"),
+    );
+}
+
+/// A response body whose trailers get [`name_size_limit`]: tonic reports a request
+/// over the size limit in the trailers once it has sent the response headers.
+///
+/// It also holds the response's share of the fetch memory budget, if it has one, until
+/// the transport drops it, having sent (nearly) all of it.
+pub struct LimitNamed<B> {
+    inner: B,
+    limit: &'static str,
+    _memory: Option<ResponseMemory>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for LimitNamed<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<http_body::Frame<B::Data>, B::Error>>> {
+        let limit = self.limit;
+        Pin::new(&mut self.inner).poll_frame(cx).map(|frame| {
+            frame.map(|frame| {
+                frame.map(|mut frame| {
+                    if let Some(trailers) = frame.trailers_mut() {
+                        name_size_limit(limit, trailers);
+                    }
+                    frame
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

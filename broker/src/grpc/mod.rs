@@ -2,6 +2,8 @@
 //! into calls on the domain ([`crate::broker`], [`crate::topics`], [`crate::groups`])
 //! and domain errors into statuses in one place ([`status`]).
 
+pub mod checks;
+pub mod connections;
 pub mod groups;
 pub mod instrument;
 pub mod service;
@@ -16,6 +18,9 @@ const MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// See [`STREAM_WINDOW_BYTES`].
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest header list (gRPC metadata) of a request: trace context, a few custom
+/// headers; gRPC implementations commonly allow 8 to 16 KiB.
+const HEADER_LIST_BYTES_MAX: u32 = 64 << 10;
 /// Largest HTTP/2 frame each side accepts. The protocol's default of 16 KiB cuts a 4 MiB
 /// fetch into 256 frames; larger frames cut the per-frame work of both sides.
 pub const FRAME_BYTES_MAX: u32 = 1 << 20;
@@ -27,16 +32,16 @@ use strata_proto::v1::admin_server::AdminServer;
 use strata_proto::v1::broker_server::BrokerServer;
 use strata_proto::v1::groups_server::GroupsServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::broker::Broker;
 use crate::health::Problem;
+use crate::limits::Limits;
 use crate::topics::settings::MESSAGE_BYTES_CAP;
-use instrument::{Counted, RequestsLayer};
+use connections::{Accepting, Cut};
+use instrument::RequestsLayer;
 use service::{Service, FETCH_BYTES_MAX};
 
 /// Serves the gRPC services (with health and reflection) on `listener` until `shutdown`
@@ -48,6 +53,7 @@ use service::{Service, FETCH_BYTES_MAX};
 /// whole server (the empty service name) while either is.
 pub async fn serve(
     broker: Arc<Broker>,
+    limits: Limits,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -59,7 +65,7 @@ pub async fn serve(
         .build_v1()?;
     let metrics = Arc::clone(broker.metrics());
     let reporter = tokio::spawn(report_health(Arc::clone(&broker), health.clone()));
-    let service = Service::new(broker);
+    let service = Service::new(broker, limits.clone());
     let stopping = service.clone();
     // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
     let shutdown = async move {
@@ -76,21 +82,44 @@ pub async fn serve(
         health.set_not_serving::<GroupsServer<Service>>().await;
         stopping.stop_waiting();
     };
-    let connections = metrics.connections.clone();
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |accepted| accepted.map(|io| Counted::new(io, &connections)));
-    tonic::transport::Server::builder()
+    let cut = Arc::new(Cut::default());
+    let incoming = connections::incoming(
+        listener,
+        Accepting {
+            max_connections: limits.connections,
+            keepalive: limits.keepalive_interval,
+            gauge: metrics.connections.clone(),
+            cut: Arc::clone(&cut),
+        },
+    );
+    let (draining, mut drain_begun) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        draining.send_replace(true);
+    };
+    let served = tonic::transport::Server::builder()
+        // tonic's default is no limit at all (hyper's own is 200).
+        .max_concurrent_streams(limits.streams_per_connection)
+        // Peers that vanish without closing (a crashed host, a dropped NAT entry) are
+        // found by PINGs and their connections dropped.
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        // hyper's default lets every request carry 16 MiB of headers (metadata).
+        .http2_max_header_list_size(HEADER_LIST_BYTES_MAX)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(FRAME_BYTES_MAX)
-        .layer(RequestsLayer::new(metrics))
+        .layer(RequestsLayer::new(Arc::clone(&metrics)))
         .add_service(
             AdminServer::new(service.clone())
-                .max_decoding_message_size(MESSAGE_BYTES_MAX)
+                .max_decoding_message_size(limits.admin_request_bytes)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX),
         )
-        .add_service(GroupsServer::new(service.clone()))
+        .add_service(
+            GroupsServer::new(service.clone())
+                .max_decoding_message_size(limits.groups_request_bytes)
+                .max_encoding_message_size(MESSAGE_BYTES_MAX),
+        )
         .add_service(
             BrokerServer::new(service)
                 // A produce request carries one batch of at most MESSAGE_BYTES_CAP; a
@@ -100,10 +129,31 @@ pub async fn serve(
         )
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::pin!(served);
+    tokio::select! {
+        served = &mut served => return Ok(served?),
+        _ = drain_begun.wait_for(|&begun| begun) => {}
+    }
+    // Requests in progress get the drain time; then whatever is still open (a client
+    // that stopped sending halfway, a health Watch stream) is cut.
+    if let Ok(served) = tokio::time::timeout(limits.shutdown_timeout, &mut served).await {
+        return Ok(served?);
+    }
+    tracing::warn!(
+        open = metrics.connections.get(),
+        drain = ?limits.shutdown_timeout,
+        "shutdown: connections still open after the drain time; cutting them"
+    );
+    cut.cut();
+    if tokio::time::timeout(CUT_WAIT, &mut served).await.is_err() {
+        tracing::warn!("shutdown: cut connections did not close; going on without them");
+    }
     Ok(())
 }
+
+/// How long the server may take to drop connections once they are cut.
+const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Keeps the health service in step with the broker's faults, which only ever appear
 /// (a fail-stopped component stays so until a restart).

@@ -18,8 +18,10 @@ use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::grpc::groups;
 use crate::grpc::instrument::Scope;
+use crate::limits::{Limits, FETCH_MEMORY_BYTES_MIN};
 use crate::topics::partition::{Ack, Partition};
 use crate::topics::settings::{TopicOverrides, TopicSettings};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Fetch size when a request leaves max_bytes at 0.
 pub const FETCH_BYTES_DEFAULT: usize = 1 << 20;
@@ -29,6 +31,34 @@ pub const FETCH_BYTES_MAX: usize = 8 << 20;
 pub const PRODUCE_BUDGET_BYTES: usize = 512 << 20;
 /// Longest a fetch may wait for data.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Quarters of the fetch memory budget Subscribe streams may hold.
+const SUBSCRIBE_SHARE_QUARTERS: usize = 3;
+/// Longest a fetch waits for room in the fetch memory budget before it is refused.
+const FETCH_BUDGET_WAIT: Duration = Duration::from_secs(1);
+
+/// Permits of the fetch memory budget for `bytes` (at most the largest fetch plus the
+/// largest batch, below the least budget).
+fn fetch_permits(bytes: usize) -> u32 {
+    bytes.min(FETCH_MEMORY_BYTES_MIN) as u32
+}
+
+/// What a fetch response holds: its batches, or its decoded records.
+fn response_bytes(response: &v1::FetchResponse) -> usize {
+    response.batches.len()
+        + response
+            .records
+            .iter()
+            .map(|r| {
+                RECORD_DECODED_OVERHEAD_BYTES
+                    + r.value.as_ref().map_or(0, Bytes::len)
+                    + r.key.as_ref().map_or(0, Bytes::len)
+                    + r.headers
+                        .iter()
+                        .map(|h| h.key.len() + h.value.len() + 16)
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+}
 
 /// Implements both gRPC services over one broker.
 #[derive(Debug, Clone)]
@@ -41,17 +71,71 @@ pub struct Service {
     /// across all partitions: producers beyond it wait (back-pressure), so memory stays
     /// bounded however many of them there are.
     produce_budget: Arc<tokio::sync::Semaphore>,
+    /// What one request may ask for.
+    limits: Arc<Limits>,
+    /// Bytes of Fetch and Subscribe responses the broker holds until they are sent,
+    /// broker-wide: clients that do not read cannot make it hold more.
+    fetch_budget: Arc<Semaphore>,
+    /// The part of the fetch budget Subscribe streams may hold: the rest stays for
+    /// Fetch, which consumers (strata-client's among them) use.
+    subscribe_share: Arc<Semaphore>,
 }
 
 impl Service {
-    /// Services over `broker`.
-    pub fn new(broker: Arc<Broker>) -> Service {
+    /// Services over `broker`, within `limits`.
+    pub fn new(broker: Arc<Broker>, limits: Limits) -> Service {
         let (stopping, _) = tokio::sync::watch::channel(false);
         Service {
             broker,
             stopping: Arc::new(stopping),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
+            fetch_budget: Arc::new(Semaphore::new(limits.fetch_memory_bytes)),
+            subscribe_share: Arc::new(Semaphore::new(
+                limits.fetch_memory_bytes / 4 * SUBSCRIBE_SHARE_QUARTERS,
+            )),
+            limits: Arc::new(limits),
         }
+    }
+
+    /// Takes `bytes` of the fetch memory budget, waiting at most [`FETCH_BUDGET_WAIT`]
+    /// for responses in flight to free it.
+    async fn fetch_memory(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
+        let permits = fetch_permits(bytes);
+        let budget = Arc::clone(&self.fetch_budget);
+        match tokio::time::timeout(FETCH_BUDGET_WAIT, budget.acquire_many_owned(permits)).await {
+            Ok(permit) => permit.map_err(|_| Error::ShuttingDown),
+            Err(_) => Err(self.fetch_memory_exhausted()),
+        }
+    }
+
+    /// Takes `bytes` of Subscribe's share of the fetch memory budget, and of the
+    /// budget, if they have them now.
+    fn try_subscribe_memory(
+        &self,
+        bytes: usize,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let take = |semaphore: &Arc<Semaphore>| {
+            Arc::clone(semaphore)
+                .try_acquire_many_owned(fetch_permits(bytes))
+                .map_err(|_| self.fetch_memory_exhausted())
+        };
+        Ok((take(&self.subscribe_share)?, take(&self.fetch_budget)?))
+    }
+
+    fn fetch_memory_exhausted(&self) -> Error {
+        Error::LimitExceeded {
+            limit: "fetch_memory_bytes",
+            message: format!(
+                "responses in flight hold all {} of the fetch memory budget (clients that \
+                 do not read their Subscribe streams or responses); retry later",
+                crate::units::ByteSize(self.limits.fetch_memory_bytes as u64)
+            ),
+        }
+    }
+
+    /// The limits requests are checked against.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// The broker the services run on.
@@ -89,7 +173,8 @@ impl Service {
         let topic = self.broker.topic(&request.topic)?;
         let partition_id = target_partition(&topic, &request)?;
         scope.set_partition(partition_id);
-        let batch = match (request.batch.is_empty(), request.records.is_empty()) {
+        let max_bytes = topic.settings.max_message_bytes as usize;
+        let (batch, budget) = match (request.batch.is_empty(), request.records.is_empty()) {
             (false, false) => {
                 return Err(Error::InvalidArgument(
                     "send either records or an encoded batch, not both".into(),
@@ -100,9 +185,25 @@ impl Service {
                     "the request holds no records".into(),
                 ))
             }
-            (false, true) => std::mem::take(&mut request.batch),
+            (false, true) => {
+                let batch = std::mem::take(&mut request.batch);
+                // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this
+                // never waits for more permits than exist.
+                let budget = self.charge(batch.len()).await?;
+                (batch, budget)
+            }
             (true, false) => {
-                encode_records(&request.records, topic.settings.max_message_bytes as usize)?.into()
+                // Charged before the batch is built, at what a batch of these records
+                // takes (one that would pass the topic's limit is refused).
+                let estimate = records_bytes(&request.records).min(max_bytes);
+                let mut budget = self.charge(estimate).await?;
+                let batch = encode_records(&request.records, max_bytes)?;
+                request.records = Vec::new();
+                match batch.len().checked_sub(budget.num_permits()) {
+                    Some(more) if more > 0 => budget.merge(self.charge(more).await?),
+                    _ => drop(budget.split(budget.num_permits() - batch.len())),
+                }
+                (batch.into(), budget)
             }
         };
         let ack = match v1::Acks::try_from(request.acks) {
@@ -119,15 +220,10 @@ impl Service {
         if let Ok(header) = BatchHeader::parse(&batch) {
             self.broker.check_producer_id(header.producer_id)?;
         }
-        // A batch is at most MESSAGE_BYTES_CAP, far below the budget, so this never
-        // waits for more permits than exist.
-        let permits = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        let _budget = self
-            .produce_budget
-            .acquire_many(permits)
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        let stored = topic.partition(partition_id)?.append(batch, ack).await?;
+        let stored = topic
+            .partition(partition_id)?
+            .append(batch, ack, Some(budget))
+            .await?;
         Ok(v1::ProduceResponse {
             partition: partition_id,
             base_offset: stored.info.base_offset,
@@ -136,12 +232,22 @@ impl Service {
         })
     }
 
+    /// Takes `bytes` (at most [`PRODUCE_BUDGET_BYTES`]) of the produce budget, waiting
+    /// while other batches hold it.
+    async fn charge(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let permits = u32::try_from(bytes.min(PRODUCE_BUDGET_BYTES)).unwrap_or(u32::MAX);
+        Arc::clone(&self.produce_budget)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
     /// Serves a fetch; the scope's clock restarts after a long poll's wait.
     async fn serve_fetch(
         &self,
         request: v1::FetchRequest,
         scope: &mut Scope,
-    ) -> Result<v1::FetchResponse> {
+    ) -> Result<(v1::FetchResponse, OwnedSemaphorePermit)> {
         let partition = self.broker.partition(&request.topic, request.partition)?;
         if let Some(member) = &request.member {
             groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
@@ -159,6 +265,8 @@ impl Service {
             }
         }
         let max_bytes = fetch_bytes(request.max_bytes);
+        // Held until the handler returns its response to the transport.
+        let mut memory = self.fetch_memory(max_bytes).await?;
         let read = read(&partition, request.offset, max_bytes).await?;
         let response = fetch_response(
             request.partition,
@@ -167,8 +275,9 @@ impl Service {
             request.decode,
             max_bytes,
         )?;
+        fit(&self.fetch_budget, &mut memory, response_bytes(&response));
         count_fetched(&partition, request.offset, &response);
-        Ok(response)
+        Ok((response, memory))
     }
 }
 
@@ -399,6 +508,27 @@ impl admin_server::Admin for Service {
     }
 }
 
+/// Most bytes one record adds to a batch beyond its key, value and headers (varint
+/// lengths, deltas, attributes).
+const RECORD_BYTES_MAX: usize = 64;
+
+/// What encoding `records` as a batch may take: their keys, values and headers plus
+/// the framing of each.
+fn records_bytes(records: &[v1::Record]) -> usize {
+    records
+        .iter()
+        .map(|r| {
+            RECORD_BYTES_MAX
+                + r.key.as_ref().map_or(0, Bytes::len)
+                + r.value.as_ref().map_or(0, Bytes::len)
+                + r.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.len() + 16)
+                    .sum::<usize>()
+        })
+        .sum()
+}
+
 /// Encodes the simple form of a produce request as one batch.
 /// Stops as soon as the batch passes `max_bytes`, so an oversized request costs no more
 /// than the limit.
@@ -466,6 +596,9 @@ fn first_batch_key(batch: &[u8]) -> Option<&[u8]> {
     Batch::new(batch).ok()?.records().next()?.ok()?.key
 }
 
+/// Rough per-record overhead of the decoded form (offset, timestamp, framing).
+const RECORD_DECODED_OVERHEAD_BYTES: usize = 32;
+
 /// Decodes the records at or after `from` for clients that asked for them.
 ///
 /// Decoded records take more room than their batch (a record of empty key and value is
@@ -477,8 +610,6 @@ fn decode_records(
     from: u64,
     budget: usize,
 ) -> Result<(Vec<v1::Record>, Option<u64>)> {
-    /// Rough per-record overhead of the decoded form (offset, timestamp, framing).
-    const RECORD_OVERHEAD_BYTES: usize = 32;
     let mut records = Vec::new();
     let mut used = 0;
     for batch in batches(batches_bytes) {
@@ -491,7 +622,7 @@ fn decode_records(
             if !records.is_empty() && used >= budget {
                 return Ok((records, Some(record.offset)));
             }
-            used += RECORD_OVERHEAD_BYTES
+            used += RECORD_DECODED_OVERHEAD_BYTES
                 + record.key.map_or(0, <[u8]>::len)
                 + record.value.map_or(0, <[u8]>::len)
                 + record
@@ -581,8 +712,17 @@ impl broker_server::Broker for Service {
         if let Some(member) = &request.member {
             scope = scope.group(&member.group);
         }
-        let answer = self.serve_fetch(request, &mut scope).await;
-        scope.finish(answer)
+        let (answer, memory) = match self.serve_fetch(request, &mut scope).await {
+            Ok((response, memory)) => (Ok(response), Some(memory)),
+            Err(e) => (Err(e), None),
+        };
+        let mut response = scope.finish(answer)?;
+        if let Some(memory) = memory {
+            response
+                .extensions_mut()
+                .insert(ResponseMemory(Arc::new(memory)));
+        }
+        Ok(response)
     }
 
     type SubscribeStream = SubscribeStream;
@@ -612,50 +752,75 @@ impl broker_server::Broker for Service {
             .scope("Subscribe")
             .topic(&request.topic)
             .partition(request.partition);
+        let max_bytes = fetch_bytes(request.max_bytes);
+        let queue_bytes = self.limits.subscribe_queue_bytes;
+        let queue = Arc::new(Semaphore::new(queue_bytes));
         let started = async {
             let topic = self.broker.topic(&request.topic)?;
             let partition = Arc::clone(topic.partition(request.partition)?);
+            // Refused at once while responses in flight hold the whole budget, so new
+            // streams do not pile up waiting with their first read.
+            let (share, memory) = self.try_subscribe_memory(max_bytes)?;
+            let held = Held {
+                share,
+                memory,
+                queued: Arc::clone(&queue)
+                    .try_acquire_many_owned(fetch_permits(max_bytes.min(queue_bytes)))
+                    .map_err(|_| Error::ShuttingDown)?,
+            };
             // Check the starting offset now, so a bad one fails the call, not the stream.
-            let first = read(&partition, request.offset, fetch_bytes(request.max_bytes)).await?;
-            Ok((topic, partition, first))
+            let first = read(&partition, request.offset, max_bytes).await?;
+            Ok((topic, partition, first, held))
         }
         .await;
-        let (topic, partition, first) = match started {
+        let (topic, partition, first, held) = match started {
             Ok(started) => started,
             Err(e) => return Err(scope.fail(e)),
         };
-        let max_bytes = fetch_bytes(request.max_bytes);
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<(_, Option<Held>)>(4);
         let stopped = self.stopped();
-        let broker = Arc::clone(&self.broker);
+        let service = self.clone();
         tokio::spawn(async move {
             tokio::pin!(stopped);
             let mut offset = request.offset;
-            let mut next = Some(first);
+            let mut next = Some((first, held));
             loop {
-                let read_result = match next.take() {
-                    Some(r) => Ok(r),
+                let (read_result, mut held) = match next.take() {
+                    Some((r, held)) => (Ok(r), held),
                     None => {
                         tokio::select! {
                             _ = partition.wait_past(offset, FETCH_WAIT_MAX) => {}
                             _ = sender.closed() => return,
                             _ = &mut stopped => {
                                 // The client should reconnect, not take this as the end.
-                                let _ = sender.try_send(Err(Error::ShuttingDown.into()));
+                                let _ = sender.try_send((Err(Error::ShuttingDown.into()), None));
                                 return;
                             }
                         }
                         // Once the topic is deleted its writer is gone and the wait above
                         // returns at once: end the stream instead of spinning.
-                        if !broker
+                        if !service
+                            .broker
                             .topic(&request.topic)
                             .is_ok_and(|current| Arc::ptr_eq(&current, &topic))
                         {
                             let gone = Error::TopicNotFound(request.topic.clone());
-                            let _ = sender.send(Err(scope.fail(gone))).await;
+                            let _ = sender.send((Err(scope.fail(gone)), None)).await;
                             return;
                         }
-                        read(&partition, offset, max_bytes).await
+                        // Room for the next response before it is read: in this stream's
+                        // queue (a client that does not read stops here), then in the
+                        // broker-wide budget.
+                        let held = tokio::select! {
+                            held = service.hold(&queue, max_bytes) => held,
+                            _ = sender.closed() => return,
+                            _ = &mut stopped => {
+                                let _ = sender.try_send((Err(Error::ShuttingDown.into()), None));
+                                return;
+                            }
+                        };
+                        let Some(held) = held else { return };
+                        (read(&partition, offset, max_bytes).await, held)
                     }
                 };
                 let message = read_result.and_then(|r| {
@@ -673,14 +838,18 @@ impl broker_server::Broker for Service {
                 match message {
                     Ok(None) => continue,
                     Ok(Some(m)) => {
+                        let bytes = response_bytes(&m);
+                        fit(&service.fetch_budget, &mut held.memory, bytes);
+                        fit(&service.subscribe_share, &mut held.share, bytes);
+                        fit(&queue, &mut held.queued, bytes.min(queue_bytes));
                         // A client that stops reading must not hold up a shutdown.
                         tokio::select! {
-                            sent = sender.send(Ok(m)) => if sent.is_err() { return },
+                            sent = sender.send((Ok(m), Some(held))) => if sent.is_err() { return },
                             _ = &mut stopped => return,
                         }
                     }
                     Err(e) => {
-                        let _ = sender.send(Err(scope.fail(e))).await;
+                        let _ = sender.send((Err(scope.fail(e)), None)).await;
                     }
                 }
                 if failed {
@@ -688,8 +857,151 @@ impl broker_server::Broker for Service {
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(Box::pin(Holding {
+            inner: tokio_stream::wrappers::ReceiverStream::new(receiver),
+            held: None,
+        })))
+    }
+}
+
+/// What a Subscribe response holds until the transport has taken it: its share of the
+/// fetch memory budget and of its stream's queue.
+struct Held {
+    share: OwnedSemaphorePermit,
+    memory: OwnedSemaphorePermit,
+    queued: OwnedSemaphorePermit,
+}
+
+impl Service {
+    /// Room for a response of up to `max_bytes`: in `queue` (of `subscribe_queue_bytes`;
+    /// all of it for a larger response), then in Subscribe's share of the fetch memory
+    /// budget and in the budget; waits for each. `None` once a semaphore is closed.
+    async fn hold(&self, queue: &Arc<Semaphore>, max_bytes: usize) -> Option<Held> {
+        let queued = Arc::clone(queue)
+            .acquire_many_owned(fetch_permits(
+                max_bytes.min(self.limits.subscribe_queue_bytes),
+            ))
+            .await
+            .ok()?;
+        let share = Arc::clone(&self.subscribe_share)
+            .acquire_many_owned(fetch_permits(max_bytes))
+            .await
+            .ok()?;
+        let memory = Arc::clone(&self.fetch_budget)
+            .acquire_many_owned(fetch_permits(max_bytes))
+            .await
+            .ok()?;
+        Some(Held {
+            share,
+            memory,
+            queued,
+        })
+    }
+}
+
+/// Fits `permit` of `semaphore` (taken for a response before it was read) to the
+/// response's `bytes`: frees what it does not need, or takes what it needs beyond, if
+/// free (the response is read already; at most one batch over what was asked for).
+fn fit(semaphore: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, bytes: usize) {
+    let held = permit.num_permits();
+    if bytes < held {
+        drop(permit.split(held - bytes));
+    } else if let Ok(more) =
+        Arc::clone(semaphore).try_acquire_many_owned(fetch_permits(bytes - held))
+    {
+        permit.merge(more);
+    }
+}
+
+/// A response's share of the fetch memory budget, released when the transport drops
+/// the response's body: the layer around the services ([`crate::grpc::instrument`])
+/// moves it from the response's extensions into its body.
+#[derive(Clone)]
+pub struct ResponseMemory(pub Arc<OwnedSemaphorePermit>);
+
+/// A Subscribe stream's responses for tonic: each keeps its [`Held`] share until
+/// tonic asks for the next one, by when the transport has taken it (HTTP/2 asks for
+/// more only once the client's flow-control window lets the last one go).
+struct Holding {
+    inner:
+        tokio_stream::wrappers::ReceiverStream<(Result<v1::FetchResponse, Status>, Option<Held>)>,
+    held: Option<Held>,
+}
+
+impl Stream for Holding {
+    type Item = Result<v1::FetchResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.held = None;
+        Pin::new(&mut self.inner).poll_next(cx).map(|next| {
+            next.map(|(item, held)| {
+                self.held = held;
+                item
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_stream::StreamExt;
+
+    fn held(budget: &Arc<Semaphore>, bytes: u32) -> Held {
+        let take = || {
+            Arc::clone(budget)
+                .try_acquire_many_owned(bytes)
+                .expect("room")
+        };
+        Held {
+            share: take(),
+            memory: take(),
+            queued: take(),
+        }
+    }
+
+    /// A Subscribe response keeps its share of the budget until tonic asks for the
+    /// next one, by when the transport has taken it.
+    #[tokio::test]
+    async fn a_response_holds_its_budget_until_the_next_is_asked_for() {
+        let budget = Arc::new(Semaphore::new(60));
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        for _ in 0..2 {
+            let response = Ok(v1::FetchResponse::default());
+            sender
+                .send((response, Some(held(&budget, 10))))
+                .await
+                .expect("send");
+        }
+        drop(sender);
+        let mut stream = Holding {
+            inner: tokio_stream::wrappers::ReceiverStream::new(receiver),
+            held: None,
+        };
+        assert_eq!(budget.available_permits(), 0);
+        stream.next().await.expect("a first").expect("a response");
+        assert_eq!(budget.available_permits(), 0, "both still held");
+        stream.next().await.expect("a second").expect("a response");
+        assert_eq!(budget.available_permits(), 30, "the first released");
+        assert!(stream.next().await.is_none());
+        assert_eq!(budget.available_permits(), 60, "all released at the end");
+    }
+
+    #[test]
+    fn a_fit_frees_what_a_response_does_not_need() {
+        let budget = Arc::new(Semaphore::new(100));
+        let mut permit = Arc::clone(&budget)
+            .try_acquire_many_owned(40)
+            .expect("room");
+        fit(&budget, &mut permit, 25);
+        assert_eq!((permit.num_permits(), budget.available_permits()), (25, 75));
+        fit(&budget, &mut permit, 90);
+        assert_eq!((permit.num_permits(), budget.available_permits()), (90, 10));
+        // More than is free: the response is read already; it keeps what it has.
+        fit(&budget, &mut permit, 200);
+        assert_eq!(permit.num_permits(), 90);
     }
 }

@@ -23,7 +23,7 @@ impl From<Error> for Status {
             Error::Storage(S::InvalidBatch(_)) => Code::InvalidArgument,
             Error::Storage(S::BatchTooLarge { .. }) => Code::ResourceExhausted,
             Error::Storage(S::OffsetOutOfRange { .. }) => Code::OutOfRange,
-            Error::DiskFull(..) => Code::ResourceExhausted,
+            Error::DiskFull(..) | Error::LimitExceeded { .. } => Code::ResourceExhausted,
             Error::Storage(e) if is_disk_full(e) => Code::ResourceExhausted,
             Error::Io { source, .. } if source.raw_os_error() == Some(ENOSPC) => {
                 Code::ResourceExhausted
@@ -32,6 +32,42 @@ impl From<Error> for Status {
             Error::Storage(S::Poisoned { .. }) => Code::Unavailable,
             _ => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
+    }
+}
+
+/// Longest status message: messages quote what the client sent (a name, an id), and a
+/// client that sent megabytes must not get them back in a header its HTTP/2 stack refuses.
+const MESSAGE_BYTES_MAX: usize = 1024;
+
+/// `message`, cut to [`MESSAGE_BYTES_MAX`] bytes on a character boundary, saying so.
+fn bounded(mut message: String) -> String {
+    if message.len() > MESSAGE_BYTES_MAX {
+        let total = message.len();
+        let mut end = MESSAGE_BYTES_MAX;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str(&format!("… ({total} bytes in all)"));
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut() {
+        let status = Status::from(Error::TopicNotFound("é".repeat(1 << 20)));
+        assert!(status.message().len() < MESSAGE_BYTES_MAX + 64);
+        assert!(
+            status.message().ends_with("bytes in all)"),
+            "{}",
+            status.message()
+        );
+        let short = Status::from(Error::TopicNotFound("t".into()));
+        assert_eq!(short.message(), "topic \"t\" does not exist");
     }
 }

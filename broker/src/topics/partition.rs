@@ -23,7 +23,7 @@ use std::time::Duration;
 use strata_storage::batch::{Batch, BatchHeader, NO_PRODUCER_ID};
 use strata_storage::producer::{ProducerStates, SnapshotUse, Verdict};
 use strata_storage::{now_ms, AppendInfo, Durability, FileCache, Log, LogConfig, LogReader};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 
 use crate::error::{Error, Result};
 use crate::health::{Fault, Faults};
@@ -60,6 +60,9 @@ enum Command {
         batch: bytes::Bytes,
         ack: Ack,
         reply: oneshot::Sender<Result<Stored>>,
+        /// The share of the produce budget the batch holds, released once it is
+        /// written: a producer that gives up waiting does not free it early.
+        _budget: Option<OwnedSemaphorePermit>,
     },
     /// Commit (syncs idle data under the interval policy); apply retention if asked.
     Maintain {
@@ -170,11 +173,23 @@ impl Partition {
 
     /// Appends an encoded batch; answers per `ack`. A batch of an idempotent producer
     /// that repeats one already stored is not written again; the answer then carries
-    /// the original's offsets.
-    pub async fn append(&self, batch: bytes::Bytes, ack: Ack) -> Result<Stored> {
+    /// the original's offsets. `budget`, the memory the batch is charged for, is
+    /// released when the writer is done with the batch, even if the caller stops
+    /// waiting for the answer.
+    pub async fn append(
+        &self,
+        batch: bytes::Bytes,
+        ack: Ack,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> Result<Stored> {
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Append { batch, ack, reply })
+            .send(Command::Append {
+                batch,
+                ack,
+                reply,
+                _budget: budget,
+            })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         answer.await.map_err(|_| Error::ShuttingDown)?
@@ -284,7 +299,12 @@ impl Writer {
             let mut maintain = false;
             while let Some(command) = next.take() {
                 match command {
-                    Command::Append { batch, ack, reply } => {
+                    Command::Append {
+                        batch,
+                        ack,
+                        reply,
+                        _budget,
+                    } => {
                         batches += 1;
                         bytes += batch.len();
                         let written = self.write(&batch);
@@ -629,7 +649,7 @@ mod tests {
         .expect("open");
         for sequence in [0, 2] {
             let stored = partition
-                .append(batch(3, sequence, 2).into(), Ack::Durable)
+                .append(batch(3, sequence, 2).into(), Ack::Durable, None)
                 .await
                 .expect("stored");
             assert!(!stored.duplicate);
@@ -647,7 +667,7 @@ mod tests {
         assert_eq!(recovery.replayed_batches, 0);
         assert_eq!(states.max_producer_id(), Some(3));
         let retry = partition
-            .append(batch(3, 2, 2).into(), Ack::Durable)
+            .append(batch(3, 2, 2).into(), Ack::Durable, None)
             .await
             .expect("stored");
         assert!(retry.duplicate);

@@ -35,6 +35,10 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     let source = Arc::new(Source::default());
     let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
+    let kafka = match &config.kafka {
+        Some(kafka) => Some(crate::kafka::Listener::bind(kafka).await?),
+        None => None,
+    };
 
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
@@ -61,6 +65,10 @@ pub async fn serve(
     source.serve(Arc::clone(&broker));
 
     let maintenance = tokio::spawn(maintain(Arc::clone(&broker), config.retention_check));
+    let kafka = kafka.map(|listener| {
+        println!("strata kafka on {}", listener.local_addr());
+        listener.start(Arc::clone(&broker))
+    });
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
@@ -72,6 +80,9 @@ pub async fn serve(
     let served = crate::grpc::serve(Arc::clone(&broker), listener, shutdown).await;
 
     maintenance.abort();
+    if let Some(kafka) = kafka {
+        kafka.stop().await;
+    }
     tracing::info!("shutting down: flushing and closing partitions");
     let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     http.stop().await;

@@ -11,6 +11,7 @@ mod broker;
 mod client;
 mod consumer;
 mod groups;
+mod kafka;
 mod metrics;
 mod producer;
 mod tour;

@@ -140,7 +140,7 @@ fn api_versions_lists_the_supported_ranges_and_a_too_new_request_gets_them_in_v0
 }
 
 #[test]
-fn unsupported_requests_and_oversized_frames_close_only_their_connection() {
+fn unsupported_malformed_and_oversized_requests_close_only_their_connection() {
     let (_broker, kafka) = start();
     // A version the broker does not serve: no answer the client could parse exists.
     let mut raw = Raw::connect(kafka);
@@ -174,6 +174,22 @@ fn unsupported_requests_and_oversized_frames_close_only_their_connection() {
         .encode(&mut body, 1)
         .expect("header");
     body.put_i32(5); // five topics, none sent
+    raw.send_frame(&body);
+    assert!(raw.frame().is_none(), "connection closed");
+    // A 20-byte Produce claiming two billion topics (the codec would reserve room for
+    // them all and abort the process).
+    let mut raw = Raw::connect(kafka);
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(3)
+        .with_correlation_id(1)
+        .encode(&mut body, 1)
+        .expect("header");
+    body.put_i16(-1);
+    body.put_i16(1);
+    body.put_i32(1000);
+    body.put_i32(i32::MAX);
     raw.send_frame(&body);
     assert!(raw.frame().is_none(), "connection closed");
     // The broker still serves everyone else.

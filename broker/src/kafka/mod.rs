@@ -10,9 +10,11 @@
 //! order (Kafka clients pipeline and match responses by order). A request is bounded
 //! ([`REQUEST_BYTES_MAX`]), and so are the bytes of requests held at once across all
 //! connections ([`REQUEST_BUDGET_BYTES`]) and the number of connections
-//! ([`CONNECTIONS_MAX`]).
+//! ([`CONNECTIONS_MAX`]); every length and count in a request is checked against the
+//! frame before the codec reads it (see [`guard`]).
 
 mod errors;
+mod guard;
 mod handlers;
 pub mod versions;
 
@@ -233,6 +235,7 @@ async fn handle(context: &Context, mut frame: Bytes, out: &mut BytesMut) -> Resu
     let header = decode_request_header_from_buffer(&mut frame)
         .map_err(|e| format!("invalid {api:?} v{version} request header: {e}"))?;
     tracing::trace!(?api, version, client = ?header.client_id, "kafka request");
+    guard::check(api, version, &frame)?;
     out.put_i32(0);
     let answered = handlers::dispatch(context, api, version, frame, correlation_id, out).await?;
     Ok(answered)

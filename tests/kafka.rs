@@ -716,3 +716,94 @@ async fn an_idempotent_confluent_kafka_producer_writes_each_record_once() {
     }
     assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 0), "{ids:?}");
 }
+
+/// Consumes `take` records of partition 0 as a member of `group` that assigns the
+/// partition itself (starting at the group's committed offset, else the earliest),
+/// commits after the last one when told to, and prints what it saw.
+const CONFLUENT_ASSIGN_AND_COMMIT: &str = r#"
+import sys
+from confluent_kafka import Consumer, TopicPartition
+b, t, group, take, commit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == 'commit'
+c = Consumer({'bootstrap.servers': b, 'group.id': group, 'enable.auto.commit': False,
+              'auto.offset.reset': 'earliest'})
+c.assign([TopicPartition(t, 0)])
+got = []
+while len(got) < take:
+    m = c.poll(60)
+    if m is None:
+        break
+    if m.error():
+        print('error', m.error(), file=sys.stderr)
+        continue
+    got.append(m)
+print('consumed', ' '.join(str(m.offset()) for m in got))
+if commit and got:
+    c.commit(message=got[-1], asynchronous=False)
+print('committed', c.committed([TopicPartition(t, 0)], timeout=30)[0].offset)
+c.close()
+"#;
+
+#[tokio::test]
+async fn kafka_commits_are_the_groups_offsets_and_resets_over_grpc_move_kafka_consumers() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    if !Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
+        return;
+    }
+    let (broker, kafka) = start();
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "ledger", 1, v1::TopicConfig::default()).await;
+    let records = (0..10)
+        .map(|i| record(None, format!("r{i}").as_bytes()))
+        .collect();
+    broker
+        .client()
+        .await
+        .produce(produce_records("ledger", 0, records))
+        .await
+        .expect("produce");
+    let consume = |take: &str, commit: &str| {
+        let output = Command::new("timeout")
+            .args(["120", &python, "-c", CONFLUENT_ASSIGN_AND_COMMIT])
+            .args([&kafka.to_string(), "ledger", "billing", take, commit])
+            .output()
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "confluent-kafka failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    assert_eq!(consume("4", "commit"), "consumed 0 1 2 3\ncommitted 4\n");
+    // A new consumer of the group resumes at the committed offset.
+    assert_eq!(consume("1", "no"), "consumed 4\ncommitted 4\n");
+    // The commit is the group's, as the CLI, lag and gRPC see it.
+    let described = admin
+        .describe_group(v1::DescribeGroupRequest {
+            group: "billing".into(),
+        })
+        .await
+        .expect("describe the group")
+        .into_inner();
+    assert_eq!(described.partitions.len(), 1);
+    assert_eq!(described.partitions[0].committed_offset, Some(4));
+    assert_eq!(described.total_lag, 6);
+    // And the other way round: a reset over gRPC moves the Kafka consumer.
+    admin
+        .reset_offsets(v1::ResetOffsetsRequest {
+            group: "billing".into(),
+            topic: "ledger".into(),
+            partitions: vec![0],
+            to: Some(v1::reset_offsets_request::To::Offset(7)),
+        })
+        .await
+        .expect("reset over gRPC");
+    assert_eq!(consume("1", "no"), "consumed 7\ncommitted 7\n");
+}

@@ -133,9 +133,31 @@ const DELETE_TOPICS: &[Field] = &[since(6, Ty::Array(DELETE_TOPIC)), upto(5, Str
 
 const INIT_PRODUCER_ID: &[Field] = &[f(Str), f(I32), since(3, I64), since(3, I16)];
 
+const FIND_COORDINATOR: &[Field] = &[upto(3, Str), since(1, I8), since(4, Strs)];
+
+const COMMIT_PARTITION: &[Field] = &[f(I32), f(I64), since(6, I32), f(Str)];
+const COMMIT_TOPIC: &[Field] = &[f(Str), f(Ty::Array(COMMIT_PARTITION))];
+const OFFSET_COMMIT: &[Field] = &[
+    f(Str),
+    f(I32),
+    f(Str),
+    since(7, Str),
+    upto(4, I64),
+    f(Ty::Array(COMMIT_TOPIC)),
+];
+
+const OFFSET_FETCH_TOPIC: &[Field] = &[f(Str), f(Fixeds(4))];
+const OFFSET_FETCH: &[Field] = &[
+    upto(7, Str),
+    upto(7, Ty::Array(OFFSET_FETCH_TOPIC)),
+    since(7, I8),
+];
+
+const LIST_GROUPS: &[Field] = &[since(4, Strs), since(5, Strs)];
+
 /// The body schema of `api` and the first version that is flexible (compact lengths,
 /// tagged fields); `None` for APIs the listener does not serve.
-fn schema(api: ApiKey) -> Option<(&'static [Field], i16)> {
+fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
     Some(match api {
         ApiKey::ApiVersions => (API_VERSIONS, 3),
         ApiKey::Metadata => (METADATA, 9),
@@ -145,6 +167,11 @@ fn schema(api: ApiKey) -> Option<(&'static [Field], i16)> {
         ApiKey::CreateTopics => (CREATE_TOPICS, 5),
         ApiKey::DeleteTopics => (DELETE_TOPICS, 4),
         ApiKey::InitProducerId => (INIT_PRODUCER_ID, 2),
+        ApiKey::FindCoordinator => (FIND_COORDINATOR, 3),
+        ApiKey::OffsetCommit => (OFFSET_COMMIT, 8),
+        // v8+ (groups batched) is not served, and not described here.
+        ApiKey::OffsetFetch if version <= 7 => (OFFSET_FETCH, 6),
+        ApiKey::ListGroups => (LIST_GROUPS, 3),
         _ => return None,
     })
 }
@@ -153,7 +180,7 @@ fn schema(api: ApiKey) -> Option<(&'static [Field], i16)> {
 /// every length and count fits in the bytes that follow it.
 pub fn check(api: ApiKey, version: i16, body: &[u8]) -> Result<(), String> {
     let (fields, flexible_from) =
-        schema(api).ok_or_else(|| format!("{api:?} has no schema to check"))?;
+        schema(api, version).ok_or_else(|| format!("{api:?} has no schema to check"))?;
     let mut walk = Walk {
         rest: body,
         version,

@@ -13,12 +13,15 @@ use kafka_protocol::messages::{
     ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
     TopicName,
 };
+use kafka_protocol::messages::{
+    FindCoordinatorRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
+};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError as K;
 use strata_storage::batch::batches;
 use tokio::task::JoinSet;
 
-use super::{encode, errors, versions, Context, NODE_ID};
+use super::{encode, errors, groups, versions, Context, NODE_ID};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::topics::partition::{Ack, Partition};
@@ -86,6 +89,23 @@ pub(super) async fn dispatch(
         }
         ApiKey::InitProducerId => {
             let answer = init_producer_id(broker, decode!(InitProducerIdRequest)).await;
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::FindCoordinator => {
+            let answer =
+                groups::find_coordinator(context, decode!(FindCoordinatorRequest), version);
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::OffsetCommit => {
+            let answer = groups::offset_commit(broker, decode!(OffsetCommitRequest)).await;
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::OffsetFetch => {
+            let answer = groups::offset_fetch(broker, decode!(OffsetFetchRequest), version);
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::ListGroups => {
+            let answer = groups::list(broker, decode!(ListGroupsRequest));
             encode(out, correlation_id, api, version, &answer)?;
         }
         other => return Err(format!("{other:?} has no handler")),

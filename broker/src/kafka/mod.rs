@@ -14,6 +14,7 @@
 //! frame before the codec reads it (see [`guard`]).
 
 mod errors;
+mod groups;
 mod guard;
 mod handlers;
 pub mod versions;

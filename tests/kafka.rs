@@ -807,3 +807,51 @@ async fn kafka_commits_are_the_groups_offsets_and_resets_over_grpc_move_kafka_co
         .expect("reset over gRPC");
     assert_eq!(consume("1", "no"), "consumed 7\ncommitted 7\n");
 }
+
+#[tokio::test]
+async fn fetch_returns_at_least_one_whole_batch_then_only_batches_that_fit() {
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "sized",
+        2,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut raw = Raw::connect(kafka);
+    for partition in 0..2 {
+        let mut request = produce_request("sized", -1, batch(&[(1, &[7u8; 500][..])]));
+        request.topic_data[0].partition_data[0].index = partition;
+        let answer: kafka_protocol::messages::ProduceResponse =
+            raw.call(ApiKey::Produce, 8, &request);
+        assert_eq!(answer.responses[0].partition_responses[0].error_code, 0);
+    }
+    let mut request = fetch("sized", 0, 0);
+    request.max_bytes = 1;
+    let mut second = request.topics[0].partitions[0].clone();
+    second.partition = 1;
+    request.topics[0].partitions.push(second);
+    let answer: FetchResponse = raw.call(ApiKey::Fetch, 12, &request);
+    let partitions = &answer.responses[0].partitions;
+    let records = |i: usize| {
+        crate::common::decode_batches(partitions[i].records.as_deref().unwrap_or_default(), 0)
+    };
+    assert_eq!(
+        records(0).len(),
+        1,
+        "the first batch is whole, above max_bytes"
+    );
+    assert_eq!(records(1).len(), 0, "then nothing past max_bytes");
+    assert_eq!(
+        (partitions[1].error_code, partitions[1].high_watermark),
+        (0, 1)
+    );
+    // With room for both, both come back.
+    request.max_bytes = 1 << 20;
+    let answer: FetchResponse = raw.call(ApiKey::Fetch, 12, &request);
+    for p in &answer.responses[0].partitions {
+        let records = crate::common::decode_batches(p.records.as_deref().unwrap_or_default(), 0);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].value.as_deref(), Some(&[7u8; 500][..]));
+    }
+}

@@ -391,31 +391,25 @@ async fn fetch_partition(
     let read = blocking(move || reader.read(from, budget.max(1)).map_err(Error::from))
         .await
         .map_err(|e| (e, hw, start))?;
-    if !first && read.batches.len() > budget {
+    let mut bytes = read.batches;
+    let mut next_offset = read.next_offset;
+    if !first && bytes.len() > budget {
         // Past the first partition with data, only whole batches that fit.
         let mut fits = 0;
-        for batch in batches(&read.batches) {
-            let Ok(batch) = batch else { break };
-            let len = batch.as_bytes().len();
-            if fits + len > budget {
+        while let Ok(header) = strata_storage::batch::BatchHeader::parse(&bytes[fits..]) {
+            if fits + header.size > budget {
+                next_offset = header.base_offset;
                 break;
             }
-            fits += len;
+            fits += header.size;
         }
-        let mut bytes = read.batches;
         bytes.truncate(fits);
-        return Ok((
-            Bytes::from(bytes),
-            read.high_watermark as i64,
-            read.earliest_offset as i64,
-        ));
     }
-    let fetched = read.next_offset.saturating_sub(from);
     partition
         .stats()
-        .fetched(fetched, read.batches.len() as u64);
+        .fetched(next_offset.saturating_sub(from), bytes.len() as u64);
     Ok((
-        Bytes::from(read.batches),
+        Bytes::from(bytes),
         read.high_watermark as i64,
         read.earliest_offset as i64,
     ))

@@ -855,3 +855,35 @@ async fn fetch_returns_at_least_one_whole_batch_then_only_batches_that_fit() {
         assert_eq!(records[0].value.as_deref(), Some(&[7u8; 500][..]));
     }
 }
+
+#[test]
+fn apis_the_broker_does_not_serve_are_answered_as_not_supported() {
+    use kafka_protocol::messages::{
+        JoinGroupRequest, JoinGroupResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    };
+    let (_broker, kafka) = start();
+    let mut raw = Raw::connect(kafka);
+    // Debian's kafka-python 2.0 joins with JoinGroup v2 without asking first.
+    for version in [2, 5, 9] {
+        let answer: JoinGroupResponse =
+            raw.call(ApiKey::JoinGroup, version, &JoinGroupRequest::default());
+        assert_eq!(answer.error_code, 35, "v{version}: UNSUPPORTED_VERSION");
+    }
+    let answer: SaslHandshakeResponse = raw.call(
+        ApiKey::SaslHandshake,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+    );
+    assert_eq!(answer.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
+    // The connection goes on.
+    let answer: ApiVersionsResponse =
+        raw.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(answer.error_code, 0);
+    assert!(
+        !answer
+            .api_keys
+            .iter()
+            .any(|k| k.api_key == ApiKey::JoinGroup as i16),
+        "not advertised"
+    );
+}

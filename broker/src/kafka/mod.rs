@@ -17,6 +17,7 @@ mod errors;
 mod groups;
 mod guard;
 mod handlers;
+mod unserved;
 pub mod versions;
 
 use std::net::SocketAddr;
@@ -210,6 +211,15 @@ async fn handle(context: &Context, mut frame: Bytes, out: &mut BytesMut) -> Resu
     let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
     let api = ApiKey::try_from(key).map_err(|()| format!("unknown API key {key}"))?;
     let Some((min, max)) = versions::range(api) else {
+        out.put_i32(0);
+        if unserved::answer(api, version, correlation_id, out)? {
+            tracing::debug!(
+                ?api,
+                version,
+                "answered an unserved Kafka API: not supported"
+            );
+            return Ok(true);
+        }
         return Err(format!(
             "API {api:?} (key {key}) is not supported by this broker; see \
              docs/kafka-compatibility.md"

@@ -859,16 +859,18 @@ async fn fetch_returns_at_least_one_whole_batch_then_only_batches_that_fit() {
 #[test]
 fn apis_the_broker_does_not_serve_are_answered_as_not_supported() {
     use kafka_protocol::messages::{
-        JoinGroupRequest, JoinGroupResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+        ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, SaslHandshakeRequest,
+        SaslHandshakeResponse,
     };
     let (_broker, kafka) = start();
     let mut raw = Raw::connect(kafka);
-    // Debian's kafka-python 2.0 joins with JoinGroup v2 without asking first.
-    for version in [2, 5, 9] {
-        let answer: JoinGroupResponse =
-            raw.call(ApiKey::JoinGroup, version, &JoinGroupRequest::default());
-        assert_eq!(answer.error_code, 35, "v{version}: UNSUPPORTED_VERSION");
-    }
+    // A KIP-848 consumer (group.protocol=consumer) starts with ConsumerGroupHeartbeat.
+    let answer: ConsumerGroupHeartbeatResponse = raw.call(
+        ApiKey::ConsumerGroupHeartbeat,
+        0,
+        &ConsumerGroupHeartbeatRequest::default(),
+    );
+    assert_eq!(answer.error_code, 35, "UNSUPPORTED_VERSION");
     let answer: SaslHandshakeResponse = raw.call(
         ApiKey::SaslHandshake,
         1,
@@ -883,7 +885,137 @@ fn apis_the_broker_does_not_serve_are_answered_as_not_supported() {
         !answer
             .api_keys
             .iter()
-            .any(|k| k.api_key == ApiKey::JoinGroup as i16),
+            .any(|k| k.api_key == ApiKey::ConsumerGroupHeartbeat as i16),
         "not advertised"
     );
+}
+
+/// Two members of one group through a rebalance: the first gets every partition, the
+/// second joins and they split them; each commits what it consumed and leaves. Then a
+/// third member resumes from the commits and gets only what was produced since.
+const CONFLUENT_GROUP_REBALANCE: &str = r#"
+import sys
+from confluent_kafka import Consumer, TopicPartition
+b, t, group, n, phase = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+conf = {'bootstrap.servers': b, 'group.id': group, 'enable.auto.commit': False,
+        'auto.offset.reset': 'earliest', 'session.timeout.ms': 6000,
+        'heartbeat.interval.ms': 500}
+got = []
+seen = {}
+def drain(c):
+    m = c.poll(0.2)
+    if m is not None and not m.error():
+        got.append(m.value().decode())
+        seen.setdefault(id(c), {})[m.partition()] = m.offset()
+def commit(c):
+    offsets = [TopicPartition(t, p, o + 1) for p, o in seen.get(id(c), {}).items()]
+    if offsets:
+        c.commit(offsets=offsets, asynchronous=False)
+def assigned(c):
+    return sorted(p.partition for p in c.assignment())
+if phase == 'rebalance':
+    c1 = Consumer(conf)
+    c1.subscribe([t])
+    for _ in range(300):
+        drain(c1)
+        if len(assigned(c1)) == 4:
+            break
+    print('alone', assigned(c1))
+    c2 = Consumer(conf)
+    c2.subscribe([t])
+    for _ in range(600):
+        drain(c1); drain(c2)
+        if assigned(c1) and assigned(c2) and len(assigned(c1)) + len(assigned(c2)) == 4:
+            break
+    print('split', len(assigned(c1)) + len(assigned(c2)), bool(assigned(c1)), bool(assigned(c2)))
+    for _ in range(600):
+        if len(set(got)) >= n:
+            break
+        drain(c1); drain(c2)
+    commit(c1); commit(c2)
+    c1.close(); c2.close()
+else:
+    c3 = Consumer(conf)
+    c3.subscribe([t])
+    for _ in range(600):
+        if len(set(got)) >= n:
+            break
+        drain(c3)
+    c3.close()
+print('records', ' '.join(sorted(set(got))))
+"#;
+
+#[tokio::test]
+async fn a_kafka_group_of_two_rebalances_commits_and_resumes_where_it_left_off() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    if !Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
+        return;
+    }
+    let (broker, kafka) = start();
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "events", 4, v1::TopicConfig::default()).await;
+    let mut client = broker.client().await;
+    let produce = |from: usize, to: usize| {
+        (from..to)
+            .map(|i| {
+                produce_records(
+                    "events",
+                    (i % 4) as u32,
+                    vec![record(None, format!("e{i:02}").as_bytes())],
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for request in produce(0, 20) {
+        client.produce(request).await.expect("produce");
+    }
+    let run = |n: &str, phase: &str| {
+        let output = Command::new("timeout")
+            .args(["300", &python, "-c", CONFLUENT_GROUP_REBALANCE])
+            .args([&kafka.to_string(), "events", "workers", n, phase])
+            .output()
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "confluent-kafka failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let all: Vec<String> = (0..20).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(
+        run("20", "rebalance"),
+        format!(
+            "alone [0, 1, 2, 3]\nsplit 4 True True\nrecords {}\n",
+            all.join(" ")
+        )
+    );
+    let described = admin
+        .describe_group(v1::DescribeGroupRequest {
+            group: "workers".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    let committed: Vec<_> = described
+        .partitions
+        .iter()
+        .map(|p| p.committed_offset)
+        .collect();
+    assert_eq!(
+        committed,
+        vec![Some(5); 4],
+        "every partition committed to its end"
+    );
+    for request in produce(20, 24) {
+        client.produce(request).await.expect("produce");
+    }
+    assert_eq!(run("4", "resume"), "records e20 e21 e22 e23\n");
 }

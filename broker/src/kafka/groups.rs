@@ -1,29 +1,35 @@
-//! Kafka's consumer-group offset APIs over Strata's one group model: FindCoordinator,
-//! OffsetCommit and OffsetFetch for consumers that assign partitions themselves
-//! (`assign()` then `commit()`: generation -1, no member id), and ListGroups. Offsets
-//! committed here are the ones `strata group describe`, lag metrics and gRPC members
-//! see, and the other way round. A Kafka commit to a group with gRPC members is refused
-//! (a group is used by one protocol at a time). Group membership over Kafka (JoinGroup,
-//! SyncGroup, Heartbeat, LeaveGroup) is not served yet.
+//! Kafka's consumer-group APIs: FindCoordinator; JoinGroup, SyncGroup, Heartbeat and
+//! LeaveGroup over the classic membership of [`super::membership`]; OffsetCommit and
+//! OffsetFetch over Strata's one offset store, for members and for consumers that
+//! assign partitions themselves (`assign()` then `commit()`: generation -1, no member
+//! id); ListGroups and DescribeGroups. Offsets committed here are the ones `strata group
+//! describe`, lag metrics and gRPC members see, and the other way round. A group is used
+//! by one protocol at a time: a Kafka join or standalone commit to a group with gRPC
+//! members is refused.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::time::Duration;
 
 use kafka_protocol::messages::{
-    find_coordinator_response, list_groups_response, offset_commit_response, offset_fetch_response,
-    BrokerId, FindCoordinatorRequest, FindCoordinatorResponse, GroupId, ListGroupsRequest,
-    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-    OffsetFetchResponse, TopicName,
+    describe_groups_response, find_coordinator_response, join_group_response, leave_group_response,
+    list_groups_response, offset_commit_response, offset_fetch_response, BrokerId,
+    DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest, FindCoordinatorResponse,
+    GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
+    LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    SyncGroupRequest, SyncGroupResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError as K;
 
+use super::handlers::Client;
+use super::membership::Join;
 use super::{errors, Context, NODE_ID};
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::groups::api::{commit_offsets, fetch_offsets, list_groups, Committer};
 use crate::groups::assign::TopicPartition;
-use crate::groups::coordinator::GroupState;
+use crate::groups::coordinator::{validate_group, GroupState};
 
 /// The Kafka error code of a group operation's failure.
 fn code(e: &Error) -> i16 {
@@ -75,9 +81,10 @@ pub(super) fn find_coordinator(
 }
 
 pub(super) async fn offset_commit(
-    broker: &Arc<Broker>,
+    context: &Context,
     request: OffsetCommitRequest,
 ) -> OffsetCommitResponse {
+    let broker = &context.broker;
     let group = request.group_id.0.to_string();
     let mut offsets = Vec::new();
     let mut invalid = None;
@@ -105,18 +112,24 @@ pub(super) async fn offset_commit(
             }
         }
     }
-    let outcome = if request.generation_id_or_member_epoch >= 0 || !request.member_id.is_empty() {
-        // Only consumers that assign partitions themselves commit over Kafka yet.
-        Err(Error::Fenced(format!(
-            "member {:?} (generation {}) is not a member of group {group:?}: Kafka group \
-             membership is not supported; assign partitions and commit with generation -1",
-            request.member_id.as_str(),
-            request.generation_id_or_member_epoch
-        )))
-    } else if let Some(e) = invalid {
-        Err(e)
+    let standalone = request.generation_id_or_member_epoch < 0 && request.member_id.is_empty();
+    let member = if standalone && context.members.has_members(&group) {
+        // Like a commit from outside a group with gRPC members.
+        tracing::info!(%group, "refused a standalone Kafka commit: the group has Kafka members");
+        Err(K::UnknownMemberId.code())
+    } else if standalone {
+        Ok(())
     } else {
-        commit_offsets(broker, &group, Committer::Outside, offsets).await
+        context.members.check_commit(
+            &group,
+            request.member_id.as_str(),
+            request.generation_id_or_member_epoch,
+        )
+    };
+    let outcome = match (member, invalid) {
+        (Err(code), _) => return commit_answer(request, code),
+        (Ok(()), Some(e)) => Err(e),
+        (Ok(()), None) => commit_offsets(broker, &group, Committer::Outside, offsets).await,
     };
     let error = match &outcome {
         Ok(_) => 0,
@@ -130,6 +143,11 @@ pub(super) async fn offset_commit(
             }
         }
     };
+    commit_answer(request, error)
+}
+
+/// The OffsetCommit answer: `error` for every partition of the request.
+fn commit_answer(request: OffsetCommitRequest, error: i16) -> OffsetCommitResponse {
     let topics = request
         .topics
         .into_iter()
@@ -253,20 +271,192 @@ pub(super) fn offset_fetch(
     OffsetFetchResponse::default().with_topics(topics)
 }
 
-pub(super) fn list(broker: &Broker, _request: ListGroupsRequest) -> ListGroupsResponse {
-    let groups = list_groups(broker)
+pub(super) fn list(context: &Context, _request: ListGroupsRequest) -> ListGroupsResponse {
+    let kafka = context.members.active();
+    let mut groups: Vec<list_groups_response::ListedGroup> = list_groups(&context.broker)
         .into_iter()
+        .filter(|g| !kafka.iter().any(|(name, _)| *name == g.name))
         .map(|g| {
             let state = match g.state {
                 GroupState::Empty => "Empty",
                 GroupState::Stable => "Stable",
                 GroupState::Reconciling => "PreparingRebalance",
             };
-            list_groups_response::ListedGroup::default()
-                .with_group_id(GroupId(StrBytes::from_string(g.name)))
-                .with_protocol_type(StrBytes::from_static_str("consumer"))
-                .with_group_state(StrBytes::from_static_str(state))
+            listed(g.name, state)
         })
         .collect();
+    groups.extend(kafka.into_iter().map(|(name, state)| listed(name, state)));
     ListGroupsResponse::default().with_groups(groups)
+}
+
+fn listed(name: String, state: &'static str) -> list_groups_response::ListedGroup {
+    list_groups_response::ListedGroup::default()
+        .with_group_id(GroupId(StrBytes::from_string(name)))
+        .with_protocol_type(StrBytes::from_static_str("consumer"))
+        .with_group_state(StrBytes::from_static_str(state))
+}
+
+fn string(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+pub(super) async fn join(
+    context: &Context,
+    client: &Client,
+    request: JoinGroupRequest,
+    version: i16,
+) -> JoinGroupResponse {
+    let group = request.group_id.0.to_string();
+    let answer = JoinGroupResponse::default()
+        .with_generation_id(-1)
+        .with_member_id(request.member_id.clone())
+        .with_protocol_name(Some(StrBytes::default()));
+    if validate_group(&group).is_err() {
+        return answer.with_error_code(K::InvalidGroupId.code());
+    }
+    if context.broker.coordinator().has_members(&group) {
+        tracing::info!(%group, "refused a Kafka join: the group has gRPC members");
+        return answer.with_error_code(K::InconsistentGroupProtocol.code());
+    }
+    let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let joined = context
+        .members
+        .join(Join {
+            group,
+            member_id: request.member_id.to_string(),
+            client_id: client.id.clone(),
+            client_host: client.host.clone(),
+            session: millis(request.session_timeout_ms),
+            // v0 has no rebalance timeout: the session timeout is used.
+            rebalance: millis(if version >= 1 {
+                request.rebalance_timeout_ms
+            } else {
+                request.session_timeout_ms
+            }),
+            protocol_type: request.protocol_type.to_string(),
+            protocols: request
+                .protocols
+                .into_iter()
+                .map(|p| (p.name.to_string(), p.metadata))
+                .collect(),
+        })
+        .await;
+    answer
+        .with_error_code(joined.error)
+        .with_generation_id(joined.generation)
+        .with_protocol_type(Some(string(&joined.protocol_type)))
+        .with_protocol_name(Some(string(&joined.protocol)))
+        .with_leader(string(&joined.leader))
+        .with_member_id(string(&joined.member_id))
+        .with_members(
+            joined
+                .members
+                .into_iter()
+                .map(|(id, metadata)| {
+                    join_group_response::JoinGroupResponseMember::default()
+                        .with_member_id(string(&id))
+                        .with_metadata(metadata)
+                })
+                .collect(),
+        )
+}
+
+pub(super) async fn sync(context: &Context, request: SyncGroupRequest) -> SyncGroupResponse {
+    let synced = context
+        .members
+        .sync(
+            request.group_id.0.as_str(),
+            request.member_id.as_str(),
+            request.generation_id,
+            request
+                .assignments
+                .into_iter()
+                .map(|a| (a.member_id.to_string(), a.assignment))
+                .collect(),
+        )
+        .await;
+    match synced {
+        Ok((assignment, protocol_type, protocol)) => SyncGroupResponse::default()
+            .with_assignment(assignment)
+            .with_protocol_type(Some(string(&protocol_type)))
+            .with_protocol_name(Some(string(&protocol))),
+        Err(code) => SyncGroupResponse::default().with_error_code(code),
+    }
+}
+
+pub(super) fn heartbeat(context: &Context, request: HeartbeatRequest) -> HeartbeatResponse {
+    HeartbeatResponse::default().with_error_code(context.members.heartbeat(
+        request.group_id.0.as_str(),
+        request.member_id.as_str(),
+        request.generation_id,
+    ))
+}
+
+pub(super) fn leave(
+    context: &Context,
+    request: LeaveGroupRequest,
+    version: i16,
+) -> LeaveGroupResponse {
+    let group = request.group_id.0.as_str();
+    if version <= 2 {
+        return LeaveGroupResponse::default()
+            .with_error_code(context.members.leave(group, request.member_id.as_str()));
+    }
+    let members = request
+        .members
+        .into_iter()
+        .map(|m| {
+            let code = context.members.leave(group, m.member_id.as_str());
+            leave_group_response::MemberResponse::default()
+                .with_member_id(m.member_id)
+                .with_group_instance_id(m.group_instance_id)
+                .with_error_code(code)
+        })
+        .collect();
+    LeaveGroupResponse::default().with_members(members)
+}
+
+pub(super) fn describe(
+    context: &Context,
+    request: DescribeGroupsRequest,
+) -> DescribeGroupsResponse {
+    let strata = list_groups(&context.broker);
+    let groups = request
+        .groups
+        .into_iter()
+        .map(|name| {
+            let described = describe_groups_response::DescribedGroup::default()
+                .with_group_id(name.clone())
+                .with_protocol_type(StrBytes::from_static_str("consumer"));
+            if let Some(view) = context.members.describe(name.0.as_str()) {
+                let members = view
+                    .members
+                    .into_iter()
+                    .map(|m| {
+                        describe_groups_response::DescribedGroupMember::default()
+                            .with_member_id(string(&m.id))
+                            .with_client_id(string(&m.client_id))
+                            .with_client_host(string(&m.client_host))
+                            .with_member_metadata(m.metadata)
+                            .with_member_assignment(m.assignment)
+                    })
+                    .collect();
+                return described
+                    .with_group_state(StrBytes::from_static_str(view.state))
+                    .with_protocol_type(string(&view.protocol_type))
+                    .with_protocol_data(string(&view.protocol))
+                    .with_members(members);
+            }
+            // A group of gRPC members, or with committed offsets only; members of the
+            // gRPC protocol have no Kafka metadata to show.
+            let state = match strata.iter().find(|g| g.name == name.0.as_str()) {
+                Some(g) if g.state == GroupState::Empty => "Empty",
+                Some(g) if g.state == GroupState::Stable => "Stable",
+                Some(_) => "PreparingRebalance",
+                None => "Dead",
+            };
+            described.with_group_state(StrBytes::from_static_str(state))
+        })
+        .collect();
+    DescribeGroupsResponse::default().with_groups(groups)
 }

@@ -155,6 +155,36 @@ const OFFSET_FETCH: &[Field] = &[
 
 const LIST_GROUPS: &[Field] = &[since(4, Strs), since(5, Strs)];
 
+const JOIN_PROTOCOL: &[Field] = &[f(Str), f(Bytes)];
+const JOIN_GROUP: &[Field] = &[
+    f(Str),
+    f(I32),
+    since(1, I32),
+    f(Str),
+    since(5, Str),
+    f(Str),
+    f(Ty::Array(JOIN_PROTOCOL)),
+    since(8, Str),
+];
+
+const SYNC_ASSIGNMENT: &[Field] = &[f(Str), f(Bytes)];
+const SYNC_GROUP: &[Field] = &[
+    f(Str),
+    f(I32),
+    f(Str),
+    since(3, Str),
+    since(5, Str),
+    since(5, Str),
+    f(Ty::Array(SYNC_ASSIGNMENT)),
+];
+
+const HEARTBEAT: &[Field] = &[f(Str), f(I32), f(Str), since(3, Str)];
+
+const LEAVE_MEMBER: &[Field] = &[f(Str), f(Str), since(5, Str)];
+const LEAVE_GROUP: &[Field] = &[f(Str), upto(2, Str), since(3, Ty::Array(LEAVE_MEMBER))];
+
+const DESCRIBE_GROUPS: &[Field] = &[f(Strs), since(3, I8)];
+
 /// The body schema of `api` and the first version that is flexible (compact lengths,
 /// tagged fields); `None` for APIs the listener does not serve.
 fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
@@ -172,6 +202,11 @@ fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
         // v8+ (groups batched) is not served, and not described here.
         ApiKey::OffsetFetch if version <= 7 => (OFFSET_FETCH, 6),
         ApiKey::ListGroups => (LIST_GROUPS, 3),
+        ApiKey::JoinGroup => (JOIN_GROUP, 6),
+        ApiKey::SyncGroup => (SYNC_GROUP, 4),
+        ApiKey::Heartbeat => (HEARTBEAT, 4),
+        ApiKey::LeaveGroup => (LEAVE_GROUP, 4),
+        ApiKey::DescribeGroups => (DESCRIBE_GROUPS, 5),
         _ => return None,
     })
 }

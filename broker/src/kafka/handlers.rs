@@ -14,7 +14,9 @@ use kafka_protocol::messages::{
     TopicName,
 };
 use kafka_protocol::messages::{
-    FindCoordinatorRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
+    DescribeGroupsRequest, FindCoordinatorRequest, HeartbeatRequest, JoinGroupRequest,
+    LeaveGroupRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
+    SyncGroupRequest,
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError as K;
@@ -37,8 +39,18 @@ const CLUSTER_ID: &str = "strata";
 
 /// Decodes the request of `api`, serves it and encodes the answer after `out`'s length
 /// prefix; false when the request gets no answer (acks=0).
+/// Who sent a request.
+#[derive(Debug)]
+pub(super) struct Client {
+    /// The client id of the request header.
+    pub id: String,
+    /// `/<ip>`, as Kafka shows a member's host.
+    pub host: String,
+}
+
 pub(super) async fn dispatch(
     context: &Context,
+    client: &Client,
     api: ApiKey,
     version: i16,
     mut body: Bytes,
@@ -97,7 +109,7 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::OffsetCommit => {
-            let answer = groups::offset_commit(broker, decode!(OffsetCommitRequest)).await;
+            let answer = groups::offset_commit(context, decode!(OffsetCommitRequest)).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::OffsetFetch => {
@@ -105,7 +117,27 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::ListGroups => {
-            let answer = groups::list(broker, decode!(ListGroupsRequest));
+            let answer = groups::list(context, decode!(ListGroupsRequest));
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::JoinGroup => {
+            let answer = groups::join(context, client, decode!(JoinGroupRequest), version).await;
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::SyncGroup => {
+            let answer = groups::sync(context, decode!(SyncGroupRequest)).await;
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::Heartbeat => {
+            let answer = groups::heartbeat(context, decode!(HeartbeatRequest));
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::LeaveGroup => {
+            let answer = groups::leave(context, decode!(LeaveGroupRequest), version);
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::DescribeGroups => {
+            let answer = groups::describe(context, decode!(DescribeGroupsRequest));
             encode(out, correlation_id, api, version, &answer)?;
         }
         other => return Err(format!("{other:?} has no handler")),

@@ -17,6 +17,7 @@ mod errors;
 mod groups;
 mod guard;
 mod handlers;
+mod membership;
 mod unserved;
 pub mod versions;
 
@@ -93,6 +94,7 @@ impl Listener {
             host: self.advertised.0,
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
+            members: membership::Coordinator::default(),
         });
         Running {
             task: tokio::spawn(accept(self.listener, context)),
@@ -123,11 +125,24 @@ struct Context {
     host: String,
     port: i32,
     budget: Semaphore,
+    /// Kafka group membership.
+    members: membership::Coordinator,
 }
+
+/// How often expired Kafka group members are removed.
+const GROUP_TICK: Duration = Duration::from_millis(500);
 
 async fn accept(listener: TcpListener, context: Arc<Context>) {
     // Dropped with this task when the listener stops: that aborts every connection.
     let mut connections = JoinSet::new();
+    let ticking = Arc::clone(&context);
+    connections.spawn(async move {
+        let mut tick = tokio::time::interval(GROUP_TICK);
+        loop {
+            tick.tick().await;
+            ticking.members.tick();
+        }
+    });
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = tokio::select! {
@@ -155,7 +170,7 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         let context = Arc::clone(&context);
         connections.spawn(async move {
             let _slot = slot;
-            if let Err(reason) = serve_connection(&context, stream).await {
+            if let Err(reason) = serve_connection(&context, stream, peer).await {
                 tracing::debug!(%peer, %reason, "closed a Kafka connection");
             }
         });
@@ -164,7 +179,11 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
 
 /// Serves one connection until the client closes it; the error says why the broker
 /// closed it instead.
-async fn serve_connection(context: &Context, stream: TcpStream) -> Result<(), String> {
+async fn serve_connection(
+    context: &Context,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
@@ -193,7 +212,7 @@ async fn serve_connection(context: &Context, stream: TcpStream) -> Result<(), St
             .map_err(|_| format!("the request's {size} bytes took over {FRAME_READ_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
         response.clear();
-        if handle(context, frame.freeze(), &mut response).await? {
+        if handle(context, peer, frame.freeze(), &mut response).await? {
             writer
                 .write_all(&response)
                 .await
@@ -205,7 +224,12 @@ async fn serve_connection(context: &Context, stream: TcpStream) -> Result<(), St
 /// Answers one request frame into `out` (length prefix included); false when the
 /// request gets no answer (a produce with acks=0). An error closes the connection:
 /// the request cannot be answered in a form the client would parse.
-async fn handle(context: &Context, mut frame: Bytes, out: &mut BytesMut) -> Result<bool, String> {
+async fn handle(
+    context: &Context,
+    peer: SocketAddr,
+    mut frame: Bytes,
+    out: &mut BytesMut,
+) -> Result<bool, String> {
     let key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
     let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
@@ -248,7 +272,12 @@ async fn handle(context: &Context, mut frame: Bytes, out: &mut BytesMut) -> Resu
     tracing::trace!(?api, version, client = ?header.client_id, "kafka request");
     guard::check(api, version, &frame)?;
     out.put_i32(0);
-    let answered = handlers::dispatch(context, api, version, frame, correlation_id, out).await?;
+    let client = handlers::Client {
+        id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
+        host: format!("/{}", peer.ip()),
+    };
+    let answered =
+        handlers::dispatch(context, &client, api, version, frame, correlation_id, out).await?;
     Ok(answered)
 }
 

@@ -2,16 +2,15 @@
 //! dropping the connection, the client gets a response it can parse, carrying
 //! `UNSUPPORTED_VERSION` (or, for SASL, `UNSUPPORTED_SASL_MECHANISM`), so it reports
 //! "not supported" instead of retrying a dead connection. Clients only send what
-//! ApiVersions lists, so this serves older clients that assume an API exists (Debian's
-//! kafka-python 2.0 sends JoinGroup from the Kafka release it infers).
+//! ApiVersions lists, so this serves clients that assume an API exists (SASL clients
+//! start with SaslHandshake; KIP-848 consumers with ConsumerGroupHeartbeat).
 
 use bytes::BytesMut;
 use kafka_protocol::messages::{
     AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, ApiKey, ConsumerGroupHeartbeatResponse,
     DescribeAclsResponse, DescribeClientQuotasResponse, DescribeClusterResponse, EndTxnResponse,
-    GetTelemetrySubscriptionsResponse, HeartbeatResponse, JoinGroupResponse, LeaveGroupResponse,
-    ListTransactionsResponse, OffsetDeleteResponse, PushTelemetryResponse,
-    SaslAuthenticateResponse, SaslHandshakeResponse, SyncGroupResponse,
+    GetTelemetrySubscriptionsResponse, ListTransactionsResponse, OffsetDeleteResponse,
+    PushTelemetryResponse, SaslAuthenticateResponse, SaslHandshakeResponse,
 };
 use kafka_protocol::ResponseError as K;
 
@@ -43,10 +42,6 @@ pub(super) fn answer(
         };
     }
     match api {
-        ApiKey::JoinGroup => answer!(JoinGroupResponse, unsupported),
-        ApiKey::SyncGroup => answer!(SyncGroupResponse, unsupported),
-        ApiKey::Heartbeat => answer!(HeartbeatResponse, unsupported),
-        ApiKey::LeaveGroup => answer!(LeaveGroupResponse, unsupported),
         ApiKey::ConsumerGroupHeartbeat => answer!(ConsumerGroupHeartbeatResponse, unsupported),
         ApiKey::OffsetDelete => answer!(OffsetDeleteResponse, unsupported),
         ApiKey::SaslHandshake => {

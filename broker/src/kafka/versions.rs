@@ -22,6 +22,11 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetCommit, 2, 8),
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::ListGroups, 0, 4),
+    (ApiKey::JoinGroup, 0, 7),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
 
 /// The version range of `key`, `None` when the listener does not implement it.
@@ -65,6 +70,6 @@ mod tests {
             );
         }
         assert_eq!(range(ApiKey::Fetch), Some((4, 12)));
-        assert_eq!(range(ApiKey::JoinGroup), None);
+        assert_eq!(range(ApiKey::EndTxn), None);
     }
 }

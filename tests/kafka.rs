@@ -441,12 +441,25 @@ async fn kcat_produces_with_and_without_keys_and_consumes_from_earliest() {
     assert_eq!(k1.len(), 2, "{out}");
     assert_eq!(k1[0].split('|').next(), k1[1].split('|').next(), "{out}");
     assert!(k1[0].ends_with("v1") && k1[1].ends_with("v3"), "{out}");
+    // As a group member (-G): everything from the beginning once, committing.
+    let group = ["-G", "kcat-group", "orders", "-e", "-q", "-f", "%s\n"];
+    let first = run_kcat(kafka, &[&group[..], &["-o", "beginning"]].concat(), "");
+    assert_eq!(first.lines().count(), 5, "{first}");
+    // A record produced meanwhile to a partition it committed: the group resumes at its
+    // commits and reads only it
+    // (without them it would start at the end and read nothing).
+    run_kcat(kafka, &["-P", "-t", "orders", "-p", "1"], "later\n");
+    assert_eq!(
+        run_kcat(kafka, &group, ""),
+        "later\n",
+        "resumed after the commits"
+    );
     // The same records over gRPC: the unkeyed ones have a null key.
     let mut client = broker.client().await;
     let mut all = read_partition(&mut client, "orders", 0).await;
     all.extend(read_partition(&mut client, "orders", 1).await);
-    assert_eq!(all.len(), 5);
-    assert_eq!(all.iter().filter(|r| r.key.is_none()).count(), 2);
+    assert_eq!(all.len(), 6);
+    assert_eq!(all.iter().filter(|r| r.key.is_none()).count(), 3);
 }
 
 #[tokio::test]

@@ -1032,3 +1032,49 @@ async fn a_kafka_group_of_two_rebalances_commits_and_resumes_where_it_left_off()
     }
     assert_eq!(run("4", "resume"), "records e20 e21 e22 e23\n");
 }
+
+#[tokio::test]
+async fn metadata_creates_topics_only_when_the_broker_and_the_client_allow_it() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    let ask = |topics: &[&str], allow: bool| {
+        MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(allow)
+    };
+    let codes = |answer: &MetadataResponse| {
+        answer
+            .topics
+            .iter()
+            .map(|t| (t.error_code, t.partitions.len()))
+            .collect::<Vec<_>>()
+    };
+    // Off by default.
+    let (_broker, kafka) = start();
+    let mut raw = Raw::connect(kafka);
+    let answer: MetadataResponse = raw.call(ApiKey::Metadata, 4, &ask(&["fresh"], true));
+    assert_eq!(codes(&answer), vec![(3, 0)], "UNKNOWN_TOPIC_OR_PARTITION");
+    // On: created with the defaults when the client allows it.
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--kafka-auto-create-topics",
+        "true",
+    ]);
+    let mut raw = Raw::connect(broker.kafka_addr().expect("kafka"));
+    let answer: MetadataResponse =
+        raw.call(ApiKey::Metadata, 9, &ask(&["fresh", "bad name!"], true));
+    assert_eq!(
+        codes(&answer),
+        vec![(0, 1), (17, 0)],
+        "created; INVALID_TOPIC_EXCEPTION"
+    );
+    let answer: MetadataResponse = raw.call(ApiKey::Metadata, 9, &ask(&["other"], false));
+    assert_eq!(codes(&answer), vec![(3, 0)], "the client did not allow it");
+    let names = crate::common::topic_names(&mut broker.admin().await).await;
+    assert_eq!(names, vec!["fresh".to_string()]);
+}

@@ -75,6 +75,11 @@ pub struct ServeArgs {
     /// Kafka listener binds a wildcard address. Defaults to the bound Kafka address.
     #[arg(long, env = "STRATA_KAFKA_ADVERTISED")]
     pub kafka_advertised: Option<String>,
+    /// Create a topic (with the default settings) when a Kafka client asks for one that
+    /// does not exist (Metadata with auto-creation allowed, as producers send): true or
+    /// false [default: false].
+    #[arg(long, env = "STRATA_KAFKA_AUTO_CREATE_TOPICS")]
+    pub kafka_auto_create_topics: Option<bool>,
     /// Log format: `text` (for people) or `json` (one object per line) [default: text].
     #[arg(long, env = "STRATA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -102,6 +107,8 @@ pub struct KafkaListen {
     pub listen: SocketAddr,
     /// The host:port Metadata advertises; `None` advertises the bound address.
     pub advertised: Option<(String, u16)>,
+    /// Metadata creates unknown topics a client allows to be created.
+    pub auto_create_topics: bool,
 }
 
 /// Resolved configuration of a broker.
@@ -198,6 +205,9 @@ impl ServeConfig {
         let kafka = kafka_listen(
             args.kafka_listen.or(file.kafka_listen),
             args.kafka_advertised.or(file.kafka_advertised),
+            args.kafka_auto_create_topics
+                .or(file.kafka_auto_create_topics)
+                .unwrap_or(false),
         )?;
         let log_level = args
             .log_level
@@ -239,6 +249,7 @@ impl ServeConfig {
 fn kafka_listen(
     listen: Option<String>,
     advertised: Option<String>,
+    auto_create_topics: bool,
 ) -> anyhow::Result<Option<KafkaListen>> {
     let listen = match listen.as_deref() {
         None | Some("off") => {
@@ -279,7 +290,11 @@ fn kafka_listen(
             Some((host.to_string(), port))
         }
     };
-    Ok(Some(KafkaListen { listen, advertised }))
+    Ok(Some(KafkaListen {
+        listen,
+        advertised,
+        auto_create_topics,
+    }))
 }
 
 /// Log level directives: `level` or `module=level`, comma-separated. Stricter than
@@ -452,6 +467,17 @@ mod tests {
                     assert_eq!(default, "off");
                     assert_eq!(config.kafka, None);
                 }
+                "kafka_auto_create_topics" => {
+                    let on = ServeConfig::resolve(ServeArgs {
+                        kafka_listen: Some("127.0.0.1:0".into()),
+                        ..ServeArgs::default()
+                    })
+                    .expect("on");
+                    assert_eq!(
+                        on.kafka.map(|k| k.auto_create_topics),
+                        Some(default == "true")
+                    );
+                }
                 "log_format" => assert_eq!(
                     <LogFormat as clap::ValueEnum>::from_str(default, false),
                     Ok(config.log_format)
@@ -465,7 +491,7 @@ mod tests {
             shown += 1;
         }
         assert_eq!(
-            shown, 13,
+            shown, 14,
             "every setting but --config and --kafka-advertised shows its default"
         );
     }

@@ -71,7 +71,7 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Metadata => {
-            let answer = metadata(context, decode!(MetadataRequest), version);
+            let answer = metadata(context, decode!(MetadataRequest), version).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Produce => {
@@ -158,8 +158,11 @@ fn name(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_string()))
 }
 
-fn metadata(context: &Context, request: MetadataRequest, version: i16) -> MetadataResponse {
+async fn metadata(context: &Context, request: MetadataRequest, version: i16) -> MetadataResponse {
     let broker = &context.broker;
+    // v0-3 have no flag: Kafka treats them as allowing it.
+    let may_create =
+        context.auto_create_topics && (version < 4 || request.allow_auto_topic_creation);
     // v0: an empty list means every topic; v1+: null means every topic, [] none.
     let wanted: Option<Vec<Option<String>>> = match request.topics {
         Some(topics) if version >= 1 || !topics.is_empty() => Some(
@@ -188,20 +191,26 @@ fn metadata(context: &Context, request: MetadataRequest, version: i16) -> Metada
     };
     let topics = match wanted {
         None => broker.topics().iter().map(|t| describe(t)).collect(),
-        Some(names) => names
-            .into_iter()
-            .map(|wanted| match wanted {
-                // v10+ may ask by topic id only; Strata has no Kafka topic ids yet.
-                None => metadata_response::MetadataResponseTopic::default()
-                    .with_error_code(K::UnknownTopicId.code()),
-                Some(wanted) => match broker.topic(&wanted) {
-                    Ok(topic) => describe(&topic),
-                    Err(e) => metadata_response::MetadataResponseTopic::default()
-                        .with_name(Some(name(&wanted)))
-                        .with_error_code(errors::code(&e)),
-                },
-            })
-            .collect(),
+        Some(names) => {
+            let mut topics = Vec::with_capacity(names.len());
+            for wanted in names {
+                topics.push(match wanted {
+                    // v10+ may ask by topic id only; Strata has no Kafka topic ids yet.
+                    None => metadata_response::MetadataResponseTopic::default()
+                        .with_error_code(K::UnknownTopicId.code()),
+                    Some(wanted) => match find_or_create(broker, &wanted, may_create).await {
+                        Ok(topic) => describe(&topic),
+                        Err(e) => metadata_response::MetadataResponseTopic::default()
+                            .with_name(Some(name(&wanted)))
+                            .with_error_code(match e {
+                                Error::InvalidArgument(_) => K::InvalidTopicException.code(),
+                                e => errors::code(&e),
+                            }),
+                    },
+                });
+            }
+            topics
+        }
     };
     MetadataResponse::default()
         .with_brokers(vec![metadata_response::MetadataResponseBroker::default()
@@ -211,6 +220,35 @@ fn metadata(context: &Context, request: MetadataRequest, version: i16) -> Metada
         .with_cluster_id(Some(StrBytes::from_static_str(CLUSTER_ID)))
         .with_controller_id(BrokerId(NODE_ID))
         .with_topics(topics)
+}
+
+/// The topic `name`; when it does not exist and `create`, creates it with the broker's
+/// defaults (a concurrent creation of the same topic is fine).
+async fn find_or_create(
+    broker: &Arc<Broker>,
+    name: &str,
+    create: bool,
+) -> Result<Arc<crate::broker::Topic>> {
+    match broker.topic(name) {
+        Err(Error::TopicNotFound(_)) if create => {
+            let creating = Arc::clone(broker);
+            let topic = name.to_string();
+            let created = blocking(move || {
+                let settings = creating.defaults().clone();
+                creating.create_topic(&topic, settings)
+            })
+            .await;
+            match created {
+                Ok(topic) => {
+                    tracing::info!(topic = %topic.name, partitions = topic.settings.partitions, "created topic (kafka auto-creation)");
+                    Ok(topic)
+                }
+                Err(Error::TopicExists(_)) => broker.topic(name),
+                Err(e) => Err(e),
+            }
+        }
+        found => found,
+    }
 }
 
 /// A partition of a request, or the error to answer for it.

@@ -56,6 +56,7 @@ const NODE_ID: i32 = 0;
 pub struct Listener {
     listener: TcpListener,
     advertised: (String, u16),
+    auto_create_topics: bool,
 }
 
 impl Listener {
@@ -77,6 +78,7 @@ impl Listener {
         Ok(Listener {
             listener,
             advertised,
+            auto_create_topics: config.auto_create_topics,
         })
     }
 
@@ -95,6 +97,7 @@ impl Listener {
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
             members: membership::Coordinator::default(),
+            auto_create_topics: self.auto_create_topics,
         });
         Running {
             task: tokio::spawn(accept(self.listener, context)),
@@ -127,6 +130,8 @@ struct Context {
     budget: Semaphore,
     /// Kafka group membership.
     members: membership::Coordinator,
+    /// Metadata creates unknown topics when the client allows it.
+    auto_create_topics: bool,
 }
 
 /// How often expired Kafka group members are removed.

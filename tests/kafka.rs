@@ -348,6 +348,16 @@ async fn list_offsets_finds_earliest_latest_and_by_timestamp() {
         answer.topics[0].partitions[0].error_code, 3,
         "UNKNOWN_TOPIC_OR_PARTITION"
     );
+    // Kafka requests are timed like gRPC ones, under listener="kafka".
+    let http = broker.http_addr().expect("an HTTP listener");
+    let (status, metrics) = crate::common::http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    for (rpc, count) in [("Produce", 1), ("ListOffsets", 7)] {
+        let line = format!(
+            "strata_request_duration_seconds_count{{listener=\"kafka\",rpc=\"{rpc}\"}} {count}"
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 /// The kcat binary, or `None` (with a message) when it is not installed.

@@ -32,7 +32,7 @@ pub async fn serve(
     // at once and leaves no new directory behind. /readyz answers "starting" while
     // recovery runs; the gRPC port accepts connections only once every partition is open.
     let socket = bind(config.listen)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(config.kafka.is_some()));
     let source = Arc::new(Source::default());
     let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
     let kafka = match &config.kafka {

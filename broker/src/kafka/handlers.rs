@@ -39,18 +39,21 @@ const CLUSTER_ID: &str = "strata";
 
 /// Decodes the request of `api`, serves it and encodes the answer after `out`'s length
 /// prefix; false when the request gets no answer (acks=0).
-/// Who sent a request.
+/// Who sent a request, and since when it is being served.
 #[derive(Debug)]
 pub(super) struct Client {
     /// The client id of the request header.
     pub id: String,
     /// `/<ip>`, as Kafka shows a member's host.
     pub host: String,
+    /// When serving started; restarted after a long poll's or a rebalance's wait, which
+    /// are not the broker's latency.
+    pub clock: tokio::time::Instant,
 }
 
 pub(super) async fn dispatch(
     context: &Context,
-    client: &Client,
+    client: &mut Client,
     api: ApiKey,
     version: i16,
     mut body: Bytes,
@@ -84,7 +87,7 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Fetch => {
-            let answer = fetch(broker, decode!(FetchRequest)).await;
+            let answer = fetch(broker, decode!(FetchRequest), &mut client.clock).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::ListOffsets => {
@@ -122,10 +125,12 @@ pub(super) async fn dispatch(
         }
         ApiKey::JoinGroup => {
             let answer = groups::join(context, client, decode!(JoinGroupRequest), version).await;
+            client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::SyncGroup => {
             let answer = groups::sync(context, decode!(SyncGroupRequest)).await;
+            client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Heartbeat => {
@@ -343,7 +348,11 @@ async fn append(
     ))
 }
 
-async fn fetch(broker: &Arc<Broker>, request: FetchRequest) -> FetchResponse {
+async fn fetch(
+    broker: &Arc<Broker>,
+    request: FetchRequest,
+    clock: &mut tokio::time::Instant,
+) -> FetchResponse {
     // Read-committed readers stop at the last stable offset; without transactions that
     // is the high watermark, so both isolation levels read the same.
     let max_bytes = usize::try_from(request.max_bytes)
@@ -371,6 +380,7 @@ async fn fetch(broker: &Arc<Broker>, request: FetchRequest) -> FetchResponse {
         if !waits.is_empty() {
             let _ = tokio::time::timeout(wait, waits.join_next()).await;
             drop(waits);
+            *clock = tokio::time::Instant::now();
             response = read_fetch(broker, &request, max_bytes).await;
         }
     }

@@ -175,9 +175,12 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         let context = Arc::clone(&context);
         connections.spawn(async move {
             let _slot = slot;
+            let metrics = Arc::clone(context.broker.metrics());
+            metrics.connections.inc();
             if let Err(reason) = serve_connection(&context, stream, peer).await {
                 tracing::debug!(%peer, %reason, "closed a Kafka connection");
             }
+            metrics.connections.dec();
         });
     }
 }
@@ -277,13 +280,26 @@ async fn handle(
     tracing::trace!(?api, version, client = ?header.client_id, "kafka request");
     guard::check(api, version, &frame)?;
     out.put_i32(0);
-    let client = handlers::Client {
+    let metrics = context.broker.metrics();
+    metrics.in_flight.inc();
+    let mut client = handlers::Client {
         id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
         host: format!("/{}", peer.ip()),
+        clock: tokio::time::Instant::now(),
     };
-    let answered =
-        handlers::dispatch(context, &client, api, version, frame, correlation_id, out).await?;
-    Ok(answered)
+    let answered = handlers::dispatch(
+        context,
+        &mut client,
+        api,
+        version,
+        frame,
+        correlation_id,
+        out,
+    )
+    .await;
+    metrics.in_flight.dec();
+    metrics.request("kafka", versions::rpc(api), client.clock.elapsed());
+    answered
 }
 
 /// Appends the response header and `body` to `out`, and sets the length prefix that

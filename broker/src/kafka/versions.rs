@@ -29,6 +29,36 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeGroups, 0, 5),
 ];
 
+/// The names of the served APIs, as the request metrics label them (same order as
+/// [`SUPPORTED`]).
+pub const RPCS: &[&str] = &[
+    "Produce",
+    "Fetch",
+    "ListOffsets",
+    "Metadata",
+    "ApiVersions",
+    "CreateTopics",
+    "DeleteTopics",
+    "InitProducerId",
+    "FindCoordinator",
+    "OffsetCommit",
+    "OffsetFetch",
+    "ListGroups",
+    "JoinGroup",
+    "SyncGroup",
+    "Heartbeat",
+    "LeaveGroup",
+    "DescribeGroups",
+];
+
+/// The metrics name of a served API.
+pub fn rpc(key: ApiKey) -> &'static str {
+    SUPPORTED
+        .iter()
+        .position(|(k, ..)| *k == key)
+        .map_or("unknown", |i| RPCS[i])
+}
+
 /// The version range of `key`, `None` when the listener does not implement it.
 pub fn range(key: ApiKey) -> Option<(i16, i16)> {
     SUPPORTED
@@ -70,6 +100,10 @@ mod tests {
             );
         }
         assert_eq!(range(ApiKey::Fetch), Some((4, 12)));
+        assert_eq!(SUPPORTED.len(), RPCS.len());
+        for (&(key, ..), name) in SUPPORTED.iter().zip(RPCS) {
+            assert_eq!(format!("{key:?}"), *name);
+        }
         assert_eq!(range(ApiKey::EndTxn), None);
     }
 }

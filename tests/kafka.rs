@@ -1088,3 +1088,64 @@ async fn metadata_creates_topics_only_when_the_broker_and_the_client_allow_it() 
     let names = crate::common::topic_names(&mut broker.admin().await).await;
     assert_eq!(names, vec!["fresh".to_string()]);
 }
+
+#[tokio::test]
+async fn describe_configs_shows_a_topics_settings_under_their_kafka_names() {
+    use kafka_protocol::messages::{
+        describe_configs_request::DescribeConfigsResource, DescribeConfigsRequest,
+        DescribeConfigsResponse,
+    };
+    let (broker, kafka) = start();
+    let config = v1::TopicConfig {
+        retention_ms: Some(86_400_000),
+        ..v1::TopicConfig::default()
+    };
+    create_topic(&mut broker.admin().await, "configured", 2, config).await;
+    let mut raw = Raw::connect(kafka);
+    let ask = |topic: &str, keys: Option<Vec<&'static str>>| {
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(topic.to_string()))
+            .with_configuration_keys(
+                keys.map(|k| k.into_iter().map(StrBytes::from_static_str).collect()),
+            )])
+    };
+    for version in [1, 4] {
+        let answer: DescribeConfigsResponse =
+            raw.call(ApiKey::DescribeConfigs, version, &ask("configured", None));
+        let result = &answer.results[0];
+        assert_eq!(result.error_code, 0);
+        let value = |name: &str| {
+            result
+                .configs
+                .iter()
+                .find(|c| c.name.as_str() == name)
+                .and_then(|c| c.value.as_ref())
+                .map(|v| v.to_string())
+        };
+        assert_eq!(
+            value("retention.ms").as_deref(),
+            Some("86400000"),
+            "v{version}"
+        );
+        assert_eq!(value("cleanup.policy").as_deref(), Some("delete"));
+        assert_eq!(value("max.message.bytes").as_deref(), Some("1048576"));
+    }
+    let answer: DescribeConfigsResponse = raw.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &ask("configured", Some(vec!["segment.bytes"])),
+    );
+    let names: Vec<_> = answer.results[0]
+        .configs
+        .iter()
+        .map(|c| c.name.to_string())
+        .collect();
+    assert_eq!(names, vec!["segment.bytes"]);
+    let answer: DescribeConfigsResponse =
+        raw.call(ApiKey::DescribeConfigs, 4, &ask("missing", None));
+    assert_eq!(
+        answer.results[0].error_code, 3,
+        "UNKNOWN_TOPIC_OR_PARTITION"
+    );
+}

@@ -185,6 +185,9 @@ const LEAVE_GROUP: &[Field] = &[f(Str), upto(2, Str), since(3, Ty::Array(LEAVE_M
 
 const DESCRIBE_GROUPS: &[Field] = &[f(Strs), since(3, I8)];
 
+const CONFIG_RESOURCE: &[Field] = &[f(I8), f(Str), f(Strs)];
+const DESCRIBE_CONFIGS: &[Field] = &[f(Ty::Array(CONFIG_RESOURCE)), f(I8), since(3, I8)];
+
 /// The body schema of `api` and the first version that is flexible (compact lengths,
 /// tagged fields); `None` for APIs the listener does not serve.
 fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
@@ -207,6 +210,7 @@ fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
         ApiKey::Heartbeat => (HEARTBEAT, 4),
         ApiKey::LeaveGroup => (LEAVE_GROUP, 4),
         ApiKey::DescribeGroups => (DESCRIBE_GROUPS, 5),
+        ApiKey::DescribeConfigs => (DESCRIBE_CONFIGS, 4),
         _ => return None,
     })
 }

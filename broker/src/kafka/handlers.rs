@@ -14,6 +14,7 @@ use kafka_protocol::messages::{
     TopicName,
 };
 use kafka_protocol::messages::{
+    describe_configs_response, DescribeConfigsRequest, DescribeConfigsResponse,
     DescribeGroupsRequest, FindCoordinatorRequest, HeartbeatRequest, JoinGroupRequest,
     LeaveGroupRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
     SyncGroupRequest,
@@ -143,6 +144,10 @@ pub(super) async fn dispatch(
         }
         ApiKey::DescribeGroups => {
             let answer = groups::describe(context, decode!(DescribeGroupsRequest));
+            encode(out, correlation_id, api, version, &answer)?;
+        }
+        ApiKey::DescribeConfigs => {
+            let answer = describe_configs(broker, decode!(DescribeConfigsRequest));
             encode(out, correlation_id, api, version, &answer)?;
         }
         other => return Err(format!("{other:?} has no handler")),
@@ -764,4 +769,75 @@ async fn init_producer_id(
         }
         Err(e) => answer.with_error_code(errors::code(&e)),
     }
+}
+
+/// Kafka's resource types in DescribeConfigs.
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+/// `config_source` of a topic's own setting.
+const SOURCE_TOPIC: i8 = 1;
+
+/// A topic's settings under their Kafka names (read-only: there is no AlterConfigs).
+fn topic_configs(settings: &TopicSettings) -> Vec<(&'static str, String)> {
+    let limit = |v: Option<u64>| v.map_or_else(|| "-1".to_string(), |v| v.to_string());
+    vec![
+        ("cleanup.policy", "delete".to_string()),
+        ("retention.ms", limit(settings.retention_ms)),
+        ("retention.bytes", limit(settings.retention_bytes)),
+        ("segment.bytes", settings.segment_bytes.to_string()),
+        ("segment.ms", limit(settings.segment_ms)),
+        ("max.message.bytes", settings.max_message_bytes.to_string()),
+    ]
+}
+
+fn describe_configs(broker: &Broker, request: DescribeConfigsRequest) -> DescribeConfigsResponse {
+    let results = request
+        .resources
+        .into_iter()
+        .map(|resource| {
+            let result = describe_configs_response::DescribeConfigsResult::default()
+                .with_resource_type(resource.resource_type)
+                .with_resource_name(resource.resource_name.clone());
+            let configs = match resource.resource_type {
+                RESOURCE_TOPIC => match broker.topic(resource.resource_name.as_str()) {
+                    Ok(topic) => topic_configs(&topic.settings),
+                    Err(e) => {
+                        return result
+                            .with_error_code(errors::code(&e))
+                            .with_error_message(errors::message(&e))
+                    }
+                },
+                // The broker's own settings are not exposed over Kafka.
+                RESOURCE_BROKER => Vec::new(),
+                other => {
+                    return result
+                        .with_error_code(K::InvalidRequest.code())
+                        .with_error_message(Some(StrBytes::from_string(format!(
+                            "resource type {other} is not supported: ask for topics (2) or \
+                             the broker (4)"
+                        ))))
+                }
+            };
+            let wanted = |name: &str| {
+                resource
+                    .configuration_keys
+                    .as_ref()
+                    .is_none_or(|keys| keys.iter().any(|k| k.as_str() == name))
+            };
+            result.with_configs(
+                configs
+                    .into_iter()
+                    .filter(|(name, _)| wanted(name))
+                    .map(|(name, value)| {
+                        describe_configs_response::DescribeConfigsResourceResult::default()
+                            .with_name(StrBytes::from_static_str(name))
+                            .with_value(Some(StrBytes::from_string(value)))
+                            .with_read_only(true)
+                            .with_config_source(SOURCE_TOPIC)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    DescribeConfigsResponse::default().with_results(results)
 }

@@ -27,6 +27,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Heartbeat, 0, 4),
     (ApiKey::LeaveGroup, 0, 5),
     (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DescribeConfigs, 1, 4),
 ];
 
 /// The names of the served APIs, as the request metrics label them (same order as
@@ -49,6 +50,7 @@ pub const RPCS: &[&str] = &[
     "Heartbeat",
     "LeaveGroup",
     "DescribeGroups",
+    "DescribeConfigs",
 ];
 
 /// The metrics name of a served API.

@@ -358,6 +358,13 @@ async fn list_offsets_finds_earliest_latest_and_by_timestamp() {
         );
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+    // And its error answers are counted like gRPC's, with the Kafka error's name.
+    let rejected = "strata_rejected_requests_total{listener=\"kafka\",rpc=\"ListOffsets\",\
+                    code=\"UNKNOWN_TOPIC_OR_PARTITION\",reason=\"topic_not_found\"} 1";
+    assert!(
+        metrics.lines().any(|l| l == rejected),
+        "{rejected} in:\n{metrics}"
+    );
 }
 
 /// The kcat binary, or `None` (with a message) when it is not installed.

@@ -6,6 +6,7 @@ use kafka_protocol::ResponseError as K;
 use strata_storage::{Error as S, InvalidBatch, SequenceError};
 
 use crate::error::Error;
+use crate::metrics::{Metrics, RejectedLabels};
 
 /// The Kafka error code for `e`.
 pub fn code(e: &Error) -> i16 {
@@ -36,6 +37,40 @@ pub fn code(e: &Error) -> i16 {
         Error::ShuttingDown => K::NotLeaderOrFollower.code(),
         _ => K::UnknownServerError.code(),
     }
+}
+
+/// The name of a code [`code`] returns, as Kafka spells it.
+fn name(code: i16) -> &'static str {
+    match code {
+        1 => "OFFSET_OUT_OF_RANGE",
+        2 => "CORRUPT_MESSAGE",
+        3 => "UNKNOWN_TOPIC_OR_PARTITION",
+        6 => "NOT_LEADER_OR_FOLLOWER",
+        10 => "MESSAGE_TOO_LARGE",
+        36 => "TOPIC_ALREADY_EXISTS",
+        40 => "INVALID_CONFIG",
+        42 => "INVALID_REQUEST",
+        45 => "OUT_OF_ORDER_SEQUENCE_NUMBER",
+        47 => "INVALID_PRODUCER_EPOCH",
+        56 => "KAFKA_STORAGE_ERROR",
+        76 => "UNSUPPORTED_COMPRESSION_TYPE",
+        87 => "INVALID_RECORD",
+        _ => "UNKNOWN_SERVER_ERROR",
+    }
+}
+
+/// Counts an answer carrying `e` for `rpc` in `strata_rejected_requests_total`
+/// (`listener="kafka"`, the Kafka error name, the broker's reason).
+pub fn count(metrics: &Metrics, rpc: &'static str, e: &Error) {
+    metrics
+        .rejected
+        .get_or_create(&RejectedLabels {
+            listener: "kafka",
+            rpc,
+            code: name(code(e)),
+            reason: e.reason(),
+        })
+        .inc();
 }
 
 /// The error's message, for the response fields that carry one.
@@ -71,5 +106,14 @@ mod tests {
         );
         assert_eq!(code(&Error::TopicExists("t".into())), 36);
         assert_eq!(code(&Error::ShuttingDown), 6);
+        let metrics = Metrics::new(true);
+        count(&metrics, "Produce", &Error::TopicNotFound("t".into()));
+        let labels = RejectedLabels {
+            listener: "kafka",
+            rpc: "Produce",
+            code: "UNKNOWN_TOPIC_OR_PARTITION",
+            reason: "topic_not_found",
+        };
+        assert_eq!(metrics.rejected.get_or_create(&labels).get(), 1);
     }
 }

@@ -323,6 +323,7 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
             }
             Err(e) => {
                 tracing::debug!(error = %e, "kafka produce refused");
+                errors::count(broker.metrics(), "Produce", &e);
                 response.error_code = errors::code(&e);
                 response.error_message = errors::message(&e);
             }
@@ -431,11 +432,14 @@ async fn read_fetch(
                         .with_log_start_offset(log_start)
                         .with_records(Some(records))
                 }
-                Err((e, high_watermark, log_start)) => answer
-                    .with_error_code(errors::code(&e))
-                    .with_high_watermark(high_watermark)
-                    .with_last_stable_offset(high_watermark)
-                    .with_log_start_offset(log_start),
+                Err((e, high_watermark, log_start)) => {
+                    errors::count(broker.metrics(), "Fetch", &e);
+                    answer
+                        .with_error_code(errors::code(&e))
+                        .with_high_watermark(high_watermark)
+                        .with_last_stable_offset(high_watermark)
+                        .with_log_start_offset(log_start)
+                }
             });
         }
         topics.push(
@@ -511,10 +515,13 @@ async fn list_offsets(broker: &Arc<Broker>, request: ListOffsetsRequest) -> List
             partitions.push(
                 match list_offset(broker, &topic.name, p.partition_index, p.timestamp).await {
                     Ok((offset, timestamp)) => answer.with_offset(offset).with_timestamp(timestamp),
-                    Err(e) => answer
-                        .with_error_code(errors::code(&e))
-                        .with_offset(-1)
-                        .with_timestamp(-1),
+                    Err(e) => {
+                        errors::count(broker.metrics(), "ListOffsets", &e);
+                        answer
+                            .with_error_code(errors::code(&e))
+                            .with_offset(-1)
+                            .with_timestamp(-1)
+                    }
                 },
             );
         }
@@ -678,6 +685,7 @@ async fn create_topics(broker: &Arc<Broker>, request: CreateTopicsRequest) -> Cr
                     .with_replication_factor(1)
             }
             Err(e) => {
+                errors::count(broker.metrics(), "CreateTopics", &e);
                 let code = match &e {
                     Error::InvalidArgument(_) => K::InvalidTopicException.code(),
                     e => errors::code(e),
@@ -717,6 +725,7 @@ async fn delete_topics(
                 result
             }
             Err(e) => {
+                errors::count(broker.metrics(), "DeleteTopics", &e);
                 let message = if version >= 5 {
                     errors::message(&e)
                 } else {

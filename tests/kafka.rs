@@ -654,7 +654,57 @@ async fn kafka_python_produces_and_consumes() {
         }
     }
     assert_eq!(total, 12);
+    // A group member (subscribe, JoinGroup/SyncGroup) reads everything and commits.
+    let output = Command::new("timeout")
+        .args([
+            "180",
+            &python,
+            "-c",
+            KAFKA_PYTHON_GROUP,
+            &kafka.to_string(),
+            "py",
+            "12",
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "kafka-python group failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "12 3\n");
+    let described = broker
+        .admin()
+        .await
+        .describe_group(v1::DescribeGroupRequest {
+            group: "py-group".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    let committed: u64 = described
+        .partitions
+        .iter()
+        .filter_map(|p| p.committed_offset)
+        .sum();
+    assert_eq!((committed, described.total_lag), (12, 0));
 }
+
+const KAFKA_PYTHON_GROUP: &str = r#"
+import sys
+from kafka import KafkaConsumer
+b, t, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = KafkaConsumer(t, bootstrap_servers=b, group_id='py-group', auto_offset_reset='earliest',
+                  enable_auto_commit=False, consumer_timeout_ms=60000)
+got = []
+for m in c:
+    got.append(m)
+    if len(got) == n:
+        break
+c.commit()
+print(len(got), len(c.assignment()))
+c.close()
+"#;
 
 const CONFLUENT_IDEMPOTENT_ROUND_TRIP: &str = r#"
 import sys

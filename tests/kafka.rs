@@ -1206,3 +1206,53 @@ async fn describe_configs_shows_a_topics_settings_under_their_kafka_names() {
         "UNKNOWN_TOPIC_OR_PARTITION"
     );
 }
+
+#[tokio::test]
+async fn a_group_is_used_by_one_protocol_at_a_time() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "shared",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let join = |group: &str| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("range"))
+                .with_metadata(Bytes::from_static(
+                    b"\0\0\0\0\0\x01\0\x06shared\0\0\0\0",
+                ))])
+    };
+    let heartbeat = |group: &str| v1::HeartbeatRequest {
+        group: group.into(),
+        topics: vec!["shared".into()],
+        client_id: "grpc".into(),
+        ..v1::HeartbeatRequest::default()
+    };
+    let mut raw = Raw::connect(kafka);
+    // A Kafka member first: a gRPC member cannot join.
+    let joined: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &join("kafka-side"));
+    assert_eq!((joined.error_code, joined.generation_id), (0, 1));
+    let mut groups = broker.groups().await;
+    let refused = groups
+        .heartbeat(heartbeat("kafka-side"))
+        .await
+        .expect_err("the group has Kafka members");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("Kafka protocol"), "{refused:?}");
+    // A gRPC member first: a Kafka member cannot join.
+    groups
+        .heartbeat(heartbeat("grpc-side"))
+        .await
+        .expect("a gRPC member joins");
+    let joined: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &join("grpc-side"));
+    assert_eq!(joined.error_code, 23, "INCONSISTENT_GROUP_PROTOCOL");
+}

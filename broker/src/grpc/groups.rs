@@ -85,6 +85,14 @@ impl groups_server::Groups for Service {
         let request = request.into_inner();
         let scope = self.scope("Heartbeat").group(&request.group);
         let broker = self.broker();
+        if broker.kafka_members().has_members(&request.group) {
+            // A group is used by one protocol at a time.
+            return scope.finish::<v1::HeartbeatResponse>(Err(Error::Fenced(format!(
+                "group {:?} has members that joined over the Kafka protocol; stop them, or \
+                 use another group",
+                request.group
+            ))));
+        }
         let reply = broker.coordinator().heartbeat(
             &request.group,
             Heartbeat {

@@ -113,14 +113,14 @@ pub(super) async fn offset_commit(
         }
     }
     let standalone = request.generation_id_or_member_epoch < 0 && request.member_id.is_empty();
-    let member = if standalone && context.members.has_members(&group) {
+    let member = if standalone && context.broker.kafka_members().has_members(&group) {
         // Like a commit from outside a group with gRPC members.
         tracing::info!(%group, "refused a standalone Kafka commit: the group has Kafka members");
         Err(K::UnknownMemberId.code())
     } else if standalone {
         Ok(())
     } else {
-        context.members.check_commit(
+        context.broker.kafka_members().check_commit(
             &group,
             request.member_id.as_str(),
             request.generation_id_or_member_epoch,
@@ -272,7 +272,7 @@ pub(super) fn offset_fetch(
 }
 
 pub(super) fn list(context: &Context, _request: ListGroupsRequest) -> ListGroupsResponse {
-    let kafka = context.members.active();
+    let kafka = context.broker.kafka_members().active();
     let mut groups: Vec<list_groups_response::ListedGroup> = list_groups(&context.broker)
         .into_iter()
         .filter(|g| !kafka.iter().any(|(name, _)| *name == g.name))
@@ -320,7 +320,8 @@ pub(super) async fn join(
     }
     let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     let joined = context
-        .members
+        .broker
+        .kafka_members()
         .join(Join {
             group,
             member_id: request.member_id.to_string(),
@@ -363,7 +364,8 @@ pub(super) async fn join(
 
 pub(super) async fn sync(context: &Context, request: SyncGroupRequest) -> SyncGroupResponse {
     let synced = context
-        .members
+        .broker
+        .kafka_members()
         .sync(
             request.group_id.0.as_str(),
             request.member_id.as_str(),
@@ -385,7 +387,7 @@ pub(super) async fn sync(context: &Context, request: SyncGroupRequest) -> SyncGr
 }
 
 pub(super) fn heartbeat(context: &Context, request: HeartbeatRequest) -> HeartbeatResponse {
-    HeartbeatResponse::default().with_error_code(context.members.heartbeat(
+    HeartbeatResponse::default().with_error_code(context.broker.kafka_members().heartbeat(
         request.group_id.0.as_str(),
         request.member_id.as_str(),
         request.generation_id,
@@ -399,14 +401,21 @@ pub(super) fn leave(
 ) -> LeaveGroupResponse {
     let group = request.group_id.0.as_str();
     if version <= 2 {
-        return LeaveGroupResponse::default()
-            .with_error_code(context.members.leave(group, request.member_id.as_str()));
+        return LeaveGroupResponse::default().with_error_code(
+            context
+                .broker
+                .kafka_members()
+                .leave(group, request.member_id.as_str()),
+        );
     }
     let members = request
         .members
         .into_iter()
         .map(|m| {
-            let code = context.members.leave(group, m.member_id.as_str());
+            let code = context
+                .broker
+                .kafka_members()
+                .leave(group, m.member_id.as_str());
             leave_group_response::MemberResponse::default()
                 .with_member_id(m.member_id)
                 .with_group_instance_id(m.group_instance_id)
@@ -428,7 +437,7 @@ pub(super) fn describe(
             let described = describe_groups_response::DescribedGroup::default()
                 .with_group_id(name.clone())
                 .with_protocol_type(StrBytes::from_static_str("consumer"));
-            if let Some(view) = context.members.describe(name.0.as_str()) {
+            if let Some(view) = context.broker.kafka_members().describe(name.0.as_str()) {
                 let members = view
                     .members
                     .into_iter()

@@ -17,7 +17,7 @@ mod errors;
 mod groups;
 mod guard;
 mod handlers;
-mod membership;
+pub mod membership;
 mod unserved;
 pub mod versions;
 
@@ -96,7 +96,6 @@ impl Listener {
             host: self.advertised.0,
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
-            members: membership::Coordinator::default(),
             auto_create_topics: self.auto_create_topics,
         });
         Running {
@@ -128,8 +127,6 @@ struct Context {
     host: String,
     port: i32,
     budget: Semaphore,
-    /// Kafka group membership.
-    members: membership::Coordinator,
     /// Metadata creates unknown topics when the client allows it.
     auto_create_topics: bool,
 }
@@ -145,7 +142,7 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         let mut tick = tokio::time::interval(GROUP_TICK);
         loop {
             tick.tick().await;
-            ticking.members.tick();
+            ticking.broker.kafka_members().tick();
         }
     });
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));

@@ -218,6 +218,11 @@ fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
 /// Checks the body (after the request header) of a request of `api` at `version`:
 /// every length and count fits in the bytes that follow it.
 pub fn check(api: ApiKey, version: i16, body: &[u8]) -> Result<(), String> {
+    unread(api, version, body).map(drop)
+}
+
+/// [`check`], returning how many bytes follow the last field.
+fn unread(api: ApiKey, version: i16, body: &[u8]) -> Result<usize, String> {
     let (fields, flexible_from) =
         schema(api, version).ok_or_else(|| format!("{api:?} has no schema to check"))?;
     let mut walk = Walk {
@@ -226,7 +231,8 @@ pub fn check(api: ApiKey, version: i16, body: &[u8]) -> Result<(), String> {
         flexible: version >= flexible_from,
     };
     walk.fields(fields)
-        .map_err(|e| format!("invalid {api:?} v{version} request: {e}"))
+        .map_err(|e| format!("invalid {api:?} v{version} request: {e}"))?;
+    Ok(walk.rest.len())
 }
 
 struct Walk<'a> {
@@ -490,6 +496,96 @@ mod tests {
                     ApiKey::Metadata => MetadataRequest::decode(&mut bytes, version).map(drop),
                     _ => CreateTopicsRequest::decode(&mut bytes, version).map(drop),
                 };
+            }
+        }
+    }
+
+    /// A default request of `api` at `version`, encoded, or `None`; with `decode`, the
+    /// codec's decode of `body` instead.
+    fn codec(api: ApiKey, version: i16, body: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        use kafka_protocol::messages::*;
+        use kafka_protocol::protocol::Decodable;
+        macro_rules! run {
+            ($($key:ident => $t:ty),* $(,)?) => {
+                match (api, body) {
+                    $(
+                        (ApiKey::$key, Some(body)) => {
+                            let _ = <$t>::decode(&mut Buf::from(body), version);
+                            None
+                        }
+                        (ApiKey::$key, None) => {
+                            let mut out = BytesMut::new();
+                            <$t>::default().encode(&mut out, version).ok()?;
+                            Some(out.to_vec())
+                        }
+                    )*
+                    (other, _) => panic!("{other:?} is served but not covered here"),
+                }
+            };
+        }
+        run!(
+            Produce => ProduceRequest,
+            Fetch => FetchRequest,
+            ListOffsets => ListOffsetsRequest,
+            Metadata => MetadataRequest,
+            ApiVersions => ApiVersionsRequest,
+            CreateTopics => CreateTopicsRequest,
+            DeleteTopics => DeleteTopicsRequest,
+            InitProducerId => InitProducerIdRequest,
+            FindCoordinator => FindCoordinatorRequest,
+            OffsetCommit => OffsetCommitRequest,
+            OffsetFetch => OffsetFetchRequest,
+            ListGroups => ListGroupsRequest,
+            JoinGroup => JoinGroupRequest,
+            SyncGroup => SyncGroupRequest,
+            Heartbeat => HeartbeatRequest,
+            LeaveGroup => LeaveGroupRequest,
+            DescribeGroups => DescribeGroupsRequest,
+            DescribeConfigs => DescribeConfigsRequest,
+        )
+    }
+
+    /// Every served API's schema reads exactly the codec's own encoding of a default
+    /// request, at every served version.
+    #[test]
+    fn every_served_schema_reads_the_codecs_own_encoding() {
+        let (mut checked, mut versions) = (0, 0);
+        for &(api, min, max) in crate::kafka::versions::SUPPORTED {
+            for version in min..=max {
+                versions += 1;
+                if let Some(body) = codec(api, version, None) {
+                    let unread = unread(api, version, &body)
+                        .unwrap_or_else(|e| panic!("{api:?} v{version}: {e}"));
+                    assert_eq!(unread, 0, "{api:?} v{version}: the schema misses fields");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, versions, "every default request encodes");
+    }
+
+    proptest::proptest! {
+        /// Every served API and version: a default request with bytes overwritten (a
+        /// count made huge, typically) passes the check only if the codec can then decode
+        /// it without an unbounded allocation (which would abort this test).
+        #[test]
+        fn every_served_schema_bounds_what_the_codec_allocates(
+            flips in proptest::collection::vec((0usize..48, proptest::num::u8::ANY), 1..6),
+            which in 0usize..64,
+            pick in 0i16..64,
+        ) {
+            let (api, min, max) = crate::kafka::versions::SUPPORTED
+                [which % crate::kafka::versions::SUPPORTED.len()];
+            let version = min + pick % (max - min + 1);
+            if let Some(mut body) = codec(api, version, None) {
+                for (at, byte) in flips {
+                    if let Some(b) = body.get_mut(at) {
+                        *b = byte;
+                    }
+                }
+                if check(api, version, &body).is_ok() {
+                    codec(api, version, Some(body));
+                }
             }
         }
     }

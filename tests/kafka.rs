@@ -1210,7 +1210,10 @@ async fn describe_configs_shows_a_topics_settings_under_their_kafka_names() {
 #[tokio::test]
 async fn a_group_is_used_by_one_protocol_at_a_time() {
     use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
-    use kafka_protocol::messages::{GroupId, JoinGroupRequest, JoinGroupResponse};
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse,
+    };
     let (broker, kafka) = start();
     create_topic(
         &mut broker.admin().await,
@@ -1241,6 +1244,35 @@ async fn a_group_is_used_by_one_protocol_at_a_time() {
     // A Kafka member first: a gRPC member cannot join.
     let joined: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &join("kafka-side"));
     assert_eq!((joined.error_code, joined.generation_id), (0, 1));
+    // The leader assigns shared/0 to itself (consumer protocol v0).
+    let assignment = Bytes::from_static(b"\0\0\0\0\0\x01\0\x06shared\0\0\0\x01\0\0\0\0\0\0\0\0");
+    let synced: SyncGroupResponse = raw.call(
+        ApiKey::SyncGroup,
+        3,
+        &SyncGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("kafka-side")))
+            .with_generation_id(1)
+            .with_member_id(joined.member_id.clone())
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(joined.member_id.clone())
+                .with_assignment(assignment.clone())]),
+    );
+    assert_eq!((synced.error_code, synced.assignment), (0, assignment));
+    // The CLI's view (DescribeGroup over gRPC) shows the Kafka member and what it owns.
+    let described = broker
+        .admin()
+        .await
+        .describe_group(v1::DescribeGroupRequest {
+            group: "kafka-side".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(described.members.len(), 1);
+    assert_eq!(described.members[0].client_id, "strata-test");
+    assert_eq!(described.members[0].topics, vec!["shared".to_string()]);
+    assert_eq!(described.partitions.len(), 1);
+    assert_eq!(described.partitions[0].member_id, joined.member_id.as_str());
     let mut groups = broker.groups().await;
     let refused = groups
         .heartbeat(heartbeat("kafka-side"))

@@ -188,6 +188,32 @@ const DESCRIBE_GROUPS: &[Field] = &[f(Strs), since(3, I8)];
 const CONFIG_RESOURCE: &[Field] = &[f(I8), f(Str), f(Strs)];
 const DESCRIBE_CONFIGS: &[Field] = &[f(Ty::Array(CONFIG_RESOURCE)), f(I8), since(3, I8)];
 
+const CONSUMER_TOPIC: &[Field] = &[f(Str), f(Fixeds(4))];
+const CONSUMER_ASSIGNMENT: &[Field] = &[f(Ty::Array(CONSUMER_TOPIC)), f(Bytes)];
+const CONSUMER_SUBSCRIPTION: &[Field] = &[
+    f(Strs),
+    f(Bytes),
+    since(1, Ty::Array(CONSUMER_TOPIC)),
+    since(2, I32),
+    since(3, Str),
+];
+
+/// Checks a consumer protocol assignment (`assignment`) or subscription body, as a
+/// member sends them in JoinGroup and SyncGroup, before the codec reads it.
+pub fn check_consumer_protocol(assignment: bool, version: i16, body: &[u8]) -> Result<(), String> {
+    let fields = if assignment {
+        CONSUMER_ASSIGNMENT
+    } else {
+        CONSUMER_SUBSCRIPTION
+    };
+    Walk {
+        rest: body,
+        version,
+        flexible: false,
+    }
+    .fields(fields)
+}
+
 /// The body schema of `api` and the first version that is flexible (compact lengths,
 /// tagged fields); `None` for APIs the listener does not serve.
 fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {

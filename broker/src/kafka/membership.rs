@@ -550,6 +550,53 @@ impl Coordinator {
         })
     }
 
+    /// The group as the gRPC coordinator describes its own, when it has Kafka members:
+    /// `strata group describe` and lag show Kafka members and the partitions their
+    /// leader assigned them (decoded from the consumer protocol; a member whose
+    /// metadata is not the consumer protocol shows none).
+    pub fn group_view(&self, group_name: &str) -> Option<crate::groups::coordinator::GroupView> {
+        use crate::groups::coordinator::{GroupState, GroupView, MemberView};
+        let groups = self.lock();
+        let group = groups.get(group_name).filter(|g| !g.members.is_empty())?;
+        let consumer = group.protocol_type == "consumer";
+        let members = group
+            .members
+            .iter()
+            .map(|(id, m)| {
+                let metadata = m
+                    .protocols
+                    .iter()
+                    .find(|(n, _)| *n == group.round.protocol)
+                    .map(|(_, meta)| meta.clone())
+                    .unwrap_or_default();
+                let (topics, assignment) = if consumer {
+                    (subscribed(&metadata), assigned(&m.assignment))
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                MemberView {
+                    member_id: id.clone(),
+                    client_id: m.client_id.clone(),
+                    member_epoch: u64::try_from(group.generation).unwrap_or(0),
+                    topics,
+                    assignment,
+                    revoking: Vec::new(),
+                    session_timeout: m.session,
+                }
+            })
+            .collect();
+        Some(GroupView {
+            name: group_name.to_string(),
+            state: if group.state == State::Stable {
+                GroupState::Stable
+            } else {
+                GroupState::Reconciling
+            },
+            epoch: u64::try_from(group.generation).unwrap_or(0),
+            members,
+        })
+    }
+
     /// Names of the groups with Kafka members.
     pub fn active(&self) -> Vec<(String, &'static str)> {
         self.lock()
@@ -576,6 +623,49 @@ impl Coordinator {
             self.changed.notify_waiters();
         }
     }
+}
+
+/// The version prefix and body of a consumer protocol message, checked for `assignment`
+/// or subscription.
+fn consumer_message(bytes: &Bytes, assignment: bool) -> Option<(i16, Bytes)> {
+    let version = i16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]).clamp(0, 3);
+    let body = bytes.slice(2..);
+    super::guard::check_consumer_protocol(assignment, version, &body).ok()?;
+    Some((version, body))
+}
+
+/// The topics a consumer subscription names.
+fn subscribed(metadata: &Bytes) -> Vec<String> {
+    use kafka_protocol::messages::ConsumerProtocolSubscription;
+    use kafka_protocol::protocol::Decodable;
+    consumer_message(metadata, false)
+        .and_then(|(version, mut body)| {
+            ConsumerProtocolSubscription::decode(&mut body, version).ok()
+        })
+        .map(|s| s.topics.iter().map(|t| t.to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The partitions a consumer assignment gives.
+fn assigned(assignment: &Bytes) -> Vec<crate::groups::assign::TopicPartition> {
+    use kafka_protocol::messages::ConsumerProtocolAssignment;
+    use kafka_protocol::protocol::Decodable;
+    consumer_message(assignment, true)
+        .and_then(|(version, mut body)| ConsumerProtocolAssignment::decode(&mut body, version).ok())
+        .map(|a| {
+            a.assigned_partitions
+                .iter()
+                .flat_map(|tp| {
+                    tp.partitions.iter().filter_map(|&p| {
+                        Some(crate::groups::assign::TopicPartition::new(
+                            tp.topic.0.to_string(),
+                            u32::try_from(p).ok()?,
+                        ))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn check(group: &Group, member_id: &str, generation: i32) -> Result<(), i16> {

@@ -12,6 +12,7 @@ mod client;
 mod consumer;
 mod groups;
 mod hostile;
+mod kafka;
 mod metrics;
 mod producer;
 mod tour;

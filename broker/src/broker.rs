@@ -92,6 +92,8 @@ pub struct Broker {
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
     coordinator: Coordinator,
+    /// Members of groups joined over the Kafka protocol (the Kafka listener's).
+    kafka_members: crate::kafka::membership::Coordinator,
     offsets: Offsets,
     /// Hands out idempotent producer ids (blocking: it may fsync).
     producer_ids: Mutex<ProducerIds>,
@@ -160,6 +162,7 @@ impl Broker {
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
             coordinator: Coordinator::default(),
+            kafka_members: crate::kafka::membership::Coordinator::default(),
             offsets,
             producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
             producer_ids: Mutex::new(producer_ids),
@@ -202,6 +205,12 @@ impl Broker {
     /// Consumer group membership.
     pub fn coordinator(&self) -> &Coordinator {
         &self.coordinator
+    }
+
+    /// Membership of groups joined over the Kafka protocol: a group is used by one
+    /// protocol at a time, so the gRPC coordinator checks it too.
+    pub fn kafka_members(&self) -> &crate::kafka::membership::Coordinator {
+        &self.kafka_members
     }
 
     /// Committed consumer group offsets.

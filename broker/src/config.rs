@@ -68,6 +68,19 @@ pub struct ServeArgs {
     /// on the port after the gRPC one, 127.0.0.1:7718; port 0 when the gRPC port is 0].
     #[arg(long, env = "STRATA_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// Kafka wire protocol listen address (host:port; port 0 picks a free port), or
+    /// `off` [default: off].
+    #[arg(long, env = "STRATA_KAFKA_LISTEN")]
+    pub kafka_listen: Option<String>,
+    /// The host:port Kafka clients are told to connect to (Metadata); needed when the
+    /// Kafka listener binds a wildcard address. Defaults to the bound Kafka address.
+    #[arg(long, env = "STRATA_KAFKA_ADVERTISED")]
+    pub kafka_advertised: Option<String>,
+    /// Create a topic (with the default settings) when a Kafka client asks for one that
+    /// does not exist (Metadata with auto-creation allowed, as producers send): true or
+    /// false [default: false].
+    #[arg(long, env = "STRATA_KAFKA_AUTO_CREATE_TOPICS")]
+    pub kafka_auto_create_topics: Option<bool>,
     /// Log format: `text` (for people) or `json` (one object per line) [default: text].
     #[arg(long, env = "STRATA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -135,6 +148,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the Kafka listener binds and what it tells clients to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaListen {
+    /// The address to bind.
+    pub listen: SocketAddr,
+    /// The host:port Metadata advertises; `None` advertises the bound address.
+    pub advertised: Option<(String, u16)>,
+    /// Metadata creates unknown topics a client allows to be created.
+    pub auto_create_topics: bool,
+}
+
 /// Resolved configuration of a broker.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -150,6 +174,8 @@ pub struct ServeConfig {
     pub retention_check: Duration,
     /// HTTP address of /metrics, /healthz and /readyz; `None` when off.
     pub http_listen: Option<SocketAddr>,
+    /// The Kafka listener, when it is on.
+    pub kafka: Option<KafkaListen>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log level directives.
@@ -227,6 +253,13 @@ impl ServeConfig {
             })?),
             None => Some(http_next_to(listen)?),
         };
+        let kafka = kafka_listen(
+            args.kafka_listen.or(file.kafka_listen),
+            args.kafka_advertised.or(file.kafka_advertised),
+            args.kafka_auto_create_topics
+                .or(file.kafka_auto_create_topics)
+                .unwrap_or(false),
+        )?;
         let log_level = args
             .log_level
             .or(file.log_level)
@@ -245,6 +278,7 @@ impl ServeConfig {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             listen,
             http_listen,
+            kafka,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log_level,
             topic_defaults,
@@ -389,6 +423,59 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
         }
     }
     Ok(limits)
+}
+
+/// Resolves the Kafka listener settings: off unless an address is given; a wildcard
+/// bind needs an advertised address (clients cannot connect to 0.0.0.0).
+fn kafka_listen(
+    listen: Option<String>,
+    advertised: Option<String>,
+    auto_create_topics: bool,
+) -> anyhow::Result<Option<KafkaListen>> {
+    let listen = match listen.as_deref() {
+        None | Some("off") => {
+            if advertised.is_some() {
+                anyhow::bail!(
+                    "kafka_advertised is set but the Kafka listener is off: turn it on with \
+                     --kafka-listen <host:port>"
+                );
+            }
+            return Ok(None);
+        }
+        Some(address) => address.parse::<SocketAddr>().map_err(|e| {
+            anyhow::anyhow!(
+                "invalid kafka_listen {address:?}: {e}; give ip:port (port 0 picks a free \
+                 one, 127.0.0.1:9092 is Kafka's usual port) or `off`"
+            )
+        })?,
+    };
+    let advertised = match advertised {
+        None if listen.ip().is_unspecified() => anyhow::bail!(
+            "kafka_listen {listen} binds every interface, and Kafka clients cannot connect \
+             to that address: say which host:port they should use with --kafka-advertised"
+        ),
+        None => None,
+        Some(a) => {
+            let (host, port) = a
+                .rsplit_once(':')
+                .ok_or_else(|| anyhow::anyhow!("invalid kafka_advertised {a:?}: give host:port"))?;
+            let port: u16 = port.parse().map_err(|e| {
+                anyhow::anyhow!("invalid kafka_advertised {a:?}: port {port:?}: {e}")
+            })?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() || port == 0 {
+                anyhow::bail!(
+                    "invalid kafka_advertised {a:?}: give a host and a port other than 0"
+                );
+            }
+            Some((host.to_string(), port))
+        }
+    };
+    Ok(Some(KafkaListen {
+        listen,
+        advertised,
+        auto_create_topics,
+    }))
 }
 
 /// Log level directives: `level` or `module=level`, comma-separated. Stricter than
@@ -559,6 +646,21 @@ mod tests {
                     let http = config.http_listen.expect("on by default").to_string();
                     assert!(default.contains(&http), "{default} names {http}");
                 }
+                "kafka_listen" => {
+                    assert_eq!(default, "off");
+                    assert_eq!(config.kafka, None);
+                }
+                "kafka_auto_create_topics" => {
+                    let on = ServeConfig::resolve(ServeArgs {
+                        kafka_listen: Some("127.0.0.1:0".into()),
+                        ..ServeArgs::default()
+                    })
+                    .expect("on");
+                    assert_eq!(
+                        on.kafka.map(|k| k.auto_create_topics),
+                        Some(default == "true")
+                    );
+                }
                 "log_format" => assert_eq!(
                     <LogFormat as clap::ValueEnum>::from_str(default, false),
                     Ok(config.log_format)
@@ -595,7 +697,10 @@ mod tests {
             }
             shown += 1;
         }
-        assert_eq!(shown, 26, "every setting but --config shows its default");
+        assert_eq!(
+            shown, 28,
+            "every setting but --config and --kafka-advertised shows its default"
+        );
     }
 
     #[test]
@@ -633,5 +738,38 @@ mod tests {
             ..ServeArgs::default()
         });
         assert!(bad_level.is_err());
+    }
+
+    #[test]
+    fn the_kafka_listener_is_off_unless_given_an_address() {
+        let resolve = |listen: Option<&str>, advertised: Option<&str>| {
+            ServeConfig::resolve(ServeArgs {
+                kafka_listen: listen.map(str::to_string),
+                kafka_advertised: advertised.map(str::to_string),
+                ..ServeArgs::default()
+            })
+            .map(|c| c.kafka)
+        };
+        assert_eq!(resolve(None, None).expect("ok"), None);
+        assert_eq!(resolve(Some("off"), None).expect("ok"), None);
+        let on = resolve(Some("127.0.0.1:9092"), None)
+            .expect("ok")
+            .expect("on");
+        assert_eq!(on.listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(on.advertised, None);
+        let wild = resolve(Some("0.0.0.0:9092"), Some("broker.example:19092"))
+            .expect("ok")
+            .expect("on");
+        assert_eq!(wild.advertised, Some(("broker.example".to_string(), 19092)));
+        for (listen, advertised, expected) in [
+            (Some("0.0.0.0:9092"), None, "--kafka-advertised"),
+            (Some("nowhere"), None, "invalid kafka_listen"),
+            (None, Some("h:1"), "listener is off"),
+            (Some("127.0.0.1:0"), Some("h"), "give host:port"),
+            (Some("127.0.0.1:0"), Some("h:0"), "other than 0"),
+        ] {
+            let e = resolve(listen, advertised).expect_err(expected);
+            assert!(format!("{e:#}").contains(expected), "{expected}: {e:#}");
+        }
     }
 }

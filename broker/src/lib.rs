@@ -2,7 +2,7 @@
 //! listeners, configuration, and the `strata` command line.
 //!
 //! The domain ([`broker`], [`topics`], [`groups`]) knows no wire protocol; each listener
-//! ([`grpc`]) decodes requests, calls the domain and encodes answers and errors. Only
+//! ([`grpc`], [`kafka`]) decodes requests, calls the domain and encodes answers and errors. Only
 //! this crate knows gRPC and topics; the storage crate knows neither.
 
 pub mod broker;
@@ -13,6 +13,7 @@ pub mod groups;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod kafka;
 pub mod limits;
 pub mod metrics;
 pub mod server;

@@ -71,7 +71,7 @@ impl PartitionStats {
 /// Labels of a per-RPC metric.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
-    /// The listener: `grpc`.
+    /// The listener: `grpc` or `kafka`.
     pub listener: &'static str,
     /// The RPC's method name, e.g. `Produce`.
     pub rpc: &'static str,
@@ -119,10 +119,22 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Default for Metrics {
+    /// The metrics of a broker without the Kafka listener.
     fn default() -> Metrics {
+        Metrics::new(false)
+    }
+}
+
+impl Metrics {
+    /// The metrics of a broker, with the Kafka listener's request series when `kafka`
+    /// (so a broker without it exports none of them).
+    pub fn new(kafka: bool) -> Metrics {
         let request_seconds: Family<RpcLabels, Histogram> =
             Family::new_with_constructor(|| Histogram::new(latency_buckets()));
-        let listeners = [("grpc", crate::grpc::instrument::RPCS)];
+        let mut listeners = vec![("grpc", crate::grpc::instrument::RPCS)];
+        if kafka {
+            listeners.push(("kafka", crate::kafka::versions::RPCS));
+        }
         let request_histograms = listeners
             .iter()
             .flat_map(|&(listener, rpcs)| rpcs.iter().map(move |&rpc| (listener, rpc)))
@@ -144,9 +156,7 @@ impl Default for Metrics {
             started: SystemTime::now(),
         }
     }
-}
 
-impl Metrics {
     /// Records how long a request of `rpc` on `listener` took: a short scan of a fixed
     /// list, no hashing. An RPC outside the list is not recorded.
     pub fn request(&self, listener: &str, rpc: &str, took: Duration) {

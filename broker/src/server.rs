@@ -32,9 +32,13 @@ pub async fn serve(
     // at once and leaves no new directory behind. /readyz answers "starting" while
     // recovery runs; the gRPC port accepts connections only once every partition is open.
     let socket = bind(config.listen)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(config.kafka.is_some()));
     let source = Arc::new(Source::default());
     let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
+    let kafka = match &config.kafka {
+        Some(kafka) => Some(crate::kafka::Listener::bind(kafka).await?),
+        None => None,
+    };
 
     let nofile = raise_nofile_limit();
     let data_dir = config.data_dir.clone();
@@ -71,6 +75,10 @@ pub async fn serve(
         config.limits.offsets_retention,
         config.retention_check,
     ));
+    let kafka = kafka.map(|listener| {
+        println!("strata kafka on {}", listener.local_addr());
+        listener.start(Arc::clone(&broker))
+    });
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
@@ -96,6 +104,9 @@ pub async fn serve(
     expiry.abort();
     // Wait for it: an expiry in progress holds the broker and writes the offsets log.
     let _ = expiry.await;
+    if let Some(kafka) = kafka {
+        kafka.stop().await;
+    }
     tracing::info!("shutting down: flushing and closing partitions");
     let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
     http.stop().await;

@@ -49,6 +49,8 @@ pub struct Broker {
     listen: SocketAddr,
     /// The HTTP (metrics) address of the running broker.
     http: Option<SocketAddr>,
+    /// The Kafka listener's address, when it is on (`--kafka-listen`).
+    kafka: Option<SocketAddr>,
     /// Shell commands run before `exec strata serve` (e.g. resource limits), if any.
     shell_prefix: Option<String>,
 }
@@ -80,6 +82,7 @@ impl Broker {
             starts: 0,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http: None,
+            kafka: None,
             shell_prefix: prefix.map(str::to_string),
         };
         broker.spawn();
@@ -147,6 +150,9 @@ impl Broker {
             if let Some(http) = line.trim().strip_prefix("strata http on http://") {
                 self.http = Some(http.parse().expect("parse the HTTP address"));
             }
+            if let Some(kafka) = line.trim().strip_prefix("strata kafka on ") {
+                self.kafka = Some(kafka.parse().expect("parse the Kafka address"));
+            }
             if let Some(addr) = line.trim().strip_prefix("strata listening on ") {
                 break addr
                     .parse::<SocketAddr>()
@@ -179,6 +185,11 @@ impl Broker {
     /// The address of the broker's HTTP listener (metrics, health), if it has one.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http
+    }
+
+    /// The address of the broker's Kafka listener, if it has one.
+    pub fn kafka_addr(&self) -> Option<SocketAddr> {
+        self.kafka
     }
 
     /// The broker's data directory.

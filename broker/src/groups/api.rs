@@ -136,16 +136,35 @@ pub fn list_groups(broker: &Broker) -> Vec<GroupSummary> {
             .filter(|v| !v.members.is_empty())
             .map(|v| v.name.clone()),
     );
+    // Groups joined over the Kafka protocol.
+    let kafka: BTreeMap<String, GroupView> = broker
+        .kafka_members()
+        .active()
+        .into_iter()
+        .filter_map(|(name, _)| Some((name.clone(), broker.kafka_members().group_view(&name)?)))
+        .collect();
+    names.extend(kafka.keys().cloned());
     names
         .iter()
-        .map(|name| GroupSummary::new(name, active.get(name)))
+        .map(|name| {
+            let view = active
+                .get(name)
+                .filter(|v| !v.members.is_empty())
+                .or_else(|| kafka.get(name))
+                .or_else(|| active.get(name));
+            GroupSummary::new(name, view)
+        })
         .collect()
 }
 
 /// A group's members, and per partition its committed offset, log range and lag.
 pub fn describe_group(broker: &Broker, group: &str) -> Result<GroupDescription> {
     validate_group(group)?;
-    let view = broker.coordinator().describe(group);
+    // A group is used by one protocol at a time: its gRPC members, else its Kafka ones.
+    let view = match broker.coordinator().describe(group) {
+        Some(view) if !view.members.is_empty() => Some(view),
+        view => broker.kafka_members().group_view(group).or(view),
+    };
     let committed = broker.offsets().group(group);
     // A group exists while it has members or committed offsets; the coordinator may
     // still hold one that just lost both.

@@ -93,6 +93,14 @@ impl groups_server::Groups for Service {
         if let Err(e) = checked {
             return scope.finish(Err(e));
         }
+        if broker.kafka_members().has_members(&request.group) {
+            // A group is used by one protocol at a time.
+            return scope.finish::<v1::HeartbeatResponse>(Err(Error::Fenced(format!(
+                "group {:?} has members that joined over the Kafka protocol; stop them, or \
+                 use another group",
+                request.group
+            ))));
+        }
         let reply = broker.coordinator().heartbeat(
             &request.group,
             Heartbeat {

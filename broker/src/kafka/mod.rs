@@ -1,0 +1,319 @@
+//! The Kafka wire protocol listener: existing Kafka clients (librdkafka and kcat,
+//! kafka-python, ...) produce to and fetch from the same topics as gRPC clients.
+//!
+//! Like every interface it only decodes, calls the domain and encodes: the codecs are
+//! the `kafka-protocol` crate's; the topics, partitions and producer ids are the
+//! broker's. Stored batches are Kafka record batches v2, so Produce stores the bytes a
+//! client sent (after validation) and Fetch serves the stored bytes as they are.
+//!
+//! Each connection is served one request at a time, so responses go back in request
+//! order (Kafka clients pipeline and match responses by order). A request is bounded
+//! ([`REQUEST_BYTES_MAX`]), and so are the bytes of requests held at once across all
+//! connections ([`REQUEST_BUDGET_BYTES`]) and the number of connections
+//! ([`CONNECTIONS_MAX`]); every length and count in a request is checked against the
+//! frame before the codec reads it (see [`guard`]).
+
+mod errors;
+mod groups;
+mod guard;
+mod handlers;
+pub mod membership;
+mod unserved;
+pub mod versions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ResponseHeader};
+use kafka_protocol::protocol::{decode_request_header_from_buffer, Encodable};
+use kafka_protocol::ResponseError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::broker::Broker;
+use crate::config::KafkaListen;
+
+/// Largest request frame (Kafka's `socket.request.max.bytes` is 100 MiB; a produce
+/// request carries at most one batch per partition, each at most 32 MiB).
+pub const REQUEST_BYTES_MAX: usize = 64 << 20;
+/// Bytes of request frames held at once across all Kafka connections; a connection
+/// whose next request does not fit waits for others to finish.
+pub const REQUEST_BUDGET_BYTES: usize = 512 << 20;
+/// Most Kafka connections open at once; further ones are closed when accepted.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// How long a request's bytes may take to arrive once its size is read, so a stalled
+/// client cannot hold its share of the request budget.
+const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The node id of this broker in Metadata: Strata is one node.
+const NODE_ID: i32 = 0;
+
+/// A bound Kafka listener, not yet serving.
+#[derive(Debug)]
+pub struct Listener {
+    listener: TcpListener,
+    advertised: (String, u16),
+    auto_create_topics: bool,
+}
+
+impl Listener {
+    /// Binds the listener's address.
+    pub async fn bind(config: &KafkaListen) -> anyhow::Result<Listener> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for Kafka clients on {}: {e}; choose another address with \
+                 --kafka-listen (port 0 picks a free port), or turn it off with \
+                 --kafka-listen off",
+                config.listen
+            )
+        })?;
+        let bound = listener.local_addr()?;
+        let advertised = config
+            .advertised
+            .clone()
+            .unwrap_or_else(|| (bound.ip().to_string(), bound.port()));
+        Ok(Listener {
+            listener,
+            advertised,
+            auto_create_topics: config.auto_create_topics,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Starts accepting connections served by `broker`.
+    pub fn start(self, broker: Arc<Broker>) -> Running {
+        let context = Arc::new(Context {
+            broker,
+            host: self.advertised.0,
+            port: self.advertised.1.into(),
+            budget: Semaphore::new(REQUEST_BUDGET_BYTES),
+            auto_create_topics: self.auto_create_topics,
+        });
+        Running {
+            task: tokio::spawn(accept(self.listener, context)),
+        }
+    }
+}
+
+/// A serving Kafka listener.
+#[derive(Debug)]
+pub struct Running {
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and closes every connection: requests in progress are dropped
+    /// (a produce already handed to a partition is still written; its client retries).
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+struct Context {
+    broker: Arc<Broker>,
+    /// The advertised host and port.
+    host: String,
+    port: i32,
+    budget: Semaphore,
+    /// Metadata creates unknown topics when the client allows it.
+    auto_create_topics: bool,
+}
+
+/// How often expired Kafka group members are removed.
+const GROUP_TICK: Duration = Duration::from_millis(500);
+
+async fn accept(listener: TcpListener, context: Arc<Context>) {
+    // Dropped with this task when the listener stops: that aborts every connection.
+    let mut connections = JoinSet::new();
+    let ticking = Arc::clone(&context);
+    connections.spawn(async move {
+        let mut tick = tokio::time::interval(GROUP_TICK);
+        loop {
+            tick.tick().await;
+            ticking.broker.kafka_members().tick();
+        }
+    });
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, typically: back off instead of spinning.
+                tracing::warn!(error = %e, "cannot accept a Kafka connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(
+                %peer,
+                limit = CONNECTIONS_MAX,
+                "refusing a Kafka connection: too many are open"
+            );
+            drop(stream);
+            continue;
+        };
+        let context = Arc::clone(&context);
+        connections.spawn(async move {
+            let _slot = slot;
+            let metrics = Arc::clone(context.broker.metrics());
+            metrics.connections.inc();
+            if let Err(reason) = serve_connection(&context, stream, peer).await {
+                tracing::debug!(%peer, %reason, "closed a Kafka connection");
+            }
+            metrics.connections.dec();
+        });
+    }
+}
+
+/// Serves one connection until the client closes it; the error says why the broker
+/// closed it instead.
+async fn serve_connection(
+    context: &Context,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader);
+    let mut response = BytesMut::new();
+    loop {
+        let size = match reader.read_i32().await {
+            Ok(size) => size,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        if !(8..=REQUEST_BYTES_MAX).contains(&size) {
+            return Err(format!(
+                "request of {size} bytes is outside 8..={REQUEST_BYTES_MAX} bytes"
+            ));
+        }
+        let permits = u32::try_from(size).unwrap_or(u32::MAX);
+        let _budget = context
+            .budget
+            .acquire_many(permits)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut frame = BytesMut::zeroed(size);
+        tokio::time::timeout(FRAME_READ_TIMEOUT, reader.read_exact(&mut frame))
+            .await
+            .map_err(|_| format!("the request's {size} bytes took over {FRAME_READ_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        response.clear();
+        if handle(context, peer, frame.freeze(), &mut response).await? {
+            writer
+                .write_all(&response)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+}
+
+/// Answers one request frame into `out` (length prefix included); false when the
+/// request gets no answer (a produce with acks=0). An error closes the connection:
+/// the request cannot be answered in a form the client would parse.
+async fn handle(
+    context: &Context,
+    peer: SocketAddr,
+    mut frame: Bytes,
+    out: &mut BytesMut,
+) -> Result<bool, String> {
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let api = ApiKey::try_from(key).map_err(|()| format!("unknown API key {key}"))?;
+    let Some((min, max)) = versions::range(api) else {
+        out.put_i32(0);
+        if unserved::answer(api, version, correlation_id, out)? {
+            tracing::debug!(
+                ?api,
+                version,
+                "answered an unserved Kafka API: not supported"
+            );
+            return Ok(true);
+        }
+        return Err(format!(
+            "API {api:?} (key {key}) is not supported by this broker; see \
+             docs/kafka-compatibility.md"
+        ));
+    };
+    if api == ApiKey::ApiVersions && version > max {
+        // KIP-511: a client newer than the broker gets the supported ranges in a v0
+        // body (and the v0 header ApiVersions always uses), then retries lower.
+        out.put_i32(0);
+        encode(
+            out,
+            correlation_id,
+            api,
+            0,
+            &versions::api_versions(ResponseError::UnsupportedVersion.code()),
+        )?;
+        return Ok(true);
+    }
+    if !(min..=max).contains(&version) {
+        return Err(format!(
+            "{api:?} v{version} is not supported (this broker serves v{min} to v{max})"
+        ));
+    }
+    let header = decode_request_header_from_buffer(&mut frame)
+        .map_err(|e| format!("invalid {api:?} v{version} request header: {e}"))?;
+    tracing::trace!(?api, version, client = ?header.client_id, "kafka request");
+    guard::check(api, version, &frame)?;
+    out.put_i32(0);
+    let metrics = context.broker.metrics();
+    metrics.in_flight.inc();
+    let mut client = handlers::Client {
+        id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
+        host: format!("/{}", peer.ip()),
+        clock: tokio::time::Instant::now(),
+    };
+    let answered = handlers::dispatch(
+        context,
+        &mut client,
+        api,
+        version,
+        frame,
+        correlation_id,
+        out,
+    )
+    .await;
+    metrics.in_flight.dec();
+    metrics.request("kafka", versions::rpc(api), client.clock.elapsed());
+    answered
+}
+
+/// Appends the response header and `body` to `out`, and sets the length prefix that
+/// `out` starts with.
+fn encode<T: Encodable>(
+    out: &mut BytesMut,
+    correlation_id: i32,
+    api: ApiKey,
+    version: i16,
+    body: &T,
+) -> Result<(), String> {
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(out, api.response_header_version(version))
+        .and_then(|()| body.encode(out, version))
+        .map_err(|e| format!("cannot encode the {api:?} v{version} response: {e}"))?;
+    let length = i32::try_from(out.len() - 4).map_err(|e| e.to_string())?;
+    out[..4].copy_from_slice(&length.to_be_bytes());
+    Ok(())
+}

@@ -1,0 +1,1290 @@
+//! The Kafka listener against the real `strata` binary: raw protocol checks (version
+//! negotiation, framing limits, acks=0, long poll, ListOffsets), and real clients as
+//! users run them: kcat (librdkafka) and kafka-python, installed by `.ci/run`. A test
+//! whose client is not installed says so and passes without running.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    fetch_request, list_offsets_request, produce_request, ApiKey, ApiVersionsRequest,
+    ApiVersionsResponse, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse,
+    MetadataRequest, MetadataResponse, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use strata_proto::v1;
+use strata_storage::batch::BatchBuilder;
+
+use crate::common::{create_topic, produce_records, read_partition, record, Broker};
+
+/// Guard against a hang of a raw socket read; nothing asserts on time.
+const READ_GUARD: Duration = Duration::from_secs(120);
+
+fn start() -> (Broker, SocketAddr) {
+    let broker = Broker::start_with(&["--kafka-listen", "127.0.0.1:0"]);
+    let kafka = broker
+        .kafka_addr()
+        .expect("the broker prints its Kafka address");
+    (broker, kafka)
+}
+
+/// A Kafka connection speaking the protocol with the crate's client-side codecs.
+struct Raw {
+    stream: TcpStream,
+    correlation: i32,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect to the Kafka listener");
+        stream.set_read_timeout(Some(READ_GUARD)).expect("timeout");
+        Raw {
+            stream,
+            correlation: 0,
+        }
+    }
+
+    /// Sends a request; returns its correlation id.
+    fn send<R: Encodable>(&mut self, api: ApiKey, version: i16, request: &R) -> i32 {
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(api as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("strata-test")));
+        let mut body = BytesMut::new();
+        header
+            .encode(&mut body, api.request_header_version(version))
+            .expect("encode header");
+        request.encode(&mut body, version).expect("encode request");
+        self.send_frame(&body);
+        self.correlation
+    }
+
+    fn send_frame(&mut self, body: &[u8]) {
+        let mut frame = Vec::with_capacity(body.len() + 4);
+        frame.put_i32(body.len() as i32);
+        frame.extend_from_slice(body);
+        self.stream.write_all(&frame).expect("send");
+    }
+
+    /// The next response frame, `None` once the broker closed the connection.
+    fn frame(&mut self) -> Option<Bytes> {
+        let mut size = [0u8; 4];
+        if self.stream.read_exact(&mut size).is_err() {
+            return None;
+        }
+        let mut frame = vec![0u8; i32::from_be_bytes(size) as usize];
+        self.stream.read_exact(&mut frame).ok()?;
+        Some(frame.into())
+    }
+
+    /// Reads the next response: its correlation id and body.
+    fn receive<T: Decodable>(&mut self, api: ApiKey, version: i16) -> (i32, T) {
+        let mut frame = self.frame().expect("a response");
+        let header = ResponseHeader::decode(&mut frame, api.response_header_version(version))
+            .expect("decode the response header");
+        let body = T::decode(&mut frame, version).expect("decode the response");
+        assert!(!frame.has_remaining(), "{api:?} v{version}: trailing bytes");
+        (header.correlation_id, body)
+    }
+
+    fn call<R: Encodable, T: Decodable>(&mut self, api: ApiKey, version: i16, request: &R) -> T {
+        let sent = self.send(api, version, request);
+        let (correlation, body) = self.receive(api, version);
+        assert_eq!(correlation, sent, "{api:?}: answered out of order");
+        body
+    }
+}
+
+fn name(s: &str) -> TopicName {
+    TopicName(StrBytes::from_string(s.to_string()))
+}
+
+#[test]
+fn api_versions_lists_the_supported_ranges_and_a_too_new_request_gets_them_in_v0() {
+    let (_broker, kafka) = start();
+    let mut raw = Raw::connect(kafka);
+    for version in 0..=4 {
+        let answer: ApiVersionsResponse =
+            raw.call(ApiKey::ApiVersions, version, &ApiVersionsRequest::default());
+        assert_eq!(answer.error_code, 0, "v{version}");
+        let produce = answer
+            .api_keys
+            .iter()
+            .find(|k| k.api_key == ApiKey::Produce as i16)
+            .expect("Produce is listed");
+        assert_eq!((produce.min_version, produce.max_version), (3, 9));
+    }
+    // A version above the broker's: a v0 body with UNSUPPORTED_VERSION and the ranges,
+    // after a v0 header (no tagged fields), whatever the request's version.
+    raw.correlation = 41;
+    let mut body = BytesMut::new();
+    body.put_i16(ApiKey::ApiVersions as i16);
+    body.put_i16(99);
+    body.put_i32(42);
+    body.put_i16(-1); // null client id
+    body.put_u8(0); // tagged fields of a flexible header
+    raw.send_frame(&body);
+    let mut frame = raw.frame().expect("an answer, not a closed connection");
+    assert_eq!(frame.get_i32(), 42, "the correlation id, then the v0 body");
+    let answer = ApiVersionsResponse::decode(&mut frame, 0).expect("a v0 body");
+    assert_eq!(answer.error_code, 35, "UNSUPPORTED_VERSION");
+    assert!(answer
+        .api_keys
+        .iter()
+        .any(|k| k.api_key == ApiKey::Fetch as i16 && k.max_version == 12));
+}
+
+#[test]
+fn unsupported_malformed_and_oversized_requests_close_only_their_connection() {
+    let (_broker, kafka) = start();
+    // A version the broker does not serve: no answer the client could parse exists.
+    let mut raw = Raw::connect(kafka);
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(2)
+        .with_correlation_id(1)
+        .encode(&mut body, 1)
+        .expect("header");
+    body.put_slice(&[0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+    raw.send_frame(&body);
+    assert!(raw.frame().is_none(), "connection closed");
+    // A key no Kafka version has.
+    let mut raw = Raw::connect(kafka);
+    raw.send_frame(&[0x7f, 0x00, 0, 0, 0, 0, 0, 1, 0xff, 0xff]);
+    assert!(raw.frame().is_none(), "connection closed");
+    // A frame larger than the limit is refused before its bytes are read.
+    let mut raw = Raw::connect(kafka);
+    raw.stream
+        .write_all(&(1i32 << 30).to_be_bytes())
+        .expect("send");
+    assert!(raw.frame().is_none(), "connection closed");
+    // A body the codec cannot read.
+    let mut raw = Raw::connect(kafka);
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(4)
+        .with_correlation_id(1)
+        .encode(&mut body, 1)
+        .expect("header");
+    body.put_i32(5); // five topics, none sent
+    raw.send_frame(&body);
+    assert!(raw.frame().is_none(), "connection closed");
+    // A 20-byte Produce claiming two billion topics (the codec would reserve room for
+    // them all and abort the process).
+    let mut raw = Raw::connect(kafka);
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(3)
+        .with_correlation_id(1)
+        .encode(&mut body, 1)
+        .expect("header");
+    body.put_i16(-1);
+    body.put_i16(1);
+    body.put_i32(1000);
+    body.put_i32(i32::MAX);
+    raw.send_frame(&body);
+    assert!(raw.frame().is_none(), "connection closed");
+    // The broker still serves everyone else.
+    let mut raw = Raw::connect(kafka);
+    let metadata: MetadataResponse = raw.call(
+        ApiKey::Metadata,
+        1,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(metadata.brokers.len(), 1);
+    assert_eq!(metadata.brokers[0].port, i32::from(kafka.port()));
+    assert_eq!(metadata.brokers[0].host.as_str(), "127.0.0.1");
+}
+
+/// One record batch as a Kafka producer sends it.
+fn batch(records: &[(i64, &[u8])]) -> Bytes {
+    let mut builder = BatchBuilder::new();
+    for (timestamp, value) in records {
+        builder.push(*timestamp, None, Some(value), &[]);
+    }
+    builder.finish().into()
+}
+
+fn produce_request(topic: &str, acks: i16, batch: Bytes) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(30_000)
+        .with_topic_data(vec![produce_request::TopicProduceData::default()
+            .with_name(name(topic))
+            .with_partition_data(vec![
+                produce_request::PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(batch)),
+            ])])
+}
+
+fn fetch(topic: &str, offset: i64, max_wait_ms: i32) -> FetchRequest {
+    FetchRequest::default()
+        .with_max_wait_ms(max_wait_ms)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20)
+        .with_isolation_level(1)
+        .with_topics(vec![fetch_request::FetchTopic::default()
+            .with_topic(name(topic))
+            .with_partitions(vec![fetch_request::FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(offset)
+                .with_partition_max_bytes(1 << 20)])])
+}
+
+#[tokio::test]
+async fn produce_acks_zero_gets_no_answer_and_a_long_poll_fetch_returns_new_data() {
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "polled",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut raw = Raw::connect(kafka);
+    // acks=0 then a Metadata: the first answer on the wire is the Metadata's.
+    raw.send(
+        ApiKey::Produce,
+        7,
+        &produce_request("polled", 0, batch(&[(1, b"quiet")])),
+    );
+    let metadata: MetadataResponse = raw.call(
+        ApiKey::Metadata,
+        4,
+        &MetadataRequest::default().with_topics(None),
+    );
+    assert_eq!(metadata.topics.len(), 1);
+    // read_committed at the end of the log waits; a record produced meanwhile ends it.
+    let sent = raw.send(ApiKey::Fetch, 11, &fetch("polled", 1, 60_000));
+    let mut client = broker.client().await;
+    client
+        .produce(produce_records("polled", 0, vec![record(None, b"late")]))
+        .await
+        .expect("produce over gRPC");
+    let (correlation, answer): (i32, FetchResponse) = raw.receive(ApiKey::Fetch, 11);
+    assert_eq!(correlation, sent);
+    let partition = &answer.responses[0].partitions[0];
+    assert_eq!(partition.error_code, 0);
+    assert_eq!(partition.high_watermark, 2);
+    assert_eq!(partition.last_stable_offset, 2, "LSO = high watermark");
+    let records =
+        crate::common::decode_batches(partition.records.as_deref().unwrap_or_default(), 1);
+    let values: Vec<_> = records.iter().map(|r| r.value.clone()).collect();
+    assert_eq!(values, vec![Some(b"late".to_vec())]);
+    // A fetch past the end: OFFSET_OUT_OF_RANGE with the bounds filled in.
+    let answer: FetchResponse = raw.call(ApiKey::Fetch, 5, &fetch("polled", 7, 0));
+    let partition = &answer.responses[0].partitions[0];
+    assert_eq!(partition.error_code, 1);
+    assert_eq!(
+        (partition.high_watermark, partition.log_start_offset),
+        (2, 0)
+    );
+}
+
+#[tokio::test]
+async fn list_offsets_finds_earliest_latest_and_by_timestamp() {
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "timed",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut raw = Raw::connect(kafka);
+    let produced: kafka_protocol::messages::ProduceResponse = raw.call(
+        ApiKey::Produce,
+        9,
+        &produce_request("timed", -1, batch(&[(100, b"a"), (200, b"b"), (300, b"c")])),
+    );
+    let stored = &produced.responses[0].partition_responses[0];
+    assert_eq!((stored.error_code, stored.base_offset), (0, 0));
+    let ask = |timestamp: i64| {
+        ListOffsetsRequest::default()
+            .with_replica_id((-1).into())
+            .with_topics(vec![list_offsets_request::ListOffsetsTopic::default()
+                .with_name(name("timed"))
+                .with_partitions(vec![
+                    list_offsets_request::ListOffsetsPartition::default()
+                        .with_partition_index(0)
+                        .with_timestamp(timestamp),
+                ])])
+    };
+    for (timestamp, offset, found) in [
+        (-2, 0, -1),
+        (-1, 3, -1),
+        (50, 0, 100),
+        (150, 1, 200),
+        (300, 2, 300),
+        (301, -1, -1),
+    ] {
+        let answer: ListOffsetsResponse = raw.call(ApiKey::ListOffsets, 5, &ask(timestamp));
+        let p = &answer.topics[0].partitions[0];
+        assert_eq!(
+            (p.error_code, p.offset, p.timestamp),
+            (0, offset, found),
+            "timestamp {timestamp}"
+        );
+    }
+    let answer: ListOffsetsResponse = raw.call(
+        ApiKey::ListOffsets,
+        1,
+        &ListOffsetsRequest::default().with_topics(vec![
+            list_offsets_request::ListOffsetsTopic::default()
+                .with_name(name("nope"))
+                .with_partitions(vec![list_offsets_request::ListOffsetsPartition::default()]),
+        ]),
+    );
+    assert_eq!(
+        answer.topics[0].partitions[0].error_code, 3,
+        "UNKNOWN_TOPIC_OR_PARTITION"
+    );
+    // Kafka requests are timed like gRPC ones, under listener="kafka".
+    let http = broker.http_addr().expect("an HTTP listener");
+    let (status, metrics) = crate::common::http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    for (rpc, count) in [("Produce", 1), ("ListOffsets", 7)] {
+        let line = format!(
+            "strata_request_duration_seconds_count{{listener=\"kafka\",rpc=\"{rpc}\"}} {count}"
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+    // And its error answers are counted like gRPC's, with the Kafka error's name.
+    let rejected = "strata_rejected_requests_total{listener=\"kafka\",rpc=\"ListOffsets\",\
+                    code=\"UNKNOWN_TOPIC_OR_PARTITION\",reason=\"topic_not_found\"} 1";
+    assert!(
+        metrics.lines().any(|l| l == rejected),
+        "{rejected} in:\n{metrics}"
+    );
+}
+
+/// The kcat binary, or `None` (with a message) when it is not installed.
+fn kcat() -> Option<&'static str> {
+    let found = Command::new("kcat")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("kcat is not installed (.ci/run installs it from Debian's packages): skipped");
+    }
+    found.then_some("kcat")
+}
+
+/// Runs kcat with `args` against `kafka`, feeding it `input`; its standard output.
+fn run_kcat(kafka: SocketAddr, args: &[&str], input: &str) -> String {
+    let mut child = Command::new("timeout")
+        .args(["120", "kcat", "-b", &kafka.to_string()])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kcat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write to kcat");
+    let output = child.wait_with_output().expect("kcat ends");
+    assert!(
+        output.status.success(),
+        "kcat {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+#[tokio::test]
+async fn kcat_produces_with_and_without_keys_and_consumes_from_earliest() {
+    if kcat().is_none() {
+        return;
+    }
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "orders",
+        2,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    run_kcat(
+        kafka,
+        &["-P", "-t", "orders", "-K:"],
+        "k1:v1\nk2:v2\nk1:v3\n",
+    );
+    run_kcat(
+        kafka,
+        &["-P", "-t", "orders", "-p", "1"],
+        "plain1\nplain2\n",
+    );
+    let out = run_kcat(
+        kafka,
+        &[
+            "-C",
+            "-t",
+            "orders",
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%p|%o|%k|%s\n",
+        ],
+        "",
+    );
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines.iter().any(|l| l.ends_with("||plain1")), "{out}");
+    assert!(lines.iter().any(|l| l.ends_with("||plain2")), "{out}");
+    // One key, one partition, in order.
+    let k1: Vec<&str> = lines
+        .iter()
+        .filter(|l| l.contains("|k1|"))
+        .copied()
+        .collect();
+    assert_eq!(k1.len(), 2, "{out}");
+    assert_eq!(k1[0].split('|').next(), k1[1].split('|').next(), "{out}");
+    assert!(k1[0].ends_with("v1") && k1[1].ends_with("v3"), "{out}");
+    // As a group member (-G): everything from the beginning once, committing.
+    let group = ["-G", "kcat-group", "orders", "-e", "-q", "-f", "%s\n"];
+    let first = run_kcat(kafka, &[&group[..], &["-o", "beginning"]].concat(), "");
+    assert_eq!(first.lines().count(), 5, "{first}");
+    // A record produced meanwhile to a partition it committed: the group resumes at its
+    // commits and reads only it
+    // (without them it would start at the end and read nothing).
+    run_kcat(kafka, &["-P", "-t", "orders", "-p", "1"], "later\n");
+    assert_eq!(
+        run_kcat(kafka, &group, ""),
+        "later\n",
+        "resumed after the commits"
+    );
+    // The same records over gRPC: the unkeyed ones have a null key.
+    let mut client = broker.client().await;
+    let mut all = read_partition(&mut client, "orders", 0).await;
+    all.extend(read_partition(&mut client, "orders", 1).await);
+    assert_eq!(all.len(), 6);
+    assert_eq!(all.iter().filter(|r| r.key.is_none()).count(), 3);
+}
+
+#[tokio::test]
+async fn a_record_keeps_its_key_and_headers_from_grpc_to_kcat_and_back() {
+    if kcat().is_none() {
+        return;
+    }
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "mixed",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut client = broker.client().await;
+    let mut from_grpc = record(Some(b"order-1"), b"placed");
+    from_grpc.headers = vec![
+        v1::Header {
+            key: "trace".into(),
+            value: b"abc".to_vec().into(),
+        },
+        v1::Header {
+            key: "source".into(),
+            value: b"grpc".to_vec().into(),
+        },
+    ];
+    client
+        .produce(produce_records("mixed", 0, vec![from_grpc]))
+        .await
+        .expect("produce over gRPC");
+    let out = run_kcat(
+        kafka,
+        &[
+            "-C",
+            "-t",
+            "mixed",
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%k|%s|%h\n",
+        ],
+        "",
+    );
+    assert_eq!(out, "order-1|placed|trace=abc,source=grpc\n");
+
+    run_kcat(
+        kafka,
+        &[
+            "-P",
+            "-t",
+            "mixed",
+            "-k",
+            "order-2",
+            "-H",
+            "trace=def",
+            "-H",
+            "source=kcat",
+        ],
+        "paid\n",
+    );
+    let records = read_partition(&mut client, "mixed", 0).await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1].key.as_deref(), Some(&b"order-2"[..]));
+    assert_eq!(records[1].value.as_deref(), Some(&b"paid"[..]));
+    assert_eq!(
+        records[1].headers,
+        vec![
+            ("trace".to_string(), b"def".to_vec()),
+            ("source".to_string(), b"kcat".to_vec())
+        ]
+    );
+}
+
+/// A Python with kafka-python: `KAFKA_TEST_PYTHON` (set by .ci/run to its venv), else
+/// `python3` if it can import it; `None` (with a message) otherwise.
+fn kafka_python() -> Option<String> {
+    let python = std::env::var("KAFKA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = Command::new(&python)
+        .args(["-c", "import kafka"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("kafka-python is not installed (.ci/run installs it in a venv): skipped");
+    }
+    found.then_some(python)
+}
+
+const KAFKA_PYTHON_ROUND_TRIP: &str = r#"
+import sys
+from kafka import KafkaProducer, KafkaConsumer, TopicPartition
+b, t, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+p = KafkaProducer(bootstrap_servers=b, acks='all')
+for i in range(n):
+    p.send(t, key=b'k%d' % (i % 3), value=b'v%d' % i, headers=[('h', b'x%d' % i)])
+p.flush()
+p.close()
+c = KafkaConsumer(bootstrap_servers=b, auto_offset_reset='earliest',
+                  enable_auto_commit=False, consumer_timeout_ms=60000)
+c.assign([TopicPartition(t, q) for q in sorted(c.partitions_for_topic(t))])
+c.seek_to_beginning()
+got = []
+for m in c:
+    got.append(m)
+    if len(got) == n:
+        break
+c.close()
+for m in sorted(got, key=lambda m: int(m.value[1:])):
+    print(m.key.decode(), m.value.decode(), m.headers[0][0], m.headers[0][1].decode())
+"#;
+
+#[tokio::test]
+async fn kafka_python_produces_and_consumes() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "py",
+        3,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let output = Command::new("timeout")
+        .args([
+            "180",
+            &python,
+            "-c",
+            KAFKA_PYTHON_ROUND_TRIP,
+            &kafka.to_string(),
+            "py",
+            "12",
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "kafka-python failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = String::from_utf8(output.stdout).expect("utf-8");
+    let expected: String = (0..12)
+        .map(|i| format!("k{} v{i} h x{i}\n", i % 3))
+        .collect();
+    assert_eq!(out, expected);
+    // Over gRPC too: every record, each key in one partition.
+    let mut client = broker.client().await;
+    let mut total = 0;
+    for p in 0..3 {
+        let records = read_partition(&mut client, "py", p).await;
+        let mut keys: Vec<_> = records.iter().map(|r| r.key.clone()).collect();
+        keys.dedup();
+        keys.sort();
+        keys.dedup();
+        total += records.len();
+        for key in keys {
+            let values: Vec<u32> = records
+                .iter()
+                .filter(|r| r.key == key)
+                .map(|r| {
+                    String::from_utf8_lossy(&r.value.clone().unwrap_or_default()[1..])
+                        .parse()
+                        .expect("a number")
+                })
+                .collect();
+            assert!(
+                values.windows(2).all(|w| w[0] < w[1]),
+                "per-key order: {values:?}"
+            );
+        }
+    }
+    assert_eq!(total, 12);
+    // A group member (subscribe, JoinGroup/SyncGroup) reads everything and commits.
+    let output = Command::new("timeout")
+        .args([
+            "180",
+            &python,
+            "-c",
+            KAFKA_PYTHON_GROUP,
+            &kafka.to_string(),
+            "py",
+            "12",
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "kafka-python group failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "12 3\n");
+    let described = broker
+        .admin()
+        .await
+        .describe_group(v1::DescribeGroupRequest {
+            group: "py-group".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    let committed: u64 = described
+        .partitions
+        .iter()
+        .filter_map(|p| p.committed_offset)
+        .sum();
+    assert_eq!((committed, described.total_lag), (12, 0));
+}
+
+const KAFKA_PYTHON_GROUP: &str = r#"
+import sys
+from kafka import KafkaConsumer
+b, t, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = KafkaConsumer(t, bootstrap_servers=b, group_id='py-group', auto_offset_reset='earliest',
+                  enable_auto_commit=False, consumer_timeout_ms=60000)
+got = []
+for m in c:
+    got.append(m)
+    if len(got) == n:
+        break
+c.commit()
+print(len(got), len(c.assignment()))
+c.close()
+"#;
+
+const CONFLUENT_IDEMPOTENT_ROUND_TRIP: &str = r#"
+import sys
+from confluent_kafka import Producer, Consumer, TopicPartition
+b, t, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+errors = []
+def report(err, msg):
+    if err is not None:
+        errors.append(str(err))
+p = Producer({'bootstrap.servers': b, 'enable.idempotence': True, 'acks': 'all',
+              'linger.ms': 5})
+for i in range(n):
+    p.produce(t, key=b'k%d' % (i % 3), value=b'v%d' % i, headers=[('h', b'x%d' % i)],
+              on_delivery=report)
+left = p.flush(60)
+assert left == 0 and not errors, (left, errors)
+# librdkafka's default isolation level is read_committed.
+c = Consumer({'bootstrap.servers': b, 'group.id': 'strata-test', 'enable.auto.commit': False})
+md = c.list_topics(t, timeout=30)
+c.assign([TopicPartition(t, q, 0) for q in sorted(md.topics[t].partitions)])
+got = []
+while len(got) < n:
+    m = c.poll(60)
+    if m is None:
+        break
+    if m.error():
+        continue
+    got.append(m)
+c.close()
+for m in sorted(got, key=lambda m: int(m.value()[1:])):
+    print(m.key().decode(), m.value().decode(), m.headers()[0][0], m.headers()[0][1].decode())
+"#;
+
+#[tokio::test]
+async fn an_idempotent_confluent_kafka_producer_writes_each_record_once() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    let has_confluent = Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_confluent {
+        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
+        return;
+    }
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "idem",
+        2,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let output = Command::new("timeout")
+        .args([
+            "180",
+            &python,
+            "-c",
+            CONFLUENT_IDEMPOTENT_ROUND_TRIP,
+            &kafka.to_string(),
+            "idem",
+            "30",
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "confluent-kafka failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = String::from_utf8(output.stdout).expect("utf-8");
+    let expected: String = (0..30)
+        .map(|i| format!("k{} v{i} h x{i}\n", i % 3))
+        .collect();
+    assert_eq!(out, expected);
+    // The batches carry the producer id the broker handed out.
+    let mut client = broker.client().await;
+    let mut ids = Vec::new();
+    for partition in 0..2 {
+        let answer = client
+            .fetch(crate::common::fetch_request("idem", partition, 0, false))
+            .await
+            .expect("fetch")
+            .into_inner();
+        for batch in strata_storage::batch::batches(&answer.batches) {
+            ids.push(batch.expect("a valid batch").header().producer_id);
+        }
+    }
+    assert!(!ids.is_empty() && ids.iter().all(|&id| id >= 0), "{ids:?}");
+}
+
+/// Consumes `take` records of partition 0 as a member of `group` that assigns the
+/// partition itself (starting at the group's committed offset, else the earliest),
+/// commits after the last one when told to, and prints what it saw.
+const CONFLUENT_ASSIGN_AND_COMMIT: &str = r#"
+import sys
+from confluent_kafka import Consumer, TopicPartition
+b, t, group, take, commit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == 'commit'
+c = Consumer({'bootstrap.servers': b, 'group.id': group, 'enable.auto.commit': False,
+              'auto.offset.reset': 'earliest'})
+c.assign([TopicPartition(t, 0)])
+got = []
+while len(got) < take:
+    m = c.poll(60)
+    if m is None:
+        break
+    if m.error():
+        print('error', m.error(), file=sys.stderr)
+        continue
+    got.append(m)
+print('consumed', ' '.join(str(m.offset()) for m in got))
+if commit and got:
+    c.commit(message=got[-1], asynchronous=False)
+print('committed', c.committed([TopicPartition(t, 0)], timeout=30)[0].offset)
+c.close()
+"#;
+
+#[tokio::test]
+async fn kafka_commits_are_the_groups_offsets_and_resets_over_grpc_move_kafka_consumers() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    if !Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
+        return;
+    }
+    let (broker, kafka) = start();
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "ledger", 1, v1::TopicConfig::default()).await;
+    let records = (0..10)
+        .map(|i| record(None, format!("r{i}").as_bytes()))
+        .collect();
+    broker
+        .client()
+        .await
+        .produce(produce_records("ledger", 0, records))
+        .await
+        .expect("produce");
+    let consume = |take: &str, commit: &str| {
+        let output = Command::new("timeout")
+            .args(["120", &python, "-c", CONFLUENT_ASSIGN_AND_COMMIT])
+            .args([&kafka.to_string(), "ledger", "billing", take, commit])
+            .output()
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "confluent-kafka failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    assert_eq!(consume("4", "commit"), "consumed 0 1 2 3\ncommitted 4\n");
+    // A new consumer of the group resumes at the committed offset.
+    assert_eq!(consume("1", "no"), "consumed 4\ncommitted 4\n");
+    // The commit is the group's, as the CLI, lag and gRPC see it.
+    let described = admin
+        .describe_group(v1::DescribeGroupRequest {
+            group: "billing".into(),
+        })
+        .await
+        .expect("describe the group")
+        .into_inner();
+    assert_eq!(described.partitions.len(), 1);
+    assert_eq!(described.partitions[0].committed_offset, Some(4));
+    assert_eq!(described.total_lag, 6);
+    // And the other way round: a reset over gRPC moves the Kafka consumer.
+    admin
+        .reset_offsets(v1::ResetOffsetsRequest {
+            group: "billing".into(),
+            topic: "ledger".into(),
+            partitions: vec![0],
+            to: Some(v1::reset_offsets_request::To::Offset(7)),
+        })
+        .await
+        .expect("reset over gRPC");
+    assert_eq!(consume("1", "no"), "consumed 7\ncommitted 7\n");
+}
+
+#[tokio::test]
+async fn fetch_returns_at_least_one_whole_batch_then_only_batches_that_fit() {
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "sized",
+        2,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut raw = Raw::connect(kafka);
+    for partition in 0..2 {
+        let mut request = produce_request("sized", -1, batch(&[(1, &[7u8; 500][..])]));
+        request.topic_data[0].partition_data[0].index = partition;
+        let answer: kafka_protocol::messages::ProduceResponse =
+            raw.call(ApiKey::Produce, 8, &request);
+        assert_eq!(answer.responses[0].partition_responses[0].error_code, 0);
+    }
+    let mut request = fetch("sized", 0, 0);
+    request.max_bytes = 1;
+    let mut second = request.topics[0].partitions[0].clone();
+    second.partition = 1;
+    request.topics[0].partitions.push(second);
+    let answer: FetchResponse = raw.call(ApiKey::Fetch, 12, &request);
+    let partitions = &answer.responses[0].partitions;
+    let records = |i: usize| {
+        crate::common::decode_batches(partitions[i].records.as_deref().unwrap_or_default(), 0)
+    };
+    assert_eq!(
+        records(0).len(),
+        1,
+        "the first batch is whole, above max_bytes"
+    );
+    assert_eq!(records(1).len(), 0, "then nothing past max_bytes");
+    assert_eq!(
+        (partitions[1].error_code, partitions[1].high_watermark),
+        (0, 1)
+    );
+    // With room for both, both come back.
+    request.max_bytes = 1 << 20;
+    let answer: FetchResponse = raw.call(ApiKey::Fetch, 12, &request);
+    for p in &answer.responses[0].partitions {
+        let records = crate::common::decode_batches(p.records.as_deref().unwrap_or_default(), 0);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].value.as_deref(), Some(&[7u8; 500][..]));
+    }
+}
+
+#[test]
+fn apis_the_broker_does_not_serve_are_answered_as_not_supported() {
+    use kafka_protocol::messages::{
+        ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, SaslHandshakeRequest,
+        SaslHandshakeResponse,
+    };
+    let (_broker, kafka) = start();
+    let mut raw = Raw::connect(kafka);
+    // A KIP-848 consumer (group.protocol=consumer) starts with ConsumerGroupHeartbeat.
+    let answer: ConsumerGroupHeartbeatResponse = raw.call(
+        ApiKey::ConsumerGroupHeartbeat,
+        0,
+        &ConsumerGroupHeartbeatRequest::default(),
+    );
+    assert_eq!(answer.error_code, 35, "UNSUPPORTED_VERSION");
+    let answer: SaslHandshakeResponse = raw.call(
+        ApiKey::SaslHandshake,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+    );
+    assert_eq!(answer.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
+    // The connection goes on.
+    let answer: ApiVersionsResponse =
+        raw.call(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+    assert_eq!(answer.error_code, 0);
+    assert!(
+        !answer
+            .api_keys
+            .iter()
+            .any(|k| k.api_key == ApiKey::ConsumerGroupHeartbeat as i16),
+        "not advertised"
+    );
+}
+
+/// Two members of one group through a rebalance: the first gets every partition, the
+/// second joins and they split them; each commits what it consumed and leaves. Then a
+/// third member resumes from the commits and gets only what was produced since.
+const CONFLUENT_GROUP_REBALANCE: &str = r#"
+import sys
+from confluent_kafka import Consumer, TopicPartition
+b, t, group, n, phase = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+conf = {'bootstrap.servers': b, 'group.id': group, 'enable.auto.commit': False,
+        'auto.offset.reset': 'earliest', 'session.timeout.ms': 6000,
+        'heartbeat.interval.ms': 500}
+got = []
+seen = {}
+def drain(c):
+    m = c.poll(0.2)
+    if m is not None and not m.error():
+        got.append(m.value().decode())
+        seen.setdefault(id(c), {})[m.partition()] = m.offset()
+def commit(c):
+    offsets = [TopicPartition(t, p, o + 1) for p, o in seen.get(id(c), {}).items()]
+    if offsets:
+        c.commit(offsets=offsets, asynchronous=False)
+def assigned(c):
+    return sorted(p.partition for p in c.assignment())
+if phase == 'rebalance':
+    c1 = Consumer(conf)
+    c1.subscribe([t])
+    for _ in range(300):
+        drain(c1)
+        if len(assigned(c1)) == 4:
+            break
+    print('alone', assigned(c1))
+    c2 = Consumer(conf)
+    c2.subscribe([t])
+    for _ in range(600):
+        drain(c1); drain(c2)
+        if assigned(c1) and assigned(c2) and len(assigned(c1)) + len(assigned(c2)) == 4:
+            break
+    print('split', len(assigned(c1)) + len(assigned(c2)), bool(assigned(c1)), bool(assigned(c2)))
+    for _ in range(600):
+        if len(set(got)) >= n:
+            break
+        drain(c1); drain(c2)
+    commit(c1); commit(c2)
+    c1.close(); c2.close()
+else:
+    c3 = Consumer(conf)
+    c3.subscribe([t])
+    for _ in range(600):
+        if len(set(got)) >= n:
+            break
+        drain(c3)
+    c3.close()
+print('records', ' '.join(sorted(set(got))))
+"#;
+
+#[tokio::test]
+async fn a_kafka_group_of_two_rebalances_commits_and_resumes_where_it_left_off() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    if !Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
+        return;
+    }
+    let (broker, kafka) = start();
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "events", 4, v1::TopicConfig::default()).await;
+    let mut client = broker.client().await;
+    let produce = |from: usize, to: usize| {
+        (from..to)
+            .map(|i| {
+                produce_records(
+                    "events",
+                    (i % 4) as u32,
+                    vec![record(None, format!("e{i:02}").as_bytes())],
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for request in produce(0, 20) {
+        client.produce(request).await.expect("produce");
+    }
+    let run = |n: &str, phase: &str| {
+        let output = Command::new("timeout")
+            .args(["300", &python, "-c", CONFLUENT_GROUP_REBALANCE])
+            .args([&kafka.to_string(), "events", "workers", n, phase])
+            .output()
+            .expect("run python");
+        assert!(
+            output.status.success(),
+            "confluent-kafka failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    };
+    let all: Vec<String> = (0..20).map(|i| format!("e{i:02}")).collect();
+    assert_eq!(
+        run("20", "rebalance"),
+        format!(
+            "alone [0, 1, 2, 3]\nsplit 4 True True\nrecords {}\n",
+            all.join(" ")
+        )
+    );
+    let described = admin
+        .describe_group(v1::DescribeGroupRequest {
+            group: "workers".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    let committed: Vec<_> = described
+        .partitions
+        .iter()
+        .map(|p| p.committed_offset)
+        .collect();
+    assert_eq!(
+        committed,
+        vec![Some(5); 4],
+        "every partition committed to its end"
+    );
+    for request in produce(20, 24) {
+        client.produce(request).await.expect("produce");
+    }
+    assert_eq!(run("4", "resume"), "records e20 e21 e22 e23\n");
+}
+
+#[tokio::test]
+async fn metadata_creates_topics_only_when_the_broker_and_the_client_allow_it() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    let ask = |topics: &[&str], allow: bool| {
+        MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(allow)
+    };
+    let codes = |answer: &MetadataResponse| {
+        answer
+            .topics
+            .iter()
+            .map(|t| (t.error_code, t.partitions.len()))
+            .collect::<Vec<_>>()
+    };
+    // Off by default.
+    let (_broker, kafka) = start();
+    let mut raw = Raw::connect(kafka);
+    let answer: MetadataResponse = raw.call(ApiKey::Metadata, 4, &ask(&["fresh"], true));
+    assert_eq!(codes(&answer), vec![(3, 0)], "UNKNOWN_TOPIC_OR_PARTITION");
+    // On: created with the defaults when the client allows it.
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--kafka-auto-create-topics",
+        "true",
+    ]);
+    let mut raw = Raw::connect(broker.kafka_addr().expect("kafka"));
+    let answer: MetadataResponse =
+        raw.call(ApiKey::Metadata, 9, &ask(&["fresh", "bad name!"], true));
+    assert_eq!(
+        codes(&answer),
+        vec![(0, 1), (17, 0)],
+        "created; INVALID_TOPIC_EXCEPTION"
+    );
+    let answer: MetadataResponse = raw.call(ApiKey::Metadata, 9, &ask(&["other"], false));
+    assert_eq!(codes(&answer), vec![(3, 0)], "the client did not allow it");
+    let names = crate::common::topic_names(&mut broker.admin().await).await;
+    assert_eq!(names, vec!["fresh".to_string()]);
+}
+
+#[tokio::test]
+async fn describe_configs_shows_a_topics_settings_under_their_kafka_names() {
+    use kafka_protocol::messages::{
+        describe_configs_request::DescribeConfigsResource, DescribeConfigsRequest,
+        DescribeConfigsResponse,
+    };
+    let (broker, kafka) = start();
+    let config = v1::TopicConfig {
+        retention_ms: Some(86_400_000),
+        ..v1::TopicConfig::default()
+    };
+    create_topic(&mut broker.admin().await, "configured", 2, config).await;
+    let mut raw = Raw::connect(kafka);
+    let ask = |topic: &str, keys: Option<Vec<&'static str>>| {
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_string(topic.to_string()))
+            .with_configuration_keys(
+                keys.map(|k| k.into_iter().map(StrBytes::from_static_str).collect()),
+            )])
+    };
+    for version in [1, 4] {
+        let answer: DescribeConfigsResponse =
+            raw.call(ApiKey::DescribeConfigs, version, &ask("configured", None));
+        let result = &answer.results[0];
+        assert_eq!(result.error_code, 0);
+        let value = |name: &str| {
+            result
+                .configs
+                .iter()
+                .find(|c| c.name.as_str() == name)
+                .and_then(|c| c.value.as_ref())
+                .map(|v| v.to_string())
+        };
+        assert_eq!(
+            value("retention.ms").as_deref(),
+            Some("86400000"),
+            "v{version}"
+        );
+        assert_eq!(value("cleanup.policy").as_deref(), Some("delete"));
+        assert_eq!(value("max.message.bytes").as_deref(), Some("1048576"));
+    }
+    let answer: DescribeConfigsResponse = raw.call(
+        ApiKey::DescribeConfigs,
+        4,
+        &ask("configured", Some(vec!["segment.bytes"])),
+    );
+    let names: Vec<_> = answer.results[0]
+        .configs
+        .iter()
+        .map(|c| c.name.to_string())
+        .collect();
+    assert_eq!(names, vec!["segment.bytes"]);
+    let answer: DescribeConfigsResponse =
+        raw.call(ApiKey::DescribeConfigs, 4, &ask("missing", None));
+    assert_eq!(
+        answer.results[0].error_code, 3,
+        "UNKNOWN_TOPIC_OR_PARTITION"
+    );
+}
+
+#[tokio::test]
+async fn a_group_is_used_by_one_protocol_at_a_time() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse,
+    };
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "shared",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let join = |group: &str| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("range"))
+                .with_metadata(Bytes::from_static(
+                    b"\0\0\0\0\0\x01\0\x06shared\0\0\0\0",
+                ))])
+    };
+    let heartbeat = |group: &str| v1::HeartbeatRequest {
+        group: group.into(),
+        topics: vec!["shared".into()],
+        client_id: "grpc".into(),
+        ..v1::HeartbeatRequest::default()
+    };
+    let mut raw = Raw::connect(kafka);
+    // A Kafka member first: a gRPC member cannot join.
+    let joined: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &join("kafka-side"));
+    assert_eq!((joined.error_code, joined.generation_id), (0, 1));
+    // The leader assigns shared/0 to itself (consumer protocol v0).
+    let assignment = Bytes::from_static(b"\0\0\0\0\0\x01\0\x06shared\0\0\0\x01\0\0\0\0\0\0\0\0");
+    let synced: SyncGroupResponse = raw.call(
+        ApiKey::SyncGroup,
+        3,
+        &SyncGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("kafka-side")))
+            .with_generation_id(1)
+            .with_member_id(joined.member_id.clone())
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(joined.member_id.clone())
+                .with_assignment(assignment.clone())]),
+    );
+    assert_eq!((synced.error_code, synced.assignment), (0, assignment));
+    // The CLI's view (DescribeGroup over gRPC) shows the Kafka member and what it owns.
+    let described = broker
+        .admin()
+        .await
+        .describe_group(v1::DescribeGroupRequest {
+            group: "kafka-side".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(described.members.len(), 1);
+    assert_eq!(described.members[0].client_id, "strata-test");
+    assert_eq!(described.members[0].topics, vec!["shared".to_string()]);
+    assert_eq!(described.partitions.len(), 1);
+    assert_eq!(described.partitions[0].member_id, joined.member_id.as_str());
+    let mut groups = broker.groups().await;
+    let refused = groups
+        .heartbeat(heartbeat("kafka-side"))
+        .await
+        .expect_err("the group has Kafka members");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("Kafka protocol"), "{refused:?}");
+    // A gRPC member first: a Kafka member cannot join.
+    groups
+        .heartbeat(heartbeat("grpc-side"))
+        .await
+        .expect("a gRPC member joins");
+    let joined: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &join("grpc-side"));
+    assert_eq!(joined.error_code, 23, "INCONSISTENT_GROUP_PROTOCOL");
+}

@@ -12,6 +12,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use strata_broker::broker::Broker;
 use strata_broker::grpc::service::Service;
+use strata_broker::limits::Limits;
 use strata_broker::metrics::Metrics;
 use strata_broker::topics::settings::TopicSettings;
 use strata_proto::v1;
@@ -47,7 +48,13 @@ fn fixture() -> &'static Fixture {
             .enable_all()
             .build()
             .expect("a runtime");
-        let service = Service::new(Arc::new(broker));
+        // The limits a served broker runs with; the decode-size ones are tonic's, not
+        // the handlers', so requests of any size reach the handlers here.
+        let limits = Limits::default();
+        broker
+            .coordinator()
+            .set_limits(limits.group_members, limits.groups);
+        let service = Service::new(Arc::new(broker), limits);
         Fixture {
             _dir: dir,
             runtime,

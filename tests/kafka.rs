@@ -1288,3 +1288,116 @@ async fn a_group_is_used_by_one_protocol_at_a_time() {
     let joined: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &join("grpc-side"));
     assert_eq!(joined.error_code, 23, "INCONSISTENT_GROUP_PROTOCOL");
 }
+
+#[tokio::test]
+async fn committed_offsets_of_a_kafka_group_with_members_do_not_expire() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        GroupId, JoinGroupRequest, JoinGroupResponse, OffsetCommitRequest, OffsetCommitResponse,
+        SyncGroupRequest, SyncGroupResponse,
+    };
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--offsets-retention-ms",
+        "1s",
+        "--retention-check-ms",
+        "100ms",
+    ]);
+    let kafka = broker.kafka_addr().expect("the Kafka address");
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, "kept", 1, v1::TopicConfig::default()).await;
+    let records = (0..3).map(|i| record(None, &[i])).collect();
+    let mut data = broker.client().await;
+    data.produce(produce_records("kept", 0, records))
+        .await
+        .expect("produce");
+    // A Kafka member joins "members" (session 30 s: it stays a member for the whole
+    // test without heartbeats), owns kept/0 and commits offset 2.
+    let mut raw = Raw::connect(kafka);
+    let joined: JoinGroupResponse = raw.call(
+        ApiKey::JoinGroup,
+        5,
+        &JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("members")))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("range"))
+                .with_metadata(Bytes::from_static(b"\0\0\0\0\0\x01\0\x04kept\0\0\0\0"))]),
+    );
+    assert_eq!(joined.error_code, 0);
+    let assignment = Bytes::from_static(b"\0\0\0\0\0\x01\0\x04kept\0\0\0\x01\0\0\0\0\0\0\0\0");
+    let synced: SyncGroupResponse = raw.call(
+        ApiKey::SyncGroup,
+        3,
+        &SyncGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("members")))
+            .with_generation_id(joined.generation_id)
+            .with_member_id(joined.member_id.clone())
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(joined.member_id.clone())
+                .with_assignment(assignment)]),
+    );
+    assert_eq!(synced.error_code, 0);
+    let committed: OffsetCommitResponse = raw.call(
+        ApiKey::OffsetCommit,
+        2,
+        &OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("members")))
+            .with_generation_id_or_member_epoch(joined.generation_id)
+            .with_member_id(joined.member_id.clone())
+            .with_retention_time_ms(-1)
+            .with_topics(vec![OffsetCommitRequestTopic::default()
+                .with_name(name("kept"))
+                .with_partitions(vec![OffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(2)])]),
+    );
+    assert_eq!(committed.topics[0].partitions[0].error_code, 0);
+    // A group without members commits after it: once its offsets expire, the retention
+    // has passed for the Kafka group's commit too.
+    let mut groups = broker.groups().await;
+    groups
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "empty".into(),
+            offsets: vec![v1::PartitionOffset {
+                topic: "kept".into(),
+                partition: 0,
+                offset: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("a commit from outside the group");
+    let describe = |group: &str| v1::DescribeGroupRequest {
+        group: group.into(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match admin.describe_group(describe("empty")).await {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            other => {
+                other.expect("the empty group exists until its offsets expire");
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the empty group never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let described = admin
+        .describe_group(describe("members"))
+        .await
+        .expect("the Kafka group is still there")
+        .into_inner();
+    assert_eq!(described.partitions.len(), 1);
+    assert_eq!(described.partitions[0].committed_offset, Some(2));
+}

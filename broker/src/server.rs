@@ -63,6 +63,9 @@ pub async fn serve(
     broker
         .coordinator()
         .set_limits(config.limits.group_members, config.limits.groups);
+    broker
+        .kafka_members()
+        .set_limits(config.limits.group_members, config.limits.groups);
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;

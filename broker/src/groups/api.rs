@@ -364,6 +364,11 @@ pub async fn expire_offsets(
             activity.last_active_ms.insert(view.name, now_ms);
         }
     }
+    // Groups joined over the Kafka protocol have their members there, not in the
+    // coordinator: their offsets are kept as long as they have members too.
+    for (group, _state) in broker.kafka_members().active() {
+        activity.last_active_ms.insert(group, now_ms);
+    }
     let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     let expired = |group: &str| {
         let newest_commit = broker
@@ -390,7 +395,9 @@ pub async fn expire_offsets(
         let Ok(_exclusive) = broker.coordinator().exclusive(&group, "expire") else {
             continue;
         };
-        if !expired(&group) {
+        // A Kafka member may have joined since the round began (Kafka joins do not
+        // take the coordinator's hold).
+        if !expired(&group) || broker.kafka_members().has_members(&group) {
             continue;
         }
         match broker.offsets().delete_group(&group).await {

@@ -8,7 +8,7 @@
 //! time: a Kafka join to a group with gRPC members is refused.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -261,14 +261,56 @@ pub struct GroupView {
 }
 
 /// The Kafka groups of one broker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Coordinator {
     groups: Mutex<HashMap<String, Group>>,
     changed: Notify,
     next_member: AtomicU64,
+    /// Most members of one group ([`Coordinator::set_limits`]; none by default).
+    max_members: AtomicUsize,
+    /// Most Kafka groups with members.
+    max_groups: AtomicUsize,
+}
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        Coordinator {
+            groups: Mutex::default(),
+            changed: Notify::new(),
+            next_member: AtomicU64::new(0),
+            max_members: AtomicUsize::new(usize::MAX),
+            max_groups: AtomicUsize::new(usize::MAX),
+        }
+    }
 }
 
 impl Coordinator {
+    /// Limits joins as the gRPC coordinator's limits do (`max_group_members`,
+    /// `max_groups`, counted over the Kafka groups): a join beyond either is refused
+    /// with GROUP_MAX_SIZE_REACHED, which clients report as fatal; members already in
+    /// are not affected.
+    pub fn set_limits(&self, max_members: usize, max_groups: usize) {
+        self.max_members.store(max_members, Ordering::Relaxed);
+        self.max_groups.store(max_groups, Ordering::Relaxed);
+    }
+
+    /// The limit a join of `member_id` to `group_name` would pass, if any.
+    fn join_beyond_limits(
+        &self,
+        groups: &HashMap<String, Group>,
+        group_name: &str,
+        member_id: &str,
+    ) -> Option<&'static str> {
+        match groups.get(group_name).filter(|g| !g.members.is_empty()) {
+            Some(group) => (!group.members.contains_key(member_id)
+                && group.members.len() >= self.max_members.load(Ordering::Relaxed))
+            .then_some("max_group_members"),
+            None => (groups.values().filter(|g| !g.members.is_empty()).count()
+                >= self.max_groups.load(Ordering::Relaxed))
+            .then_some("max_groups"),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
         self.groups.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -303,6 +345,10 @@ impl Coordinator {
         };
         let started = {
             let mut groups = self.lock();
+            if let Some(limit) = self.join_beyond_limits(&groups, &join.group, &member_id) {
+                tracing::warn!(group = %join.group, limit, "refused a Kafka join beyond a limit");
+                return fail(K::GroupMaxSizeReached, &member_id);
+            }
             let group = groups.entry(join.group.clone()).or_insert_with(Group::new);
             if !join.member_id.is_empty() && !group.members.contains_key(&join.member_id) {
                 return fail(K::UnknownMemberId, &join.member_id);
@@ -693,6 +739,19 @@ mod tests {
             protocol_type: "consumer".into(),
             protocols: vec![("range".into(), Bytes::from_static(b"m"))],
         }
+    }
+
+    #[tokio::test]
+    async fn joins_beyond_the_group_limits_are_refused() {
+        let c = Coordinator::default();
+        c.set_limits(1, 1);
+        let first = c.join(join("g", "")).await;
+        assert_eq!(first.error, 0);
+        let code = K::GroupMaxSizeReached.code();
+        assert_eq!(c.join(join("g", "")).await.error, code, "a second member");
+        assert_eq!(c.join(join("h", "")).await.error, code, "a second group");
+        // The member already in rejoins as before.
+        assert_eq!(c.join(join("g", &first.member_id)).await.error, 0);
     }
 
     #[tokio::test]

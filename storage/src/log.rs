@@ -21,7 +21,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -31,6 +30,7 @@ use crate::batch::{set_base_offset, Batch, BatchHeader, BATCH_HEADER_LEN};
 use crate::checkpoint::{Checkpoint, CHECKPOINT_FILE};
 use crate::config::{Durability, LogConfig};
 use crate::error::{io_at, Error, Result};
+use crate::fault;
 use crate::index::{Index, OffsetEntry, TimeEntry};
 use crate::segment::{
     open_for_write, segment_path, FileCache, Segment, INDEX_EXT, LOG_EXT, TIME_INDEX_EXT,
@@ -215,6 +215,31 @@ pub struct Log {
     /// segment rolls). Drained by the writer after each commit, so it stays short.
     fsyncs: Vec<Duration>,
     poisoned: bool,
+    recovery: LogRecovery,
+}
+
+/// What [`Log::open`] found: whether anything written before may be gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRecovery {
+    /// The log was closed cleanly last time, so nothing it had published is missing.
+    pub clean: bool,
+    /// Bytes cut off the end of the active segment: a torn or unsynced tail, or batches
+    /// that failed their checks.
+    pub truncated_bytes: u64,
+    /// The high watermark after recovery. When the log was not closed cleanly, records
+    /// the previous run published at or above it may have been lost (under `interval`
+    /// and `none`, a crash loses what was not yet fsynced) and their offsets are given
+    /// to new records: this is the report of that loss.
+    pub recovered_to: u64,
+}
+
+impl LogRecovery {
+    /// True when records the previous run published at or above
+    /// [`LogRecovery::recovered_to`] may be gone: the log was not closed cleanly. Under
+    /// the `fsync` policy nothing acknowledged is ever among them.
+    pub fn may_have_lost_records(&self) -> bool {
+        !self.clean
+    }
 }
 
 impl std::fmt::Debug for Log {
@@ -234,13 +259,7 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, config: LogConfig, files: &FileCache) -> Result<Log> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        let created = !dir.exists();
-        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        if created {
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-        }
+        create_dir_all_durable(&dir)?;
         let bases = list_segments(&dir)?;
         let checkpoint = Checkpoint::read(&dir).map_err(io_at(&dir.join(CHECKPOINT_FILE)))?;
 
@@ -249,10 +268,13 @@ impl Log {
             segments.push(Arc::new(open_sealed(&dir, pair[0], pair[1], &config)?));
         }
         let active_base = bases.last().copied().unwrap_or(0);
-        let active = recover_active(&dir, active_base, checkpoint, &config)?;
+        let (active, recovery) = recover_active(&dir, active_base, checkpoint, &config)?;
         let high_watermark = active.next_offset;
         segments.push(Arc::clone(&active.segment));
-        if bases.is_empty() {
+        // After an unclean stop, files may have been created (a roll that failed before
+        // its directory fsync) whose names are not durable yet: new data would go into
+        // a file a power loss can take away with its name.
+        if bases.is_empty() || !recovery.clean {
             sync_dir(&dir)?;
         }
 
@@ -271,6 +293,7 @@ impl Log {
             last_sync: Instant::now(),
             fsyncs: Vec::new(),
             poisoned: false,
+            recovery,
         };
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
         // and the next recovery starts from what this one established.
@@ -279,6 +302,12 @@ impl Log {
             sync_dir(&log.reader.shared.dir)?;
         }
         Ok(log)
+    }
+
+    /// What opening the log found: whether the previous run ended cleanly and where
+    /// recovery put the high watermark.
+    pub fn recovery(&self) -> LogRecovery {
+        self.recovery
     }
 
     /// A read handle; clone it to read from other threads.
@@ -571,10 +600,9 @@ impl Log {
         if active.staged.is_empty() {
             return Ok(());
         }
-        active
-            .file
-            .write_all_at(&active.staged, active.written)
-            .map_err(io_at(&active.segment.log_path))?;
+        let path = &active.segment.log_path;
+        fault::write_all_at(&active.file, path, &active.staged, active.written)
+            .map_err(io_at(path))?;
         active.written += active.staged.len() as u64;
         active.staged.clear();
         Ok(())
@@ -586,14 +614,8 @@ impl Log {
         let active = &mut self.active;
         if active.synced < active.written {
             let started = Instant::now();
-            if let Err(e) = active.file.sync_data() {
-                // After a failed fsync the kernel may have dropped the dirty pages or
-                // marked them clean without writing them: bytes after `synced` can read
-                // back fine now and be gone after a power loss. Cut them off so that
-                // recovery cannot build acknowledged batches on top of them. Under the
-                // fsync policy they were never published; the log is poisoned next.
-                let _ = active.file.set_len(active.synced);
-                return Err(io_at(&active.segment.log_path)(e));
+            if let Err(e) = fault::sync_data(&active.file, &active.segment.log_path) {
+                return Err(sync_failed(active, e));
             }
             active.synced = active.written;
             if self.fsyncs.len() < FSYNCS_KEPT_MAX {
@@ -652,6 +674,40 @@ impl Log {
         active.checkpointed = active.written;
         Ok(())
     }
+}
+
+/// The error of a failed fsync of the active segment, after cutting what it may have
+/// lost and nobody was told about.
+///
+/// After a failed fsync the kernel may have dropped the dirty pages or marked them clean
+/// without writing them: bytes after `synced` read back fine now and can be gone after a
+/// power loss. Bytes that were never published (under `fsync`, everything unsynced) are
+/// cut, so recovery cannot turn batches whose producers got an error into records.
+/// Published bytes are kept whatever the policy: under `interval` and `none` they were
+/// acknowledged and may have been served, and cutting them would make later reads of
+/// their offsets fail and a restart give the offsets to new records. The log is poisoned
+/// next (fail-stop); a restart runs recovery, which keeps whatever reached the disk.
+fn sync_failed(active: &Active, e: io::Error) -> Error {
+    let path = &active.segment.log_path;
+    let keep = active.synced.max(active.segment.readable_len());
+    if keep < active.written {
+        if let Err(cut) = fault::set_len(&active.file, path, keep) {
+            // Not ignored: the error says the unacknowledged tail may come back.
+            return Error::Io {
+                path: path.clone(),
+                source: io::Error::new(
+                    e.kind(),
+                    format!(
+                        "fsync failed ({e}), then cutting the {} unacknowledged bytes after \
+                         byte {keep} failed too ({cut}): after a restart, recovery may keep \
+                         batches whose producers were told they failed",
+                        active.written - keep
+                    ),
+                ),
+            };
+        }
+    }
+    io_at(path)(e)
 }
 
 impl LogReader {
@@ -754,8 +810,13 @@ impl LogReader {
         let want = (budget.max(first.size) as u64).min(readable - position) as usize;
         let start = result.batches.len();
         result.batches.resize(start + want, 0);
-        file.read_exact_at(&mut result.batches[start..], position)
-            .map_err(io_at(&segment.log_path))?;
+        fault::read_exact_at(
+            &file,
+            &segment.log_path,
+            &mut result.batches[start..],
+            position,
+        )
+        .map_err(io_at(&segment.log_path))?;
 
         // Keep whole, checked batches below the high watermark.
         let mut kept = 0;
@@ -861,7 +922,7 @@ impl LogReader {
                 }
                 if header.max_timestamp >= timestamp {
                     buf.resize(header.size, 0);
-                    file.read_exact_at(&mut buf, position)
+                    fault::read_exact_at(&file, &segment.log_path, &mut buf, position)
                         .map_err(io_at(&segment.log_path))?;
                     let batch =
                         Batch::new(&buf).map_err(|e| segment.corrupted(position, e.to_string()))?;
@@ -888,13 +949,37 @@ pub fn now_ms() -> i64 {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    fault::sync_dir(dir).map_err(io_at(dir))
+}
+
+/// Creates `dir` and its missing ancestors, fsyncing the parent of every level it
+/// creates, so that after a crash the whole path is there, not only its last level.
+pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut level = dir;
+    while !level.as_os_str().is_empty() && !level.is_dir() {
+        missing.push(level);
+        match level.parent() {
+            Some(parent) => level = parent,
+            None => break,
+        }
+    }
+    for level in missing.into_iter().rev() {
+        match fault::create_dir(level) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && level.is_dir() => {}
+            result => result.map_err(io_at(level))?,
+        }
+        let parent = match level.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
+    match fault::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_at(path)(e)),
         _ => Ok(()),
     }
@@ -1067,8 +1152,7 @@ impl Chunk<'_> {
         if position < self.start || position + len as u64 > self.start + self.buf.len() as u64 {
             let read = (len.max(SCAN_CHUNK_BYTES) as u64).min(self.end - position) as usize;
             self.buf.resize(read, 0);
-            self.file
-                .read_exact_at(&mut self.buf, position)
+            fault::read_exact_at(self.file, self.path, &mut self.buf, position)
                 .map_err(io_at(self.path))?;
             self.start = position;
         }
@@ -1084,7 +1168,7 @@ fn recover_active(
     base: u64,
     checkpoint: Option<Checkpoint>,
     config: &LogConfig,
-) -> Result<Active> {
+) -> Result<(Active, LogRecovery)> {
     let log_path = segment_path(dir, base, LOG_EXT);
     let file = open_for_write(&log_path, true)?;
     let file_len = file.metadata().map_err(io_at(&log_path))?.len();
@@ -1153,14 +1237,19 @@ fn recover_active(
         )?
     };
     if end.position < file_len {
-        file.set_len(end.position).map_err(io_at(&log_path))?;
+        fault::set_len(&file, &log_path, end.position).map_err(io_at(&log_path))?;
     }
     if !clean {
-        file.sync_data().map_err(io_at(&log_path))?;
+        fault::sync_data(&file, &log_path).map_err(io_at(&log_path))?;
         segment.sync_indexes()?;
     }
     segment.publish(end.position, index.max_timestamp);
-    Ok(Active {
+    let recovery = LogRecovery {
+        clean,
+        truncated_bytes: file_len - end.position,
+        recovered_to: end.next_offset,
+    };
+    let active = Active {
         segment: Arc::new(segment),
         file,
         written: end.position,
@@ -1170,7 +1259,8 @@ fn recover_active(
         next_offset: end.next_offset,
         index,
         created_ms,
-    })
+    };
+    Ok((active, recovery))
 }
 
 #[cfg(test)]

@@ -32,11 +32,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::batch::{batches, BatchHeader, NO_PRODUCER_ID};
 use crate::error::{io_at, Error, Result};
+use crate::fault;
 use crate::log::LogReader;
 
 /// Batches remembered per producer and partition: a retry of any of them is recognised
@@ -427,17 +428,15 @@ impl ProducerStates {
     pub fn write_snapshot(&self, dir: &Path, covers: u64, sync: bool) -> Result<()> {
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
         let path = dir.join(SNAPSHOT_FILE);
-        let mut file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        file.write_all(&self.encode(covers)).map_err(io_at(&tmp))?;
+        let file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        fault::write_all_at(&file, &tmp, &self.encode(covers), 0).map_err(io_at(&tmp))?;
         if sync {
-            file.sync_data().map_err(io_at(&tmp))?;
+            fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
         }
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        fault::rename(&tmp, &path).map_err(io_at(&path))?;
         if sync {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_at(dir))?;
+            fault::sync_dir(dir).map_err(io_at(dir))?;
         }
         Ok(())
     }
@@ -553,7 +552,7 @@ enum LoadedSnapshot {
 }
 
 fn load_snapshot(dir: &Path) -> LoadedSnapshot {
-    match fs::read(dir.join(SNAPSHOT_FILE)) {
+    match fault::read(&dir.join(SNAPSHOT_FILE)) {
         Ok(bytes) => match ProducerStates::decode(&bytes) {
             Ok((states, covers)) => LoadedSnapshot::Valid(states, covers),
             Err(reason) => LoadedSnapshot::Unusable(reason),
@@ -627,7 +626,7 @@ impl ProducerIds {
     /// sequence state.
     pub fn open(dir: &Path) -> Result<ProducerIds> {
         let path = dir.join(PRODUCER_IDS_FILE);
-        let reserved = match fs::read(&path) {
+        let reserved = match fault::read(&path) {
             Ok(bytes) => decode_ids(&bytes).map_err(|reason| Error::Corrupted {
                 path: path.clone(),
                 position: 0,
@@ -685,14 +684,12 @@ impl ProducerIds {
     fn write(&self, bound: i64) -> Result<()> {
         let tmp = self.dir.join(PRODUCER_IDS_TMP_FILE);
         let path = self.dir.join(PRODUCER_IDS_FILE);
-        let mut file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        file.write_all(&encode_ids(bound)).map_err(io_at(&tmp))?;
-        file.sync_data().map_err(io_at(&tmp))?;
+        let file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        fault::write_all_at(&file, &tmp, &encode_ids(bound), 0).map_err(io_at(&tmp))?;
+        fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_at(&self.dir))
+        fault::rename(&tmp, &path).map_err(io_at(&path))?;
+        fault::sync_dir(&self.dir).map_err(io_at(&self.dir))
     }
 }
 

@@ -231,6 +231,10 @@ pub struct LogRecovery {
     /// and `none`, a crash loses what was not yet fsynced) and their offsets are given
     /// to new records: this is the report of that loss.
     pub recovered_to: u64,
+    /// Sealed segments that do not hold every offset up to the next segment in whole
+    /// batches: a short or missing file, or damaged bytes. Reads of the offsets they
+    /// lack report [`Error::Corrupted`].
+    pub damaged_segments: u32,
 }
 
 impl LogRecovery {
@@ -264,11 +268,15 @@ impl Log {
         let checkpoint = Checkpoint::read(&dir).map_err(io_at(&dir.join(CHECKPOINT_FILE)))?;
 
         let mut segments = Vec::with_capacity(bases.len().max(1));
+        let mut damaged = 0;
         for pair in bases.windows(2) {
-            segments.push(Arc::new(open_sealed(&dir, pair[0], pair[1], &config)?));
+            let (segment, damage) = open_sealed(&dir, pair[0], pair[1], &config)?;
+            damaged += u32::from(damage);
+            segments.push(Arc::new(segment));
         }
         let active_base = bases.last().copied().unwrap_or(0);
-        let (active, recovery) = recover_active(&dir, active_base, checkpoint, &config)?;
+        let (active, mut recovery) = recover_active(&dir, active_base, checkpoint, &config)?;
+        recovery.damaged_segments = damaged;
         let high_watermark = active.next_offset;
         segments.push(Arc::clone(&active.segment));
         // After an unclean stop, files may have been created (a roll that failed before
@@ -762,14 +770,31 @@ impl LogReader {
             earliest_offset,
         };
         let first = segments.partition_point(|s| s.base_offset <= from) - 1;
-        for segment in &segments[first..] {
+        for (i, segment) in segments.iter().enumerate().skip(first) {
             let full = !result.batches.is_empty() && result.batches.len() >= max_bytes;
             if result.next_offset >= high_watermark || full {
                 break;
             }
-            let reached_end = self.read_segment(segment, max_bytes, &mut result)?;
-            if !reached_end {
-                break;
+            let kept = result.batches.len();
+            match self.read_segment(segment, max_bytes, &mut result) {
+                // A segment that ends before the next one begins (a short or missing
+                // file): the next read starts in the hole and reports it.
+                Ok(true)
+                    if segments
+                        .get(i + 1)
+                        .is_some_and(|s| s.base_offset != result.next_offset) =>
+                {
+                    break
+                }
+                Ok(true) => {}
+                Ok(false) => break,
+                // Good batches before damage are returned; the next read, which starts
+                // at the damage, gets the error.
+                Err(Error::Corrupted { .. }) if kept > 0 => {
+                    result.batches.truncate(kept);
+                    break;
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(result)
@@ -792,7 +817,7 @@ impl LogReader {
         let mut position = segment.index_position(from);
         let first = loop {
             if position + BATCH_HEADER_LEN as u64 > readable {
-                return Ok(true);
+                return Err(missing(segment, from, position));
             }
             let header = segment.read_header(&file, position)?;
             if header.last_offset() >= from {
@@ -800,6 +825,9 @@ impl LogReader {
             }
             position += header.size as u64;
         };
+        if first.base_offset > from {
+            return Err(missing(segment, from, position));
+        }
         if first.base_offset >= high_watermark {
             return Ok(false);
         }
@@ -822,34 +850,50 @@ impl LogReader {
         let mut kept = 0;
         let mut rest = &result.batches[start..];
         let mut expected = first.base_offset;
+        let mut damage = None;
         while rest.len() >= BATCH_HEADER_LEN {
             let at = position + kept as u64;
-            let header =
-                BatchHeader::parse(rest).map_err(|e| segment.corrupted(at, e.to_string()))?;
+            let header = match BatchHeader::parse(rest) {
+                Ok(header) => header,
+                Err(e) => {
+                    damage = Some(segment.corrupted(at, e.to_string()));
+                    break;
+                }
+            };
             if header.base_offset >= high_watermark || header.size > rest.len() {
                 break;
             }
-            let (batch, tail) =
-                Batch::split_first(rest).map_err(|e| segment.corrupted(at, e.to_string()))?;
+            let (batch, tail) = match Batch::split_first(rest) {
+                Ok(split) => split,
+                Err(e) => {
+                    damage = Some(segment.corrupted(at, e.to_string()));
+                    break;
+                }
+            };
             if batch.header().base_offset != expected {
-                return Err(segment.corrupted(
+                damage = Some(segment.corrupted(
                     at,
                     format!(
                         "batch has base offset {} where {expected} was expected",
                         batch.header().base_offset
                     ),
                 ));
+                break;
             }
             expected = batch.header().next_offset();
             kept += batch.as_bytes().len();
             rest = tail;
         }
-        if kept == 0 {
-            return Err(segment.corrupted(position, "batch runs past the published end".into()));
-        }
         result.batches.truncate(start + kept);
+        if kept == 0 {
+            return Err(damage.unwrap_or_else(|| {
+                segment.corrupted(position, "batch runs past the published end".into())
+            }));
+        }
         result.next_offset = expected;
-        Ok(position + kept as u64 == readable)
+        // Stop before damage: the good batches are returned, and the next read starts
+        // at the damage and gets the error.
+        Ok(damage.is_none() && position + kept as u64 == readable)
     }
 
     /// The segment's read handle; a segment deleted by retention since the snapshot
@@ -895,10 +939,7 @@ impl LogReader {
             }
             position += header.size as u64;
         }
-        Err(segment.corrupted(
-            position,
-            format!("offset {offset} is below the high watermark but past the segment's end"),
-        ))
+        Err(missing(segment, offset, position))
     }
 
     /// The first offset, in log order, whose record timestamp is at or after
@@ -939,6 +980,19 @@ impl LogReader {
         }
         Ok(None)
     }
+}
+
+/// The error for an offset below the high watermark that the segment which should hold
+/// it does not: its file is short, or the segment holding it is missing.
+fn missing(segment: &Segment, offset: u64, position: u64) -> Error {
+    segment.corrupted(
+        position,
+        format!(
+            "offset {offset} is below the high watermark but the segment ends before it: \
+             the segment file is short or a segment file after it is missing (restore the \
+             partition directory from a backup or a replica)"
+        ),
+    )
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -1033,7 +1087,16 @@ fn create_segment(dir: &Path, base: u64, config: &LogConfig) -> Result<Segment> 
 
 /// Opens a sealed segment, trusting its indexes after a cheap check of their last
 /// entries and rebuilding them from the log when that check fails.
-fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Result<Segment> {
+/// Returns the segment and whether it is damaged: it does not hold exactly the offsets
+/// from its base to `next_base` in whole batches (a short or missing file, bit rot).
+/// Only the whole batches before the damage are readable; reads of the others report
+/// [`Error::Corrupted`].
+fn open_sealed(
+    dir: &Path,
+    base: u64,
+    next_base: u64,
+    config: &LogConfig,
+) -> Result<(Segment, bool)> {
     let log_path = segment_path(dir, base, LOG_EXT);
     let log_len = fs::metadata(&log_path).map_err(io_at(&log_path))?.len();
     let span = next_base - base;
@@ -1053,14 +1116,36 @@ fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Res
     });
     if let (Some(offsets), Some(times)) = (offsets, times) {
         let max_timestamp = times.last().map_or(i64::MIN, |e| e.timestamp);
-        return Ok(Segment::new(
-            dir,
-            base,
-            offsets,
-            times,
-            log_len,
-            max_timestamp,
-        ));
+        let segment = Segment::new(dir, base, offsets, times, log_len, max_timestamp);
+        // Walk the headers after the last index entry: the last batch must end at the
+        // file's end and just before the next segment's base offset.
+        let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
+        let last = segment.offsets.last().map_or(0, |e| u64::from(e.position));
+        let mut chunk = Chunk {
+            file: &file,
+            path: &log_path,
+            end: log_len,
+            buf: Vec::new(),
+            start: last,
+        };
+        let mut position = last;
+        let mut next_offset = None;
+        while let Some(bytes) = chunk.get(position, BATCH_HEADER_LEN)? {
+            let Ok(header) = BatchHeader::parse(bytes) else {
+                // Damage inside: reads that reach it report it.
+                return Ok((segment, true));
+            };
+            if position + header.size as u64 > log_len {
+                break;
+            }
+            position += header.size as u64;
+            next_offset = Some(header.next_offset());
+        }
+        let whole = position == log_len && next_offset == Some(next_base);
+        if !whole {
+            segment.publish(position, max_timestamp);
+        }
+        return Ok((segment, !whole));
     }
 
     // Rebuild both indexes with a full scan of this one segment.
@@ -1069,13 +1154,15 @@ fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Res
     let segment = create_segment(dir, base, config)?;
     let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
     let mut index = IndexState::resume(&segment, 0, i64::MIN);
-    // A sealed segment is never truncated (the next one starts at `next_base`); if it
-    // holds damage, reads past the damage report it as corruption.
-    scan(&file, &segment, &mut index, 0, base, log_len, config)?;
+    // A sealed segment is never truncated (the next one starts at `next_base`), but
+    // only its valid batches are readable: reads of offsets past damage, or missing
+    // because the file is short, report corruption.
+    let end = scan(&file, &segment, &mut index, 0, base, log_len, config)?;
     index.finish(&segment)?;
     segment.seal_indexes()?;
-    segment.publish(log_len, index.max_timestamp);
-    Ok(segment)
+    segment.publish(end.position, index.max_timestamp);
+    let whole = end.position == log_len && end.next_offset == next_base;
+    Ok((segment, !whole))
 }
 
 fn open_sealed_index<E: crate::index::Entry>(path: &Path) -> Result<Option<Index<E>>> {
@@ -1248,6 +1335,7 @@ fn recover_active(
         clean,
         truncated_bytes: file_len - end.position,
         recovered_to: end.next_offset,
+        damaged_segments: 0,
     };
     let active = Active {
         segment: Arc::new(segment),

@@ -55,6 +55,23 @@ pub struct AppendInfo {
     pub max_timestamp: i64,
 }
 
+/// The answer of [`LogReader::offset_for_timestamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimestampLookup {
+    /// The first offset whose record timestamp is at or after the one asked for.
+    pub found: Option<u64>,
+    /// The high watermark the search went up to.
+    pub high_watermark: u64,
+}
+
+impl TimestampLookup {
+    /// The offset to start consuming from: the one found, else the high watermark the
+    /// search went up to (records after it are newer).
+    pub fn offset(&self) -> u64 {
+        self.found.unwrap_or(self.high_watermark)
+    }
+}
+
 /// The answer to a read: whole batches, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReadResult {
@@ -943,9 +960,19 @@ impl LogReader {
     }
 
     /// The first offset, in log order, whose record timestamp is at or after
-    /// `timestamp`; `None` when no published record is that new.
-    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+    /// `timestamp`, searched up to the high watermark loaded when the call began. When
+    /// no record below it is that new, the answer is that high watermark: not one loaded
+    /// later, which could be past records appended meanwhile that match.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<TimestampLookup> {
         let high_watermark = self.high_watermark();
+        let found = self.find_timestamp(timestamp, high_watermark)?;
+        Ok(TimestampLookup {
+            found,
+            high_watermark,
+        })
+    }
+
+    fn find_timestamp(&self, timestamp: i64, high_watermark: u64) -> Result<Option<u64>> {
         let segments = self.shared.segments();
         let mut buf = Vec::new();
         for segment in segments.iter() {
@@ -962,6 +989,16 @@ impl LogReader {
                     return Ok(None);
                 }
                 if header.max_timestamp >= timestamp {
+                    // Check the length field before trusting it with an allocation.
+                    if position + header.size as u64 > readable {
+                        return Err(segment.corrupted(
+                            position,
+                            format!(
+                                "batch of {} bytes runs past the segment's {readable} bytes",
+                                header.size
+                            ),
+                        ));
+                    }
                     buf.resize(header.size, 0);
                     fault::read_exact_at(&file, &segment.log_path, &mut buf, position)
                         .map_err(io_at(&segment.log_path))?;
@@ -1479,9 +1516,61 @@ mod tests {
         }
         for target in -1..=stamps.iter().max().copied().unwrap_or(0) + 1 {
             let scan = stamps.iter().position(|&ts| ts >= target).map(|i| i as u64);
-            let found = log.reader().offset_for_timestamp(target).expect("lookup");
+            let found = log
+                .reader()
+                .offset_for_timestamp(target)
+                .expect("lookup")
+                .found;
             assert_eq!(found, scan, "target {target}");
         }
+    }
+
+    /// A lookup that finds nothing answers the high watermark it searched to, never one
+    /// past a matching record appended while it ran (which a consumer would skip).
+    #[test]
+    fn timestamp_lookup_answers_the_watermark_it_searched_to() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        for i in 0..50 {
+            log.append(&batch(&["old"], i)).expect("append");
+        }
+        let reader = log.reader().clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for _ in 0..300 {
+                    log.append(&batch(&["new"], 1_000)).expect("append");
+                }
+            });
+            loop {
+                let lookup = reader.offset_for_timestamp(1_000).expect("lookup");
+                assert!(lookup.offset() <= 50, "{lookup:?} skips offset 50");
+                if lookup.found.is_some() {
+                    assert_eq!(lookup.found, Some(50));
+                    break;
+                }
+            }
+        });
+    }
+
+    /// A damaged length field makes the lookup report corruption; it used to size a
+    /// buffer from it first (up to 2 GiB per call).
+    #[test]
+    fn timestamp_lookup_checks_a_batch_length_before_using_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        for i in 0..40 {
+            log.append(&batch(&["0123456789"; 3], i)).expect("append");
+        }
+        let second = log.reader().shared.segments()[1].base_offset;
+        log.close().expect("close");
+        let path = segment_path(dir.path(), second, LOG_EXT);
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[8..12].copy_from_slice(&0x7fff_0000i32.to_be_bytes());
+        fs::write(&path, &bytes).expect("write");
+        let log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("reopen");
+        // Three records per batch, the batch index as timestamp.
+        let result = log.reader().offset_for_timestamp((second / 3) as i64);
+        assert!(matches!(result, Err(Error::Corrupted { .. })), "{result:?}");
     }
 
     #[test]

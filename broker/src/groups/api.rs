@@ -273,9 +273,7 @@ pub async fn reset_offsets(
             ResetTo::Earliest => earliest,
             ResetTo::Latest => latest,
             ResetTo::Timestamp(at) => tokio::task::spawn_blocking(move || {
-                reader
-                    .offset_for_timestamp(at)
-                    .map(|found| found.unwrap_or(latest))
+                reader.offset_for_timestamp(at).map(|l| l.offset())
             })
             .await
             .map_err(|_| Error::ShuttingDown)??,

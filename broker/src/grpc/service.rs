@@ -337,11 +337,7 @@ impl admin_server::Admin for Service {
                     Ok(v1::OffsetSpec::Latest) => reader.high_watermark(),
                     Ok(v1::OffsetSpec::Timestamp) => {
                         let at = request.timestamp_ms;
-                        blocking(move || {
-                            let found = reader.offset_for_timestamp(at)?;
-                            Ok(found.unwrap_or_else(|| reader.high_watermark()))
-                        })
-                        .await?
+                        blocking(move || Ok(reader.offset_for_timestamp(at)?.offset())).await?
                     }
                     Err(_) => {
                         return Err(Error::InvalidArgument(format!(

@@ -526,8 +526,13 @@ impl Recovery {
     /// True when the snapshot on disk does not describe the recovered state exactly, so
     /// a new one should be written before the log changes: a rejected snapshot must never
     /// be trusted later, and a long replay should not be repeated at the next open.
+    ///
+    /// False when the replay failed: the state is then empty, and a snapshot of it would
+    /// replace a good one for good, where the next open, or one after the damage is
+    /// repaired or expired, could still use it.
     pub fn needs_snapshot(&self) -> bool {
-        self.replayed_batches > 0 || matches!(self.snapshot, SnapshotUse::Rejected(_))
+        self.replay_error.is_none()
+            && (self.replayed_batches > 0 || matches!(self.snapshot, SnapshotUse::Rejected(_)))
     }
 }
 
@@ -1042,6 +1047,41 @@ mod tests {
         let (_, recovery) = ProducerStates::recover(log.reader(), 50);
         assert!(matches!(recovery.snapshot, SnapshotUse::Rejected(_)));
         log.close().expect("close");
+    }
+
+    /// A replay that fails halfway (a damaged batch after the snapshot) leaves the state
+    /// empty, and must not ask for that empty state to replace the good snapshot.
+    #[test]
+    fn a_failed_replay_keeps_the_good_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::new(4);
+        let mut log = Log::open(dir.path(), log_config(), &files).expect("open");
+        let states = fill(&mut log);
+        states
+            .write_snapshot(dir.path(), log.next_offset(), true)
+            .expect("snapshot");
+        for sequence in [0, 2, 4] {
+            log.append(&idempotent_batch(9, sequence, 2))
+                .expect("append");
+        }
+        log.close().expect("close");
+        let active = fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .max()
+            .expect("a segment");
+        let mut bytes = fs::read(&active).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        fs::write(&active, &bytes).expect("damage");
+
+        let log = Log::open(dir.path(), log_config(), &files).expect("reopen");
+        let (recovered, recovery) = ProducerStates::recover(log.reader(), 50);
+        assert!(recovery.replay_error.is_some(), "{recovery:?}");
+        assert!(recovery.replayed_batches > 0, "the replay got partway");
+        assert!(recovered.is_empty());
+        assert!(!recovery.needs_snapshot(), "{recovery:?}");
     }
 
     #[test]

@@ -107,7 +107,8 @@ impl Partition {
             // Only recovery after a crash (a scan of the unflushed tail) takes this long.
             tracing::info!(partition = %name, took = ?opened.elapsed(), "recovered the log");
         }
-        let producers = recover_producers(&name, &log)?;
+        report_recovery(&name, &log);
+        let (producers, keep_snapshot) = recover_producers(&name, &log)?;
         let max_producer_id = producers.max_producer_id();
         let reader = log.reader().clone();
         let (commands, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -120,6 +121,7 @@ impl Partition {
             watermark,
             failed: false,
             producers,
+            keep_snapshot,
             unsnapshotted_bytes: 0,
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
@@ -220,7 +222,11 @@ impl Partition {
 /// Rebuilds the producer state of a freshly opened log, and snapshots it when the
 /// snapshot on disk did not describe it exactly: before the log changes, so a rejected
 /// snapshot can never be trusted later, and so the next open does not replay again.
-fn recover_producers(name: &str, log: &Log) -> Result<ProducerStates> {
+///
+/// Also returns whether the snapshot on disk must be kept as it is: after a failed
+/// replay it describes producers the (empty) state in memory has forgotten, so it is
+/// never replaced while this partition runs.
+fn recover_producers(name: &str, log: &Log) -> Result<(ProducerStates, bool)> {
     let started = std::time::Instant::now();
     let (producers, recovery) = ProducerStates::recover(log.reader(), now_ms());
     if let Some(error) = &recovery.replay_error {
@@ -245,7 +251,32 @@ fn recover_producers(name: &str, log: &Log) -> Result<ProducerStates> {
     if recovery.needs_snapshot() {
         producers.write_snapshot(log.reader().dir(), log.next_offset(), true)?;
     }
-    Ok(producers)
+    Ok((producers, recovery.replay_error.is_some()))
+}
+
+/// Says what opening the log found when it was not a clean restart: under `interval`
+/// and `none`, acknowledged records past the last fsync may be gone and their offsets
+/// reused; damaged sealed segments make reads of what they lack fail.
+fn report_recovery(name: &str, log: &Log) {
+    let recovery = log.recovery();
+    let durability = log.config().durability;
+    if !recovery.clean && durability != Durability::Fsync {
+        tracing::warn!(
+            partition = %name,
+            %durability,
+            from_offset = recovery.recovered_to,
+            "the partition was not shut down cleanly: records acknowledged at or after this \
+             offset that were not yet fsynced may be lost, and new records take their offsets"
+        );
+    }
+    if recovery.damaged_segments > 0 {
+        tracing::error!(
+            partition = %name,
+            segments = recovery.damaged_segments,
+            "sealed segments are short, missing or damaged: reads of the offsets they lack \
+             fail with a corruption error; restore the partition directory from a backup"
+        );
+    }
 }
 
 /// What [`Writer::write`] did with a batch.
@@ -264,6 +295,9 @@ struct Writer {
     /// is nothing to commit and nothing to report again.
     failed: bool,
     producers: ProducerStates,
+    /// The producer state replay failed at open: the snapshot on disk knows producers
+    /// this state forgot, so no snapshot replaces it.
+    keep_snapshot: bool,
     /// Bytes written since the last producer state snapshot.
     unsnapshotted_bytes: u64,
     stats: Arc<PartitionStats>,
@@ -350,6 +384,7 @@ impl Writer {
         let end = self.log.next_offset();
         let dir = self.log.reader().dir().to_path_buf();
         match self.log.close() {
+            Ok(()) if self.keep_snapshot => {}
             Ok(()) => {
                 self.producers.expire(now_ms());
                 if let Err(e) = self.producers.write_snapshot(&dir, end, true) {
@@ -371,6 +406,10 @@ impl Writer {
     /// Snapshots the producer state; everything staged is committed. A failure only
     /// makes the next recovery replay more, so it is logged, not returned.
     fn snapshot_producers(&mut self, sync: bool) {
+        if self.keep_snapshot {
+            self.unsnapshotted_bytes = 0;
+            return;
+        }
         self.producers.expire(now_ms());
         let dir = self.log.reader().dir();
         match self
@@ -529,7 +568,7 @@ mod tests {
             ..LogConfig::default()
         };
         let log = Log::open(dir, config, &FileCache::new(4)).expect("open");
-        let producers = recover_producers("t/0", &log).expect("recover");
+        let (producers, keep_snapshot) = recover_producers("t/0", &log).expect("recover");
         let (watermark, _) = watch::channel(0);
         Writer {
             name: "t/0".into(),
@@ -537,6 +576,7 @@ mod tests {
             watermark,
             failed: false,
             producers,
+            keep_snapshot,
             unsnapshotted_bytes: 0,
             stats: Arc::default(),
             metrics: Arc::default(),
@@ -605,6 +645,37 @@ mod tests {
         assert_eq!(written(&mut w, &plain.finish()), (5, 5, false, false));
         w.commit().expect("commit");
         assert_eq!(w.log.next_offset(), 6);
+    }
+
+    /// After a replay that failed on a damaged batch, neither recovery nor later
+    /// snapshots (periodic, or at close) replace the good snapshot on disk with the
+    /// emptied state.
+    #[test]
+    fn a_failed_replay_never_replaces_the_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        for sequence in [0, 2] {
+            written(&mut w, &batch(3, sequence, 2));
+        }
+        w.commit().expect("commit");
+        w.snapshot_producers(true);
+        written(&mut w, &batch(3, 4, 2));
+        w.commit().expect("commit");
+        // Closed cleanly, so the next open does not scan (and cut) the damaged tail.
+        w.log.close().expect("close");
+        let segment = dir.path().join(format!("{:020}.log", 0));
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        std::fs::write(&segment, &bytes).expect("damage");
+        let snapshot = dir.path().join(strata_storage::producer::SNAPSHOT_FILE);
+        let good = std::fs::read(&snapshot).expect("snapshot");
+
+        let mut w = writer(dir.path());
+        assert!(w.keep_snapshot);
+        assert_eq!(std::fs::read(&snapshot).expect("snapshot"), good);
+        w.snapshot_producers(true);
+        assert_eq!(std::fs::read(&snapshot).expect("snapshot"), good);
     }
 
     /// Once `checkpoint_interval_bytes` were written since the last snapshot, the writer

@@ -110,7 +110,9 @@ impl Broker {
         max_open_files: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Broker> {
-        std::fs::create_dir_all(data_dir).map_err(Error::io(data_dir))?;
+        // Every level created is fsynced into its parent: a topic made durable later
+        // must not vanish with a data directory a power loss forgot.
+        strata_storage::create_dir_all_durable(data_dir)?;
         let lock_path = data_dir.join("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -136,8 +138,7 @@ impl Broker {
             .and_then(|()| writeln!(&lock, "{}", std::process::id()))
             .map_err(Error::io(&lock_path))?;
         for sub in ["topics", "tmp", "trash"] {
-            let dir = data_dir.join(sub);
-            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+            strata_storage::create_dir_all_durable(&data_dir.join(sub))?;
         }
         // Leftovers of a create or delete that a crash interrupted.
         for sub in ["tmp", "trash"] {

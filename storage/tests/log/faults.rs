@@ -318,3 +318,28 @@ fn every_created_directory_level_survives_a_crash() {
         );
     }
 }
+
+/// When the fsync of a commit fails and cutting the unacknowledged bytes after it fails
+/// too, the error says so (the cut used to be attempted and its failure ignored): those
+/// batches may come back after a restart although their producers got an error.
+#[test]
+fn a_failed_cut_after_a_failed_fsync_is_reported() {
+    let dir = crate::common::scratch_dir();
+    let injector = Injector::new(dir.path()).expect("injector");
+    let files = FileCache::new(4);
+    let mut log = Log::open(injector.root(), config(Durability::Fsync), &files).expect("open");
+    log.append(&encode(1, 2)).expect("append");
+    log.write(&encode(2, 2)).expect("staged");
+    injector.fail_nth(Op::Sync, 1, Fault::eio());
+    injector.fail_nth(Op::SetLen, 1, Fault::eio());
+    let e = log.commit().expect_err("the fsync fails").to_string();
+    assert!(
+        e.contains("fsync failed") && e.contains("cutting the"),
+        "the failed cut is reported: {e}"
+    );
+    assert_eq!(
+        log.reader().high_watermark(),
+        2,
+        "nothing unsynced published"
+    );
+}

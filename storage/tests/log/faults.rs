@@ -343,3 +343,38 @@ fn a_failed_cut_after_a_failed_fsync_is_reported() {
         "nothing unsynced published"
     );
 }
+
+/// The promises the tests of this module check, as `docs/storage-format.md` (8.4) and
+/// `docs/protocol.md` (2.3) state them: a changed sentence must be rechecked here.
+const STORAGE_PROMISES: [&str; 6] = [
+    "Under `fsync`, every batch whose commit returned is there after a crash, with the same offsets and bytes.",
+    "Under `interval` and `none`, a crash loses the batches written since the last fsync; the log then reports an unclean stop, and their offsets go to new records.",
+    "Under every policy, after a crash or an I/O error the log holds whole batches with dense offsets: a batch is there byte for byte or not at all.",
+    "The log refuses every later write until it is reopened, and what it had published stays readable.",
+    "A failed fsync cuts only bytes that were never published: under every policy, a published batch keeps its offsets while the log runs and after a restart.",
+    "If cutting the unpublished bytes fails too, the error says so: those batches may come back after a restart.",
+];
+
+const PROTOCOL_PROMISES: [&str; 3] = [
+    "Under `fsync`, an acknowledged batch survives any crash and any I/O error, with its offsets.",
+    "Under `interval` and `none`, an acknowledged batch survives a `kill -9` and an I/O error, but a power loss or OS crash can take the batches acknowledged since the last fsync; the broker then logs that the partition was not shut down cleanly, and their offsets go to new records.",
+    "After a failed write or fsync, the partition refuses produce requests until the broker restarts (`RESOURCE_EXHAUSTED` for the commit that found the disk full, `UNAVAILABLE` otherwise), and keeps serving what it had published with the same offsets.",
+];
+
+#[test]
+fn the_documents_state_the_promises_these_tests_check() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    for (file, promises) in [
+        ("storage-format.md", &STORAGE_PROMISES[..]),
+        ("protocol.md", &PROTOCOL_PROMISES[..]),
+    ] {
+        let text = std::fs::read_to_string(docs.join(file)).expect("read the document");
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        for promise in promises {
+            assert!(
+                text.contains(promise),
+                "docs/{file} no longer states: {promise}"
+            );
+        }
+    }
+}

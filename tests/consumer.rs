@@ -949,3 +949,49 @@ async fn one_trace_id_travels_from_producer_through_the_broker_to_consumers() {
     }
     payment_reader.close().await.expect("close");
 }
+
+/// Deleting one topic of a two-topic subscription removes the members that owned its
+/// partitions; their rejoin is answered NOT_FOUND. The consumer reports that once and
+/// rejoins without the deleted topic: the other topic goes on being consumed (the
+/// error used to end the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_one_subscribed_topic_keeps_the_others_consumed() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "gone", 2).await;
+    create_topic(&client, "kept", 2).await;
+    let mut consumer = client
+        .consumer_with("watchers", &["gone", "kept"], quick("watcher"))
+        .await
+        .expect("join");
+    produce(&client, "kept", "before", 5).await;
+    let mut before = 0;
+    while before < 5 {
+        if next(&mut consumer).await.value.is_some() {
+            before += 1;
+        }
+    }
+    client.admin().delete_topic("gone").await.expect("delete");
+    produce(&client, "kept", "after", 5).await;
+    let mut after = BTreeSet::new();
+    let mut not_found = 0;
+    while after.len() < 5 {
+        match within("consume", consumer.next()).await {
+            Some(Ok(record)) => {
+                let value = String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
+                    .into_owned();
+                if value.starts_with("after-") {
+                    after.insert(value);
+                }
+            }
+            Some(Err(Error::TopicNotFound { .. })) => not_found += 1,
+            Some(Err(e)) => panic!("unexpected error: {e}"),
+            None => panic!("the stream ended after the topic was deleted"),
+        }
+    }
+    assert!(
+        not_found <= 2,
+        "the missing topic is reported once, not per retry"
+    );
+    consumer.close().await.expect("close");
+}

@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,6 +51,49 @@ const JOIN_RETRIES: u32 = 8;
 /// Commands from the application to the coordinator waiting at once; senders wait
 /// beyond.
 const COMMANDS_MAX: usize = 16;
+/// The member stops handing out records this share of a session before the broker
+/// could expire it, to absorb clock rate differences and the time a record takes to
+/// reach the application.
+const LEASE_MARGIN_DIVISOR: u32 = 10;
+
+/// How long this member may hand out records: until the send time of the last
+/// heartbeat (or join) the broker answered, plus the session timeout, minus a margin.
+/// The broker expires a member a session after it *received* that heartbeat, which is
+/// later, so a member cut off from the broker (a network partition, a broker restart)
+/// stops before its partitions can go to another member, not when a later heartbeat
+/// fails.
+#[derive(Debug)]
+struct Lease {
+    base: Instant,
+    /// Microseconds after `base` the lease ends.
+    until_micros: AtomicU64,
+}
+
+impl Lease {
+    /// An expired lease: nothing is handed out before the first renewal.
+    fn new() -> Lease {
+        Lease {
+            base: Instant::now(),
+            until_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Extends the lease after an answer to a heartbeat sent at `sent`.
+    fn renew(&self, sent: Instant, session_timeout: Duration) {
+        let until = sent + session_timeout - session_timeout / LEASE_MARGIN_DIVISOR;
+        let micros = until.saturating_duration_since(self.base).as_micros();
+        self.until_micros
+            .fetch_max(micros.min(u64::MAX.into()) as u64, Ordering::Release);
+    }
+
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_micros(self.until_micros.load(Ordering::Acquire))
+    }
+
+    fn expired(&self) -> bool {
+        Instant::now() >= self.deadline()
+    }
+}
 
 /// Where a member starts reading a partition its group has no committed position for
 /// (a new group, or a partition added to a topic), and where it resumes when retention
@@ -87,7 +131,9 @@ pub struct ConsumerGroupConfig {
     pub client_id: String,
     /// Without a heartbeat for this long the broker removes the member and gives its
     /// partitions to others: how long a crashed consumer holds up its partitions (1 s to
-    /// 5 min; default 10 s).
+    /// 5 min; default 10 s). A consumer that has not had an answer to a heartbeat sent
+    /// within the last nine tenths of this stops handing out records and rejoins, so a
+    /// consumer cut off from the broker stops before its partitions can go to another.
     pub session_timeout: Duration,
     /// How long the member may keep partitions taken away from it (the time to commit
     /// and stop them) before the broker removes it (1 s to 5 min; default 30 s).
@@ -214,6 +260,8 @@ pub struct Consumer {
     current: Option<Fetched>,
     commands: mpsc::Sender<Command>,
     status: Arc<Mutex<Status>>,
+    /// Records are handed out only while it lasts.
+    lease: Arc<Lease>,
     group: String,
     /// The coordinator; aborting it drops the fetch tasks too.
     _coordinator: AbortOnDrop,
@@ -340,6 +388,7 @@ impl Consumer {
         let (commands_tx, commands) = mpsc::channel(COMMANDS_MAX);
         let (refused_tx, refused) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(Status::default()));
+        let lease = Arc::new(Lease::new());
         let now = Instant::now();
         let mut coordinator = Coordinator {
             groups: client.groups_client(),
@@ -357,7 +406,8 @@ impl Consumer {
             refused,
             refused_tx,
             status: Arc::clone(&status),
-            last_heartbeat_ok: now,
+            lease: Arc::clone(&lease),
+            missing: BTreeSet::new(),
             next_heartbeat: now,
             next_auto_commit: None,
             failures: 0,
@@ -366,7 +416,8 @@ impl Consumer {
         // call instead of surfacing later in the stream. A broker that is restarting,
         // or busy resetting the group, is given a few tries.
         let mut attempt = 0;
-        let answer = loop {
+        let (answer, sent) = loop {
+            let sent = Instant::now();
             match coordinator.call_heartbeat(coordinator.join_request()).await {
                 Err(e) if e.is_retriable() && attempt < JOIN_RETRIES => {
                     let config = &coordinator.config;
@@ -375,10 +426,10 @@ impl Consumer {
                     attempt += 1;
                     tokio::time::sleep(delay).await;
                 }
-                result => break result?,
+                result => break (result?, sent),
             }
         };
-        coordinator.accept(answer).await;
+        coordinator.accept(answer, sent).await;
         coordinator.next_auto_commit = coordinator
             .config
             .auto_commit_interval
@@ -389,6 +440,7 @@ impl Consumer {
             current: None,
             commands: commands_tx,
             status,
+            lease,
             group: group.to_string(),
             _coordinator: AbortOnDrop(task),
         })
@@ -490,6 +542,13 @@ impl Stream for Consumer {
                     continue;
                 };
                 let mut cursor = fetched.assigned.lock();
+                if !cursor.revoked && this.lease.expired() {
+                    // The broker may expire this member any moment now and give the
+                    // partition to another: stop here. The coordinator rejoins, and
+                    // starts the partition again from its committed position if it
+                    // gets it back.
+                    cursor.revoked = true;
+                }
                 if cursor.revoked {
                     drop(cursor);
                     this.current = None;
@@ -547,7 +606,10 @@ struct Coordinator {
     refused: mpsc::UnboundedReceiver<()>,
     refused_tx: mpsc::UnboundedSender<()>,
     status: Arc<Mutex<Status>>,
-    last_heartbeat_ok: Instant,
+    lease: Arc<Lease>,
+    /// Subscribed topics the broker said no longer exist; joins leave them out, so the
+    /// other topics go on being consumed. Checked again at every join.
+    missing: BTreeSet<String>,
     /// When to heartbeat (or, while not a member, join) next.
     next_heartbeat: Instant,
     next_auto_commit: Option<Instant>,
@@ -582,6 +644,12 @@ impl Coordinator {
                     None
                 }
                 () = tokio::time::sleep_until(self.next_heartbeat) => self.heartbeat().await,
+                () = tokio::time::sleep_until(self.lease.deadline()), if self.member.is_some() => {
+                    // No answered heartbeat for (nearly) a session: the application
+                    // side has stopped handing out records; give up the membership.
+                    self.fence();
+                    None
+                }
                 () = tokio::time::sleep_until(auto_commit_at),
                     if self.next_auto_commit.is_some() => {
                     self.auto_commit().await;
@@ -600,7 +668,12 @@ impl Coordinator {
             group: self.group.clone(),
             member_id: String::new(),
             member_epoch: 0,
-            topics: self.topics.clone(),
+            topics: self
+                .topics
+                .iter()
+                .filter(|t| !self.missing.contains(*t))
+                .cloned()
+                .collect(),
             owned: Vec::new(),
             session_timeout_ms: millis(self.config.session_timeout),
             rebalance_timeout_ms: millis(self.config.rebalance_timeout),
@@ -624,6 +697,14 @@ impl Coordinator {
     /// One heartbeat, or a join while not a member. Returns an error the consumer
     /// cannot recover from.
     async fn heartbeat(&mut self) -> Option<Error> {
+        if self.member.is_none() && !self.missing.is_empty() {
+            self.refresh_missing().await;
+            if self.missing.len() == self.topics.len() {
+                // Every subscribed topic is gone (reported already): wait for one.
+                self.retry_later();
+                return None;
+            }
+        }
         let request = match &self.member {
             None => self.join_request(),
             Some(member) => v1::HeartbeatRequest {
@@ -635,10 +716,22 @@ impl Coordinator {
                 ..v1::HeartbeatRequest::default()
             },
         };
+        let joining = self.member.is_none();
+        let sent = Instant::now();
         match self.call_heartbeat(request).await {
             Ok(answer) => {
                 self.failures = 0;
-                self.accept(answer).await;
+                self.accept(answer, sent).await;
+                None
+            }
+            // A subscribed topic was deleted (its partitions' owners were removed with
+            // it): join without it, so the other topics go on being consumed, and tell
+            // the application once.
+            Err(e @ Error::TopicNotFound { .. }) if joining => {
+                if self.refresh_missing().await || self.failures == 0 {
+                    let _ = self.answers.send(Answer::Error(e));
+                }
+                self.retry_later();
                 None
             }
             Err(Error::Fenced { .. }) => {
@@ -649,9 +742,7 @@ impl Coordinator {
             Err(e) if e.is_retriable() => {
                 // Without a heartbeat for a session the broker has removed this member
                 // and others may own its partitions: stop handing them out.
-                if self.member.is_some()
-                    && self.last_heartbeat_ok.elapsed() >= self.config.session_timeout
-                {
+                if self.member.is_some() && self.lease.expired() {
                     self.fence();
                 }
                 self.retry_later();
@@ -659,6 +750,25 @@ impl Coordinator {
             }
             Err(e) => Some(e),
         }
+    }
+
+    /// Asks which subscribed topics exist, and joins without the others from now on
+    /// (a topic created again is joined again). Returns whether the set of missing
+    /// topics changed; it stays as it was when the broker cannot be asked.
+    async fn refresh_missing(&mut self) -> bool {
+        let Ok(topics) = self.admin.list_topics().await else {
+            return false;
+        };
+        let existing: BTreeSet<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+        let missing: BTreeSet<String> = self
+            .topics
+            .iter()
+            .filter(|t| !existing.contains(t.as_str()))
+            .cloned()
+            .collect();
+        let changed = missing != self.missing;
+        self.missing = missing;
+        changed
     }
 
     fn retry_later(&mut self) {
@@ -672,9 +782,10 @@ impl Coordinator {
     }
 
     /// Takes in a heartbeat (or join) answer: the membership and the assignment.
-    async fn accept(&mut self, answer: v1::HeartbeatResponse) {
+    /// `sent` is when the heartbeat was sent: the lease runs from there.
+    async fn accept(&mut self, answer: v1::HeartbeatResponse, sent: Instant) {
         let now = Instant::now();
-        self.last_heartbeat_ok = now;
+        self.lease.renew(sent, self.config.session_timeout);
         self.member = Some(Member {
             id: answer.member_id,
             epoch: answer.member_epoch,
@@ -693,6 +804,10 @@ impl Coordinator {
     /// fetching the new ones.
     async fn reconcile(&mut self, target: Vec<TopicPartition>) {
         let target: BTreeSet<TopicPartition> = target.into_iter().collect();
+        // Partitions the application side stopped when the lease ran out before this
+        // answer came: start them again from the committed position (their records
+        // past it are delivered again).
+        self.owned.retain(|_, owned| !owned.assigned.lock().revoked);
         let revoked: Vec<TopicPartition> = self
             .owned
             .keys()
@@ -1196,11 +1311,14 @@ mod tests {
     fn consumer() -> (Consumer, mpsc::UnboundedSender<Answer>) {
         let (answers_tx, answers) = mpsc::unbounded_channel();
         let (commands, _) = mpsc::channel(1);
+        let lease = Arc::new(Lease::new());
+        lease.renew(Instant::now(), Duration::from_secs(3600));
         let consumer = Consumer {
             answers,
             current: None,
             commands,
             status: Arc::default(),
+            lease,
             group: "g".into(),
             _coordinator: AbortOnDrop(tokio::spawn(async {})),
         };
@@ -1237,6 +1355,39 @@ mod tests {
         // Every buffered answer was used up or discarded: the budget is whole again.
         assert_eq!(budget.available_permits(), 10);
         assert_eq!(p0.lock().delivered, Some(1));
+    }
+
+    /// Once the lease from the last answered heartbeat has run out, buffered records
+    /// are no longer handed out (they used to be, until a heartbeat failed), and their
+    /// partitions count as taken away.
+    #[tokio::test]
+    async fn nothing_is_handed_out_once_the_lease_ran_out() {
+        let (mut consumer, answers) = consumer();
+        let budget = Arc::new(Semaphore::new(10));
+        let part = assigned(0, 0);
+        answers.send(fetched(&part, 0..3, &budget)).expect("open");
+        answers.send(fetched(&part, 3..5, &budget)).expect("open");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let first = Pin::new(&mut consumer).poll_next(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Ok(ref r))) if r.offset == 0));
+        consumer.lease.until_micros.store(0, Ordering::Release);
+        assert_eq!(offsets_now(&mut consumer), []);
+        assert!(part.lock().revoked);
+        assert_eq!(budget.available_permits(), 10);
+    }
+
+    /// The lease runs from when the heartbeat was sent, not from its answer, and ends a
+    /// margin before the session would.
+    #[test]
+    fn the_lease_runs_from_the_send_time() {
+        let lease = Lease::new();
+        let sent = lease.base + Duration::from_secs(5);
+        lease.renew(sent, Duration::from_secs(10));
+        assert_eq!(lease.deadline(), sent + Duration::from_secs(9));
+        // An older heartbeat's answer never shortens it.
+        lease.renew(lease.base, Duration::from_secs(10));
+        assert_eq!(lease.deadline(), sent + Duration::from_secs(9));
     }
 
     #[tokio::test]

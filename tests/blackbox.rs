@@ -13,4 +13,5 @@ mod consumer;
 mod groups;
 mod metrics;
 mod producer;
+mod torture;
 mod tour;

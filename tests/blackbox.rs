@@ -10,6 +10,7 @@ mod bench;
 mod broker;
 mod client;
 mod consumer;
+mod disk_full;
 mod groups;
 mod metrics;
 mod producer;

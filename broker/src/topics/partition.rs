@@ -123,6 +123,7 @@ impl Partition {
             producers,
             keep_snapshot,
             unsnapshotted_bytes: 0,
+            room: Room::default(),
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
             fault: Arc::clone(&fault),
@@ -219,6 +220,21 @@ impl Partition {
     }
 }
 
+/// Free space a batch must leave on the partition's file system for the indexes,
+/// checkpoint and producer snapshot that follow it.
+const ROOM_RESERVE_BYTES: u64 = 1 << 20;
+/// Below this much estimated free space (beyond a batch's needs), every batch measures.
+const ROOM_MEASURE_BELOW: u64 = 256 << 20;
+/// The free space is measured at least this often while writes come in.
+const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
+
+/// See [`Writer::check_room`].
+#[derive(Debug, Default)]
+struct Room {
+    free: u64,
+    measured: Option<std::time::Instant>,
+}
+
 /// Rebuilds the producer state of a freshly opened log, and snapshots it when the
 /// snapshot on disk did not describe it exactly: before the log changes, so a rejected
 /// snapshot can never be trusted later, and so the next open does not replay again.
@@ -300,6 +316,9 @@ struct Writer {
     keep_snapshot: bool,
     /// Bytes written since the last producer state snapshot.
     unsnapshotted_bytes: u64,
+    /// The free space of the partition's file system, as last measured minus what was
+    /// written since; see [`Writer::check_room`].
+    room: Room,
     stats: Arc<PartitionStats>,
     metrics: Arc<Metrics>,
     fault: Arc<Fault>,
@@ -519,6 +538,7 @@ impl Writer {
     /// it can fail with an I/O error: the partition then fail-stops here, with that
     /// error as the cause, exactly as a failed commit does.
     fn log_write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
+        self.check_room(batch.len())?;
         self.log.write(batch).map_err(|e| match e {
             strata_storage::Error::Io { .. } if !self.failed => match self.fail(&e) {
                 (true, why) => Error::DiskFull(self.name.clone(), why),
@@ -526,6 +546,46 @@ impl Writer {
             },
             e => e.into(),
         })
+    }
+
+    /// Refuses a batch the file system has no room for, before anything is written, so
+    /// the partition stays writable and takes writes again once space is freed: a
+    /// write that fails with ENOSPC fail-stops the partition until a restart. Free
+    /// space is measured (`statvfs`) when the estimate is below [`ROOM_MEASURE_BELOW`]
+    /// or older than [`ROOM_MEASURE_EVERY`]; in between, written bytes are subtracted.
+    /// Space another process takes after the measurement can still end in ENOSPC.
+    fn check_room(&mut self, batch: usize) -> Result<()> {
+        if self.failed {
+            return Ok(());
+        }
+        let need = batch as u64 + ROOM_RESERVE_BYTES;
+        let stale = self
+            .room
+            .measured
+            .is_none_or(|at| at.elapsed() >= ROOM_MEASURE_EVERY);
+        if stale || self.room.free < need + ROOM_MEASURE_BELOW {
+            match rustix::fs::statvfs(self.log.reader().dir()) {
+                Ok(fs) => {
+                    self.room.free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                    self.room.measured = Some(std::time::Instant::now());
+                }
+                // Not measurable: let the write find out.
+                Err(_) => return Ok(()),
+            }
+        }
+        if self.room.free < need {
+            return Err(Error::DiskFull(
+                self.name.clone(),
+                format!(
+                    "{} bytes free where this batch needs {need} (its {batch} bytes and a \
+                     reserve of {ROOM_RESERVE_BYTES} for indexes, checkpoints and \
+                     snapshots); nothing was written, and writes resume once space is freed",
+                    self.room.free
+                ),
+            ));
+        }
+        self.room.free -= batch as u64;
+        Ok(())
     }
 
     /// Fail-stops the partition after a failed write or fsync: reports the cause once
@@ -578,6 +638,7 @@ mod tests {
             producers,
             keep_snapshot,
             unsnapshotted_bytes: 0,
+            room: Room::default(),
             stats: Arc::default(),
             metrics: Arc::default(),
             fault: Faults::default().fault(),

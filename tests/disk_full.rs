@@ -7,9 +7,18 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::time::Duration;
+
 use crate::common::{produce_records, read_partition, record, Broker};
+use strata_client::{Client, ConsumerGroupConfig, Error};
 use strata_proto::v1;
+use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+/// Guard against a hang; never reached when things work, and nothing asserts on time.
+const HANG_GUARD: Duration = Duration::from_secs(120);
 
 /// Unmounts the tmpfs when the test ends, however it ends.
 struct Mounted(PathBuf);
@@ -41,25 +50,42 @@ fn free_bytes(dir: &Path) -> u64 {
     fs.f_bavail * fs.f_frsize
 }
 
+/// Writes `path` until the file system is full.
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("create the filler");
+    let chunk = vec![0u8; 64 << 10];
+    while file.write(&chunk).is_ok_and(|n| n > 0) {}
+}
+
 /// 20 records of 10 KiB: a 200 KiB batch.
 fn big_batch(tag: u8) -> Vec<v1::Record> {
     (0..20).map(|_| record(None, &[tag; 10 << 10])).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_refuses_writes_and_they_resume_once_space_is_freed() {
+/// A broker whose data directory is a fresh 16 MiB tmpfs; `None` (the test is skipped,
+/// with a message) when it cannot be mounted.
+fn broker_on_small_tmpfs() -> Option<(Broker, Mounted)> {
     let mut broker = Broker::start();
     // The data directory is replaced by the tmpfs: nothing in it matters yet.
     tokio::task::block_in_place(|| broker.kill());
-    let data = broker.data_dir();
-    let _mounted = match Mounted::tmpfs(&data, "16m") {
+    let mounted = match Mounted::tmpfs(&broker.data_dir(), "16m") {
         Ok(mounted) => mounted,
         Err(why) => {
             eprintln!("skipped: cannot mount a small tmpfs for the data directory ({why})");
-            return;
+            return None;
         }
     };
     tokio::task::block_in_place(|| broker.restart());
+    Some((broker, mounted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_and_they_resume_once_space_is_freed() {
+    let Some((mut broker, _mounted)) = broker_on_small_tmpfs() else {
+        return;
+    };
+    let data = broker.data_dir();
     let mut admin = broker.admin().await;
     crate::common::create_topic(&mut admin, "full", 1, v1::TopicConfig::default()).await;
     let mut client = broker.client().await;
@@ -100,4 +126,72 @@ async fn a_full_disk_refuses_writes_and_they_resume_once_space_is_freed() {
         .iter()
         .all(|r| r.value.as_deref().is_some_and(|v| v[0] == 3)));
     tokio::task::block_in_place(|| broker.stop());
+}
+
+/// The committed-offsets log failing its write (the disk is full) is not swallowed: the
+/// broker's Groups health goes NOT_SERVING, and a consumer whose auto-commits keep being
+/// refused gets the error on its stream (auto-commit used to drop it silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
+    let Some((broker, _mounted)) = broker_on_small_tmpfs() else {
+        return;
+    };
+    let data = broker.data_dir();
+    let mut admin = broker.admin().await;
+    crate::common::create_topic(&mut admin, "events", 1, v1::TopicConfig::default()).await;
+    let mut raw = broker.client().await;
+    let small: Vec<v1::Record> = (0..50)
+        .map(|i| record(None, format!("e-{i}").as_bytes()))
+        .collect();
+    raw.produce(produce_records("events", 0, small))
+        .await
+        .expect("produce");
+    let client = Client::connect(&broker.addr_arg()).await.expect("connect");
+    let config = ConsumerGroupConfig {
+        client_id: "auditor".into(),
+        auto_commit_interval: Some(Duration::from_millis(50)),
+        max_wait: Duration::from_millis(100),
+        ..ConsumerGroupConfig::default()
+    };
+    let mut consumer = client
+        .consumer_with("auditors", &["events"], config)
+        .await
+        .expect("join");
+    let first = tokio::time::timeout(HANG_GUARD, consumer.next())
+        .await
+        .expect("a record");
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+
+    fill_up(&data.join("filler"));
+    let reported = tokio::time::timeout(HANG_GUARD, async {
+        loop {
+            match consumer.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break e,
+                None => panic!("the stream ended"),
+            }
+        }
+    })
+    .await
+    .expect("the failing auto-commit is reported");
+    assert!(
+        matches!(reported, Error::Unavailable { .. }),
+        "{reported:?}"
+    );
+    assert!(
+        reported.to_string().contains("committed-offsets"),
+        "{reported}"
+    );
+
+    let mut health = HealthClient::new(broker.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "strata.v1.Groups".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::NotServing);
+    drop(consumer);
 }

@@ -55,6 +55,9 @@ const COMMANDS_MAX: usize = 16;
 /// could expire it, to absorb clock rate differences and the time a record takes to
 /// reach the application.
 const LEASE_MARGIN_DIVISOR: u32 = 10;
+/// Auto-commits the broker refused in a row (it answered, with an error) before the
+/// consumer's stream reports the failure; once per run of failures.
+const AUTO_COMMIT_FAILURES_REPORTED: u32 = 3;
 
 /// How long this member may hand out records: until the send time of the last
 /// heartbeat (or join) the broker answered, plus the session timeout, minus a margin.
@@ -139,7 +142,8 @@ pub struct ConsumerGroupConfig {
     /// and stop them) before the broker removes it (1 s to 5 min; default 30 s).
     pub rebalance_timeout: Duration,
     /// Commit the received positions this often (default 5 s), and when partitions are
-    /// revoked and on [`Consumer::close`]. `None`: commit only through
+    /// revoked and on [`Consumer::close`]. When the broker refuses three auto-commits
+    /// in a row, the stream yields that error once (and goes on). `None`: commit only through
     /// [`Consumer::commit`] and [`Consumer::commit_record`] (a revoked partition then
     /// keeps its last explicit commit).
     pub auto_commit_interval: Option<Duration>,
@@ -411,6 +415,8 @@ impl Consumer {
             next_heartbeat: now,
             next_auto_commit: None,
             failures: 0,
+            commit_refused: false,
+            auto_commit_refusals: 0,
         };
         // The first join answers here, so a missing topic or a bad setting fails the
         // call instead of surfacing later in the stream. A broker that is restarting,
@@ -615,6 +621,10 @@ struct Coordinator {
     next_auto_commit: Option<Instant>,
     /// Failed group calls in a row, for the backoff.
     failures: u32,
+    /// The last failed commit was answered by the broker (not lost in transport).
+    commit_refused: bool,
+    /// Auto-commits the broker refused in a row.
+    auto_commit_refusals: u32,
 }
 
 impl Coordinator {
@@ -941,11 +951,14 @@ impl Coordinator {
             offsets,
         });
         request.set_timeout(self.config.rpc_timeout());
-        let answer = self
-            .groups
-            .commit_offsets(request)
-            .await
-            .map_err(|s| Error::from_member_status(s, &self.group, "", None))?;
+        let answer = match self.groups.commit_offsets(request).await {
+            Ok(answer) => answer,
+            Err(status) => {
+                // A status the transport made carries its cause as a source.
+                self.commit_refused = std::error::Error::source(&status).is_none();
+                return Err(Error::from_member_status(status, &self.group, "", None));
+            }
+        };
         for done in answer.into_inner().offsets {
             let part = parts
                 .iter()
@@ -966,9 +979,22 @@ impl Coordinator {
             return;
         }
         let parts = self.owned_parts();
-        // Another failure is retried at the next tick (or the next revoke or close).
-        if let Err(Error::Fenced { .. }) = self.commit(&parts).await {
-            self.fence();
+        // A failure is retried at the next tick (or the next revoke or close). One the
+        // broker keeps answering (its committed-offsets log failed, say) is not
+        // swallowed: the stream reports it once per run, and it is logged.
+        match self.commit(&parts).await {
+            Ok(()) => self.auto_commit_refusals = 0,
+            Err(Error::Fenced { .. }) => self.fence(),
+            Err(e) => {
+                if !self.commit_refused {
+                    return;
+                }
+                self.auto_commit_refusals += 1;
+                if self.auto_commit_refusals == AUTO_COMMIT_FAILURES_REPORTED {
+                    tracing::warn!(group = %self.group, error = %e, "auto-commit keeps failing");
+                    let _ = self.answers.send(Answer::Error(e));
+                }
+            }
         }
     }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::common::Broker;
 use strata_client::{
     headers, Client, ConsumedRecord, Consumer, ConsumerGroupConfig, DeadLetterPolicy, DeadLetters,
-    Delivery, Durability, Error, GroupState, Outcome, ProducerConfig, Record, ResetTo, StartAt,
-    TopicConfig, TopicPartition,
+    Delivery, Durability, Error, GroupState, OffsetReset, Outcome, ProducerConfig, Record, ResetTo,
+    StartAt, TopicConfig, TopicPartition,
 };
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -993,5 +993,56 @@ async fn deleting_one_subscribed_topic_keeps_the_others_consumed() {
         not_found <= 2,
         "the missing topic is reported once, not per retry"
     );
+    consumer.close().await.expect("close");
+}
+
+/// With `OffsetReset::None` a group without a committed position reads nothing and says
+/// so (`NoPosition`, naming the partition); once an operator sets the position, a
+/// consumer starts exactly there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reset_policy_reads_nothing_without_a_committed_position() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "payments", 1).await;
+    produce(&client, "payments", "p", 10).await;
+    let strict = ConsumerGroupConfig {
+        auto_offset_reset: OffsetReset::None,
+        ..quick("strict")
+    };
+    let mut consumer = client
+        .consumer_with("settlement", &["payments"], strict.clone())
+        .await
+        .expect("join");
+    match within("the missing position is reported", consumer.next()).await {
+        Some(Err(Error::NoPosition {
+            group,
+            topic,
+            partition,
+            ..
+        })) => assert_eq!(
+            (group.as_str(), topic.as_str(), partition),
+            ("settlement", "payments", 0)
+        ),
+        other => panic!("expected NoPosition, got {other:?}"),
+    }
+    consumer.close().await.expect("close");
+    client
+        .admin()
+        .reset_offsets("settlement", "payments", &[], ResetTo::Offset(7))
+        .await
+        .expect("set the position");
+    let mut consumer = client
+        .consumer_with("settlement", &["payments"], strict)
+        .await
+        .expect("join again");
+    let offsets: Vec<u64> = [
+        next(&mut consumer).await,
+        next(&mut consumer).await,
+        next(&mut consumer).await,
+    ]
+    .iter()
+    .map(|r| r.offset)
+    .collect();
+    assert_eq!(offsets, [7, 8, 9]);
     consumer.close().await.expect("close");
 }

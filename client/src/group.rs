@@ -110,6 +110,11 @@ pub enum OffsetReset {
     Earliest,
     /// At the high watermark: a new group sees only records written from now on.
     Latest,
+    /// Nowhere: the stream yields [`Error::NoPosition`] for the partition (once per run
+    /// of attempts) and the partition is not read until the group has a committed
+    /// position there, which the consumer keeps checking for. For groups that must
+    /// never skip or re-read by accident.
+    None,
 }
 
 /// Settings of a [`Consumer`]. Every field has a default; see each.
@@ -1143,7 +1148,10 @@ impl Fetcher {
                 }
                 // Retention deleted the records at the position (or the position lies
                 // past the end): start again where the reset policy says.
-                Err(Error::OffsetOutOfRange { .. }) => match self.reset_offset().await {
+                Err(Error::OffsetOutOfRange { .. }) => match self
+                    .reset_offset("retention deleted the records at its position")
+                    .await
+                {
                     Ok(reset) => offset = reset,
                     Err(e) => self.failed(e, &mut failures).await,
                 },
@@ -1205,13 +1213,27 @@ impl Fetcher {
             self.assigned.lock().committed = Some(committed.offset);
             return Ok(committed.offset);
         }
-        self.reset_offset().await
+        self.reset_offset("the group has no committed offset there")
+            .await
     }
 
-    async fn reset_offset(&self) -> Result<u64> {
+    /// Where the reset policy says to start; `why` there is no position to go on from.
+    async fn reset_offset(&self, why: &str) -> Result<u64> {
         let spec = match self.config.auto_offset_reset {
             OffsetReset::Earliest => OffsetSpec::Earliest,
             OffsetReset::Latest => OffsetSpec::Latest,
+            OffsetReset::None => {
+                return Err(Error::NoPosition {
+                    group: self.member.group.clone(),
+                    topic: self.assigned.topic.to_string(),
+                    partition: self.assigned.partition,
+                    message: format!(
+                        "{why}, and the consumer's reset policy is OffsetReset::None: commit \
+                         or reset one (Admin::reset_offsets, `strata groups reset`) while \
+                         the group has no members"
+                    ),
+                })
+            }
         };
         self.admin
             .list_offsets(&self.assigned.topic, self.assigned.partition, spec)

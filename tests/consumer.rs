@@ -1046,3 +1046,41 @@ async fn no_reset_policy_reads_nothing_without_a_committed_position() {
     assert_eq!(offsets, [7, 8, 9]);
     consumer.close().await.expect("close");
 }
+
+/// `seek` rewinds (or skips ahead in) an owned partition: buffered records from the old
+/// position are dropped and the next record is the one sought. A position ahead is
+/// committed at once; a rewind leaves the committed position (commits never go back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seek_rewinds_an_owned_partition_and_commits_the_position() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "ticks", 1).await;
+    produce(&client, "ticks", "t", 20).await;
+    let mut consumer = client
+        .consumer_with("replayers", &["ticks"], quick("replayer"))
+        .await
+        .expect("join");
+    for expected in 0..10 {
+        assert_eq!(next(&mut consumer).await.offset, expected);
+    }
+    consumer.commit().await.expect("commit");
+    assert_eq!(committed(&client, "replayers", "ticks").await[&0], 10);
+
+    consumer.seek("ticks", 0, 3).await.expect("seek back");
+    assert_eq!(next(&mut consumer).await.offset, 3);
+    assert_eq!(next(&mut consumer).await.offset, 4);
+    assert_eq!(committed(&client, "replayers", "ticks").await[&0], 10);
+    consumer.seek("ticks", 0, 15).await.expect("seek ahead");
+    assert_eq!(committed(&client, "replayers", "ticks").await[&0], 15);
+    assert_eq!(next(&mut consumer).await.offset, 15);
+
+    assert!(matches!(
+        consumer.seek("ticks", 0, 21).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        consumer.seek("ticks", 1, 0).await,
+        Err(Error::PartitionRevoked { .. })
+    ));
+    consumer.close().await.expect("close");
+}

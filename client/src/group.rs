@@ -314,6 +314,12 @@ enum Command {
     Close {
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Read `partition` from `offset` on, and commit that position.
+    Seek {
+        partition: TopicPartition,
+        offset: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// A partition this member owns, shared by its fetch task, the coordinator and the
@@ -507,6 +513,29 @@ impl Consumer {
         .await
     }
 
+    /// Reads `partition` of `topic` from `offset` on: records already buffered from the
+    /// old position are dropped and the next record of that partition is the one at
+    /// `offset`. Ahead of the group's committed position, `offset` is committed at
+    /// once. Behind it, the group's position stays (the broker never moves a member's
+    /// commit backwards, so a slow commit cannot undo a newer one): the rewind re-reads
+    /// in this consumer, and a restart or rebalance resumes from the committed position;
+    /// to move the group back for good, use `Admin::reset_offsets` while it has no
+    /// members. The partition must be owned by this consumer
+    /// ([`Error::PartitionRevoked`] otherwise) and `offset` between its earliest and
+    /// latest offsets ([`Error::InvalidArgument`] otherwise).
+    pub async fn seek(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let partition = TopicPartition {
+            topic: topic.to_string(),
+            partition,
+        };
+        self.request(|reply| Command::Seek {
+            partition,
+            offset,
+            reply,
+        })
+        .await
+    }
+
     /// Stops fetching, commits (with auto-commit: everything handed out; without: what
     /// was committed explicitly stays) and leaves the group, so its partitions are free
     /// at once; the other members take them on their next heartbeat (within 3 s, the
@@ -649,6 +678,10 @@ impl Coordinator {
                     }
                     Some(Command::Commit { record, reply }) => {
                         let _ = reply.send(self.commit_requested(record).await);
+                        None
+                    }
+                    Some(Command::Seek { partition, offset, reply }) => {
+                        let _ = reply.send(self.seek(partition, offset).await);
                         None
                     }
                 },
@@ -858,12 +891,19 @@ impl Coordinator {
         };
         for tp in target {
             if !self.owned.contains_key(&tp) {
-                self.start_partition(tp, &member);
+                self.start_partition(tp, &member, None);
             }
         }
     }
 
-    fn start_partition(&mut self, tp: TopicPartition, member: &Member) {
+    /// Starts reading `tp`: from `start`, or where the group's committed position (or
+    /// the reset policy) says.
+    fn start_partition(
+        &mut self,
+        tp: TopicPartition,
+        member: &Member,
+        start: Option<u64>,
+    ) -> Arc<Assigned> {
         let assigned = Arc::new(Assigned {
             topic: Arc::from(tp.topic.as_str()),
             partition: tp.partition,
@@ -885,15 +925,73 @@ impl Coordinator {
             answers: self.answers.clone(),
             budget: Arc::clone(&self.budget),
             refused: self.refused_tx.clone(),
+            start,
         };
         let task = AbortOnDrop(tokio::spawn(fetcher.run()));
         self.owned.insert(
             tp,
             Owned {
-                assigned,
+                assigned: Arc::clone(&assigned),
                 _fetcher: task,
             },
         );
+        assigned
+    }
+
+    /// Moves an owned partition's position to `offset`: records buffered from the old
+    /// position are dropped, reading starts there, and the position is committed (the
+    /// broker keeps the committed one when it is ahead).
+    async fn seek(&mut self, tp: TopicPartition, offset: u64) -> Result<()> {
+        let Some(member) = self.member.clone() else {
+            return Err(Error::Fenced {
+                group: self.group.clone(),
+                message: "the consumer is rejoining its group; seek again once it owns the \
+                          partition"
+                    .into(),
+            });
+        };
+        if !self.owned.contains_key(&tp) {
+            return Err(Error::PartitionRevoked {
+                topic: tp.topic,
+                partition: tp.partition,
+            });
+        }
+        let earliest = self
+            .admin
+            .list_offsets(&tp.topic, tp.partition, OffsetSpec::Earliest)
+            .await?;
+        let latest = self
+            .admin
+            .list_offsets(&tp.topic, tp.partition, OffsetSpec::Latest)
+            .await?;
+        if !(earliest..=latest).contains(&offset) {
+            return Err(Error::InvalidArgument {
+                message: format!(
+                    "cannot seek {tp} to offset {offset}: it holds offsets {earliest} to \
+                     {latest}"
+                ),
+            });
+        }
+        // The ownership may have changed during those calls.
+        let Some(old) = self.owned.remove(&tp) else {
+            return Err(Error::PartitionRevoked {
+                topic: tp.topic,
+                partition: tp.partition,
+            });
+        };
+        old.assigned.lock().revoked = true;
+        drop(old);
+        let assigned = self.start_partition(tp, &member, Some(offset));
+        {
+            let mut cursor = assigned.lock();
+            cursor.delivered = Some(offset);
+            cursor.acked = Some(offset);
+        }
+        let result = self.commit(&[assigned]).await;
+        if let Err(Error::Fenced { .. }) = result {
+            self.fence();
+        }
+        result
     }
 
     /// The group no longer knows this member (or it lost its session): drop every
@@ -1104,6 +1202,8 @@ struct Fetcher {
     answers: mpsc::UnboundedSender<Answer>,
     budget: Arc<Semaphore>,
     refused: mpsc::UnboundedSender<()>,
+    /// Where to start instead of the committed position (a seek).
+    start: Option<u64>,
 }
 
 impl Fetcher {
@@ -1111,6 +1211,9 @@ impl Fetcher {
     async fn run(mut self) {
         let mut failures = 0;
         let mut offset = loop {
+            if let Some(start) = self.start {
+                break start;
+            }
             match self.start_offset().await {
                 Ok(offset) => break offset,
                 Err(e) => self.failed(e, &mut failures).await,

@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::common::Broker;
 use strata_client::{
     headers, Client, ConsumedRecord, Consumer, ConsumerGroupConfig, DeadLetterPolicy, DeadLetters,
-    Delivery, Durability, Error, GroupState, OffsetReset, Outcome, ProducerConfig, Record, ResetTo,
-    StartAt, TopicConfig, TopicPartition,
+    Delivery, Durability, Error, GroupState, OffsetReset, OnRevoke, Outcome, ProducerConfig,
+    Record, ResetTo, Revocation, StartAt, TopicConfig, TopicPartition,
 };
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -1083,4 +1083,63 @@ async fn seek_rewinds_an_owned_partition_and_commits_the_position() {
         Err(Error::PartitionRevoked { .. })
     ));
     consumer.close().await.expect("close");
+}
+
+/// The revocation hook is told which partitions a rebalance takes away, and which a
+/// close releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocation_hook_hears_of_partitions_taken_away() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "jobs", 2).await;
+    type Heard = Vec<(Revocation, Vec<TopicPartition>)>;
+    let heard: Arc<Mutex<Heard>> = Arc::default();
+    let hook = {
+        let heard = Arc::clone(&heard);
+        OnRevoke::new(move |why, partitions| {
+            heard
+                .lock()
+                .expect("heard")
+                .push((why, partitions.to_vec()));
+        })
+    };
+    let first = client
+        .consumer_with(
+            "workers",
+            &["jobs"],
+            ConsumerGroupConfig {
+                on_revoke: Some(hook),
+                ..quick("first")
+            },
+        )
+        .await
+        .expect("join");
+    wait_until("the first member owns both partitions", || {
+        let owned = first.assignment().len();
+        async move { owned == 2 }
+    })
+    .await;
+    let second = client
+        .consumer_with("workers", &["jobs"], quick("second"))
+        .await
+        .expect("join");
+    wait_until("a partition is taken from the first member", || {
+        let heard = !heard.lock().expect("heard").is_empty();
+        async move { heard }
+    })
+    .await;
+    let taken = heard.lock().expect("heard")[0].clone();
+    assert_eq!(taken.0, Revocation::Revoked);
+    assert_eq!(taken.1.len(), 1, "{taken:?}");
+    wait_until("the second member gets it", || {
+        let owned = second.assignment();
+        let expected = taken.1.clone();
+        async move { owned == expected }
+    })
+    .await;
+    let kept = first.assignment();
+    first.close().await.expect("close");
+    let last = heard.lock().expect("heard").last().cloned().expect("heard");
+    assert_eq!(last, (Revocation::Revoked, kept));
+    second.close().await.expect("close");
 }

@@ -117,6 +117,40 @@ pub enum OffsetReset {
     None,
 }
 
+/// Why partitions are taken from a consumer, as its [`OnRevoke`] hook is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// The group moved them to another member, or the consumer is closing: their
+    /// positions are committed right after the hook returns.
+    Revoked,
+    /// The consumer lost its membership (its session ran out, or the group forgot it):
+    /// another member may own them already, so nothing is committed.
+    Lost,
+}
+
+/// A hook a [`Consumer`] calls when partitions are taken from it, after the stream has
+/// stopped handing out their records (a record already in the application's hands
+/// stays there) and before anything is committed: the place to flush work built from
+/// their records. It runs on the consumer's coordinator task: keep it short, and do not
+/// wait on this consumer from it (its commits go through that task).
+#[derive(Clone)]
+pub struct OnRevoke(Arc<RevokeFn>);
+
+type RevokeFn = dyn Fn(Revocation, &[TopicPartition]) + Send + Sync;
+
+impl OnRevoke {
+    /// Wraps `hook`.
+    pub fn new(hook: impl Fn(Revocation, &[TopicPartition]) + Send + Sync + 'static) -> OnRevoke {
+        OnRevoke(Arc::new(hook))
+    }
+}
+
+impl std::fmt::Debug for OnRevoke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRevoke(..)")
+    }
+}
+
 /// Settings of a [`Consumer`]. Every field has a default; see each.
 ///
 /// ```
@@ -170,6 +204,9 @@ pub struct ConsumerGroupConfig {
     pub retry_backoff_min: Duration,
     /// Largest retry delay.
     pub retry_backoff_max: Duration,
+    /// Called when partitions are taken from the consumer (default none); see
+    /// [`OnRevoke`].
+    pub on_revoke: Option<OnRevoke>,
 }
 
 impl Default for ConsumerGroupConfig {
@@ -186,6 +223,7 @@ impl Default for ConsumerGroupConfig {
             request_timeout: Duration::from_secs(10),
             retry_backoff_min: Duration::from_millis(50),
             retry_backoff_max: Duration::from_secs(2),
+            on_revoke: None,
         }
     }
 }
@@ -877,6 +915,7 @@ impl Coordinator {
                 })
                 .collect();
             drop(releasing);
+            self.revoked(Revocation::Revoked, &revoked);
             // A revoked partition still belongs to this member until the next heartbeat,
             // so the commit is accepted. If it fails otherwise, the partition is
             // released anyway: its records are delivered again, never lost.
@@ -1000,10 +1039,19 @@ impl Coordinator {
         for owned in self.owned.values() {
             owned.assigned.lock().revoked = true;
         }
+        let lost: Vec<TopicPartition> = self.owned.keys().cloned().collect();
+        self.revoked(Revocation::Lost, &lost);
         self.owned.clear();
         self.member = None;
         self.next_heartbeat = Instant::now();
         self.publish_status();
+    }
+
+    /// Tells the application's hook, if any, that `partitions` were taken.
+    fn revoked(&self, why: Revocation, partitions: &[TopicPartition]) {
+        if let (Some(hook), false) = (&self.config.on_revoke, partitions.is_empty()) {
+            (hook.0)(why, partitions);
+        }
     }
 
     fn publish_status(&self) {
@@ -1149,6 +1197,8 @@ impl Coordinator {
             // The application is done with everything it was handed.
             cursor.in_hand = false;
         }
+        let released: Vec<TopicPartition> = self.owned.keys().cloned().collect();
+        self.revoked(Revocation::Revoked, &released);
         self.owned.clear();
         let committed = self.commit(&parts).await;
         let mut request = tonic::Request::new(v1::LeaveGroupRequest {

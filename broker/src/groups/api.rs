@@ -216,7 +216,7 @@ pub async fn commit_offsets(
     }
     // A commit from outside the group keeps members from joining until it is written, so
     // none starts from the position it replaces.
-    let _exclusive = match committer {
+    let exclusive = match committer {
         Committer::Outside => Some(broker.coordinator().exclusive(group, "commit to")?),
         Committer::Member { id, epoch } => {
             broker
@@ -227,7 +227,7 @@ pub async fn commit_offsets(
     };
     broker
         .offsets()
-        .commit(group, offsets, topics, Mode::Advance)
+        .commit(group, offsets, topics, Mode::Advance, exclusive)
         .await
 }
 
@@ -257,7 +257,7 @@ pub async fn reset_offsets(
 ) -> Result<Vec<(TopicPartition, Committed)>> {
     validate_group(group)?;
     let topic = broker.topic(topic)?;
-    let _exclusive = broker
+    let exclusive = broker
         .coordinator()
         .exclusive(group, "reset the offsets of")?;
     let ids: Vec<u32> = if partitions.is_empty() {
@@ -293,7 +293,13 @@ pub async fn reset_offsets(
     }
     let committed = broker
         .offsets()
-        .commit(group, offsets, vec![topic.clone()], Mode::Reset)
+        .commit(
+            group,
+            offsets,
+            vec![topic.clone()],
+            Mode::Reset,
+            Some(exclusive),
+        )
         .await?;
     tracing::info!(%group, topic = %topic.name, "reset committed offsets");
     Ok(committed)
@@ -302,11 +308,14 @@ pub async fn reset_offsets(
 /// Forgets a group without members.
 pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
     validate_group(group)?;
-    let _exclusive = broker.coordinator().exclusive(group, "delete")?;
+    let exclusive = broker.coordinator().exclusive(group, "delete")?;
     if broker.offsets().group(group).is_empty() {
         return Err(Error::GroupNotFound(group.to_string()));
     }
-    broker.offsets().delete_group(group).await?;
+    broker
+        .offsets()
+        .delete_group(group, Some(exclusive))
+        .await?;
     tracing::info!(%group, "deleted group");
     Ok(())
 }

@@ -31,7 +31,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -333,7 +333,7 @@ pub struct Coordinator {
     /// Groups whose offsets an admin change (or a commit from outside) is writing: they
     /// accept no joins until it is done, so no member starts from a position that is
     /// about to change. Locked after `groups`, never before.
-    busy: Mutex<BTreeSet<String>>,
+    busy: Arc<Mutex<BTreeSet<String>>>,
     /// Member ids are random, so an id from before a restart is never handed out again.
     ids: RandomState,
     next_id: AtomicU64,
@@ -343,7 +343,7 @@ impl Default for Coordinator {
     fn default() -> Self {
         Coordinator {
             groups: Mutex::new(BTreeMap::new()),
-            busy: Mutex::new(BTreeSet::new()),
+            busy: Arc::default(),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
         }
@@ -351,15 +351,20 @@ impl Default for Coordinator {
 }
 
 /// A group reserved by [`Coordinator::exclusive`]; dropping it lets members join again.
+/// It owns its share of the reservation, so a change of the committed offsets can hold
+/// it until the change is written, whether or not its caller still waits.
 #[derive(Debug)]
-pub struct Exclusive<'a> {
-    coordinator: &'a Coordinator,
+pub struct Exclusive {
+    busy: Arc<Mutex<BTreeSet<String>>>,
     group: String,
 }
 
-impl Drop for Exclusive<'_> {
+impl Drop for Exclusive {
     fn drop(&mut self) {
-        self.coordinator.busy().remove(&self.group);
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.group);
     }
 }
 
@@ -408,7 +413,7 @@ impl Coordinator {
     /// Reserves a group without members for a change of its offsets from outside
     /// (a reset, a deletion, a standalone commit): joins wait until the guard is
     /// dropped. `what` names the change for the error when the group has members.
-    pub fn exclusive(&self, group_name: &str, what: &str) -> Result<Exclusive<'_>> {
+    pub fn exclusive(&self, group_name: &str, what: &str) -> Result<Exclusive> {
         let groups = self.lock();
         if let Some(group) = groups.get(group_name).filter(|g| !g.members.is_empty()) {
             return Err(Error::Fenced(format!(
@@ -421,7 +426,7 @@ impl Coordinator {
             return Err(Error::GroupBusy(group_name.to_string()));
         }
         Ok(Exclusive {
-            coordinator: self,
+            busy: Arc::clone(&self.busy),
             group: group_name.to_string(),
         })
     }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::Topic;
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
+use crate::groups::coordinator::Exclusive;
 use crate::health::{Fault, Faults};
 
 /// Largest metadata string of a commit.
@@ -85,10 +86,13 @@ enum Change {
         topics: Vec<Arc<Topic>>,
         mode: Mode,
         reply: Reply<Vec<(TopicPartition, Committed)>>,
+        /// Released once the change is answered: written (and visible) or refused.
+        hold: Option<Exclusive>,
     },
     DeleteGroup {
         group: String,
         reply: Reply<()>,
+        hold: Option<Exclusive>,
     },
     DeleteTopic {
         topic: String,
@@ -171,12 +175,17 @@ impl Offsets {
 
     /// Commits `offsets` (partition, offset, metadata) of `topics` for `group` durably;
     /// returns the resulting position of each partition. All or nothing.
+    ///
+    /// `hold` (a reservation of the group against joins) is released only once the
+    /// change is answered, even if the caller stops waiting (a client that disconnects):
+    /// no member can join and read the position the change replaces.
     pub async fn commit(
         &self,
         group: &str,
         offsets: Vec<(TopicPartition, u64, String)>,
         topics: Vec<Arc<Topic>>,
         mode: Mode,
+        hold: Option<Exclusive>,
     ) -> Result<Vec<(TopicPartition, Committed)>> {
         if let Some((tp, _, metadata)) = offsets.iter().find(|o| o.2.len() > METADATA_BYTES_MAX) {
             return Err(Error::InvalidArgument(format!(
@@ -190,15 +199,17 @@ impl Offsets {
             topics,
             mode,
             reply,
+            hold,
         })
         .await
     }
 
-    /// Forgets every offset of `group`.
-    pub async fn delete_group(&self, group: &str) -> Result<()> {
+    /// Forgets every offset of `group`; `hold` as for [`Offsets::commit`].
+    pub async fn delete_group(&self, group: &str, hold: Option<Exclusive>) -> Result<()> {
         self.send(|reply| Change::DeleteGroup {
             group: group.to_string(),
             reply,
+            hold,
         })
         .await
     }
@@ -441,8 +452,9 @@ enum Answer {
     Committed(
         Reply<Vec<(TopicPartition, Committed)>>,
         Result<Vec<(TopicPartition, Committed)>>,
+        Option<Exclusive>,
     ),
-    Done(Reply<()>),
+    Done(Reply<()>, Option<Exclusive>),
 }
 
 impl Writer {
@@ -466,6 +478,7 @@ impl Writer {
                         topics,
                         mode,
                         reply,
+                        hold,
                     } => {
                         staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
                         let result = match topics.iter().find(|t| t.is_deleted()) {
@@ -478,16 +491,16 @@ impl Writer {
                                 mode,
                             )),
                         };
-                        answers.push(Answer::Committed(reply, result));
+                        answers.push(Answer::Committed(reply, result, hold));
                     }
-                    Change::DeleteGroup { group, reply } => {
+                    Change::DeleteGroup { group, reply, hold } => {
                         pending.retain(|(g, _), _| *g != group);
                         deleted_groups.push(group);
-                        answers.push(Answer::Done(reply));
+                        answers.push(Answer::Done(reply, hold));
                     }
                     Change::DeleteTopic { topic, reply } => {
                         self.stage_topic_deletion(&mut pending, &deleted_groups, &topic);
-                        answers.push(Answer::Done(reply));
+                        answers.push(Answer::Done(reply, None));
                     }
                     Change::Shutdown => shutdown = true,
                 }
@@ -513,12 +526,13 @@ impl Writer {
                     );
                 }
             }
+            // Each reservation is released after its answer, with the change visible.
             for answer in answers {
                 match answer {
-                    Answer::Committed(reply, result) => {
+                    Answer::Committed(reply, result, _hold) => {
                         let _ = reply.send(unavailable(&written).and(result));
                     }
-                    Answer::Done(reply) => {
+                    Answer::Done(reply, _hold) => {
                         let _ = reply.send(unavailable(&written));
                     }
                 }
@@ -716,6 +730,44 @@ mod tests {
             .expect("runtime")
     }
 
+    /// A reset whose caller stops waiting (a client that disconnects) keeps the group
+    /// reserved against joins until the reset is visible: a member can never join and
+    /// read the position it replaces (the reservation used to end with the caller).
+    #[test]
+    fn a_reservation_is_held_until_the_change_is_visible() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let _entered = rt.enter();
+        let offsets = open(dir.path(), SEGMENT_BYTES);
+        let coordinator = crate::groups::coordinator::Coordinator::default();
+        for round in 1..=20u64 {
+            let hold = coordinator.exclusive("g", "reset").expect("free");
+            let mut reset = Box::pin(offsets.commit(
+                "g",
+                vec![(tp(0), round, String::new())],
+                vec![],
+                Mode::Reset,
+                Some(hold),
+            ));
+            // One poll sends the change; then the caller goes away.
+            let waker = std::task::Waker::noop();
+            let _ = std::future::Future::poll(
+                reset.as_mut(),
+                &mut std::task::Context::from_waker(waker),
+            );
+            drop(reset);
+            loop {
+                if let Ok(free) = coordinator.exclusive("g", "reset") {
+                    let now = offsets.group("g").get(&tp(0)).map(|c| c.offset);
+                    assert_eq!(now, Some(round), "free before the reset was visible");
+                    drop(free);
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
     #[test]
     fn commits_never_move_back_resets_do_and_everything_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -728,17 +780,30 @@ mod tests {
                     vec![(tp(0), 10, "m".into()), (tp(1), 5, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
                 )
                 .await
                 .expect("commit");
             assert_eq!(c[0].1.offset, 10);
             let c = offsets
-                .commit("g", vec![(tp(0), 7, String::new())], vec![], Mode::Advance)
+                .commit(
+                    "g",
+                    vec![(tp(0), 7, String::new())],
+                    vec![],
+                    Mode::Advance,
+                    None,
+                )
                 .await
                 .expect("commit");
             assert_eq!((c[0].1.offset, c[0].1.metadata.as_str()), (10, "m"));
             offsets
-                .commit("g", vec![(tp(1), 2, String::new())], vec![], Mode::Reset)
+                .commit(
+                    "g",
+                    vec![(tp(1), 2, String::new())],
+                    vec![],
+                    Mode::Reset,
+                    None,
+                )
                 .await
                 .expect("reset");
             offsets
@@ -747,6 +812,7 @@ mod tests {
                     vec![(TopicPartition::new("gone", 0), 3, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
                 )
                 .await
                 .expect("commit");
@@ -757,14 +823,24 @@ mod tests {
                     vec![(tp(0), 1, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
                 )
                 .await
                 .expect("commit");
-            offsets.delete_group("dropped").await.expect("delete group");
+            offsets
+                .delete_group("dropped", None)
+                .await
+                .expect("delete group");
             let too_long = "x".repeat(METADATA_BYTES_MAX + 1);
             assert!(matches!(
                 offsets
-                    .commit("g", vec![(tp(0), 11, too_long)], vec![], Mode::Advance)
+                    .commit(
+                        "g",
+                        vec![(tp(0), 11, too_long)],
+                        vec![],
+                        Mode::Advance,
+                        None
+                    )
                     .await,
                 Err(Error::InvalidArgument(_))
             ));
@@ -792,7 +868,7 @@ mod tests {
             for round in 0..3000u64 {
                 let batch = (0..8).map(|p| (tp(p), round, "x".repeat(64))).collect();
                 offsets
-                    .commit("g", batch, vec![], Mode::Advance)
+                    .commit("g", batch, vec![], Mode::Advance, None)
                     .await
                     .expect("commit");
             }
@@ -826,10 +902,16 @@ mod tests {
         let big: Vec<_> = (0..300)
             .map(|p| (tp(p), 1, "m".repeat(METADATA_BYTES_MAX)))
             .collect();
-        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance))
+        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance, None))
             .expect("a large commit");
-        rt.block_on(offsets.commit("g", vec![(tp(0), 2, String::new())], vec![], Mode::Advance))
-            .expect("later commits still work");
+        rt.block_on(offsets.commit(
+            "g",
+            vec![(tp(0), 2, String::new())],
+            vec![],
+            Mode::Advance,
+            None,
+        ))
+        .expect("later commits still work");
         offsets.shutdown().expect("closed cleanly");
         let reopened = open(dir.path(), SEGMENT_BYTES);
         assert_eq!(reopened.group("g").len(), 300);

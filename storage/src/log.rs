@@ -1157,18 +1157,15 @@ fn open_sealed(
         // Walk the headers after the last index entry: the last batch must end at the
         // file's end and just before the next segment's base offset.
         let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
-        let last = segment.offsets.last().map_or(0, |e| u64::from(e.position));
-        let mut chunk = Chunk {
-            file: &file,
-            path: &log_path,
-            end: log_len,
-            buf: Vec::new(),
-            start: last,
-        };
-        let mut position = last;
+        // Headers only, one small read each: the tail holds about
+        // `index_interval_bytes` of batches, the last of which may be large.
+        let mut position = segment.offsets.last().map_or(0, |e| u64::from(e.position));
         let mut next_offset = None;
-        while let Some(bytes) = chunk.get(position, BATCH_HEADER_LEN)? {
-            let Ok(header) = BatchHeader::parse(bytes) else {
+        let mut bytes = [0u8; BATCH_HEADER_LEN];
+        while position + BATCH_HEADER_LEN as u64 <= log_len {
+            fault::read_exact_at(&file, &log_path, &mut bytes, position)
+                .map_err(io_at(&log_path))?;
+            let Ok(header) = BatchHeader::parse(&bytes) else {
                 // Damage inside: reads that reach it report it.
                 return Ok((segment, true));
             };

@@ -294,6 +294,8 @@ impl Log {
         let active_base = bases.last().copied().unwrap_or(0);
         let (active, mut recovery) = recover_active(&dir, active_base, checkpoint, &config)?;
         recovery.damaged_segments = damaged;
+        // A new partition (no segment file yet) lost nothing, checkpoint or not.
+        recovery.clean |= bases.is_empty();
         let high_watermark = active.next_offset;
         segments.push(Arc::clone(&active.segment));
         // After an unclean stop, files may have been created (a roll that failed before
@@ -1461,6 +1463,24 @@ mod tests {
                 .base_offset,
             200
         );
+    }
+
+    /// Opening a new log is not reported as an unclean stop (the broker would warn of
+    /// possible loss at every topic creation); dropping one without close is.
+    #[test]
+    fn recovery_reports_an_unclean_stop_but_not_a_new_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::new(8);
+        let mut log = Log::open(dir.path(), small(), &files).expect("open");
+        assert!(log.recovery().clean, "{:?}", log.recovery());
+        log.append(&batch(&["a"], 1)).expect("append");
+        drop(log);
+        let log = Log::open(dir.path(), small(), &files).expect("reopen");
+        assert!(log.recovery().may_have_lost_records());
+        assert_eq!(log.recovery().recovered_to, 1);
+        log.close().expect("close");
+        let log = Log::open(dir.path(), small(), &files).expect("reopen");
+        assert!(log.recovery().clean);
     }
 
     #[test]

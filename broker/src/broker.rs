@@ -91,7 +91,9 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
-    coordinator: Coordinator,
+    /// Shared with the offsets writer, which checks a member's ownership again when it
+    /// applies the member's commit.
+    coordinator: Arc<Coordinator>,
     offsets: Offsets,
     /// Hands out idempotent producer ids (blocking: it may fsync).
     producer_ids: Mutex<ProducerIds>,
@@ -160,7 +162,7 @@ impl Broker {
             files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
-            coordinator: Coordinator::default(),
+            coordinator: Arc::default(),
             offsets,
             producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
             producer_ids: Mutex::new(producer_ids),
@@ -203,6 +205,11 @@ impl Broker {
     /// Consumer group membership.
     pub fn coordinator(&self) -> &Coordinator {
         &self.coordinator
+    }
+
+    /// Consumer group membership, for a check that runs after the caller returns.
+    pub(crate) fn coordinator_handle(&self) -> Arc<Coordinator> {
+        Arc::clone(&self.coordinator)
     }
 
     /// Committed consumer group offsets.

@@ -14,7 +14,7 @@ use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState, GroupView, MemberView};
-use crate::groups::offsets::{Committed, Mode};
+use crate::groups::offsets::{Committed, Fence, Mode};
 
 /// A group as a list shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,18 +216,29 @@ pub async fn commit_offsets(
     }
     // A commit from outside the group keeps members from joining until it is written, so
     // none starts from the position it replaces.
-    let exclusive = match committer {
-        Committer::Outside => Some(broker.coordinator().exclusive(group, "commit to")?),
+    let (exclusive, fence) = match committer {
+        Committer::Outside => (
+            Some(broker.coordinator().exclusive(group, "commit to")?),
+            None,
+        ),
         Committer::Member { id, epoch } => {
             broker
                 .coordinator()
                 .check_owner(group, id, epoch, offsets.iter().map(|o| &o.0))?;
-            None
+            // Checked again when the write is applied: a commit that waited (behind a
+            // slow write, or longer than its caller's timeout) while the partitions
+            // moved must not land below the new owner's position.
+            let coordinator = broker.coordinator_handle();
+            let (group, id) = (group.to_string(), id.to_string());
+            let partitions: Vec<TopicPartition> = offsets.iter().map(|o| o.0.clone()).collect();
+            let fence: Fence =
+                Box::new(move || coordinator.check_owner(&group, &id, epoch, &partitions));
+            (None, Some(fence))
         }
     };
     broker
         .offsets()
-        .commit(group, offsets, topics, Mode::Advance, exclusive)
+        .commit(group, offsets, topics, Mode::Advance, exclusive, fence)
         .await
 }
 
@@ -299,6 +310,7 @@ pub async fn reset_offsets(
             vec![topic.clone()],
             Mode::Reset,
             Some(exclusive),
+            None,
         )
         .await?;
     tracing::info!(%group, topic = %topic.name, "reset committed offsets");
@@ -356,6 +368,79 @@ mod tests {
             metadata: String::new(),
             timestamp_ms: 0,
         }
+    }
+
+    /// A member's commit that waits behind the offsets writer while its partition moves
+    /// to another member must be refused when it is applied, not land afterwards below
+    /// the new owner's position.
+    #[test]
+    fn a_commit_applied_after_its_partition_moved_is_fenced() {
+        use crate::groups::coordinator::Heartbeat;
+        use std::future::Future;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = Broker::open(
+            dir.path(),
+            crate::topics::settings::TopicSettings::default(),
+            64,
+            Arc::new(crate::metrics::Metrics::default()),
+        )
+        .expect("open");
+        let settings = crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings).expect("create");
+        let counts = |t: &str| broker.partition_count(t);
+        let join = Heartbeat {
+            member_id: String::new(),
+            member_epoch: 0,
+            topics: vec!["t".into()],
+            owned: vec![],
+            session_timeout: Duration::from_secs(30),
+            rebalance_timeout: Duration::from_secs(30),
+            client_id: "c".into(),
+        };
+        let first = broker
+            .coordinator()
+            .heartbeat("g", join, &counts, Instant::now())
+            .expect("join");
+        let tp = TopicPartition::new("t".to_string(), 0);
+        assert_eq!(first.assignment, vec![tp.clone()]);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let stalled = broker.offsets().stall();
+        // The writer takes this commit and waits for the stall to end.
+        let mut before = Box::pin(commit_offsets(
+            &broker,
+            "other",
+            Committer::Outside,
+            vec![(tp.clone(), 0, String::new())],
+        ));
+        assert!(before.as_mut().poll(&mut cx).is_pending());
+        // The member's commit is checked on arrival, while it owns the partition.
+        let mut late = Box::pin(commit_offsets(
+            &broker,
+            "g",
+            Committer::Member {
+                id: &first.member_id,
+                epoch: first.member_epoch,
+            },
+            vec![(tp.clone(), 0, String::new())],
+        ));
+        assert!(late.as_mut().poll(&mut cx).is_pending());
+        // The partition moves: the member leaves.
+        broker.coordinator().leave("g", &first.member_id, &counts);
+        drop(stalled);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(before).expect("outside commit");
+        match rt.block_on(late) {
+            Err(Error::Fenced(why)) => assert!(why.contains("not in the group"), "{why}"),
+            other => panic!("a commit applied after the move landed: {other:?}"),
+        }
+        assert!(broker.offsets().group("g").is_empty());
     }
 
     #[test]

@@ -76,6 +76,11 @@ pub enum Mode {
 }
 
 type GroupOffsets = BTreeMap<TopicPartition, Committed>;
+
+/// Checked by the writer right before it writes a commit: a member's commit that waited
+/// in the queue (or behind a slow write) while its partitions moved is refused with this
+/// check's error instead of landing below the new owner's position.
+pub type Fence = Box<dyn Fn() -> Result<()> + Send>;
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Change {
@@ -88,6 +93,8 @@ enum Change {
         reply: Reply<Vec<(TopicPartition, Committed)>>,
         /// Released once the change is answered: written (and visible) or refused.
         hold: Option<Exclusive>,
+        /// Checked when the commit is staged for writing.
+        fence: Option<Fence>,
     },
     DeleteGroup {
         group: String,
@@ -179,6 +186,9 @@ impl Offsets {
     /// `hold` (a reservation of the group against joins) is released only once the
     /// change is answered, even if the caller stops waiting (a client that disconnects):
     /// no member can join and read the position the change replaces.
+    ///
+    /// `fence` runs in the writer right before the commit is staged for its write; an
+    /// error refuses the commit (nothing of it is written).
     pub async fn commit(
         &self,
         group: &str,
@@ -186,6 +196,7 @@ impl Offsets {
         topics: Vec<Arc<Topic>>,
         mode: Mode,
         hold: Option<Exclusive>,
+        fence: Option<Fence>,
     ) -> Result<Vec<(TopicPartition, Committed)>> {
         if let Some((tp, _, metadata)) = offsets.iter().find(|o| o.2.len() > METADATA_BYTES_MAX) {
             return Err(Error::InvalidArgument(format!(
@@ -200,6 +211,7 @@ impl Offsets {
             mode,
             reply,
             hold,
+            fence,
         })
         .await
     }
@@ -243,6 +255,13 @@ impl Offsets {
             answer.blocking_recv().map_err(|_| Error::ShuttingDown)??;
         }
         Ok(())
+    }
+
+    /// Holds the published offsets: the writer stops at its next change until the
+    /// guard is dropped, so a test can move partitions while commits wait in the queue.
+    #[cfg(test)]
+    pub(crate) fn stall(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, GroupOffsets>> {
+        self.committed.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Why commits are refused, once they are.
@@ -479,10 +498,13 @@ impl Writer {
                         mode,
                         reply,
                         hold,
+                        fence,
                     } => {
                         staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
+                        let fenced = fence.as_ref().map_or(Ok(()), |check| check());
                         let result = match topics.iter().find(|t| t.is_deleted()) {
                             Some(gone) => Err(Error::TopicNotFound(gone.name.clone())),
+                            None if fenced.is_err() => fenced.map(|()| Vec::new()),
                             None => Ok(self.stage_commit(
                                 &mut pending,
                                 &deleted_groups,
@@ -748,6 +770,7 @@ mod tests {
                 vec![],
                 Mode::Reset,
                 Some(hold),
+                None,
             ));
             // One poll sends the change; then the caller goes away.
             let waker = std::task::Waker::noop();
@@ -781,6 +804,7 @@ mod tests {
                     vec![],
                     Mode::Advance,
                     None,
+                    None,
                 )
                 .await
                 .expect("commit");
@@ -791,6 +815,7 @@ mod tests {
                     vec![(tp(0), 7, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
                     None,
                 )
                 .await
@@ -803,6 +828,7 @@ mod tests {
                     vec![],
                     Mode::Reset,
                     None,
+                    None,
                 )
                 .await
                 .expect("reset");
@@ -812,6 +838,7 @@ mod tests {
                     vec![(TopicPartition::new("gone", 0), 3, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
                     None,
                 )
                 .await
@@ -823,6 +850,7 @@ mod tests {
                     vec![(tp(0), 1, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
                     None,
                 )
                 .await
@@ -839,6 +867,7 @@ mod tests {
                         vec![(tp(0), 11, too_long)],
                         vec![],
                         Mode::Advance,
+                        None,
                         None
                     )
                     .await,
@@ -868,7 +897,7 @@ mod tests {
             for round in 0..3000u64 {
                 let batch = (0..8).map(|p| (tp(p), round, "x".repeat(64))).collect();
                 offsets
-                    .commit("g", batch, vec![], Mode::Advance, None)
+                    .commit("g", batch, vec![], Mode::Advance, None, None)
                     .await
                     .expect("commit");
             }
@@ -902,13 +931,14 @@ mod tests {
         let big: Vec<_> = (0..300)
             .map(|p| (tp(p), 1, "m".repeat(METADATA_BYTES_MAX)))
             .collect();
-        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance, None))
+        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance, None, None))
             .expect("a large commit");
         rt.block_on(offsets.commit(
             "g",
             vec![(tp(0), 2, String::new())],
             vec![],
             Mode::Advance,
+            None,
             None,
         ))
         .expect("later commits still work");

@@ -37,6 +37,10 @@ pub struct Topic {
     pub settings: TopicSettings,
     partitions: Vec<Arc<Partition>>,
     next_partition: AtomicU32,
+    /// Tells this topic from an earlier one of the same name (random, stored in its
+    /// directory's `incarnation` file; 0 for a directory from before incarnations).
+    /// Committed offsets carry it, so a recreated topic never inherits old ones.
+    pub incarnation: u64,
     /// Set when the topic is deleted, before its groups' offsets are: a commit that
     /// checked the topic before the deletion and is written after it must not bring
     /// them back.
@@ -180,12 +184,14 @@ impl Broker {
         for name in names {
             let dir = topics_dir.join(&name);
             let settings = TopicSettings::load(&dir)?;
-            let topic = broker.open_topic(&name, &dir, settings)?;
+            let incarnation = load_incarnation(&dir)?;
+            let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
+            broker.offsets.set_incarnation(&name, Some(incarnation));
             broker.write_topics().insert(name, Arc::new(topic));
         }
         broker
             .offsets
-            .forget_missing_topics(|topic| broker.partition_count(topic).is_some())?;
+            .forget_stale_topics(|topic| broker.topic(topic).ok().map(|t| t.incarnation))?;
         // Ids in the partitions' state were handed out, even if the id file was lost.
         let max_seen = broker
             .read_topics()
@@ -292,7 +298,13 @@ impl Broker {
         &self.defaults
     }
 
-    fn open_topic(&self, name: &str, dir: &Path, settings: TopicSettings) -> Result<Topic> {
+    fn open_topic(
+        &self,
+        name: &str,
+        dir: &Path,
+        settings: TopicSettings,
+        incarnation: u64,
+    ) -> Result<Topic> {
         let config = settings.log_config()?;
         let partitions = (0..settings.partitions)
             .map(|p| {
@@ -312,6 +324,7 @@ impl Broker {
             settings,
             partitions,
             next_partition: AtomicU32::new(0),
+            incarnation,
             deleted: AtomicBool::new(false),
         })
     }
@@ -353,10 +366,12 @@ impl Broker {
         let staging = self.data_dir.join("tmp").join(name);
         std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
         settings.store(&staging)?;
+        let incarnation = new_incarnation();
+        store_incarnation(&staging, incarnation)?;
         let dir = self.data_dir.join("topics").join(name);
         std::fs::rename(&staging, &dir).map_err(Error::io(&dir))?;
         sync_dir(&self.data_dir.join("topics"))?;
-        let topic = match self.open_topic(name, &dir, settings) {
+        let topic = match self.open_topic(name, &dir, settings, incarnation) {
             Ok(topic) => Arc::new(topic),
             Err(e) => {
                 // Do not leave a directory that would come back as a topic at restart.
@@ -367,6 +382,9 @@ impl Broker {
                 return Err(e);
             }
         };
+        // Offsets left by an earlier topic of this name (its deletion failed halfway)
+        // are invisible from here on, and forgotten at the next start.
+        self.offsets.set_incarnation(name, Some(incarnation));
         self.write_topics()
             .insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)
@@ -380,6 +398,7 @@ impl Broker {
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
         topic.deleted.store(true, Ordering::Release);
+        self.offsets.set_incarnation(name, None);
         // Its data goes next: a partition that did not close cleanly loses nothing more.
         for error in topic.shutdown() {
             tracing::warn!(topic = %name, %error, "deleting a topic whose partition did not close cleanly");
@@ -421,6 +440,50 @@ impl Broker {
         let mut errors: Vec<String> = topics.values().flat_map(|t| t.shutdown()).collect();
         errors.extend(self.offsets.shutdown().err());
         errors
+    }
+}
+
+/// The file in a topic's directory that holds its incarnation, in decimal.
+const INCARNATION_FILE: &str = "incarnation";
+
+/// A random incarnation, never 0 (the incarnation of topics from before them).
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish().max(1)
+}
+
+/// Writes a new topic's incarnation file and fsyncs it (its directory is fsynced when it
+/// is renamed into place).
+fn store_incarnation(dir: &Path, incarnation: u64) -> Result<()> {
+    let path = dir.join(INCARNATION_FILE);
+    let mut file = std::fs::File::create(&path).map_err(Error::io(&path))?;
+    writeln!(file, "{incarnation}")
+        .and_then(|()| file.sync_all())
+        .map_err(Error::io(&path))?;
+    sync_dir(dir)
+}
+
+/// A topic's incarnation; 0 for a directory from before incarnations (without the file).
+fn load_incarnation(dir: &Path) -> Result<u64> {
+    let path = dir.join(INCARNATION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            Error::Storage(strata_storage::Error::InvalidConfig(format!(
+                "{} holds {:?}, not a topic incarnation (a decimal number); restore it \
+                 from a backup or delete the file to treat the topic as one from before \
+                 incarnations",
+                path.display(),
+                text.trim()
+            )))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io(&path)(e)),
     }
 }
 

@@ -443,6 +443,72 @@ mod tests {
         assert!(broker.offsets().group("g").is_empty());
     }
 
+    fn open_broker(dir: &std::path::Path) -> Broker {
+        Broker::open(
+            dir,
+            crate::topics::settings::TopicSettings::default(),
+            64,
+            Arc::new(crate::metrics::Metrics::default()),
+        )
+        .expect("open")
+    }
+
+    /// A topic deleted without its offsets (the offsets' deletion failed, or the broker
+    /// died in between) and created again under the same name starts without committed
+    /// offsets, before and after a restart; an old topic keeps its own.
+    #[test]
+    fn a_recreated_topic_never_inherits_old_committed_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open_broker(dir.path());
+        let settings = || crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let commit = |broker: &Broker, topic: &str| {
+            rt.block_on(commit_offsets(
+                broker,
+                "g",
+                Committer::Outside,
+                vec![(TopicPartition::new(topic.to_string(), 0), 0, "old".into())],
+            ))
+            .expect("commit")
+        };
+        for topic in ["t", "kept"] {
+            broker.create_topic(topic, settings()).expect("create");
+            commit(&broker, topic);
+        }
+        let all = BTreeSet::new();
+        assert_eq!(fetch_offsets(&broker, "g", &all).expect("fetch").len(), 2);
+        // The topic goes, its offsets' deletion never runs.
+        broker.delete_topic("t").expect("delete");
+        broker.create_topic("t", settings()).expect("recreate");
+        let kept = vec![TopicPartition::new("kept".to_string(), 0)];
+        let visible = |broker: &Broker| -> Vec<TopicPartition> {
+            let offsets = fetch_offsets(broker, "g", &all).expect("fetch");
+            offsets.into_iter().map(|(tp, _)| tp).collect()
+        };
+        assert_eq!(visible(&broker), kept);
+        let described = describe_group(&broker, "g").expect("describe");
+        assert!(described
+            .partitions
+            .iter()
+            .all(|p| p.partition.topic == "kept" || p.committed.is_none()));
+        // A restart forgets the old offsets for good; the new topic commits its own.
+        assert!(broker.shutdown().is_empty());
+        drop(broker);
+        let broker = open_broker(dir.path());
+        assert_eq!(visible(&broker), kept);
+        commit(&broker, "t");
+        assert_eq!(visible(&broker).len(), 2);
+        assert!(broker.shutdown().is_empty());
+        drop(broker);
+        let broker = open_broker(dir.path());
+        assert_eq!(visible(&broker).len(), 2);
+    }
+
     #[test]
     fn lag_counts_from_the_log_start_without_a_commit() {
         let log = LogRange {

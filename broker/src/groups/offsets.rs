@@ -37,6 +37,9 @@ const FORMAT_VERSION: u8 = 1;
 /// Key kinds.
 const KIND_OFFSET: u8 = 1;
 const KIND_GROUP_DELETED: u8 = 2;
+/// An offset of a topic incarnation other than 0 (topics created before incarnations
+/// existed have 0 and keep writing `KIND_OFFSET`): the key ends with the incarnation.
+const KIND_OFFSET_INCARNATION: u8 = 3;
 /// Segment size of the offsets log: small, so compaction frees space soon.
 pub const SEGMENT_BYTES: u64 = 4 << 20;
 /// Rough bytes per live entry in the log, for deciding when to compact before the
@@ -77,6 +80,18 @@ pub enum Mode {
 
 type GroupOffsets = BTreeMap<TopicPartition, Committed>;
 
+/// A committed position and the incarnation of the topic it was committed for: a topic
+/// recreated under the same name has another one and never sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    committed: Committed,
+    incarnation: u64,
+}
+
+type Store = BTreeMap<String, BTreeMap<TopicPartition, Stored>>;
+/// The incarnation of every topic that exists, by name.
+type Incarnations = BTreeMap<String, u64>;
+
 /// Checked by the writer right before it writes a commit: a member's commit that waited
 /// in the queue (or behind a slow write) while its partitions moved is refused with this
 /// check's error instead of landing below the new owner's position.
@@ -103,6 +118,8 @@ enum Change {
     },
     DeleteTopic {
         topic: String,
+        /// Offsets of this incarnation stay (those of the topic that exists now).
+        keep: Option<u64>,
         reply: Reply<()>,
     },
     Shutdown,
@@ -111,7 +128,9 @@ enum Change {
 /// The committed offsets of every group.
 #[derive(Debug)]
 pub struct Offsets {
-    committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    committed: Arc<RwLock<Store>>,
+    /// Offsets of a topic that exists under another incarnation are invisible.
+    incarnations: RwLock<Incarnations>,
     /// Set by the writer when a write fails and commits are refused.
     fault: Arc<Fault>,
     changes: mpsc::Sender<Change>,
@@ -161,14 +180,39 @@ impl Offsets {
             })?;
         Ok(Offsets {
             committed,
+            incarnations: RwLock::default(),
             fault,
             changes,
             writer: Mutex::new(Some(thread)),
         })
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, GroupOffsets>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Store> {
         self.committed.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the incarnation of a topic that exists (`None`: it was deleted). Offsets
+    /// committed for another incarnation of that name are invisible from then on.
+    pub fn set_incarnation(&self, topic: &str, incarnation: Option<u64>) {
+        let mut incarnations = self.incarnations.write().unwrap_or_else(|e| e.into_inner());
+        match incarnation {
+            Some(incarnation) => incarnations.insert(topic.to_string(), incarnation),
+            None => incarnations.remove(topic),
+        };
+    }
+
+    /// The visible offsets of one group's store.
+    fn visible(&self, offsets: &BTreeMap<TopicPartition, Stored>) -> GroupOffsets {
+        let incarnations = self.incarnations.read().unwrap_or_else(|e| e.into_inner());
+        offsets
+            .iter()
+            .filter(|(tp, stored)| {
+                incarnations
+                    .get(&tp.topic)
+                    .is_none_or(|i| *i == stored.incarnation)
+            })
+            .map(|(tp, stored)| (tp.clone(), stored.committed.clone()))
+            .collect()
     }
 
     async fn send<T>(&self, change: impl FnOnce(Reply<T>) -> Change) -> Result<T> {
@@ -231,26 +275,31 @@ impl Offsets {
     pub async fn delete_topic(&self, topic: &str) -> Result<()> {
         self.send(|reply| Change::DeleteTopic {
             topic: topic.to_string(),
+            keep: None,
             reply,
         })
         .await
     }
 
-    /// Forgets the offsets of topics for which `exists` is false: a crash between a
-    /// topic's deletion and its offsets' leaves them behind. Blocking.
-    pub fn forget_missing_topics(&self, exists: impl Fn(&str) -> bool) -> Result<()> {
-        let missing: std::collections::BTreeSet<String> = self
+    /// Forgets the offsets of topics that no longer exist or exist under another
+    /// incarnation (`current` gives a topic's incarnation, `None` when it does not
+    /// exist): a crash or a failed write between a topic's deletion and its offsets'
+    /// leaves them behind. Blocking.
+    pub fn forget_stale_topics(&self, current: impl Fn(&str) -> Option<u64>) -> Result<()> {
+        let stale: BTreeMap<String, Option<u64>> = self
             .read()
             .values()
-            .flat_map(|offsets| offsets.keys())
-            .filter(|tp| !exists(&tp.topic))
-            .map(|tp| tp.topic.clone())
+            .flat_map(|offsets| offsets.iter())
+            .filter_map(|(tp, stored)| {
+                let now = current(&tp.topic);
+                (now != Some(stored.incarnation)).then(|| (tp.topic.clone(), now))
+            })
             .collect();
-        for topic in missing {
+        for (topic, keep) in stale {
             tracing::info!(%topic, "forgetting committed offsets of a deleted topic");
             let (reply, answer) = oneshot::channel();
             self.changes
-                .blocking_send(Change::DeleteTopic { topic, reply })
+                .blocking_send(Change::DeleteTopic { topic, keep, reply })
                 .map_err(|_| Error::ShuttingDown)?;
             answer.blocking_recv().map_err(|_| Error::ShuttingDown)??;
         }
@@ -260,7 +309,7 @@ impl Offsets {
     /// Holds the published offsets: the writer stops at its next change until the
     /// guard is dropped, so a test can move partitions while commits wait in the queue.
     #[cfg(test)]
-    pub(crate) fn stall(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, GroupOffsets>> {
+    pub(crate) fn stall(&self) -> impl Sized + '_ {
         self.committed.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -271,17 +320,26 @@ impl Offsets {
 
     /// The committed offsets of `group`.
     pub fn group(&self, group: &str) -> GroupOffsets {
-        self.read().get(group).cloned().unwrap_or_default()
+        self.read()
+            .get(group)
+            .map(|offsets| self.visible(offsets))
+            .unwrap_or_default()
     }
 
     /// True when `group` has committed offsets.
     pub fn has_group(&self, group: &str) -> bool {
-        self.read().contains_key(group)
+        self.read()
+            .get(group)
+            .is_some_and(|offsets| !self.visible(offsets).is_empty())
     }
 
     /// Names of the groups with committed offsets.
     pub fn groups(&self) -> Vec<String> {
-        self.read().keys().cloned().collect()
+        self.read()
+            .iter()
+            .filter(|(_, offsets)| !self.visible(offsets).is_empty())
+            .map(|(group, _)| group.clone())
+            .collect()
     }
 
     /// Stops the writer after it has answered everything queued, and closes the log;
@@ -298,12 +356,20 @@ impl Offsets {
 }
 
 /// Encodes the key of a partition's offset.
-fn offset_key(out: &mut Vec<u8>, group: &str, tp: &TopicPartition) {
+fn offset_key(out: &mut Vec<u8>, group: &str, tp: &TopicPartition, incarnation: u64) {
     out.clear();
-    out.extend_from_slice(&[FORMAT_VERSION, KIND_OFFSET]);
+    let kind = if incarnation == 0 {
+        KIND_OFFSET
+    } else {
+        KIND_OFFSET_INCARNATION
+    };
+    out.extend_from_slice(&[FORMAT_VERSION, kind]);
     put_str(out, group);
     put_str(out, &tp.topic);
     out.extend_from_slice(&tp.partition.to_be_bytes());
+    if incarnation != 0 {
+        out.extend_from_slice(&incarnation.to_be_bytes());
+    }
 }
 
 fn group_deleted_key(out: &mut Vec<u8>, group: &str) {
@@ -331,6 +397,8 @@ enum Entry {
     Offset {
         group: String,
         tp: TopicPartition,
+        /// The topic's incarnation (0 in records from before incarnations).
+        incarnation: u64,
         committed: Option<Committed>,
     },
     GroupDeleted {
@@ -367,9 +435,14 @@ fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
     }
     let group = take_str(&mut key)?;
     match header[1] {
-        KIND_OFFSET => {
+        kind @ (KIND_OFFSET | KIND_OFFSET_INCARNATION) => {
             let topic = take_str(&mut key)?;
             let partition = u32::from_be_bytes(take(&mut key, 4)?.try_into().expect("4 bytes"));
+            let incarnation = if kind == KIND_OFFSET {
+                0
+            } else {
+                u64::from_be_bytes(take(&mut key, 8)?.try_into().expect("8 bytes"))
+            };
             let committed = match value {
                 None => None,
                 Some(mut value) => {
@@ -388,6 +461,7 @@ fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
             Ok(Entry::Offset {
                 group,
                 tp: TopicPartition { topic, partition },
+                incarnation,
                 committed,
             })
         }
@@ -396,19 +470,25 @@ fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
     }
 }
 
-fn apply(committed: &mut BTreeMap<String, GroupOffsets>, entry: Entry) {
+fn apply(committed: &mut Store, entry: Entry) {
     match entry {
         Entry::Offset {
             group,
             tp,
+            incarnation,
             committed: Some(c),
         } => {
-            committed.entry(group).or_default().insert(tp, c);
+            let stored = Stored {
+                committed: c,
+                incarnation,
+            };
+            committed.entry(group).or_default().insert(tp, stored);
         }
         Entry::Offset {
             group,
             tp,
             committed: None,
+            ..
         } => {
             if let Some(offsets) = committed.get_mut(&group) {
                 offsets.remove(&tp);
@@ -424,7 +504,7 @@ fn apply(committed: &mut BTreeMap<String, GroupOffsets>, entry: Entry) {
 }
 
 /// Rebuilds the offsets from the whole log.
-fn replay(log: &Log) -> Result<BTreeMap<String, GroupOffsets>> {
+fn replay(log: &Log) -> Result<Store> {
     let reader = log.reader();
     let mut committed = BTreeMap::new();
     let mut offset = reader.earliest_offset();
@@ -448,7 +528,7 @@ fn replay(log: &Log) -> Result<BTreeMap<String, GroupOffsets>> {
 
 struct Writer {
     log: Log,
-    committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    committed: Arc<RwLock<Store>>,
     segment_bytes: u64,
     /// Size of the last snapshot: the live entries' size in the log.
     snapshot_bytes: u64,
@@ -458,7 +538,7 @@ struct Writer {
 }
 
 /// One change to publish once durable: the new value, `None` to delete.
-type Pending = BTreeMap<(String, TopicPartition), Option<Committed>>;
+type Pending = BTreeMap<(String, TopicPartition), Option<Stored>>;
 
 /// The error every change of a failed write gets.
 fn unavailable(written: &std::result::Result<(), String>) -> Result<()> {
@@ -510,6 +590,7 @@ impl Writer {
                                 &deleted_groups,
                                 group,
                                 offsets,
+                                &topics,
                                 mode,
                             )),
                         };
@@ -520,8 +601,8 @@ impl Writer {
                         deleted_groups.push(group);
                         answers.push(Answer::Done(reply, hold));
                     }
-                    Change::DeleteTopic { topic, reply } => {
-                        self.stage_topic_deletion(&mut pending, &deleted_groups, &topic);
+                    Change::DeleteTopic { topic, keep, reply } => {
+                        self.stage_topic_deletion(&mut pending, &deleted_groups, &topic, keep);
                         answers.push(Answer::Done(reply, None));
                     }
                     Change::Shutdown => shutdown = true,
@@ -543,7 +624,8 @@ impl Writer {
                         Entry::Offset {
                             group,
                             tp,
-                            committed: value,
+                            incarnation: value.as_ref().map_or(0, |v| v.incarnation),
+                            committed: value.map(|v| v.committed),
                         },
                     );
                 }
@@ -575,21 +657,26 @@ impl Writer {
     }
 
     /// The current value of a partition's offset, staged changes included.
+    /// Another incarnation's value counts as none.
     fn current(
         &self,
         pending: &Pending,
         deleted_groups: &[String],
         group: &str,
         tp: &TopicPartition,
+        incarnation: u64,
     ) -> Option<Committed> {
-        if let Some(staged) = pending.get(&(group.to_string(), tp.clone())) {
-            return staged.clone();
-        }
-        if deleted_groups.iter().any(|g| g == group) {
-            return None;
-        }
-        let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
-        committed.get(group)?.get(tp).cloned()
+        let stored = match pending.get(&(group.to_string(), tp.clone())) {
+            Some(staged) => staged.clone(),
+            None if deleted_groups.iter().any(|g| g == group) => None,
+            None => {
+                let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
+                committed.get(group)?.get(tp).cloned()
+            }
+        };
+        stored
+            .filter(|s| s.incarnation == incarnation)
+            .map(|s| s.committed)
     }
 
     fn stage_commit(
@@ -598,12 +685,17 @@ impl Writer {
         deleted_groups: &[String],
         group: String,
         offsets: Vec<(TopicPartition, u64, String)>,
+        topics: &[Arc<Topic>],
         mode: Mode,
     ) -> Vec<(TopicPartition, Committed)> {
         let now = now_ms();
         let mut result = Vec::with_capacity(offsets.len());
         for (tp, offset, metadata) in offsets {
-            let current = self.current(pending, deleted_groups, &group, &tp);
+            let incarnation = topics
+                .iter()
+                .find(|t| t.name == tp.topic)
+                .map_or(0, |t| t.incarnation);
+            let current = self.current(pending, deleted_groups, &group, &tp, incarnation);
             let unchanged = current
                 .as_ref()
                 .is_some_and(|c| c.offset == offset && c.metadata == metadata);
@@ -617,7 +709,11 @@ impl Writer {
                         metadata,
                         timestamp_ms: now,
                     };
-                    pending.insert((group.clone(), tp.clone()), Some(value.clone()));
+                    let stored = Stored {
+                        committed: value.clone(),
+                        incarnation,
+                    };
+                    pending.insert((group.clone(), tp.clone()), Some(stored));
                     value
                 }
             };
@@ -626,21 +722,28 @@ impl Writer {
         result
     }
 
-    fn stage_topic_deletion(&self, pending: &mut Pending, deleted_groups: &[String], topic: &str) {
+    /// Deletes the offsets of `topic` but those of incarnation `keep`.
+    fn stage_topic_deletion(
+        &self,
+        pending: &mut Pending,
+        deleted_groups: &[String],
+        topic: &str,
+        keep: Option<u64>,
+    ) {
         let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
         let stored = committed
             .iter()
             .filter(|(group, _)| !deleted_groups.contains(group))
-            .flat_map(|(group, offsets)| offsets.keys().map(move |tp| (group, tp)))
-            .filter(|(_, tp)| tp.topic == topic)
-            .map(|(group, tp)| (group.clone(), tp.clone()))
+            .flat_map(|(group, offsets)| offsets.iter().map(move |(tp, s)| (group, tp, s)))
+            .filter(|(_, tp, s)| tp.topic == topic && keep != Some(s.incarnation))
+            .map(|(group, tp, _)| (group.clone(), tp.clone()))
             .collect::<Vec<_>>();
         drop(committed);
         for key in stored {
-            pending.insert(key, None);
+            pending.entry(key).or_insert(None);
         }
         for (key, value) in pending.iter_mut() {
-            if key.1.topic == topic {
+            if key.1.topic == topic && keep != value.as_ref().map(|v| v.incarnation) {
                 *value = None;
             }
         }
@@ -679,10 +782,15 @@ impl Writer {
             group_deleted_key(&mut key, group);
             builder.push(now, Some(&key), None, &[]);
         }
-        for ((group, tp), committed) in pending {
-            offset_key(&mut key, group, tp);
-            let value = committed.as_ref().map(|c| {
-                offset_value(&mut value, c);
+        for ((group, tp), stored) in pending {
+            offset_key(
+                &mut key,
+                group,
+                tp,
+                stored.as_ref().map_or(0, |s| s.incarnation),
+            );
+            let value = stored.as_ref().map(|s| {
+                offset_value(&mut value, &s.committed);
                 &value[..]
             });
             builder.push(now, Some(&key), value, &[]);
@@ -957,16 +1065,21 @@ mod tests {
             metadata: "meta".into(),
             timestamp_ms: 7,
         };
-        offset_key(&mut key, "g", &tp(3));
-        offset_value(&mut value, &c);
-        assert_eq!(
-            decode(&key, Some(&value)).expect("decode"),
-            Entry::Offset {
-                group: "g".into(),
-                tp: tp(3),
-                committed: Some(c)
-            }
-        );
+        // Incarnation 0 (a topic from before incarnations) keeps the old record kind.
+        for incarnation in [0, u64::MAX - 5] {
+            offset_key(&mut key, "g", &tp(3), incarnation);
+            assert_eq!(key[1] == KIND_OFFSET, incarnation == 0);
+            offset_value(&mut value, &c);
+            assert_eq!(
+                decode(&key, Some(&value)).expect("decode"),
+                Entry::Offset {
+                    group: "g".into(),
+                    tp: tp(3),
+                    incarnation,
+                    committed: Some(c.clone())
+                }
+            );
+        }
         group_deleted_key(&mut key, "g");
         assert_eq!(
             decode(&key, None).expect("decode"),

@@ -398,7 +398,13 @@ impl Broker {
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
         topic.deleted.store(true, Ordering::Release);
+        // Group state goes with the topic before anything here can fail: offsets of its
+        // incarnation are invisible, and members owning its partitions are removed, so
+        // a topic created again under this name inherits neither, even if the rest of
+        // the deletion fails.
         self.offsets.set_incarnation(name, None);
+        self.coordinator
+            .topic_deleted(name, &|t| self.partition_count(t));
         // Its data goes next: a partition that did not close cleanly loses nothing more.
         for error in topic.shutdown() {
             tracing::warn!(topic = %name, %error, "deleting a topic whose partition did not close cleanly");

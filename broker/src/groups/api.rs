@@ -509,6 +509,45 @@ mod tests {
         assert_eq!(visible(&broker).len(), 2);
     }
 
+    /// Deleting a topic removes the members owning its partitions itself, not a later
+    /// step that a failure could skip: a member never carries over to a topic created
+    /// again under the same name.
+    #[test]
+    fn a_deleted_topic_takes_its_owners_out_of_the_group() {
+        use crate::groups::coordinator::Heartbeat;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open_broker(dir.path());
+        let settings = || crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings()).expect("create");
+        let counts = |t: &str| broker.partition_count(t);
+        let join = Heartbeat {
+            member_id: String::new(),
+            member_epoch: 0,
+            topics: vec!["t".into()],
+            owned: vec![],
+            session_timeout: Duration::from_secs(30),
+            rebalance_timeout: Duration::from_secs(30),
+            client_id: "c".into(),
+        };
+        let member = broker
+            .coordinator()
+            .heartbeat("g", join, &counts, Instant::now())
+            .expect("join");
+        let tp = TopicPartition::new("t".to_string(), 0);
+        check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp).expect("owner");
+        broker.delete_topic("t").expect("delete");
+        broker.create_topic("t", settings()).expect("recreate");
+        assert!(matches!(
+            check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp),
+            Err(Error::Fenced(_))
+        ));
+    }
+
     #[test]
     fn lag_counts_from_the_log_start_without_a_commit() {
         let log = LogRange {

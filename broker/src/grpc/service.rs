@@ -261,15 +261,13 @@ impl admin_server::Admin for Service {
         let broker = Arc::clone(&self.broker);
         let deleted = name.clone();
         let topic = name.clone();
-        // The topic, then its groups' offsets (a topic created later under this name
-        // must not start from them), in a task of its own: a client that gives up
-        // waiting cannot stop it between the two.
+        // The topic (which removes the members owning its partitions), then its groups'
+        // offsets, in a task of its own: a client that gives up waiting cannot stop it
+        // between the two. Offsets left behind by a failure are invisible to a topic
+        // created again under this name (its incarnation differs).
         let done = tokio::spawn(async move {
             let offsets = Arc::clone(&broker);
             blocking(move || broker.delete_topic(&deleted)).await?;
-            offsets
-                .coordinator()
-                .topic_deleted(&topic, &|t| offsets.partition_count(t));
             offsets.offsets().delete_topic(&topic).await
         })
         .await

@@ -466,6 +466,7 @@ impl Consumer {
             failures: 0,
             commit_refused: false,
             auto_commit_refusals: 0,
+            join_key: new_join_key(),
         };
         // The first join answers here, so a missing topic or a bad setting fails the
         // call instead of surfacing later in the stream. A broker that is restarting,
@@ -697,6 +698,14 @@ struct Coordinator {
     commit_refused: bool,
     /// Auto-commits the broker refused in a row.
     auto_commit_refusals: u32,
+    /// Sent with every attempt of the next join, so the broker recognises a retry of a
+    /// join whose answer was lost and gives this consumer that member back; a new one
+    /// after every join that was answered.
+    join_key: String,
+}
+
+fn new_join_key() -> String {
+    format!("{:016x}", crate::trace::random_u64())
 }
 
 impl Coordinator {
@@ -764,6 +773,7 @@ impl Coordinator {
             session_timeout_ms: millis(self.config.session_timeout),
             rebalance_timeout_ms: millis(self.config.rebalance_timeout),
             client_id: self.config.client_id.clone(),
+            join_key: self.join_key.clone(),
         }
     }
 
@@ -872,6 +882,10 @@ impl Coordinator {
     async fn accept(&mut self, answer: v1::HeartbeatResponse, sent: Instant) {
         let now = Instant::now();
         self.lease.renew(sent, self.config.session_timeout);
+        if self.member.is_none() {
+            // This join was answered: the next one is a new join.
+            self.join_key = new_join_key();
+        }
         self.member = Some(Member {
             id: answer.member_id,
             epoch: answer.member_epoch,

@@ -401,6 +401,7 @@ mod tests {
             session_timeout: Duration::from_secs(30),
             rebalance_timeout: Duration::from_secs(30),
             client_id: "c".into(),
+            join_key: String::new(),
         };
         let first = broker
             .coordinator()
@@ -533,6 +534,7 @@ mod tests {
             session_timeout: Duration::from_secs(30),
             rebalance_timeout: Duration::from_secs(30),
             client_id: "c".into(),
+            join_key: String::new(),
         };
         let member = broker
             .coordinator()

@@ -68,7 +68,15 @@ pub struct Heartbeat {
     pub rebalance_timeout: Duration,
     /// A name for people.
     pub client_id: String,
+    /// Join only, optional: chosen by the client for one join and sent again when it
+    /// retries that join. A join whose key a member of the group already has is that
+    /// member's join again (its answer was lost): it gets that member back instead of
+    /// a second member, whose unclaimed partitions would wait a whole session.
+    pub join_key: String,
 }
+
+/// Longest join key.
+pub const JOIN_KEY_BYTES_MAX: usize = 64;
 
 /// The coordinator's answer to a heartbeat.
 #[derive(Debug, PartialEq, Eq)]
@@ -129,6 +137,8 @@ pub struct GroupView {
 #[derive(Debug)]
 struct Member {
     client_id: String,
+    /// The key of the join that added it; empty without one.
+    join_key: String,
     topics: BTreeSet<String>,
     epoch: u64,
     /// Partitions owned and in the assignment, with the epoch each was granted at.
@@ -467,25 +477,43 @@ impl Coordinator {
                 REBALANCE_TIMEOUT_DEFAULT,
                 "rebalance timeout",
             )?;
-            let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let id = format!("{:016x}", self.ids.hash_one(counter));
+            if request.join_key.len() > JOIN_KEY_BYTES_MAX {
+                return Err(Error::InvalidArgument(format!(
+                    "join key is {} bytes; at most {JOIN_KEY_BYTES_MAX} are allowed",
+                    request.join_key.len()
+                )));
+            }
             let group = groups.entry(group_name.to_string()).or_default();
-            group.members.insert(
-                id.clone(),
-                Member {
-                    client_id: request.client_id,
-                    topics: request.topics.iter().cloned().collect(),
-                    epoch: 0,
-                    assigned: BTreeMap::new(),
-                    revoking: BTreeMap::new(),
-                    session_timeout,
-                    rebalance_timeout,
-                    deadline: now + session_timeout,
-                },
-            );
-            group.retarget(true, partitions);
-            tracing::info!(group = group_name, member = %id, "member joined");
-            id
+            let retried = group
+                .members
+                .iter_mut()
+                .find(|(_, m)| !request.join_key.is_empty() && m.join_key == request.join_key);
+            if let Some((id, member)) = retried {
+                // The answer to this join was lost: answer it again.
+                member.deadline = now + member.session_timeout;
+                tracing::info!(group = group_name, member = %id, "join retried");
+                id.clone()
+            } else {
+                let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let id = format!("{:016x}", self.ids.hash_one(counter));
+                group.members.insert(
+                    id.clone(),
+                    Member {
+                        client_id: request.client_id,
+                        join_key: request.join_key,
+                        topics: request.topics.iter().cloned().collect(),
+                        epoch: 0,
+                        assigned: BTreeMap::new(),
+                        revoking: BTreeMap::new(),
+                        session_timeout,
+                        rebalance_timeout,
+                        deadline: now + session_timeout,
+                    },
+                );
+                group.retarget(true, partitions);
+                tracing::info!(group = group_name, member = %id, "member joined");
+                id
+            }
         } else {
             let group = groups
                 .get_mut(group_name)
@@ -990,6 +1018,45 @@ mod tests {
         c.topic_deleted("orders", &|_| None);
         assert!(matches!(beat(&c, &a, now), Err(Error::Fenced(_))));
         c.topic_deleted("elsewhere", &six);
+    }
+
+    /// A join retried with its key (its answer was lost) gets the member it created
+    /// back, with that member's partitions, instead of a second member while the first
+    /// holds every partition for a whole session; a new key is a new member.
+    #[test]
+    fn a_retried_join_gets_its_member_back() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let request = |key: &str| Heartbeat {
+            topics: vec!["orders".into()],
+            join_key: key.into(),
+            ..Heartbeat::default()
+        };
+        let lost = c
+            .heartbeat("payments", request("k1"), &six, now)
+            .expect("join");
+        assert_eq!(lost.assignment.len(), 6);
+        let retried = c
+            .heartbeat("payments", request("k1"), &six, now)
+            .expect("retry");
+        assert_eq!(retried.member_id, lost.member_id);
+        assert_eq!(retried.assignment.len(), 6);
+        assert_eq!(c.describe("payments").expect("group").members.len(), 1);
+        let other = c
+            .heartbeat("payments", request("k2"), &six, now)
+            .expect("join");
+        assert_ne!(other.member_id, lost.member_id);
+        assert_eq!(c.describe("payments").expect("group").members.len(), 2);
+        // Without a key every join is a new member, as before.
+        c.heartbeat("payments", request(""), &six, now)
+            .expect("join");
+        c.heartbeat("payments", request(""), &six, now)
+            .expect("join");
+        assert_eq!(c.describe("payments").expect("group").members.len(), 4);
+        assert!(matches!(
+            c.heartbeat("payments", request(&"k".repeat(65)), &six, now),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

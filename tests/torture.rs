@@ -5,8 +5,9 @@
 //! broker with SIGKILL in the middle of the traffic (sends in flight, commits in
 //! flight), restarts it on the same port and waits until it answers again (the
 //! recovery time). The producer (idempotent, the default) and the consumer ride the
-//! restarts out. At the end the test checks, with the topic's default `fsync`
-//! durability:
+//! restarts out. At the end the test checks, under `fsync` with one consumer and under
+//! `interval` and `none` with three consumers of the group (a SIGKILL kills the process,
+//! not the OS: every policy keeps what was acknowledged, storage-format.md 8.2):
 //!
 //! - nothing acknowledged is lost: every acknowledged record is at the offset its
 //!   acknowledgement named;
@@ -99,10 +100,11 @@ fn spawn_consumer(
     client: Client,
     seen: Seen,
     mut stop: watch::Receiver<bool>,
+    name: String,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let config = ConsumerGroupConfig {
-            client_id: "auditor".into(),
+            client_id: name,
             auto_commit_interval: Some(Duration::from_millis(50)),
             max_wait: Duration::from_millis(100),
             retry_backoff_max: Duration::from_millis(200),
@@ -166,6 +168,19 @@ fn check_not_behind(before: &mut BTreeMap<u32, u64>, now: BTreeMap<u32, u64>, wh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_rounds_lose_nothing_acknowledged() {
+    torture(Durability::Fsync, 1).await;
+}
+
+/// The same under the policies that acknowledge before an fsync, with several members
+/// of the group sharing the partitions (rebalancing at every restart): redeliveries
+/// across members are allowed, two different records at one offset are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_rounds_under_interval_and_none_with_three_consumers() {
+    torture(Durability::IntervalMs(200), 3).await;
+    torture(Durability::None, 3).await;
+}
+
+async fn torture(durability: Durability, members: usize) {
     let rounds = rounds();
     let mut broker = Broker::start();
     let client = Client::connect(&broker.addr_arg()).await.expect("connect");
@@ -175,7 +190,7 @@ async fn sigkill_rounds_lose_nothing_acknowledged() {
             TOPIC,
             PARTITIONS,
             TopicConfig {
-                durability: Some(Durability::Fsync),
+                durability: Some(durability),
                 ..TopicConfig::default()
             },
         )
@@ -185,7 +200,12 @@ async fn sigkill_rounds_lose_nothing_acknowledged() {
     let seen: Seen = Arc::default();
     let (stop_tx, stop) = watch::channel(false);
     let producer = spawn_producer(client.clone(), Arc::clone(&ledger), stop.clone());
-    let consumer = spawn_consumer(client.clone(), Arc::clone(&seen), stop);
+    let consumers: Vec<_> = (0..members)
+        .map(|n| {
+            let name = format!("auditor-{n}");
+            spawn_consumer(client.clone(), Arc::clone(&seen), stop.clone(), name)
+        })
+        .collect();
 
     let mut high_committed = BTreeMap::new();
     let mut recoveries = Vec::new();
@@ -223,10 +243,12 @@ async fn sigkill_rounds_lose_nothing_acknowledged() {
         .await
         .expect("the producer settles")
         .expect("producer task");
-    tokio::time::timeout(HANG_GUARD, consumer)
-        .await
-        .expect("the consumer stops")
-        .expect("consumer task");
+    for consumer in consumers {
+        tokio::time::timeout(HANG_GUARD, consumer)
+            .await
+            .expect("the consumer stops")
+            .expect("consumer task");
+    }
     if let Some(now) = committed(&client).await {
         check_not_behind(&mut high_committed, now, "at the end");
     }
@@ -268,7 +290,7 @@ async fn sigkill_rounds_lose_nothing_acknowledged() {
     recoveries.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     eprintln!(
-        "torture: {rounds} SIGKILL rounds; {sent} records sent, {} acknowledged, {} stored, \
+        "torture ({durability:?}, {members} consumers): {rounds} SIGKILL rounds; {sent} records sent, {} acknowledged, {} stored, \
          {handed} handed to the consumer; committed at the end {high_committed:?}; \
          recovery (kill to answering) min {:.0} ms, median {:.0} ms, max {:.0} ms",
         ledger.len(),

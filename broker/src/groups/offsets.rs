@@ -202,17 +202,19 @@ impl Offsets {
     }
 
     /// The visible offsets of one group's store.
-    fn visible(&self, offsets: &BTreeMap<TopicPartition, Stored>) -> GroupOffsets {
+    fn visible<'a>(
+        &'a self,
+        offsets: &'a BTreeMap<TopicPartition, Stored>,
+    ) -> impl Iterator<Item = (&'a TopicPartition, &'a Committed)> + 'a {
         let incarnations = self.incarnations.read().unwrap_or_else(|e| e.into_inner());
         offsets
             .iter()
-            .filter(|(tp, stored)| {
+            .filter(move |(tp, stored)| {
                 incarnations
                     .get(&tp.topic)
                     .is_none_or(|i| *i == stored.incarnation)
             })
-            .map(|(tp, stored)| (tp.clone(), stored.committed.clone()))
-            .collect()
+            .map(|(tp, stored)| (tp, &stored.committed))
     }
 
     async fn send<T>(&self, change: impl FnOnce(Reply<T>) -> Change) -> Result<T> {
@@ -322,7 +324,11 @@ impl Offsets {
     pub fn group(&self, group: &str) -> GroupOffsets {
         self.read()
             .get(group)
-            .map(|offsets| self.visible(offsets))
+            .map(|offsets| {
+                self.visible(offsets)
+                    .map(|(tp, c)| (tp.clone(), c.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -330,14 +336,14 @@ impl Offsets {
     pub fn has_group(&self, group: &str) -> bool {
         self.read()
             .get(group)
-            .is_some_and(|offsets| !self.visible(offsets).is_empty())
+            .is_some_and(|offsets| self.visible(offsets).next().is_some())
     }
 
     /// Names of the groups with committed offsets.
     pub fn groups(&self) -> Vec<String> {
         self.read()
             .iter()
-            .filter(|(_, offsets)| !self.visible(offsets).is_empty())
+            .filter(|(_, offsets)| self.visible(offsets).next().is_some())
             .map(|(group, _)| group.clone())
             .collect()
     }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::common::Broker;
 use strata_client::{
     headers, Client, ConsumedRecord, Consumer, ConsumerGroupConfig, DeadLetterPolicy, DeadLetters,
-    Delivery, Durability, Error, GroupState, Outcome, ProducerConfig, Record, ResetTo, StartAt,
-    TopicConfig, TopicPartition,
+    Delivery, Durability, Error, GroupState, OffsetReset, OnRevoke, Outcome, ProducerConfig,
+    Record, ResetTo, Revocation, StartAt, TopicConfig, TopicPartition,
 };
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -948,4 +948,198 @@ async fn one_trace_id_travels_from_producer_through_the_broker_to_consumers() {
         assert_eq!(context.trace_id, root.trace_id, "{record:?}");
     }
     payment_reader.close().await.expect("close");
+}
+
+/// Deleting one topic of a two-topic subscription removes the members that owned its
+/// partitions; their rejoin is answered NOT_FOUND. The consumer reports that once and
+/// rejoins without the deleted topic: the other topic goes on being consumed (the
+/// error used to end the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_one_subscribed_topic_keeps_the_others_consumed() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "gone", 2).await;
+    create_topic(&client, "kept", 2).await;
+    let mut consumer = client
+        .consumer_with("watchers", &["gone", "kept"], quick("watcher"))
+        .await
+        .expect("join");
+    produce(&client, "kept", "before", 5).await;
+    let mut before = 0;
+    while before < 5 {
+        if next(&mut consumer).await.value.is_some() {
+            before += 1;
+        }
+    }
+    client.admin().delete_topic("gone").await.expect("delete");
+    produce(&client, "kept", "after", 5).await;
+    let mut after = BTreeSet::new();
+    let mut not_found = 0;
+    while after.len() < 5 {
+        match within("consume", consumer.next()).await {
+            Some(Ok(record)) => {
+                let value = String::from_utf8_lossy(record.value.as_deref().unwrap_or_default())
+                    .into_owned();
+                if value.starts_with("after-") {
+                    after.insert(value);
+                }
+            }
+            Some(Err(Error::TopicNotFound { .. })) => not_found += 1,
+            Some(Err(e)) => panic!("unexpected error: {e}"),
+            None => panic!("the stream ended after the topic was deleted"),
+        }
+    }
+    assert!(
+        not_found <= 2,
+        "the missing topic is reported once, not per retry"
+    );
+    consumer.close().await.expect("close");
+}
+
+/// With `OffsetReset::None` a group without a committed position reads nothing and says
+/// so (`NoPosition`, naming the partition); once an operator sets the position, a
+/// consumer starts exactly there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reset_policy_reads_nothing_without_a_committed_position() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "payments", 1).await;
+    produce(&client, "payments", "p", 10).await;
+    let strict = ConsumerGroupConfig {
+        auto_offset_reset: OffsetReset::None,
+        ..quick("strict")
+    };
+    let mut consumer = client
+        .consumer_with("settlement", &["payments"], strict.clone())
+        .await
+        .expect("join");
+    match within("the missing position is reported", consumer.next()).await {
+        Some(Err(Error::NoPosition {
+            group,
+            topic,
+            partition,
+            ..
+        })) => assert_eq!(
+            (group.as_str(), topic.as_str(), partition),
+            ("settlement", "payments", 0)
+        ),
+        other => panic!("expected NoPosition, got {other:?}"),
+    }
+    consumer.close().await.expect("close");
+    client
+        .admin()
+        .reset_offsets("settlement", "payments", &[], ResetTo::Offset(7))
+        .await
+        .expect("set the position");
+    let mut consumer = client
+        .consumer_with("settlement", &["payments"], strict)
+        .await
+        .expect("join again");
+    let offsets: Vec<u64> = [
+        next(&mut consumer).await,
+        next(&mut consumer).await,
+        next(&mut consumer).await,
+    ]
+    .iter()
+    .map(|r| r.offset)
+    .collect();
+    assert_eq!(offsets, [7, 8, 9]);
+    consumer.close().await.expect("close");
+}
+
+/// `seek` rewinds (or skips ahead in) an owned partition: buffered records from the old
+/// position are dropped and the next record is the one sought. A position ahead is
+/// committed at once; a rewind leaves the committed position (commits never go back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seek_rewinds_an_owned_partition_and_commits_the_position() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "ticks", 1).await;
+    produce(&client, "ticks", "t", 20).await;
+    let mut consumer = client
+        .consumer_with("replayers", &["ticks"], quick("replayer"))
+        .await
+        .expect("join");
+    for expected in 0..10 {
+        assert_eq!(next(&mut consumer).await.offset, expected);
+    }
+    consumer.commit().await.expect("commit");
+    assert_eq!(committed(&client, "replayers", "ticks").await[&0], 10);
+
+    consumer.seek("ticks", 0, 3).await.expect("seek back");
+    assert_eq!(next(&mut consumer).await.offset, 3);
+    assert_eq!(next(&mut consumer).await.offset, 4);
+    assert_eq!(committed(&client, "replayers", "ticks").await[&0], 10);
+    consumer.seek("ticks", 0, 15).await.expect("seek ahead");
+    assert_eq!(committed(&client, "replayers", "ticks").await[&0], 15);
+    assert_eq!(next(&mut consumer).await.offset, 15);
+
+    assert!(matches!(
+        consumer.seek("ticks", 0, 21).await,
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(matches!(
+        consumer.seek("ticks", 1, 0).await,
+        Err(Error::PartitionRevoked { .. })
+    ));
+    consumer.close().await.expect("close");
+}
+
+/// The revocation hook is told which partitions a rebalance takes away, and which a
+/// close releases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revocation_hook_hears_of_partitions_taken_away() {
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    create_topic(&client, "jobs", 2).await;
+    type Heard = Vec<(Revocation, Vec<TopicPartition>)>;
+    let heard: Arc<Mutex<Heard>> = Arc::default();
+    let hook = {
+        let heard = Arc::clone(&heard);
+        OnRevoke::new(move |why, partitions| {
+            heard
+                .lock()
+                .expect("heard")
+                .push((why, partitions.to_vec()));
+        })
+    };
+    let first = client
+        .consumer_with(
+            "workers",
+            &["jobs"],
+            ConsumerGroupConfig {
+                on_revoke: Some(hook),
+                ..quick("first")
+            },
+        )
+        .await
+        .expect("join");
+    wait_until("the first member owns both partitions", || {
+        let owned = first.assignment().len();
+        async move { owned == 2 }
+    })
+    .await;
+    let second = client
+        .consumer_with("workers", &["jobs"], quick("second"))
+        .await
+        .expect("join");
+    wait_until("a partition is taken from the first member", || {
+        let heard = !heard.lock().expect("heard").is_empty();
+        async move { heard }
+    })
+    .await;
+    let taken = heard.lock().expect("heard")[0].clone();
+    assert_eq!(taken.0, Revocation::Revoked);
+    assert_eq!(taken.1.len(), 1, "{taken:?}");
+    wait_until("the second member gets it", || {
+        let owned = second.assignment();
+        let expected = taken.1.clone();
+        async move { owned == expected }
+    })
+    .await;
+    let kept = first.assignment();
+    first.close().await.expect("close");
+    let last = heard.lock().expect("heard").last().cloned().expect("heard");
+    assert_eq!(last, (Revocation::Revoked, kept));
+    second.close().await.expect("close");
 }

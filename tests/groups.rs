@@ -1828,3 +1828,46 @@ async fn describe_shows_lag_per_partition_and_list_shows_empty_and_active_groups
         ]
     );
 }
+
+/// A join whose answer was lost and that is sent again with the same join key is the
+/// same member: the group does not get a second member while the first (that nobody
+/// heartbeats for) holds every partition for a session. A new key is a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_retried_with_its_key_is_the_same_member() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    let mut groups = broker.groups().await;
+    create(&mut admin, TOPIC, PARTITIONS).await;
+    let group = "retried";
+    let keyed = |key: &str| v1::HeartbeatRequest {
+        join_key: key.to_string(),
+        ..join_request(group, TOPIC, 10_000)
+    };
+    // The first answer is "lost": the test ignores it and retries.
+    let lost = groups
+        .heartbeat(keyed("k-1"))
+        .await
+        .expect("join")
+        .into_inner();
+    let retried = groups
+        .heartbeat(keyed("k-1"))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retried.member_id, lost.member_id);
+    assert_eq!(retried.assignment, lost.assignment);
+    assert_eq!(describe(&mut admin, group).await.members.len(), 1);
+    let other = groups
+        .heartbeat(keyed("k-2"))
+        .await
+        .expect("join")
+        .into_inner();
+    assert_ne!(other.member_id, lost.member_id);
+    assert_eq!(describe(&mut admin, group).await.members.len(), 2);
+    let status = groups
+        .heartbeat(keyed(&"k".repeat(65)))
+        .await
+        .expect_err("a 65-byte key");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("join key"), "{status:?}");
+}

@@ -37,6 +37,10 @@ pub struct Topic {
     pub settings: TopicSettings,
     partitions: Vec<Arc<Partition>>,
     next_partition: AtomicU32,
+    /// Tells this topic from an earlier one of the same name (random, stored in its
+    /// directory's `incarnation` file; 0 for a directory from before incarnations).
+    /// Committed offsets carry it, so a recreated topic never inherits old ones.
+    pub incarnation: u64,
     /// Set when the topic is deleted, before its groups' offsets are: a commit that
     /// checked the topic before the deletion and is written after it must not bring
     /// them back.
@@ -91,7 +95,9 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
-    coordinator: Coordinator,
+    /// Shared with the offsets writer, which checks a member's ownership again when it
+    /// applies the member's commit.
+    coordinator: Arc<Coordinator>,
     /// Members of groups joined over the Kafka protocol (the Kafka listener's).
     kafka_members: crate::kafka::membership::Coordinator,
     offsets: Offsets,
@@ -112,7 +118,9 @@ impl Broker {
         max_open_files: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Broker> {
-        std::fs::create_dir_all(data_dir).map_err(Error::io(data_dir))?;
+        // Every level created is fsynced into its parent: a topic made durable later
+        // must not vanish with a data directory a power loss forgot.
+        strata_storage::create_dir_all_durable(data_dir)?;
         let lock_path = data_dir.join("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -138,8 +146,7 @@ impl Broker {
             .and_then(|()| writeln!(&lock, "{}", std::process::id()))
             .map_err(Error::io(&lock_path))?;
         for sub in ["topics", "tmp", "trash"] {
-            let dir = data_dir.join(sub);
-            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+            strata_storage::create_dir_all_durable(&data_dir.join(sub))?;
         }
         // Leftovers of a create or delete that a crash interrupted.
         for sub in ["tmp", "trash"] {
@@ -161,7 +168,7 @@ impl Broker {
             files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
-            coordinator: Coordinator::default(),
+            coordinator: Arc::default(),
             kafka_members: crate::kafka::membership::Coordinator::default(),
             offsets,
             producer_ids_unissued: AtomicI64::new(producer_ids.next_unissued()),
@@ -180,12 +187,14 @@ impl Broker {
         for name in names {
             let dir = topics_dir.join(&name);
             let settings = TopicSettings::load(&dir)?;
-            let topic = broker.open_topic(&name, &dir, settings)?;
+            let incarnation = load_incarnation(&dir)?;
+            let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
+            broker.offsets.set_incarnation(&name, Some(incarnation));
             broker.write_topics().insert(name, Arc::new(topic));
         }
         broker
             .offsets
-            .forget_missing_topics(|topic| broker.partition_count(topic).is_some())?;
+            .forget_stale_topics(|topic| broker.topic(topic).ok().map(|t| t.incarnation))?;
         // Ids in the partitions' state were handed out, even if the id file was lost.
         let max_seen = broker
             .read_topics()
@@ -211,6 +220,11 @@ impl Broker {
     /// protocol at a time, so the gRPC coordinator checks it too.
     pub fn kafka_members(&self) -> &crate::kafka::membership::Coordinator {
         &self.kafka_members
+    }
+
+    /// Consumer group membership, for a check that runs after the caller returns.
+    pub(crate) fn coordinator_handle(&self) -> Arc<Coordinator> {
+        Arc::clone(&self.coordinator)
     }
 
     /// Committed consumer group offsets.
@@ -293,7 +307,13 @@ impl Broker {
         &self.defaults
     }
 
-    fn open_topic(&self, name: &str, dir: &Path, settings: TopicSettings) -> Result<Topic> {
+    fn open_topic(
+        &self,
+        name: &str,
+        dir: &Path,
+        settings: TopicSettings,
+        incarnation: u64,
+    ) -> Result<Topic> {
         let config = settings.log_config()?;
         let partitions = (0..settings.partitions)
             .map(|p| {
@@ -313,6 +333,7 @@ impl Broker {
             settings,
             partitions,
             next_partition: AtomicU32::new(0),
+            incarnation,
             deleted: AtomicBool::new(false),
         })
     }
@@ -359,10 +380,12 @@ impl Broker {
         let staging = self.data_dir.join("tmp").join(name);
         std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
         settings.store(&staging)?;
+        let incarnation = new_incarnation();
+        store_incarnation(&staging, incarnation)?;
         let dir = self.data_dir.join("topics").join(name);
         std::fs::rename(&staging, &dir).map_err(Error::io(&dir))?;
         sync_dir(&self.data_dir.join("topics"))?;
-        let topic = match self.open_topic(name, &dir, settings) {
+        let topic = match self.open_topic(name, &dir, settings, incarnation) {
             Ok(topic) => Arc::new(topic),
             Err(e) => {
                 // Do not leave a directory that would come back as a topic at restart.
@@ -373,6 +396,9 @@ impl Broker {
                 return Err(e);
             }
         };
+        // Offsets left by an earlier topic of this name (its deletion failed halfway)
+        // are invisible from here on, and forgotten at the next start.
+        self.offsets.set_incarnation(name, Some(incarnation));
         self.write_topics()
             .insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)
@@ -386,6 +412,13 @@ impl Broker {
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
         topic.deleted.store(true, Ordering::Release);
+        // Group state goes with the topic before anything here can fail: offsets of its
+        // incarnation are invisible, and members owning its partitions are removed, so
+        // a topic created again under this name inherits neither, even if the rest of
+        // the deletion fails.
+        self.offsets.set_incarnation(name, None);
+        self.coordinator
+            .topic_deleted(name, &|t| self.partition_count(t));
         // Its data goes next: a partition that did not close cleanly loses nothing more.
         for error in topic.shutdown() {
             tracing::warn!(topic = %name, %error, "deleting a topic whose partition did not close cleanly");
@@ -427,6 +460,50 @@ impl Broker {
         let mut errors: Vec<String> = topics.values().flat_map(|t| t.shutdown()).collect();
         errors.extend(self.offsets.shutdown().err());
         errors
+    }
+}
+
+/// The file in a topic's directory that holds its incarnation, in decimal.
+const INCARNATION_FILE: &str = "incarnation";
+
+/// A random incarnation, never 0 (the incarnation of topics from before them).
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish().max(1)
+}
+
+/// Writes a new topic's incarnation file and fsyncs it (its directory is fsynced when it
+/// is renamed into place).
+fn store_incarnation(dir: &Path, incarnation: u64) -> Result<()> {
+    let path = dir.join(INCARNATION_FILE);
+    let mut file = std::fs::File::create(&path).map_err(Error::io(&path))?;
+    writeln!(file, "{incarnation}")
+        .and_then(|()| file.sync_all())
+        .map_err(Error::io(&path))?;
+    sync_dir(dir)
+}
+
+/// A topic's incarnation; 0 for a directory from before incarnations (without the file).
+fn load_incarnation(dir: &Path) -> Result<u64> {
+    let path = dir.join(INCARNATION_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            Error::Storage(strata_storage::Error::InvalidConfig(format!(
+                "{} holds {:?}, not a topic incarnation (a decimal number); restore it \
+                 from a backup or delete the file to treat the topic as one from before \
+                 incarnations",
+                path.display(),
+                text.trim()
+            )))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io(&path)(e)),
     }
 }
 

@@ -63,6 +63,24 @@ pub enum Error {
         /// The broker's message, which gives the stored range.
         message: String,
     },
+    /// A consumer with [`OffsetReset::None`](crate::OffsetReset::None) has no position to
+    /// read a partition from: its group has no committed offset there, or retention
+    /// deleted the records at it. The partition is not read until the group has one
+    /// (the consumer keeps asking; set one with `Admin::reset_offsets` while the group
+    /// has no members, or `strata groups reset`).
+    #[error(
+        "consumer group {group:?} has no position to read {topic}/{partition} from: {message}"
+    )]
+    NoPosition {
+        /// The group.
+        group: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Why, and what to do.
+        message: String,
+    },
     /// The consumer group does not exist: it has neither members nor committed offsets
     /// (gRPC `NOT_FOUND` from a group administration call).
     #[error("consumer group {group:?} not found: {message}")]

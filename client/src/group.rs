@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,6 +51,52 @@ const JOIN_RETRIES: u32 = 8;
 /// Commands from the application to the coordinator waiting at once; senders wait
 /// beyond.
 const COMMANDS_MAX: usize = 16;
+/// The member stops handing out records this share of a session before the broker
+/// could expire it, to absorb clock rate differences and the time a record takes to
+/// reach the application.
+const LEASE_MARGIN_DIVISOR: u32 = 10;
+/// Auto-commits the broker refused in a row (it answered, with an error) before the
+/// consumer's stream reports the failure; once per run of failures.
+const AUTO_COMMIT_FAILURES_REPORTED: u32 = 3;
+
+/// How long this member may hand out records: until the send time of the last
+/// heartbeat (or join) the broker answered, plus the session timeout, minus a margin.
+/// The broker expires a member a session after it *received* that heartbeat, which is
+/// later, so a member cut off from the broker (a network partition, a broker restart)
+/// stops before its partitions can go to another member, not when a later heartbeat
+/// fails.
+#[derive(Debug)]
+struct Lease {
+    base: Instant,
+    /// Microseconds after `base` the lease ends.
+    until_micros: AtomicU64,
+}
+
+impl Lease {
+    /// An expired lease: nothing is handed out before the first renewal.
+    fn new() -> Lease {
+        Lease {
+            base: Instant::now(),
+            until_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Extends the lease after an answer to a heartbeat sent at `sent`.
+    fn renew(&self, sent: Instant, session_timeout: Duration) {
+        let until = sent + session_timeout - session_timeout / LEASE_MARGIN_DIVISOR;
+        let micros = until.saturating_duration_since(self.base).as_micros();
+        self.until_micros
+            .fetch_max(micros.min(u64::MAX.into()) as u64, Ordering::Release);
+    }
+
+    fn deadline(&self) -> Instant {
+        self.base + Duration::from_micros(self.until_micros.load(Ordering::Acquire))
+    }
+
+    fn expired(&self) -> bool {
+        Instant::now() >= self.deadline()
+    }
+}
 
 /// Where a member starts reading a partition its group has no committed position for
 /// (a new group, or a partition added to a topic), and where it resumes when retention
@@ -63,6 +110,45 @@ pub enum OffsetReset {
     Earliest,
     /// At the high watermark: a new group sees only records written from now on.
     Latest,
+    /// Nowhere: the stream yields [`Error::NoPosition`] for the partition (once per run
+    /// of attempts) and the partition is not read until the group has a committed
+    /// position there, which the consumer keeps checking for. For groups that must
+    /// never skip or re-read by accident.
+    None,
+}
+
+/// Why partitions are taken from a consumer, as its [`OnRevoke`] hook is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// The group moved them to another member, or the consumer is closing: their
+    /// positions are committed right after the hook returns.
+    Revoked,
+    /// The consumer lost its membership (its session ran out, or the group forgot it):
+    /// another member may own them already, so nothing is committed.
+    Lost,
+}
+
+/// A hook a [`Consumer`] calls when partitions are taken from it, after the stream has
+/// stopped handing out their records (a record already in the application's hands
+/// stays there) and before anything is committed: the place to flush work built from
+/// their records. It runs on the consumer's coordinator task: keep it short, and do not
+/// wait on this consumer from it (its commits go through that task).
+#[derive(Clone)]
+pub struct OnRevoke(Arc<RevokeFn>);
+
+type RevokeFn = dyn Fn(Revocation, &[TopicPartition]) + Send + Sync;
+
+impl OnRevoke {
+    /// Wraps `hook`.
+    pub fn new(hook: impl Fn(Revocation, &[TopicPartition]) + Send + Sync + 'static) -> OnRevoke {
+        OnRevoke(Arc::new(hook))
+    }
+}
+
+impl std::fmt::Debug for OnRevoke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRevoke(..)")
+    }
 }
 
 /// Settings of a [`Consumer`]. Every field has a default; see each.
@@ -87,13 +173,16 @@ pub struct ConsumerGroupConfig {
     pub client_id: String,
     /// Without a heartbeat for this long the broker removes the member and gives its
     /// partitions to others: how long a crashed consumer holds up its partitions (1 s to
-    /// 5 min; default 10 s).
+    /// 5 min; default 10 s). A consumer that has not had an answer to a heartbeat sent
+    /// within the last nine tenths of this stops handing out records and rejoins, so a
+    /// consumer cut off from the broker stops before its partitions can go to another.
     pub session_timeout: Duration,
     /// How long the member may keep partitions taken away from it (the time to commit
     /// and stop them) before the broker removes it (1 s to 5 min; default 30 s).
     pub rebalance_timeout: Duration,
     /// Commit the received positions this often (default 5 s), and when partitions are
-    /// revoked and on [`Consumer::close`]. `None`: commit only through
+    /// revoked and on [`Consumer::close`]. When the broker refuses three auto-commits
+    /// in a row, the stream yields that error once (and goes on). `None`: commit only through
     /// [`Consumer::commit`] and [`Consumer::commit_record`] (a revoked partition then
     /// keeps its last explicit commit).
     pub auto_commit_interval: Option<Duration>,
@@ -115,6 +204,9 @@ pub struct ConsumerGroupConfig {
     pub retry_backoff_min: Duration,
     /// Largest retry delay.
     pub retry_backoff_max: Duration,
+    /// Called when partitions are taken from the consumer (default none); see
+    /// [`OnRevoke`].
+    pub on_revoke: Option<OnRevoke>,
 }
 
 impl Default for ConsumerGroupConfig {
@@ -131,6 +223,7 @@ impl Default for ConsumerGroupConfig {
             request_timeout: Duration::from_secs(10),
             retry_backoff_min: Duration::from_millis(50),
             retry_backoff_max: Duration::from_secs(2),
+            on_revoke: None,
         }
     }
 }
@@ -214,6 +307,8 @@ pub struct Consumer {
     current: Option<Fetched>,
     commands: mpsc::Sender<Command>,
     status: Arc<Mutex<Status>>,
+    /// Records are handed out only while it lasts.
+    lease: Arc<Lease>,
     group: String,
     /// The coordinator; aborting it drops the fetch tasks too.
     _coordinator: AbortOnDrop,
@@ -255,6 +350,12 @@ enum Command {
         reply: oneshot::Sender<Result<()>>,
     },
     Close {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Read `partition` from `offset` on, and commit that position.
+    Seek {
+        partition: TopicPartition,
+        offset: u64,
         reply: oneshot::Sender<Result<()>>,
     },
 }
@@ -340,6 +441,7 @@ impl Consumer {
         let (commands_tx, commands) = mpsc::channel(COMMANDS_MAX);
         let (refused_tx, refused) = mpsc::unbounded_channel();
         let status = Arc::new(Mutex::new(Status::default()));
+        let lease = Arc::new(Lease::new());
         let now = Instant::now();
         let mut coordinator = Coordinator {
             groups: client.groups_client(),
@@ -357,16 +459,21 @@ impl Consumer {
             refused,
             refused_tx,
             status: Arc::clone(&status),
-            last_heartbeat_ok: now,
+            lease: Arc::clone(&lease),
+            missing: BTreeSet::new(),
             next_heartbeat: now,
             next_auto_commit: None,
             failures: 0,
+            commit_refused: false,
+            auto_commit_refusals: 0,
+            join_key: new_join_key(),
         };
         // The first join answers here, so a missing topic or a bad setting fails the
         // call instead of surfacing later in the stream. A broker that is restarting,
         // or busy resetting the group, is given a few tries.
         let mut attempt = 0;
-        let answer = loop {
+        let (answer, sent) = loop {
+            let sent = Instant::now();
             match coordinator.call_heartbeat(coordinator.join_request()).await {
                 Err(e) if e.is_retriable() && attempt < JOIN_RETRIES => {
                     let config = &coordinator.config;
@@ -375,10 +482,10 @@ impl Consumer {
                     attempt += 1;
                     tokio::time::sleep(delay).await;
                 }
-                result => break result?,
+                result => break (result?, sent),
             }
         };
-        coordinator.accept(answer).await;
+        coordinator.accept(answer, sent).await;
         coordinator.next_auto_commit = coordinator
             .config
             .auto_commit_interval
@@ -389,6 +496,7 @@ impl Consumer {
             current: None,
             commands: commands_tx,
             status,
+            lease,
             group: group.to_string(),
             _coordinator: AbortOnDrop(task),
         })
@@ -444,6 +552,29 @@ impl Consumer {
         .await
     }
 
+    /// Reads `partition` of `topic` from `offset` on: records already buffered from the
+    /// old position are dropped and the next record of that partition is the one at
+    /// `offset`. Ahead of the group's committed position, `offset` is committed at
+    /// once. Behind it, the group's position stays (the broker never moves a member's
+    /// commit backwards, so a slow commit cannot undo a newer one): the rewind re-reads
+    /// in this consumer, and a restart or rebalance resumes from the committed position;
+    /// to move the group back for good, use `Admin::reset_offsets` while it has no
+    /// members. The partition must be owned by this consumer
+    /// ([`Error::PartitionRevoked`] otherwise) and `offset` between its earliest and
+    /// latest offsets ([`Error::InvalidArgument`] otherwise).
+    pub async fn seek(&self, topic: &str, partition: u32, offset: u64) -> Result<()> {
+        let partition = TopicPartition {
+            topic: topic.to_string(),
+            partition,
+        };
+        self.request(|reply| Command::Seek {
+            partition,
+            offset,
+            reply,
+        })
+        .await
+    }
+
     /// Stops fetching, commits (with auto-commit: everything handed out; without: what
     /// was committed explicitly stays) and leaves the group, so its partitions are free
     /// at once; the other members take them on their next heartbeat (within 3 s, the
@@ -490,6 +621,13 @@ impl Stream for Consumer {
                     continue;
                 };
                 let mut cursor = fetched.assigned.lock();
+                if !cursor.revoked && this.lease.expired() {
+                    // The broker may expire this member any moment now and give the
+                    // partition to another: stop here. The coordinator rejoins, and
+                    // starts the partition again from its committed position if it
+                    // gets it back.
+                    cursor.revoked = true;
+                }
                 if cursor.revoked {
                     drop(cursor);
                     this.current = None;
@@ -547,12 +685,27 @@ struct Coordinator {
     refused: mpsc::UnboundedReceiver<()>,
     refused_tx: mpsc::UnboundedSender<()>,
     status: Arc<Mutex<Status>>,
-    last_heartbeat_ok: Instant,
+    lease: Arc<Lease>,
+    /// Subscribed topics the broker said no longer exist; joins leave them out, so the
+    /// other topics go on being consumed. Checked again at every join.
+    missing: BTreeSet<String>,
     /// When to heartbeat (or, while not a member, join) next.
     next_heartbeat: Instant,
     next_auto_commit: Option<Instant>,
     /// Failed group calls in a row, for the backoff.
     failures: u32,
+    /// The last failed commit was answered by the broker (not lost in transport).
+    commit_refused: bool,
+    /// Auto-commits the broker refused in a row.
+    auto_commit_refusals: u32,
+    /// Sent with every attempt of the next join, so the broker recognises a retry of a
+    /// join whose answer was lost and gives this consumer that member back; a new one
+    /// after every join that was answered.
+    join_key: String,
+}
+
+fn new_join_key() -> String {
+    format!("{:016x}", crate::trace::random_u64())
 }
 
 impl Coordinator {
@@ -574,6 +727,10 @@ impl Coordinator {
                         let _ = reply.send(self.commit_requested(record).await);
                         None
                     }
+                    Some(Command::Seek { partition, offset, reply }) => {
+                        let _ = reply.send(self.seek(partition, offset).await);
+                        None
+                    }
                 },
                 Some(()) = self.refused.recv() => {
                     if self.member.is_some() {
@@ -582,6 +739,12 @@ impl Coordinator {
                     None
                 }
                 () = tokio::time::sleep_until(self.next_heartbeat) => self.heartbeat().await,
+                () = tokio::time::sleep_until(self.lease.deadline()), if self.member.is_some() => {
+                    // No answered heartbeat for (nearly) a session: the application
+                    // side has stopped handing out records; give up the membership.
+                    self.fence();
+                    None
+                }
                 () = tokio::time::sleep_until(auto_commit_at),
                     if self.next_auto_commit.is_some() => {
                     self.auto_commit().await;
@@ -600,11 +763,17 @@ impl Coordinator {
             group: self.group.clone(),
             member_id: String::new(),
             member_epoch: 0,
-            topics: self.topics.clone(),
+            topics: self
+                .topics
+                .iter()
+                .filter(|t| !self.missing.contains(*t))
+                .cloned()
+                .collect(),
             owned: Vec::new(),
             session_timeout_ms: millis(self.config.session_timeout),
             rebalance_timeout_ms: millis(self.config.rebalance_timeout),
             client_id: self.config.client_id.clone(),
+            join_key: self.join_key.clone(),
         }
     }
 
@@ -624,6 +793,14 @@ impl Coordinator {
     /// One heartbeat, or a join while not a member. Returns an error the consumer
     /// cannot recover from.
     async fn heartbeat(&mut self) -> Option<Error> {
+        if self.member.is_none() && !self.missing.is_empty() {
+            self.refresh_missing().await;
+            if self.missing.len() == self.topics.len() {
+                // Every subscribed topic is gone (reported already): wait for one.
+                self.retry_later();
+                return None;
+            }
+        }
         let request = match &self.member {
             None => self.join_request(),
             Some(member) => v1::HeartbeatRequest {
@@ -635,10 +812,22 @@ impl Coordinator {
                 ..v1::HeartbeatRequest::default()
             },
         };
+        let joining = self.member.is_none();
+        let sent = Instant::now();
         match self.call_heartbeat(request).await {
             Ok(answer) => {
                 self.failures = 0;
-                self.accept(answer).await;
+                self.accept(answer, sent).await;
+                None
+            }
+            // A subscribed topic was deleted (its partitions' owners were removed with
+            // it): join without it, so the other topics go on being consumed, and tell
+            // the application once.
+            Err(e @ Error::TopicNotFound { .. }) if joining => {
+                if self.refresh_missing().await || self.failures == 0 {
+                    let _ = self.answers.send(Answer::Error(e));
+                }
+                self.retry_later();
                 None
             }
             Err(Error::Fenced { .. }) => {
@@ -649,9 +838,7 @@ impl Coordinator {
             Err(e) if e.is_retriable() => {
                 // Without a heartbeat for a session the broker has removed this member
                 // and others may own its partitions: stop handing them out.
-                if self.member.is_some()
-                    && self.last_heartbeat_ok.elapsed() >= self.config.session_timeout
-                {
+                if self.member.is_some() && self.lease.expired() {
                     self.fence();
                 }
                 self.retry_later();
@@ -659,6 +846,25 @@ impl Coordinator {
             }
             Err(e) => Some(e),
         }
+    }
+
+    /// Asks which subscribed topics exist, and joins without the others from now on
+    /// (a topic created again is joined again). Returns whether the set of missing
+    /// topics changed; it stays as it was when the broker cannot be asked.
+    async fn refresh_missing(&mut self) -> bool {
+        let Ok(topics) = self.admin.list_topics().await else {
+            return false;
+        };
+        let existing: BTreeSet<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+        let missing: BTreeSet<String> = self
+            .topics
+            .iter()
+            .filter(|t| !existing.contains(t.as_str()))
+            .cloned()
+            .collect();
+        let changed = missing != self.missing;
+        self.missing = missing;
+        changed
     }
 
     fn retry_later(&mut self) {
@@ -672,9 +878,14 @@ impl Coordinator {
     }
 
     /// Takes in a heartbeat (or join) answer: the membership and the assignment.
-    async fn accept(&mut self, answer: v1::HeartbeatResponse) {
+    /// `sent` is when the heartbeat was sent: the lease runs from there.
+    async fn accept(&mut self, answer: v1::HeartbeatResponse, sent: Instant) {
         let now = Instant::now();
-        self.last_heartbeat_ok = now;
+        self.lease.renew(sent, self.config.session_timeout);
+        if self.member.is_none() {
+            // This join was answered: the next one is a new join.
+            self.join_key = new_join_key();
+        }
         self.member = Some(Member {
             id: answer.member_id,
             epoch: answer.member_epoch,
@@ -693,6 +904,10 @@ impl Coordinator {
     /// fetching the new ones.
     async fn reconcile(&mut self, target: Vec<TopicPartition>) {
         let target: BTreeSet<TopicPartition> = target.into_iter().collect();
+        // Partitions the application side stopped when the lease ran out before this
+        // answer came: start them again from the committed position (their records
+        // past it are delivered again).
+        self.owned.retain(|_, owned| !owned.assigned.lock().revoked);
         let revoked: Vec<TopicPartition> = self
             .owned
             .keys()
@@ -714,6 +929,7 @@ impl Coordinator {
                 })
                 .collect();
             drop(releasing);
+            self.revoked(Revocation::Revoked, &revoked);
             // A revoked partition still belongs to this member until the next heartbeat,
             // so the commit is accepted. If it fails otherwise, the partition is
             // released anyway: its records are delivered again, never lost.
@@ -728,12 +944,19 @@ impl Coordinator {
         };
         for tp in target {
             if !self.owned.contains_key(&tp) {
-                self.start_partition(tp, &member);
+                self.start_partition(tp, &member, None);
             }
         }
     }
 
-    fn start_partition(&mut self, tp: TopicPartition, member: &Member) {
+    /// Starts reading `tp`: from `start`, or where the group's committed position (or
+    /// the reset policy) says.
+    fn start_partition(
+        &mut self,
+        tp: TopicPartition,
+        member: &Member,
+        start: Option<u64>,
+    ) -> Arc<Assigned> {
         let assigned = Arc::new(Assigned {
             topic: Arc::from(tp.topic.as_str()),
             partition: tp.partition,
@@ -755,15 +978,73 @@ impl Coordinator {
             answers: self.answers.clone(),
             budget: Arc::clone(&self.budget),
             refused: self.refused_tx.clone(),
+            start,
         };
         let task = AbortOnDrop(tokio::spawn(fetcher.run()));
         self.owned.insert(
             tp,
             Owned {
-                assigned,
+                assigned: Arc::clone(&assigned),
                 _fetcher: task,
             },
         );
+        assigned
+    }
+
+    /// Moves an owned partition's position to `offset`: records buffered from the old
+    /// position are dropped, reading starts there, and the position is committed (the
+    /// broker keeps the committed one when it is ahead).
+    async fn seek(&mut self, tp: TopicPartition, offset: u64) -> Result<()> {
+        let Some(member) = self.member.clone() else {
+            return Err(Error::Fenced {
+                group: self.group.clone(),
+                message: "the consumer is rejoining its group; seek again once it owns the \
+                          partition"
+                    .into(),
+            });
+        };
+        if !self.owned.contains_key(&tp) {
+            return Err(Error::PartitionRevoked {
+                topic: tp.topic,
+                partition: tp.partition,
+            });
+        }
+        let earliest = self
+            .admin
+            .list_offsets(&tp.topic, tp.partition, OffsetSpec::Earliest)
+            .await?;
+        let latest = self
+            .admin
+            .list_offsets(&tp.topic, tp.partition, OffsetSpec::Latest)
+            .await?;
+        if !(earliest..=latest).contains(&offset) {
+            return Err(Error::InvalidArgument {
+                message: format!(
+                    "cannot seek {tp} to offset {offset}: it holds offsets {earliest} to \
+                     {latest}"
+                ),
+            });
+        }
+        // The ownership may have changed during those calls.
+        let Some(old) = self.owned.remove(&tp) else {
+            return Err(Error::PartitionRevoked {
+                topic: tp.topic,
+                partition: tp.partition,
+            });
+        };
+        old.assigned.lock().revoked = true;
+        drop(old);
+        let assigned = self.start_partition(tp, &member, Some(offset));
+        {
+            let mut cursor = assigned.lock();
+            cursor.delivered = Some(offset);
+            cursor.acked = Some(offset);
+        }
+        let result = self.commit(&[assigned]).await;
+        if let Err(Error::Fenced { .. }) = result {
+            self.fence();
+        }
+        result
     }
 
     /// The group no longer knows this member (or it lost its session): drop every
@@ -772,10 +1053,19 @@ impl Coordinator {
         for owned in self.owned.values() {
             owned.assigned.lock().revoked = true;
         }
+        let lost: Vec<TopicPartition> = self.owned.keys().cloned().collect();
+        self.revoked(Revocation::Lost, &lost);
         self.owned.clear();
         self.member = None;
         self.next_heartbeat = Instant::now();
         self.publish_status();
+    }
+
+    /// Tells the application's hook, if any, that `partitions` were taken.
+    fn revoked(&self, why: Revocation, partitions: &[TopicPartition]) {
+        if let (Some(hook), false) = (&self.config.on_revoke, partitions.is_empty()) {
+            (hook.0)(why, partitions);
+        }
     }
 
     fn publish_status(&self) {
@@ -826,11 +1116,14 @@ impl Coordinator {
             offsets,
         });
         request.set_timeout(self.config.rpc_timeout());
-        let answer = self
-            .groups
-            .commit_offsets(request)
-            .await
-            .map_err(|s| Error::from_member_status(s, &self.group, "", None))?;
+        let answer = match self.groups.commit_offsets(request).await {
+            Ok(answer) => answer,
+            Err(status) => {
+                // A status the transport made carries its cause as a source.
+                self.commit_refused = std::error::Error::source(&status).is_none();
+                return Err(Error::from_member_status(status, &self.group, "", None));
+            }
+        };
         for done in answer.into_inner().offsets {
             let part = parts
                 .iter()
@@ -851,9 +1144,22 @@ impl Coordinator {
             return;
         }
         let parts = self.owned_parts();
-        // Another failure is retried at the next tick (or the next revoke or close).
-        if let Err(Error::Fenced { .. }) = self.commit(&parts).await {
-            self.fence();
+        // A failure is retried at the next tick (or the next revoke or close). One the
+        // broker keeps answering (its committed-offsets log failed, say) is not
+        // swallowed: the stream reports it once per run, and it is logged.
+        match self.commit(&parts).await {
+            Ok(()) => self.auto_commit_refusals = 0,
+            Err(Error::Fenced { .. }) => self.fence(),
+            Err(e) => {
+                if !self.commit_refused {
+                    return;
+                }
+                self.auto_commit_refusals += 1;
+                if self.auto_commit_refusals == AUTO_COMMIT_FAILURES_REPORTED {
+                    tracing::warn!(group = %self.group, error = %e, "auto-commit keeps failing");
+                    let _ = self.answers.send(Answer::Error(e));
+                }
+            }
         }
     }
 
@@ -905,6 +1211,8 @@ impl Coordinator {
             // The application is done with everything it was handed.
             cursor.in_hand = false;
         }
+        let released: Vec<TopicPartition> = self.owned.keys().cloned().collect();
+        self.revoked(Revocation::Revoked, &released);
         self.owned.clear();
         let committed = self.commit(&parts).await;
         let mut request = tonic::Request::new(v1::LeaveGroupRequest {
@@ -958,6 +1266,8 @@ struct Fetcher {
     answers: mpsc::UnboundedSender<Answer>,
     budget: Arc<Semaphore>,
     refused: mpsc::UnboundedSender<()>,
+    /// Where to start instead of the committed position (a seek).
+    start: Option<u64>,
 }
 
 impl Fetcher {
@@ -965,6 +1275,9 @@ impl Fetcher {
     async fn run(mut self) {
         let mut failures = 0;
         let mut offset = loop {
+            if let Some(start) = self.start {
+                break start;
+            }
             match self.start_offset().await {
                 Ok(offset) => break offset,
                 Err(e) => self.failed(e, &mut failures).await,
@@ -1002,7 +1315,10 @@ impl Fetcher {
                 }
                 // Retention deleted the records at the position (or the position lies
                 // past the end): start again where the reset policy says.
-                Err(Error::OffsetOutOfRange { .. }) => match self.reset_offset().await {
+                Err(Error::OffsetOutOfRange { .. }) => match self
+                    .reset_offset("retention deleted the records at its position")
+                    .await
+                {
                     Ok(reset) => offset = reset,
                     Err(e) => self.failed(e, &mut failures).await,
                 },
@@ -1064,13 +1380,27 @@ impl Fetcher {
             self.assigned.lock().committed = Some(committed.offset);
             return Ok(committed.offset);
         }
-        self.reset_offset().await
+        self.reset_offset("the group has no committed offset there")
+            .await
     }
 
-    async fn reset_offset(&self) -> Result<u64> {
+    /// Where the reset policy says to start; `why` there is no position to go on from.
+    async fn reset_offset(&self, why: &str) -> Result<u64> {
         let spec = match self.config.auto_offset_reset {
             OffsetReset::Earliest => OffsetSpec::Earliest,
             OffsetReset::Latest => OffsetSpec::Latest,
+            OffsetReset::None => {
+                return Err(Error::NoPosition {
+                    group: self.member.group.clone(),
+                    topic: self.assigned.topic.to_string(),
+                    partition: self.assigned.partition,
+                    message: format!(
+                        "{why}, and the consumer's reset policy is OffsetReset::None: commit \
+                         or reset one (Admin::reset_offsets, `strata groups reset`) while \
+                         the group has no members"
+                    ),
+                })
+            }
         };
         self.admin
             .list_offsets(&self.assigned.topic, self.assigned.partition, spec)
@@ -1196,11 +1526,14 @@ mod tests {
     fn consumer() -> (Consumer, mpsc::UnboundedSender<Answer>) {
         let (answers_tx, answers) = mpsc::unbounded_channel();
         let (commands, _) = mpsc::channel(1);
+        let lease = Arc::new(Lease::new());
+        lease.renew(Instant::now(), Duration::from_secs(3600));
         let consumer = Consumer {
             answers,
             current: None,
             commands,
             status: Arc::default(),
+            lease,
             group: "g".into(),
             _coordinator: AbortOnDrop(tokio::spawn(async {})),
         };
@@ -1237,6 +1570,39 @@ mod tests {
         // Every buffered answer was used up or discarded: the budget is whole again.
         assert_eq!(budget.available_permits(), 10);
         assert_eq!(p0.lock().delivered, Some(1));
+    }
+
+    /// Once the lease from the last answered heartbeat has run out, buffered records
+    /// are no longer handed out (they used to be, until a heartbeat failed), and their
+    /// partitions count as taken away.
+    #[tokio::test]
+    async fn nothing_is_handed_out_once_the_lease_ran_out() {
+        let (mut consumer, answers) = consumer();
+        let budget = Arc::new(Semaphore::new(10));
+        let part = assigned(0, 0);
+        answers.send(fetched(&part, 0..3, &budget)).expect("open");
+        answers.send(fetched(&part, 3..5, &budget)).expect("open");
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let first = Pin::new(&mut consumer).poll_next(&mut cx);
+        assert!(matches!(first, Poll::Ready(Some(Ok(ref r))) if r.offset == 0));
+        consumer.lease.until_micros.store(0, Ordering::Release);
+        assert_eq!(offsets_now(&mut consumer), []);
+        assert!(part.lock().revoked);
+        assert_eq!(budget.available_permits(), 10);
+    }
+
+    /// The lease runs from when the heartbeat was sent, not from its answer, and ends a
+    /// margin before the session would.
+    #[test]
+    fn the_lease_runs_from_the_send_time() {
+        let lease = Lease::new();
+        let sent = lease.base + Duration::from_secs(5);
+        lease.renew(sent, Duration::from_secs(10));
+        assert_eq!(lease.deadline(), sent + Duration::from_secs(9));
+        // An older heartbeat's answer never shortens it.
+        lease.renew(lease.base, Duration::from_secs(10));
+        assert_eq!(lease.deadline(), sent + Duration::from_secs(9));
     }
 
     #[tokio::test]

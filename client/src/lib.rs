@@ -76,7 +76,7 @@ pub use dead_letter::{
     DeadLetterPolicy, DeadLetters, Outcome, DEAD_LETTER_SUFFIX, DLQ_ERROR_BYTES_MAX,
 };
 pub use error::{Error, Result};
-pub use group::{Consumer, ConsumerGroupConfig, OffsetReset};
+pub use group::{Consumer, ConsumerGroupConfig, OffsetReset, OnRevoke, Revocation};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig};
 pub use record::{headers, ConsumedRecord, Record};
 

@@ -352,7 +352,7 @@ fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
 /// A 64-bit value no other call in this process returns and no other process can
 /// predict: a counter hashed with SipHash under keys the standard library draws from
 /// the operating system's random source once per process.
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     static KEYS: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = KEYS.get_or_init(Default::default).build_hasher();

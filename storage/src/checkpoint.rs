@@ -27,8 +27,9 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use crate::fault;
 
 /// File name of the checkpoint inside a partition directory.
 pub(crate) const CHECKPOINT_FILE: &str = "checkpoint";
@@ -104,7 +105,7 @@ impl Checkpoint {
 
     /// Reads the checkpoint of `dir`; `None` when it is missing or does not check out.
     pub fn read(dir: &Path) -> io::Result<Option<Checkpoint>> {
-        match std::fs::read(dir.join(CHECKPOINT_FILE)) {
+        match fault::read(&dir.join(CHECKPOINT_FILE)) {
             Ok(bytes) => Ok(Checkpoint::decode(&bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -114,14 +115,16 @@ impl Checkpoint {
     /// Overwrites the checkpoint of `dir` and fsyncs it. The caller fsyncs the directory
     /// when the file is new.
     pub fn write(&self, dir: &Path) -> io::Result<()> {
+        let path = dir.join(CHECKPOINT_FILE);
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.join(CHECKPOINT_FILE))?;
-        file.write_all_at(&self.encode(), 0)?;
-        file.set_len(LEN as u64)?;
-        file.sync_data()
+            .open(&path)?;
+        fault::write_all_at(&file, &path, &self.encode(), 0)?;
+        fault::set_len(&file, &path, LEN as u64)?;
+        fault::sync_data(&file, &path)
     }
 }
 

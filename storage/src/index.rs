@@ -17,12 +17,13 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use memmap2::MmapRaw;
+
+use crate::fault;
 
 /// Size of one offset index entry: relative offset u32, position u32.
 pub(crate) const OFFSET_ENTRY_LEN: usize = 8;
@@ -128,7 +129,7 @@ impl<E: Entry> Index<E> {
             .create(true)
             .truncate(false)
             .open(path)?;
-        file.set_len((capacity * E::LEN) as u64)?;
+        fault::set_len(&file, path, (capacity * E::LEN) as u64)?;
         Self::map(path, file, len, capacity)
     }
 
@@ -232,7 +233,7 @@ impl<E: Entry> Index<E> {
         let file = file
             .as_ref()
             .ok_or_else(|| io::Error::other("index is sealed"))?;
-        file.write_all_at(&buf[..E::LEN], (i * E::LEN) as u64)?;
+        fault::write_all_at(file, &self.path, &buf[..E::LEN], (i * E::LEN) as u64)?;
         self.len.store(i + 1, Ordering::Release);
         Ok(())
     }
@@ -240,7 +241,7 @@ impl<E: Entry> Index<E> {
     /// Fsyncs the entries written so far. A sealed index is already durable.
     pub fn sync(&self) -> io::Result<()> {
         match &*self.file.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(file) => file.sync_data(),
+            Some(file) => fault::sync_data(file, &self.path),
             None => Ok(()),
         }
     }
@@ -251,8 +252,8 @@ impl<E: Entry> Index<E> {
         let Some(file) = self.file.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(());
         };
-        file.set_len((self.len() * E::LEN) as u64)?;
-        file.sync_all()
+        fault::set_len(&file, &self.path, (self.len() * E::LEN) as u64)?;
+        fault::sync_all(&file, &self.path)
     }
 }
 

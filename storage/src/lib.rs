@@ -17,6 +17,7 @@ pub mod batch;
 mod checkpoint;
 mod config;
 mod error;
+pub mod fault;
 mod index;
 mod log;
 pub mod producer;
@@ -24,6 +25,8 @@ mod segment;
 
 pub use config::{Durability, LogConfig};
 pub use error::{Error, InvalidBatch, Result};
-pub use log::{now_ms, AppendInfo, Log, LogReader, ReadResult};
+pub use log::{
+    create_dir_all_durable, now_ms, AppendInfo, Log, LogReader, LogRecovery, ReadResult,
+};
 pub use producer::SequenceError;
 pub use segment::FileCache;

@@ -21,7 +21,6 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -31,6 +30,7 @@ use crate::batch::{set_base_offset, Batch, BatchHeader, BATCH_HEADER_LEN};
 use crate::checkpoint::{Checkpoint, CHECKPOINT_FILE};
 use crate::config::{Durability, LogConfig};
 use crate::error::{io_at, Error, Result};
+use crate::fault;
 use crate::index::{Index, OffsetEntry, TimeEntry};
 use crate::segment::{
     open_for_write, segment_path, FileCache, Segment, INDEX_EXT, LOG_EXT, TIME_INDEX_EXT,
@@ -53,6 +53,23 @@ pub struct AppendInfo {
     pub last_offset: u64,
     /// Largest record timestamp in the batch.
     pub max_timestamp: i64,
+}
+
+/// The answer of [`LogReader::offset_for_timestamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimestampLookup {
+    /// The first offset whose record timestamp is at or after the one asked for.
+    pub found: Option<u64>,
+    /// The high watermark the search went up to.
+    pub high_watermark: u64,
+}
+
+impl TimestampLookup {
+    /// The offset to start consuming from: the one found, else the high watermark the
+    /// search went up to (records after it are newer).
+    pub fn offset(&self) -> u64 {
+        self.found.unwrap_or(self.high_watermark)
+    }
 }
 
 /// The answer to a read: whole batches, as stored.
@@ -215,6 +232,35 @@ pub struct Log {
     /// segment rolls). Drained by the writer after each commit, so it stays short.
     fsyncs: Vec<Duration>,
     poisoned: bool,
+    recovery: LogRecovery,
+}
+
+/// What [`Log::open`] found: whether anything written before may be gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRecovery {
+    /// The log was closed cleanly last time, so nothing it had published is missing.
+    pub clean: bool,
+    /// Bytes cut off the end of the active segment: a torn or unsynced tail, or batches
+    /// that failed their checks.
+    pub truncated_bytes: u64,
+    /// The high watermark after recovery. When the log was not closed cleanly, records
+    /// the previous run published at or above it may have been lost (under `interval`
+    /// and `none`, a crash loses what was not yet fsynced) and their offsets are given
+    /// to new records: this is the report of that loss.
+    pub recovered_to: u64,
+    /// Sealed segments that do not hold every offset up to the next segment in whole
+    /// batches: a short or missing file, or damaged bytes. Reads of the offsets they
+    /// lack report [`Error::Corrupted`].
+    pub damaged_segments: u32,
+}
+
+impl LogRecovery {
+    /// True when records the previous run published at or above
+    /// [`LogRecovery::recovered_to`] may be gone: the log was not closed cleanly. Under
+    /// the `fsync` policy nothing acknowledged is ever among them.
+    pub fn may_have_lost_records(&self) -> bool {
+        !self.clean
+    }
 }
 
 impl std::fmt::Debug for Log {
@@ -234,25 +280,28 @@ impl Log {
     pub fn open(dir: impl AsRef<Path>, config: LogConfig, files: &FileCache) -> Result<Log> {
         config.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        let created = !dir.exists();
-        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        if created {
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-        }
+        create_dir_all_durable(&dir)?;
         let bases = list_segments(&dir)?;
         let checkpoint = Checkpoint::read(&dir).map_err(io_at(&dir.join(CHECKPOINT_FILE)))?;
 
         let mut segments = Vec::with_capacity(bases.len().max(1));
+        let mut damaged = 0;
         for pair in bases.windows(2) {
-            segments.push(Arc::new(open_sealed(&dir, pair[0], pair[1], &config)?));
+            let (segment, damage) = open_sealed(&dir, pair[0], pair[1], &config)?;
+            damaged += u32::from(damage);
+            segments.push(Arc::new(segment));
         }
         let active_base = bases.last().copied().unwrap_or(0);
-        let active = recover_active(&dir, active_base, checkpoint, &config)?;
+        let (active, mut recovery) = recover_active(&dir, active_base, checkpoint, &config)?;
+        recovery.damaged_segments = damaged;
+        // A new partition (no segment file yet) lost nothing, checkpoint or not.
+        recovery.clean |= bases.is_empty();
         let high_watermark = active.next_offset;
         segments.push(Arc::clone(&active.segment));
-        if bases.is_empty() {
+        // After an unclean stop, files may have been created (a roll that failed before
+        // its directory fsync) whose names are not durable yet: new data would go into
+        // a file a power loss can take away with its name.
+        if bases.is_empty() || !recovery.clean {
             sync_dir(&dir)?;
         }
 
@@ -271,6 +320,7 @@ impl Log {
             last_sync: Instant::now(),
             fsyncs: Vec::new(),
             poisoned: false,
+            recovery,
         };
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
         // and the next recovery starts from what this one established.
@@ -279,6 +329,12 @@ impl Log {
             sync_dir(&log.reader.shared.dir)?;
         }
         Ok(log)
+    }
+
+    /// What opening the log found: whether the previous run ended cleanly and where
+    /// recovery put the high watermark.
+    pub fn recovery(&self) -> LogRecovery {
+        self.recovery
     }
 
     /// A read handle; clone it to read from other threads.
@@ -571,10 +627,9 @@ impl Log {
         if active.staged.is_empty() {
             return Ok(());
         }
-        active
-            .file
-            .write_all_at(&active.staged, active.written)
-            .map_err(io_at(&active.segment.log_path))?;
+        let path = &active.segment.log_path;
+        fault::write_all_at(&active.file, path, &active.staged, active.written)
+            .map_err(io_at(path))?;
         active.written += active.staged.len() as u64;
         active.staged.clear();
         Ok(())
@@ -586,14 +641,8 @@ impl Log {
         let active = &mut self.active;
         if active.synced < active.written {
             let started = Instant::now();
-            if let Err(e) = active.file.sync_data() {
-                // After a failed fsync the kernel may have dropped the dirty pages or
-                // marked them clean without writing them: bytes after `synced` can read
-                // back fine now and be gone after a power loss. Cut them off so that
-                // recovery cannot build acknowledged batches on top of them. Under the
-                // fsync policy they were never published; the log is poisoned next.
-                let _ = active.file.set_len(active.synced);
-                return Err(io_at(&active.segment.log_path)(e));
+            if let Err(e) = fault::sync_data(&active.file, &active.segment.log_path) {
+                return Err(sync_failed(active, e));
             }
             active.synced = active.written;
             if self.fsyncs.len() < FSYNCS_KEPT_MAX {
@@ -654,6 +703,40 @@ impl Log {
     }
 }
 
+/// The error of a failed fsync of the active segment, after cutting what it may have
+/// lost and nobody was told about.
+///
+/// After a failed fsync the kernel may have dropped the dirty pages or marked them clean
+/// without writing them: bytes after `synced` read back fine now and can be gone after a
+/// power loss. Bytes that were never published (under `fsync`, everything unsynced) are
+/// cut, so recovery cannot turn batches whose producers got an error into records.
+/// Published bytes are kept whatever the policy: under `interval` and `none` they were
+/// acknowledged and may have been served, and cutting them would make later reads of
+/// their offsets fail and a restart give the offsets to new records. The log is poisoned
+/// next (fail-stop); a restart runs recovery, which keeps whatever reached the disk.
+fn sync_failed(active: &Active, e: io::Error) -> Error {
+    let path = &active.segment.log_path;
+    let keep = active.synced.max(active.segment.readable_len());
+    if keep < active.written {
+        if let Err(cut) = fault::set_len(&active.file, path, keep) {
+            // Not ignored: the error says the unacknowledged tail may come back.
+            return Error::Io {
+                path: path.clone(),
+                source: io::Error::new(
+                    e.kind(),
+                    format!(
+                        "fsync failed ({e}), then cutting the {} unacknowledged bytes after \
+                         byte {keep} failed too ({cut}): after a restart, recovery may keep \
+                         batches whose producers were told they failed",
+                        active.written - keep
+                    ),
+                ),
+            };
+        }
+    }
+    io_at(path)(e)
+}
+
 impl LogReader {
     /// The first offset still in the log.
     pub fn earliest_offset(&self) -> u64 {
@@ -706,14 +789,31 @@ impl LogReader {
             earliest_offset,
         };
         let first = segments.partition_point(|s| s.base_offset <= from) - 1;
-        for segment in &segments[first..] {
+        for (i, segment) in segments.iter().enumerate().skip(first) {
             let full = !result.batches.is_empty() && result.batches.len() >= max_bytes;
             if result.next_offset >= high_watermark || full {
                 break;
             }
-            let reached_end = self.read_segment(segment, max_bytes, &mut result)?;
-            if !reached_end {
-                break;
+            let kept = result.batches.len();
+            match self.read_segment(segment, max_bytes, &mut result) {
+                // A segment that ends before the next one begins (a short or missing
+                // file): the next read starts in the hole and reports it.
+                Ok(true)
+                    if segments
+                        .get(i + 1)
+                        .is_some_and(|s| s.base_offset != result.next_offset) =>
+                {
+                    break
+                }
+                Ok(true) => {}
+                Ok(false) => break,
+                // Good batches before damage are returned; the next read, which starts
+                // at the damage, gets the error.
+                Err(Error::Corrupted { .. }) if kept > 0 => {
+                    result.batches.truncate(kept);
+                    break;
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(result)
@@ -736,7 +836,7 @@ impl LogReader {
         let mut position = segment.index_position(from);
         let first = loop {
             if position + BATCH_HEADER_LEN as u64 > readable {
-                return Ok(true);
+                return Err(missing(segment, from, position));
             }
             let header = segment.read_header(&file, position)?;
             if header.last_offset() >= from {
@@ -744,6 +844,9 @@ impl LogReader {
             }
             position += header.size as u64;
         };
+        if first.base_offset > from {
+            return Err(missing(segment, from, position));
+        }
         if first.base_offset >= high_watermark {
             return Ok(false);
         }
@@ -754,41 +857,62 @@ impl LogReader {
         let want = (budget.max(first.size) as u64).min(readable - position) as usize;
         let start = result.batches.len();
         result.batches.resize(start + want, 0);
-        file.read_exact_at(&mut result.batches[start..], position)
-            .map_err(io_at(&segment.log_path))?;
+        fault::read_exact_at(
+            &file,
+            &segment.log_path,
+            &mut result.batches[start..],
+            position,
+        )
+        .map_err(io_at(&segment.log_path))?;
 
         // Keep whole, checked batches below the high watermark.
         let mut kept = 0;
         let mut rest = &result.batches[start..];
         let mut expected = first.base_offset;
+        let mut damage = None;
         while rest.len() >= BATCH_HEADER_LEN {
             let at = position + kept as u64;
-            let header =
-                BatchHeader::parse(rest).map_err(|e| segment.corrupted(at, e.to_string()))?;
+            let header = match BatchHeader::parse(rest) {
+                Ok(header) => header,
+                Err(e) => {
+                    damage = Some(segment.corrupted(at, e.to_string()));
+                    break;
+                }
+            };
             if header.base_offset >= high_watermark || header.size > rest.len() {
                 break;
             }
-            let (batch, tail) =
-                Batch::split_first(rest).map_err(|e| segment.corrupted(at, e.to_string()))?;
+            let (batch, tail) = match Batch::split_first(rest) {
+                Ok(split) => split,
+                Err(e) => {
+                    damage = Some(segment.corrupted(at, e.to_string()));
+                    break;
+                }
+            };
             if batch.header().base_offset != expected {
-                return Err(segment.corrupted(
+                damage = Some(segment.corrupted(
                     at,
                     format!(
                         "batch has base offset {} where {expected} was expected",
                         batch.header().base_offset
                     ),
                 ));
+                break;
             }
             expected = batch.header().next_offset();
             kept += batch.as_bytes().len();
             rest = tail;
         }
-        if kept == 0 {
-            return Err(segment.corrupted(position, "batch runs past the published end".into()));
-        }
         result.batches.truncate(start + kept);
+        if kept == 0 {
+            return Err(damage.unwrap_or_else(|| {
+                segment.corrupted(position, "batch runs past the published end".into())
+            }));
+        }
         result.next_offset = expected;
-        Ok(position + kept as u64 == readable)
+        // Stop before damage: the good batches are returned, and the next read starts
+        // at the damage and gets the error.
+        Ok(damage.is_none() && position + kept as u64 == readable)
     }
 
     /// The segment's read handle; a segment deleted by retention since the snapshot
@@ -834,16 +958,23 @@ impl LogReader {
             }
             position += header.size as u64;
         }
-        Err(segment.corrupted(
-            position,
-            format!("offset {offset} is below the high watermark but past the segment's end"),
-        ))
+        Err(missing(segment, offset, position))
     }
 
     /// The first offset, in log order, whose record timestamp is at or after
-    /// `timestamp`; `None` when no published record is that new.
-    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+    /// `timestamp`, searched up to the high watermark loaded when the call began. When
+    /// no record below it is that new, the answer is that high watermark: not one loaded
+    /// later, which could be past records appended meanwhile that match.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<TimestampLookup> {
         let high_watermark = self.high_watermark();
+        let found = self.find_timestamp(timestamp, high_watermark)?;
+        Ok(TimestampLookup {
+            found,
+            high_watermark,
+        })
+    }
+
+    fn find_timestamp(&self, timestamp: i64, high_watermark: u64) -> Result<Option<u64>> {
         let segments = self.shared.segments();
         let mut buf = Vec::new();
         for segment in segments.iter() {
@@ -860,8 +991,18 @@ impl LogReader {
                     return Ok(None);
                 }
                 if header.max_timestamp >= timestamp {
+                    // Check the length field before trusting it with an allocation.
+                    if position + header.size as u64 > readable {
+                        return Err(segment.corrupted(
+                            position,
+                            format!(
+                                "batch of {} bytes runs past the segment's {readable} bytes",
+                                header.size
+                            ),
+                        ));
+                    }
                     buf.resize(header.size, 0);
-                    file.read_exact_at(&mut buf, position)
+                    fault::read_exact_at(&file, &segment.log_path, &mut buf, position)
                         .map_err(io_at(&segment.log_path))?;
                     let batch =
                         Batch::new(&buf).map_err(|e| segment.corrupted(position, e.to_string()))?;
@@ -880,6 +1021,19 @@ impl LogReader {
     }
 }
 
+/// The error for an offset below the high watermark that the segment which should hold
+/// it does not: its file is short, or the segment holding it is missing.
+fn missing(segment: &Segment, offset: u64, position: u64) -> Error {
+    segment.corrupted(
+        position,
+        format!(
+            "offset {offset} is below the high watermark but the segment ends before it: \
+             the segment file is short or a segment file after it is missing (restore the \
+             partition directory from a backup or a replica)"
+        ),
+    )
+}
+
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -888,13 +1042,37 @@ pub fn now_ms() -> i64 {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(dir))
+    fault::sync_dir(dir).map_err(io_at(dir))
+}
+
+/// Creates `dir` and its missing ancestors, fsyncing the parent of every level it
+/// creates, so that after a crash the whole path is there, not only its last level.
+pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut level = dir;
+    while !level.as_os_str().is_empty() && !level.is_dir() {
+        missing.push(level);
+        match level.parent() {
+            Some(parent) => level = parent,
+            None => break,
+        }
+    }
+    for level in missing.into_iter().rev() {
+        match fault::create_dir(level) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && level.is_dir() => {}
+            result => result.map_err(io_at(level))?,
+        }
+        let parent = match level.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
+    match fault::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_at(path)(e)),
         _ => Ok(()),
     }
@@ -948,7 +1126,16 @@ fn create_segment(dir: &Path, base: u64, config: &LogConfig) -> Result<Segment> 
 
 /// Opens a sealed segment, trusting its indexes after a cheap check of their last
 /// entries and rebuilding them from the log when that check fails.
-fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Result<Segment> {
+/// Returns the segment and whether it is damaged: it does not hold exactly the offsets
+/// from its base to `next_base` in whole batches (a short or missing file, bit rot).
+/// Only the whole batches before the damage are readable; reads of the others report
+/// [`Error::Corrupted`].
+fn open_sealed(
+    dir: &Path,
+    base: u64,
+    next_base: u64,
+    config: &LogConfig,
+) -> Result<(Segment, bool)> {
     let log_path = segment_path(dir, base, LOG_EXT);
     let log_len = fs::metadata(&log_path).map_err(io_at(&log_path))?.len();
     let span = next_base - base;
@@ -968,14 +1155,33 @@ fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Res
     });
     if let (Some(offsets), Some(times)) = (offsets, times) {
         let max_timestamp = times.last().map_or(i64::MIN, |e| e.timestamp);
-        return Ok(Segment::new(
-            dir,
-            base,
-            offsets,
-            times,
-            log_len,
-            max_timestamp,
-        ));
+        let segment = Segment::new(dir, base, offsets, times, log_len, max_timestamp);
+        // Walk the headers after the last index entry: the last batch must end at the
+        // file's end and just before the next segment's base offset.
+        let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
+        // Headers only, one small read each: the tail holds about
+        // `index_interval_bytes` of batches, the last of which may be large.
+        let mut position = segment.offsets.last().map_or(0, |e| u64::from(e.position));
+        let mut next_offset = None;
+        let mut bytes = [0u8; BATCH_HEADER_LEN];
+        while position + BATCH_HEADER_LEN as u64 <= log_len {
+            fault::read_exact_at(&file, &log_path, &mut bytes, position)
+                .map_err(io_at(&log_path))?;
+            let Ok(header) = BatchHeader::parse(&bytes) else {
+                // Damage inside: reads that reach it report it.
+                return Ok((segment, true));
+            };
+            if position + header.size as u64 > log_len {
+                break;
+            }
+            position += header.size as u64;
+            next_offset = Some(header.next_offset());
+        }
+        let whole = position == log_len && next_offset == Some(next_base);
+        if !whole {
+            segment.publish(position, max_timestamp);
+        }
+        return Ok((segment, !whole));
     }
 
     // Rebuild both indexes with a full scan of this one segment.
@@ -984,13 +1190,15 @@ fn open_sealed(dir: &Path, base: u64, next_base: u64, config: &LogConfig) -> Res
     let segment = create_segment(dir, base, config)?;
     let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
     let mut index = IndexState::resume(&segment, 0, i64::MIN);
-    // A sealed segment is never truncated (the next one starts at `next_base`); if it
-    // holds damage, reads past the damage report it as corruption.
-    scan(&file, &segment, &mut index, 0, base, log_len, config)?;
+    // A sealed segment is never truncated (the next one starts at `next_base`), but
+    // only its valid batches are readable: reads of offsets past damage, or missing
+    // because the file is short, report corruption.
+    let end = scan(&file, &segment, &mut index, 0, base, log_len, config)?;
     index.finish(&segment)?;
     segment.seal_indexes()?;
-    segment.publish(log_len, index.max_timestamp);
-    Ok(segment)
+    segment.publish(end.position, index.max_timestamp);
+    let whole = end.position == log_len && end.next_offset == next_base;
+    Ok((segment, !whole))
 }
 
 fn open_sealed_index<E: crate::index::Entry>(path: &Path) -> Result<Option<Index<E>>> {
@@ -1067,8 +1275,7 @@ impl Chunk<'_> {
         if position < self.start || position + len as u64 > self.start + self.buf.len() as u64 {
             let read = (len.max(SCAN_CHUNK_BYTES) as u64).min(self.end - position) as usize;
             self.buf.resize(read, 0);
-            self.file
-                .read_exact_at(&mut self.buf, position)
+            fault::read_exact_at(self.file, self.path, &mut self.buf, position)
                 .map_err(io_at(self.path))?;
             self.start = position;
         }
@@ -1084,7 +1291,7 @@ fn recover_active(
     base: u64,
     checkpoint: Option<Checkpoint>,
     config: &LogConfig,
-) -> Result<Active> {
+) -> Result<(Active, LogRecovery)> {
     let log_path = segment_path(dir, base, LOG_EXT);
     let file = open_for_write(&log_path, true)?;
     let file_len = file.metadata().map_err(io_at(&log_path))?.len();
@@ -1153,14 +1360,20 @@ fn recover_active(
         )?
     };
     if end.position < file_len {
-        file.set_len(end.position).map_err(io_at(&log_path))?;
+        fault::set_len(&file, &log_path, end.position).map_err(io_at(&log_path))?;
     }
     if !clean {
-        file.sync_data().map_err(io_at(&log_path))?;
+        fault::sync_data(&file, &log_path).map_err(io_at(&log_path))?;
         segment.sync_indexes()?;
     }
     segment.publish(end.position, index.max_timestamp);
-    Ok(Active {
+    let recovery = LogRecovery {
+        clean,
+        truncated_bytes: file_len - end.position,
+        recovered_to: end.next_offset,
+        damaged_segments: 0,
+    };
+    let active = Active {
         segment: Arc::new(segment),
         file,
         written: end.position,
@@ -1170,7 +1383,8 @@ fn recover_active(
         next_offset: end.next_offset,
         index,
         created_ms,
-    })
+    };
+    Ok((active, recovery))
 }
 
 #[cfg(test)]
@@ -1251,6 +1465,24 @@ mod tests {
         );
     }
 
+    /// Opening a new log is not reported as an unclean stop (the broker would warn of
+    /// possible loss at every topic creation); dropping one without close is.
+    #[test]
+    fn recovery_reports_an_unclean_stop_but_not_a_new_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::new(8);
+        let mut log = Log::open(dir.path(), small(), &files).expect("open");
+        assert!(log.recovery().clean, "{:?}", log.recovery());
+        log.append(&batch(&["a"], 1)).expect("append");
+        drop(log);
+        let log = Log::open(dir.path(), small(), &files).expect("reopen");
+        assert!(log.recovery().may_have_lost_records());
+        assert_eq!(log.recovery().recovered_to, 1);
+        log.close().expect("close");
+        let log = Log::open(dir.path(), small(), &files).expect("reopen");
+        assert!(log.recovery().clean);
+    }
+
     #[test]
     fn out_of_range_and_rejected_batches_leave_the_log_unchanged() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1301,9 +1533,61 @@ mod tests {
         }
         for target in -1..=stamps.iter().max().copied().unwrap_or(0) + 1 {
             let scan = stamps.iter().position(|&ts| ts >= target).map(|i| i as u64);
-            let found = log.reader().offset_for_timestamp(target).expect("lookup");
+            let found = log
+                .reader()
+                .offset_for_timestamp(target)
+                .expect("lookup")
+                .found;
             assert_eq!(found, scan, "target {target}");
         }
+    }
+
+    /// A lookup that finds nothing answers the high watermark it searched to, never one
+    /// past a matching record appended while it ran (which a consumer would skip).
+    #[test]
+    fn timestamp_lookup_answers_the_watermark_it_searched_to() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        for i in 0..50 {
+            log.append(&batch(&["old"], i)).expect("append");
+        }
+        let reader = log.reader().clone();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for _ in 0..300 {
+                    log.append(&batch(&["new"], 1_000)).expect("append");
+                }
+            });
+            loop {
+                let lookup = reader.offset_for_timestamp(1_000).expect("lookup");
+                assert!(lookup.offset() <= 50, "{lookup:?} skips offset 50");
+                if lookup.found.is_some() {
+                    assert_eq!(lookup.found, Some(50));
+                    break;
+                }
+            }
+        });
+    }
+
+    /// A damaged length field makes the lookup report corruption; it used to size a
+    /// buffer from it first (up to 2 GiB per call).
+    #[test]
+    fn timestamp_lookup_checks_a_batch_length_before_using_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("open");
+        for i in 0..40 {
+            log.append(&batch(&["0123456789"; 3], i)).expect("append");
+        }
+        let second = log.reader().shared.segments()[1].base_offset;
+        log.close().expect("close");
+        let path = segment_path(dir.path(), second, LOG_EXT);
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[8..12].copy_from_slice(&0x7fff_0000i32.to_be_bytes());
+        fs::write(&path, &bytes).expect("write");
+        let log = Log::open(dir.path(), small(), &FileCache::new(8)).expect("reopen");
+        // Three records per batch, the batch index as timestamp.
+        let result = log.reader().offset_for_timestamp((second / 3) as i64);
+        assert!(matches!(result, Err(Error::Corrupted { .. })), "{result:?}");
     }
 
     #[test]

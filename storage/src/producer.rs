@@ -32,11 +32,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::batch::{batches, BatchHeader, NO_PRODUCER_ID};
 use crate::error::{io_at, Error, Result};
+use crate::fault;
 use crate::log::LogReader;
 
 /// Batches remembered per producer and partition: a retry of any of them is recognised
@@ -427,17 +428,15 @@ impl ProducerStates {
     pub fn write_snapshot(&self, dir: &Path, covers: u64, sync: bool) -> Result<()> {
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
         let path = dir.join(SNAPSHOT_FILE);
-        let mut file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        file.write_all(&self.encode(covers)).map_err(io_at(&tmp))?;
+        let file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        fault::write_all_at(&file, &tmp, &self.encode(covers), 0).map_err(io_at(&tmp))?;
         if sync {
-            file.sync_data().map_err(io_at(&tmp))?;
+            fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
         }
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        fault::rename(&tmp, &path).map_err(io_at(&path))?;
         if sync {
-            fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_at(dir))?;
+            fault::sync_dir(dir).map_err(io_at(dir))?;
         }
         Ok(())
     }
@@ -527,8 +526,13 @@ impl Recovery {
     /// True when the snapshot on disk does not describe the recovered state exactly, so
     /// a new one should be written before the log changes: a rejected snapshot must never
     /// be trusted later, and a long replay should not be repeated at the next open.
+    ///
+    /// False when the replay failed: the state is then empty, and a snapshot of it would
+    /// replace a good one for good, where the next open, or one after the damage is
+    /// repaired or expired, could still use it.
     pub fn needs_snapshot(&self) -> bool {
-        self.replayed_batches > 0 || matches!(self.snapshot, SnapshotUse::Rejected(_))
+        self.replay_error.is_none()
+            && (self.replayed_batches > 0 || matches!(self.snapshot, SnapshotUse::Rejected(_)))
     }
 }
 
@@ -553,7 +557,7 @@ enum LoadedSnapshot {
 }
 
 fn load_snapshot(dir: &Path) -> LoadedSnapshot {
-    match fs::read(dir.join(SNAPSHOT_FILE)) {
+    match fault::read(&dir.join(SNAPSHOT_FILE)) {
         Ok(bytes) => match ProducerStates::decode(&bytes) {
             Ok((states, covers)) => LoadedSnapshot::Valid(states, covers),
             Err(reason) => LoadedSnapshot::Unusable(reason),
@@ -627,7 +631,7 @@ impl ProducerIds {
     /// sequence state.
     pub fn open(dir: &Path) -> Result<ProducerIds> {
         let path = dir.join(PRODUCER_IDS_FILE);
-        let reserved = match fs::read(&path) {
+        let reserved = match fault::read(&path) {
             Ok(bytes) => decode_ids(&bytes).map_err(|reason| Error::Corrupted {
                 path: path.clone(),
                 position: 0,
@@ -685,14 +689,12 @@ impl ProducerIds {
     fn write(&self, bound: i64) -> Result<()> {
         let tmp = self.dir.join(PRODUCER_IDS_TMP_FILE);
         let path = self.dir.join(PRODUCER_IDS_FILE);
-        let mut file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
-        file.write_all(&encode_ids(bound)).map_err(io_at(&tmp))?;
-        file.sync_data().map_err(io_at(&tmp))?;
+        let file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        fault::write_all_at(&file, &tmp, &encode_ids(bound), 0).map_err(io_at(&tmp))?;
+        fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
         drop(file);
-        fs::rename(&tmp, &path).map_err(io_at(&path))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_at(&self.dir))
+        fault::rename(&tmp, &path).map_err(io_at(&path))?;
+        fault::sync_dir(&self.dir).map_err(io_at(&self.dir))
     }
 }
 
@@ -1045,6 +1047,41 @@ mod tests {
         let (_, recovery) = ProducerStates::recover(log.reader(), 50);
         assert!(matches!(recovery.snapshot, SnapshotUse::Rejected(_)));
         log.close().expect("close");
+    }
+
+    /// A replay that fails halfway (a damaged batch after the snapshot) leaves the state
+    /// empty, and must not ask for that empty state to replace the good snapshot.
+    #[test]
+    fn a_failed_replay_keeps_the_good_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::new(4);
+        let mut log = Log::open(dir.path(), log_config(), &files).expect("open");
+        let states = fill(&mut log);
+        states
+            .write_snapshot(dir.path(), log.next_offset(), true)
+            .expect("snapshot");
+        for sequence in [0, 2, 4] {
+            log.append(&idempotent_batch(9, sequence, 2))
+                .expect("append");
+        }
+        log.close().expect("close");
+        let active = fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .max()
+            .expect("a segment");
+        let mut bytes = fs::read(&active).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        fs::write(&active, &bytes).expect("damage");
+
+        let log = Log::open(dir.path(), log_config(), &files).expect("reopen");
+        let (recovered, recovery) = ProducerStates::recover(log.reader(), 50);
+        assert!(recovery.replay_error.is_some(), "{recovery:?}");
+        assert!(recovery.replayed_batches > 0, "the replay got partway");
+        assert!(recovered.is_empty());
+        assert!(!recovery.needs_snapshot(), "{recovery:?}");
     }
 
     #[test]

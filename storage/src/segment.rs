@@ -7,13 +7,13 @@
 //! writer holds across I/O.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::batch::{BatchHeader, BATCH_HEADER_LEN};
 use crate::error::{io_at, Error, Result};
+use crate::fault;
 use crate::index::{Index, OffsetEntry, TimeEntry};
 
 /// File name of a segment file: the base offset, zero-padded to 20 digits.
@@ -142,7 +142,7 @@ impl Segment {
     /// Reads and parses the batch header at `position`.
     pub fn read_header(&self, file: &File, position: u64) -> Result<BatchHeader> {
         let mut buf = [0u8; BATCH_HEADER_LEN];
-        file.read_exact_at(&mut buf, position)
+        fault::read_exact_at(file, &self.log_path, &mut buf, position)
             .map_err(io_at(&self.log_path))?;
         BatchHeader::parse(&buf).map_err(|e| self.corrupted(position, e.to_string()))
     }

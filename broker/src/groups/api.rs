@@ -14,7 +14,7 @@ use crate::broker::{Broker, Topic};
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState, GroupView, MemberView};
-use crate::groups::offsets::{Committed, Mode};
+use crate::groups::offsets::{Committed, Fence, Mode};
 
 /// A group as a list shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,18 +235,29 @@ pub async fn commit_offsets(
     }
     // A commit from outside the group keeps members from joining until it is written, so
     // none starts from the position it replaces.
-    let _exclusive = match committer {
-        Committer::Outside => Some(broker.coordinator().exclusive(group, "commit to")?),
+    let (exclusive, fence) = match committer {
+        Committer::Outside => (
+            Some(broker.coordinator().exclusive(group, "commit to")?),
+            None,
+        ),
         Committer::Member { id, epoch } => {
             broker
                 .coordinator()
                 .check_owner(group, id, epoch, offsets.iter().map(|o| &o.0))?;
-            None
+            // Checked again when the write is applied: a commit that waited (behind a
+            // slow write, or longer than its caller's timeout) while the partitions
+            // moved must not land below the new owner's position.
+            let coordinator = broker.coordinator_handle();
+            let (group, id) = (group.to_string(), id.to_string());
+            let partitions: Vec<TopicPartition> = offsets.iter().map(|o| o.0.clone()).collect();
+            let fence: Fence =
+                Box::new(move || coordinator.check_owner(&group, &id, epoch, &partitions));
+            (None, Some(fence))
         }
     };
     broker
         .offsets()
-        .commit(group, offsets, topics, Mode::Advance)
+        .commit(group, offsets, topics, Mode::Advance, exclusive, fence)
         .await
 }
 
@@ -276,7 +287,7 @@ pub async fn reset_offsets(
 ) -> Result<Vec<(TopicPartition, Committed)>> {
     validate_group(group)?;
     let topic = broker.topic(topic)?;
-    let _exclusive = broker
+    let exclusive = broker
         .coordinator()
         .exclusive(group, "reset the offsets of")?;
     let ids: Vec<u32> = if partitions.is_empty() {
@@ -292,9 +303,7 @@ pub async fn reset_offsets(
             ResetTo::Earliest => earliest,
             ResetTo::Latest => latest,
             ResetTo::Timestamp(at) => tokio::task::spawn_blocking(move || {
-                reader
-                    .offset_for_timestamp(at)
-                    .map(|found| found.unwrap_or(latest))
+                reader.offset_for_timestamp(at).map(|l| l.offset())
             })
             .await
             .map_err(|_| Error::ShuttingDown)??,
@@ -314,7 +323,14 @@ pub async fn reset_offsets(
     }
     let committed = broker
         .offsets()
-        .commit(group, offsets, vec![topic.clone()], Mode::Reset)
+        .commit(
+            group,
+            offsets,
+            vec![topic.clone()],
+            Mode::Reset,
+            Some(exclusive),
+            None,
+        )
         .await?;
     tracing::info!(%group, topic = %topic.name, "reset committed offsets");
     Ok(committed)
@@ -323,11 +339,14 @@ pub async fn reset_offsets(
 /// Forgets a group without members.
 pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
     validate_group(group)?;
-    let _exclusive = broker.coordinator().exclusive(group, "delete")?;
+    let exclusive = broker.coordinator().exclusive(group, "delete")?;
     if broker.offsets().group(group).is_empty() {
         return Err(Error::GroupNotFound(group.to_string()));
     }
-    broker.offsets().delete_group(group).await?;
+    broker
+        .offsets()
+        .delete_group(group, Some(exclusive))
+        .await?;
     tracing::info!(%group, "deleted group");
     Ok(())
 }
@@ -392,7 +411,7 @@ pub async fn expire_offsets(
         }
         // Members and commits from outside wait while it holds the group; a group that
         // has members again, or is being changed, is left for the next round.
-        let Ok(_exclusive) = broker.coordinator().exclusive(&group, "expire") else {
+        let Ok(exclusive) = broker.coordinator().exclusive(&group, "expire") else {
             continue;
         };
         // A Kafka member may have joined since the round began (Kafka joins do not
@@ -400,7 +419,7 @@ pub async fn expire_offsets(
         if !expired(&group) || broker.kafka_members().has_members(&group) {
             continue;
         }
-        match broker.offsets().delete_group(&group).await {
+        match broker.offsets().delete_group(&group, Some(exclusive)).await {
             Ok(()) => {
                 tracing::info!(%group, ?retention, "expired the committed offsets of an empty group");
                 deleted.push(group);
@@ -452,6 +471,186 @@ mod tests {
             metadata: String::new(),
             timestamp_ms: 0,
         }
+    }
+
+    /// A member's commit that waits behind the offsets writer while its partition moves
+    /// to another member must be refused when it is applied, not land afterwards below
+    /// the new owner's position.
+    #[test]
+    fn a_commit_applied_after_its_partition_moved_is_fenced() {
+        use crate::groups::coordinator::Heartbeat;
+        use std::future::Future;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = Broker::open(
+            dir.path(),
+            crate::topics::settings::TopicSettings::default(),
+            64,
+            Arc::new(crate::metrics::Metrics::default()),
+        )
+        .expect("open");
+        let settings = crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings).expect("create");
+        let counts = |t: &str| broker.partition_count(t);
+        let join = Heartbeat {
+            member_id: String::new(),
+            member_epoch: 0,
+            topics: vec!["t".into()],
+            owned: vec![],
+            session_timeout: Duration::from_secs(30),
+            rebalance_timeout: Duration::from_secs(30),
+            client_id: "c".into(),
+            join_key: String::new(),
+        };
+        let first = broker
+            .coordinator()
+            .heartbeat("g", join, &counts, Instant::now())
+            .expect("join");
+        let tp = TopicPartition::new("t".to_string(), 0);
+        assert_eq!(first.assignment, vec![tp.clone()]);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let stalled = broker.offsets().stall();
+        // The writer takes this commit and waits for the stall to end.
+        let mut before = Box::pin(commit_offsets(
+            &broker,
+            "other",
+            Committer::Outside,
+            vec![(tp.clone(), 0, String::new())],
+        ));
+        assert!(before.as_mut().poll(&mut cx).is_pending());
+        // The member's commit is checked on arrival, while it owns the partition.
+        let mut late = Box::pin(commit_offsets(
+            &broker,
+            "g",
+            Committer::Member {
+                id: &first.member_id,
+                epoch: first.member_epoch,
+            },
+            vec![(tp.clone(), 0, String::new())],
+        ));
+        assert!(late.as_mut().poll(&mut cx).is_pending());
+        // The partition moves: the member leaves.
+        broker.coordinator().leave("g", &first.member_id, &counts);
+        drop(stalled);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(before).expect("outside commit");
+        match rt.block_on(late) {
+            Err(Error::Fenced(why)) => assert!(why.contains("not in the group"), "{why}"),
+            other => panic!("a commit applied after the move landed: {other:?}"),
+        }
+        assert!(broker.offsets().group("g").is_empty());
+    }
+
+    fn open_broker(dir: &std::path::Path) -> Broker {
+        Broker::open(
+            dir,
+            crate::topics::settings::TopicSettings::default(),
+            64,
+            Arc::new(crate::metrics::Metrics::default()),
+        )
+        .expect("open")
+    }
+
+    /// A topic deleted without its offsets (the offsets' deletion failed, or the broker
+    /// died in between) and created again under the same name starts without committed
+    /// offsets, before and after a restart; an old topic keeps its own.
+    #[test]
+    fn a_recreated_topic_never_inherits_old_committed_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open_broker(dir.path());
+        let settings = || crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let commit = |broker: &Broker, topic: &str| {
+            rt.block_on(commit_offsets(
+                broker,
+                "g",
+                Committer::Outside,
+                vec![(TopicPartition::new(topic.to_string(), 0), 0, "old".into())],
+            ))
+            .expect("commit")
+        };
+        for topic in ["t", "kept"] {
+            broker.create_topic(topic, settings()).expect("create");
+            commit(&broker, topic);
+        }
+        let all = BTreeSet::new();
+        assert_eq!(fetch_offsets(&broker, "g", &all).expect("fetch").len(), 2);
+        // The topic goes, its offsets' deletion never runs.
+        broker.delete_topic("t").expect("delete");
+        broker.create_topic("t", settings()).expect("recreate");
+        let kept = vec![TopicPartition::new("kept".to_string(), 0)];
+        let visible = |broker: &Broker| -> Vec<TopicPartition> {
+            let offsets = fetch_offsets(broker, "g", &all).expect("fetch");
+            offsets.into_iter().map(|(tp, _)| tp).collect()
+        };
+        assert_eq!(visible(&broker), kept);
+        let described = describe_group(&broker, "g").expect("describe");
+        assert!(described
+            .partitions
+            .iter()
+            .all(|p| p.partition.topic == "kept" || p.committed.is_none()));
+        // A restart forgets the old offsets for good; the new topic commits its own.
+        assert!(broker.shutdown().is_empty());
+        drop(broker);
+        let broker = open_broker(dir.path());
+        assert_eq!(visible(&broker), kept);
+        commit(&broker, "t");
+        assert_eq!(visible(&broker).len(), 2);
+        assert!(broker.shutdown().is_empty());
+        drop(broker);
+        let broker = open_broker(dir.path());
+        assert_eq!(visible(&broker).len(), 2);
+    }
+
+    /// Deleting a topic removes the members owning its partitions itself, not a later
+    /// step that a failure could skip: a member never carries over to a topic created
+    /// again under the same name.
+    #[test]
+    fn a_deleted_topic_takes_its_owners_out_of_the_group() {
+        use crate::groups::coordinator::Heartbeat;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open_broker(dir.path());
+        let settings = || crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings()).expect("create");
+        let counts = |t: &str| broker.partition_count(t);
+        let join = Heartbeat {
+            member_id: String::new(),
+            member_epoch: 0,
+            topics: vec!["t".into()],
+            owned: vec![],
+            session_timeout: Duration::from_secs(30),
+            rebalance_timeout: Duration::from_secs(30),
+            client_id: "c".into(),
+            join_key: String::new(),
+        };
+        let member = broker
+            .coordinator()
+            .heartbeat("g", join, &counts, Instant::now())
+            .expect("join");
+        let tp = TopicPartition::new("t".to_string(), 0);
+        check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp).expect("owner");
+        broker.delete_topic("t").expect("delete");
+        broker.create_topic("t", settings()).expect("recreate");
+        assert!(matches!(
+            check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp),
+            Err(Error::Fenced(_))
+        ));
     }
 
     #[test]

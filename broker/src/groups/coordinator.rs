@@ -31,7 +31,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -68,7 +68,15 @@ pub struct Heartbeat {
     pub rebalance_timeout: Duration,
     /// A name for people.
     pub client_id: String,
+    /// Join only, optional: chosen by the client for one join and sent again when it
+    /// retries that join. A join whose key a member of the group already has is that
+    /// member's join again (its answer was lost): it gets that member back instead of
+    /// a second member, whose unclaimed partitions would wait a whole session.
+    pub join_key: String,
 }
+
+/// Longest join key.
+pub const JOIN_KEY_BYTES_MAX: usize = 64;
 
 /// The coordinator's answer to a heartbeat.
 #[derive(Debug, PartialEq, Eq)]
@@ -129,6 +137,8 @@ pub struct GroupView {
 #[derive(Debug)]
 struct Member {
     client_id: String,
+    /// The key of the join that added it; empty without one.
+    join_key: String,
     topics: BTreeSet<String>,
     epoch: u64,
     /// Partitions owned and in the assignment, with the epoch each was granted at.
@@ -333,7 +343,7 @@ pub struct Coordinator {
     /// Groups whose offsets an admin change (or a commit from outside) is writing: they
     /// accept no joins until it is done, so no member starts from a position that is
     /// about to change. Locked after `groups`, never before.
-    busy: Mutex<BTreeSet<String>>,
+    busy: Arc<Mutex<BTreeSet<String>>>,
     /// Member ids are random, so an id from before a restart is never handed out again.
     ids: RandomState,
     next_id: AtomicU64,
@@ -347,7 +357,7 @@ impl Default for Coordinator {
     fn default() -> Self {
         Coordinator {
             groups: Mutex::new(BTreeMap::new()),
-            busy: Mutex::new(BTreeSet::new()),
+            busy: Arc::default(),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
             max_members: AtomicUsize::new(usize::MAX),
@@ -357,15 +367,20 @@ impl Default for Coordinator {
 }
 
 /// A group reserved by [`Coordinator::exclusive`]; dropping it lets members join again.
+/// It owns its share of the reservation, so a change of the committed offsets can hold
+/// it until the change is written, whether or not its caller still waits.
 #[derive(Debug)]
-pub struct Exclusive<'a> {
-    coordinator: &'a Coordinator,
+pub struct Exclusive {
+    busy: Arc<Mutex<BTreeSet<String>>>,
     group: String,
 }
 
-impl Drop for Exclusive<'_> {
+impl Drop for Exclusive {
     fn drop(&mut self) {
-        self.coordinator.busy().remove(&self.group);
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.group);
     }
 }
 
@@ -447,7 +462,7 @@ impl Coordinator {
     /// Reserves a group without members for a change of its offsets from outside
     /// (a reset, a deletion, a standalone commit): joins wait until the guard is
     /// dropped. `what` names the change for the error when the group has members.
-    pub fn exclusive(&self, group_name: &str, what: &str) -> Result<Exclusive<'_>> {
+    pub fn exclusive(&self, group_name: &str, what: &str) -> Result<Exclusive> {
         let groups = self.lock();
         if let Some(group) = groups.get(group_name).filter(|g| !g.members.is_empty()) {
             return Err(Error::Fenced(format!(
@@ -460,7 +475,7 @@ impl Coordinator {
             return Err(Error::GroupBusy(group_name.to_string()));
         }
         Ok(Exclusive {
-            coordinator: self,
+            busy: Arc::clone(&self.busy),
             group: group_name.to_string(),
         })
     }
@@ -501,26 +516,50 @@ impl Coordinator {
                 REBALANCE_TIMEOUT_DEFAULT,
                 "rebalance timeout",
             )?;
-            self.check_join_limits(&groups, group_name)?;
-            let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let id = format!("{:016x}", self.ids.hash_one(counter));
+            if request.join_key.len() > JOIN_KEY_BYTES_MAX {
+                return Err(Error::InvalidArgument(format!(
+                    "join key is {} bytes; at most {JOIN_KEY_BYTES_MAX} are allowed",
+                    request.join_key.len()
+                )));
+            }
+            let retried = groups.get(group_name).and_then(|g| {
+                g.members
+                    .iter()
+                    .find(|(_, m)| !request.join_key.is_empty() && m.join_key == request.join_key)
+                    .map(|(id, _)| id.clone())
+            });
+            if retried.is_none() {
+                // A retried join is a member already in: the limits count it already.
+                self.check_join_limits(&groups, group_name)?;
+            }
             let group = groups.entry(group_name.to_string()).or_default();
-            group.members.insert(
-                id.clone(),
-                Member {
-                    client_id: request.client_id,
-                    topics: request.topics.iter().cloned().collect(),
-                    epoch: 0,
-                    assigned: BTreeMap::new(),
-                    revoking: BTreeMap::new(),
-                    session_timeout,
-                    rebalance_timeout,
-                    deadline: now + session_timeout,
-                },
-            );
-            group.retarget(true, partitions);
-            tracing::info!(group = group_name, member = %id, "member joined");
-            id
+            if let Some(member) = retried.as_ref().and_then(|id| group.members.get_mut(id)) {
+                // The answer to this join was lost: answer it again.
+                member.deadline = now + member.session_timeout;
+                let id = retried.unwrap_or_default();
+                tracing::info!(group = group_name, member = %id, "join retried");
+                id
+            } else {
+                let counter = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let id = format!("{:016x}", self.ids.hash_one(counter));
+                group.members.insert(
+                    id.clone(),
+                    Member {
+                        client_id: request.client_id,
+                        join_key: request.join_key,
+                        topics: request.topics.iter().cloned().collect(),
+                        epoch: 0,
+                        assigned: BTreeMap::new(),
+                        revoking: BTreeMap::new(),
+                        session_timeout,
+                        rebalance_timeout,
+                        deadline: now + session_timeout,
+                    },
+                );
+                group.retarget(true, partitions);
+                tracing::info!(group = group_name, member = %id, "member joined");
+                id
+            }
         } else {
             let group = groups
                 .get_mut(group_name)
@@ -1058,6 +1097,45 @@ mod tests {
         c.topic_deleted("orders", &|_| None);
         assert!(matches!(beat(&c, &a, now), Err(Error::Fenced(_))));
         c.topic_deleted("elsewhere", &six);
+    }
+
+    /// A join retried with its key (its answer was lost) gets the member it created
+    /// back, with that member's partitions, instead of a second member while the first
+    /// holds every partition for a whole session; a new key is a new member.
+    #[test]
+    fn a_retried_join_gets_its_member_back() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        let request = |key: &str| Heartbeat {
+            topics: vec!["orders".into()],
+            join_key: key.into(),
+            ..Heartbeat::default()
+        };
+        let lost = c
+            .heartbeat("payments", request("k1"), &six, now)
+            .expect("join");
+        assert_eq!(lost.assignment.len(), 6);
+        let retried = c
+            .heartbeat("payments", request("k1"), &six, now)
+            .expect("retry");
+        assert_eq!(retried.member_id, lost.member_id);
+        assert_eq!(retried.assignment.len(), 6);
+        assert_eq!(c.describe("payments").expect("group").members.len(), 1);
+        let other = c
+            .heartbeat("payments", request("k2"), &six, now)
+            .expect("join");
+        assert_ne!(other.member_id, lost.member_id);
+        assert_eq!(c.describe("payments").expect("group").members.len(), 2);
+        // Without a key every join is a new member, as before.
+        c.heartbeat("payments", request(""), &six, now)
+            .expect("join");
+        c.heartbeat("payments", request(""), &six, now)
+            .expect("join");
+        assert_eq!(c.describe("payments").expect("group").members.len(), 4);
+        assert!(matches!(
+            c.heartbeat("payments", request(&"k".repeat(65)), &six, now),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::Topic;
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
+use crate::groups::coordinator::Exclusive;
 use crate::health::{Fault, Faults};
 
 /// Largest metadata string of a commit.
@@ -36,6 +37,9 @@ const FORMAT_VERSION: u8 = 1;
 /// Key kinds.
 const KIND_OFFSET: u8 = 1;
 const KIND_GROUP_DELETED: u8 = 2;
+/// An offset of a topic incarnation other than 0 (topics created before incarnations
+/// existed have 0 and keep writing `KIND_OFFSET`): the key ends with the incarnation.
+const KIND_OFFSET_INCARNATION: u8 = 3;
 /// Segment size of the offsets log: small, so compaction frees space soon.
 pub const SEGMENT_BYTES: u64 = 4 << 20;
 /// Rough bytes per live entry in the log, for deciding when to compact before the
@@ -75,6 +79,23 @@ pub enum Mode {
 }
 
 type GroupOffsets = BTreeMap<TopicPartition, Committed>;
+
+/// A committed position and the incarnation of the topic it was committed for: a topic
+/// recreated under the same name has another one and never sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stored {
+    committed: Committed,
+    incarnation: u64,
+}
+
+type Store = BTreeMap<String, BTreeMap<TopicPartition, Stored>>;
+/// The incarnation of every topic that exists, by name.
+type Incarnations = BTreeMap<String, u64>;
+
+/// Checked by the writer right before it writes a commit: a member's commit that waited
+/// in the queue (or behind a slow write) while its partitions moved is refused with this
+/// check's error instead of landing below the new owner's position.
+pub type Fence = Box<dyn Fn() -> Result<()> + Send>;
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Change {
@@ -85,13 +106,20 @@ enum Change {
         topics: Vec<Arc<Topic>>,
         mode: Mode,
         reply: Reply<Vec<(TopicPartition, Committed)>>,
+        /// Released once the change is answered: written (and visible) or refused.
+        hold: Option<Exclusive>,
+        /// Checked when the commit is staged for writing.
+        fence: Option<Fence>,
     },
     DeleteGroup {
         group: String,
         reply: Reply<()>,
+        hold: Option<Exclusive>,
     },
     DeleteTopic {
         topic: String,
+        /// Offsets of this incarnation stay (those of the topic that exists now).
+        keep: Option<u64>,
         reply: Reply<()>,
     },
     Shutdown,
@@ -100,7 +128,9 @@ enum Change {
 /// The committed offsets of every group.
 #[derive(Debug)]
 pub struct Offsets {
-    committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    committed: Arc<RwLock<Store>>,
+    /// Offsets of a topic that exists under another incarnation are invisible.
+    incarnations: RwLock<Incarnations>,
     /// Set by the writer when a write fails and commits are refused.
     fault: Arc<Fault>,
     changes: mpsc::Sender<Change>,
@@ -150,14 +180,41 @@ impl Offsets {
             })?;
         Ok(Offsets {
             committed,
+            incarnations: RwLock::default(),
             fault,
             changes,
             writer: Mutex::new(Some(thread)),
         })
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, GroupOffsets>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Store> {
         self.committed.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the incarnation of a topic that exists (`None`: it was deleted). Offsets
+    /// committed for another incarnation of that name are invisible from then on.
+    pub fn set_incarnation(&self, topic: &str, incarnation: Option<u64>) {
+        let mut incarnations = self.incarnations.write().unwrap_or_else(|e| e.into_inner());
+        match incarnation {
+            Some(incarnation) => incarnations.insert(topic.to_string(), incarnation),
+            None => incarnations.remove(topic),
+        };
+    }
+
+    /// The visible offsets of one group's store.
+    fn visible<'a>(
+        &'a self,
+        offsets: &'a BTreeMap<TopicPartition, Stored>,
+    ) -> impl Iterator<Item = (&'a TopicPartition, &'a Committed)> + 'a {
+        let incarnations = self.incarnations.read().unwrap_or_else(|e| e.into_inner());
+        offsets
+            .iter()
+            .filter(move |(tp, stored)| {
+                incarnations
+                    .get(&tp.topic)
+                    .is_none_or(|i| *i == stored.incarnation)
+            })
+            .map(|(tp, stored)| (tp, &stored.committed))
     }
 
     async fn send<T>(&self, change: impl FnOnce(Reply<T>) -> Change) -> Result<T> {
@@ -171,12 +228,21 @@ impl Offsets {
 
     /// Commits `offsets` (partition, offset, metadata) of `topics` for `group` durably;
     /// returns the resulting position of each partition. All or nothing.
+    ///
+    /// `hold` (a reservation of the group against joins) is released only once the
+    /// change is answered, even if the caller stops waiting (a client that disconnects):
+    /// no member can join and read the position the change replaces.
+    ///
+    /// `fence` runs in the writer right before the commit is staged for its write; an
+    /// error refuses the commit (nothing of it is written).
     pub async fn commit(
         &self,
         group: &str,
         offsets: Vec<(TopicPartition, u64, String)>,
         topics: Vec<Arc<Topic>>,
         mode: Mode,
+        hold: Option<Exclusive>,
+        fence: Option<Fence>,
     ) -> Result<Vec<(TopicPartition, Committed)>> {
         if let Some((tp, _, metadata)) = offsets.iter().find(|o| o.2.len() > METADATA_BYTES_MAX) {
             return Err(Error::InvalidArgument(format!(
@@ -190,15 +256,18 @@ impl Offsets {
             topics,
             mode,
             reply,
+            hold,
+            fence,
         })
         .await
     }
 
-    /// Forgets every offset of `group`.
-    pub async fn delete_group(&self, group: &str) -> Result<()> {
+    /// Forgets every offset of `group`; `hold` as for [`Offsets::commit`].
+    pub async fn delete_group(&self, group: &str, hold: Option<Exclusive>) -> Result<()> {
         self.send(|reply| Change::DeleteGroup {
             group: group.to_string(),
             reply,
+            hold,
         })
         .await
     }
@@ -208,30 +277,42 @@ impl Offsets {
     pub async fn delete_topic(&self, topic: &str) -> Result<()> {
         self.send(|reply| Change::DeleteTopic {
             topic: topic.to_string(),
+            keep: None,
             reply,
         })
         .await
     }
 
-    /// Forgets the offsets of topics for which `exists` is false: a crash between a
-    /// topic's deletion and its offsets' leaves them behind. Blocking.
-    pub fn forget_missing_topics(&self, exists: impl Fn(&str) -> bool) -> Result<()> {
-        let missing: std::collections::BTreeSet<String> = self
+    /// Forgets the offsets of topics that no longer exist or exist under another
+    /// incarnation (`current` gives a topic's incarnation, `None` when it does not
+    /// exist): a crash or a failed write between a topic's deletion and its offsets'
+    /// leaves them behind. Blocking.
+    pub fn forget_stale_topics(&self, current: impl Fn(&str) -> Option<u64>) -> Result<()> {
+        let stale: BTreeMap<String, Option<u64>> = self
             .read()
             .values()
-            .flat_map(|offsets| offsets.keys())
-            .filter(|tp| !exists(&tp.topic))
-            .map(|tp| tp.topic.clone())
+            .flat_map(|offsets| offsets.iter())
+            .filter_map(|(tp, stored)| {
+                let now = current(&tp.topic);
+                (now != Some(stored.incarnation)).then(|| (tp.topic.clone(), now))
+            })
             .collect();
-        for topic in missing {
+        for (topic, keep) in stale {
             tracing::info!(%topic, "forgetting committed offsets of a deleted topic");
             let (reply, answer) = oneshot::channel();
             self.changes
-                .blocking_send(Change::DeleteTopic { topic, reply })
+                .blocking_send(Change::DeleteTopic { topic, keep, reply })
                 .map_err(|_| Error::ShuttingDown)?;
             answer.blocking_recv().map_err(|_| Error::ShuttingDown)??;
         }
         Ok(())
+    }
+
+    /// Holds the published offsets: the writer stops at its next change until the
+    /// guard is dropped, so a test can move partitions while commits wait in the queue.
+    #[cfg(test)]
+    pub(crate) fn stall(&self) -> impl Sized + '_ {
+        self.committed.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Why commits are refused, once they are.
@@ -241,17 +322,30 @@ impl Offsets {
 
     /// The committed offsets of `group`.
     pub fn group(&self, group: &str) -> GroupOffsets {
-        self.read().get(group).cloned().unwrap_or_default()
+        self.read()
+            .get(group)
+            .map(|offsets| {
+                self.visible(offsets)
+                    .map(|(tp, c)| (tp.clone(), c.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// True when `group` has committed offsets.
     pub fn has_group(&self, group: &str) -> bool {
-        self.read().contains_key(group)
+        self.read()
+            .get(group)
+            .is_some_and(|offsets| self.visible(offsets).next().is_some())
     }
 
     /// Names of the groups with committed offsets.
     pub fn groups(&self) -> Vec<String> {
-        self.read().keys().cloned().collect()
+        self.read()
+            .iter()
+            .filter(|(_, offsets)| self.visible(offsets).next().is_some())
+            .map(|(group, _)| group.clone())
+            .collect()
     }
 
     /// Stops the writer after it has answered everything queued, and closes the log;
@@ -268,12 +362,20 @@ impl Offsets {
 }
 
 /// Encodes the key of a partition's offset.
-fn offset_key(out: &mut Vec<u8>, group: &str, tp: &TopicPartition) {
+fn offset_key(out: &mut Vec<u8>, group: &str, tp: &TopicPartition, incarnation: u64) {
     out.clear();
-    out.extend_from_slice(&[FORMAT_VERSION, KIND_OFFSET]);
+    let kind = if incarnation == 0 {
+        KIND_OFFSET
+    } else {
+        KIND_OFFSET_INCARNATION
+    };
+    out.extend_from_slice(&[FORMAT_VERSION, kind]);
     put_str(out, group);
     put_str(out, &tp.topic);
     out.extend_from_slice(&tp.partition.to_be_bytes());
+    if incarnation != 0 {
+        out.extend_from_slice(&incarnation.to_be_bytes());
+    }
 }
 
 fn group_deleted_key(out: &mut Vec<u8>, group: &str) {
@@ -301,6 +403,8 @@ enum Entry {
     Offset {
         group: String,
         tp: TopicPartition,
+        /// The topic's incarnation (0 in records from before incarnations).
+        incarnation: u64,
         committed: Option<Committed>,
     },
     GroupDeleted {
@@ -337,9 +441,14 @@ fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
     }
     let group = take_str(&mut key)?;
     match header[1] {
-        KIND_OFFSET => {
+        kind @ (KIND_OFFSET | KIND_OFFSET_INCARNATION) => {
             let topic = take_str(&mut key)?;
             let partition = u32::from_be_bytes(take(&mut key, 4)?.try_into().expect("4 bytes"));
+            let incarnation = if kind == KIND_OFFSET {
+                0
+            } else {
+                u64::from_be_bytes(take(&mut key, 8)?.try_into().expect("8 bytes"))
+            };
             let committed = match value {
                 None => None,
                 Some(mut value) => {
@@ -358,6 +467,7 @@ fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
             Ok(Entry::Offset {
                 group,
                 tp: TopicPartition { topic, partition },
+                incarnation,
                 committed,
             })
         }
@@ -366,19 +476,25 @@ fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Entry> {
     }
 }
 
-fn apply(committed: &mut BTreeMap<String, GroupOffsets>, entry: Entry) {
+fn apply(committed: &mut Store, entry: Entry) {
     match entry {
         Entry::Offset {
             group,
             tp,
+            incarnation,
             committed: Some(c),
         } => {
-            committed.entry(group).or_default().insert(tp, c);
+            let stored = Stored {
+                committed: c,
+                incarnation,
+            };
+            committed.entry(group).or_default().insert(tp, stored);
         }
         Entry::Offset {
             group,
             tp,
             committed: None,
+            ..
         } => {
             if let Some(offsets) = committed.get_mut(&group) {
                 offsets.remove(&tp);
@@ -394,7 +510,7 @@ fn apply(committed: &mut BTreeMap<String, GroupOffsets>, entry: Entry) {
 }
 
 /// Rebuilds the offsets from the whole log.
-fn replay(log: &Log) -> Result<BTreeMap<String, GroupOffsets>> {
+fn replay(log: &Log) -> Result<Store> {
     let reader = log.reader();
     let mut committed = BTreeMap::new();
     let mut offset = reader.earliest_offset();
@@ -418,7 +534,7 @@ fn replay(log: &Log) -> Result<BTreeMap<String, GroupOffsets>> {
 
 struct Writer {
     log: Log,
-    committed: Arc<RwLock<BTreeMap<String, GroupOffsets>>>,
+    committed: Arc<RwLock<Store>>,
     segment_bytes: u64,
     /// Size of the last snapshot: the live entries' size in the log.
     snapshot_bytes: u64,
@@ -428,7 +544,7 @@ struct Writer {
 }
 
 /// One change to publish once durable: the new value, `None` to delete.
-type Pending = BTreeMap<(String, TopicPartition), Option<Committed>>;
+type Pending = BTreeMap<(String, TopicPartition), Option<Stored>>;
 
 /// The error every change of a failed write gets.
 fn unavailable(written: &std::result::Result<(), String>) -> Result<()> {
@@ -441,8 +557,9 @@ enum Answer {
     Committed(
         Reply<Vec<(TopicPartition, Committed)>>,
         Result<Vec<(TopicPartition, Committed)>>,
+        Option<Exclusive>,
     ),
-    Done(Reply<()>),
+    Done(Reply<()>, Option<Exclusive>),
 }
 
 impl Writer {
@@ -466,28 +583,33 @@ impl Writer {
                         topics,
                         mode,
                         reply,
+                        hold,
+                        fence,
                     } => {
                         staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
+                        let fenced = fence.as_ref().map_or(Ok(()), |check| check());
                         let result = match topics.iter().find(|t| t.is_deleted()) {
                             Some(gone) => Err(Error::TopicNotFound(gone.name.clone())),
+                            None if fenced.is_err() => fenced.map(|()| Vec::new()),
                             None => Ok(self.stage_commit(
                                 &mut pending,
                                 &deleted_groups,
                                 group,
                                 offsets,
+                                &topics,
                                 mode,
                             )),
                         };
-                        answers.push(Answer::Committed(reply, result));
+                        answers.push(Answer::Committed(reply, result, hold));
                     }
-                    Change::DeleteGroup { group, reply } => {
+                    Change::DeleteGroup { group, reply, hold } => {
                         pending.retain(|(g, _), _| *g != group);
                         deleted_groups.push(group);
-                        answers.push(Answer::Done(reply));
+                        answers.push(Answer::Done(reply, hold));
                     }
-                    Change::DeleteTopic { topic, reply } => {
-                        self.stage_topic_deletion(&mut pending, &deleted_groups, &topic);
-                        answers.push(Answer::Done(reply));
+                    Change::DeleteTopic { topic, keep, reply } => {
+                        self.stage_topic_deletion(&mut pending, &deleted_groups, &topic, keep);
+                        answers.push(Answer::Done(reply, None));
                     }
                     Change::Shutdown => shutdown = true,
                 }
@@ -508,17 +630,19 @@ impl Writer {
                         Entry::Offset {
                             group,
                             tp,
-                            committed: value,
+                            incarnation: value.as_ref().map_or(0, |v| v.incarnation),
+                            committed: value.map(|v| v.committed),
                         },
                     );
                 }
             }
+            // Each reservation is released after its answer, with the change visible.
             for answer in answers {
                 match answer {
-                    Answer::Committed(reply, result) => {
+                    Answer::Committed(reply, result, _hold) => {
                         let _ = reply.send(unavailable(&written).and(result));
                     }
-                    Answer::Done(reply) => {
+                    Answer::Done(reply, _hold) => {
                         let _ = reply.send(unavailable(&written));
                     }
                 }
@@ -539,21 +663,26 @@ impl Writer {
     }
 
     /// The current value of a partition's offset, staged changes included.
+    /// Another incarnation's value counts as none.
     fn current(
         &self,
         pending: &Pending,
         deleted_groups: &[String],
         group: &str,
         tp: &TopicPartition,
+        incarnation: u64,
     ) -> Option<Committed> {
-        if let Some(staged) = pending.get(&(group.to_string(), tp.clone())) {
-            return staged.clone();
-        }
-        if deleted_groups.iter().any(|g| g == group) {
-            return None;
-        }
-        let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
-        committed.get(group)?.get(tp).cloned()
+        let stored = match pending.get(&(group.to_string(), tp.clone())) {
+            Some(staged) => staged.clone(),
+            None if deleted_groups.iter().any(|g| g == group) => None,
+            None => {
+                let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
+                committed.get(group)?.get(tp).cloned()
+            }
+        };
+        stored
+            .filter(|s| s.incarnation == incarnation)
+            .map(|s| s.committed)
     }
 
     fn stage_commit(
@@ -562,12 +691,17 @@ impl Writer {
         deleted_groups: &[String],
         group: String,
         offsets: Vec<(TopicPartition, u64, String)>,
+        topics: &[Arc<Topic>],
         mode: Mode,
     ) -> Vec<(TopicPartition, Committed)> {
         let now = now_ms();
         let mut result = Vec::with_capacity(offsets.len());
         for (tp, offset, metadata) in offsets {
-            let current = self.current(pending, deleted_groups, &group, &tp);
+            let incarnation = topics
+                .iter()
+                .find(|t| t.name == tp.topic)
+                .map_or(0, |t| t.incarnation);
+            let current = self.current(pending, deleted_groups, &group, &tp, incarnation);
             let unchanged = current
                 .as_ref()
                 .is_some_and(|c| c.offset == offset && c.metadata == metadata);
@@ -581,7 +715,11 @@ impl Writer {
                         metadata,
                         timestamp_ms: now,
                     };
-                    pending.insert((group.clone(), tp.clone()), Some(value.clone()));
+                    let stored = Stored {
+                        committed: value.clone(),
+                        incarnation,
+                    };
+                    pending.insert((group.clone(), tp.clone()), Some(stored));
                     value
                 }
             };
@@ -590,21 +728,28 @@ impl Writer {
         result
     }
 
-    fn stage_topic_deletion(&self, pending: &mut Pending, deleted_groups: &[String], topic: &str) {
+    /// Deletes the offsets of `topic` but those of incarnation `keep`.
+    fn stage_topic_deletion(
+        &self,
+        pending: &mut Pending,
+        deleted_groups: &[String],
+        topic: &str,
+        keep: Option<u64>,
+    ) {
         let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
         let stored = committed
             .iter()
             .filter(|(group, _)| !deleted_groups.contains(group))
-            .flat_map(|(group, offsets)| offsets.keys().map(move |tp| (group, tp)))
-            .filter(|(_, tp)| tp.topic == topic)
-            .map(|(group, tp)| (group.clone(), tp.clone()))
+            .flat_map(|(group, offsets)| offsets.iter().map(move |(tp, s)| (group, tp, s)))
+            .filter(|(_, tp, s)| tp.topic == topic && keep != Some(s.incarnation))
+            .map(|(group, tp, _)| (group.clone(), tp.clone()))
             .collect::<Vec<_>>();
         drop(committed);
         for key in stored {
-            pending.insert(key, None);
+            pending.entry(key).or_insert(None);
         }
         for (key, value) in pending.iter_mut() {
-            if key.1.topic == topic {
+            if key.1.topic == topic && keep != value.as_ref().map(|v| v.incarnation) {
                 *value = None;
             }
         }
@@ -643,10 +788,15 @@ impl Writer {
             group_deleted_key(&mut key, group);
             builder.push(now, Some(&key), None, &[]);
         }
-        for ((group, tp), committed) in pending {
-            offset_key(&mut key, group, tp);
-            let value = committed.as_ref().map(|c| {
-                offset_value(&mut value, c);
+        for ((group, tp), stored) in pending {
+            offset_key(
+                &mut key,
+                group,
+                tp,
+                stored.as_ref().map_or(0, |s| s.incarnation),
+            );
+            let value = stored.as_ref().map(|s| {
+                offset_value(&mut value, &s.committed);
                 &value[..]
             });
             builder.push(now, Some(&key), value, &[]);
@@ -716,6 +866,45 @@ mod tests {
             .expect("runtime")
     }
 
+    /// A reset whose caller stops waiting (a client that disconnects) keeps the group
+    /// reserved against joins until the reset is visible: a member can never join and
+    /// read the position it replaces (the reservation used to end with the caller).
+    #[test]
+    fn a_reservation_is_held_until_the_change_is_visible() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = runtime();
+        let _entered = rt.enter();
+        let offsets = open(dir.path(), SEGMENT_BYTES);
+        let coordinator = crate::groups::coordinator::Coordinator::default();
+        for round in 1..=20u64 {
+            let hold = coordinator.exclusive("g", "reset").expect("free");
+            let mut reset = Box::pin(offsets.commit(
+                "g",
+                vec![(tp(0), round, String::new())],
+                vec![],
+                Mode::Reset,
+                Some(hold),
+                None,
+            ));
+            // One poll sends the change; then the caller goes away.
+            let waker = std::task::Waker::noop();
+            let _ = std::future::Future::poll(
+                reset.as_mut(),
+                &mut std::task::Context::from_waker(waker),
+            );
+            drop(reset);
+            loop {
+                if let Ok(free) = coordinator.exclusive("g", "reset") {
+                    let now = offsets.group("g").get(&tp(0)).map(|c| c.offset);
+                    assert_eq!(now, Some(round), "free before the reset was visible");
+                    drop(free);
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+
     #[test]
     fn commits_never_move_back_resets_do_and_everything_survives_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -728,17 +917,33 @@ mod tests {
                     vec![(tp(0), 10, "m".into()), (tp(1), 5, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
+                    None,
                 )
                 .await
                 .expect("commit");
             assert_eq!(c[0].1.offset, 10);
             let c = offsets
-                .commit("g", vec![(tp(0), 7, String::new())], vec![], Mode::Advance)
+                .commit(
+                    "g",
+                    vec![(tp(0), 7, String::new())],
+                    vec![],
+                    Mode::Advance,
+                    None,
+                    None,
+                )
                 .await
                 .expect("commit");
             assert_eq!((c[0].1.offset, c[0].1.metadata.as_str()), (10, "m"));
             offsets
-                .commit("g", vec![(tp(1), 2, String::new())], vec![], Mode::Reset)
+                .commit(
+                    "g",
+                    vec![(tp(1), 2, String::new())],
+                    vec![],
+                    Mode::Reset,
+                    None,
+                    None,
+                )
                 .await
                 .expect("reset");
             offsets
@@ -747,6 +952,8 @@ mod tests {
                     vec![(TopicPartition::new("gone", 0), 3, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
+                    None,
                 )
                 .await
                 .expect("commit");
@@ -757,14 +964,26 @@ mod tests {
                     vec![(tp(0), 1, String::new())],
                     vec![],
                     Mode::Advance,
+                    None,
+                    None,
                 )
                 .await
                 .expect("commit");
-            offsets.delete_group("dropped").await.expect("delete group");
+            offsets
+                .delete_group("dropped", None)
+                .await
+                .expect("delete group");
             let too_long = "x".repeat(METADATA_BYTES_MAX + 1);
             assert!(matches!(
                 offsets
-                    .commit("g", vec![(tp(0), 11, too_long)], vec![], Mode::Advance)
+                    .commit(
+                        "g",
+                        vec![(tp(0), 11, too_long)],
+                        vec![],
+                        Mode::Advance,
+                        None,
+                        None
+                    )
                     .await,
                 Err(Error::InvalidArgument(_))
             ));
@@ -792,7 +1011,7 @@ mod tests {
             for round in 0..3000u64 {
                 let batch = (0..8).map(|p| (tp(p), round, "x".repeat(64))).collect();
                 offsets
-                    .commit("g", batch, vec![], Mode::Advance)
+                    .commit("g", batch, vec![], Mode::Advance, None, None)
                     .await
                     .expect("commit");
             }
@@ -826,10 +1045,17 @@ mod tests {
         let big: Vec<_> = (0..300)
             .map(|p| (tp(p), 1, "m".repeat(METADATA_BYTES_MAX)))
             .collect();
-        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance))
+        rt.block_on(offsets.commit("g", big, vec![], Mode::Advance, None, None))
             .expect("a large commit");
-        rt.block_on(offsets.commit("g", vec![(tp(0), 2, String::new())], vec![], Mode::Advance))
-            .expect("later commits still work");
+        rt.block_on(offsets.commit(
+            "g",
+            vec![(tp(0), 2, String::new())],
+            vec![],
+            Mode::Advance,
+            None,
+            None,
+        ))
+        .expect("later commits still work");
         offsets.shutdown().expect("closed cleanly");
         let reopened = open(dir.path(), SEGMENT_BYTES);
         assert_eq!(reopened.group("g").len(), 300);
@@ -845,16 +1071,21 @@ mod tests {
             metadata: "meta".into(),
             timestamp_ms: 7,
         };
-        offset_key(&mut key, "g", &tp(3));
-        offset_value(&mut value, &c);
-        assert_eq!(
-            decode(&key, Some(&value)).expect("decode"),
-            Entry::Offset {
-                group: "g".into(),
-                tp: tp(3),
-                committed: Some(c)
-            }
-        );
+        // Incarnation 0 (a topic from before incarnations) keeps the old record kind.
+        for incarnation in [0, u64::MAX - 5] {
+            offset_key(&mut key, "g", &tp(3), incarnation);
+            assert_eq!(key[1] == KIND_OFFSET, incarnation == 0);
+            offset_value(&mut value, &c);
+            assert_eq!(
+                decode(&key, Some(&value)).expect("decode"),
+                Entry::Offset {
+                    group: "g".into(),
+                    tp: tp(3),
+                    incarnation,
+                    committed: Some(c.clone())
+                }
+            );
+        }
         group_deleted_key(&mut key, "g");
         assert_eq!(
             decode(&key, None).expect("decode"),

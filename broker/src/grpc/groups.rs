@@ -111,6 +111,7 @@ impl groups_server::Groups for Service {
                 session_timeout: millis(request.session_timeout_ms),
                 rebalance_timeout: millis(request.rebalance_timeout_ms),
                 client_id: request.client_id,
+                join_key: request.join_key,
             },
             &|topic| broker.partition_count(topic),
             Instant::now(),

@@ -370,15 +370,13 @@ impl admin_server::Admin for Service {
         let broker = Arc::clone(&self.broker);
         let deleted = name.clone();
         let topic = name.clone();
-        // The topic, then its groups' offsets (a topic created later under this name
-        // must not start from them), in a task of its own: a client that gives up
-        // waiting cannot stop it between the two.
+        // The topic (which removes the members owning its partitions), then its groups'
+        // offsets, in a task of its own: a client that gives up waiting cannot stop it
+        // between the two. Offsets left behind by a failure are invisible to a topic
+        // created again under this name (its incarnation differs).
         let done = tokio::spawn(async move {
             let offsets = Arc::clone(&broker);
             blocking(move || broker.delete_topic(&deleted)).await?;
-            offsets
-                .coordinator()
-                .topic_deleted(&topic, &|t| offsets.partition_count(t));
             offsets.offsets().delete_topic(&topic).await
         })
         .await
@@ -446,11 +444,7 @@ impl admin_server::Admin for Service {
                     Ok(v1::OffsetSpec::Latest) => reader.high_watermark(),
                     Ok(v1::OffsetSpec::Timestamp) => {
                         let at = request.timestamp_ms;
-                        blocking(move || {
-                            let found = reader.offset_for_timestamp(at)?;
-                            Ok(found.unwrap_or_else(|| reader.high_watermark()))
-                        })
-                        .await?
+                        blocking(move || Ok(reader.offset_for_timestamp(at)?.offset())).await?
                     }
                     Err(_) => {
                         return Err(Error::InvalidArgument(format!(

@@ -551,7 +551,7 @@ async fn list_offset(
         -1 => Ok((reader.high_watermark() as i64, -1)),
         t if t >= 0 => {
             blocking(move || {
-                let Some(offset) = reader.offset_for_timestamp(t)? else {
+                let Some(offset) = reader.offset_for_timestamp(t)?.found else {
                     return Ok((-1, -1));
                 };
                 // The found record's own timestamp, from the batch that holds it.

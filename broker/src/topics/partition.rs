@@ -110,7 +110,8 @@ impl Partition {
             // Only recovery after a crash (a scan of the unflushed tail) takes this long.
             tracing::info!(partition = %name, took = ?opened.elapsed(), "recovered the log");
         }
-        let producers = recover_producers(&name, &log)?;
+        report_recovery(&name, &log);
+        let (producers, keep_snapshot) = recover_producers(&name, &log)?;
         let max_producer_id = producers.max_producer_id();
         let reader = log.reader().clone();
         let (commands, receiver) = mpsc::channel(QUEUE_DEPTH);
@@ -123,7 +124,9 @@ impl Partition {
             watermark,
             failed: false,
             producers,
+            keep_snapshot,
             unsnapshotted_bytes: 0,
+            room: Room::default(),
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
             fault: Arc::clone(&fault),
@@ -232,10 +235,29 @@ impl Partition {
     }
 }
 
+/// Free space a batch must leave on the partition's file system for the indexes,
+/// checkpoint and producer snapshot that follow it.
+const ROOM_RESERVE_BYTES: u64 = 1 << 20;
+/// Below this much estimated free space (beyond a batch's needs), every batch measures.
+const ROOM_MEASURE_BELOW: u64 = 256 << 20;
+/// The free space is measured at least this often while writes come in.
+const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
+
+/// See [`Writer::check_room`].
+#[derive(Debug, Default)]
+struct Room {
+    free: u64,
+    measured: Option<std::time::Instant>,
+}
+
 /// Rebuilds the producer state of a freshly opened log, and snapshots it when the
 /// snapshot on disk did not describe it exactly: before the log changes, so a rejected
 /// snapshot can never be trusted later, and so the next open does not replay again.
-fn recover_producers(name: &str, log: &Log) -> Result<ProducerStates> {
+///
+/// Also returns whether the snapshot on disk must be kept as it is: after a failed
+/// replay it describes producers the (empty) state in memory has forgotten, so it is
+/// never replaced while this partition runs.
+fn recover_producers(name: &str, log: &Log) -> Result<(ProducerStates, bool)> {
     let started = std::time::Instant::now();
     let (producers, recovery) = ProducerStates::recover(log.reader(), now_ms());
     if let Some(error) = &recovery.replay_error {
@@ -260,7 +282,32 @@ fn recover_producers(name: &str, log: &Log) -> Result<ProducerStates> {
     if recovery.needs_snapshot() {
         producers.write_snapshot(log.reader().dir(), log.next_offset(), true)?;
     }
-    Ok(producers)
+    Ok((producers, recovery.replay_error.is_some()))
+}
+
+/// Says what opening the log found when it was not a clean restart: under `interval`
+/// and `none`, acknowledged records past the last fsync may be gone and their offsets
+/// reused; damaged sealed segments make reads of what they lack fail.
+fn report_recovery(name: &str, log: &Log) {
+    let recovery = log.recovery();
+    let durability = log.config().durability;
+    if !recovery.clean && durability != Durability::Fsync {
+        tracing::warn!(
+            partition = %name,
+            %durability,
+            from_offset = recovery.recovered_to,
+            "the partition was not shut down cleanly: records acknowledged at or after this \
+             offset that were not yet fsynced may be lost, and new records take their offsets"
+        );
+    }
+    if recovery.damaged_segments > 0 {
+        tracing::error!(
+            partition = %name,
+            segments = recovery.damaged_segments,
+            "sealed segments are short, missing or damaged: reads of the offsets they lack \
+             fail with a corruption error; restore the partition directory from a backup"
+        );
+    }
 }
 
 /// What [`Writer::write`] did with a batch.
@@ -279,8 +326,14 @@ struct Writer {
     /// is nothing to commit and nothing to report again.
     failed: bool,
     producers: ProducerStates,
+    /// The producer state replay failed at open: the snapshot on disk knows producers
+    /// this state forgot, so no snapshot replaces it.
+    keep_snapshot: bool,
     /// Bytes written since the last producer state snapshot.
     unsnapshotted_bytes: u64,
+    /// The free space of the partition's file system, as last measured minus what was
+    /// written since; see [`Writer::check_room`].
+    room: Room,
     stats: Arc<PartitionStats>,
     metrics: Arc<Metrics>,
     fault: Arc<Fault>,
@@ -370,6 +423,7 @@ impl Writer {
         let end = self.log.next_offset();
         let dir = self.log.reader().dir().to_path_buf();
         match self.log.close() {
+            Ok(()) if self.keep_snapshot => {}
             Ok(()) => {
                 self.producers.expire(now_ms());
                 if let Err(e) = self.producers.write_snapshot(&dir, end, true) {
@@ -391,6 +445,10 @@ impl Writer {
     /// Snapshots the producer state; everything staged is committed. A failure only
     /// makes the next recovery replay more, so it is logged, not returned.
     fn snapshot_producers(&mut self, sync: bool) {
+        if self.keep_snapshot {
+            self.unsnapshotted_bytes = 0;
+            return;
+        }
         self.producers.expire(now_ms());
         let dir = self.log.reader().dir();
         match self
@@ -500,6 +558,7 @@ impl Writer {
     /// it can fail with an I/O error: the partition then fail-stops here, with that
     /// error as the cause, exactly as a failed commit does.
     fn log_write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
+        self.check_room(batch.len())?;
         self.log.write(batch).map_err(|e| match e {
             strata_storage::Error::Io { .. } if !self.failed => match self.fail(&e) {
                 (true, why) => Error::DiskFull(self.name.clone(), why),
@@ -507,6 +566,46 @@ impl Writer {
             },
             e => e.into(),
         })
+    }
+
+    /// Refuses a batch the file system has no room for, before anything is written, so
+    /// the partition stays writable and takes writes again once space is freed: a
+    /// write that fails with ENOSPC fail-stops the partition until a restart. Free
+    /// space is measured (`statvfs`) when the estimate is below [`ROOM_MEASURE_BELOW`]
+    /// or older than [`ROOM_MEASURE_EVERY`]; in between, written bytes are subtracted.
+    /// Space another process takes after the measurement can still end in ENOSPC.
+    fn check_room(&mut self, batch: usize) -> Result<()> {
+        if self.failed {
+            return Ok(());
+        }
+        let need = batch as u64 + ROOM_RESERVE_BYTES;
+        let stale = self
+            .room
+            .measured
+            .is_none_or(|at| at.elapsed() >= ROOM_MEASURE_EVERY);
+        if stale || self.room.free < need + ROOM_MEASURE_BELOW {
+            match rustix::fs::statvfs(self.log.reader().dir()) {
+                Ok(fs) => {
+                    self.room.free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                    self.room.measured = Some(std::time::Instant::now());
+                }
+                // Not measurable: let the write find out.
+                Err(_) => return Ok(()),
+            }
+        }
+        if self.room.free < need {
+            return Err(Error::DiskFull(
+                self.name.clone(),
+                format!(
+                    "{} bytes free where this batch needs {need} (its {batch} bytes and a \
+                     reserve of {ROOM_RESERVE_BYTES} for indexes, checkpoints and \
+                     snapshots); nothing was written, and writes resume once space is freed",
+                    self.room.free
+                ),
+            ));
+        }
+        self.room.free -= batch as u64;
+        Ok(())
     }
 
     /// Fail-stops the partition after a failed write or fsync: reports the cause once
@@ -549,7 +648,7 @@ mod tests {
             ..LogConfig::default()
         };
         let log = Log::open(dir, config, &FileCache::new(4)).expect("open");
-        let producers = recover_producers("t/0", &log).expect("recover");
+        let (producers, keep_snapshot) = recover_producers("t/0", &log).expect("recover");
         let (watermark, _) = watch::channel(0);
         Writer {
             name: "t/0".into(),
@@ -557,7 +656,9 @@ mod tests {
             watermark,
             failed: false,
             producers,
+            keep_snapshot,
             unsnapshotted_bytes: 0,
+            room: Room::default(),
             stats: Arc::default(),
             metrics: Arc::default(),
             fault: Faults::default().fault(),
@@ -625,6 +726,37 @@ mod tests {
         assert_eq!(written(&mut w, &plain.finish()), (5, 5, false, false));
         w.commit().expect("commit");
         assert_eq!(w.log.next_offset(), 6);
+    }
+
+    /// After a replay that failed on a damaged batch, neither recovery nor later
+    /// snapshots (periodic, or at close) replace the good snapshot on disk with the
+    /// emptied state.
+    #[test]
+    fn a_failed_replay_never_replaces_the_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        for sequence in [0, 2] {
+            written(&mut w, &batch(3, sequence, 2));
+        }
+        w.commit().expect("commit");
+        w.snapshot_producers(true);
+        written(&mut w, &batch(3, 4, 2));
+        w.commit().expect("commit");
+        // Closed cleanly, so the next open does not scan (and cut) the damaged tail.
+        w.log.close().expect("close");
+        let segment = dir.path().join(format!("{:020}.log", 0));
+        let mut bytes = std::fs::read(&segment).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x20;
+        std::fs::write(&segment, &bytes).expect("damage");
+        let snapshot = dir.path().join(strata_storage::producer::SNAPSHOT_FILE);
+        let good = std::fs::read(&snapshot).expect("snapshot");
+
+        let mut w = writer(dir.path());
+        assert!(w.keep_snapshot);
+        assert_eq!(std::fs::read(&snapshot).expect("snapshot"), good);
+        w.snapshot_producers(true);
+        assert_eq!(std::fs::read(&snapshot).expect("snapshot"), good);
     }
 
     /// Once `checkpoint_interval_bytes` were written since the last snapshot, the writer

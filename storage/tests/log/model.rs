@@ -240,7 +240,8 @@ fn run(ops: Vec<Op>, retention_bytes: u64) -> Result<(), TestCaseError> {
                 }
             }
             Op::Lookup { timestamp } => {
-                let found = l.reader().offset_for_timestamp(timestamp).expect("lookup");
+                let lookup = l.reader().offset_for_timestamp(timestamp).expect("lookup");
+                let found = lookup.found;
                 prop_assert_eq!(found, model.lookup(timestamp), "timestamp {}", timestamp);
             }
             Op::Reopen { clean } => {

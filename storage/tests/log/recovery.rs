@@ -236,3 +236,123 @@ fn garbage_after_the_last_batch_is_cut_off_on_every_reopen() {
         drop(log);
     }
 }
+
+/// Every batch of a log as stored, by base offset.
+type Batches = Vec<(u64, Vec<u8>)>;
+
+/// Sealed segments of about four batches each, closed cleanly: (directory, per-segment
+/// base offsets, every stored batch).
+fn sealed_log() -> (tempfile::TempDir, Vec<u64>, Batches) {
+    let dir = scratch_dir();
+    let config = LogConfig {
+        segment_bytes_max: 1024,
+        ..config()
+    };
+    let mut log = Log::open(dir.path(), config, &FileCache::new(4)).expect("open");
+    let mut stored = Vec::new();
+    for i in 0..40 {
+        let info = log.append(&batch(i)).expect("append");
+        let read = log.reader().read(info.base_offset, 0).expect("read back");
+        stored.push((info.base_offset, read.batches));
+    }
+    log.close().expect("close");
+    let mut bases: Vec<u64> = fs::read_dir(dir.path())
+        .expect("read dir")
+        .filter_map(|e| {
+            let name = e.expect("entry").file_name().into_string().expect("utf-8");
+            name.strip_suffix(".log")
+                .map(|stem| stem.parse().expect("base"))
+        })
+        .collect();
+    bases.sort_unstable();
+    assert!(bases.len() >= 4, "several segments");
+    (dir, bases, stored)
+}
+
+fn segment_file(dir: &Path, base: u64, ext: &str) -> PathBuf {
+    dir.join(format!("{base:020}.{ext}"))
+}
+
+fn is_corrupted<T: std::fmt::Debug>(result: strata_storage::Result<T>) -> bool {
+    matches!(result, Err(strata_storage::Error::Corrupted { .. }))
+}
+
+/// A sealed segment cut short (or one missing from the middle) must not make reads of
+/// its lost offsets return the next segment's records: open reports the damage, reads
+/// inside the hole report corruption, and reads before it still work.
+#[test]
+fn a_short_or_missing_sealed_segment_is_reported_not_skipped() {
+    for missing in [false, true] {
+        let (dir, bases, stored) = sealed_log();
+        let (damaged, next) = (bases[1], bases[2]);
+        let log_path = segment_file(dir.path(), damaged, "log");
+        if missing {
+            for ext in ["log", "index", "timeindex"] {
+                fs::remove_file(segment_file(dir.path(), damaged, ext)).expect("remove");
+            }
+        } else {
+            let len = fs::metadata(&log_path).expect("meta").len();
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(&log_path)
+                .expect("open");
+            file.set_len(len / 2).expect("cut");
+        }
+        let log = Log::open(dir.path(), config(), &FileCache::new(4)).expect("open");
+        assert_eq!(log.recovery().damaged_segments, 1, "missing {missing}");
+        let reader = log.reader();
+        // Every offset in the hole: an error, never a record from the next segment.
+        let hole_start = if missing {
+            damaged
+        } else {
+            let read = reader
+                .read(damaged, 1 << 20)
+                .expect("read up to the damage");
+            assert!(!read.batches.is_empty() && read.next_offset < next);
+            read.next_offset
+        };
+        for offset in hole_start..next {
+            assert!(
+                is_corrupted(reader.read(offset, 1 << 20)),
+                "missing {missing}: read at {offset}"
+            );
+        }
+        // A read from before the hole stops at it.
+        let read = reader
+            .read(bases[0], 1 << 20)
+            .expect("read before the damage");
+        assert!(read.next_offset <= hole_start, "missing {missing}");
+        // The segments after the hole are intact.
+        let (base, bytes) = stored.iter().find(|(b, _)| *b == next).expect("stored");
+        assert_eq!(&reader.read(*base, 0).expect("read after").batches, bytes);
+    }
+}
+
+/// A read that reaches a damaged batch returns the good batches it collected before it;
+/// the next read, at the damaged batch, reports the corruption.
+#[test]
+fn a_damaged_batch_does_not_discard_the_good_ones_before_it() {
+    let (dir, bases, stored) = sealed_log();
+    let in_segment: Vec<&(u64, Vec<u8>)> = stored
+        .iter()
+        .filter(|(b, _)| (bases[1]..bases[2]).contains(b))
+        .collect();
+    assert!(in_segment.len() >= 3);
+    let path = segment_file(dir.path(), bases[1], "log");
+    let mut bytes = fs::read(&path).expect("read");
+    let third_at: usize = in_segment[..2].iter().map(|(_, b)| b.len()).sum();
+    let last = third_at + in_segment[2].1.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&path, &bytes).expect("write");
+    let log = Log::open(dir.path(), config(), &FileCache::new(4)).expect("open");
+    // From the previous segment: its batches and the first two of this one come back.
+    let read = log.reader().read(bases[0], 1 << 20).expect("good batches");
+    let expected: Vec<u8> = stored
+        .iter()
+        .filter(|(b, _)| *b >= bases[0] && *b < in_segment[2].0)
+        .flat_map(|(_, b)| b.iter().copied())
+        .collect();
+    assert_eq!(read.batches, expected);
+    assert_eq!(read.next_offset, in_segment[2].0);
+    assert!(is_corrupted(log.reader().read(read.next_offset, 1 << 20)));
+}

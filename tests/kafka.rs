@@ -1280,6 +1280,29 @@ async fn a_group_is_used_by_one_protocol_at_a_time() {
         .expect_err("the group has Kafka members");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert!(refused.message().contains("Kafka protocol"), "{refused:?}");
+    // Nor can an operator reset or delete it under its Kafka members.
+    let mut admin = broker.admin().await;
+    let reset = admin
+        .reset_offsets(v1::ResetOffsetsRequest {
+            group: "kafka-side".into(),
+            topic: "shared".into(),
+            partitions: Vec::new(),
+            to: Some(v1::reset_offsets_request::To::Earliest(true)),
+        })
+        .await
+        .expect_err("the group has Kafka members");
+    assert_eq!(reset.code(), tonic::Code::FailedPrecondition, "{reset:?}");
+    let deleted = admin
+        .delete_group(v1::DeleteGroupRequest {
+            group: "kafka-side".into(),
+        })
+        .await
+        .expect_err("the group has Kafka members");
+    assert_eq!(
+        deleted.code(),
+        tonic::Code::FailedPrecondition,
+        "{deleted:?}"
+    );
     // A gRPC member first: a Kafka member cannot join.
     groups
         .heartbeat(heartbeat("grpc-side"))

@@ -287,6 +287,7 @@ pub async fn reset_offsets(
 ) -> Result<Vec<(TopicPartition, Committed)>> {
     validate_group(group)?;
     let topic = broker.topic(topic)?;
+    refuse_kafka_members(broker, group, "reset the offsets of")?;
     let exclusive = broker
         .coordinator()
         .exclusive(group, "reset the offsets of")?;
@@ -336,9 +337,23 @@ pub async fn reset_offsets(
     Ok(committed)
 }
 
+/// Refuses a change to a group with members that joined over the Kafka protocol, as
+/// [`Coordinator::exclusive`](crate::groups::coordinator::Coordinator::exclusive)
+/// refuses one to a group with gRPC members: those members would commit over it.
+fn refuse_kafka_members(broker: &Broker, group: &str, what: &str) -> Result<()> {
+    if broker.kafka_members().has_members(group) {
+        return Err(Error::Fenced(format!(
+            "cannot {what} group {group:?}: it has active members (Kafka clients); stop \
+             them first"
+        )));
+    }
+    Ok(())
+}
+
 /// Forgets a group without members.
 pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
     validate_group(group)?;
+    refuse_kafka_members(broker, group, "delete")?;
     let exclusive = broker.coordinator().exclusive(group, "delete")?;
     if broker.offsets().group(group).is_empty() {
         return Err(Error::GroupNotFound(group.to_string()));

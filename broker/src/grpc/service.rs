@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use strata_proto::v1::{self, admin_server, broker_server};
-use strata_storage::batch::{batches, Batch, BatchBuilder, BatchHeader};
+use strata_storage::batch::{batches, Batch, BatchBuilder, BatchHeader, BATCH_HEADER_LEN};
 use strata_storage::{now_ms, ReadResult};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -193,15 +193,15 @@ impl Service {
                 (batch, budget)
             }
             (true, false) => {
-                // Charged before the batch is built, at what a batch of these records
-                // takes (one that would pass the topic's limit is refused).
-                let estimate = records_bytes(&request.records).min(max_bytes);
+                // Charged once, before the batch is built, at the most a batch of these
+                // records can take (one that would pass the topic's limit is refused):
+                // waiting for more while holding a charge could deadlock the budget.
+                let estimate = batch_bytes_bound(&request.records).min(max_bytes);
                 let mut budget = self.charge(estimate).await?;
                 let batch = encode_records(&request.records, max_bytes)?;
                 request.records = Vec::new();
-                match batch.len().checked_sub(budget.num_permits()) {
-                    Some(more) if more > 0 => budget.merge(self.charge(more).await?),
-                    _ => drop(budget.split(budget.num_permits() - batch.len())),
+                if let Some(unused) = budget.num_permits().checked_sub(batch.len()) {
+                    drop(budget.split(unused));
                 }
                 (batch.into(), budget)
             }
@@ -506,21 +506,22 @@ impl admin_server::Admin for Service {
 /// lengths, deltas, attributes).
 const RECORD_BYTES_MAX: usize = 64;
 
-/// What encoding `records` as a batch may take: their keys, values and headers plus
-/// the framing of each.
-fn records_bytes(records: &[v1::Record]) -> usize {
-    records
-        .iter()
-        .map(|r| {
-            RECORD_BYTES_MAX
-                + r.key.as_ref().map_or(0, Bytes::len)
-                + r.value.as_ref().map_or(0, Bytes::len)
-                + r.headers
-                    .iter()
-                    .map(|h| h.key.len() + h.value.len() + 16)
-                    .sum::<usize>()
-        })
-        .sum()
+/// The most encoding `records` as one batch can take: the batch header, and their keys,
+/// values and headers plus the framing of each.
+fn batch_bytes_bound(records: &[v1::Record]) -> usize {
+    BATCH_HEADER_LEN
+        + records
+            .iter()
+            .map(|r| {
+                RECORD_BYTES_MAX
+                    + r.key.as_ref().map_or(0, Bytes::len)
+                    + r.value.as_ref().map_or(0, Bytes::len)
+                    + r.headers
+                        .iter()
+                        .map(|h| h.key.len() + h.value.len() + 16)
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
 }
 
 /// Encodes the simple form of a produce request as one batch.
@@ -942,7 +943,43 @@ impl Stream for Holding {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use tokio_stream::StreamExt;
+
+    fn record() -> impl Strategy<Value = v1::Record> {
+        let bytes = || proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300));
+        let header = ("[a-z]{0,20}", proptest::collection::vec(any::<u8>(), 0..40)).prop_map(
+            |(key, value)| v1::Header {
+                key,
+                value: value.into(),
+            },
+        );
+        (
+            bytes(),
+            bytes(),
+            proptest::collection::vec(header, 0..4),
+            any::<i64>(),
+        )
+            .prop_map(|(key, value, headers, timestamp_ms)| v1::Record {
+                key: key.map(Into::into),
+                value: value.map(Into::into),
+                headers,
+                timestamp_ms,
+                offset: 0,
+            })
+    }
+
+    proptest! {
+        /// A records-form produce is charged once, at this bound: the batch built from
+        /// the records must never need more.
+        #[test]
+        fn the_batch_bound_holds_for_any_records(
+            records in proptest::collection::vec(record(), 1..40)
+        ) {
+            let batch = encode_records(&records, usize::MAX).expect("encodes");
+            prop_assert!(batch.len() <= batch_bytes_bound(&records));
+        }
+    }
 
     fn held(budget: &Arc<Semaphore>, bytes: u32) -> Held {
         let take = || {

@@ -1401,3 +1401,110 @@ async fn committed_offsets_of_a_kafka_group_with_members_do_not_expire() {
     assert_eq!(described.partitions.len(), 1);
     assert_eq!(described.partitions[0].committed_offset, Some(2));
 }
+
+/// A small request that repeats a topic, a partition or a group, or names one longer
+/// than Kafka allows, would make the broker copy, spawn and answer far more than its
+/// frame: each is refused (connection closed) before any work; a Produce to partitions
+/// that do not exist is answered per partition without work.
+#[tokio::test]
+async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refused() {
+    use kafka_protocol::messages::{
+        offset_fetch_request, DescribeGroupsRequest, GroupId, OffsetFetchRequest,
+    };
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "bounded",
+        2,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let produce = |topic: &str, partitions: &[i32]| {
+        ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![produce_request::TopicProduceData::default()
+                .with_name(name(topic))
+                .with_partition_data(
+                    partitions
+                        .iter()
+                        .map(|&p| produce_request::PartitionProduceData::default().with_index(p))
+                        .collect(),
+                )])
+    };
+    let refused = |api: ApiKey, request: &dyn Fn(&mut Raw) -> i32| {
+        let mut raw = Raw::connect(kafka);
+        request(&mut raw);
+        assert!(raw.frame().is_none(), "{api:?}: connection closed");
+    };
+    let long = "t".repeat(250);
+    refused(ApiKey::Produce, &|raw| {
+        raw.send(ApiKey::Produce, 9, &produce("bounded", &[0, 1, 0]))
+    });
+    refused(ApiKey::Produce, &|raw| {
+        raw.send(ApiKey::Produce, 9, &produce(&long, &[0]))
+    });
+    let many: Vec<i32> = (0..1025).collect();
+    refused(ApiKey::Produce, &|raw| {
+        raw.send(ApiKey::Produce, 9, &produce("absent", &many))
+    });
+    refused(ApiKey::Metadata, &|raw| {
+        let topic = |n: &str| {
+            kafka_protocol::messages::metadata_request::MetadataRequestTopic::default()
+                .with_name(Some(name(n)))
+        };
+        raw.send(
+            ApiKey::Metadata,
+            4,
+            &MetadataRequest::default().with_topics(Some(vec![topic("bounded"), topic("bounded")])),
+        )
+    });
+    refused(ApiKey::OffsetFetch, &|raw| {
+        raw.send(
+            ApiKey::OffsetFetch,
+            5,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(StrBytes::from_static_str("g")))
+                .with_topics(Some(vec![
+                    offset_fetch_request::OffsetFetchRequestTopic::default()
+                        .with_name(name("bounded"))
+                        .with_partition_indexes(vec![1, 1]),
+                ])),
+        )
+    });
+    refused(ApiKey::DescribeGroups, &|raw| {
+        let g = GroupId(StrBytes::from_static_str("g"));
+        raw.send(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default().with_groups(vec![g.clone(), g]),
+        )
+    });
+    refused(ApiKey::DescribeGroups, &|raw| {
+        let g = GroupId(StrBytes::from_string("g".repeat(256)));
+        raw.send(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default().with_groups(vec![g]),
+        )
+    });
+    // Partitions and topics that do not exist: each answered, the rest still written.
+    let mut raw = Raw::connect(kafka);
+    let answer: kafka_protocol::messages::ProduceResponse =
+        raw.call(ApiKey::Produce, 9, &produce("absent", &[0, 1, 2]));
+    let codes: Vec<i16> = answer.responses[0]
+        .partition_responses
+        .iter()
+        .map(|p| p.error_code)
+        .collect();
+    assert_eq!(codes, vec![3, 3, 3], "UNKNOWN_TOPIC_OR_PARTITION");
+    let mut request = produce("bounded", &[5, -1, 1]);
+    request.topic_data[0].partition_data[2].records = Some(batch(&[(1, b"kept")]));
+    let answer: kafka_protocol::messages::ProduceResponse = raw.call(ApiKey::Produce, 9, &request);
+    let partitions = &answer.responses[0].partition_responses;
+    assert_eq!(
+        partitions.iter().map(|p| p.error_code).collect::<Vec<_>>(),
+        vec![3, 3, 0]
+    );
+    assert_eq!(partitions[2].base_offset, 0);
+}

@@ -1508,3 +1508,63 @@ async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refus
     );
     assert_eq!(partitions[2].base_offset, 0);
 }
+
+/// The group keeps a member's protocol metadata and assignment for the member's life:
+/// more than 1 MiB of either is refused (connection closed); what fits is kept.
+#[tokio::test]
+async fn group_metadata_and_assignments_over_one_mib_are_refused() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse,
+    };
+    let (_broker, kafka) = start();
+    let join = |metadata: Bytes| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("sized")))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_protocol_type(StrBytes::from_static_str("custom"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("mine"))
+                .with_metadata(metadata)])
+    };
+    let mut raw = Raw::connect(kafka);
+    raw.send(
+        ApiKey::JoinGroup,
+        5,
+        &join(Bytes::from(vec![7u8; (1 << 20) + 1])),
+    );
+    assert!(
+        raw.frame().is_none(),
+        "oversized metadata: connection closed"
+    );
+    let mut raw = Raw::connect(kafka);
+    let joined: JoinGroupResponse =
+        raw.call(ApiKey::JoinGroup, 5, &join(Bytes::from(vec![7u8; 1 << 20])));
+    assert_eq!((joined.error_code, joined.generation_id), (0, 1));
+    assert_eq!(joined.members[0].metadata.len(), 1 << 20);
+    let sync = |assignment: Bytes| {
+        SyncGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("sized")))
+            .with_generation_id(1)
+            .with_member_id(joined.member_id.clone())
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(joined.member_id.clone())
+                .with_assignment(assignment)])
+    };
+    raw.send(
+        ApiKey::SyncGroup,
+        3,
+        &sync(Bytes::from(vec![1u8; (1 << 20) + 1])),
+    );
+    assert!(
+        raw.frame().is_none(),
+        "oversized assignment: connection closed"
+    );
+    let mut raw = Raw::connect(kafka);
+    let synced: SyncGroupResponse =
+        raw.call(ApiKey::SyncGroup, 3, &sync(Bytes::from_static(b"fits")));
+    assert_eq!(synced.error_code, 0);
+    assert_eq!(&synced.assignment[..], b"fits");
+}

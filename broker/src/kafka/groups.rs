@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use bytes::Bytes;
 use kafka_protocol::messages::{
     describe_groups_response, find_coordinator_response, join_group_response, leave_group_response,
     list_groups_response, offset_commit_response, offset_fetch_response, BrokerId,
@@ -338,7 +339,9 @@ pub(super) async fn join(
             protocols: request
                 .protocols
                 .into_iter()
-                .map(|p| (p.name.to_string(), p.metadata))
+                // Copied out: a slice would keep the whole request frame alive for the
+                // member's life.
+                .map(|p| (p.name.to_string(), Bytes::copy_from_slice(&p.metadata)))
                 .collect(),
         })
         .await;

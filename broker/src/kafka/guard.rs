@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 
-use kafka_protocol::messages::ApiKey;
+use kafka_protocol::messages::{ApiKey, JoinGroupRequest, SyncGroupRequest};
 
 use crate::grpc::checks::PartitionSet;
 use crate::topics::settings::PARTITIONS_MAX;
@@ -348,6 +348,74 @@ pub fn groups<'a>(what: &str, names: impl ExactSizeIterator<Item = &'a str>) -> 
     Ok(())
 }
 
+/// Most protocols one JoinGroup may offer (Java consumers offer one or two assignors).
+pub const JOIN_PROTOCOLS_MAX: usize = 16;
+/// Most bytes of protocol metadata one JoinGroup may carry (all its protocols), and of
+/// the assignment a SyncGroup gives one member: the group keeps them for the member's
+/// life. A consumer's subscription or assignment of thousands of partitions is tens of
+/// KiB.
+pub const GROUP_METADATA_MAX: usize = 1 << 20;
+
+/// Checks a decoded JoinGroup and its header's client id: ids at most [`ID_MAX`]
+/// bytes, at most [`JOIN_PROTOCOLS_MAX`] protocols each named once, and at most
+/// [`GROUP_METADATA_MAX`] bytes of their metadata.
+pub fn join(request: &JoinGroupRequest, client_id: &str) -> Result<(), String> {
+    id("group id", &request.group_id.0)?;
+    id("member id", &request.member_id)?;
+    id("client id", client_id)?;
+    id("protocol type", &request.protocol_type)?;
+    if let Some(instance) = &request.group_instance_id {
+        id("group instance id", instance)?;
+    }
+    if request.protocols.len() > JOIN_PROTOCOLS_MAX {
+        return Err(format!(
+            "JoinGroup offers {} protocols; at most {JOIN_PROTOCOLS_MAX}",
+            request.protocols.len()
+        ));
+    }
+    let mut metadata = 0;
+    for (i, protocol) in request.protocols.iter().enumerate() {
+        id("protocol name", &protocol.name)?;
+        if request.protocols[..i]
+            .iter()
+            .any(|p| p.name == protocol.name)
+        {
+            return Err(format!(
+                "JoinGroup offers protocol {:?} twice",
+                protocol.name.as_str()
+            ));
+        }
+        metadata += protocol.metadata.len();
+    }
+    if metadata > GROUP_METADATA_MAX {
+        return Err(format!(
+            "JoinGroup carries {metadata} bytes of protocol metadata; at most {GROUP_METADATA_MAX}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a decoded SyncGroup: ids at most [`ID_MAX`] bytes and each member's
+/// assignment at most [`GROUP_METADATA_MAX`] bytes.
+pub fn sync(request: &SyncGroupRequest) -> Result<(), String> {
+    id("group id", &request.group_id.0)?;
+    id("member id", &request.member_id)?;
+    if let Some(instance) = &request.group_instance_id {
+        id("group instance id", instance)?;
+    }
+    for assignment in &request.assignments {
+        id("member id", &assignment.member_id)?;
+        if assignment.assignment.len() > GROUP_METADATA_MAX {
+            return Err(format!(
+                "SyncGroup assigns {} bytes to member {:?}; at most {GROUP_METADATA_MAX}",
+                assignment.assignment.len(),
+                assignment.member_id.as_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
 struct Walk<'a> {
     rest: &'a [u8],
     version: i16,
@@ -525,6 +593,47 @@ mod tests {
         assert!(groups("DescribeGroups", ["a", "a"].into_iter()).is_err());
         assert!(id("member id", &"m".repeat(ID_MAX)).is_ok());
         assert!(id("member id", &"m".repeat(ID_MAX + 1)).is_err());
+    }
+
+    #[test]
+    fn group_requests_carry_short_ids_and_at_most_a_mib_of_metadata() {
+        use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+        use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+        let protocol = |name: &'static str, size: usize| {
+            JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str(name))
+                .with_metadata(Buf::from(vec![0u8; size]))
+        };
+        let request = JoinGroupRequest::default()
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![
+                protocol("range", GROUP_METADATA_MAX / 2),
+                protocol("sticky", GROUP_METADATA_MAX / 2),
+            ]);
+        assert!(join(&request, "client").is_ok());
+        let e = join(&request, &"c".repeat(ID_MAX + 1)).expect_err("client id");
+        assert!(e.contains("client id is 256 bytes"), "{e}");
+        let mut big = request.clone();
+        big.protocols[1].metadata = Buf::from(vec![0u8; GROUP_METADATA_MAX / 2 + 1]);
+        assert!(join(&big, "client")
+            .expect_err("metadata")
+            .contains("protocol metadata"));
+        let mut twice = request.clone();
+        twice.protocols[1].name = StrBytes::from_static_str("range");
+        assert!(join(&twice, "client").expect_err("twice").contains("twice"));
+        let mut many = request;
+        many.protocols = (0..=JOIN_PROTOCOLS_MAX).map(|_| protocol("p", 0)).collect();
+        assert!(join(&many, "client")
+            .expect_err("many")
+            .contains("protocols"));
+        let assign = |size: usize| {
+            SyncGroupRequest::default()
+                .with_assignments(vec![SyncGroupRequestAssignment::default()
+                    .with_member_id(StrBytes::from_static_str("m"))
+                    .with_assignment(Buf::from(vec![0u8; size]))])
+        };
+        assert!(sync(&assign(GROUP_METADATA_MAX)).is_ok());
+        assert!(sync(&assign(GROUP_METADATA_MAX + 1)).is_err());
     }
     use bytes::{Bytes as Buf, BytesMut};
     use kafka_protocol::messages::{

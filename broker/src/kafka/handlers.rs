@@ -185,21 +185,34 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::JoinGroup => {
-            let answer = groups::join(context, client, decode!(JoinGroupRequest), version).await;
+            let request = decode!(JoinGroupRequest);
+            guard::join(&request, &client.id)?;
+            let answer = groups::join(context, client, request, version).await;
             client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::SyncGroup => {
-            let answer = groups::sync(context, decode!(SyncGroupRequest)).await;
+            let request = decode!(SyncGroupRequest);
+            guard::sync(&request)?;
+            let answer = groups::sync(context, request).await;
             client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Heartbeat => {
-            let answer = groups::heartbeat(context, decode!(HeartbeatRequest));
+            let request = decode!(HeartbeatRequest);
+            guard::id("group id", &request.group_id.0)?;
+            guard::id("member id", &request.member_id)?;
+            let answer = groups::heartbeat(context, request);
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::LeaveGroup => {
-            let answer = groups::leave(context, decode!(LeaveGroupRequest), version);
+            let request = decode!(LeaveGroupRequest);
+            guard::id("group id", &request.group_id.0)?;
+            guard::id("member id", &request.member_id)?;
+            for member in &request.members {
+                guard::id("member id", &member.member_id)?;
+            }
+            let answer = groups::leave(context, request, version);
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::DescribeGroups => {

@@ -1568,3 +1568,76 @@ async fn group_metadata_and_assignments_over_one_mib_are_refused() {
     assert_eq!(synced.error_code, 0);
     assert_eq!(&synced.assignment[..], b"fits");
 }
+
+/// Each partition of a commit gets its own answer: a bad one fails alone, with the code
+/// a Kafka client expects for it, and the others are committed.
+#[tokio::test]
+async fn each_partition_of_a_commit_gets_its_own_error() {
+    use kafka_protocol::messages::{
+        offset_commit_request, offset_fetch_request, GroupId, OffsetCommitRequest,
+        OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    };
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "mixed",
+        4,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut raw = Raw::connect(kafka);
+    let answer: kafka_protocol::messages::ProduceResponse = raw.call(
+        ApiKey::Produce,
+        9,
+        // acks=all: answered once the records are below the high watermark.
+        &produce_request("mixed", -1, batch(&[(1, b"a"), (2, b"b")])),
+    );
+    assert_eq!(answer.responses[0].partition_responses[0].error_code, 0);
+    let partition = |index: i32, offset: i64, metadata: usize| {
+        offset_commit_request::OffsetCommitRequestPartition::default()
+            .with_partition_index(index)
+            .with_committed_offset(offset)
+            .with_committed_metadata(Some(StrBytes::from_string("m".repeat(metadata))))
+    };
+    let commit = OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("mixed-group")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![
+            offset_commit_request::OffsetCommitRequestTopic::default()
+                .with_name(name("mixed"))
+                .with_partitions(vec![
+                    partition(0, 2, 10),
+                    partition(9, 0, 0),
+                    partition(1, 0, 4097),
+                    partition(2, 5, 0),
+                ]),
+            offset_commit_request::OffsetCommitRequestTopic::default()
+                .with_name(name("absent"))
+                .with_partitions(vec![partition(0, 0, 0)]),
+        ]);
+    let answer: OffsetCommitResponse = raw.call(ApiKey::OffsetCommit, 8, &commit);
+    let codes: Vec<Vec<i16>> = answer
+        .topics
+        .iter()
+        .map(|t| t.partitions.iter().map(|p| p.error_code).collect())
+        .collect();
+    // UNKNOWN_TOPIC_OR_PARTITION, OFFSET_METADATA_TOO_LARGE, INVALID_COMMIT_OFFSET_SIZE.
+    assert_eq!(codes, vec![vec![0, 3, 12, 28], vec![3]]);
+    let fetched: OffsetFetchResponse = raw.call(
+        ApiKey::OffsetFetch,
+        5,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("mixed-group")))
+            .with_topics(Some(vec![
+                offset_fetch_request::OffsetFetchRequestTopic::default()
+                    .with_name(name("mixed"))
+                    .with_partition_indexes(vec![0, 1, 2]),
+            ])),
+    );
+    let offsets: Vec<i64> = fetched.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.committed_offset)
+        .collect();
+    assert_eq!(offsets, vec![2, -1, -1]);
+}

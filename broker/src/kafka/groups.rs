@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::groups::api::{commit_offsets, fetch_offsets, list_groups, Committer};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState};
+use crate::limits::COMMIT_METADATA_BYTES_DEFAULT;
 
 /// The Kafka error code of a group operation's failure.
 fn code(e: &Error) -> i16 {
@@ -87,68 +88,82 @@ pub(super) async fn offset_commit(
 ) -> OffsetCommitResponse {
     let broker = &context.broker;
     let group = request.group_id.0.to_string();
-    let mut offsets = Vec::new();
-    let mut invalid = None;
-    for topic in &request.topics {
-        for p in &topic.partitions {
-            match (
-                u32::try_from(p.partition_index),
-                u64::try_from(p.committed_offset),
-            ) {
-                (Ok(partition), Ok(offset)) => offsets.push((
-                    TopicPartition::new(topic.name.0.to_string(), partition),
-                    offset,
-                    p.committed_metadata
-                        .as_ref()
-                        .map_or_else(String::new, |m| m.to_string()),
-                )),
-                _ => {
-                    invalid = Some(Error::InvalidArgument(format!(
-                        "cannot commit offset {} for partition {} of {}",
-                        p.committed_offset,
-                        p.partition_index,
-                        topic.name.0.as_str()
-                    )))
-                }
-            }
-        }
-    }
     let standalone = request.generation_id_or_member_epoch < 0 && request.member_id.is_empty();
     let member = if standalone && context.broker.kafka_members().has_members(&group) {
         // Like a commit from outside a group with gRPC members.
         tracing::info!(%group, "refused a standalone Kafka commit: the group has Kafka members");
         Err(K::UnknownMemberId.code())
     } else if standalone {
-        Ok(())
+        Ok(Committer::Outside)
     } else {
-        context.broker.kafka_members().check_commit(
-            &group,
-            request.member_id.as_str(),
-            request.generation_id_or_member_epoch,
-        )
+        context
+            .broker
+            .kafka_members()
+            .check_commit(
+                &group,
+                request.member_id.as_str(),
+                request.generation_id_or_member_epoch,
+            )
+            .map(|()| Committer::KafkaMember)
     };
-    let outcome = match (member, invalid) {
-        (Err(code), _) => return commit_answer(request, code),
-        (Ok(()), Some(e)) => Err(e),
-        (Ok(()), None) => commit_offsets(broker, &group, Committer::Outside, offsets).await,
+    let committer = match member {
+        Ok(committer) => committer,
+        Err(code) => return commit_answer(request, |_| code),
     };
-    let error = match &outcome {
-        Ok(_) => 0,
-        Err(e) => {
-            tracing::info!(%group, error = %e, "refused a Kafka offset commit");
-            match e {
-                Error::InvalidArgument(m) if m.starts_with("cannot commit offset") => {
-                    K::OffsetOutOfRange.code()
+    // Each partition's own answer (`None`: committed with the others); each topic is
+    // looked up once, and only partitions that exist are copied into the commit.
+    let mut errors: Vec<Option<i16>> = Vec::new();
+    let mut offsets = Vec::new();
+    for topic in &request.topics {
+        let found = broker.topic(topic.name.0.as_str()).ok();
+        for p in &topic.partitions {
+            let partition = found
+                .as_ref()
+                .and_then(|t| t.partitions().get(usize::try_from(p.partition_index).ok()?));
+            let metadata = p.committed_metadata.as_deref().unwrap_or_default();
+            let error = match (partition, u64::try_from(p.committed_offset)) {
+                (None, _) => Some(K::UnknownTopicOrPartition.code()),
+                (Some(_), _) if metadata.len() > COMMIT_METADATA_BYTES_DEFAULT => {
+                    Some(K::OffsetMetadataTooLarge.code())
                 }
-                e => code(e),
+                (Some(partition), Ok(offset)) if offset <= partition.reader().high_watermark() => {
+                    offsets.push((
+                        TopicPartition::new(topic.name.0.to_string(), p.partition_index as u32),
+                        offset,
+                        metadata.to_string(),
+                    ));
+                    None
+                }
+                // Negative, or past the log end: this commit only fails (Kafka clients
+                // treat OFFSET_OUT_OF_RANGE here as fatal).
+                (Some(_), _) => Some(K::InvalidCommitOffsetSize.code()),
+            };
+            errors.push(error);
+        }
+    }
+    let outcome = if offsets.is_empty() {
+        0
+    } else {
+        match commit_offsets(broker, &group, committer, offsets).await {
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::info!(%group, error = %e, "refused a Kafka offset commit");
+                match e {
+                    Error::OutOfRange(_) => K::InvalidCommitOffsetSize.code(),
+                    e => code(&e),
+                }
             }
         }
     };
-    commit_answer(request, error)
+    commit_answer(request, |i| errors[i].unwrap_or(outcome))
 }
 
-/// The OffsetCommit answer: `error` for every partition of the request.
-fn commit_answer(request: OffsetCommitRequest, error: i16) -> OffsetCommitResponse {
+/// The OffsetCommit answer: `error(i)` for the i-th partition of the request.
+fn commit_answer(
+    request: OffsetCommitRequest,
+    error: impl Fn(usize) -> i16,
+) -> OffsetCommitResponse {
+    let mut i = 0;
     let topics = request
         .topics
         .into_iter()
@@ -160,9 +175,10 @@ fn commit_answer(request: OffsetCommitRequest, error: i16) -> OffsetCommitRespon
                         .partitions
                         .iter()
                         .map(|p| {
+                            i += 1;
                             offset_commit_response::OffsetCommitResponsePartition::default()
                                 .with_partition_index(p.partition_index)
-                                .with_error_code(error)
+                                .with_error_code(error(i - 1))
                         })
                         .collect(),
                 )

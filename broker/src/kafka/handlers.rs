@@ -382,6 +382,8 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
                     response.error_message = Some(message.clone());
                 }
                 (Ok(ack), Some(partition)) => {
+                    // Until the task reports: a task that panics leaves this answer.
+                    response.error_code = K::UnknownServerError.code();
                     let (broker, partition, ack) =
                         (Arc::clone(broker), Arc::clone(partition), *ack);
                     appends.spawn(async move {
@@ -407,6 +409,7 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
         let response = &mut responses[t].partition_responses[p];
         match stored {
             Ok((base_offset, log_start_offset)) => {
+                response.error_code = 0;
                 response.base_offset = base_offset;
                 response.log_start_offset = log_start_offset;
             }

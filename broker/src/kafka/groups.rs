@@ -7,7 +7,7 @@
 //! by one protocol at a time: a Kafka join or standalone commit to a group with gRPC
 //! members is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::groups::api::{commit_offsets, fetch_offsets, list_groups, Committer};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState};
+use crate::groups::offsets::Committed;
 use crate::limits::COMMIT_METADATA_BYTES_DEFAULT;
 
 /// The Kafka error code of a group operation's failure.
@@ -193,15 +194,15 @@ pub(super) fn offset_fetch(
     version: i16,
 ) -> OffsetFetchResponse {
     let group = request.group_id.0.to_string();
+    // Only partitions that exist are copied into the lookup (the guard refused repeats).
     let wanted: Option<BTreeSet<TopicPartition>> = request.topics.as_ref().map(|topics| {
         topics
             .iter()
             .flat_map(|t| {
-                t.partition_indexes.iter().filter_map(|&p| {
-                    Some(TopicPartition::new(
-                        t.name.0.to_string(),
-                        u32::try_from(p).ok()?,
-                    ))
+                let count = broker.partition_count(t.name.0.as_str()).unwrap_or(0);
+                t.partition_indexes.iter().filter_map(move |&p| {
+                    let p = u32::try_from(p).ok().filter(|&p| p < count)?;
+                    Some(TopicPartition::new(t.name.0.to_string(), p))
                 })
             })
             .collect()
@@ -247,27 +248,33 @@ pub(super) fn offset_fetch(
     };
     let topics = match request.topics {
         // Every asked partition, -1 where nothing is committed.
-        Some(topics) => topics
-            .into_iter()
-            .map(|t| {
-                let partitions = t
-                    .partition_indexes
-                    .iter()
-                    .map(|&p| {
-                        let found = committed.iter().find(|(tp, _)| {
-                            tp.topic == t.name.0.as_str() && p >= 0 && tp.partition == p as u32
-                        });
-                        match found {
-                            Some((_, c)) => partition(p, c.offset as i64, Some(c.metadata.clone())),
-                            None => partition(p, -1, None),
-                        }
-                    })
-                    .collect();
-                offset_fetch_response::OffsetFetchResponseTopic::default()
-                    .with_name(t.name)
-                    .with_partitions(partitions)
-            })
-            .collect(),
+        Some(topics) => {
+            let by_partition: HashMap<(&str, u32), &Committed> = committed
+                .iter()
+                .map(|(tp, c)| ((tp.topic.as_str(), tp.partition), c))
+                .collect();
+            topics
+                .into_iter()
+                .map(|t| {
+                    let partitions = t
+                        .partition_indexes
+                        .iter()
+                        .map(|&p| {
+                            let found = u32::try_from(p)
+                                .ok()
+                                .and_then(|p| by_partition.get(&(t.name.0.as_str(), p)));
+                            match found {
+                                Some(c) => partition(p, c.offset as i64, Some(c.metadata.clone())),
+                                None => partition(p, -1, None),
+                            }
+                        })
+                        .collect();
+                    offset_fetch_response::OffsetFetchResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(partitions)
+                })
+                .collect()
+        }
         // Null (v2+): every committed partition.
         None => {
             let mut topics: Vec<offset_fetch_response::OffsetFetchResponseTopic> = Vec::new();
@@ -448,7 +455,9 @@ pub(super) fn describe(
     context: &Context,
     request: DescribeGroupsRequest,
 ) -> DescribeGroupsResponse {
-    let strata = list_groups(&context.broker);
+    let listed = list_groups(&context.broker);
+    let strata: HashMap<&str, GroupState> =
+        listed.iter().map(|g| (g.name.as_str(), g.state)).collect();
     let groups = request
         .groups
         .into_iter()
@@ -477,9 +486,9 @@ pub(super) fn describe(
             }
             // A group of gRPC members, or with committed offsets only; members of the
             // gRPC protocol have no Kafka metadata to show.
-            let state = match strata.iter().find(|g| g.name == name.0.as_str()) {
-                Some(g) if g.state == GroupState::Empty => "Empty",
-                Some(g) if g.state == GroupState::Stable => "Stable",
+            let state = match strata.get(name.0.as_str()) {
+                Some(GroupState::Empty) => "Empty",
+                Some(GroupState::Stable) => "Stable",
                 Some(_) => "PreparingRebalance",
                 None => "Dead",
             };

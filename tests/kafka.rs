@@ -1641,3 +1641,48 @@ async fn each_partition_of_a_commit_gets_its_own_error() {
         .collect();
     assert_eq!(offsets, vec![2, -1, -1]);
 }
+
+/// A response larger than 64 MiB is refused before it is encoded: DescribeGroups of
+/// many groups whose members each carry 1 MiB of metadata.
+#[tokio::test]
+async fn a_response_over_64_mib_is_refused_before_it_is_encoded() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::{
+        DescribeGroupsRequest, DescribeGroupsResponse, GroupId, JoinGroupRequest, JoinGroupResponse,
+    };
+    let (_broker, kafka) = start();
+    let group = |i: usize| GroupId(StrBytes::from_string(format!("large-{i}")));
+    let mut raw = Raw::connect(kafka);
+    let metadata = Bytes::from(vec![7u8; 1 << 20]);
+    for i in 0..65 {
+        let joined: JoinGroupResponse = raw.call(
+            ApiKey::JoinGroup,
+            5,
+            &JoinGroupRequest::default()
+                .with_group_id(group(i))
+                .with_session_timeout_ms(30_000)
+                .with_rebalance_timeout_ms(30_000)
+                .with_protocol_type(StrBytes::from_static_str("custom"))
+                .with_protocols(vec![JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("mine"))
+                    .with_metadata(metadata.clone())]),
+        );
+        assert_eq!(joined.error_code, 0);
+    }
+    let described: DescribeGroupsResponse = raw.call(
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups((0..60).map(group).collect()),
+    );
+    assert_eq!(described.groups.len(), 60);
+    assert_eq!(
+        described.groups[59].members[0].member_metadata.len(),
+        1 << 20
+    );
+    raw.send(
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups((0..65).map(group).collect()),
+    );
+    assert!(raw.frame().is_none(), "connection closed");
+}

@@ -19,12 +19,12 @@ use kafka_protocol::messages::{
     LeaveGroupRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
     SyncGroupRequest,
 };
-use kafka_protocol::protocol::{Decodable, StrBytes};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::ResponseError as K;
 use strata_storage::batch::batches;
 use tokio::task::JoinSet;
 
-use super::{encode, errors, groups, guard, versions, Context, NODE_ID};
+use super::{errors, groups, guard, versions, Context, NODE_ID};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::topics::partition::{Ack, Partition};
@@ -35,6 +35,10 @@ use crate::topics::settings::{TopicOverrides, TopicSettings};
 pub const FETCH_BYTES_MAX: usize = 8 << 20;
 /// Longest a Fetch waits for `min_bytes`.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Largest response body the listener encodes, as large as the largest request frame:
+/// a Fetch is at most 8 MiB, and only a DescribeGroups of many groups with large member
+/// metadata, or a Metadata of over a million partitions, comes near it.
+pub const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// The cluster id Metadata reports: one node, one cluster.
 const CLUSTER_ID: &str = "strata";
 
@@ -231,6 +235,28 @@ pub(super) async fn dispatch(
         other => return Err(format!("{other:?} has no handler")),
     }
     Ok(true)
+}
+
+/// Encodes `body` after `out`'s length prefix ([`super::encode`]), unless it would
+/// take more than [`RESPONSE_BYTES_MAX`]: then the request is refused (its connection
+/// closed) before any of it is encoded.
+fn encode<T: Encodable>(
+    out: &mut BytesMut,
+    correlation_id: i32,
+    api: ApiKey,
+    version: i16,
+    body: &T,
+) -> Result<(), String> {
+    let size = body
+        .compute_size(version)
+        .map_err(|e| format!("cannot size the {api:?} v{version} response: {e}"))?;
+    if size > RESPONSE_BYTES_MAX {
+        return Err(format!(
+            "the {api:?} response would be {size} bytes, more than {RESPONSE_BYTES_MAX}; \
+             ask for fewer topics or groups per request"
+        ));
+    }
+    super::encode(out, correlation_id, api, version, body)
 }
 
 /// Runs blocking broker work on the blocking pool.

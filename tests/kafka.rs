@@ -1424,3 +1424,288 @@ async fn committed_offsets_of_a_kafka_group_with_members_do_not_expire() {
     assert_eq!(described.partitions.len(), 1);
     assert_eq!(described.partitions[0].committed_offset, Some(2));
 }
+
+/// A small request that repeats a topic, a partition or a group, or names one longer
+/// than Kafka allows, would make the broker copy, spawn and answer far more than its
+/// frame: each is refused (connection closed) before any work; a Produce to partitions
+/// that do not exist is answered per partition without work.
+#[tokio::test]
+async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refused() {
+    use kafka_protocol::messages::{
+        offset_fetch_request, DescribeGroupsRequest, GroupId, OffsetFetchRequest,
+    };
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "bounded",
+        2,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let produce = |topic: &str, partitions: &[i32]| {
+        ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![produce_request::TopicProduceData::default()
+                .with_name(name(topic))
+                .with_partition_data(
+                    partitions
+                        .iter()
+                        .map(|&p| produce_request::PartitionProduceData::default().with_index(p))
+                        .collect(),
+                )])
+    };
+    let refused = |api: ApiKey, request: &dyn Fn(&mut Raw) -> i32| {
+        let mut raw = Raw::connect(kafka);
+        request(&mut raw);
+        assert!(raw.frame().is_none(), "{api:?}: connection closed");
+    };
+    let long = "t".repeat(250);
+    refused(ApiKey::Produce, &|raw| {
+        raw.send(ApiKey::Produce, 9, &produce("bounded", &[0, 1, 0]))
+    });
+    refused(ApiKey::Produce, &|raw| {
+        raw.send(ApiKey::Produce, 9, &produce(&long, &[0]))
+    });
+    let many: Vec<i32> = (0..1025).collect();
+    refused(ApiKey::Produce, &|raw| {
+        raw.send(ApiKey::Produce, 9, &produce("absent", &many))
+    });
+    refused(ApiKey::Metadata, &|raw| {
+        let topic = |n: &str| {
+            kafka_protocol::messages::metadata_request::MetadataRequestTopic::default()
+                .with_name(Some(name(n)))
+        };
+        raw.send(
+            ApiKey::Metadata,
+            4,
+            &MetadataRequest::default().with_topics(Some(vec![topic("bounded"), topic("bounded")])),
+        )
+    });
+    refused(ApiKey::OffsetFetch, &|raw| {
+        raw.send(
+            ApiKey::OffsetFetch,
+            5,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(StrBytes::from_static_str("g")))
+                .with_topics(Some(vec![
+                    offset_fetch_request::OffsetFetchRequestTopic::default()
+                        .with_name(name("bounded"))
+                        .with_partition_indexes(vec![1, 1]),
+                ])),
+        )
+    });
+    refused(ApiKey::DescribeGroups, &|raw| {
+        let g = GroupId(StrBytes::from_static_str("g"));
+        raw.send(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default().with_groups(vec![g.clone(), g]),
+        )
+    });
+    refused(ApiKey::DescribeGroups, &|raw| {
+        let g = GroupId(StrBytes::from_string("g".repeat(256)));
+        raw.send(
+            ApiKey::DescribeGroups,
+            5,
+            &DescribeGroupsRequest::default().with_groups(vec![g]),
+        )
+    });
+    // Partitions and topics that do not exist: each answered, the rest still written.
+    let mut raw = Raw::connect(kafka);
+    let answer: kafka_protocol::messages::ProduceResponse =
+        raw.call(ApiKey::Produce, 9, &produce("absent", &[0, 1, 2]));
+    let codes: Vec<i16> = answer.responses[0]
+        .partition_responses
+        .iter()
+        .map(|p| p.error_code)
+        .collect();
+    assert_eq!(codes, vec![3, 3, 3], "UNKNOWN_TOPIC_OR_PARTITION");
+    let mut request = produce("bounded", &[5, -1, 1]);
+    request.topic_data[0].partition_data[2].records = Some(batch(&[(1, b"kept")]));
+    let answer: kafka_protocol::messages::ProduceResponse = raw.call(ApiKey::Produce, 9, &request);
+    let partitions = &answer.responses[0].partition_responses;
+    assert_eq!(
+        partitions.iter().map(|p| p.error_code).collect::<Vec<_>>(),
+        vec![3, 3, 0]
+    );
+    assert_eq!(partitions[2].base_offset, 0);
+}
+
+/// The group keeps a member's protocol metadata and assignment for the member's life:
+/// more than 1 MiB of either is refused (connection closed); what fits is kept.
+#[tokio::test]
+async fn group_metadata_and_assignments_over_one_mib_are_refused() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse,
+    };
+    let (_broker, kafka) = start();
+    let join = |metadata: Bytes| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("sized")))
+            .with_session_timeout_ms(30_000)
+            .with_rebalance_timeout_ms(30_000)
+            .with_protocol_type(StrBytes::from_static_str("custom"))
+            .with_protocols(vec![JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str("mine"))
+                .with_metadata(metadata)])
+    };
+    let mut raw = Raw::connect(kafka);
+    raw.send(
+        ApiKey::JoinGroup,
+        5,
+        &join(Bytes::from(vec![7u8; (1 << 20) + 1])),
+    );
+    assert!(
+        raw.frame().is_none(),
+        "oversized metadata: connection closed"
+    );
+    let mut raw = Raw::connect(kafka);
+    let joined: JoinGroupResponse =
+        raw.call(ApiKey::JoinGroup, 5, &join(Bytes::from(vec![7u8; 1 << 20])));
+    assert_eq!((joined.error_code, joined.generation_id), (0, 1));
+    assert_eq!(joined.members[0].metadata.len(), 1 << 20);
+    let sync = |assignment: Bytes| {
+        SyncGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("sized")))
+            .with_generation_id(1)
+            .with_member_id(joined.member_id.clone())
+            .with_assignments(vec![SyncGroupRequestAssignment::default()
+                .with_member_id(joined.member_id.clone())
+                .with_assignment(assignment)])
+    };
+    raw.send(
+        ApiKey::SyncGroup,
+        3,
+        &sync(Bytes::from(vec![1u8; (1 << 20) + 1])),
+    );
+    assert!(
+        raw.frame().is_none(),
+        "oversized assignment: connection closed"
+    );
+    let mut raw = Raw::connect(kafka);
+    let synced: SyncGroupResponse =
+        raw.call(ApiKey::SyncGroup, 3, &sync(Bytes::from_static(b"fits")));
+    assert_eq!(synced.error_code, 0);
+    assert_eq!(&synced.assignment[..], b"fits");
+}
+
+/// Each partition of a commit gets its own answer: a bad one fails alone, with the code
+/// a Kafka client expects for it, and the others are committed.
+#[tokio::test]
+async fn each_partition_of_a_commit_gets_its_own_error() {
+    use kafka_protocol::messages::{
+        offset_commit_request, offset_fetch_request, GroupId, OffsetCommitRequest,
+        OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+    };
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "mixed",
+        4,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut raw = Raw::connect(kafka);
+    let answer: kafka_protocol::messages::ProduceResponse = raw.call(
+        ApiKey::Produce,
+        9,
+        // acks=all: answered once the records are below the high watermark.
+        &produce_request("mixed", -1, batch(&[(1, b"a"), (2, b"b")])),
+    );
+    assert_eq!(answer.responses[0].partition_responses[0].error_code, 0);
+    let partition = |index: i32, offset: i64, metadata: usize| {
+        offset_commit_request::OffsetCommitRequestPartition::default()
+            .with_partition_index(index)
+            .with_committed_offset(offset)
+            .with_committed_metadata(Some(StrBytes::from_string("m".repeat(metadata))))
+    };
+    let commit = OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("mixed-group")))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(vec![
+            offset_commit_request::OffsetCommitRequestTopic::default()
+                .with_name(name("mixed"))
+                .with_partitions(vec![
+                    partition(0, 2, 10),
+                    partition(9, 0, 0),
+                    partition(1, 0, 4097),
+                    partition(2, 5, 0),
+                ]),
+            offset_commit_request::OffsetCommitRequestTopic::default()
+                .with_name(name("absent"))
+                .with_partitions(vec![partition(0, 0, 0)]),
+        ]);
+    let answer: OffsetCommitResponse = raw.call(ApiKey::OffsetCommit, 8, &commit);
+    let codes: Vec<Vec<i16>> = answer
+        .topics
+        .iter()
+        .map(|t| t.partitions.iter().map(|p| p.error_code).collect())
+        .collect();
+    // UNKNOWN_TOPIC_OR_PARTITION, OFFSET_METADATA_TOO_LARGE, INVALID_COMMIT_OFFSET_SIZE.
+    assert_eq!(codes, vec![vec![0, 3, 12, 28], vec![3]]);
+    let fetched: OffsetFetchResponse = raw.call(
+        ApiKey::OffsetFetch,
+        5,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("mixed-group")))
+            .with_topics(Some(vec![
+                offset_fetch_request::OffsetFetchRequestTopic::default()
+                    .with_name(name("mixed"))
+                    .with_partition_indexes(vec![0, 1, 2]),
+            ])),
+    );
+    let offsets: Vec<i64> = fetched.topics[0]
+        .partitions
+        .iter()
+        .map(|p| p.committed_offset)
+        .collect();
+    assert_eq!(offsets, vec![2, -1, -1]);
+}
+
+/// A response larger than 64 MiB is refused before it is encoded: DescribeGroups of
+/// many groups whose members each carry 1 MiB of metadata.
+#[tokio::test]
+async fn a_response_over_64_mib_is_refused_before_it_is_encoded() {
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::{
+        DescribeGroupsRequest, DescribeGroupsResponse, GroupId, JoinGroupRequest, JoinGroupResponse,
+    };
+    let (_broker, kafka) = start();
+    let group = |i: usize| GroupId(StrBytes::from_string(format!("large-{i}")));
+    let mut raw = Raw::connect(kafka);
+    let metadata = Bytes::from(vec![7u8; 1 << 20]);
+    for i in 0..65 {
+        let joined: JoinGroupResponse = raw.call(
+            ApiKey::JoinGroup,
+            5,
+            &JoinGroupRequest::default()
+                .with_group_id(group(i))
+                .with_session_timeout_ms(30_000)
+                .with_rebalance_timeout_ms(30_000)
+                .with_protocol_type(StrBytes::from_static_str("custom"))
+                .with_protocols(vec![JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("mine"))
+                    .with_metadata(metadata.clone())]),
+        );
+        assert_eq!(joined.error_code, 0);
+    }
+    let described: DescribeGroupsResponse = raw.call(
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups((0..60).map(group).collect()),
+    );
+    assert_eq!(described.groups.len(), 60);
+    assert_eq!(
+        described.groups[59].members[0].member_metadata.len(),
+        1 << 20
+    );
+    raw.send(
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups((0..65).map(group).collect()),
+    );
+    assert!(raw.frame().is_none(), "connection closed");
+}

@@ -104,6 +104,11 @@ pub enum Committer<'a> {
     },
     /// A tool outside the group: refused while the group has members.
     Outside,
+    /// A member of a Kafka group whose generation the caller checked when the commit
+    /// arrived (as Kafka's coordinator does). It does not hold the group, so members
+    /// commit concurrently; a commit that lands late cannot move a position back
+    /// ([`Mode::Advance`]).
+    KafkaMember,
 }
 
 fn log_range(broker: &Broker, tp: &TopicPartition) -> Result<LogRange> {
@@ -240,6 +245,7 @@ pub async fn commit_offsets(
             Some(broker.coordinator().exclusive(group, "commit to")?),
             None,
         ),
+        Committer::KafkaMember => (None, None),
         Committer::Member { id, epoch } => {
             broker
                 .coordinator()
@@ -486,6 +492,36 @@ mod tests {
             metadata: String::new(),
             timestamp_ms: 0,
         }
+    }
+
+    /// Kafka members of one group commit concurrently: a member's commit does not take
+    /// the group's outside hold, which one commit in flight would otherwise keep from
+    /// the others (GroupBusy, COORDINATOR_LOAD_IN_PROGRESS to a Kafka client).
+    #[tokio::test]
+    async fn a_kafka_members_commit_does_not_wait_for_the_groups_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = Broker::open(
+            dir.path(),
+            crate::topics::settings::TopicSettings::default(),
+            64,
+            Arc::new(crate::metrics::Metrics::default()),
+        )
+        .expect("open");
+        broker
+            .create_topic("t", crate::topics::settings::TopicSettings::default())
+            .expect("create");
+        let offsets = || vec![(TopicPartition::new("t".to_string(), 0), 0, String::new())];
+        let _held = broker
+            .coordinator()
+            .exclusive("g", "commit to")
+            .expect("hold");
+        assert!(matches!(
+            commit_offsets(&broker, "g", Committer::Outside, offsets()).await,
+            Err(Error::GroupBusy(_))
+        ));
+        commit_offsets(&broker, "g", Committer::KafkaMember, offsets())
+            .await
+            .expect("a member's commit goes through");
     }
 
     /// A member's commit that waits behind the offsets writer while its partition moves

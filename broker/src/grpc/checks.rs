@@ -177,7 +177,7 @@ pub fn client_id(client_id: &str, max: usize) -> Result<()> {
 }
 
 /// A set of partition numbers below [`PARTITIONS_MAX`], without allocating.
-struct PartitionSet([u64; PARTITIONS_MAX as usize / 64]);
+pub(crate) struct PartitionSet([u64; PARTITIONS_MAX as usize / 64]);
 
 impl Default for PartitionSet {
     fn default() -> PartitionSet {
@@ -187,7 +187,7 @@ impl Default for PartitionSet {
 
 impl PartitionSet {
     /// Adds `p` (below [`PARTITIONS_MAX`]); false if it was there already.
-    fn insert(&mut self, p: u32) -> bool {
+    pub(crate) fn insert(&mut self, p: u32) -> bool {
         let (word, bit) = (p as usize / 64, 1u64 << (p % 64));
         let fresh = self.0[word] & bit == 0;
         self.0[word] |= bit;

@@ -7,9 +7,10 @@
 //! by one protocol at a time: a Kafka join or standalone commit to a group with gRPC
 //! members is refused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use bytes::Bytes;
 use kafka_protocol::messages::{
     describe_groups_response, find_coordinator_response, join_group_response, leave_group_response,
     list_groups_response, offset_commit_response, offset_fetch_response, BrokerId,
@@ -30,6 +31,8 @@ use crate::error::Error;
 use crate::groups::api::{commit_offsets, fetch_offsets, list_groups, Committer};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState};
+use crate::groups::offsets::Committed;
+use crate::limits::COMMIT_METADATA_BYTES_DEFAULT;
 
 /// The Kafka error code of a group operation's failure.
 fn code(e: &Error) -> i16 {
@@ -86,68 +89,82 @@ pub(super) async fn offset_commit(
 ) -> OffsetCommitResponse {
     let broker = &context.broker;
     let group = request.group_id.0.to_string();
-    let mut offsets = Vec::new();
-    let mut invalid = None;
-    for topic in &request.topics {
-        for p in &topic.partitions {
-            match (
-                u32::try_from(p.partition_index),
-                u64::try_from(p.committed_offset),
-            ) {
-                (Ok(partition), Ok(offset)) => offsets.push((
-                    TopicPartition::new(topic.name.0.to_string(), partition),
-                    offset,
-                    p.committed_metadata
-                        .as_ref()
-                        .map_or_else(String::new, |m| m.to_string()),
-                )),
-                _ => {
-                    invalid = Some(Error::InvalidArgument(format!(
-                        "cannot commit offset {} for partition {} of {}",
-                        p.committed_offset,
-                        p.partition_index,
-                        topic.name.0.as_str()
-                    )))
-                }
-            }
-        }
-    }
     let standalone = request.generation_id_or_member_epoch < 0 && request.member_id.is_empty();
     let member = if standalone && context.broker.kafka_members().has_members(&group) {
         // Like a commit from outside a group with gRPC members.
         tracing::info!(%group, "refused a standalone Kafka commit: the group has Kafka members");
         Err(K::UnknownMemberId.code())
     } else if standalone {
-        Ok(())
+        Ok(Committer::Outside)
     } else {
-        context.broker.kafka_members().check_commit(
-            &group,
-            request.member_id.as_str(),
-            request.generation_id_or_member_epoch,
-        )
+        context
+            .broker
+            .kafka_members()
+            .check_commit(
+                &group,
+                request.member_id.as_str(),
+                request.generation_id_or_member_epoch,
+            )
+            .map(|()| Committer::KafkaMember)
     };
-    let outcome = match (member, invalid) {
-        (Err(code), _) => return commit_answer(request, code),
-        (Ok(()), Some(e)) => Err(e),
-        (Ok(()), None) => commit_offsets(broker, &group, Committer::Outside, offsets).await,
+    let committer = match member {
+        Ok(committer) => committer,
+        Err(code) => return commit_answer(request, |_| code),
     };
-    let error = match &outcome {
-        Ok(_) => 0,
-        Err(e) => {
-            tracing::info!(%group, error = %e, "refused a Kafka offset commit");
-            match e {
-                Error::InvalidArgument(m) if m.starts_with("cannot commit offset") => {
-                    K::OffsetOutOfRange.code()
+    // Each partition's own answer (`None`: committed with the others); each topic is
+    // looked up once, and only partitions that exist are copied into the commit.
+    let mut errors: Vec<Option<i16>> = Vec::new();
+    let mut offsets = Vec::new();
+    for topic in &request.topics {
+        let found = broker.topic(topic.name.0.as_str()).ok();
+        for p in &topic.partitions {
+            let partition = found
+                .as_ref()
+                .and_then(|t| t.partitions().get(usize::try_from(p.partition_index).ok()?));
+            let metadata = p.committed_metadata.as_deref().unwrap_or_default();
+            let error = match (partition, u64::try_from(p.committed_offset)) {
+                (None, _) => Some(K::UnknownTopicOrPartition.code()),
+                (Some(_), _) if metadata.len() > COMMIT_METADATA_BYTES_DEFAULT => {
+                    Some(K::OffsetMetadataTooLarge.code())
                 }
-                e => code(e),
+                (Some(partition), Ok(offset)) if offset <= partition.reader().high_watermark() => {
+                    offsets.push((
+                        TopicPartition::new(topic.name.0.to_string(), p.partition_index as u32),
+                        offset,
+                        metadata.to_string(),
+                    ));
+                    None
+                }
+                // Negative, or past the log end: this commit only fails (Kafka clients
+                // treat OFFSET_OUT_OF_RANGE here as fatal).
+                (Some(_), _) => Some(K::InvalidCommitOffsetSize.code()),
+            };
+            errors.push(error);
+        }
+    }
+    let outcome = if offsets.is_empty() {
+        0
+    } else {
+        match commit_offsets(broker, &group, committer, offsets).await {
+            Ok(_) => 0,
+            Err(e) => {
+                tracing::info!(%group, error = %e, "refused a Kafka offset commit");
+                match e {
+                    Error::OutOfRange(_) => K::InvalidCommitOffsetSize.code(),
+                    e => code(&e),
+                }
             }
         }
     };
-    commit_answer(request, error)
+    commit_answer(request, |i| errors[i].unwrap_or(outcome))
 }
 
-/// The OffsetCommit answer: `error` for every partition of the request.
-fn commit_answer(request: OffsetCommitRequest, error: i16) -> OffsetCommitResponse {
+/// The OffsetCommit answer: `error(i)` for the i-th partition of the request.
+fn commit_answer(
+    request: OffsetCommitRequest,
+    error: impl Fn(usize) -> i16,
+) -> OffsetCommitResponse {
+    let mut i = 0;
     let topics = request
         .topics
         .into_iter()
@@ -159,9 +176,10 @@ fn commit_answer(request: OffsetCommitRequest, error: i16) -> OffsetCommitRespon
                         .partitions
                         .iter()
                         .map(|p| {
+                            i += 1;
                             offset_commit_response::OffsetCommitResponsePartition::default()
                                 .with_partition_index(p.partition_index)
-                                .with_error_code(error)
+                                .with_error_code(error(i - 1))
                         })
                         .collect(),
                 )
@@ -176,15 +194,15 @@ pub(super) fn offset_fetch(
     version: i16,
 ) -> OffsetFetchResponse {
     let group = request.group_id.0.to_string();
+    // Only partitions that exist are copied into the lookup (the guard refused repeats).
     let wanted: Option<BTreeSet<TopicPartition>> = request.topics.as_ref().map(|topics| {
         topics
             .iter()
             .flat_map(|t| {
-                t.partition_indexes.iter().filter_map(|&p| {
-                    Some(TopicPartition::new(
-                        t.name.0.to_string(),
-                        u32::try_from(p).ok()?,
-                    ))
+                let count = broker.partition_count(t.name.0.as_str()).unwrap_or(0);
+                t.partition_indexes.iter().filter_map(move |&p| {
+                    let p = u32::try_from(p).ok().filter(|&p| p < count)?;
+                    Some(TopicPartition::new(t.name.0.to_string(), p))
                 })
             })
             .collect()
@@ -230,27 +248,33 @@ pub(super) fn offset_fetch(
     };
     let topics = match request.topics {
         // Every asked partition, -1 where nothing is committed.
-        Some(topics) => topics
-            .into_iter()
-            .map(|t| {
-                let partitions = t
-                    .partition_indexes
-                    .iter()
-                    .map(|&p| {
-                        let found = committed.iter().find(|(tp, _)| {
-                            tp.topic == t.name.0.as_str() && p >= 0 && tp.partition == p as u32
-                        });
-                        match found {
-                            Some((_, c)) => partition(p, c.offset as i64, Some(c.metadata.clone())),
-                            None => partition(p, -1, None),
-                        }
-                    })
-                    .collect();
-                offset_fetch_response::OffsetFetchResponseTopic::default()
-                    .with_name(t.name)
-                    .with_partitions(partitions)
-            })
-            .collect(),
+        Some(topics) => {
+            let by_partition: HashMap<(&str, u32), &Committed> = committed
+                .iter()
+                .map(|(tp, c)| ((tp.topic.as_str(), tp.partition), c))
+                .collect();
+            topics
+                .into_iter()
+                .map(|t| {
+                    let partitions = t
+                        .partition_indexes
+                        .iter()
+                        .map(|&p| {
+                            let found = u32::try_from(p)
+                                .ok()
+                                .and_then(|p| by_partition.get(&(t.name.0.as_str(), p)));
+                            match found {
+                                Some(c) => partition(p, c.offset as i64, Some(c.metadata.clone())),
+                                None => partition(p, -1, None),
+                            }
+                        })
+                        .collect();
+                    offset_fetch_response::OffsetFetchResponseTopic::default()
+                        .with_name(t.name)
+                        .with_partitions(partitions)
+                })
+                .collect()
+        }
         // Null (v2+): every committed partition.
         None => {
             let mut topics: Vec<offset_fetch_response::OffsetFetchResponseTopic> = Vec::new();
@@ -338,7 +362,9 @@ pub(super) async fn join(
             protocols: request
                 .protocols
                 .into_iter()
-                .map(|p| (p.name.to_string(), p.metadata))
+                // Copied out: a slice would keep the whole request frame alive for the
+                // member's life.
+                .map(|p| (p.name.to_string(), Bytes::copy_from_slice(&p.metadata)))
                 .collect(),
         })
         .await;
@@ -429,7 +455,9 @@ pub(super) fn describe(
     context: &Context,
     request: DescribeGroupsRequest,
 ) -> DescribeGroupsResponse {
-    let strata = list_groups(&context.broker);
+    let listed = list_groups(&context.broker);
+    let strata: HashMap<&str, GroupState> =
+        listed.iter().map(|g| (g.name.as_str(), g.state)).collect();
     let groups = request
         .groups
         .into_iter()
@@ -458,9 +486,9 @@ pub(super) fn describe(
             }
             // A group of gRPC members, or with committed offsets only; members of the
             // gRPC protocol have no Kafka metadata to show.
-            let state = match strata.iter().find(|g| g.name == name.0.as_str()) {
-                Some(g) if g.state == GroupState::Empty => "Empty",
-                Some(g) if g.state == GroupState::Stable => "Stable",
+            let state = match strata.get(name.0.as_str()) {
+                Some(GroupState::Empty) => "Empty",
+                Some(GroupState::Stable) => "Stable",
                 Some(_) => "PreparingRebalance",
                 None => "Dead",
             };

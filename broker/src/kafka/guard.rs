@@ -5,7 +5,12 @@
 //! is walked by its schema (field order and types per version, as the codec reads
 //! them); a count that could not fit in the remaining bytes closes the connection.
 
-use kafka_protocol::messages::ApiKey;
+use std::collections::HashSet;
+
+use kafka_protocol::messages::{ApiKey, JoinGroupRequest, SyncGroupRequest};
+
+use crate::grpc::checks::PartitionSet;
+use crate::topics::settings::PARTITIONS_MAX;
 
 /// A field type as the wire carries it.
 #[derive(Debug, Clone, Copy)]
@@ -261,6 +266,156 @@ fn unread(api: ApiKey, version: i16, body: &[u8]) -> Result<usize, String> {
     Ok(walk.rest.len())
 }
 
+/// Longest topic name Kafka accepts (and creates).
+pub const TOPIC_NAME_MAX: usize = 249;
+/// Longest group id, member id, group instance id or client id a Kafka request may carry.
+pub const ID_MAX: usize = 255;
+/// Topics a request may name beyond the broker's topic count (topics about to be
+/// auto-created, or deleted since the client's last Metadata).
+pub const TOPICS_SLACK: usize = 1024;
+
+/// Checks the topics of a decoded request (each with the partitions it lists): names
+/// at most [`TOPIC_NAME_MAX`] bytes, each topic once, at most `existing` +
+/// [`TOPICS_SLACK`] topics, and per topic at most [`PARTITIONS_MAX`] partitions, each
+/// once. What a request may then make the broker hold (copies, tasks, response
+/// entries) is bounded by the topics that exist, not by how many times a small frame
+/// repeats a name or a partition.
+pub fn topics<'a, P>(
+    what: &str,
+    existing: usize,
+    topics: impl ExactSizeIterator<Item = (&'a str, P)>,
+) -> Result<(), String>
+where
+    P: ExactSizeIterator<Item = i32>,
+{
+    let allowed = existing.saturating_add(TOPICS_SLACK);
+    if topics.len() > allowed {
+        return Err(format!(
+            "{what} names {} topics; the broker has {existing} (at most {allowed} may be named)",
+            topics.len()
+        ));
+    }
+    let mut seen = HashSet::with_capacity(topics.len());
+    for (name, partitions) in topics {
+        if name.len() > TOPIC_NAME_MAX {
+            return Err(format!(
+                "{what} names a topic of {} bytes; topic names are at most {TOPIC_NAME_MAX}",
+                name.len()
+            ));
+        }
+        if !seen.insert(name) {
+            return Err(format!("{what} names topic {name:?} twice"));
+        }
+        if partitions.len() > PARTITIONS_MAX as usize {
+            return Err(format!(
+                "{what} lists {} partitions of topic {name:?}; a topic has at most {PARTITIONS_MAX}",
+                partitions.len()
+            ));
+        }
+        let mut listed = PartitionSet::default();
+        for p in partitions {
+            if let Ok(p) = u32::try_from(p) {
+                if p < PARTITIONS_MAX && !listed.insert(p) {
+                    return Err(format!("{what} lists partition {name}/{p} twice"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a group, member, instance or client id of a decoded request: at most
+/// [`ID_MAX`] bytes.
+pub fn id(what: &str, id: &str) -> Result<(), String> {
+    if id.len() > ID_MAX {
+        return Err(format!(
+            "the {what} is {} bytes; it must be at most {ID_MAX}",
+            id.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `names` names each group once and are valid ids.
+pub fn groups<'a>(what: &str, names: impl ExactSizeIterator<Item = &'a str>) -> Result<(), String> {
+    let mut seen = HashSet::with_capacity(names.len());
+    for name in names {
+        id("group id", name)?;
+        if !seen.insert(name) {
+            return Err(format!("{what} names group {name:?} twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Most protocols one JoinGroup may offer (Java consumers offer one or two assignors).
+pub const JOIN_PROTOCOLS_MAX: usize = 16;
+/// Most bytes of protocol metadata one JoinGroup may carry (all its protocols), and of
+/// the assignment a SyncGroup gives one member: the group keeps them for the member's
+/// life. A consumer's subscription or assignment of thousands of partitions is tens of
+/// KiB.
+pub const GROUP_METADATA_MAX: usize = 1 << 20;
+
+/// Checks a decoded JoinGroup and its header's client id: ids at most [`ID_MAX`]
+/// bytes, at most [`JOIN_PROTOCOLS_MAX`] protocols each named once, and at most
+/// [`GROUP_METADATA_MAX`] bytes of their metadata.
+pub fn join(request: &JoinGroupRequest, client_id: &str) -> Result<(), String> {
+    id("group id", &request.group_id.0)?;
+    id("member id", &request.member_id)?;
+    id("client id", client_id)?;
+    id("protocol type", &request.protocol_type)?;
+    if let Some(instance) = &request.group_instance_id {
+        id("group instance id", instance)?;
+    }
+    if request.protocols.len() > JOIN_PROTOCOLS_MAX {
+        return Err(format!(
+            "JoinGroup offers {} protocols; at most {JOIN_PROTOCOLS_MAX}",
+            request.protocols.len()
+        ));
+    }
+    let mut metadata = 0;
+    for (i, protocol) in request.protocols.iter().enumerate() {
+        id("protocol name", &protocol.name)?;
+        if request.protocols[..i]
+            .iter()
+            .any(|p| p.name == protocol.name)
+        {
+            return Err(format!(
+                "JoinGroup offers protocol {:?} twice",
+                protocol.name.as_str()
+            ));
+        }
+        metadata += protocol.metadata.len();
+    }
+    if metadata > GROUP_METADATA_MAX {
+        return Err(format!(
+            "JoinGroup carries {metadata} bytes of protocol metadata; at most {GROUP_METADATA_MAX}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a decoded SyncGroup: ids at most [`ID_MAX`] bytes and each member's
+/// assignment at most [`GROUP_METADATA_MAX`] bytes.
+pub fn sync(request: &SyncGroupRequest) -> Result<(), String> {
+    id("group id", &request.group_id.0)?;
+    id("member id", &request.member_id)?;
+    if let Some(instance) = &request.group_instance_id {
+        id("group instance id", instance)?;
+    }
+    for assignment in &request.assignments {
+        id("member id", &assignment.member_id)?;
+        if assignment.assignment.len() > GROUP_METADATA_MAX {
+            return Err(format!(
+                "SyncGroup assigns {} bytes to member {:?}; at most {GROUP_METADATA_MAX}",
+                assignment.assignment.len(),
+                assignment.member_id.as_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
 struct Walk<'a> {
     rest: &'a [u8],
     version: i16,
@@ -401,6 +556,85 @@ impl Walk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listed<'a>(
+        topics: &'a [(&'a str, &'a [i32])],
+    ) -> impl ExactSizeIterator<Item = (&'a str, std::iter::Copied<std::slice::Iter<'a, i32>>)>
+    {
+        topics.iter().map(|(t, p)| (*t, p.iter().copied()))
+    }
+
+    #[test]
+    fn a_request_names_each_topic_and_partition_once_within_bounds() {
+        assert!(topics(
+            "Produce",
+            1,
+            listed(&[("a", &[0, 1, -1, 5000, 5000]), ("b", &[])])
+        )
+        .is_ok());
+        let twice =
+            topics("Produce", 1, listed(&[("a", &[0]), ("a", &[1])])).expect_err("topic twice");
+        assert!(twice.contains("topic \"a\" twice"), "{twice}");
+        let twice = topics("Fetch", 1, listed(&[("a", &[3, 3])])).expect_err("partition twice");
+        assert!(twice.contains("a/3 twice"), "{twice}");
+        let long = "x".repeat(TOPIC_NAME_MAX + 1);
+        let e = topics("Metadata", 1, listed(&[(&long, &[])])).expect_err("long name");
+        assert!(e.contains("at most 249"), "{e}");
+        assert!(topics("Metadata", 1, listed(&[(&long[1..], &[])])).is_ok());
+        let many: Vec<i32> = (0..=PARTITIONS_MAX as i32).collect();
+        let e = topics("Produce", 1, listed(&[("a", &many)])).expect_err("partitions");
+        assert!(e.contains("1025 partitions"), "{e}");
+        let names: Vec<String> = (0..TOPICS_SLACK + 3).map(|i| i.to_string()).collect();
+        let named: Vec<(&str, &[i32])> = names.iter().map(|n| (n.as_str(), &[][..])).collect();
+        let e = topics("Metadata", 2, listed(&named)).expect_err("topics");
+        assert!(e.contains("the broker has 2"), "{e}");
+        assert!(topics("Metadata", 3, listed(&named)).is_ok());
+        assert!(groups("DescribeGroups", ["a", "b"].into_iter()).is_ok());
+        assert!(groups("DescribeGroups", ["a", "a"].into_iter()).is_err());
+        assert!(id("member id", &"m".repeat(ID_MAX)).is_ok());
+        assert!(id("member id", &"m".repeat(ID_MAX + 1)).is_err());
+    }
+
+    #[test]
+    fn group_requests_carry_short_ids_and_at_most_a_mib_of_metadata() {
+        use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+        use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+        let protocol = |name: &'static str, size: usize| {
+            JoinGroupRequestProtocol::default()
+                .with_name(StrBytes::from_static_str(name))
+                .with_metadata(Buf::from(vec![0u8; size]))
+        };
+        let request = JoinGroupRequest::default()
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![
+                protocol("range", GROUP_METADATA_MAX / 2),
+                protocol("sticky", GROUP_METADATA_MAX / 2),
+            ]);
+        assert!(join(&request, "client").is_ok());
+        let e = join(&request, &"c".repeat(ID_MAX + 1)).expect_err("client id");
+        assert!(e.contains("client id is 256 bytes"), "{e}");
+        let mut big = request.clone();
+        big.protocols[1].metadata = Buf::from(vec![0u8; GROUP_METADATA_MAX / 2 + 1]);
+        assert!(join(&big, "client")
+            .expect_err("metadata")
+            .contains("protocol metadata"));
+        let mut twice = request.clone();
+        twice.protocols[1].name = StrBytes::from_static_str("range");
+        assert!(join(&twice, "client").expect_err("twice").contains("twice"));
+        let mut many = request;
+        many.protocols = (0..=JOIN_PROTOCOLS_MAX).map(|_| protocol("p", 0)).collect();
+        assert!(join(&many, "client")
+            .expect_err("many")
+            .contains("protocols"));
+        let assign = |size: usize| {
+            SyncGroupRequest::default()
+                .with_assignments(vec![SyncGroupRequestAssignment::default()
+                    .with_member_id(StrBytes::from_static_str("m"))
+                    .with_assignment(Buf::from(vec![0u8; size]))])
+        };
+        assert!(sync(&assign(GROUP_METADATA_MAX)).is_ok());
+        assert!(sync(&assign(GROUP_METADATA_MAX + 1)).is_err());
+    }
     use bytes::{Bytes as Buf, BytesMut};
     use kafka_protocol::messages::{
         create_topics_request, fetch_request, produce_request, CreateTopicsRequest, FetchRequest,

@@ -19,12 +19,12 @@ use kafka_protocol::messages::{
     LeaveGroupRequest, ListGroupsRequest, OffsetCommitRequest, OffsetFetchRequest,
     SyncGroupRequest,
 };
-use kafka_protocol::protocol::{Decodable, StrBytes};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use kafka_protocol::ResponseError as K;
 use strata_storage::batch::batches;
 use tokio::task::JoinSet;
 
-use super::{encode, errors, groups, versions, Context, NODE_ID};
+use super::{errors, groups, guard, versions, Context, NODE_ID};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::topics::partition::{Ack, Partition};
@@ -35,6 +35,10 @@ use crate::topics::settings::{TopicOverrides, TopicSettings};
 pub const FETCH_BYTES_MAX: usize = 8 << 20;
 /// Longest a Fetch waits for `min_bytes`.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Largest response body the listener encodes, as large as the largest request frame:
+/// a Fetch is at most 8 MiB, and only a DescribeGroups of many groups with large member
+/// metadata, or a Metadata of over a million partitions, comes near it.
+pub const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// The cluster id Metadata reports: one node, one cluster.
 const CLUSTER_ID: &str = "strata";
 
@@ -75,11 +79,27 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Metadata => {
-            let answer = metadata(context, decode!(MetadataRequest), version).await;
+            let request = decode!(MetadataRequest);
+            if let Some(topics) = &request.topics {
+                let named: Vec<(&str, std::iter::Empty<i32>)> = topics
+                    .iter()
+                    .filter_map(|t| Some((t.name.as_ref()?.0.as_str(), std::iter::empty())))
+                    .collect();
+                guard::topics("Metadata", broker.topic_count(), named.into_iter())?;
+            }
+            let answer = metadata(context, request, version).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Produce => {
             let request = decode!(ProduceRequest);
+            guard::topics(
+                "Produce",
+                broker.topic_count(),
+                request
+                    .topic_data
+                    .iter()
+                    .map(|t| (t.name.0.as_str(), t.partition_data.iter().map(|p| p.index))),
+            )?;
             let acks = request.acks;
             let answer = produce(broker, request).await;
             if acks == 0 {
@@ -88,11 +108,31 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Fetch => {
-            let answer = fetch(broker, decode!(FetchRequest), &mut client.clock).await;
+            let request = decode!(FetchRequest);
+            guard::topics(
+                "Fetch",
+                broker.topic_count(),
+                request
+                    .topics
+                    .iter()
+                    .map(|t| (t.topic.0.as_str(), t.partitions.iter().map(|p| p.partition))),
+            )?;
+            let answer = fetch(broker, request, &mut client.clock).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::ListOffsets => {
-            let answer = list_offsets(broker, decode!(ListOffsetsRequest)).await;
+            let request = decode!(ListOffsetsRequest);
+            guard::topics(
+                "ListOffsets",
+                broker.topic_count(),
+                request.topics.iter().map(|t| {
+                    (
+                        t.name.0.as_str(),
+                        t.partitions.iter().map(|p| p.partition_index),
+                    )
+                }),
+            )?;
+            let answer = list_offsets(broker, request).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::CreateTopics => {
@@ -113,11 +153,35 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::OffsetCommit => {
-            let answer = groups::offset_commit(context, decode!(OffsetCommitRequest)).await;
+            let request = decode!(OffsetCommitRequest);
+            guard::id("group id", request.group_id.0.as_str())?;
+            guard::id("member id", request.member_id.as_str())?;
+            guard::topics(
+                "OffsetCommit",
+                broker.topic_count(),
+                request.topics.iter().map(|t| {
+                    (
+                        t.name.0.as_str(),
+                        t.partitions.iter().map(|p| p.partition_index),
+                    )
+                }),
+            )?;
+            let answer = groups::offset_commit(context, request).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::OffsetFetch => {
-            let answer = groups::offset_fetch(broker, decode!(OffsetFetchRequest), version);
+            let request = decode!(OffsetFetchRequest);
+            guard::id("group id", request.group_id.0.as_str())?;
+            if let Some(topics) = &request.topics {
+                guard::topics(
+                    "OffsetFetch",
+                    broker.topic_count(),
+                    topics
+                        .iter()
+                        .map(|t| (t.name.0.as_str(), t.partition_indexes.iter().copied())),
+                )?;
+            }
+            let answer = groups::offset_fetch(broker, request, version);
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::ListGroups => {
@@ -125,25 +189,43 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::JoinGroup => {
-            let answer = groups::join(context, client, decode!(JoinGroupRequest), version).await;
+            let request = decode!(JoinGroupRequest);
+            guard::join(&request, &client.id)?;
+            let answer = groups::join(context, client, request, version).await;
             client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::SyncGroup => {
-            let answer = groups::sync(context, decode!(SyncGroupRequest)).await;
+            let request = decode!(SyncGroupRequest);
+            guard::sync(&request)?;
+            let answer = groups::sync(context, request).await;
             client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Heartbeat => {
-            let answer = groups::heartbeat(context, decode!(HeartbeatRequest));
+            let request = decode!(HeartbeatRequest);
+            guard::id("group id", &request.group_id.0)?;
+            guard::id("member id", &request.member_id)?;
+            let answer = groups::heartbeat(context, request);
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::LeaveGroup => {
-            let answer = groups::leave(context, decode!(LeaveGroupRequest), version);
+            let request = decode!(LeaveGroupRequest);
+            guard::id("group id", &request.group_id.0)?;
+            guard::id("member id", &request.member_id)?;
+            for member in &request.members {
+                guard::id("member id", &member.member_id)?;
+            }
+            let answer = groups::leave(context, request, version);
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::DescribeGroups => {
-            let answer = groups::describe(context, decode!(DescribeGroupsRequest));
+            let request = decode!(DescribeGroupsRequest);
+            guard::groups(
+                "DescribeGroups",
+                request.groups.iter().map(|g| g.0.as_str()),
+            )?;
+            let answer = groups::describe(context, request);
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::DescribeConfigs => {
@@ -153,6 +235,28 @@ pub(super) async fn dispatch(
         other => return Err(format!("{other:?} has no handler")),
     }
     Ok(true)
+}
+
+/// Encodes `body` after `out`'s length prefix ([`super::encode`]), unless it would
+/// take more than [`RESPONSE_BYTES_MAX`]: then the request is refused (its connection
+/// closed) before any of it is encoded.
+fn encode<T: Encodable>(
+    out: &mut BytesMut,
+    correlation_id: i32,
+    api: ApiKey,
+    version: i16,
+    body: &T,
+) -> Result<(), String> {
+    let size = body
+        .compute_size(version)
+        .map_err(|e| format!("cannot size the {api:?} v{version} response: {e}"))?;
+    if size > RESPONSE_BYTES_MAX {
+        return Err(format!(
+            "the {api:?} response would be {size} bytes, more than {RESPONSE_BYTES_MAX}; \
+             ask for fewer topics or groups per request"
+        ));
+    }
+    super::encode(out, correlation_id, api, version, body)
 }
 
 /// Runs blocking broker work on the blocking pool.
@@ -275,37 +379,50 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
     let ack = match request.acks {
         0 | 1 => Ok(Ack::Leader),
         -1 => Ok(Ack::Durable),
-        other => Err(other),
+        other => Err(StrBytes::from_string(format!(
+            "acks must be 0, 1 or -1 (all), got {other}"
+        ))),
     };
-    // Partitions are written concurrently: each waits for its own commit.
+    // Partitions are written concurrently: each waits for its own commit. Each topic
+    // entry is resolved once; a partition that does not exist is answered here, without
+    // a task (the guard refused repeated topics and partitions, so tasks are at most
+    // the partitions that exist).
     let mut appends = JoinSet::new();
     let mut responses: Vec<produce_response::TopicProduceResponse> = Vec::new();
     for (t, topic) in request.topic_data.into_iter().enumerate() {
+        let found = ack.is_ok().then(|| broker.topic(topic.name.0.as_str()));
         let mut partitions = Vec::with_capacity(topic.partition_data.len());
         for (p, data) in topic.partition_data.into_iter().enumerate() {
-            partitions.push(
-                produce_response::PartitionProduceResponse::default()
-                    .with_index(data.index)
-                    .with_base_offset(-1)
-                    .with_log_append_time_ms(-1)
-                    .with_log_start_offset(-1),
-            );
-            let ack = match ack {
-                Ok(ack) => ack,
-                Err(acks) => {
-                    partitions[p].error_code = K::InvalidRequiredAcks.code();
-                    partitions[p].error_message = Some(StrBytes::from_string(format!(
-                        "acks must be 0, 1 or -1 (all), got {acks}"
-                    )));
-                    continue;
+            let mut response = produce_response::PartitionProduceResponse::default()
+                .with_index(data.index)
+                .with_base_offset(-1)
+                .with_log_append_time_ms(-1)
+                .with_log_start_offset(-1);
+            let partition = found
+                .as_ref()
+                .and_then(|found| found.as_ref().ok())
+                .and_then(|found| found.partitions().get(usize::try_from(data.index).ok()?));
+            match (&ack, partition) {
+                (Err(message), _) => {
+                    response.error_code = K::InvalidRequiredAcks.code();
+                    response.error_message = Some(message.clone());
                 }
-            };
-            let broker = Arc::clone(broker);
-            let topic_name = topic.name.0.to_string();
-            appends.spawn(async move {
-                let stored = append(&broker, &topic_name, data.index, data.records, ack).await;
-                (t, p, stored)
-            });
+                (Ok(ack), Some(partition)) => {
+                    // Until the task reports: a task that panics leaves this answer.
+                    response.error_code = K::UnknownServerError.code();
+                    let (broker, partition, ack) =
+                        (Arc::clone(broker), Arc::clone(partition), *ack);
+                    appends.spawn(async move {
+                        let stored = append(&broker, &partition, data.records, ack).await;
+                        (t, p, stored)
+                    });
+                }
+                (Ok(_), None) => response.error_code = K::UnknownTopicOrPartition.code(),
+            }
+            partitions.push(response);
+        }
+        if let Some(Err(e)) = &found {
+            errors::count(broker.metrics(), "Produce", e);
         }
         responses.push(
             produce_response::TopicProduceResponse::default()
@@ -318,6 +435,7 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
         let response = &mut responses[t].partition_responses[p];
         match stored {
             Ok((base_offset, log_start_offset)) => {
+                response.error_code = 0;
                 response.base_offset = base_offset;
                 response.log_start_offset = log_start_offset;
             }
@@ -335,12 +453,10 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
 /// Stores one partition's batch; returns its base offset and the log start offset.
 async fn append(
     broker: &Broker,
-    topic: &str,
-    partition: i32,
+    partition: &Partition,
     records: Option<Bytes>,
     ack: Ack,
 ) -> Result<(i64, i64)> {
-    let partition = find_partition(broker, topic, partition)?;
     let batch = records
         .filter(|r| !r.is_empty())
         .ok_or_else(|| Error::InvalidArgument("the produce request holds no records".into()))?;

@@ -335,7 +335,7 @@ impl Coordinator {
                 if join.client_id.is_empty() {
                     "member"
                 } else {
-                    &join.client_id
+                    id_prefix(&join.client_id)
                 },
                 std::process::id(),
                 self.next_member.fetch_add(1, Ordering::Relaxed)
@@ -462,7 +462,10 @@ impl Coordinator {
             if group.round.leader == member_id && group.state == State::CompletingRebalance {
                 let assignments: HashMap<String, Bytes> = assignments.into_iter().collect();
                 for (id, member) in group.members.iter_mut() {
-                    member.assignment = assignments.get(id).cloned().unwrap_or_default();
+                    // Copied out: a slice would keep the SyncGroup frame alive.
+                    member.assignment = assignments
+                        .get(id)
+                        .map_or_else(Bytes::new, |a| Bytes::copy_from_slice(a));
                 }
                 group.state = State::Stable;
             }
@@ -714,6 +717,19 @@ fn assigned(assignment: &Bytes) -> Vec<crate::groups::assign::TopicPartition> {
         .unwrap_or_default()
 }
 
+/// Longest client id prefix of a member id the broker makes, so that the id (with
+/// `-<pid>-<n>`) stays within the 255 bytes every later request of the member is held to.
+const MEMBER_ID_PREFIX_MAX: usize = 200;
+
+/// `client_id`, cut to at most [`MEMBER_ID_PREFIX_MAX`] bytes at a character boundary.
+fn id_prefix(client_id: &str) -> &str {
+    let mut end = client_id.len().min(MEMBER_ID_PREFIX_MAX);
+    while !client_id.is_char_boundary(end) {
+        end -= 1;
+    }
+    &client_id[..end]
+}
+
 fn check(group: &Group, member_id: &str, generation: i32) -> Result<(), i16> {
     if !group.members.contains_key(member_id) {
         return Err(K::UnknownMemberId.code());
@@ -739,6 +755,17 @@ mod tests {
             protocol_type: "consumer".into(),
             protocols: vec![("range".into(), Bytes::from_static(b"m"))],
         }
+    }
+
+    #[tokio::test]
+    async fn a_member_id_made_from_a_long_client_id_stays_within_255_bytes() {
+        let c = Coordinator::default();
+        let mut long = join("g", "");
+        long.client_id = "é".repeat(127);
+        let joined = c.join(long).await;
+        assert_eq!(joined.error, 0);
+        assert!(joined.member_id.len() <= 255, "{}", joined.member_id);
+        assert!(joined.member_id.starts_with(&"é".repeat(100)));
     }
 
     #[tokio::test]

@@ -192,6 +192,20 @@ fn unsupported_malformed_and_oversized_requests_close_only_their_connection() {
     body.put_i32(i32::MAX);
     raw.send_frame(&body);
     assert!(raw.frame().is_none(), "connection closed");
+    // A valid Fetch padded to 1 MiB: it would hold that much of the request budget
+    // for a few bytes of request.
+    let mut raw = Raw::connect(kafka);
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Fetch as i16)
+        .with_request_api_version(11)
+        .with_correlation_id(1)
+        .encode(&mut body, ApiKey::Fetch.request_header_version(11))
+        .expect("header");
+    fetch("padded", 0, 0).encode(&mut body, 11).expect("fetch");
+    body.put_bytes(0, 1 << 20);
+    raw.send_frame(&body);
+    assert!(raw.frame().is_none(), "connection closed");
     // The broker still serves everyone else.
     let mut raw = Raw::connect(kafka);
     let metadata: MetadataResponse = raw.call(

@@ -48,6 +48,15 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// How long a request's bytes may take to arrive once its size is read, so a stalled
 /// client cannot hold its share of the request budget.
 const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a response may take to be written: a client that stops reading cannot
+/// hold its response buffer (and its connection slot) for longer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may stay without a request before the broker closes it
+/// (Kafka's `connections.max.idle.ms` default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A connection keeps a response buffer up to this capacity between requests; a
+/// larger one (a big Fetch) is freed once written.
+const RESPONSE_BUFFER_KEPT: usize = 1 << 20;
 /// The node id of this broker in Metadata: Strata is one node.
 const NODE_ID: i32 = 0;
 
@@ -194,10 +203,11 @@ async fn serve_connection(
     let mut reader = BufReader::new(reader);
     let mut response = BytesMut::new();
     loop {
-        let size = match reader.read_i32().await {
-            Ok(size) => size,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+        let size = match tokio::time::timeout(IDLE_TIMEOUT, reader.read_i32()).await {
+            Err(_) => return Err(format!("no request for {IDLE_TIMEOUT:?}")),
+            Ok(Ok(size)) => size,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e.to_string()),
         };
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         if !(8..=REQUEST_BYTES_MAX).contains(&size) {
@@ -206,7 +216,7 @@ async fn serve_connection(
             ));
         }
         let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        let _budget = context
+        let budget = context
             .budget
             .acquire_many(permits)
             .await
@@ -217,11 +227,23 @@ async fn serve_connection(
             .map_err(|_| format!("the request's {size} bytes took over {FRAME_READ_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
         response.clear();
-        if handle(context, peer, frame.freeze(), &mut response).await? {
-            writer
-                .write_all(&response)
+        let answer = handle(context, peer, frame.freeze(), &mut response).await?;
+        // The request is answered: its bytes go back to the budget before the write,
+        // so a client that does not read its response holds none of it.
+        drop(budget);
+        if answer {
+            tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&response))
                 .await
+                .map_err(|_| {
+                    format!(
+                        "the client did not read a {} byte response within {WRITE_TIMEOUT:?}",
+                        response.len()
+                    )
+                })?
                 .map_err(|e| e.to_string())?;
+        }
+        if response.capacity() > RESPONSE_BUFFER_KEPT {
+            response = BytesMut::new();
         }
     }
 }

@@ -36,6 +36,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::broker::Broker;
 use crate::config::KafkaListen;
+use crate::grpc::connections::{out_of_resources, Warner, ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+use crate::grpc::instrument::InFlight;
 
 /// Largest request frame (Kafka's `socket.request.max.bytes` is 100 MiB; a produce
 /// request carries at most one batch per partition, each at most 32 MiB).
@@ -98,10 +100,12 @@ impl Listener {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Starts accepting connections served by `broker`.
-    pub fn start(self, broker: Arc<Broker>) -> Running {
+    /// Starts accepting connections served by `broker`, with TCP keepalive probes
+    /// every `keepalive` on idle connections.
+    pub fn start(self, broker: Arc<Broker>, keepalive: Duration) -> Running {
         let context = Arc::new(Context {
             broker,
+            keepalive,
             host: self.advertised.0,
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
@@ -136,6 +140,8 @@ struct Context {
     host: String,
     port: i32,
     budget: Semaphore,
+    /// TCP keepalive idle time and probe interval.
+    keepalive: Duration,
     /// Metadata creates unknown topics when the client allows it.
     auto_create_topics: bool,
 }
@@ -155,6 +161,12 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         }
     });
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(context.keepalive)
+        .with_interval(context.keepalive);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut refused = Warner::default();
+    let mut failing = Warner::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -162,31 +174,49 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
+            Err(e) if out_of_resources(&e) => {
+                // Retrying at once would fail again at once: back off instead of spinning.
+                if let Some(missed) = failing.due() {
+                    tracing::warn!(
+                        error = %e, pause = ?backoff, failures_since_last_warning = missed,
+                        "cannot accept Kafka connections: out of file descriptors or memory; \
+                         raise the limit (ulimit -n) or lower --max-connections"
+                    );
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
             Err(e) => {
-                // Out of file descriptors, typically: back off instead of spinning.
-                tracing::warn!(error = %e, "cannot accept a Kafka connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A connection that failed before it was accepted (reset by its peer).
+                tracing::debug!(error = %e, "Kafka accept failed");
                 continue;
             }
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(
-                %peer,
-                limit = CONNECTIONS_MAX,
-                "refusing a Kafka connection: too many are open"
-            );
+            if let Some(missed) = refused.due() {
+                tracing::warn!(
+                    %peer,
+                    limit = CONNECTIONS_MAX,
+                    refused_since_last_warning = missed,
+                    "refusing a Kafka connection: too many are open"
+                );
+            }
             drop(stream);
             continue;
         };
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
         let context = Arc::clone(&context);
         connections.spawn(async move {
             let _slot = slot;
-            let metrics = Arc::clone(context.broker.metrics());
-            metrics.connections.inc();
+            // Counted until the task ends, even by a panic.
+            let _open = InFlight::new(&context.broker.metrics().connections);
             if let Err(reason) = serve_connection(&context, stream, peer).await {
                 tracing::debug!(%peer, %reason, "closed a Kafka connection");
             }
-            metrics.connections.dec();
         });
     }
 }
@@ -300,7 +330,7 @@ async fn handle(
     guard::check(api, version, &frame)?;
     out.put_i32(0);
     let metrics = context.broker.metrics();
-    metrics.in_flight.inc();
+    let in_flight = InFlight::new(&metrics.in_flight);
     let mut client = handlers::Client {
         id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
         host: format!("/{}", peer.ip()),
@@ -316,7 +346,7 @@ async fn handle(
         out,
     )
     .await;
-    metrics.in_flight.dec();
+    drop(in_flight);
     metrics.request("kafka", versions::rpc(api), client.clock.elapsed());
     answered
 }

@@ -1415,3 +1415,50 @@ async fn committed_offsets_of_a_kafka_group_with_members_do_not_expire() {
     assert_eq!(described.partitions.len(), 1);
     assert_eq!(described.partitions[0].committed_offset, Some(2));
 }
+
+/// Waits until the broker serves at least one request (a guard bounds the wait; nothing
+/// asserts on time).
+async fn wait_in_flight(broker: &Broker) {
+    let http = broker.http_addr().expect("the broker has an HTTP listener");
+    for _ in 0..1200 {
+        let (_, body) = crate::common::http_get(http, "/metrics").await;
+        let serving = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("strata_requests_in_flight "))
+            .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v >= 1.0));
+        if serving {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no request in flight");
+}
+
+#[tokio::test]
+async fn a_shutdown_answers_the_kafka_request_in_progress_then_closes_its_connection() {
+    let (mut broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "draining",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut idle = Raw::connect(kafka);
+    let _: MetadataResponse = idle.call(
+        ApiKey::Metadata,
+        4,
+        &MetadataRequest::default().with_topics(None),
+    );
+    // A long poll at the end of the empty log: it waits for its 3 s.
+    let mut raw = Raw::connect(kafka);
+    let sent = raw.send(ApiKey::Fetch, 11, &fetch("draining", 0, 3_000));
+    wait_in_flight(&broker).await;
+    broker.terminate();
+    let (correlation, answer): (i32, FetchResponse) = raw.receive(ApiKey::Fetch, 11);
+    assert_eq!(correlation, sent);
+    assert_eq!(answer.responses[0].partitions[0].error_code, 0);
+    assert!(raw.frame().is_none(), "closed once its request is answered");
+    assert!(idle.frame().is_none(), "an idle connection is closed");
+    broker.wait_stopped();
+}

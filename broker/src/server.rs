@@ -86,8 +86,12 @@ pub async fn serve(
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
     let drain = config.limits.shutdown_timeout;
+    let kafka_stopper = kafka.as_ref().map(crate::kafka::Running::stopper);
     let shutdown = async move {
         shutdown.await;
+        if let Some(kafka) = kafka_stopper {
+            kafka.drain();
+        }
         tracing::info!(
             ?drain,
             "shutting down: no new connections; answering requests in progress for at most \
@@ -107,8 +111,9 @@ pub async fn serve(
     expiry.abort();
     // Wait for it: an expiry in progress holds the broker and writes the offsets log.
     let _ = expiry.await;
+    // Its drain began with gRPC's; it gets what is left of the same drain time.
     if let Some(kafka) = kafka {
-        kafka.stop().await;
+        kafka.stop(drain).await;
     }
     tracing::info!("shutting down: flushing and closing partitions");
     let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;

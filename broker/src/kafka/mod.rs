@@ -103,6 +103,7 @@ impl Listener {
     /// Starts accepting connections served by `broker`, with TCP keepalive probes
     /// every `keepalive` on idle connections.
     pub fn start(self, broker: Arc<Broker>, keepalive: Duration) -> Running {
+        let (stopping, stop) = tokio::sync::watch::channel(Phase::Serving);
         let context = Arc::new(Context {
             broker,
             keepalive,
@@ -110,10 +111,53 @@ impl Listener {
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
             auto_create_topics: self.auto_create_topics,
+            stop,
         });
         Running {
             task: tokio::spawn(accept(self.listener, context)),
+            stopper: Stopper {
+                phase: Arc::new(stopping),
+                began: Arc::new(std::sync::OnceLock::new()),
+            },
         }
+    }
+}
+
+/// Where a listener is in its shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// No new connections; each open one answers the request it is serving, then closes.
+    Draining,
+    /// The drain time is up: connections still open are closed.
+    Cut,
+}
+
+/// Resolves once the listener's shutdown reached `phase` (or its owner is gone).
+async fn reached(stop: &mut tokio::sync::watch::Receiver<Phase>, phase: Phase) {
+    let _ = stop.wait_for(|now| *now >= phase).await;
+}
+
+/// Begins a listener's shutdown from outside its owner (the shutdown signal's task).
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    phase: Arc<tokio::sync::watch::Sender<Phase>>,
+    /// When the drain began.
+    began: Arc<std::sync::OnceLock<tokio::time::Instant>>,
+}
+
+impl Stopper {
+    /// Stops accepting connections: each open one answers the request it is serving,
+    /// then closes.
+    pub fn drain(&self) {
+        self.began.get_or_init(tokio::time::Instant::now);
+        self.phase.send_if_modified(|phase| {
+            let draining = *phase == Phase::Serving;
+            if draining {
+                *phase = Phase::Draining;
+            }
+            draining
+        });
     }
 }
 
@@ -121,14 +165,31 @@ impl Listener {
 #[derive(Debug)]
 pub struct Running {
     task: JoinHandle<()>,
+    stopper: Stopper,
 }
 
 impl Running {
-    /// Stops accepting and closes every connection: requests in progress are dropped
-    /// (a produce already handed to a partition is still written; its client retries).
-    pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
+    /// What begins the drain.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Drains (if [`Stopper::drain`] has not begun it already), waits until `drain`
+    /// after the drain began for the connections to answer their requests in progress,
+    /// then closes those still open and waits for their tasks to end. A produce
+    /// already handed to a partition is still written; its client retries.
+    pub async fn stop(self, drain: Duration) {
+        self.stopper.drain();
+        let began = *self.stopper.began.get_or_init(tokio::time::Instant::now);
+        let mut task = self.task;
+        if tokio::time::timeout_at(began + drain, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::info!("cutting the Kafka connections still open after the drain");
+            self.stopper.phase.send_replace(Phase::Cut);
+            let _ = task.await;
+        }
     }
 }
 
@@ -144,22 +205,42 @@ struct Context {
     keepalive: Duration,
     /// Metadata creates unknown topics when the client allows it.
     auto_create_topics: bool,
+    /// The listener's shutdown phase.
+    stop: tokio::sync::watch::Receiver<Phase>,
 }
 
 /// How often expired Kafka group members are removed.
 const GROUP_TICK: Duration = Duration::from_millis(500);
 
+/// Accepts connections until the drain begins, then waits for them to close, or
+/// closes them when the drain time is up.
 async fn accept(listener: TcpListener, context: Arc<Context>) {
-    // Dropped with this task when the listener stops: that aborts every connection.
     let mut connections = JoinSet::new();
     let ticking = Arc::clone(&context);
-    connections.spawn(async move {
+    let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(GROUP_TICK);
         loop {
             tick.tick().await;
             ticking.broker.kafka_members().tick();
         }
     });
+    let mut stop = context.stop.clone();
+    accept_until_drain(&listener, &context, &mut connections).await;
+    drop(listener);
+    ticker.abort();
+    let _ = ticker.await;
+    tokio::select! {
+        () = async { while connections.join_next().await.is_some() {} } => {}
+        () = reached(&mut stop, Phase::Cut) => connections.shutdown().await,
+    }
+}
+
+async fn accept_until_drain(
+    listener: &TcpListener,
+    context: &Arc<Context>,
+    connections: &mut JoinSet<()>,
+) {
+    let mut stop = context.stop.clone();
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(context.keepalive)
@@ -169,6 +250,7 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
     let mut failing = Warner::default();
     loop {
         let accepted = tokio::select! {
+            () = reached(&mut stop, Phase::Draining) => return,
             accepted = listener.accept() => accepted,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
@@ -209,7 +291,7 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
             tracing::debug!(error = %e, "cannot set TCP keepalive");
         }
-        let context = Arc::clone(&context);
+        let context = Arc::clone(context);
         connections.spawn(async move {
             let _slot = slot;
             // Counted until the task ends, even by a panic.
@@ -232,8 +314,15 @@ async fn serve_connection(
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
     let mut response = BytesMut::new();
+    let mut stop = context.stop.clone();
     loop {
-        let size = match tokio::time::timeout(IDLE_TIMEOUT, reader.read_i32()).await {
+        // Between requests a shutdown closes the connection; a request being read or
+        // served is answered first.
+        let next = tokio::select! {
+            () = reached(&mut stop, Phase::Draining) => return Ok(()),
+            next = tokio::time::timeout(IDLE_TIMEOUT, reader.read_i32()) => next,
+        };
+        let size = match next {
             Err(_) => return Err(format!("no request for {IDLE_TIMEOUT:?}")),
             Ok(Ok(size)) => size,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),

@@ -371,9 +371,12 @@ async fn fetch(
     let wait =
         Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(FETCH_WAIT_MAX);
     let mut response = read_fetch(broker, &request, max_bytes).await;
-    if response.1 < min_bytes.max(1) && !wait.is_zero() {
-        // Long poll: wait until any asked partition gets data past its fetch offset.
-        let mut waits = JoinSet::new();
+    // An error (OFFSET_OUT_OF_RANGE, an unknown partition) is answered at once, as
+    // Kafka does: waiting would not change it.
+    if response.1 < min_bytes.max(1) && !wait.is_zero() && !any_error(&response.0) {
+        // Long poll: wait until any asked partition gets data past its fetch offset,
+        // polling their waits together in this task.
+        let mut at_end = Vec::new();
         for topic in &request.topics {
             for p in &topic.partitions {
                 if let (Ok(partition), Ok(offset)) = (
@@ -381,13 +384,27 @@ async fn fetch(
                     u64::try_from(p.fetch_offset),
                 ) {
                     if partition.reader().high_watermark() <= offset {
-                        waits.spawn(async move { partition.wait_past(offset, wait).await });
+                        at_end.push((partition, offset));
                     }
                 }
             }
         }
-        if !waits.is_empty() {
-            let _ = tokio::time::timeout(wait, waits.join_next()).await;
+        if !at_end.is_empty() {
+            let mut waits: Vec<_> = at_end
+                .iter()
+                .map(|(partition, offset)| Box::pin(partition.wait_past(*offset, wait)))
+                .collect();
+            let any = std::future::poll_fn(|cx| {
+                if waits
+                    .iter_mut()
+                    .any(|w| std::future::Future::poll(w.as_mut(), cx).is_ready())
+                {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            let _ = tokio::time::timeout(wait, any).await;
             drop(waits);
             *clock = tokio::time::Instant::now();
             response = read_fetch(broker, &request, max_bytes).await;
@@ -396,6 +413,14 @@ async fn fetch(
     FetchResponse::default()
         .with_session_id(0)
         .with_responses(response.0)
+}
+
+/// True when some partition of a Fetch answer has an error.
+fn any_error(topics: &[fetch_response::FetchableTopicResponse]) -> bool {
+    topics
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .any(|p| p.error_code != 0)
 }
 
 /// One pass over the asked partitions: the topics' answers and the bytes they carry.

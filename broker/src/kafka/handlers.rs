@@ -371,9 +371,10 @@ async fn fetch(
     let wait =
         Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(FETCH_WAIT_MAX);
     let mut response = read_fetch(broker, &request, max_bytes).await;
-    // An error (OFFSET_OUT_OF_RANGE, an unknown partition) is answered at once, as
-    // Kafka does: waiting would not change it.
-    if response.1 < min_bytes.max(1) && !wait.is_zero() && !any_error(&response.0) {
+    // A partition asked past its high watermark waits too: its offset may be written
+    // but not yet committed (an acks=0 or acks=1 produce just before), which Kafka
+    // (reading up to its log end offset) serves after the wait, not as out of range.
+    if response.1 < min_bytes.max(1) && !wait.is_zero() {
         // Long poll: wait until any asked partition gets data past its fetch offset,
         // polling their waits together in this task.
         let mut at_end = Vec::new();
@@ -413,14 +414,6 @@ async fn fetch(
     FetchResponse::default()
         .with_session_id(0)
         .with_responses(response.0)
-}
-
-/// True when some partition of a Fetch answer has an error.
-fn any_error(topics: &[fetch_response::FetchableTopicResponse]) -> bool {
-    topics
-        .iter()
-        .flat_map(|t| &t.partitions)
-        .any(|p| p.error_code != 0)
 }
 
 /// One pass over the asked partitions: the topics' answers and the bytes they carry.

@@ -1462,3 +1462,89 @@ async fn a_shutdown_answers_the_kafka_request_in_progress_then_closes_its_connec
     assert!(idle.frame().is_none(), "an idle connection is closed");
     broker.wait_stopped();
 }
+
+/// A Kafka connection whose receive buffer stays small, so a response it does not
+/// read stays with the broker.
+fn unread_connection(kafka: SocketAddr) -> Raw {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+    socket.connect(&kafka.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(READ_GUARD)).expect("timeout");
+    Raw {
+        stream,
+        correlation: 0,
+    }
+}
+
+#[tokio::test]
+async fn unread_kafka_fetch_responses_hold_the_shared_fetch_memory_budget() {
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--fetch-memory-bytes",
+        "16MiB",
+    ]);
+    let kafka = broker.kafka_addr().expect("a Kafka address");
+    create_topic(
+        &mut broker.admin().await,
+        "big",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut data = broker.client().await;
+    for _ in 0..24 {
+        let records = vec![record(None, &[7; 500 << 10]); 2];
+        data.produce(produce_records("big", 0, records))
+            .await
+            .expect("produce");
+    }
+    // Three 8 MiB fetches nobody reads: their responses, being written, hold their
+    // share of the 16 MiB (the third waits for room).
+    let mut unread = Vec::new();
+    for _ in 0..3 {
+        let mut raw = unread_connection(kafka);
+        let mut request = fetch("big", 0, 0);
+        request.max_bytes = 8 << 20;
+        request.topics[0].partitions[0].partition_max_bytes = 8 << 20;
+        raw.send(ApiKey::Fetch, 11, &request);
+        unread.push(raw);
+    }
+    // A gRPC fetch of 4 MiB finds no room (a guard bounds the wait; nothing asserts on
+    // time).
+    let mut large = crate::common::fetch_request("big", 0, 0, false);
+    large.max_bytes = 4 << 20;
+    let mut refused = None;
+    for _ in 0..600 {
+        match data.fetch(large.clone()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the unread Kafka responses never held the budget");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("fetch_memory_bytes"),
+        "{refused:?}"
+    );
+    // Once the Kafka clients are gone, the budget is free again.
+    drop(unread);
+    let mut served = false;
+    for _ in 0..600 {
+        if data.fetch(large.clone()).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the budget was not returned");
+}

@@ -78,9 +78,17 @@ pub async fn serve(
         config.limits.offsets_retention,
         config.retention_check,
     ));
+    // Fetch responses of both listeners count against one fetch_memory_bytes.
+    let fetch_budget = Arc::new(tokio::sync::Semaphore::new(
+        config.limits.fetch_memory_bytes,
+    ));
     let kafka = kafka.map(|listener| {
         println!("strata kafka on {}", listener.local_addr());
-        listener.start(Arc::clone(&broker), config.limits.keepalive_interval)
+        listener.start(
+            Arc::clone(&broker),
+            config.limits.keepalive_interval,
+            Arc::clone(&fetch_budget),
+        )
     });
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
@@ -102,6 +110,7 @@ pub async fn serve(
     let served = crate::grpc::serve(
         Arc::clone(&broker),
         config.limits.clone(),
+        fetch_budget,
         listener,
         shutdown,
     )

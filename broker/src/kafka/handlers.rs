@@ -50,6 +50,8 @@ pub(super) struct Client {
     /// When serving started; restarted after a long poll's or a rebalance's wait, which
     /// are not the broker's latency.
     pub clock: tokio::time::Instant,
+    /// The answer's share of the fetch memory budget, held until it is written.
+    pub memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub(super) async fn dispatch(
@@ -88,7 +90,7 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::Fetch => {
-            let answer = fetch(broker, decode!(FetchRequest), &mut client.clock).await;
+            let answer = fetch(broker, &context.fetch_budget, decode!(FetchRequest), client).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::ListOffsets => {
@@ -357,10 +359,14 @@ async fn append(
     ))
 }
 
+/// Serves a Fetch; `client.memory` gets the answer's share of `budget` (the broker's
+/// fetch memory budget), taken before each read and fitted to what was read. A long
+/// poll holds none of it while it waits.
 async fn fetch(
     broker: &Arc<Broker>,
+    budget: &Arc<tokio::sync::Semaphore>,
     request: FetchRequest,
-    clock: &mut tokio::time::Instant,
+    client: &mut Client,
 ) -> FetchResponse {
     // Read-committed readers stop at the last stable offset; without transactions that
     // is the high watermark, so both isolation levels read the same.
@@ -370,6 +376,7 @@ async fn fetch(
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
     let wait =
         Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(FETCH_WAIT_MAX);
+    let mut memory = fetch_memory(budget, max_bytes).await;
     let mut response = read_fetch(broker, &request, max_bytes).await;
     // A partition asked past its high watermark waits too: its offset may be written
     // but not yet committed (an acks=0 or acks=1 produce just before), which Kafka
@@ -391,6 +398,7 @@ async fn fetch(
             }
         }
         if !at_end.is_empty() {
+            drop(memory);
             let mut waits: Vec<_> = at_end
                 .iter()
                 .map(|(partition, offset)| Box::pin(partition.wait_past(*offset, wait)))
@@ -407,13 +415,29 @@ async fn fetch(
             });
             let _ = tokio::time::timeout(wait, any).await;
             drop(waits);
-            *clock = tokio::time::Instant::now();
+            client.clock = tokio::time::Instant::now();
+            memory = fetch_memory(budget, max_bytes).await;
             response = read_fetch(broker, &request, max_bytes).await;
         }
     }
+    if let Some(memory) = &mut memory {
+        crate::grpc::service::fit(budget, memory, response.1);
+    }
+    client.memory = memory;
     FetchResponse::default()
         .with_session_id(0)
         .with_responses(response.0)
+}
+
+/// Takes `bytes` of the fetch memory budget, waiting for responses being written to
+/// free it (each within the listeners' write limits); `None` once the budget is closed
+/// (it never is while the listener serves).
+async fn fetch_memory(
+    budget: &Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permits = crate::grpc::service::fetch_permits(bytes);
+    Arc::clone(budget).acquire_many_owned(permits).await.ok()
 }
 
 /// One pass over the asked partitions: the topics' answers and the bytes they carry.

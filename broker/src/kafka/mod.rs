@@ -31,7 +31,7 @@ use kafka_protocol::protocol::{decode_request_header_from_buffer, Encodable};
 use kafka_protocol::ResponseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::broker::Broker;
@@ -102,7 +102,14 @@ impl Listener {
 
     /// Starts accepting connections served by `broker`, with TCP keepalive probes
     /// every `keepalive` on idle connections.
-    pub fn start(self, broker: Arc<Broker>, keepalive: Duration) -> Running {
+    /// Fetch responses are held within `fetch_budget` (`fetch_memory_bytes`, shared
+    /// with gRPC) until written.
+    pub fn start(
+        self,
+        broker: Arc<Broker>,
+        keepalive: Duration,
+        fetch_budget: Arc<Semaphore>,
+    ) -> Running {
         let (stopping, stop) = tokio::sync::watch::channel(Phase::Serving);
         let context = Arc::new(Context {
             broker,
@@ -110,6 +117,7 @@ impl Listener {
             host: self.advertised.0,
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
+            fetch_budget,
             auto_create_topics: self.auto_create_topics,
             stop,
         });
@@ -201,6 +209,9 @@ struct Context {
     host: String,
     port: i32,
     budget: Semaphore,
+    /// The broker's fetch memory budget: a Fetch response holds its share until it is
+    /// written.
+    fetch_budget: Arc<Semaphore>,
     /// TCP keepalive idle time and probe interval.
     keepalive: Duration,
     /// Metadata creates unknown topics when the client allows it.
@@ -346,7 +357,8 @@ async fn serve_connection(
             .map_err(|_| format!("the request's {size} bytes took over {FRAME_READ_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
         response.clear();
-        let answer = handle(context, peer, frame.freeze(), &mut response).await?;
+        let mut memory = None;
+        let answer = handle(context, peer, frame.freeze(), &mut response, &mut memory).await?;
         // The request is answered: its bytes go back to the budget before the write,
         // so a client that does not read its response holds none of it.
         drop(budget);
@@ -361,6 +373,7 @@ async fn serve_connection(
                 })?
                 .map_err(|e| e.to_string())?;
         }
+        drop(memory);
         if response.capacity() > RESPONSE_BUFFER_KEPT {
             response = BytesMut::new();
         }
@@ -368,13 +381,15 @@ async fn serve_connection(
 }
 
 /// Answers one request frame into `out` (length prefix included); false when the
-/// request gets no answer (a produce with acks=0). An error closes the connection:
-/// the request cannot be answered in a form the client would parse.
+/// request gets no answer (a produce with acks=0). `memory` gets the answer's share of
+/// the fetch memory budget, to hold until it is written. An error closes the
+/// connection: the request cannot be answered in a form the client would parse.
 async fn handle(
     context: &Context,
     peer: SocketAddr,
     mut frame: Bytes,
     out: &mut BytesMut,
+    memory: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<bool, String> {
     let key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
@@ -424,6 +439,7 @@ async fn handle(
         id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
         host: format!("/{}", peer.ip()),
         clock: tokio::time::Instant::now(),
+        memory: None,
     };
     let answered = handlers::dispatch(
         context,
@@ -436,6 +452,7 @@ async fn handle(
     )
     .await;
     drop(in_flight);
+    *memory = client.memory.take();
     metrics.request("kafka", versions::rpc(api), client.clock.elapsed());
     answered
 }

@@ -11,7 +11,10 @@
 //! ([`REQUEST_BYTES_MAX`]), and so are the bytes of requests held at once across all
 //! connections ([`REQUEST_BUDGET_BYTES`]) and the number of connections
 //! ([`CONNECTIONS_MAX`]); every length and count in a request is checked against the
-//! frame before the codec reads it (see [`guard`]).
+//! frame before the codec reads it (see [`guard`]). A request's budget is returned once
+//! it is answered; a Fetch answer holds its share of the broker's fetch memory budget
+//! (shared with gRPC) until written, and a write, like an idle connection, is bounded in
+//! time. A shutdown drains the listener with the gRPC one (see [`Running::stop`]).
 
 mod errors;
 mod groups;

@@ -192,6 +192,20 @@ fn unsupported_malformed_and_oversized_requests_close_only_their_connection() {
     body.put_i32(i32::MAX);
     raw.send_frame(&body);
     assert!(raw.frame().is_none(), "connection closed");
+    // A valid Fetch padded to 1 MiB: it would hold that much of the request budget
+    // for a few bytes of request.
+    let mut raw = Raw::connect(kafka);
+    let mut body = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(ApiKey::Fetch as i16)
+        .with_request_api_version(11)
+        .with_correlation_id(1)
+        .encode(&mut body, ApiKey::Fetch.request_header_version(11))
+        .expect("header");
+    fetch("padded", 0, 0).encode(&mut body, 11).expect("fetch");
+    body.put_bytes(0, 1 << 20);
+    raw.send_frame(&body);
+    assert!(raw.frame().is_none(), "connection closed");
     // The broker still serves everyone else.
     let mut raw = Raw::connect(kafka);
     let metadata: MetadataResponse = raw.call(
@@ -1708,4 +1722,137 @@ async fn a_response_over_64_mib_is_refused_before_it_is_encoded() {
         &DescribeGroupsRequest::default().with_groups((0..65).map(group).collect()),
     );
     assert!(raw.frame().is_none(), "connection closed");
+}
+
+/// Waits until the broker serves at least one request (a guard bounds the wait; nothing
+/// asserts on time).
+async fn wait_in_flight(broker: &Broker) {
+    let http = broker.http_addr().expect("the broker has an HTTP listener");
+    for _ in 0..1200 {
+        let (_, body) = crate::common::http_get(http, "/metrics").await;
+        let serving = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("strata_requests_in_flight "))
+            .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v >= 1.0));
+        if serving {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no request in flight");
+}
+
+#[tokio::test]
+async fn a_shutdown_answers_the_kafka_request_in_progress_then_closes_its_connection() {
+    let (mut broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "draining",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut idle = Raw::connect(kafka);
+    let _: MetadataResponse = idle.call(
+        ApiKey::Metadata,
+        4,
+        &MetadataRequest::default().with_topics(None),
+    );
+    // A long poll at the end of the empty log: it waits for its 3 s.
+    let mut raw = Raw::connect(kafka);
+    let sent = raw.send(ApiKey::Fetch, 11, &fetch("draining", 0, 3_000));
+    wait_in_flight(&broker).await;
+    broker.terminate();
+    let (correlation, answer): (i32, FetchResponse) = raw.receive(ApiKey::Fetch, 11);
+    assert_eq!(correlation, sent);
+    assert_eq!(answer.responses[0].partitions[0].error_code, 0);
+    assert!(raw.frame().is_none(), "closed once its request is answered");
+    assert!(idle.frame().is_none(), "an idle connection is closed");
+    broker.wait_stopped();
+}
+
+/// A Kafka connection whose receive buffer stays small, so a response it does not
+/// read stays with the broker.
+fn unread_connection(kafka: SocketAddr) -> Raw {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket.set_recv_buffer_size(64 << 10).expect("SO_RCVBUF");
+    socket.connect(&kafka.into()).expect("connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(READ_GUARD)).expect("timeout");
+    Raw {
+        stream,
+        correlation: 0,
+    }
+}
+
+#[tokio::test]
+async fn unread_kafka_fetch_responses_hold_the_shared_fetch_memory_budget() {
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--fetch-memory-bytes",
+        "16MiB",
+    ]);
+    let kafka = broker.kafka_addr().expect("a Kafka address");
+    create_topic(
+        &mut broker.admin().await,
+        "big",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    let mut data = broker.client().await;
+    for _ in 0..24 {
+        let records = vec![record(None, &[7; 500 << 10]); 2];
+        data.produce(produce_records("big", 0, records))
+            .await
+            .expect("produce");
+    }
+    // Three 8 MiB fetches nobody reads: their responses, being written, hold their
+    // share of the 16 MiB (the third waits for room).
+    let mut unread = Vec::new();
+    for _ in 0..3 {
+        let mut raw = unread_connection(kafka);
+        let mut request = fetch("big", 0, 0);
+        request.max_bytes = 8 << 20;
+        request.topics[0].partitions[0].partition_max_bytes = 8 << 20;
+        raw.send(ApiKey::Fetch, 11, &request);
+        unread.push(raw);
+    }
+    // A gRPC fetch of 4 MiB finds no room (a guard bounds the wait; nothing asserts on
+    // time).
+    let mut large = crate::common::fetch_request("big", 0, 0, false);
+    large.max_bytes = 4 << 20;
+    let mut refused = None;
+    for _ in 0..600 {
+        match data.fetch(large.clone()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the unread Kafka responses never held the budget");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("fetch_memory_bytes"),
+        "{refused:?}"
+    );
+    // Once the Kafka clients are gone, the budget is free again.
+    drop(unread);
+    let mut served = false;
+    for _ in 0..600 {
+        if data.fetch(large.clone()).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "the budget was not returned");
 }

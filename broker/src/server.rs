@@ -78,16 +78,28 @@ pub async fn serve(
         config.limits.offsets_retention,
         config.retention_check,
     ));
+    // Fetch responses of both listeners count against one fetch_memory_bytes.
+    let fetch_budget = Arc::new(tokio::sync::Semaphore::new(
+        config.limits.fetch_memory_bytes,
+    ));
     let kafka = kafka.map(|listener| {
         println!("strata kafka on {}", listener.local_addr());
-        listener.start(Arc::clone(&broker))
+        listener.start(
+            Arc::clone(&broker),
+            config.limits.keepalive_interval,
+            Arc::clone(&fetch_budget),
+        )
     });
     println!("strata listening on {address}");
     tracing::info!(%address, data_dir = %config.data_dir.display(), "serving");
     let stopping = Arc::clone(&source);
     let drain = config.limits.shutdown_timeout;
+    let kafka_stopper = kafka.as_ref().map(crate::kafka::Running::stopper);
     let shutdown = async move {
         shutdown.await;
+        if let Some(kafka) = kafka_stopper {
+            kafka.drain();
+        }
         tracing::info!(
             ?drain,
             "shutting down: no new connections; answering requests in progress for at most \
@@ -98,6 +110,7 @@ pub async fn serve(
     let served = crate::grpc::serve(
         Arc::clone(&broker),
         config.limits.clone(),
+        fetch_budget,
         listener,
         shutdown,
     )
@@ -107,8 +120,9 @@ pub async fn serve(
     expiry.abort();
     // Wait for it: an expiry in progress holds the broker and writes the offsets log.
     let _ = expiry.await;
+    // Its drain began with gRPC's; it gets what is left of the same drain time.
     if let Some(kafka) = kafka {
-        kafka.stop().await;
+        kafka.stop(drain).await;
     }
     tracing::info!("shutting down: flushing and closing partitions");
     let errors = tokio::task::spawn_blocking(move || broker.shutdown()).await?;
@@ -160,6 +174,17 @@ fn nofile_needed(partitions: u64, max_open_files: usize, max_connections: usize)
     NOFILE_MARGIN + 3 * partitions + max_open_files as u64 + max_connections as u64
 }
 
+/// Connections the broker may hold open: gRPC's `max_connections`, and the Kafka
+/// listener's [`crate::kafka::CONNECTIONS_MAX`] when it is on.
+fn connections_max(max_connections: usize, kafka: bool) -> usize {
+    max_connections
+        + if kafka {
+            crate::kafka::CONNECTIONS_MAX
+        } else {
+            0
+        }
+}
+
 /// Warns when the open-file limit is below what the configuration may need: past it,
 /// a segment roll fails (fail-stopping its partition) or connections are refused.
 fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
@@ -168,7 +193,8 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
         .iter()
         .map(|t| u64::from(t.settings.partitions))
         .sum();
-    let needed = nofile_needed(partitions, config.max_open_files, config.limits.connections);
+    let connections = connections_max(config.limits.connections, config.kafka.is_some());
+    let needed = nofile_needed(partitions, config.max_open_files, connections);
     if let Some(limit) = limit.filter(|&limit| limit < needed) {
         tracing::warn!(
             limit,
@@ -176,9 +202,11 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
             partitions,
             max_open_files = config.max_open_files,
             max_connections = config.limits.connections,
+            kafka_connections = connections - config.limits.connections,
             "the open-file limit (ulimit -n) is below what this broker may need \
-             (64 + 3 x partitions + max_open_files + max_connections): raise the hard \
-             limit, or lower --max-connections or --max-open-files"
+             (64 + 3 x partitions + max_open_files + max_connections + 1024 Kafka \
+             connections when the Kafka listener is on): raise the hard limit, or lower \
+             --max-connections or --max-open-files"
         );
     }
 }
@@ -313,4 +341,22 @@ pub async fn shutdown_signal() {
         _ = terminate.recv() => "SIGTERM",
     };
     tracing::info!(signal, "received a shutdown signal");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_check_counts_kafka_connections_when_the_listener_is_on() {
+        assert_eq!(connections_max(100, false), 100);
+        assert_eq!(
+            connections_max(100, true),
+            100 + crate::kafka::CONNECTIONS_MAX
+        );
+        assert_eq!(
+            nofile_needed(10, 50, connections_max(100, true)),
+            NOFILE_MARGIN + 30 + 50 + 100 + 1024
+        );
+    }
 }

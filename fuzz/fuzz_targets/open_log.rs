@@ -79,8 +79,9 @@ fuzz_target!(|input: Directory| {
         offset = read.next_offset;
     }
     for &timestamp in input.timestamps.iter().take(4) {
-        if let Ok(Some(found)) = reader.offset_for_timestamp(timestamp) {
-            assert!(found <= end, "time lookup answered {found} past the end {end}");
+        if let Ok(lookup) = reader.offset_for_timestamp(timestamp) {
+            let answer = lookup.offset();
+            assert!(answer <= end, "time lookup answered {answer} past the end {end}");
         }
     }
     let _ = reader.batch_timestamp(earliest);

@@ -54,7 +54,8 @@ fn fixture() -> &'static Fixture {
         broker
             .coordinator()
             .set_limits(limits.group_members, limits.groups);
-        let service = Service::new(Arc::new(broker), limits);
+        let fetch_budget = Arc::new(tokio::sync::Semaphore::new(limits.fetch_memory_bytes));
+        let service = Service::new(Arc::new(broker), limits, fetch_budget);
         Fixture {
             _dir: dir,
             runtime,

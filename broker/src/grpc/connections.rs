@@ -22,9 +22,9 @@ use crate::grpc::instrument::Counted;
 
 /// First pause of `accept` after it failed for lack of descriptors or memory; it
 /// doubles on each failure in a row, up to [`ACCEPT_BACKOFF_MAX`].
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest pause of `accept`.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+pub(crate) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Least time between two warnings about refused connections or a failing `accept`.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -221,7 +221,7 @@ async fn accept(
 }
 
 /// True for the `accept` errors that say the process is out of descriptors or memory.
-fn out_of_resources(e: &io::Error) -> bool {
+pub(crate) fn out_of_resources(e: &io::Error) -> bool {
     const EMFILE: i32 = 24;
     const ENFILE: i32 = 23;
     const ENOMEM: i32 = 12;
@@ -231,14 +231,14 @@ fn out_of_resources(e: &io::Error) -> bool {
 
 /// Lets a warning through at most every [`WARN_EVERY`], counting those held back.
 #[derive(Default)]
-struct Warner {
+pub(crate) struct Warner {
     last: Option<Instant>,
     missed: u64,
 }
 
 impl Warner {
     /// `Some(held back since the last)` when a warning is due.
-    fn due(&mut self) -> Option<u64> {
+    pub(crate) fn due(&mut self) -> Option<u64> {
         let now = Instant::now();
         if self.last.is_some_and(|last| now - last < WARN_EVERY) {
             self.missed += 1;

@@ -382,10 +382,11 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// One unit of a gauge for as long as it lives.
-struct InFlight(Gauge);
+pub struct InFlight(Gauge);
 
 impl InFlight {
-    fn new(gauge: &Gauge) -> InFlight {
+    /// Adds one to `gauge`, taken back when the result is dropped.
+    pub fn new(gauge: &Gauge) -> InFlight {
         gauge.inc();
         InFlight(gauge.clone())
     }

@@ -54,6 +54,7 @@ use service::{Service, FETCH_BYTES_MAX};
 pub async fn serve(
     broker: Arc<Broker>,
     limits: Limits,
+    fetch_budget: Arc<tokio::sync::Semaphore>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -65,7 +66,7 @@ pub async fn serve(
         .build_v1()?;
     let metrics = Arc::clone(broker.metrics());
     let reporter = tokio::spawn(report_health(Arc::clone(&broker), health.clone()));
-    let service = Service::new(broker, limits.clone());
+    let service = Service::new(broker, limits.clone(), fetch_budget);
     let stopping = service.clone();
     // Long polls and Subscribe streams would otherwise hold a graceful shutdown open.
     let shutdown = async move {

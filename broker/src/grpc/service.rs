@@ -38,7 +38,7 @@ const FETCH_BUDGET_WAIT: Duration = Duration::from_secs(1);
 
 /// Permits of the fetch memory budget for `bytes` (at most the largest fetch plus the
 /// largest batch, below the least budget).
-fn fetch_permits(bytes: usize) -> u32 {
+pub(crate) fn fetch_permits(bytes: usize) -> u32 {
     bytes.min(FETCH_MEMORY_BYTES_MIN) as u32
 }
 
@@ -82,14 +82,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Services over `broker`, within `limits`.
-    pub fn new(broker: Arc<Broker>, limits: Limits) -> Service {
+    /// Services over `broker`, within `limits`; `fetch_budget` holds
+    /// `limits.fetch_memory_bytes` permits, shared with the Kafka listener.
+    pub fn new(broker: Arc<Broker>, limits: Limits, fetch_budget: Arc<Semaphore>) -> Service {
         let (stopping, _) = tokio::sync::watch::channel(false);
         Service {
             broker,
             stopping: Arc::new(stopping),
             produce_budget: Arc::new(tokio::sync::Semaphore::new(PRODUCE_BUDGET_BYTES)),
-            fetch_budget: Arc::new(Semaphore::new(limits.fetch_memory_bytes)),
+            fetch_budget,
             subscribe_share: Arc::new(Semaphore::new(
                 limits.fetch_memory_bytes / 4 * SUBSCRIBE_SHARE_QUARTERS,
             )),
@@ -897,7 +898,7 @@ impl Service {
 /// Fits `permit` of `semaphore` (taken for a response before it was read) to the
 /// response's `bytes`: frees what it does not need, or takes what it needs beyond, if
 /// free (the response is read already; at most one batch over what was asked for).
-fn fit(semaphore: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, bytes: usize) {
+pub(crate) fn fit(semaphore: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit, bytes: usize) {
     let held = permit.num_permits();
     if bytes < held {
         drop(permit.split(held - bytes));

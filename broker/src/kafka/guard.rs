@@ -247,9 +247,16 @@ fn schema(api: ApiKey, version: i16) -> Option<(&'static [Field], i16)> {
 }
 
 /// Checks the body (after the request header) of a request of `api` at `version`:
-/// every length and count fits in the bytes that follow it.
+/// every length and count fits in the bytes that follow it, and nothing follows the
+/// last field (padding would make a small request hold a large share of the request
+/// budget).
 pub fn check(api: ApiKey, version: i16, body: &[u8]) -> Result<(), String> {
-    unread(api, version, body).map(drop)
+    match unread(api, version, body)? {
+        0 => Ok(()),
+        extra => Err(format!(
+            "invalid {api:?} v{version} request: {extra} bytes follow its last field"
+        )),
+    }
 }
 
 /// [`check`], returning how many bytes follow the last field.
@@ -711,6 +718,11 @@ mod tests {
         )
         .expect_err("inflated");
         assert!(e.contains("claims"), "{e}");
+        // Padding after the last field: a small request in a large frame.
+        let mut padded = encoded(&fetch, 12);
+        padded.extend_from_slice(&[0; 16]);
+        let e = check(ApiKey::Fetch, 12, &padded).expect_err("padded");
+        assert!(e.contains("16 bytes follow its last field"), "{e}");
         // Truncated strings and negative lengths.
         assert!(check(ApiKey::CreateTopics, 2, &[0, 0, 0, 1, 0, 9, b'a']).is_err());
         assert!(check(ApiKey::CreateTopics, 2, &[0xff, 0xff, 0xff, 0xf0]).is_err());

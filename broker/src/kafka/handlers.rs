@@ -54,6 +54,8 @@ pub(super) struct Client {
     /// When serving started; restarted after a long poll's or a rebalance's wait, which
     /// are not the broker's latency.
     pub clock: tokio::time::Instant,
+    /// The answer's share of the fetch memory budget, held until it is written.
+    pub memory: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 pub(super) async fn dispatch(
@@ -117,7 +119,7 @@ pub(super) async fn dispatch(
                     .iter()
                     .map(|t| (t.topic.0.as_str(), t.partitions.iter().map(|p| p.partition))),
             )?;
-            let answer = fetch(broker, request, &mut client.clock).await;
+            let answer = fetch(broker, &context.fetch_budget, request, client).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::ListOffsets => {
@@ -473,10 +475,14 @@ async fn append(
     ))
 }
 
+/// Serves a Fetch; `client.memory` gets the answer's share of `budget` (the broker's
+/// fetch memory budget), taken before each read and fitted to what was read. A long
+/// poll holds none of it while it waits.
 async fn fetch(
     broker: &Arc<Broker>,
+    budget: &Arc<tokio::sync::Semaphore>,
     request: FetchRequest,
-    clock: &mut tokio::time::Instant,
+    client: &mut Client,
 ) -> FetchResponse {
     // Read-committed readers stop at the last stable offset; without transactions that
     // is the high watermark, so both isolation levels read the same.
@@ -486,10 +492,15 @@ async fn fetch(
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
     let wait =
         Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(FETCH_WAIT_MAX);
+    let mut memory = fetch_memory(budget, max_bytes).await;
     let mut response = read_fetch(broker, &request, max_bytes).await;
+    // A partition asked past its high watermark waits too: its offset may be written
+    // but not yet committed (an acks=0 or acks=1 produce just before), which Kafka
+    // (reading up to its log end offset) serves after the wait, not as out of range.
     if response.1 < min_bytes.max(1) && !wait.is_zero() {
-        // Long poll: wait until any asked partition gets data past its fetch offset.
-        let mut waits = JoinSet::new();
+        // Long poll: wait until any asked partition gets data past its fetch offset,
+        // polling their waits together in this task.
+        let mut at_end = Vec::new();
         for topic in &request.topics {
             for p in &topic.partitions {
                 if let (Ok(partition), Ok(offset)) = (
@@ -497,21 +508,52 @@ async fn fetch(
                     u64::try_from(p.fetch_offset),
                 ) {
                     if partition.reader().high_watermark() <= offset {
-                        waits.spawn(async move { partition.wait_past(offset, wait).await });
+                        at_end.push((partition, offset));
                     }
                 }
             }
         }
-        if !waits.is_empty() {
-            let _ = tokio::time::timeout(wait, waits.join_next()).await;
+        if !at_end.is_empty() {
+            drop(memory);
+            let mut waits: Vec<_> = at_end
+                .iter()
+                .map(|(partition, offset)| Box::pin(partition.wait_past(*offset, wait)))
+                .collect();
+            let any = std::future::poll_fn(|cx| {
+                if waits
+                    .iter_mut()
+                    .any(|w| std::future::Future::poll(w.as_mut(), cx).is_ready())
+                {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
+            let _ = tokio::time::timeout(wait, any).await;
             drop(waits);
-            *clock = tokio::time::Instant::now();
+            client.clock = tokio::time::Instant::now();
+            memory = fetch_memory(budget, max_bytes).await;
             response = read_fetch(broker, &request, max_bytes).await;
         }
     }
+    if let Some(memory) = &mut memory {
+        crate::grpc::service::fit(budget, memory, response.1);
+    }
+    client.memory = memory;
     FetchResponse::default()
         .with_session_id(0)
         .with_responses(response.0)
+}
+
+/// Takes `bytes` of the fetch memory budget, waiting for responses being written to
+/// free it (each within the listeners' write limits); `None` once the budget is closed
+/// (it never is while the listener serves).
+async fn fetch_memory(
+    budget: &Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permits = crate::grpc::service::fetch_permits(bytes);
+    Arc::clone(budget).acquire_many_owned(permits).await.ok()
 }
 
 /// One pass over the asked partitions: the topics' answers and the bytes they carry.

@@ -96,17 +96,38 @@ impl Group {
     fn prepare(&mut self, now: Instant) {
         if self.state != State::PreparingRebalance {
             self.state = State::PreparingRebalance;
-            let longest = self
-                .members
-                .values()
-                .map(|m| m.rebalance)
-                .max()
-                .unwrap_or_default();
-            self.deadline = now + longest.min(REBALANCE_TIMEOUT_MAX);
+            self.deadline = now + self.longest_rebalance();
             for member in self.members.values_mut() {
                 member.joined = false;
             }
         }
+    }
+
+    /// The longest rebalance timeout of the members, at most [`REBALANCE_TIMEOUT_MAX`].
+    fn longest_rebalance(&self) -> Duration {
+        self.members
+            .values()
+            .map(|m| m.rebalance)
+            .max()
+            .unwrap_or_default()
+            .min(REBALANCE_TIMEOUT_MAX)
+    }
+
+    /// Ends a CompletingRebalance whose leader sent no assignment within the rebalance
+    /// timeout (it may heartbeat all along): the leader is removed and the others,
+    /// waiting in SyncGroup, get REBALANCE_IN_PROGRESS and rejoin. True when it ended.
+    fn end_overdue_sync(&mut self, now: Instant) -> bool {
+        if self.state != State::CompletingRebalance || now < self.deadline {
+            return false;
+        }
+        let leader = std::mem::take(&mut self.round.leader);
+        self.members.remove(&leader);
+        if self.members.is_empty() {
+            self.state = State::Empty;
+        } else {
+            self.prepare(now);
+        }
+        true
     }
 
     /// Completes the rebalance if every member joined, or, `at_deadline`, with those
@@ -166,6 +187,8 @@ impl Group {
             member.assignment = Bytes::new();
         }
         self.state = State::CompletingRebalance;
+        // The leader has the rebalance timeout to send the assignment.
+        self.deadline = now + self.longest_rebalance();
         self.round = Round {
             generation: self.generation,
             protocol,
@@ -655,15 +678,21 @@ impl Coordinator {
             .collect()
     }
 
-    /// Removes members whose session expired, completes rebalances past their deadline
-    /// and forgets empty groups. Call periodically.
+    /// Removes members whose session expired, completes rebalances past their deadline,
+    /// ends syncs whose leader sent no assignment in time and forgets empty groups.
+    /// Call periodically.
     pub fn tick(&self) {
-        let now = Instant::now();
+        self.tick_at(Instant::now());
+    }
+
+    /// [`Coordinator::tick`] at `now`.
+    fn tick_at(&self, now: Instant) {
         let mut changed = false;
         {
             let mut groups = self.lock();
             for group in groups.values_mut() {
                 changed |= group.expire(now);
+                changed |= group.end_overdue_sync(now);
                 changed |= group.try_complete(now, true);
             }
             groups.retain(|_, g| !g.members.is_empty() || g.state != State::Empty);
@@ -875,6 +904,63 @@ mod tests {
         assert_eq!(c.join(short).await.error, K::InvalidSessionTimeout.code());
         assert_eq!(
             c.join(join("g", "made-up")).await.error,
+            K::UnknownMemberId.code()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_never_syncs_is_removed_after_the_rebalance_timeout() {
+        let c = std::sync::Arc::new(Coordinator::default());
+        let quick = |member: &str| Join {
+            rebalance: Duration::from_secs(1),
+            ..join("g", member)
+        };
+        let first = c.join(quick("")).await;
+        let synced = c
+            .sync(
+                "g",
+                &first.member_id,
+                1,
+                vec![(first.member_id.clone(), Bytes::new())],
+            )
+            .await;
+        assert!(synced.is_ok());
+        let second = tokio::spawn({
+            let c = std::sync::Arc::clone(&c);
+            async move { c.join(quick("")).await }
+        });
+        let mut rejoined = Joined::default();
+        for _ in 0..1000 {
+            if c.heartbeat("g", &first.member_id, 1) != 0 {
+                rejoined = c.join(quick(&first.member_id)).await;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let second = second.await.expect("joined");
+        assert_eq!(
+            (rejoined.generation, rejoined.leader.as_str()),
+            (2, first.member_id.as_str())
+        );
+        // The follower waits for an assignment the leader never sends; the leader
+        // heartbeats all along, so its session does not expire.
+        let follower = tokio::spawn({
+            let c = std::sync::Arc::clone(&c);
+            let id = second.member_id.clone();
+            async move { c.sync("g", &id, 2, Vec::new()).await }
+        });
+        assert_eq!(c.heartbeat("g", &first.member_id, 2), 0);
+        c.tick_at(Instant::now() + Duration::from_secs(2));
+        let view = c.describe("g").expect("the group");
+        assert_eq!(view.state, "PreparingRebalance");
+        assert_eq!(view.members.len(), 1, "the leader is removed");
+        assert_eq!(view.members[0].id, second.member_id);
+        assert_eq!(
+            follower.await.expect("synced"),
+            Err(K::RebalanceInProgress.code())
+        );
+        assert_eq!(
+            c.heartbeat("g", &first.member_id, 2),
             K::UnknownMemberId.code()
         );
     }

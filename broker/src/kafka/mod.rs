@@ -11,7 +11,10 @@
 //! ([`REQUEST_BYTES_MAX`]), and so are the bytes of requests held at once across all
 //! connections ([`REQUEST_BUDGET_BYTES`]) and the number of connections
 //! ([`CONNECTIONS_MAX`]); every length and count in a request is checked against the
-//! frame before the codec reads it (see [`guard`]).
+//! frame before the codec reads it (see [`guard`]). A request's budget is returned once
+//! it is answered; a Fetch answer holds its share of the broker's fetch memory budget
+//! (shared with gRPC) until written, and a write, like an idle connection, is bounded in
+//! time. A shutdown drains the listener with the gRPC one (see [`Running::stop`]).
 
 mod errors;
 mod groups;
@@ -31,11 +34,13 @@ use kafka_protocol::protocol::{decode_request_header_from_buffer, Encodable};
 use kafka_protocol::ResponseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::broker::Broker;
 use crate::config::KafkaListen;
+use crate::grpc::connections::{out_of_resources, Warner, ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+use crate::grpc::instrument::InFlight;
 
 /// Largest request frame (Kafka's `socket.request.max.bytes` is 100 MiB; a produce
 /// request carries at most one batch per partition, each at most 32 MiB).
@@ -48,6 +53,15 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// How long a request's bytes may take to arrive once its size is read, so a stalled
 /// client cannot hold its share of the request budget.
 const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a response may take to be written: a client that stops reading cannot
+/// hold its response buffer (and its connection slot) for longer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection may stay without a request before the broker closes it
+/// (Kafka's `connections.max.idle.ms` default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// A connection keeps a response buffer up to this capacity between requests; a
+/// larger one (a big Fetch) is freed once written.
+const RESPONSE_BUFFER_KEPT: usize = 1 << 20;
 /// The node id of this broker in Metadata: Strata is one node.
 const NODE_ID: i32 = 0;
 
@@ -89,18 +103,72 @@ impl Listener {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Starts accepting connections served by `broker`.
-    pub fn start(self, broker: Arc<Broker>) -> Running {
+    /// Starts accepting connections served by `broker`, with TCP keepalive probes
+    /// every `keepalive` on idle connections.
+    /// Fetch responses are held within `fetch_budget` (`fetch_memory_bytes`, shared
+    /// with gRPC) until written.
+    pub fn start(
+        self,
+        broker: Arc<Broker>,
+        keepalive: Duration,
+        fetch_budget: Arc<Semaphore>,
+    ) -> Running {
+        let (stopping, stop) = tokio::sync::watch::channel(Phase::Serving);
         let context = Arc::new(Context {
             broker,
+            keepalive,
             host: self.advertised.0,
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
+            fetch_budget,
             auto_create_topics: self.auto_create_topics,
+            stop,
         });
         Running {
             task: tokio::spawn(accept(self.listener, context)),
+            stopper: Stopper {
+                phase: Arc::new(stopping),
+                began: Arc::new(std::sync::OnceLock::new()),
+            },
         }
+    }
+}
+
+/// Where a listener is in its shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    /// No new connections; each open one answers the request it is serving, then closes.
+    Draining,
+    /// The drain time is up: connections still open are closed.
+    Cut,
+}
+
+/// Resolves once the listener's shutdown reached `phase` (or its owner is gone).
+async fn reached(stop: &mut tokio::sync::watch::Receiver<Phase>, phase: Phase) {
+    let _ = stop.wait_for(|now| *now >= phase).await;
+}
+
+/// Begins a listener's shutdown from outside its owner (the shutdown signal's task).
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    phase: Arc<tokio::sync::watch::Sender<Phase>>,
+    /// When the drain began.
+    began: Arc<std::sync::OnceLock<tokio::time::Instant>>,
+}
+
+impl Stopper {
+    /// Stops accepting connections: each open one answers the request it is serving,
+    /// then closes.
+    pub fn drain(&self) {
+        self.began.get_or_init(tokio::time::Instant::now);
+        self.phase.send_if_modified(|phase| {
+            let draining = *phase == Phase::Serving;
+            if draining {
+                *phase = Phase::Draining;
+            }
+            draining
+        });
     }
 }
 
@@ -108,14 +176,31 @@ impl Listener {
 #[derive(Debug)]
 pub struct Running {
     task: JoinHandle<()>,
+    stopper: Stopper,
 }
 
 impl Running {
-    /// Stops accepting and closes every connection: requests in progress are dropped
-    /// (a produce already handed to a partition is still written; its client retries).
-    pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
+    /// What begins the drain.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Drains (if [`Stopper::drain`] has not begun it already), waits until `drain`
+    /// after the drain began for the connections to answer their requests in progress,
+    /// then closes those still open and waits for their tasks to end. A produce
+    /// already handed to a partition is still written; its client retries.
+    pub async fn stop(self, drain: Duration) {
+        self.stopper.drain();
+        let began = *self.stopper.began.get_or_init(tokio::time::Instant::now);
+        let mut task = self.task;
+        if tokio::time::timeout_at(began + drain, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::info!("cutting the Kafka connections still open after the drain");
+            self.stopper.phase.send_replace(Phase::Cut);
+            let _ = task.await;
+        }
     }
 }
 
@@ -127,57 +212,107 @@ struct Context {
     host: String,
     port: i32,
     budget: Semaphore,
+    /// The broker's fetch memory budget: a Fetch response holds its share until it is
+    /// written.
+    fetch_budget: Arc<Semaphore>,
+    /// TCP keepalive idle time and probe interval.
+    keepalive: Duration,
     /// Metadata creates unknown topics when the client allows it.
     auto_create_topics: bool,
+    /// The listener's shutdown phase.
+    stop: tokio::sync::watch::Receiver<Phase>,
 }
 
 /// How often expired Kafka group members are removed.
 const GROUP_TICK: Duration = Duration::from_millis(500);
 
+/// Accepts connections until the drain begins, then waits for them to close, or
+/// closes them when the drain time is up.
 async fn accept(listener: TcpListener, context: Arc<Context>) {
-    // Dropped with this task when the listener stops: that aborts every connection.
     let mut connections = JoinSet::new();
     let ticking = Arc::clone(&context);
-    connections.spawn(async move {
+    let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(GROUP_TICK);
         loop {
             tick.tick().await;
             ticking.broker.kafka_members().tick();
         }
     });
+    let mut stop = context.stop.clone();
+    accept_until_drain(&listener, &context, &mut connections).await;
+    drop(listener);
+    ticker.abort();
+    let _ = ticker.await;
+    tokio::select! {
+        () = async { while connections.join_next().await.is_some() {} } => {}
+        () = reached(&mut stop, Phase::Cut) => connections.shutdown().await,
+    }
+}
+
+async fn accept_until_drain(
+    listener: &TcpListener,
+    context: &Arc<Context>,
+    connections: &mut JoinSet<()>,
+) {
+    let mut stop = context.stop.clone();
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(context.keepalive)
+        .with_interval(context.keepalive);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut refused = Warner::default();
+    let mut failing = Warner::default();
     loop {
         let accepted = tokio::select! {
+            () = reached(&mut stop, Phase::Draining) => return,
             accepted = listener.accept() => accepted,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
+            Err(e) if out_of_resources(&e) => {
+                // Retrying at once would fail again at once: back off instead of spinning.
+                if let Some(missed) = failing.due() {
+                    tracing::warn!(
+                        error = %e, pause = ?backoff, failures_since_last_warning = missed,
+                        "cannot accept Kafka connections: out of file descriptors or memory; \
+                         raise the limit (ulimit -n) or lower --max-connections"
+                    );
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
             Err(e) => {
-                // Out of file descriptors, typically: back off instead of spinning.
-                tracing::warn!(error = %e, "cannot accept a Kafka connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A connection that failed before it was accepted (reset by its peer).
+                tracing::debug!(error = %e, "Kafka accept failed");
                 continue;
             }
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(
-                %peer,
-                limit = CONNECTIONS_MAX,
-                "refusing a Kafka connection: too many are open"
-            );
+            if let Some(missed) = refused.due() {
+                tracing::warn!(
+                    %peer,
+                    limit = CONNECTIONS_MAX,
+                    refused_since_last_warning = missed,
+                    "refusing a Kafka connection: too many are open"
+                );
+            }
             drop(stream);
             continue;
         };
-        let context = Arc::clone(&context);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
+        let context = Arc::clone(context);
         connections.spawn(async move {
             let _slot = slot;
-            let metrics = Arc::clone(context.broker.metrics());
-            metrics.connections.inc();
+            // Counted until the task ends, even by a panic.
+            let _open = InFlight::new(&context.broker.metrics().connections);
             if let Err(reason) = serve_connection(&context, stream, peer).await {
                 tracing::debug!(%peer, %reason, "closed a Kafka connection");
             }
-            metrics.connections.dec();
         });
     }
 }
@@ -193,11 +328,19 @@ async fn serve_connection(
     let (reader, mut writer) = stream.into_split();
     let mut reader = BufReader::new(reader);
     let mut response = BytesMut::new();
+    let mut stop = context.stop.clone();
     loop {
-        let size = match reader.read_i32().await {
-            Ok(size) => size,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
+        // Between requests a shutdown closes the connection; a request being read or
+        // served is answered first.
+        let next = tokio::select! {
+            () = reached(&mut stop, Phase::Draining) => return Ok(()),
+            next = tokio::time::timeout(IDLE_TIMEOUT, reader.read_i32()) => next,
+        };
+        let size = match next {
+            Err(_) => return Err(format!("no request for {IDLE_TIMEOUT:?}")),
+            Ok(Ok(size)) => size,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(Err(e)) => return Err(e.to_string()),
         };
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         if !(8..=REQUEST_BYTES_MAX).contains(&size) {
@@ -206,7 +349,7 @@ async fn serve_connection(
             ));
         }
         let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        let _budget = context
+        let budget = context
             .budget
             .acquire_many(permits)
             .await
@@ -217,23 +360,39 @@ async fn serve_connection(
             .map_err(|_| format!("the request's {size} bytes took over {FRAME_READ_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
         response.clear();
-        if handle(context, peer, frame.freeze(), &mut response).await? {
-            writer
-                .write_all(&response)
+        let mut memory = None;
+        let answer = handle(context, peer, frame.freeze(), &mut response, &mut memory).await?;
+        // The request is answered: its bytes go back to the budget before the write,
+        // so a client that does not read its response holds none of it.
+        drop(budget);
+        if answer {
+            tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&response))
                 .await
+                .map_err(|_| {
+                    format!(
+                        "the client did not read a {} byte response within {WRITE_TIMEOUT:?}",
+                        response.len()
+                    )
+                })?
                 .map_err(|e| e.to_string())?;
+        }
+        drop(memory);
+        if response.capacity() > RESPONSE_BUFFER_KEPT {
+            response = BytesMut::new();
         }
     }
 }
 
 /// Answers one request frame into `out` (length prefix included); false when the
-/// request gets no answer (a produce with acks=0). An error closes the connection:
-/// the request cannot be answered in a form the client would parse.
+/// request gets no answer (a produce with acks=0). `memory` gets the answer's share of
+/// the fetch memory budget, to hold until it is written. An error closes the
+/// connection: the request cannot be answered in a form the client would parse.
 async fn handle(
     context: &Context,
     peer: SocketAddr,
     mut frame: Bytes,
     out: &mut BytesMut,
+    memory: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<bool, String> {
     let key = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
@@ -278,11 +437,12 @@ async fn handle(
     guard::check(api, version, &frame)?;
     out.put_i32(0);
     let metrics = context.broker.metrics();
-    metrics.in_flight.inc();
+    let in_flight = InFlight::new(&metrics.in_flight);
     let mut client = handlers::Client {
         id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
         host: format!("/{}", peer.ip()),
         clock: tokio::time::Instant::now(),
+        memory: None,
     };
     let answered = handlers::dispatch(
         context,
@@ -294,7 +454,8 @@ async fn handle(
         out,
     )
     .await;
-    metrics.in_flight.dec();
+    drop(in_flight);
+    *memory = client.memory.take();
     metrics.request("kafka", versions::rpc(api), client.clock.elapsed());
     answered
 }

@@ -22,9 +22,9 @@ use crate::grpc::instrument::Counted;
 
 /// First pause of `accept` after it failed for lack of descriptors or memory; it
 /// doubles on each failure in a row, up to [`ACCEPT_BACKOFF_MAX`].
-pub(crate) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest pause of `accept`.
-pub(crate) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Least time between two warnings about refused connections or a failing `accept`.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -162,9 +162,8 @@ async fn accept(
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(accepting.keepalive)
         .with_interval(accepting.keepalive);
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut pacer = AcceptPacer::default();
     let mut refused = Warner::default();
-    let mut failing = Warner::default();
     loop {
         let accepted = tokio::select! {
             _ = sender.closed() => return,
@@ -172,27 +171,12 @@ async fn accept(
         };
         let stream = match accepted {
             Ok((stream, _peer)) => stream,
-            Err(e) if out_of_resources(&e) => {
-                // Retrying at once would fail again at once: the 99 % CPU spin of a
-                // process at its descriptor limit.
-                if let Some(missed) = failing.due() {
-                    tracing::warn!(
-                        error = %e, pause = ?backoff, failures_since_last_warning = missed,
-                        "cannot accept connections: out of file descriptors or memory; \
-                         raise the limit (ulimit -n) or lower --max-connections"
-                    );
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
             Err(e) => {
-                // A connection that failed before it was accepted (reset by its peer).
-                tracing::debug!(error = %e, "accept failed");
+                pacer.failed(&e, "gRPC").await;
                 continue;
             }
         };
-        backoff = ACCEPT_BACKOFF_MIN;
+        pacer.accepted();
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             if let Some(missed) = refused.due() {
                 tracing::warn!(
@@ -220,8 +204,51 @@ async fn accept(
     }
 }
 
+/// Paces an accept loop after failures: a process out of descriptors or memory would
+/// fail again at once if it retried at once (the 99 % CPU spin of a process at its
+/// descriptor limit), so it pauses, doubling the pause while failures go on, and warns
+/// at most every [`WARN_EVERY`]. Any other error is one connection's (reset by its peer
+/// before it was accepted) and is skipped.
+pub(crate) struct AcceptPacer {
+    pause: Duration,
+    failing: Warner,
+}
+
+impl Default for AcceptPacer {
+    fn default() -> Self {
+        AcceptPacer {
+            pause: ACCEPT_BACKOFF_MIN,
+            failing: Warner::default(),
+        }
+    }
+}
+
+impl AcceptPacer {
+    /// Handles a failed `accept` of the `listener` (named in the warning).
+    pub(crate) async fn failed(&mut self, e: &io::Error, listener: &'static str) {
+        if !out_of_resources(e) {
+            tracing::debug!(error = %e, listener, "accept failed");
+            return;
+        }
+        if let Some(missed) = self.failing.due() {
+            tracing::warn!(
+                error = %e, listener, pause = ?self.pause, failures_since_last_warning = missed,
+                "cannot accept connections: out of file descriptors or memory; raise the \
+                 limit (ulimit -n) or lower --max-connections"
+            );
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(ACCEPT_BACKOFF_MAX);
+    }
+
+    /// A connection was accepted: the next failure starts with the shortest pause.
+    pub(crate) fn accepted(&mut self) {
+        self.pause = ACCEPT_BACKOFF_MIN;
+    }
+}
+
 /// True for the `accept` errors that say the process is out of descriptors or memory.
-pub(crate) fn out_of_resources(e: &io::Error) -> bool {
+fn out_of_resources(e: &io::Error) -> bool {
     const EMFILE: i32 = 24;
     const ENFILE: i32 = 23;
     const ENOMEM: i32 = 12;

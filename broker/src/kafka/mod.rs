@@ -39,7 +39,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::broker::Broker;
 use crate::config::KafkaListen;
-use crate::grpc::connections::{out_of_resources, Warner, ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+use crate::grpc::connections::{AcceptPacer, Warner};
 use crate::grpc::instrument::InFlight;
 
 /// Largest request frame (Kafka's `socket.request.max.bytes` is 100 MiB; a produce
@@ -259,9 +259,8 @@ async fn accept_until_drain(
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(context.keepalive)
         .with_interval(context.keepalive);
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut pacer = AcceptPacer::default();
     let mut refused = Warner::default();
-    let mut failing = Warner::default();
     loop {
         let accepted = tokio::select! {
             () = reached(&mut stop, Phase::Draining) => return,
@@ -270,26 +269,12 @@ async fn accept_until_drain(
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
-            Err(e) if out_of_resources(&e) => {
-                // Retrying at once would fail again at once: back off instead of spinning.
-                if let Some(missed) = failing.due() {
-                    tracing::warn!(
-                        error = %e, pause = ?backoff, failures_since_last_warning = missed,
-                        "cannot accept Kafka connections: out of file descriptors or memory; \
-                         raise the limit (ulimit -n) or lower --max-connections"
-                    );
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                continue;
-            }
             Err(e) => {
-                // A connection that failed before it was accepted (reset by its peer).
-                tracing::debug!(error = %e, "Kafka accept failed");
+                pacer.failed(&e, "Kafka").await;
                 continue;
             }
         };
-        backoff = ACCEPT_BACKOFF_MIN;
+        pacer.accepted();
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             if let Some(missed) = refused.due() {
                 tracing::warn!(

@@ -109,6 +109,16 @@ pub struct Broker {
     faults: Faults,
 }
 
+/// Runs blocking broker work (anything that may touch files) on the blocking pool, for
+/// the listeners' async handlers.
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Error::ShuttingDown)?
+}
+
 impl Broker {
     /// Opens the data directory, recovering every topic's partitions, recording into
     /// `metrics`. Blocking.

@@ -14,7 +14,7 @@ use strata_storage::{now_ms, ReadResult};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::broker::{Broker, Topic};
+use crate::broker::{blocking, Broker, Topic};
 use crate::error::{Error, Result};
 use crate::grpc::groups;
 use crate::grpc::instrument::Scope;
@@ -294,15 +294,6 @@ fn count_fetched(partition: &Partition, from: u64, response: &v1::FetchResponse)
     partition
         .stats()
         .fetched(response.next_offset.saturating_sub(from), bytes as u64);
-}
-
-/// Runs blocking broker work on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|_| Error::ShuttingDown)?
 }
 
 fn overrides(c: v1::TopicConfig) -> TopicOverrides {

@@ -25,7 +25,7 @@ use strata_storage::batch::batches;
 use tokio::task::JoinSet;
 
 use super::{errors, groups, guard, versions, Context, NODE_ID};
-use crate::broker::Broker;
+use crate::broker::{blocking, Broker};
 use crate::error::{Error, Result};
 use crate::topics::partition::{Ack, Partition};
 use crate::topics::settings::{TopicOverrides, TopicSettings};
@@ -259,15 +259,6 @@ fn encode<T: Encodable>(
         ));
     }
     super::encode(out, correlation_id, api, version, body)
-}
-
-/// Runs blocking broker work on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|_| Error::ShuttingDown)?
 }
 
 fn name(s: &str) -> TopicName {

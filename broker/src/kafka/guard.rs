@@ -497,7 +497,17 @@ impl Walk<'_> {
             }
         }
         if self.flexible {
-            let tags = self.count(2)?;
+            // The number of tagged fields is a plain unsigned varint, not a compact
+            // length (no +1): read as one, the guard and the codec would walk different
+            // fields of the same bytes, and the codec could allocate from a count the
+            // guard never saw.
+            let tags = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
+            if tags.saturating_mul(2) > self.rest.len() {
+                return Err(format!(
+                    "{tags} tagged fields claimed but only {} bytes remain",
+                    self.rest.len()
+                ));
+            }
             for _ in 0..tags {
                 self.varint()?;
                 let size = self.varint()? as usize;
@@ -697,6 +707,18 @@ mod tests {
             ]));
             check(ApiKey::Metadata, version, &encoded(&metadata, version)).expect("metadata");
         }
+        // Tagged fields, in a struct of a flexible version: the count is a plain varint.
+        let mut tagged = produce_request::TopicProduceData::default()
+            .with_name(name("t"))
+            .with_partition_data(vec![produce_request::PartitionProduceData::default()
+                .with_records(Some(Buf::from_static(b"records")))]);
+        tagged
+            .unknown_tagged_fields
+            .insert(7, Buf::from_static(b"tag"));
+        let with_tags = ProduceRequest::default()
+            .with_acks(-1)
+            .with_topic_data(vec![tagged.clone(), tagged.with_name(name("u"))]);
+        check(ApiKey::Produce, 9, &encoded(&with_tags, 9)).expect("tagged fields");
         // Produce v3: null transactional id, acks, timeout, then the topic count.
         let mut body = encoded(&produce, 3);
         body[8..12].copy_from_slice(&i32::MAX.to_be_bytes());

@@ -505,7 +505,10 @@ async fn fetch(
             }
         }
         if !at_end.is_empty() {
+            // Nothing read is held through the wait (it is read again after it): the
+            // memory budget is given back, so what it covered goes too.
             drop(memory);
+            drop(std::mem::take(&mut response.0));
             let mut waits: Vec<_> = at_end
                 .iter()
                 .map(|(partition, offset)| Box::pin(partition.wait_past(*offset, wait)))

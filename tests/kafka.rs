@@ -1614,7 +1614,14 @@ async fn each_partition_of_a_commit_gets_its_own_error() {
         offset_commit_request, offset_fetch_request, GroupId, OffsetCommitRequest,
         OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
     };
-    let (broker, kafka) = start();
+    // The configured metadata limit applies to Kafka commits as to gRPC ones.
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--max-commit-metadata-bytes",
+        "64B",
+    ]);
+    let kafka = broker.kafka_addr().expect("the Kafka address");
     create_topic(
         &mut broker.admin().await,
         "mixed",
@@ -1645,7 +1652,7 @@ async fn each_partition_of_a_commit_gets_its_own_error() {
                 .with_partitions(vec![
                     partition(0, 2, 10),
                     partition(9, 0, 0),
-                    partition(1, 0, 4097),
+                    partition(1, 0, 65),
                     partition(2, 5, 0),
                 ]),
             offset_commit_request::OffsetCommitRequestTopic::default()

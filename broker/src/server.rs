@@ -86,7 +86,7 @@ pub async fn serve(
         println!("strata kafka on {}", listener.local_addr());
         listener.start(
             Arc::clone(&broker),
-            config.limits.keepalive_interval,
+            &config.limits,
             Arc::clone(&fetch_budget),
         )
     });

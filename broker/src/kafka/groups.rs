@@ -32,7 +32,6 @@ use crate::groups::api::{commit_offsets, fetch_offsets, list_groups, Committer};
 use crate::groups::assign::TopicPartition;
 use crate::groups::coordinator::{validate_group, GroupState};
 use crate::groups::offsets::Committed;
-use crate::limits::COMMIT_METADATA_BYTES_DEFAULT;
 
 /// The Kafka error code of a group operation's failure.
 fn code(e: &Error) -> i16 {
@@ -124,7 +123,7 @@ pub(super) async fn offset_commit(
             let metadata = p.committed_metadata.as_deref().unwrap_or_default();
             let error = match (partition, u64::try_from(p.committed_offset)) {
                 (None, _) => Some(K::UnknownTopicOrPartition.code()),
-                (Some(_), _) if metadata.len() > COMMIT_METADATA_BYTES_DEFAULT => {
+                (Some(_), _) if metadata.len() > context.commit_metadata_bytes => {
                     Some(K::OffsetMetadataTooLarge.code())
                 }
                 (Some(partition), Ok(offset)) if offset <= partition.reader().high_watermark() => {

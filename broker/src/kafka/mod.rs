@@ -41,6 +41,7 @@ use crate::broker::Broker;
 use crate::config::KafkaListen;
 use crate::grpc::connections::{AcceptPacer, Warner};
 use crate::grpc::instrument::InFlight;
+use crate::limits::Limits;
 
 /// Largest request frame (Kafka's `socket.request.max.bytes` is 100 MiB; a produce
 /// request carries at most one batch per partition, each at most 32 MiB).
@@ -103,20 +104,21 @@ impl Listener {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Starts accepting connections served by `broker`, with TCP keepalive probes
-    /// every `keepalive` on idle connections.
-    /// Fetch responses are held within `fetch_budget` (`fetch_memory_bytes`, shared
-    /// with gRPC) until written.
+    /// Starts accepting connections served by `broker`, within the `limits` that apply
+    /// to Kafka clients too (TCP keepalive probes every `keepalive_interval` on idle
+    /// connections, `commit_metadata_bytes`). Fetch responses are held within
+    /// `fetch_budget` (`fetch_memory_bytes`, shared with gRPC) until written.
     pub fn start(
         self,
         broker: Arc<Broker>,
-        keepalive: Duration,
+        limits: &Limits,
         fetch_budget: Arc<Semaphore>,
     ) -> Running {
         let (stopping, stop) = tokio::sync::watch::channel(Phase::Serving);
         let context = Arc::new(Context {
             broker,
-            keepalive,
+            keepalive: limits.keepalive_interval,
+            commit_metadata_bytes: limits.commit_metadata_bytes,
             host: self.advertised.0,
             port: self.advertised.1.into(),
             budget: Semaphore::new(REQUEST_BUDGET_BYTES),
@@ -217,6 +219,8 @@ struct Context {
     fetch_budget: Arc<Semaphore>,
     /// TCP keepalive idle time and probe interval.
     keepalive: Duration,
+    /// Longest metadata of one committed offset (`max_commit_metadata_bytes`).
+    commit_metadata_bytes: usize,
     /// Metadata creates unknown topics when the client allows it.
     auto_create_topics: bool,
     /// The listener's shutdown phase.

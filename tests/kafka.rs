@@ -1525,6 +1525,31 @@ async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refus
             &DescribeGroupsRequest::default().with_groups(vec![g]),
         )
     });
+    refused(ApiKey::DescribeConfigs, &|raw| {
+        use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
+        use kafka_protocol::messages::DescribeConfigsRequest;
+        let resource = DescribeConfigsResource::default()
+            .with_resource_type(2)
+            .with_resource_name(StrBytes::from_static_str("bounded"));
+        raw.send(
+            ApiKey::DescribeConfigs,
+            4,
+            &DescribeConfigsRequest::default().with_resources(vec![resource.clone(), resource]),
+        )
+    });
+    refused(ApiKey::CreateTopics, &|raw| {
+        use kafka_protocol::messages::create_topics_request::CreatableTopic;
+        use kafka_protocol::messages::CreateTopicsRequest;
+        let topic = CreatableTopic::default()
+            .with_name(name("twice"))
+            .with_num_partitions(1)
+            .with_replication_factor(1);
+        raw.send(
+            ApiKey::CreateTopics,
+            5,
+            &CreateTopicsRequest::default().with_topics(vec![topic.clone(), topic]),
+        )
+    });
     // Partitions and topics that do not exist: each answered, the rest still written.
     let mut raw = Raw::connect(kafka);
     let answer: kafka_protocol::messages::ProduceResponse =

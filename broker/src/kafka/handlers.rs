@@ -83,11 +83,10 @@ pub(super) async fn dispatch(
         ApiKey::Metadata => {
             let request = decode!(MetadataRequest);
             if let Some(topics) = &request.topics {
-                let named: Vec<(&str, std::iter::Empty<i32>)> = topics
+                let names = topics
                     .iter()
-                    .filter_map(|t| Some((t.name.as_ref()?.0.as_str(), std::iter::empty())))
-                    .collect();
-                guard::topics("Metadata", broker.topic_count(), named.into_iter())?;
+                    .filter_map(|t| Some(t.name.as_ref()?.0.as_str()));
+                guard::topics("Metadata", broker.topic_count(), named(names))?;
             }
             let answer = metadata(context, request, version).await;
             encode(out, correlation_id, api, version, &answer)?;
@@ -138,11 +137,27 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::CreateTopics => {
-            let answer = create_topics(broker, decode!(CreateTopicsRequest)).await;
+            let request = decode!(CreateTopicsRequest);
+            guard::topics(
+                "CreateTopics",
+                broker.topic_count(),
+                named(request.topics.iter().map(|t| t.name.0.as_str())),
+            )?;
+            let answer = create_topics(broker, request).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::DeleteTopics => {
-            let answer = delete_topics(broker, decode!(DeleteTopicsRequest), version).await;
+            let request = decode!(DeleteTopicsRequest);
+            let names = request
+                .topic_names
+                .iter()
+                .chain(request.topics.iter().filter_map(|t| t.name.as_ref()));
+            guard::topics(
+                "DeleteTopics",
+                broker.topic_count(),
+                named(names.map(|n| n.0.as_str())),
+            )?;
+            let answer = delete_topics(broker, request, version).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::InitProducerId => {
@@ -231,12 +246,30 @@ pub(super) async fn dispatch(
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::DescribeConfigs => {
-            let answer = describe_configs(broker, decode!(DescribeConfigsRequest));
+            let request = decode!(DescribeConfigsRequest);
+            // Each resource answers with all its settings: named twice, or beyond the
+            // topics there are, a small request would build a large answer.
+            guard::topics(
+                "DescribeConfigs",
+                broker.topic_count(),
+                named(request.resources.iter().map(|r| r.resource_name.as_str())),
+            )?;
+            let answer = describe_configs(broker, request);
             encode(out, correlation_id, api, version, &answer)?;
         }
         other => return Err(format!("{other:?} has no handler")),
     }
     Ok(true)
+}
+
+/// Names without partitions, for [`guard::topics`].
+fn named<'a>(
+    names: impl Iterator<Item = &'a str>,
+) -> std::vec::IntoIter<(&'a str, std::iter::Empty<i32>)> {
+    names
+        .map(|name| (name, std::iter::empty()))
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// Encodes `body` after `out`'s length prefix ([`super::encode`]), unless it would

@@ -3,12 +3,12 @@
 # messages/s of 1 KiB, with its consumer group) and consumer-group churn (a second
 # group whose member is replaced every CHURN_S seconds, so the group rebalances), and
 # samples the broker every 10 s into a CSV: RSS, open descriptors, threads, and the
-# lag of every group. Then draws the samples as an SVG of four panels. Flat lines
+# lag of every group. Then plots the samples as a PNG of four panels (matplotlib, in a venv it makes). Flat lines
 # mean nothing leaks.
 #
 #   DURATION=3600 RATE=20000 benches/soak.sh      # RATE: half the broker's max rate
 #
-# Writes $OUT/soak.csv and $OUT/soak.svg (default OUT: target/soak). Uses the release
+# Writes $OUT/soak.csv and $OUT/soak.png (default OUT: target/soak). Uses the release
 # binaries (built first), or BIN=target/debug for a quick run. The broker takes its
 # settings from STRATA_* variables: segments of 64MiB and 256MiB of retention per
 # partition unless they are set, so the run reaches a steady state (rolls and
@@ -90,25 +90,12 @@ while kill -0 "$BENCH" 2>/dev/null; do
 done
 wait "$BENCH" || { echo "strata-bench failed" >&2; cat "$DIR/bench.out" >&2; exit 1; }
 
-# Four panels, one per column, each scaled from 0 to its column's maximum.
-awk -F, -v duration="$DURATION" '
-NR == 1 { for (i = 2; i <= 5; i++) name[i] = $i; next }
-{ n++; t[n] = $1; for (i = 2; i <= 5; i++) { v[i, n] = $i; if ($i > max[i]) max[i] = $i } }
-END {
-    w = 800; h = 150; printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", w, 4 * (h + 30)
-    for (i = 2; i <= 5; i++) {
-        y0 = (i - 2) * (h + 30) + 20
-        printf "<text x=\"5\" y=\"%d\">%s (max %s) over %d s</text>\n", y0 - 5, name[i], max[i], duration
-        printf "<rect x=\"0\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#888\"/>\n", y0, w, h
-        printf "<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\""
-        for (k = 1; k <= n; k++) {
-            x = duration > 0 ? t[k] / duration * w : 0
-            y = y0 + h - (max[i] > 0 ? v[i, k] / max[i] * h : 0)
-            printf "%.1f,%.1f ", x, y
-        }
-        printf "\"/>\n"
-    }
-    print "</svg>"
-}' "$OUT/soak.csv" >"$OUT/soak.svg"
-echo "samples: $OUT/soak.csv, plot: $OUT/soak.svg"
+# One panel per column, drawn by matplotlib from a venv made here the first time.
+VENV=${PLOT_VENV:-target/plot-venv}
+if ! "$VENV/bin/python" -c "import matplotlib" 2>/dev/null; then
+    python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib
+fi
+"$VENV/bin/python" benches/soak-plot.py "$OUT/soak.csv" "$OUT/soak.png" \
+    "soak: $RATE msgs/s of 1 KiB for $DURATION s, a rebalance every $CHURN_S s"
+echo "samples: $OUT/soak.csv, plot: $OUT/soak.png"
 tail -n 3 "$OUT/soak.csv"

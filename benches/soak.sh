@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Soak: runs a broker for DURATION seconds under a steady load (strata-bench at RATE
-# messages/s of 1 KiB, with its consumer group) and consumer-group churn (a second
-# group whose member is replaced every CHURN_S seconds, so the group rebalances), and
-# samples the broker every 10 s into a CSV: RSS, open descriptors, threads, and the
-# lag of every group. Then plots the samples as a PNG of four panels (matplotlib, in a venv it makes). Flat lines
-# mean nothing leaks.
+# messages/s of 1 KiB, its consumer set a consumer group) and consumer-group churn (a
+# second group on the same topic whose only member, the client's `group_member`
+# example, is replaced every CHURN_S seconds, so the group rebalances), and samples the
+# broker every 10 s into a CSV: RSS, open descriptors, threads, and the summed lag of
+# both groups. Then plots the samples as a PNG of four panels (matplotlib, from a venv
+# it makes the first time). Flat lines mean nothing leaks.
 #
-#   DURATION=3600 RATE=20000 benches/soak.sh      # RATE: half the broker's max rate
+#   DURATION=3600 RATE=90000 benches/soak.sh      # RATE: half the broker's max rate
 #
 # Writes $OUT/soak.csv and $OUT/soak.png (default OUT: target/soak). Uses the release
 # binaries (built first), or BIN=target/debug for a quick run. The broker takes its
@@ -25,7 +26,9 @@ BIN=${BIN:-target/release}
 if [ "$BIN" = target/release ]; then
     cargo build --release -q -p strata-broker --bin strata
     cargo build --release -q -p strata-bench
+    cargo build --release -q -p strata-client --example group_member
 fi
+MEMBER=${MEMBER:-$BIN/examples/group_member}
 mkdir -p "$OUT"
 DIR=$(mktemp -d "$OUT/run-XXXX")
 export STRATA_DEFAULT_SEGMENT_BYTES=${STRATA_DEFAULT_SEGMENT_BYTES:-64MiB}
@@ -50,7 +53,7 @@ done
 HTTP=$(sed -n 's|^strata http on http://||p' "$DIR/out")
 
 "$BIN/strata-bench" --broker "$ADDR" --message-bytes 1024 --partitions 4 --producers 1 \
-    --consumer-sets 1 --consumers 1 --rate "$RATE" --duration-s "$DURATION" --quiet \
+    --consumer-sets 1 --consumers 1 --consumer-mode groups --rate "$RATE" --duration-s "$DURATION" --quiet \
     >"$DIR/bench.out" 2>&1 &
 BENCH=$!
 CHILDREN+=("$BENCH")
@@ -67,7 +70,7 @@ done
     member=""
     trap 'kill $member 2>/dev/null; exit 0' TERM
     while true; do
-        "$BIN/strata" --broker "$ADDR" consume "$TOPIC" --group churn >/dev/null 2>&1 &
+        "$MEMBER" --broker "$ADDR" --group churn --topic "$TOPIC" >/dev/null 2>&1 &
         member=$!
         sleep "$CHURN_S"
         kill "$member" 2>/dev/null || true

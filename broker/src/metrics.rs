@@ -502,7 +502,8 @@ impl BrokerCollector {
             .collect();
         let mut lag_times = self.lag_times.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = HashMap::with_capacity(lag_times.len());
-        struct Row {
+        struct Row<'a> {
+            topic: &'a str,
             partition: String,
             committed: Option<u64>,
             lag: u64,
@@ -522,12 +523,17 @@ impl BrokerCollector {
                             .map_or(log.start, |c| c.offset.max(log.start));
                         let key = (d.summary.name.clone(), p.partition.clone());
                         // A time found once never changes; "nothing waits" can.
+                        // A batch that retention or a deletion took since the describe has
+                        // no time to read: the row stays, without a lag in seconds.
                         let written = match lag_times.get(&key) {
                             Some(&(at, Some(written))) if at == position => Some(written),
-                            _ => api::batch_time(broker, &p.partition, position).ok()?,
+                            _ => api::batch_time(broker, &p.partition, position)
+                                .ok()
+                                .flatten(),
                         };
                         seen.insert(key, (position, written));
                         Some(Row {
+                            topic: &p.partition.topic,
                             partition: p.partition.partition.to_string(),
                             committed: p.committed.as_ref().map(|c| c.offset),
                             lag,
@@ -569,10 +575,10 @@ impl BrokerCollector {
             let group = d.summary.name.as_str();
             members.push(vec![("group", group)], i64::from(d.summary.members));
             rebalances.push(vec![("group", group)], d.summary.epoch);
-            for (p, row) in d.partitions.iter().filter(|p| p.lag.is_some()).zip(rows) {
+            for row in rows {
                 let labels = vec![
                     ("group", group),
-                    ("topic", p.partition.topic.as_str()),
+                    ("topic", row.topic),
                     ("partition", row.partition.as_str()),
                 ];
                 if let Some(offset) = row.committed {

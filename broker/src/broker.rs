@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use strata_storage::batch::NO_PRODUCER_ID;
@@ -95,6 +95,8 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
+    /// Most partitions of all topics ([`Broker::set_max_partitions`]; none by default).
+    max_partitions: AtomicUsize,
     /// Shared with the offsets writer, which checks a member's ownership again when it
     /// applies the member's commit.
     coordinator: Arc<Coordinator>,
@@ -178,6 +180,7 @@ impl Broker {
             files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            max_partitions: AtomicUsize::new(usize::MAX),
             coordinator: Arc::default(),
             kafka_members: crate::kafka::membership::Coordinator::default(),
             offsets,
@@ -379,13 +382,39 @@ impl Broker {
         self.read_topics().values().cloned().collect()
     }
 
+    /// Limits creation to `max_partitions` partitions of all topics (`max_partitions`):
+    /// a topic that would pass it is refused with [`Error::LimitExceeded`]; topics
+    /// already there are not affected.
+    pub fn set_max_partitions(&self, max_partitions: usize) {
+        self.max_partitions.store(max_partitions, Ordering::Relaxed);
+    }
+
     /// Creates a topic: builds its directory under `tmp/`, then renames it into place.
     /// Blocking.
     pub fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>> {
         validate_name(name)?;
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        if self.read_topics().contains_key(name) {
-            return Err(Error::TopicExists(name.to_string()));
+        let existing: usize = {
+            let topics = self.read_topics();
+            if topics.contains_key(name) {
+                return Err(Error::TopicExists(name.to_string()));
+            }
+            topics
+                .values()
+                .map(|t| t.settings.partitions as usize)
+                .sum()
+        };
+        // Counted under the admin lock, so concurrent creations cannot pass it together.
+        let max = self.max_partitions.load(Ordering::Relaxed);
+        if existing.saturating_add(settings.partitions as usize) > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_partitions",
+                message: format!(
+                    "topic {name:?} of {} partitions would take the broker past {max} \
+                     partitions (it has {existing})",
+                    settings.partitions
+                ),
+            });
         }
         let staging = self.data_dir.join("tmp").join(name);
         std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;

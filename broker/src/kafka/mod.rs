@@ -117,13 +117,13 @@ impl Listener {
         let (stopping, stop) = tokio::sync::watch::channel(Phase::Serving);
         let context = Arc::new(Context {
             broker,
-            keepalive: limits.keepalive_interval,
-            commit_metadata_bytes: limits.commit_metadata_bytes,
+            limits: limits.clone(),
             host: self.advertised.0,
             port: self.advertised.1.into(),
-            budget: Semaphore::new(REQUEST_BUDGET_BYTES),
+            budget: Arc::new(Semaphore::new(REQUEST_BUDGET_BYTES)),
             fetch_budget,
             auto_create_topics: self.auto_create_topics,
+            admin: Admin::default(),
             stop,
         });
         Running {
@@ -213,14 +213,19 @@ struct Context {
     /// The advertised host and port.
     host: String,
     port: i32,
-    budget: Semaphore,
+    /// The request budget ([`REQUEST_BUDGET_BYTES`]): a request holds its frame's size
+    /// of it until it is answered, or until it is decoded into state bounded otherwise
+    /// when it then waits ([`handlers::Client::frame`]).
+    budget: Arc<Semaphore>,
     /// The broker's fetch memory budget: a Fetch response holds its share until it is
     /// written.
     fetch_budget: Arc<Semaphore>,
-    /// TCP keepalive idle time and probe interval.
-    keepalive: Duration,
-    /// Longest metadata of one committed offset (`max_commit_metadata_bytes`).
-    commit_metadata_bytes: usize,
+    /// The broker's limits that apply to Kafka clients too: `keepalive_interval` (TCP
+    /// keepalive idle time and probe interval), `commit_metadata_bytes`, and the group
+    /// and partition limits that bound a request's arrays ([`guard::Bounds`]).
+    limits: Limits,
+    /// Topic creations and deletions in progress, each in a task of its own.
+    admin: Admin,
     /// Metadata creates unknown topics when the client allows it.
     auto_create_topics: bool,
     /// The listener's shutdown phase.
@@ -251,6 +256,47 @@ async fn accept(listener: TcpListener, context: Arc<Context>) {
         () = async { while connections.join_next().await.is_some() {} } => {}
         () = reached(&mut stop, Phase::Cut) => connections.shutdown().await,
     }
+    // A creation or deletion a closed connection left running still ends before the
+    // broker shuts down its partitions (it is not cut: each is a few file operations).
+    context.admin.finish().await;
+}
+
+/// Topic creations and deletions, each run in a task of its own so that a connection
+/// closed (or cut by a shutdown) midway cannot stop one between its steps; the
+/// listener's shutdown waits for them before `Broker::shutdown`.
+#[derive(Debug, Default)]
+struct Admin {
+    tasks: std::sync::Mutex<JoinSet<()>>,
+}
+
+impl Admin {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, JoinSet<()>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `work` in a task of its own and returns its result; `None` if the task
+    /// panicked.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        {
+            let mut tasks = self.tasks();
+            // Forget the tasks that ended, so the set holds only those running.
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(async move {
+                let _ = done.send(work.await);
+            });
+        }
+        result.await.ok()
+    }
+
+    /// Waits for every task [`Admin::run`] started.
+    async fn finish(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks());
+        while tasks.join_next().await.is_some() {}
+    }
 }
 
 async fn accept_until_drain(
@@ -261,8 +307,8 @@ async fn accept_until_drain(
     let mut stop = context.stop.clone();
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let keepalive = socket2::TcpKeepalive::new()
-        .with_time(context.keepalive)
-        .with_interval(context.keepalive);
+        .with_time(context.limits.keepalive_interval)
+        .with_interval(context.limits.keepalive_interval);
     let mut pacer = AcceptPacer::default();
     let mut refused = Warner::default();
     loop {
@@ -338,9 +384,8 @@ async fn serve_connection(
             ));
         }
         let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        let budget = context
-            .budget
-            .acquire_many(permits)
+        let budget = Arc::clone(&context.budget)
+            .acquire_many_owned(permits)
             .await
             .map_err(|e| e.to_string())?;
         let mut frame = BytesMut::zeroed(size);
@@ -350,10 +395,17 @@ async fn serve_connection(
             .map_err(|e| e.to_string())?;
         response.clear();
         let mut memory = None;
-        let answer = handle(context, peer, frame.freeze(), &mut response, &mut memory).await?;
-        // The request is answered: its bytes go back to the budget before the write,
-        // so a client that does not read its response holds none of it.
-        drop(budget);
+        // The request is answered when `handle` returns: its bytes go back to the
+        // budget (if they had not already) before the write, so a client that does not
+        // read its response holds none of it.
+        let answer = handle(
+            context,
+            peer,
+            (frame.freeze(), budget),
+            &mut response,
+            &mut memory,
+        )
+        .await?;
         if answer {
             tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&response))
                 .await
@@ -372,14 +424,15 @@ async fn serve_connection(
     }
 }
 
-/// Answers one request frame into `out` (length prefix included); false when the
-/// request gets no answer (a produce with acks=0). `memory` gets the answer's share of
-/// the fetch memory budget, to hold until it is written. An error closes the
-/// connection: the request cannot be answered in a form the client would parse.
+/// Answers one request frame, with its share of the request budget, into `out`
+/// (length prefix included); false when the request gets no answer (a produce with
+/// acks=0). `memory` gets the answer's share of the fetch memory budget, to hold until
+/// it is written. An error closes the connection: the request cannot be answered in a
+/// form the client would parse.
 async fn handle(
     context: &Context,
     peer: SocketAddr,
-    mut frame: Bytes,
+    (mut frame, budget): (Bytes, OwnedSemaphorePermit),
     out: &mut BytesMut,
     memory: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<bool, String> {
@@ -423,7 +476,8 @@ async fn handle(
     let header = decode_request_header_from_buffer(&mut frame)
         .map_err(|e| format!("invalid {api:?} v{version} request header: {e}"))?;
     tracing::trace!(?api, version, client = ?header.client_id, "kafka request");
-    guard::check(api, version, &frame)?;
+    let bounds = guard::Bounds::new(context.broker.topic_count(), &context.limits);
+    guard::check(api, version, &frame, &bounds)?;
     out.put_i32(0);
     let metrics = context.broker.metrics();
     let in_flight = InFlight::new(&metrics.in_flight);
@@ -432,6 +486,7 @@ async fn handle(
         host: format!("/{}", peer.ip()),
         clock: tokio::time::Instant::now(),
         memory: None,
+        frame: Some(budget),
     };
     let answered = handlers::dispatch(
         context,

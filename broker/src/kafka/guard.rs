@@ -862,6 +862,116 @@ mod tests {
         assert!(check_wide(ApiKey::CreateTopics, 2, &[0xff, 0xff, 0xff, 0xf0]).is_err());
     }
 
+    /// Decoding alone amplifies a frame: a Metadata topic entry with an empty name is 2
+    /// bytes of frame and a struct of ~70 bytes once decoded, a DescribeGroups group
+    /// name 2 bytes and a 32-byte string (then a described group in the answer). A
+    /// frame that only had to fit its counts decoded to ~30x its size; counted before
+    /// the decode, what one request decodes to is bounded by the broker's topics and
+    /// limits. Measured by counting decoded entries.
+    #[test]
+    fn arrays_are_capped_before_the_codec_decodes_them() {
+        use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+        use kafka_protocol::messages::{DescribeGroupsRequest, GroupId};
+        use kafka_protocol::protocol::Decodable;
+        let limits = crate::limits::Limits::default();
+        let bounds = Bounds::new(10, &limits);
+        assert_eq!(bounds.topics, 10 + TOPICS_SLACK);
+        let entries = 100_000;
+        for version in [4, 9, 12] {
+            let metadata = |n: usize| {
+                encoded(
+                    &MetadataRequest::default().with_topics(Some(vec![
+                        MetadataRequestTopic::default()
+                            .with_name(Some(name("")));
+                        n
+                    ])),
+                    version,
+                )
+            };
+            let body = metadata(entries);
+            // The frame fits its counts: without the bounds, all of it decodes.
+            check(ApiKey::Metadata, version, &body, &WIDE).expect("fits its frame");
+            let decoded = MetadataRequest::decode(&mut Buf::from(body.clone()), version)
+                .expect("decodes")
+                .topics
+                .map_or(0, |t| t.len());
+            assert_eq!(decoded, entries);
+            let amplification = decoded * std::mem::size_of::<MetadataRequestTopic>() / body.len();
+            println!(
+                "Metadata v{version}: a {} byte frame decodes to {decoded} entries, {}x its \
+                 size; now refused beyond {} entries ({} bytes decoded, whatever the frame)",
+                body.len(),
+                amplification,
+                bounds.topics,
+                bounds.topics * std::mem::size_of::<MetadataRequestTopic>()
+            );
+            // v10+ entries carry a 16-byte topic id, so amplify less.
+            let least = if version < 10 { 30 } else { 3 };
+            assert!(amplification >= least, "{amplification}x");
+            let e = check(ApiKey::Metadata, version, &body, &bounds).expect_err("capped");
+            assert!(e.contains("names 100000 topics; at most 1034"), "{e}");
+            // At the bound it passes, and decodes to at most the bound.
+            let body = metadata(bounds.topics);
+            check(ApiKey::Metadata, version, &body, &bounds).expect("at the bound");
+            let decoded = MetadataRequest::decode(&mut Buf::from(body), version)
+                .expect("decodes")
+                .topics
+                .map_or(0, |t| t.len());
+            assert_eq!(decoded, bounds.topics);
+        }
+        // DescribeGroups of many distinct groups: capped at max_groups + slack.
+        let groups: Vec<GroupId> = (0..limits.groups + TOPICS_SLACK + 1)
+            .map(|i| GroupId(StrBytes::from_string(i.to_string())))
+            .collect();
+        let describe = |groups: &[GroupId]| {
+            encoded(
+                &DescribeGroupsRequest::default().with_groups(groups.to_vec()),
+                5,
+            )
+        };
+        let e = check(ApiKey::DescribeGroups, 5, &describe(&groups), &bounds)
+            .expect_err("groups capped");
+        assert!(e.contains("groups; at most 11024"), "{e}");
+        check(ApiKey::DescribeGroups, 5, &describe(&groups[1..]), &bounds).expect("at the bound");
+        // Partitions: at most PARTITIONS_MAX of one topic, and the bound over all topics.
+        let small = Bounds {
+            partitions: 50,
+            ..bounds
+        };
+        let produce = |topics: usize, partitions: usize| {
+            let data = (0..topics)
+                .map(|t| {
+                    produce_request::TopicProduceData::default()
+                        .with_name(name(&t.to_string()))
+                        .with_partition_data(vec![
+                            produce_request::PartitionProduceData::default();
+                            partitions
+                        ])
+                })
+                .collect();
+            encoded(&ProduceRequest::default().with_topic_data(data), 9)
+        };
+        check(ApiKey::Produce, 9, &produce(2, 25), &small).expect("50 partitions");
+        let e = check(ApiKey::Produce, 9, &produce(3, 17), &small).expect_err("51 in all");
+        assert!(e.contains("51 partitions in all; at most 50"), "{e}");
+        let e = check(
+            ApiKey::Produce,
+            9,
+            &produce(1, PARTITIONS_MAX as usize + 1),
+            &bounds,
+        )
+        .expect_err("one topic");
+        assert!(e.contains("1025 partitions of one topic"), "{e}");
+        // Tagged fields: at most a few per struct.
+        let mut tagged = produce_request::TopicProduceData::default().with_name(name("t"));
+        for tag in 0..=TAGGED_FIELDS_MAX as i32 {
+            tagged.unknown_tagged_fields.insert(tag, Buf::new());
+        }
+        let body = encoded(&ProduceRequest::default().with_topic_data(vec![tagged]), 9);
+        let e = check(ApiKey::Produce, 9, &body, &WIDE).expect_err("tags");
+        assert!(e.contains("33 tagged fields"), "{e}");
+    }
+
     proptest::proptest! {
         /// Whatever bytes follow a served request's header, what passes the check is
         /// safe to hand to the codec (an unbounded allocation would abort this test).

@@ -788,6 +788,28 @@ mod tests {
         }
     }
 
+    /// The leader's member list and DescribeGroups show each member with its metadata
+    /// for the chosen protocol, built by one function.
+    #[tokio::test]
+    async fn the_leader_and_describe_see_the_same_member_list() {
+        let c = Coordinator::default();
+        let mut first = join("g", "");
+        first.protocols = vec![
+            ("roundrobin".into(), Bytes::from_static(b"rr")),
+            ("range".into(), Bytes::from_static(b"r")),
+        ];
+        let joined = c.join(first, &|_| false).await;
+        assert_eq!(joined.protocol, "roundrobin");
+        let view = c.describe("g").expect("the group");
+        let described: Vec<(String, Bytes)> = view
+            .members
+            .into_iter()
+            .map(|m| (m.id, m.metadata))
+            .collect();
+        assert_eq!(described, joined.members);
+        assert_eq!(described[0].1, Bytes::from_static(b"rr"));
+    }
+
     #[tokio::test]
     async fn a_member_id_made_from_a_long_client_id_stays_within_255_bytes() {
         let c = Coordinator::default();

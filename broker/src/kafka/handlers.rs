@@ -115,7 +115,7 @@ pub(super) async fn dispatch(
                     .map(|t| (t.name.0.as_str(), t.partition_data.iter().map(|p| p.index))),
             )?;
             let acks = request.acks;
-            let answer = produce(broker, request).await;
+            let answer = produce(broker, request, &mut client.frame).await;
             if acks == 0 {
                 return Ok(false);
             }
@@ -416,7 +416,13 @@ fn find_partition(broker: &Broker, topic: &str, partition: i32) -> Result<Arc<Pa
     broker.partition(topic, id)
 }
 
-async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceResponse {
+/// Serves a Produce; each batch handed to a partition's writer takes its size out of
+/// `frame` (the frame's share of the request budget) with it.
+async fn produce(
+    broker: &Arc<Broker>,
+    request: ProduceRequest,
+    frame: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> ProduceResponse {
     let ack = match request.acks {
         0 | 1 => Ok(Ack::Leader),
         -1 => Ok(Ack::Durable),
@@ -453,8 +459,10 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
                     response.error_code = K::UnknownServerError.code();
                     let (broker, partition, ack) =
                         (Arc::clone(broker), Arc::clone(partition), *ack);
+                    let size = data.records.as_ref().map_or(0, |r| r.len());
+                    let share = frame.as_mut().and_then(|frame| frame.split(size));
                     appends.spawn(async move {
-                        let stored = append(&broker, &partition, data.records, ack).await;
+                        let stored = append(&broker, &partition, data.records, ack, share).await;
                         (t, p, stored)
                     });
                 }
@@ -497,6 +505,7 @@ async fn append(
     partition: &Partition,
     records: Option<Bytes>,
     ack: Ack,
+    share: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(i64, i64)> {
     let batch = records
         .filter(|r| !r.is_empty())
@@ -504,10 +513,13 @@ async fn append(
     if let Ok(header) = strata_storage::batch::BatchHeader::parse(&batch) {
         broker.check_producer_id(header.producer_id)?;
     }
-    // The frame budget (`Context::budget`) covers the request while it is handled; it is
-    // not handed to the writer, so a client that disconnects mid-produce frees it early
-    // (the gRPC produce budget does travel with the batch).
-    let stored = partition.append(batch, ack, None).await?;
+    // The batch is a slice of the request frame: queued, it keeps the frame alive even
+    // after a client that disconnected mid-produce is gone. Its share of the frame's
+    // request budget goes with it and is released when the writer is done with it, so
+    // a client cannot reconnect and resend beyond the budget while a slow disk still
+    // holds its earlier frames (the rest of the frame, its names and headers, which the
+    // guard bounds, is released when the request ends).
+    let stored = partition.append(batch, ack, share).await?;
     Ok((
         stored.info.base_offset as i64,
         partition.reader().earliest_offset() as i64,

@@ -11,10 +11,15 @@
 //! ([`REQUEST_BYTES_MAX`]), and so are the bytes of requests held at once across all
 //! connections ([`REQUEST_BUDGET_BYTES`]) and the number of connections
 //! ([`CONNECTIONS_MAX`]); every length and count in a request is checked against the
-//! frame before the codec reads it (see [`guard`]). A request's budget is returned once
-//! it is answered; a Fetch answer holds its share of the broker's fetch memory budget
-//! (shared with gRPC) until written, and a write, like an idle connection, is bounded in
-//! time. A shutdown drains the listener with the gRPC one (see [`Running::stop`]).
+//! frame, and every client-sized array against the broker's topics and limits, before
+//! the codec reads it (see [`guard`]). A request's budget is returned once it is
+//! answered, or once it is decoded into bounded owned state when it then waits (a
+//! JoinGroup, SyncGroup or Fetch long poll); a produced batch carries its share to the
+//! partition's writer. A Fetch answer holds its share of the broker's fetch memory
+//! budget (shared with gRPC) until written, and waits for it at most its max_wait; a
+//! write, like an idle connection, is bounded in time. A shutdown drains the listener
+//! with the gRPC one (see [`Running::stop`]) and waits for the topic creations and
+//! deletions its clients started.
 
 mod errors;
 mod groups;

@@ -329,6 +329,26 @@ pub fn check(api: ApiKey, version: i16, body: &[u8], bounds: &Bounds) -> Result<
     }
 }
 
+/// The request header up to its tagged fields: api key, version, correlation id and
+/// client id (a classic nullable string in every header version).
+const HEADER: &[Field] = &[f(I16), f(I16), f(I32), since(1, Str)];
+
+/// Checks a request header of `header_version` at the start of `frame` before the
+/// codec reads it: its client id fits the frame and, in a v2 header, it carries at most
+/// [`TAGGED_FIELDS_MAX`] tagged fields (each a map entry once decoded, from 2 bytes).
+pub fn header(header_version: i16, frame: &[u8]) -> Result<(), String> {
+    let mut walk = Walk::new(frame, header_version, false, &Bounds::CONSUMER);
+    walk.fields(HEADER)
+        .and_then(|()| {
+            if header_version >= 2 {
+                walk.tags()
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|e| format!("invalid request header v{header_version}: {e}"))
+}
+
 /// [`check`], returning how many bytes follow the last field.
 fn unread(api: ApiKey, version: i16, body: &[u8], bounds: &Bounds) -> Result<usize, String> {
     let (fields, flexible_from) =
@@ -600,27 +620,32 @@ impl<'a> Walk<'a> {
             }
         }
         if self.flexible {
-            // The number of tagged fields is a plain unsigned varint, not a compact
-            // length (no +1): read as one, the guard and the codec would walk different
-            // fields of the same bytes, and the codec could allocate from a count the
-            // guard never saw.
-            let tags = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
-            if tags.saturating_mul(2) > self.rest.len() {
-                return Err(format!(
-                    "{tags} tagged fields claimed but only {} bytes remain",
-                    self.rest.len()
-                ));
-            }
-            if tags > TAGGED_FIELDS_MAX {
-                return Err(format!(
-                    "a struct carries {tags} tagged fields; at most {TAGGED_FIELDS_MAX}"
-                ));
-            }
-            for _ in 0..tags {
-                self.varint()?;
-                let size = self.varint()? as usize;
-                self.take(size)?;
-            }
+            self.tags()?;
+        }
+        Ok(())
+    }
+
+    /// The tagged fields that end a struct of a flexible version.
+    fn tags(&mut self) -> Result<(), String> {
+        // The number of tagged fields is a plain unsigned varint, not a compact length
+        // (no +1): read as one, the guard and the codec would walk different fields of
+        // the same bytes, and the codec could allocate from a count the guard never saw.
+        let tags = usize::try_from(self.varint()?).unwrap_or(usize::MAX);
+        if tags.saturating_mul(2) > self.rest.len() {
+            return Err(format!(
+                "{tags} tagged fields claimed but only {} bytes remain",
+                self.rest.len()
+            ));
+        }
+        if tags > TAGGED_FIELDS_MAX {
+            return Err(format!(
+                "a struct carries {tags} tagged fields; at most {TAGGED_FIELDS_MAX}"
+            ));
+        }
+        for _ in 0..tags {
+            self.varint()?;
+            let size = self.varint()? as usize;
+            self.take(size)?;
         }
         Ok(())
     }
@@ -969,6 +994,19 @@ mod tests {
         }
         let body = encoded(&ProduceRequest::default().with_topic_data(vec![tagged]), 9);
         let e = check(ApiKey::Produce, 9, &body, &WIDE).expect_err("tags");
+        assert!(e.contains("33 tagged fields"), "{e}");
+        // Also in a request header (v2), which the codec reads first.
+        let mut header = kafka_protocol::messages::RequestHeader::default()
+            .with_request_api_key(ApiKey::Produce as i16)
+            .with_request_api_version(9)
+            .with_client_id(Some(StrBytes::from_static_str("c")));
+        let mut frame = encoded(&header, 2);
+        super::header(2, &frame).expect("a plain header");
+        for tag in 0..=TAGGED_FIELDS_MAX as i32 {
+            header.unknown_tagged_fields.insert(tag, Buf::new());
+        }
+        frame = encoded(&header, 2);
+        let e = super::header(2, &frame).expect_err("header tags");
         assert!(e.contains("33 tagged fields"), "{e}");
     }
 

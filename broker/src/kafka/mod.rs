@@ -478,6 +478,7 @@ async fn handle(
             "{api:?} v{version} is not supported (this broker serves v{min} to v{max})"
         ));
     }
+    guard::header(api.request_header_version(version), &frame)?;
     let header = decode_request_header_from_buffer(&mut frame)
         .map_err(|e| format!("invalid {api:?} v{version} request header: {e}"))?;
     tracing::trace!(?api, version, client = ?header.client_id, "kafka request");

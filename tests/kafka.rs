@@ -1842,11 +1842,11 @@ async fn unread_kafka_fetch_responses_hold_the_shared_fetch_memory_budget() {
             .expect("produce");
     }
     // Three 8 MiB fetches nobody reads: their responses, being written, hold their
-    // share of the 16 MiB (the third waits for room).
+    // share of the 16 MiB (the third waits for room, for at most its max_wait_ms).
     let mut unread = Vec::new();
     for _ in 0..3 {
         let mut raw = unread_connection(kafka);
-        let mut request = fetch("big", 0, 0);
+        let mut request = fetch("big", 0, 30_000);
         request.max_bytes = 8 << 20;
         request.topics[0].partitions[0].partition_max_bytes = 8 << 20;
         raw.send(ApiKey::Fetch, 11, &request);

@@ -481,14 +481,22 @@ async fn handle(
     guard::header(api.request_header_version(version), &frame)?;
     let header = decode_request_header_from_buffer(&mut frame)
         .map_err(|e| format!("invalid {api:?} v{version} request header: {e}"))?;
-    tracing::trace!(?api, version, client = ?header.client_id, "kafka request");
+    // Copied out, and the header dropped: its fields are slices of the frame, which a
+    // request that waits must not keep alive once it gave the frame's budget back.
+    let client_id = header
+        .client_id
+        .as_ref()
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    drop(header);
+    tracing::trace!(?api, version, client = %client_id, "kafka request");
     let bounds = guard::Bounds::new(context.broker.topic_count(), &context.limits);
     guard::check(api, version, &frame, &bounds)?;
     out.put_i32(0);
     let metrics = context.broker.metrics();
     let in_flight = InFlight::new(&metrics.in_flight);
     let mut client = handlers::Client {
-        id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
+        id: client_id,
         host: format!("/{}", peer.ip()),
         clock: tokio::time::Instant::now(),
         memory: None,

@@ -97,6 +97,9 @@ pub struct Broker {
     admin: Mutex<()>,
     /// Most partitions of all topics ([`Broker::set_max_partitions`]; none by default).
     max_partitions: AtomicUsize,
+    /// Partitions of all topics now: changed with `topics`, under the admin lock (or
+    /// while opening).
+    partition_total: AtomicUsize,
     /// Shared with the offsets writer, which checks a member's ownership again when it
     /// applies the member's commit.
     coordinator: Arc<Coordinator>,
@@ -181,6 +184,7 @@ impl Broker {
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
             max_partitions: AtomicUsize::new(usize::MAX),
+            partition_total: AtomicUsize::new(0),
             coordinator: Arc::default(),
             kafka_members: crate::kafka::membership::Coordinator::default(),
             offsets,
@@ -203,6 +207,9 @@ impl Broker {
             let incarnation = load_incarnation(&dir)?;
             let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
             broker.offsets.set_incarnation(&name, Some(incarnation));
+            broker
+                .partition_total
+                .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
             broker.write_topics().insert(name, Arc::new(topic));
         }
         broker
@@ -372,6 +379,11 @@ impl Broker {
         self.topic(topic)?.partition(partition).cloned()
     }
 
+    /// How many partitions all topics have.
+    pub fn partition_total(&self) -> usize {
+        self.partition_total.load(Ordering::Relaxed)
+    }
+
     /// How many topics there are.
     pub fn topic_count(&self) -> usize {
         self.read_topics().len()
@@ -394,17 +406,11 @@ impl Broker {
     pub fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>> {
         validate_name(name)?;
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let existing: usize = {
-            let topics = self.read_topics();
-            if topics.contains_key(name) {
-                return Err(Error::TopicExists(name.to_string()));
-            }
-            topics
-                .values()
-                .map(|t| t.settings.partitions as usize)
-                .sum()
-        };
-        // Counted under the admin lock, so concurrent creations cannot pass it together.
+        if self.read_topics().contains_key(name) {
+            return Err(Error::TopicExists(name.to_string()));
+        }
+        // Under the admin lock, so concurrent creations cannot pass it together.
+        let existing = self.partition_total();
         let max = self.max_partitions.load(Ordering::Relaxed);
         if existing.saturating_add(settings.partitions as usize) > max {
             return Err(Error::LimitExceeded {
@@ -438,6 +444,8 @@ impl Broker {
         // Offsets left by an earlier topic of this name (its deletion failed halfway)
         // are invisible from here on, and forgotten at the next start.
         self.offsets.set_incarnation(name, Some(incarnation));
+        self.partition_total
+            .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
         self.write_topics()
             .insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)
@@ -450,6 +458,8 @@ impl Broker {
             .write_topics()
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
+        self.partition_total
+            .fetch_sub(topic.settings.partitions as usize, Ordering::Relaxed);
         topic.deleted.store(true, Ordering::Release);
         // Group state goes with the topic before anything here can fail: offsets of its
         // incarnation are invisible, and members owning its partitions are removed, so

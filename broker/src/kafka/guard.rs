@@ -286,7 +286,8 @@ pub struct Bounds {
     /// plus [`TOPICS_SLACK`].
     pub topics: usize,
     /// Partitions one request may list over all its topics: `max_partitions`, the most
-    /// that can exist, plus [`PARTITIONS_MAX`] (topics about to be created or deleted).
+    /// that can be created (or those there are, when a broker started over more), plus
+    /// [`PARTITIONS_MAX`] (topics about to be created, or deleted since).
     pub partitions: usize,
     /// Groups one request may name: `max_groups` plus [`TOPICS_SLACK`] (groups of
     /// committed offsets only are not counted by `max_groups`).
@@ -305,11 +306,15 @@ impl Bounds {
         members: 0,
     };
 
-    /// The bounds of a broker with `topics` topics and these limits.
-    pub fn new(topics: usize, limits: &crate::limits::Limits) -> Bounds {
+    /// The bounds of a broker with `topics` topics of `partitions` partitions in all,
+    /// and these limits.
+    pub fn new(topics: usize, partitions: usize, limits: &crate::limits::Limits) -> Bounds {
         Bounds {
             topics: topics.saturating_add(TOPICS_SLACK),
-            partitions: limits.partitions.saturating_add(PARTITIONS_MAX as usize),
+            partitions: limits
+                .partitions
+                .max(partitions)
+                .saturating_add(PARTITIONS_MAX as usize),
             groups: limits.groups.saturating_add(TOPICS_SLACK),
             members: limits.group_members,
         }
@@ -899,8 +904,18 @@ mod tests {
         use kafka_protocol::messages::{DescribeGroupsRequest, GroupId};
         use kafka_protocol::protocol::Decodable;
         let limits = crate::limits::Limits::default();
-        let bounds = Bounds::new(10, &limits);
+        let bounds = Bounds::new(10, 10, &limits);
         assert_eq!(bounds.topics, 10 + TOPICS_SLACK);
+        assert_eq!(
+            bounds.partitions,
+            limits.partitions + PARTITIONS_MAX as usize
+        );
+        // A broker started over more partitions than max_partitions still serves them.
+        let over = Bounds::new(10, limits.partitions * 2, &limits);
+        assert_eq!(
+            over.partitions,
+            limits.partitions * 2 + PARTITIONS_MAX as usize
+        );
         let entries = 100_000;
         for version in [4, 9, 12] {
             let metadata = |n: usize| {
@@ -1112,7 +1127,7 @@ mod tests {
                         api,
                         version,
                         &body,
-                        &Bounds::new(0, &crate::limits::Limits::default()),
+                        &Bounds::new(0, 0, &crate::limits::Limits::default()),
                     )
                     .unwrap_or_else(|e| panic!("{api:?} v{version}: {e}"));
                     assert_eq!(unread, 0, "{api:?} v{version}: the schema misses fields");

@@ -490,7 +490,12 @@ async fn handle(
         .unwrap_or_default();
     drop(header);
     tracing::trace!(?api, version, client = %client_id, "kafka request");
-    let bounds = guard::Bounds::new(context.broker.topic_count(), &context.limits);
+    let broker = &context.broker;
+    let bounds = guard::Bounds::new(
+        broker.topic_count(),
+        broker.partition_total(),
+        &context.limits,
+    );
     guard::check(api, version, &frame, &bounds)?;
     out.put_i32(0);
     let metrics = context.broker.metrics();
@@ -839,5 +844,16 @@ mod tests {
             .expect_err("past the limit");
         assert!(e.to_string().contains("max_partitions"), "{e}");
         assert!(context.broker.topic("b").is_err());
+        assert_eq!(context.broker.partition_total(), 3);
+        let broker = Arc::clone(&context.broker);
+        tokio::task::spawn_blocking(move || broker.delete_topic("a"))
+            .await
+            .expect("joined")
+            .expect("delete");
+        assert_eq!(context.broker.partition_total(), 1);
+        context
+            .broker
+            .create_topic("c", TopicSettings::default())
+            .expect("room again");
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use strata_storage::batch::NO_PRODUCER_ID;
@@ -95,6 +95,11 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
+    /// Most partitions of all topics ([`Broker::set_max_partitions`]; none by default).
+    max_partitions: AtomicUsize,
+    /// Partitions of all topics now: changed with `topics`, under the admin lock (or
+    /// while opening).
+    partition_total: AtomicUsize,
     /// Shared with the offsets writer, which checks a member's ownership again when it
     /// applies the member's commit.
     coordinator: Arc<Coordinator>,
@@ -181,6 +186,8 @@ impl Broker {
             files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            max_partitions: AtomicUsize::new(usize::MAX),
+            partition_total: AtomicUsize::new(0),
             coordinator: Arc::default(),
             kafka_members: crate::kafka::membership::Coordinator::default(),
             offsets,
@@ -203,6 +210,9 @@ impl Broker {
             let incarnation = load_incarnation(&dir)?;
             let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
             broker.offsets.set_incarnation(&name, Some(incarnation));
+            broker
+                .partition_total
+                .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
             broker.write_topics().insert(name, Arc::new(topic));
         }
         broker
@@ -404,6 +414,11 @@ impl Broker {
         self.topic(topic)?.partition(partition).cloned()
     }
 
+    /// How many partitions all topics have.
+    pub fn partition_total(&self) -> usize {
+        self.partition_total.load(Ordering::Relaxed)
+    }
+
     /// How many topics there are.
     pub fn topic_count(&self) -> usize {
         self.read_topics().len()
@@ -414,6 +429,13 @@ impl Broker {
         self.read_topics().values().cloned().collect()
     }
 
+    /// Limits creation to `max_partitions` partitions of all topics (`max_partitions`):
+    /// a topic that would pass it is refused with [`Error::LimitExceeded`]; topics
+    /// already there are not affected.
+    pub fn set_max_partitions(&self, max_partitions: usize) {
+        self.max_partitions.store(max_partitions, Ordering::Relaxed);
+    }
+
     /// Creates a topic: builds its directory under `tmp/`, then renames it into place.
     /// Blocking.
     pub fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>> {
@@ -421,6 +443,19 @@ impl Broker {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         if self.read_topics().contains_key(name) {
             return Err(Error::TopicExists(name.to_string()));
+        }
+        // Under the admin lock, so concurrent creations cannot pass it together.
+        let existing = self.partition_total();
+        let max = self.max_partitions.load(Ordering::Relaxed);
+        if existing.saturating_add(settings.partitions as usize) > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_partitions",
+                message: format!(
+                    "topic {name:?} of {} partitions would take the broker past {max} \
+                     partitions (it has {existing})",
+                    settings.partitions
+                ),
+            });
         }
         let staging = self.data_dir.join("tmp").join(name);
         std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
@@ -444,6 +479,8 @@ impl Broker {
         // Offsets left by an earlier topic of this name (its deletion failed halfway)
         // are invisible from here on, and forgotten at the next start.
         self.offsets.set_incarnation(name, Some(incarnation));
+        self.partition_total
+            .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
         self.write_topics()
             .insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)
@@ -456,6 +493,8 @@ impl Broker {
             .write_topics()
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
+        self.partition_total
+            .fetch_sub(topic.settings.partitions as usize, Ordering::Relaxed);
         topic.deleted.store(true, Ordering::Release);
         // Group state goes with the topic before anything here can fail: offsets of its
         // incarnation are invisible, and members owning its partitions are removed, so

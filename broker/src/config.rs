@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// Most consumer groups with members, broker-wide [default: 10000].
     #[arg(long, env = "STRATA_MAX_GROUPS")]
     pub max_groups: Option<usize>,
+    /// Most partitions of all topics, broker-wide [default: 10000].
+    #[arg(long, env = "STRATA_MAX_PARTITIONS")]
+    pub max_partitions: Option<usize>,
     /// How long the committed offsets of a group without members are kept after its
     /// last member left or its last commit: a duration [default: 7d].
     #[arg(long, env = "STRATA_OFFSETS_RETENTION_MS")]
@@ -396,6 +399,12 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
             base.group_members,
         )?,
         groups: count("max_groups", args.max_groups, file.max_groups, base.groups)?,
+        partitions: count(
+            "max_partitions",
+            args.max_partitions,
+            file.max_partitions,
+            base.partitions,
+        )?,
         offsets_retention: duration(
             "offsets_retention_ms",
             args.offsets_retention_ms,
@@ -692,13 +701,14 @@ mod tests {
                 }
                 "max_group_members" => assert_eq!(default.parse(), Ok(l.group_members)),
                 "max_groups" => assert_eq!(default.parse(), Ok(l.groups)),
+                "max_partitions" => assert_eq!(default.parse(), Ok(l.partitions)),
                 "offsets_retention_ms" => assert_eq!(millis(), l.offsets_retention),
                 other => panic!("--help shows a default of {other} this test does not check"),
             }
             shown += 1;
         }
         assert_eq!(
-            shown, 28,
+            shown, 29,
             "every setting but --config and --kafka-advertised shows its default"
         );
     }

@@ -50,6 +50,11 @@ pub const OFFSETS_RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 86_400);
 pub const GROUP_MEMBERS_DEFAULT: usize = 1000;
 /// Groups with members, broker-wide, when `--max-groups` is not given.
 pub const GROUPS_DEFAULT: usize = 10_000;
+/// Partitions of all topics, broker-wide, when `--max-partitions` is not given. Each
+/// takes a writer thread and about three file descriptors (see the open-file check at
+/// start), so a client creating topics (a Kafka client with auto-creation on, say) must
+/// not grow them without end.
+pub const PARTITIONS_DEFAULT: usize = 10_000;
 
 /// The limits in force; [`Limits::default`] gives the defaults above.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +85,8 @@ pub struct Limits {
     pub group_members: usize,
     /// Groups with members, broker-wide.
     pub groups: usize,
+    /// Partitions of all topics, broker-wide.
+    pub partitions: usize,
     /// How long an empty group's committed offsets are kept.
     pub offsets_retention: Duration,
 }
@@ -100,6 +107,7 @@ impl Default for Limits {
             commit_metadata_bytes: COMMIT_METADATA_BYTES_DEFAULT,
             group_members: GROUP_MEMBERS_DEFAULT,
             groups: GROUPS_DEFAULT,
+            partitions: PARTITIONS_DEFAULT,
             offsets_retention: OFFSETS_RETENTION_DEFAULT,
         }
     }

@@ -66,6 +66,7 @@ pub async fn serve(
     broker
         .kafka_members()
         .set_limits(config.limits.group_members, config.limits.groups);
+    broker.set_max_partitions(config.limits.partitions);
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;

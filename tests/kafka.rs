@@ -1481,7 +1481,8 @@ async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refus
     refused(ApiKey::Produce, &|raw| {
         raw.send(ApiKey::Produce, 9, &produce(&long, &[0]))
     });
-    let many: Vec<i32> = (0..1025).collect();
+    // One more than a topic may have (16,384).
+    let many: Vec<i32> = (0..16_385).collect();
     refused(ApiKey::Produce, &|raw| {
         raw.send(ApiKey::Produce, 9, &produce("absent", &many))
     });

@@ -262,7 +262,6 @@ impl<E: Entry> Index<E> {
         slot.take();
         Ok(())
     }
-
 }
 
 #[cfg(test)]

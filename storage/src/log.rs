@@ -1302,7 +1302,8 @@ fn create_next(dir: &Path, base: u64, config: &LogConfig) -> Result<(Segment, fs
             return Err(Error::Io {
                 path: log_path,
                 source: io::Error::other(format!(
-                    "starting a new segment failed ({e}), then removing its empty file                      failed too ({undo}): the log takes no more writes until a restart"
+                    "starting a new segment failed ({e}), then removing its empty file \
+                     failed too ({undo}): the log takes no more writes until a restart"
                 )),
             });
         }
@@ -1370,7 +1371,8 @@ fn open_sealed(
         let segment = Segment::new(dir, base, offsets, times, log_len, max_timestamp);
         // Walk the headers after the last index entry: the last batch must end at the
         // file's end and just before the next segment's base offset.
-        let file = fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
+        let file =
+            fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
         // Headers only, one small read each: the tail holds about
         // `index_interval_bytes` of batches, the last of which may be large.
         let mut position = segment.offsets.last().map_or(0, |e| u64::from(e.position));
@@ -1400,7 +1402,8 @@ fn open_sealed(
     remove_if_exists(&index_path)?;
     remove_if_exists(&time_path)?;
     let segment = create_segment(dir, base, config)?;
-    let file = fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
+    let file =
+        fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
     let mut index = IndexState::resume(&segment, 0, i64::MIN);
     // A sealed segment is never truncated (the next one starts at `next_base`), but
     // only its valid batches are readable: reads of offsets past damage, or missing

@@ -90,6 +90,13 @@ pub struct RejectedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a storage upkeep failure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpkeepLabels {
+    /// The step: `roll`, `checkpoint`, `index_seal` or `producer_snapshot`.
+    pub step: &'static str,
+}
+
 /// The metrics recorded as things happen, shared by the listeners and writers.
 #[derive(Debug)]
 pub struct Metrics {
@@ -107,6 +114,9 @@ pub struct Metrics {
     pub commit_batches: Histogram,
     /// Bytes per partition commit.
     pub commit_bytes: Histogram,
+    /// Failures of partition upkeep that wrote no data (a segment roll, a checkpoint, an
+    /// index seal, a producer state snapshot): retried, never fail-stopping.
+    pub upkeep_failures: Family<UpkeepLabels, Counter>,
     started: SystemTime,
     /// The histograms of `request_seconds`, one per RPC of every listener, made up front
     /// so that timing a request needs no lock and no hashing.
@@ -153,6 +163,7 @@ impl Metrics {
             fsync_seconds: Histogram::new(latency_buckets()),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             commit_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 8)),
+            upkeep_failures: Family::default(),
             started: SystemTime::now(),
         }
     }
@@ -173,6 +184,13 @@ impl Metrics {
     pub fn commit(&self, batches: usize, bytes: usize) {
         self.commit_batches.observe(batches as f64);
         self.commit_bytes.observe(bytes as f64);
+    }
+
+    /// Counts failures of a partition upkeep step (see [`Metrics::upkeep_failures`]).
+    pub fn upkeep_failed_by(&self, step: &'static str, failures: u64) {
+        self.upkeep_failures
+            .get_or_create(&UpkeepLabels { step })
+            .inc_by(failures);
     }
 
     /// Records one data fsync of a partition log (a commit's or a segment roll's).
@@ -261,6 +279,12 @@ pub fn registry(metrics: &Metrics, source: Arc<Source>) -> Registry {
         "Bytes written by one partition commit",
         Unit::Bytes,
         m.commit_bytes.clone(),
+    );
+    registry.register(
+        "strata_storage_upkeep_failures",
+        "Failures of partition upkeep that wrote no data (segment roll, checkpoint, index \
+         seal, producer state snapshot), by step: retried, the partition keeps serving",
+        m.upkeep_failures.clone(),
     );
     registry.register_collector(Box::new(BrokerCollector {
         source,

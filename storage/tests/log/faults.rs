@@ -521,19 +521,21 @@ fn failed_checkpoints_and_index_seals_are_retried_without_fail_stop() {
 
 /// The promises the tests of this module check, as `docs/storage-format.md` (8.4) and
 /// `docs/protocol.md` (2.3) state them: a changed sentence must be rechecked here.
-const STORAGE_PROMISES: [&str; 6] = [
+const STORAGE_PROMISES: [&str; 7] = [
     "Under `fsync`, every batch whose commit returned is there after a crash, with the same offsets and bytes.",
     "Under `interval` and `none`, a crash loses the batches written since the last fsync; the log then reports an unclean stop, and their offsets go to new records.",
     "Under every policy, after a crash or an I/O error the log holds whole batches with dense offsets: a batch is there byte for byte or not at all.",
     "The log refuses every later write until it is reopened, and what it had published stays readable.",
     "A failed fsync cuts only bytes that were never published: under every policy, a published batch keeps its offsets while the log runs and after a restart.",
     "If cutting the unpublished bytes fails too, the error says so: those batches may come back after a restart.",
+    "A roll that cannot create the new segment's files, and a checkpoint or index seal that fails, lose nothing and do not make the log refuse writes: the write that needed the roll gets a retryable error, and the next write tries the roll again.",
 ];
 
-const PROTOCOL_PROMISES: [&str; 3] = [
+const PROTOCOL_PROMISES: [&str; 4] = [
     "Under `fsync`, an acknowledged batch survives any crash and any I/O error, with its offsets.",
     "Under `interval` and `none`, an acknowledged batch survives a `kill -9` and an I/O error, but a power loss or OS crash can take the batches acknowledged since the last fsync; the broker then logs that the partition was not shut down cleanly, and their offsets go to new records.",
     "After a failed write or fsync, the partition refuses produce requests until the broker restarts (`RESOURCE_EXHAUSTED` for the commit that found the disk full, `UNAVAILABLE` otherwise), and keeps serving what it had published with the same offsets.",
+    "A segment roll that cannot create its files (too many open files, no memory, no space) refuses only the batch that needed it, with `UNAVAILABLE` (`RESOURCE_EXHAUSTED` when the disk is full) naming the cause; the partition is not fail-stopped, and the next produce retries the roll.",
 ];
 
 #[test]

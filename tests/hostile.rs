@@ -655,6 +655,51 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     );
 }
 
+/// The HTTP listener (metrics, health) holds at most --max-http-connections: clients
+/// that open connections and never send a request cannot take the process's
+/// descriptors. One more is closed at once (its GET fails), and /metrics answers again
+/// once one of them closes (it had no cap before).
+#[tokio::test]
+async fn http_connections_beyond_the_cap_are_closed_at_once() {
+    let broker = Broker::start_with(&["--max-http-connections", "3"]);
+    let http = broker.http_addr().expect("the HTTP listener is on");
+    let address = http.to_string();
+    let get = |path: &'static str| strata_broker::http::client::get(&address, path);
+    let (status, body) = get("/metrics").await.expect("a scrape under the cap");
+    assert_eq!(status, 200);
+    assert!(body.contains("strata_ready 1"), "{body}");
+    let mut idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(http).expect("connect"))
+        .collect();
+    // The broker has accepted all three once a fourth is closed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get("/metrics").await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "a fourth HTTP connection was served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    idle.pop();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match get("/metrics").await {
+            Ok((status, body)) => {
+                assert_eq!(status, 200);
+                assert!(body.contains("strata_ready 1"), "{body}");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never answered again: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        broker.log().contains("max_http_connections are open"),
+        "{}",
+        broker.log()
+    );
+}
+
 /// A client holding a half-sent request and an open health Watch stream do not keep
 /// the broker from shutting down: it logs the signal, drains for the configured time,
 /// cuts them, closes its logs and exits cleanly.

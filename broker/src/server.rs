@@ -34,7 +34,13 @@ pub async fn serve(
     let socket = bind(config.listen)?;
     let metrics = Arc::new(Metrics::new(config.kafka.is_some()));
     let source = Arc::new(Source::default());
-    let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
+    let http = HttpListener::start(
+        config.http_listen,
+        config.limits.http_connections,
+        &metrics,
+        Arc::clone(&source),
+    )
+    .await?;
     let kafka = match &config.kafka {
         Some(kafka) => Some(crate::kafka::Listener::bind(kafka).await?),
         None => None,
@@ -186,7 +192,8 @@ fn connections_max(max_connections: usize, kafka: bool) -> usize {
 }
 
 /// Warns when the open-file limit is below what the configuration may need: past it,
-/// a segment roll fails (fail-stopping its partition) or connections are refused.
+/// segment rolls fail (refusing the produces that need them until descriptors are
+/// free again) or connections are refused.
 fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
     let partitions: u64 = broker
         .topics()
@@ -254,6 +261,7 @@ impl HttpListener {
     /// Binds and starts serving `/healthz`, `/readyz` (starting) and `/metrics`.
     async fn start(
         address: Option<SocketAddr>,
+        max_connections: usize,
         metrics: &Metrics,
         source: Arc<Source>,
     ) -> anyhow::Result<HttpListener> {
@@ -269,9 +277,14 @@ impl HttpListener {
         })?;
         println!("strata http on http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(crate::http::serve(listener, Arc::clone(&state), async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(crate::http::serve(
+            listener,
+            max_connections,
+            Arc::clone(&state),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Ok(HttpListener {
             task: Some((stop, task)),
         })

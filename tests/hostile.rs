@@ -833,7 +833,11 @@ async fn a_segment_roll_at_the_descriptor_limit_does_not_fail_stop() {
     let idle = idle_connections(&broker, 200);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !broker.log().contains("out of file descriptors") {
-        assert!(Instant::now() < deadline, "never at the limit: {}", broker.log());
+        assert!(
+            Instant::now() < deadline,
+            "never at the limit: {}",
+            broker.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Every produce rolls (each new segment takes descriptors) until one cannot.
@@ -854,7 +858,11 @@ async fn a_segment_roll_at_the_descriptor_limit_does_not_fail_stop() {
         "{status:?}"
     );
     // Not fail-stopped: a batch that needs no roll is written.
-    acked.push(produce(&mut data, vec![9; 100]).await.expect("no roll needed"));
+    acked.push(
+        produce(&mut data, vec![9; 100])
+            .await
+            .expect("no roll needed"),
+    );
     drop(idle);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -865,7 +873,10 @@ async fn a_segment_roll_at_the_descriptor_limit_does_not_fail_stop() {
             }
             Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                assert!(Instant::now() < deadline, "the roll never happened: {status:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the roll never happened: {status:?}"
+                );
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -882,7 +893,11 @@ async fn a_segment_roll_at_the_descriptor_limit_does_not_fail_stop() {
         health(&broker, "strata.v1.Broker").await,
         ServingStatus::Serving
     );
-    assert!(broker.log().contains("storage upkeep failed"), "{}", broker.log());
+    assert!(
+        broker.log().contains("storage upkeep failed"),
+        "{}",
+        broker.log()
+    );
 }
 
 /// Produces one record of `value` to partition 0 of [`TOPIC`]; returns the value.

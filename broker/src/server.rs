@@ -200,7 +200,12 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
         .iter()
         .map(|t| u64::from(t.settings.partitions))
         .sum();
-    let connections = connections_max(config.limits.connections, config.kafka.is_some());
+    let http = if config.http_listen.is_some() {
+        config.limits.http_connections
+    } else {
+        0
+    };
+    let connections = connections_max(config.limits.connections, config.kafka.is_some()) + http;
     let needed = nofile_needed(partitions, config.max_open_files, connections);
     if let Some(limit) = limit.filter(|&limit| limit < needed) {
         tracing::warn!(
@@ -209,11 +214,13 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
             partitions,
             max_open_files = config.max_open_files,
             max_connections = config.limits.connections,
-            kafka_connections = connections - config.limits.connections,
+            kafka_connections = connections - config.limits.connections - http,
+            http_connections = http,
             "the open-file limit (ulimit -n) is below what this broker may need \
              (64 + 3 x partitions + max_open_files + max_connections + 1024 Kafka \
-             connections when the Kafka listener is on): raise the hard limit, or lower \
-             --max-connections or --max-open-files"
+             connections when the Kafka listener is on + max_http_connections when the \
+             HTTP listener is on): raise the hard limit, or lower --max-connections or \
+             --max-open-files"
         );
     }
 }

@@ -540,6 +540,22 @@ mod tests {
         assert_eq!(injector.injected(), 3);
     }
 
+    /// An injected open failure creates nothing, as a real EMFILE does.
+    #[test]
+    fn a_failed_open_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let path = injector.root().join("new");
+        let create = OpenOptions::new().write(true).create(true).clone();
+        injector.fail_nth(Op::Open, 1, Fault::too_many_open_files());
+        let e = open(&create, &path).expect_err("fails");
+        assert_eq!(e.raw_os_error(), Some(EMFILE));
+        assert!(!path.exists());
+        open(&create, &path).expect("the next open works");
+        assert!(path.exists());
+        assert_eq!(injector.count(Op::Open), 2);
+    }
+
     #[test]
     fn a_crash_keeps_only_what_was_synced() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -365,8 +365,7 @@ fn fill_segment(injector: &Injector, log: &mut Log, id: &mut u64) -> Vec<(u64, V
     loop {
         let last_log = listing(injector)
             .into_iter()
-            .filter(|n| n.ends_with(".log"))
-            .next_back()
+            .rfind(|n| n.ends_with(".log"))
             .expect("a segment");
         let active = std::fs::metadata(injector.root().join(last_log))
             .expect("size")

@@ -709,7 +709,7 @@ mod tests {
             shown += 1;
         }
         assert_eq!(
-            shown, 28,
+            shown, 29,
             "every setting but --config and --kafka-advertised shows its default"
         );
     }

@@ -126,6 +126,7 @@ impl Partition {
             producers,
             keep_snapshot,
             unsnapshotted_bytes: 0,
+            snapshot_failing: false,
             room: Room::default(),
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
@@ -354,6 +355,8 @@ struct Writer {
     keep_snapshot: bool,
     /// Bytes written since the last producer state snapshot.
     unsnapshotted_bytes: u64,
+    /// The last producer state snapshot failed: the next failure is not logged again.
+    snapshot_failing: bool,
     /// The free space of the partition's file system, as last measured minus what was
     /// written since; see [`Writer::check_room`].
     room: Room,
@@ -479,15 +482,22 @@ impl Writer {
             .producers
             .write_snapshot(dir, self.log.next_offset(), sync)
         {
-            Ok(()) => self.unsnapshotted_bytes = 0,
-            // Retried after the next commit group: `unsnapshotted_bytes` stays over.
+            Ok(()) => {
+                self.unsnapshotted_bytes = 0;
+                self.snapshot_failing = false;
+            }
+            // Retried after the next commit group (at the latest the next maintenance
+            // tick): `unsnapshotted_bytes` stays over the interval.
             Err(e) => {
                 self.metrics.upkeep_failed_by("producer_snapshot", 1);
-                tracing::warn!(
-                    partition = %self.name,
-                    error = %e,
-                    "cannot write the producer state snapshot; a crash now means a longer replay"
-                )
+                if !std::mem::replace(&mut self.snapshot_failing, true) {
+                    tracing::warn!(
+                        partition = %self.name,
+                        error = %e,
+                        "cannot write the producer state snapshot; a crash now means a \
+                         longer replay (retried; logged again only after it succeeded)"
+                    )
+                }
             }
         }
     }
@@ -716,6 +726,7 @@ mod tests {
             producers,
             keep_snapshot,
             unsnapshotted_bytes: 0,
+            snapshot_failing: false,
             room: Room::default(),
             stats: Arc::default(),
             metrics: Arc::default(),

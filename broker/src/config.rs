@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Most open client connections; more are closed at once [default: 1024].
     #[arg(long, env = "STRATA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most open connections of the HTTP listener (/metrics, /healthz, /readyz); more
+    /// are closed at once [default: 256].
+    #[arg(long, env = "STRATA_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: Option<usize>,
     /// Most concurrent requests (HTTP/2 streams) per connection [default: 200].
     #[arg(long, env = "STRATA_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: Option<u32>,
@@ -343,6 +347,12 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
             args.max_connections,
             file.max_connections,
             base.connections,
+        )?,
+        http_connections: count(
+            "max_http_connections",
+            args.max_http_connections,
+            file.max_http_connections,
+            base.http_connections,
         )?,
         streams_per_connection: positive(
             "max_streams_per_connection",
@@ -685,6 +695,7 @@ mod tests {
                     assert_eq!(size(), l.groups_request_bytes as u64)
                 }
                 "max_connections" => assert_eq!(default.parse(), Ok(l.connections)),
+                "max_http_connections" => assert_eq!(default.parse(), Ok(l.http_connections)),
                 "max_streams_per_connection" => {
                     assert_eq!(default.parse(), Ok(l.streams_per_connection))
                 }

@@ -14,6 +14,9 @@ pub const ADMIN_REQUEST_BYTES_DEFAULT: usize = 4 << 20;
 pub const GROUPS_REQUEST_BYTES_DEFAULT: usize = 4 << 20;
 /// Open client connections when `--max-connections` is not given.
 pub const CONNECTIONS_DEFAULT: usize = 1024;
+/// Open connections of the HTTP listener (metrics, health) when
+/// `--max-http-connections` is not given: scrapers and probes need a few.
+pub const HTTP_CONNECTIONS_DEFAULT: usize = 256;
 /// Concurrent requests (HTTP/2 streams) per connection when
 /// `--max-streams-per-connection` is not given: hyper's own default, which tonic
 /// otherwise removes.
@@ -65,6 +68,8 @@ pub struct Limits {
     pub groups_request_bytes: usize,
     /// Open client connections; more are closed as soon as they are accepted.
     pub connections: usize,
+    /// Open connections of the HTTP listener; more are closed as soon as accepted.
+    pub http_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub streams_per_connection: u32,
     /// Interval of HTTP/2 PINGs and TCP keepalive probes on idle connections.
@@ -97,6 +102,7 @@ impl Default for Limits {
             admin_request_bytes: ADMIN_REQUEST_BYTES_DEFAULT,
             groups_request_bytes: GROUPS_REQUEST_BYTES_DEFAULT,
             connections: CONNECTIONS_DEFAULT,
+            http_connections: HTTP_CONNECTIONS_DEFAULT,
             streams_per_connection: STREAMS_PER_CONNECTION_DEFAULT,
             keepalive_interval: KEEPALIVE_INTERVAL_DEFAULT,
             keepalive_timeout: KEEPALIVE_TIMEOUT_DEFAULT,

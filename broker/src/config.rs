@@ -719,7 +719,7 @@ mod tests {
             shown += 1;
         }
         assert_eq!(
-            shown, 29,
+            shown, 30,
             "every setting but --config and --kafka-advertised shows its default"
         );
     }

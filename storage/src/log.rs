@@ -523,6 +523,17 @@ impl Log {
         .inspect(|_| self.seal_unsealed())
     }
 
+    /// Whether a [`Log::commit`] now would do nothing: nothing is staged, nothing
+    /// written waits for an interval fsync, and no deferred upkeep waits for its retry.
+    /// An idle log needs no maintenance ticks until it is written to again.
+    pub fn idle(&self) -> bool {
+        let active = &self.active;
+        let syncs = self.config.durability != Durability::None;
+        active.staged.is_empty()
+            && (!syncs || (active.synced == active.written && !self.checkpoint_stale))
+            && self.unsealed.is_empty()
+    }
+
     /// [`Log::write`] then [`Log::commit`]: under the fsync policy the batch is on disk
     /// when this returns.
     pub fn append(&mut self, batch: &[u8]) -> Result<AppendInfo> {

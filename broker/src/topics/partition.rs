@@ -16,6 +16,7 @@
 //! partition opens and snapshotted periodically and at a clean close.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -84,6 +85,9 @@ pub struct Partition {
     stats: Arc<PartitionStats>,
     /// Set by the writer when the partition fail-stops.
     fault: Arc<Fault>,
+    /// Set by the writer when a maintenance tick would find nothing to do (see
+    /// [`Writer::idle`]), so ticks leave the thread of an idle partition asleep.
+    idle: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -118,7 +122,9 @@ impl Partition {
         let (watermark, high_watermark) = watch::channel(reader.high_watermark());
         let stats = Arc::new(PartitionStats::default());
         let fault = faults.fault();
+        let idle = Arc::new(AtomicBool::new(false));
         let writer = Writer {
+            idle: Arc::clone(&idle),
             name: name.clone(),
             log,
             watermark,
@@ -147,6 +153,7 @@ impl Partition {
             max_producer_id,
             stats,
             fault,
+            idle,
         })
     }
 
@@ -215,6 +222,9 @@ impl Partition {
     /// Asks the writer to commit (syncing idle data under the interval policy) and, if
     /// `retention`, to apply retention.
     pub fn maintain(&self, retention: bool) {
+        if !retention && self.idle.load(Ordering::Acquire) {
+            return;
+        }
         // A full queue means the writer is busy committing anyway; skip this round.
         let _ = self.commands.try_send(Command::Maintain { retention });
     }
@@ -363,6 +373,8 @@ struct Writer {
     stats: Arc<PartitionStats>,
     metrics: Arc<Metrics>,
     fault: Arc<Fault>,
+    /// Shared with [`Partition::maintain`]; see [`Writer::idle`].
+    idle: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -441,6 +453,7 @@ impl Writer {
             if maintain {
                 self.retention();
             }
+            self.idle.store(self.idle(), Ordering::Release);
             if shutdown {
                 break;
             }
@@ -467,6 +480,16 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Whether a maintenance tick would find nothing to do: the partition fail-stopped,
+    /// or its log is idle ([`Log::idle`]) and no producer snapshot waits for a retry.
+    /// Retention ticks come regardless.
+    fn idle(&self) -> bool {
+        self.failed
+            || (self.log.idle()
+                && (self.keep_snapshot
+                    || self.unsnapshotted_bytes < self.log.config().checkpoint_interval_bytes))
     }
 
     /// Snapshots the producer state; everything staged is committed. A failure only
@@ -731,7 +754,36 @@ mod tests {
             stats: Arc::default(),
             metrics: Arc::default(),
             fault: Faults::default().fault(),
+            idle: Arc::default(),
         }
+    }
+
+    /// Ticks skip a partition only while they would do nothing: under `interval`, data
+    /// written but not yet fsynced keeps the ticks coming until a tick syncs it.
+    #[test]
+    fn only_a_partition_with_nothing_to_sync_skips_its_ticks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut fsync = writer(dir.path());
+        fsync.write(&batch(-1, -1, 1)).expect("write");
+        fsync.commit().expect("commit");
+        assert!(fsync.idle(), "fsync: committed is synced");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            durability: Durability::Interval(Duration::from_secs(3600)),
+            ..LogConfig::default()
+        };
+        let mut interval = writer_with(dir.path(), config);
+        assert!(interval.idle(), "nothing written yet");
+        interval.write(&batch(-1, -1, 1)).expect("write");
+        assert!(!interval.idle(), "staged data waits");
+        interval.commit().expect("commit");
+        assert!(
+            !interval.idle(),
+            "written, not yet fsynced: the ticks must come"
+        );
+        interval.log.flush().expect("flush");
+        assert!(interval.idle(), "synced");
     }
 
     fn batch(producer_id: i64, sequence: i32, records: usize) -> Vec<u8> {

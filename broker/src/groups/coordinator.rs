@@ -24,6 +24,13 @@
 //! it later moves the epoch on from there. A group with neither members nor offsets no
 //! longer exists and is forgotten ([`Coordinator::forget_empty`]).
 //!
+//! A member's commit is checked for ownership again by the offsets writer right before
+//! its write ([`Coordinator::begin_commit`]), and from that check until the commit is
+//! durable and visible (or has failed) its partitions are *committing*: a partition is
+//! granted only when no member owns it **and** no commit of it is in flight. So the
+//! fsync of a late commit can never overlap a new owner reading its start position:
+//! the new owner gets the partition after the commit is visible, and reads it.
+//!
 //! Members are soft state: a broker restart forgets them (and group epochs), and they
 //! rejoin. Committed offsets are durable ([`crate::groups::offsets`]).
 
@@ -229,8 +236,9 @@ impl Group {
     }
 
     /// Moves `id`'s assignment toward its target: revokes what the target gives away,
-    /// grants what is free. Returns whether the assignment changed.
-    fn reconcile(&mut self, id: &str, now: Instant) -> bool {
+    /// grants what is free: owned by no member, with no commit in flight (`committing`).
+    /// Returns whether the assignment changed.
+    fn reconcile(&mut self, id: &str, now: Instant, committing: &Committing) -> bool {
         let empty = BTreeSet::new();
         let target = self.target.get(id).unwrap_or(&empty);
         let Some(member) = self.members.get_mut(id) else {
@@ -258,7 +266,7 @@ impl Group {
                 // member's, so its grant epoch stands.
                 member.assigned.insert(tp.clone(), revoked.granted);
                 changed = true;
-            } else if !self.owners.contains_key(tp) {
+            } else if !self.owners.contains_key(tp) && !committing.contains_key(tp) {
                 granted.push(tp.clone());
             }
         }
@@ -336,10 +344,19 @@ impl Group {
     }
 }
 
+/// The partitions of one group with a member's commit in flight, and how many.
+type Committing = HashMap<TopicPartition, usize>;
+/// [`Committing`] of every group that has commits in flight.
+type CommitsInFlight = Arc<Mutex<HashMap<String, Committing>>>;
+
 /// Every consumer group's membership.
 #[derive(Debug)]
 pub struct Coordinator {
     groups: Mutex<BTreeMap<String, Group>>,
+    /// Partitions with a member's commit between its last ownership check and its
+    /// answer ([`Coordinator::begin_commit`]): not granted to anyone meanwhile. Locked
+    /// after `groups`, never before.
+    committing: CommitsInFlight,
     /// Groups whose offsets an admin change (or a commit from outside) is writing: they
     /// accept no joins until it is done, so no member starts from a position that is
     /// about to change. Locked after `groups`, never before.
@@ -357,6 +374,7 @@ impl Default for Coordinator {
     fn default() -> Self {
         Coordinator {
             groups: Mutex::new(BTreeMap::new()),
+            committing: Arc::default(),
             busy: Arc::default(),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
@@ -381,6 +399,36 @@ impl Drop for Exclusive {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.group);
+    }
+}
+
+/// A member's commit that passed its last ownership check and is being written
+/// ([`Coordinator::begin_commit`]): its partitions are granted to no one until it is
+/// dropped, once the commit is visible or has failed.
+#[derive(Debug)]
+pub struct CommitInFlight {
+    committing: CommitsInFlight,
+    group: String,
+    partitions: Vec<TopicPartition>,
+}
+
+impl Drop for CommitInFlight {
+    fn drop(&mut self) {
+        let mut committing = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(group) = committing.get_mut(&self.group) else {
+            return;
+        };
+        for tp in &self.partitions {
+            if let Some(count) = group.get_mut(tp) {
+                *count -= 1;
+                if *count == 0 {
+                    group.remove(tp);
+                }
+            }
+        }
+        if group.is_empty() {
+            committing.remove(&self.group);
+        }
     }
 }
 
@@ -601,7 +649,13 @@ impl Coordinator {
         let group = groups
             .get_mut(group_name)
             .expect("the member's group exists");
-        group.reconcile(&id, now);
+        let committing = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        group.reconcile(
+            &id,
+            now,
+            committing.get(group_name).unwrap_or(&Committing::new()),
+        );
+        drop(committing);
         let member = group
             .members
             .get_mut(&id)
@@ -692,6 +746,32 @@ impl Coordinator {
         }
     }
 
+    /// The last check of a member's commit, made by the offsets writer right before
+    /// the commit's write: [`Coordinator::check_owner`], and if the member still owns
+    /// `partitions`, a guard that keeps them from being granted to anyone until it is
+    /// dropped (after the commit is visible, or has failed). Checked and marked under
+    /// one lock, so no grant falls between the check and the write.
+    pub fn begin_commit(
+        &self,
+        group_name: &str,
+        member_id: &str,
+        member_epoch: u64,
+        partitions: &[TopicPartition],
+    ) -> Result<CommitInFlight> {
+        let groups = self.lock();
+        Self::check_owner_locked(&groups, group_name, member_id, member_epoch, partitions)?;
+        let mut committing = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        let group = committing.entry(group_name.to_string()).or_default();
+        for tp in partitions {
+            *group.entry(tp.clone()).or_default() += 1;
+        }
+        Ok(CommitInFlight {
+            committing: Arc::clone(&self.committing),
+            group: group_name.to_string(),
+            partitions: partitions.to_vec(),
+        })
+    }
+
     /// Checks that a request from a member (or, with an empty `member_id`, from outside
     /// the group) may commit or fetch `partitions`.
     pub fn check_owner<'a>(
@@ -701,7 +781,22 @@ impl Coordinator {
         member_epoch: u64,
         partitions: impl IntoIterator<Item = &'a TopicPartition>,
     ) -> Result<()> {
-        let groups = self.lock();
+        Self::check_owner_locked(
+            &self.lock(),
+            group_name,
+            member_id,
+            member_epoch,
+            partitions,
+        )
+    }
+
+    fn check_owner_locked<'a>(
+        groups: &BTreeMap<String, Group>,
+        group_name: &str,
+        member_id: &str,
+        member_epoch: u64,
+        partitions: impl IntoIterator<Item = &'a TopicPartition>,
+    ) -> Result<()> {
         let group = groups.get(group_name);
         if member_id.is_empty() {
             return match group {

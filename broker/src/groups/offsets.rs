@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::Topic;
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
-use crate::groups::coordinator::Exclusive;
+use crate::groups::coordinator::{CommitInFlight, Exclusive};
 use crate::health::{Fault, Faults};
 
 /// Largest metadata string of a commit.
@@ -94,8 +94,11 @@ type Incarnations = BTreeMap<String, u64>;
 
 /// Checked by the writer right before it writes a commit: a member's commit that waited
 /// in the queue (or behind a slow write) while its partitions moved is refused with this
-/// check's error instead of landing below the new owner's position.
-pub type Fence = Box<dyn Fn() -> Result<()> + Send>;
+/// check's error instead of landing below the new owner's position. What it returns is
+/// held until the commit is answered, visible or failed: its partitions are granted to
+/// no new owner while the write and its fsync run, so no new owner reads a position the
+/// commit is about to replace.
+pub type Fence = Box<dyn FnOnce() -> Result<CommitInFlight> + Send>;
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Change {
@@ -108,7 +111,8 @@ enum Change {
         reply: Reply<Vec<(TopicPartition, Committed)>>,
         /// Released once the change is answered: written (and visible) or refused.
         hold: Option<Exclusive>,
-        /// Checked when the commit is staged for writing.
+        /// Checked when the commit is staged for writing; its guard is held until the
+        /// commit is answered.
         fence: Option<Fence>,
     },
     DeleteGroup {
@@ -558,6 +562,7 @@ enum Answer {
         Reply<Vec<(TopicPartition, Committed)>>,
         Result<Vec<(TopicPartition, Committed)>>,
         Option<Exclusive>,
+        Option<CommitInFlight>,
     ),
     Done(Reply<()>, Option<Exclusive>),
 }
@@ -587,7 +592,11 @@ impl Writer {
                         fence,
                     } => {
                         staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
-                        let fenced = fence.as_ref().map_or(Ok(()), |check| check());
+                        let (fenced, in_flight) = match fence.map(|check| check()) {
+                            None => (Ok(()), None),
+                            Some(Ok(guard)) => (Ok(()), Some(guard)),
+                            Some(Err(e)) => (Err(e), None),
+                        };
                         let result = match topics.iter().find(|t| t.is_deleted()) {
                             Some(gone) => Err(Error::TopicNotFound(gone.name.clone())),
                             None if fenced.is_err() => fenced.map(|()| Vec::new()),
@@ -600,7 +609,7 @@ impl Writer {
                                 mode,
                             )),
                         };
-                        answers.push(Answer::Committed(reply, result, hold));
+                        answers.push(Answer::Committed(reply, result, hold, in_flight));
                     }
                     Change::DeleteGroup { group, reply, hold } => {
                         pending.retain(|(g, _), _| *g != group);
@@ -636,10 +645,11 @@ impl Writer {
                     );
                 }
             }
-            // Each reservation is released after its answer, with the change visible.
+            // Each reservation, and each commit's hold on its partitions, is released
+            // after its answer, with the change visible.
             for answer in answers {
                 match answer {
-                    Answer::Committed(reply, result, _hold) => {
+                    Answer::Committed(reply, result, _hold, _in_flight) => {
                         let _ = reply.send(unavailable(&written).and(result));
                     }
                     Answer::Done(reply, _hold) => {

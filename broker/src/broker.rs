@@ -280,14 +280,12 @@ impl Broker {
             .filter_map(|p| {
                 Some(Problem::PartitionFailed {
                     partition: p.name().to_string(),
-                    reason: p.fault().reason()?.to_string(),
+                    reason: p.fault().reason()?,
                 })
             })
             .collect();
         if let Some(reason) = self.offsets.fault().reason() {
-            problems.push(Problem::OffsetsFailed {
-                reason: reason.to_string(),
-            });
+            problems.push(Problem::OffsetsFailed { reason });
         }
         problems
     }
@@ -517,13 +515,14 @@ impl Broker {
     }
 
     /// Asks every partition to commit idle data and, when `retention` is set, to apply
-    /// retention. Cheap; never blocks.
+    /// retention, and a failed offsets log to try to recover. Cheap; never blocks.
     pub fn maintain(&self, retention: bool) {
         for topic in self.read_topics().values() {
             for partition in &topic.partitions {
                 partition.maintain(retention);
             }
         }
+        self.offsets.maintain();
     }
 
     /// Removes group members whose session or rebalance timeout passed, and forgets

@@ -210,6 +210,7 @@ impl Broker {
             let incarnation = load_incarnation(&dir)?;
             let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
             broker.offsets.set_incarnation(&name, Some(incarnation));
+            broker.coordinator.set_incarnation(&name, Some(incarnation));
             broker
                 .partition_total
                 .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
@@ -475,8 +476,10 @@ impl Broker {
             }
         };
         // Offsets left by an earlier topic of this name (its deletion failed halfway)
-        // are invisible from here on, and forgotten at the next start.
+        // are invisible from here on, and forgotten at the next start; partitions a
+        // member still owns as the earlier topic's are fenced and revoked.
         self.offsets.set_incarnation(name, Some(incarnation));
+        self.coordinator.set_incarnation(name, Some(incarnation));
         self.partition_total
             .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
         self.write_topics()

@@ -775,6 +775,78 @@ mod tests {
         ));
     }
 
+    /// A topic deleted and created again under a live group: the member that owned
+    /// the old topic's partition cannot commit to the new one, and the group is
+    /// assigned the new incarnation's partition, whose commits land as that
+    /// incarnation's (visible, and kept over a restart).
+    #[test]
+    fn a_recreated_topic_under_a_live_group_fences_the_old_owner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open_broker(dir.path());
+        let settings = || crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings()).expect("create");
+        produce(&broker, "t", 5);
+        let tp = TopicPartition::new("t".to_string(), 0);
+        let old = join(&broker, "g", "t");
+        let waiting = join(&broker, "g", "t");
+        assert_eq!(old.assignment, vec![tp.clone()]);
+        assert!(waiting.assignment.is_empty());
+
+        broker.delete_topic("t").expect("delete");
+        broker.create_topic("t", settings()).expect("recreate");
+        produce(&broker, "t", 3);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let commit = |id: &str, epoch: u64, offset: u64| {
+            rt.block_on(commit_offsets(
+                &broker,
+                "g",
+                Committer::Member { id, epoch },
+                vec![(tp.clone(), offset, String::new())],
+            ))
+        };
+        assert!(matches!(
+            commit(&old.member_id, old.member_epoch, 3),
+            Err(Error::Fenced(_))
+        ));
+        let counts = |t: &str| broker.partition_count(t);
+        let now = broker
+            .coordinator()
+            .heartbeat(
+                "g",
+                Heartbeat {
+                    member_id: waiting.member_id.clone(),
+                    member_epoch: waiting.member_epoch,
+                    ..Heartbeat::default()
+                },
+                &counts,
+                Instant::now(),
+            )
+            .expect("heartbeat");
+        assert_eq!(now.assignment, vec![tp.clone()]);
+        commit(&now.member_id, now.member_epoch, 2).expect("the new owner commits");
+        let all = BTreeSet::new();
+        assert_eq!(
+            fetch_offsets(&broker, "g", &all).expect("fetch")[0]
+                .1
+                .offset,
+            2
+        );
+        assert!(broker.shutdown().is_empty());
+        drop(broker);
+        let broker = open_broker(dir.path());
+        assert_eq!(
+            fetch_offsets(&broker, "g", &all).expect("fetch")[0]
+                .1
+                .offset,
+            2
+        );
+    }
+
     #[test]
     fn lag_counts_from_the_log_start_without_a_commit() {
         let log = LogRange {

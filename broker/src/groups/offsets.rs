@@ -719,11 +719,13 @@ impl Writer {
                     );
                 }
             }
-            // Each reservation, and each commit's hold on its partitions, is released
-            // after its answer, with the change visible.
+            // Each reservation is released after its answer, with the change visible.
+            // A commit's hold on its partitions goes before its answer (the change is
+            // visible already), so a committer that hears back finds them grantable.
             for answer in answers {
                 match answer {
-                    Answer::Committed(reply, result, _hold, _in_flight) => {
+                    Answer::Committed(reply, result, _hold, in_flight) => {
+                        drop(in_flight);
                         let _ = reply.send(unavailable(&written).and(result));
                     }
                     Answer::Done(reply, _hold) => {

@@ -31,6 +31,11 @@
 //! fsync of a late commit can never overlap a new owner reading its start position:
 //! the new owner gets the partition after the commit is visible, and reads it.
 //!
+//! What a member owns is keyed by the topic's incarnation as well as its name and
+//! partition ([`Coordinator::set_incarnation`]): a partition granted in a topic since
+//! deleted (and maybe created again under its name) is fenced, revoked, and never given
+//! back as the new topic's partition of that number.
+//!
 //! Members are soft state: a broker restart forgets them (and group epochs), and they
 //! rejoin. Committed offsets are durable ([`crate::groups::offsets`]).
 

@@ -526,6 +526,20 @@ mod tests {
             .expect("join")
     }
 
+    /// A heartbeat of the member `last` answered, holding nothing.
+    fn beat(broker: &Broker, group: &str, last: &HeartbeatReply) -> HeartbeatReply {
+        let request = Heartbeat {
+            member_id: last.member_id.clone(),
+            member_epoch: last.member_epoch,
+            ..Heartbeat::default()
+        };
+        let counts = |t: &str| broker.partition_count(t);
+        broker
+            .coordinator()
+            .heartbeat(group, request, &counts, Instant::now())
+            .expect("heartbeat")
+    }
+
     /// Kafka members of one group commit concurrently: a member's commit does not take
     /// the group's outside hold, which one commit in flight would otherwise keep from
     /// the others (GroupBusy, COORDINATOR_LOAD_IN_PROGRESS to a Kafka client).
@@ -678,19 +692,7 @@ mod tests {
             .expect("runtime");
         let committed = rt.block_on(commit).expect("the commit was checked in time");
         assert_eq!(committed[0].1.offset, 7);
-        let b = broker
-            .coordinator()
-            .heartbeat(
-                "g",
-                Heartbeat {
-                    member_id: b.member_id.clone(),
-                    member_epoch: b.member_epoch,
-                    ..Heartbeat::default()
-                },
-                &counts,
-                Instant::now(),
-            )
-            .expect("heartbeat");
+        let b = beat(&broker, "g", &b);
         assert_eq!(b.assignment, vec![tp.clone()], "granted once visible");
         let start = fetch_offsets(&broker, "g", &BTreeSet::from([tp.clone()])).expect("fetch");
         assert_eq!(start[0].1.offset, 7, "the new owner starts at the commit");
@@ -813,20 +815,7 @@ mod tests {
             commit(&old.member_id, old.member_epoch, 3),
             Err(Error::Fenced(_))
         ));
-        let counts = |t: &str| broker.partition_count(t);
-        let now = broker
-            .coordinator()
-            .heartbeat(
-                "g",
-                Heartbeat {
-                    member_id: waiting.member_id.clone(),
-                    member_epoch: waiting.member_epoch,
-                    ..Heartbeat::default()
-                },
-                &counts,
-                Instant::now(),
-            )
-            .expect("heartbeat");
+        let now = beat(&broker, "g", &waiting);
         assert_eq!(now.assignment, vec![tp.clone()]);
         commit(&now.member_id, now.member_epoch, 2).expect("the new owner commits");
         let all = BTreeSet::new();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::common::{produce_records, read_partition, record, Broker};
 use strata_client::{Client, ConsumerGroupConfig, Error};
 use strata_proto::v1;
+use strata_proto::v1::groups_client::GroupsClient;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -130,7 +131,9 @@ async fn a_full_disk_refuses_writes_and_they_resume_once_space_is_freed() {
 
 /// The committed-offsets log failing its write (the disk is full) is not swallowed: the
 /// broker's Groups health goes NOT_SERVING, and a consumer whose auto-commits keep being
-/// refused gets the error on its stream (auto-commit used to drop it silently).
+/// refused gets the error on its stream (auto-commit used to drop it silently). Once
+/// space is freed the broker reopens the offsets log by itself: health turns SERVING
+/// and commits succeed, without a restart (they used to be refused until one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
     let Some((broker, _mounted)) = broker_on_small_tmpfs() else {
@@ -194,4 +197,48 @@ async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
         .status();
     assert_eq!(status, ServingStatus::NotServing);
     drop(consumer);
+
+    std::fs::remove_file(data.join("filler")).expect("free the space");
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "strata.v1.Groups".into(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    tokio::time::timeout(HANG_GUARD, async {
+        while let Some(status) = watch.next().await {
+            if status.expect("a status").status() == ServingStatus::Serving {
+                return;
+            }
+        }
+        panic!("the health watch ended");
+    })
+    .await
+    .expect("the offsets log recovers once space is freed");
+    let mut groups = GroupsClient::new(broker.channel().await);
+    let offset = v1::PartitionOffset {
+        topic: "events".into(),
+        partition: 0,
+        offset: 42,
+        ..Default::default()
+    };
+    groups
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "after-the-disk-was-freed".into(),
+            offsets: vec![offset],
+            ..Default::default()
+        })
+        .await
+        .expect("commits succeed again, without a restart");
+    let fetched = groups
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "after-the-disk-was-freed".into(),
+            partitions: vec![],
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert_eq!(fetched.offsets.len(), 1);
+    assert_eq!(fetched.offsets[0].offset, 42);
 }

@@ -210,6 +210,7 @@ impl Broker {
             let incarnation = load_incarnation(&dir)?;
             let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
             broker.offsets.set_incarnation(&name, Some(incarnation));
+            broker.coordinator.set_incarnation(&name, Some(incarnation));
             broker
                 .partition_total
                 .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
@@ -280,14 +281,12 @@ impl Broker {
             .filter_map(|p| {
                 Some(Problem::PartitionFailed {
                     partition: p.name().to_string(),
-                    reason: p.fault().reason()?.to_string(),
+                    reason: p.fault().reason()?,
                 })
             })
             .collect();
         if let Some(reason) = self.offsets.fault().reason() {
-            problems.push(Problem::OffsetsFailed {
-                reason: reason.to_string(),
-            });
+            problems.push(Problem::OffsetsFailed { reason });
         }
         problems
     }
@@ -477,8 +476,10 @@ impl Broker {
             }
         };
         // Offsets left by an earlier topic of this name (its deletion failed halfway)
-        // are invisible from here on, and forgotten at the next start.
+        // are invisible from here on, and forgotten at the next start; partitions a
+        // member still owns as the earlier topic's are fenced and revoked.
         self.offsets.set_incarnation(name, Some(incarnation));
+        self.coordinator.set_incarnation(name, Some(incarnation));
         self.partition_total
             .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
         self.write_topics()
@@ -517,13 +518,14 @@ impl Broker {
     }
 
     /// Asks every partition to commit idle data and, when `retention` is set, to apply
-    /// retention. Cheap; never blocks.
+    /// retention, and a failed offsets log to try to recover. Cheap; never blocks.
     pub fn maintain(&self, retention: bool) {
         for topic in self.read_topics().values() {
             for partition in &topic.partitions {
                 partition.maintain(retention);
             }
         }
+        self.offsets.maintain();
     }
 
     /// Removes group members whose session or rebalance timeout passed, and forgets

@@ -2,13 +2,15 @@
 //! checks read (gRPC health, `/readyz`, metrics).
 //!
 //! A [`Fault`] belongs to one component that can fail-stop: a partition's writer, the
-//! committed-offsets writer. It is set once, by that component's own thread, when a
-//! write or fsync fails and the component starts refusing writes; it stays set until
-//! the broker restarts and recovery runs, or its topic is deleted. Setting it, or
-//! deleting a topic, bumps a broker-wide counter on a watch channel
-//! ([`Faults::changed`]), so health reporters react at once instead of polling.
+//! committed-offsets writer. It is set by that component's own thread when a write or
+//! fsync fails and the component starts refusing writes. A partition's stays set until
+//! the broker restarts and recovery runs, or its topic is deleted; the offsets writer
+//! recovers by itself (reopening its log) and clears its own once it takes writes
+//! again. Setting or clearing one, or deleting a topic, bumps a broker-wide counter on
+//! a watch channel ([`Faults::changed`]), so health reporters react at once instead of
+//! polling.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -30,7 +32,7 @@ impl Faults {
     /// A new, unset fault of one component.
     pub fn fault(&self) -> Arc<Fault> {
         Arc::new(Fault {
-            reason: OnceLock::new(),
+            reason: Mutex::new(None),
             changes: Arc::clone(&self.changes),
         })
     }
@@ -47,24 +49,38 @@ impl Faults {
     }
 }
 
-/// One component's fault: unset while it works; once set, why it stopped.
+/// One component's fault: unset while it works; while set, why it stopped.
 #[derive(Debug)]
 pub struct Fault {
-    reason: OnceLock<String>,
+    reason: Mutex<Option<String>>,
     changes: Arc<watch::Sender<u64>>,
 }
 
 impl Fault {
-    /// Records why the component stopped; later calls keep the first reason.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records why the component stopped; while set, later calls keep the first reason.
     pub fn set(&self, reason: String) {
-        if self.reason.set(reason).is_ok() {
+        let mut current = self.lock();
+        if current.is_none() {
+            *current = Some(reason);
+            drop(current);
             self.changes.send_modify(|n| *n += 1);
         }
     }
 
-    /// Why the component stopped, if it did.
-    pub fn reason(&self) -> Option<&str> {
-        self.reason.get().map(String::as_str)
+    /// The component works again.
+    pub fn clear(&self) {
+        if self.lock().take().is_some() {
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Why the component stopped, if it did and has not recovered.
+    pub fn reason(&self) -> Option<String> {
+        self.lock().clone()
     }
 }
 
@@ -78,7 +94,8 @@ pub enum Problem {
         /// The failure.
         reason: String,
     },
-    /// The committed-offsets log refuses commits after a failed write.
+    /// The committed-offsets log refuses commits after a failed write, until it
+    /// recovers.
     OffsetsFailed {
         /// The failure.
         reason: String,
@@ -95,8 +112,9 @@ impl std::fmt::Display for Problem {
             ),
             Problem::OffsetsFailed { reason } => write!(
                 f,
-                "consumer group commits are refused: {reason}; restart the broker to \
-                 recover the offsets log (check the disk first)"
+                "consumer group commits are refused: {reason}; the broker reopens the \
+                 offsets log and takes commits again once the cause is gone (check the \
+                 disk)"
             ),
         }
     }
@@ -107,15 +125,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fault_keeps_its_first_reason_and_notifies_once() {
+    fn a_fault_keeps_its_first_reason_and_notifies_once_per_change() {
         let faults = Faults::default();
         let mut changed = faults.changed();
         let fault = faults.fault();
         assert_eq!(fault.reason(), None);
         fault.set("disk on fire".into());
         fault.set("later".into());
-        assert_eq!(fault.reason(), Some("disk on fire"));
+        assert_eq!(fault.reason().as_deref(), Some("disk on fire"));
         assert!(changed.has_changed().expect("open"));
         assert_eq!(*changed.borrow_and_update(), 1);
+        fault.clear();
+        fault.clear();
+        assert_eq!(fault.reason(), None);
+        assert_eq!(*changed.borrow_and_update(), 2, "a clear notifies once");
     }
 }

@@ -5,7 +5,9 @@
 //! call. An [`Injector`] registered for a directory sees the operations on paths under
 //! it (other tests' directories are unaffected, so tests run in parallel), counts them
 //! by [`Op`], and makes a chosen one fail with a chosen [`Fault`]: an error (EIO),
-//! a full disk (ENOSPC) or a short write followed by an error.
+//! a full disk (ENOSPC) or a short write followed by an error. It can also hold a chosen
+//! operation before it runs ([`Injector::pause_nth`]), so a test can act while, say, an
+//! fsync is in progress, without sleeping.
 //!
 //! With [`Injector::with_crash_model`] it also keeps a durable copy of the directory
 //! next to the live one, as redb's crash tests do: a file's content becomes durable
@@ -23,7 +25,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 /// A kind of file operation that can be counted and made to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,10 +138,73 @@ struct Durable {
     dirs: HashMap<PathBuf, BTreeMap<OsString, Entry>>,
 }
 
+/// Where a paused operation waits: `reached` once one waits there, `released` once it
+/// may go on.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, (bool, bool)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the paused operation: says it is here, waits for the release.
+    fn hold(&self) {
+        let mut state = self.lock();
+        state.0 = true;
+        self.changed.notify_all();
+        while !state.1 {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn release(&self) {
+        self.lock().1 = true;
+        self.changed.notify_all();
+    }
+}
+
+/// An operation [`Injector::pause_nth`] holds before it runs. Released by
+/// [`Paused::release`] or when dropped, so a failing test never leaves a thread stuck.
+#[derive(Debug)]
+pub struct Paused {
+    gate: Arc<Gate>,
+}
+
+impl Paused {
+    /// Blocks until the paused operation has been reached and is waiting.
+    pub fn wait_reached(&self) {
+        let mut state = self.gate.lock();
+        while !state.0 {
+            state = self
+                .gate
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets the paused operation run.
+    pub fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.gate.release();
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     counts: [u64; OPS],
     armed: Vec<Armed>,
+    /// Operations to hold before they run: kind, count, gate.
+    paused: Vec<(Op, u64, Arc<Gate>)>,
     injected: u64,
     synced_dirs: Vec<PathBuf>,
     durable: Option<Durable>,
@@ -192,6 +257,12 @@ fn intercept(op: Op, path: &Path) -> Option<(Arc<Plan>, Option<Fault>)> {
         });
         if fault.is_some() {
             state.injected += 1;
+        }
+        let pause = state.paused.iter().position(|p| p.0 == op && p.1 == n);
+        let gate = pause.map(|i| state.paused.swap_remove(i).2);
+        drop(state);
+        if let Some(gate) = gate {
+            gate.hold();
         }
         fault
     };
@@ -266,6 +337,16 @@ impl Injector {
             sticky: true,
             fault,
         });
+    }
+
+    /// Holds the `nth` operation of kind `op` from now (1 = the next one) before it
+    /// runs, in the thread doing it, until the returned [`Paused`] is released.
+    pub fn pause_nth(&self, op: Op, nth: u64) -> Paused {
+        let mut state = self.plan.lock();
+        let at = state.counts[op.slot()] + nth.max(1);
+        let gate = Arc::new(Gate::default());
+        state.paused.push((op, at, Arc::clone(&gate)));
+        Paused { gate }
     }
 
     /// Disarms every pending fault.
@@ -554,6 +635,26 @@ mod tests {
         open(&create, &path).expect("the next open works");
         assert!(path.exists());
         assert_eq!(injector.count(Op::Open), 2);
+    }
+
+    #[test]
+    fn a_paused_operation_waits_for_its_release() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let path = injector.root().join("f");
+        let file = File::create(&path).expect("create");
+        let paused = injector.pause_nth(Op::Sync, 2);
+        sync_data(&file, &path).expect("the first sync runs");
+        let syncing = std::thread::spawn(move || {
+            write_all_at(&file, &path, b"a", 0).expect("write");
+            sync_data(&file, &path).expect("sync")
+        });
+        paused.wait_reached();
+        // Counted, but held before it runs.
+        assert_eq!(injector.count(Op::Sync), 2);
+        assert!(!syncing.is_finished());
+        paused.release();
+        syncing.join().expect("the sync ran once released");
     }
 
     #[test]

@@ -252,12 +252,13 @@ pub async fn commit_offsets(
                 .check_owner(group, id, epoch, offsets.iter().map(|o| &o.0))?;
             // Checked again when the write is applied: a commit that waited (behind a
             // slow write, or longer than its caller's timeout) while the partitions
-            // moved must not land below the new owner's position.
+            // moved must not land below the new owner's position. From that check on,
+            // until the commit is visible, its partitions go to no new owner.
             let coordinator = broker.coordinator_handle();
             let (group, id) = (group.to_string(), id.to_string());
             let partitions: Vec<TopicPartition> = offsets.iter().map(|o| o.0.clone()).collect();
             let fence: Fence =
-                Box::new(move || coordinator.check_owner(&group, &id, epoch, &partitions));
+                Box::new(move || coordinator.begin_commit(&group, &id, epoch, &partitions));
             (None, Some(fence))
         }
     };
@@ -488,6 +489,8 @@ pub fn batch_time(broker: &Broker, tp: &TopicPartition, position: u64) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::groups::coordinator::{Heartbeat, HeartbeatReply};
+    use std::time::{Duration, Instant};
 
     fn committed(offset: u64) -> Committed {
         Committed {
@@ -497,19 +500,53 @@ mod tests {
         }
     }
 
+    fn open_broker(dir: &std::path::Path) -> Broker {
+        Broker::open(
+            dir,
+            crate::topics::settings::TopicSettings::default(),
+            64,
+            Arc::new(crate::metrics::Metrics::default()),
+        )
+        .expect("open")
+    }
+
+    /// A new member of `group` subscribed to `topic`, joined now with long timeouts.
+    fn join(broker: &Broker, group: &str, topic: &str) -> HeartbeatReply {
+        let request = Heartbeat {
+            topics: vec![topic.to_string()],
+            session_timeout: Duration::from_secs(30),
+            rebalance_timeout: Duration::from_secs(30),
+            client_id: "c".into(),
+            ..Heartbeat::default()
+        };
+        let counts = |t: &str| broker.partition_count(t);
+        broker
+            .coordinator()
+            .heartbeat(group, request, &counts, Instant::now())
+            .expect("join")
+    }
+
+    /// A heartbeat of the member `last` answered, holding nothing.
+    fn beat(broker: &Broker, group: &str, last: &HeartbeatReply) -> HeartbeatReply {
+        let request = Heartbeat {
+            member_id: last.member_id.clone(),
+            member_epoch: last.member_epoch,
+            ..Heartbeat::default()
+        };
+        let counts = |t: &str| broker.partition_count(t);
+        broker
+            .coordinator()
+            .heartbeat(group, request, &counts, Instant::now())
+            .expect("heartbeat")
+    }
+
     /// Kafka members of one group commit concurrently: a member's commit does not take
     /// the group's outside hold, which one commit in flight would otherwise keep from
     /// the others (GroupBusy, COORDINATOR_LOAD_IN_PROGRESS to a Kafka client).
     #[tokio::test]
     async fn a_kafka_members_commit_does_not_wait_for_the_groups_hold() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let broker = Broker::open(
-            dir.path(),
-            crate::topics::settings::TopicSettings::default(),
-            64,
-            Arc::new(crate::metrics::Metrics::default()),
-        )
-        .expect("open");
+        let broker = open_broker(dir.path());
         broker
             .create_topic("t", crate::topics::settings::TopicSettings::default())
             .expect("create");
@@ -532,38 +569,17 @@ mod tests {
     /// the new owner's position.
     #[test]
     fn a_commit_applied_after_its_partition_moved_is_fenced() {
-        use crate::groups::coordinator::Heartbeat;
         use std::future::Future;
-        use std::time::{Duration, Instant};
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let broker = Broker::open(
-            dir.path(),
-            crate::topics::settings::TopicSettings::default(),
-            64,
-            Arc::new(crate::metrics::Metrics::default()),
-        )
-        .expect("open");
+        let broker = open_broker(dir.path());
         let settings = crate::topics::settings::TopicSettings {
             partitions: 1,
             ..Default::default()
         };
         broker.create_topic("t", settings).expect("create");
         let counts = |t: &str| broker.partition_count(t);
-        let join = Heartbeat {
-            member_id: String::new(),
-            member_epoch: 0,
-            topics: vec!["t".into()],
-            owned: vec![],
-            session_timeout: Duration::from_secs(30),
-            rebalance_timeout: Duration::from_secs(30),
-            client_id: "c".into(),
-            join_key: String::new(),
-        };
-        let first = broker
-            .coordinator()
-            .heartbeat("g", join, &counts, Instant::now())
-            .expect("join");
+        let first = join(&broker, "g", "t");
         let tp = TopicPartition::new("t".to_string(), 0);
         assert_eq!(first.assignment, vec![tp.clone()]);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -601,14 +617,85 @@ mod tests {
         assert!(broker.offsets().group("g").is_empty());
     }
 
-    fn open_broker(dir: &std::path::Path) -> Broker {
-        Broker::open(
-            dir,
-            crate::topics::settings::TopicSettings::default(),
-            64,
-            Arc::new(crate::metrics::Metrics::default()),
-        )
-        .expect("open")
+    /// Appends `records` records to `topic`/0 and waits until they are durable.
+    fn produce(broker: &Broker, topic: &str, records: usize) {
+        let mut batch = strata_storage::batch::BatchBuilder::new();
+        for _ in 0..records {
+            batch.push(0, None, Some(b"r"), &[]);
+        }
+        let partition = broker.partition(topic, 0).expect("partition");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(partition.append(
+            batch.finish().into(),
+            crate::topics::partition::Ack::Durable,
+            None,
+        ))
+        .expect("append");
+    }
+
+    /// A member's commit whose fsync is still running when its partition moves (the
+    /// member leaves) must be visible before the partition's next owner gets it: that
+    /// owner starts at the committed offset it reads, which a commit landing after the
+    /// grant would move under it (it was granted at once, and read the old position).
+    #[test]
+    fn a_partition_moves_only_once_a_commit_in_flight_is_visible() {
+        use std::future::Future;
+        use strata_storage::fault::{Injector, Op};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let offsets_dir = dir.path().join("groups").join("offsets");
+        std::fs::create_dir_all(&offsets_dir).expect("mkdir");
+        // Only the offsets log's operations are counted (and paused).
+        let injector = Injector::new(&offsets_dir).expect("injector");
+        let data = injector
+            .root()
+            .parent()
+            .and_then(|p| p.parent())
+            .expect("data dir");
+        let broker = open_broker(data);
+        let settings = crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings).expect("create");
+        produce(&broker, "t", 10);
+        let tp = TopicPartition::new("t".to_string(), 0);
+        let a = join(&broker, "g", "t");
+        assert_eq!(a.assignment, vec![tp.clone()]);
+
+        let fsync = injector.pause_nth(Op::Sync, 1);
+        let mut commit = Box::pin(commit_offsets(
+            &broker,
+            "g",
+            Committer::Member {
+                id: &a.member_id,
+                epoch: a.member_epoch,
+            },
+            vec![(tp.clone(), 7, String::new())],
+        ));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(commit.as_mut().poll(&mut cx).is_pending());
+        // The commit passed its last ownership check and its fsync is running.
+        fsync.wait_reached();
+        let counts = |t: &str| broker.partition_count(t);
+        broker.coordinator().leave("g", &a.member_id, &counts);
+        let b = join(&broker, "g", "t");
+        assert!(
+            b.assignment.is_empty(),
+            "granted while a commit of it was being written"
+        );
+        fsync.release();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let committed = rt.block_on(commit).expect("the commit was checked in time");
+        assert_eq!(committed[0].1.offset, 7);
+        let b = beat(&broker, "g", &b);
+        assert_eq!(b.assignment, vec![tp.clone()], "granted once visible");
+        let start = fetch_offsets(&broker, "g", &BTreeSet::from([tp.clone()])).expect("fetch");
+        assert_eq!(start[0].1.offset, 7, "the new owner starts at the commit");
     }
 
     /// A topic deleted without its offsets (the offsets' deletion failed, or the broker
@@ -672,9 +759,6 @@ mod tests {
     /// again under the same name.
     #[test]
     fn a_deleted_topic_takes_its_owners_out_of_the_group() {
-        use crate::groups::coordinator::Heartbeat;
-        use std::time::{Duration, Instant};
-
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open_broker(dir.path());
         let settings = || crate::topics::settings::TopicSettings {
@@ -682,21 +766,7 @@ mod tests {
             ..Default::default()
         };
         broker.create_topic("t", settings()).expect("create");
-        let counts = |t: &str| broker.partition_count(t);
-        let join = Heartbeat {
-            member_id: String::new(),
-            member_epoch: 0,
-            topics: vec!["t".into()],
-            owned: vec![],
-            session_timeout: Duration::from_secs(30),
-            rebalance_timeout: Duration::from_secs(30),
-            client_id: "c".into(),
-            join_key: String::new(),
-        };
-        let member = broker
-            .coordinator()
-            .heartbeat("g", join, &counts, Instant::now())
-            .expect("join");
+        let member = join(&broker, "g", "t");
         let tp = TopicPartition::new("t".to_string(), 0);
         check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp).expect("owner");
         broker.delete_topic("t").expect("delete");
@@ -705,6 +775,65 @@ mod tests {
             check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp),
             Err(Error::Fenced(_))
         ));
+    }
+
+    /// A topic deleted and created again under a live group: the member that owned
+    /// the old topic's partition cannot commit to the new one, and the group is
+    /// assigned the new incarnation's partition, whose commits land as that
+    /// incarnation's (visible, and kept over a restart).
+    #[test]
+    fn a_recreated_topic_under_a_live_group_fences_the_old_owner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = open_broker(dir.path());
+        let settings = || crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        };
+        broker.create_topic("t", settings()).expect("create");
+        produce(&broker, "t", 5);
+        let tp = TopicPartition::new("t".to_string(), 0);
+        let old = join(&broker, "g", "t");
+        let waiting = join(&broker, "g", "t");
+        assert_eq!(old.assignment, vec![tp.clone()]);
+        assert!(waiting.assignment.is_empty());
+
+        broker.delete_topic("t").expect("delete");
+        broker.create_topic("t", settings()).expect("recreate");
+        produce(&broker, "t", 3);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let commit = |id: &str, epoch: u64, offset: u64| {
+            rt.block_on(commit_offsets(
+                &broker,
+                "g",
+                Committer::Member { id, epoch },
+                vec![(tp.clone(), offset, String::new())],
+            ))
+        };
+        assert!(matches!(
+            commit(&old.member_id, old.member_epoch, 3),
+            Err(Error::Fenced(_))
+        ));
+        let now = beat(&broker, "g", &waiting);
+        assert_eq!(now.assignment, vec![tp.clone()]);
+        commit(&now.member_id, now.member_epoch, 2).expect("the new owner commits");
+        let all = BTreeSet::new();
+        assert_eq!(
+            fetch_offsets(&broker, "g", &all).expect("fetch")[0]
+                .1
+                .offset,
+            2
+        );
+        assert!(broker.shutdown().is_empty());
+        drop(broker);
+        let broker = open_broker(dir.path());
+        assert_eq!(
+            fetch_offsets(&broker, "g", &all).expect("fetch")[0]
+                .1
+                .offset,
+            2
+        );
     }
 
     #[test]

@@ -24,6 +24,18 @@
 //! it later moves the epoch on from there. A group with neither members nor offsets no
 //! longer exists and is forgotten ([`Coordinator::forget_empty`]).
 //!
+//! A member's commit is checked for ownership again by the offsets writer right before
+//! its write ([`Coordinator::begin_commit`]), and from that check until the commit is
+//! durable and visible (or has failed) its partitions are *committing*: a partition is
+//! granted only when no member owns it **and** no commit of it is in flight. So the
+//! fsync of a late commit can never overlap a new owner reading its start position:
+//! the new owner gets the partition after the commit is visible, and reads it.
+//!
+//! What a member owns is keyed by the topic's incarnation as well as its name and
+//! partition ([`Coordinator::set_incarnation`]): a partition granted in a topic since
+//! deleted (and maybe created again under its name) is fenced, revoked, and never given
+//! back as the new topic's partition of that number.
+//!
 //! Members are soft state: a broker restart forgets them (and group epochs), and they
 //! rejoin. Committed offsets are durable ([`crate::groups::offsets`]).
 
@@ -182,6 +194,11 @@ struct Group {
     target: Assignment,
     /// The owner of every owned partition (assigned or revoking).
     owners: HashMap<TopicPartition, String>,
+    /// The incarnation of its topic each owned partition was granted in (`None`: the
+    /// coordinator knew none): with the name, the key of what a member owns. A topic
+    /// deleted and created again under its name has another one, so a partition of the
+    /// old one is nobody's to commit, fetch or keep ([`Group::is_stale`]).
+    incarnations: HashMap<TopicPartition, Option<u64>>,
     /// Partition counts of the subscribed topics when the target was computed.
     partitions: BTreeMap<String, u32>,
 }
@@ -228,10 +245,33 @@ impl Group {
         self.target = assign(&subscriptions, &self.partitions, &self.target);
     }
 
+    /// True when `tp` is owned as a partition of an incarnation of its topic other
+    /// than `current` (the topic was deleted, and maybe created again).
+    fn is_stale(&self, tp: &TopicPartition, current: &Incarnations) -> bool {
+        self.incarnations
+            .get(tp)
+            .is_some_and(|granted| *granted != current.get(&tp.topic).copied())
+    }
+
     /// Moves `id`'s assignment toward its target: revokes what the target gives away,
-    /// grants what is free. Returns whether the assignment changed.
-    fn reconcile(&mut self, id: &str, now: Instant) -> bool {
+    /// and partitions of a topic incarnation that is gone (never given back: the member
+    /// releases them before it can get the new incarnation's), grants what is free:
+    /// owned by no member, with no commit in flight (`committing`). Returns whether the
+    /// assignment changed.
+    fn reconcile(
+        &mut self,
+        id: &str,
+        now: Instant,
+        committing: &Committing,
+        current: &Incarnations,
+    ) -> bool {
         let empty = BTreeSet::new();
+        let stale: BTreeSet<TopicPartition> = self
+            .incarnations
+            .keys()
+            .filter(|tp| self.is_stale(tp, current))
+            .cloned()
+            .collect();
         let target = self.target.get(id).unwrap_or(&empty);
         let Some(member) = self.members.get_mut(id) else {
             return false;
@@ -240,7 +280,7 @@ impl Group {
         let revoked: Vec<TopicPartition> = member
             .assigned
             .keys()
-            .filter(|tp| !target.contains(*tp))
+            .filter(|tp| !target.contains(*tp) || stale.contains(*tp))
             .cloned()
             .collect();
         for tp in revoked {
@@ -250,7 +290,7 @@ impl Group {
         }
         let mut granted = Vec::new();
         for tp in target {
-            if member.assigned.contains_key(tp) {
+            if member.assigned.contains_key(tp) || stale.contains(tp) {
                 continue;
             }
             if let Some(revoked) = member.revoking.remove(tp) {
@@ -258,7 +298,7 @@ impl Group {
                 // member's, so its grant epoch stands.
                 member.assigned.insert(tp.clone(), revoked.granted);
                 changed = true;
-            } else if !self.owners.contains_key(tp) {
+            } else if !self.owners.contains_key(tp) && !committing.contains_key(tp) {
                 granted.push(tp.clone());
             }
         }
@@ -268,6 +308,8 @@ impl Group {
         }
         for tp in granted {
             self.owners.insert(tp.clone(), id.to_string());
+            let incarnation = current.get(&tp.topic).copied();
+            self.incarnations.insert(tp.clone(), incarnation);
             member.assigned.insert(tp, member.epoch);
         }
         changed || grew
@@ -290,6 +332,7 @@ impl Group {
         for tp in released {
             member.revoking.remove(&tp);
             self.owners.remove(&tp);
+            self.incarnations.remove(&tp);
         }
     }
 
@@ -300,6 +343,7 @@ impl Group {
         };
         for tp in member.assigned.keys().chain(member.revoking.keys()) {
             self.owners.remove(tp);
+            self.incarnations.remove(tp);
         }
         self.target.remove(id);
         self.retarget(true, partitions);
@@ -336,10 +380,25 @@ impl Group {
     }
 }
 
+/// The incarnation of every topic that exists, by name, as the broker told
+/// ([`Coordinator::set_incarnation`]).
+type Incarnations = HashMap<String, u64>;
+
+/// The partitions of one group with a member's commit in flight, and how many.
+type Committing = HashMap<TopicPartition, usize>;
+/// [`Committing`] of every group that has commits in flight.
+type CommitsInFlight = Arc<Mutex<HashMap<String, Committing>>>;
+
 /// Every consumer group's membership.
 #[derive(Debug)]
 pub struct Coordinator {
     groups: Mutex<BTreeMap<String, Group>>,
+    /// Partitions with a member's commit between its last ownership check and its
+    /// answer ([`Coordinator::begin_commit`]): not granted to anyone meanwhile. Locked
+    /// after `groups`, never before.
+    committing: CommitsInFlight,
+    /// The incarnation of every topic. Locked after `groups`, never before.
+    incarnations: Mutex<Incarnations>,
     /// Groups whose offsets an admin change (or a commit from outside) is writing: they
     /// accept no joins until it is done, so no member starts from a position that is
     /// about to change. Locked after `groups`, never before.
@@ -357,6 +416,8 @@ impl Default for Coordinator {
     fn default() -> Self {
         Coordinator {
             groups: Mutex::new(BTreeMap::new()),
+            committing: Arc::default(),
+            incarnations: Mutex::default(),
             busy: Arc::default(),
             ids: RandomState::new(),
             next_id: AtomicU64::new(0),
@@ -381,6 +442,36 @@ impl Drop for Exclusive {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.group);
+    }
+}
+
+/// A member's commit that passed its last ownership check and is being written
+/// ([`Coordinator::begin_commit`]): its partitions are granted to no one until it is
+/// dropped, once the commit is visible or has failed.
+#[derive(Debug)]
+pub struct CommitInFlight {
+    committing: CommitsInFlight,
+    group: String,
+    partitions: Vec<TopicPartition>,
+}
+
+impl Drop for CommitInFlight {
+    fn drop(&mut self) {
+        let mut committing = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(group) = committing.get_mut(&self.group) else {
+            return;
+        };
+        for tp in &self.partitions {
+            if let Some(count) = group.get_mut(tp) {
+                *count -= 1;
+                if *count == 0 {
+                    group.remove(tp);
+                }
+            }
+        }
+        if group.is_empty() {
+            committing.remove(&self.group);
+        }
     }
 }
 
@@ -420,6 +511,22 @@ fn fenced(group: &str, member_id: &str, why: &str) -> Error {
 impl Coordinator {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Group>> {
         self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn incarnations(&self) -> std::sync::MutexGuard<'_, Incarnations> {
+        self.incarnations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the incarnation of a topic that exists (`None`: it was deleted). A
+    /// partition owned as one of another incarnation of that name is fenced from then
+    /// on, revoked at its owner's next heartbeat and granted again (the new
+    /// incarnation's) only once released.
+    pub fn set_incarnation(&self, topic: &str, incarnation: Option<u64>) {
+        let mut incarnations = self.incarnations();
+        match incarnation {
+            Some(incarnation) => incarnations.insert(topic.to_string(), incarnation),
+            None => incarnations.remove(topic),
+        };
     }
 
     fn busy(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -601,7 +708,15 @@ impl Coordinator {
         let group = groups
             .get_mut(group_name)
             .expect("the member's group exists");
-        group.reconcile(&id, now);
+        let committing = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        let current = self.incarnations();
+        group.reconcile(
+            &id,
+            now,
+            committing.get(group_name).unwrap_or(&Committing::new()),
+            &current,
+        );
+        drop((committing, current));
         let member = group
             .members
             .get_mut(&id)
@@ -678,6 +793,7 @@ impl Coordinator {
     /// next request (FAILED_PRECONDITION) and rejoin.
     pub fn topic_deleted(&self, topic: &str, partitions: &dyn Fn(&str) -> Option<u32>) {
         let mut groups = self.lock();
+        self.incarnations().remove(topic);
         for (name, group) in groups.iter_mut() {
             let owners: BTreeSet<String> = group
                 .owners
@@ -692,6 +808,41 @@ impl Coordinator {
         }
     }
 
+    /// The last check of a member's commit, made by the offsets writer right before
+    /// the commit's write: [`Coordinator::check_owner`], and if the member still owns
+    /// `partitions`, a guard that keeps them from being granted to anyone until it is
+    /// dropped (after the commit is visible, or has failed). Checked and marked under
+    /// one lock, so no grant falls between the check and the write.
+    pub fn begin_commit(
+        &self,
+        group_name: &str,
+        member_id: &str,
+        member_epoch: u64,
+        partitions: &[TopicPartition],
+    ) -> Result<CommitInFlight> {
+        let groups = self.lock();
+        let current = self.incarnations();
+        Self::check_owner_locked(
+            &groups,
+            &current,
+            group_name,
+            member_id,
+            member_epoch,
+            partitions,
+        )?;
+        drop(current);
+        let mut committing = self.committing.lock().unwrap_or_else(|e| e.into_inner());
+        let group = committing.entry(group_name.to_string()).or_default();
+        for tp in partitions {
+            *group.entry(tp.clone()).or_default() += 1;
+        }
+        Ok(CommitInFlight {
+            committing: Arc::clone(&self.committing),
+            group: group_name.to_string(),
+            partitions: partitions.to_vec(),
+        })
+    }
+
     /// Checks that a request from a member (or, with an empty `member_id`, from outside
     /// the group) may commit or fetch `partitions`.
     pub fn check_owner<'a>(
@@ -702,6 +853,25 @@ impl Coordinator {
         partitions: impl IntoIterator<Item = &'a TopicPartition>,
     ) -> Result<()> {
         let groups = self.lock();
+        let current = self.incarnations();
+        Self::check_owner_locked(
+            &groups,
+            &current,
+            group_name,
+            member_id,
+            member_epoch,
+            partitions,
+        )
+    }
+
+    fn check_owner_locked<'a>(
+        groups: &BTreeMap<String, Group>,
+        current: &Incarnations,
+        group_name: &str,
+        member_id: &str,
+        member_epoch: u64,
+        partitions: impl IntoIterator<Item = &'a TopicPartition>,
+    ) -> Result<()> {
         let group = groups.get(group_name);
         if member_id.is_empty() {
             return match group {
@@ -726,7 +896,15 @@ impl Coordinator {
                 ),
             ));
         }
+        let group = group.expect("the member's group exists");
         for tp in partitions {
+            if group.is_stale(tp, current) {
+                return Err(fenced(
+                    group_name,
+                    member_id,
+                    &format!("owns {tp} of a topic deleted since (or created again)"),
+                ));
+            }
             match member.owns(tp) {
                 Some(granted) if granted <= member_epoch => {}
                 Some(granted) => {
@@ -1104,6 +1282,72 @@ mod tests {
         c.topic_deleted("orders", &|_| None);
         assert!(matches!(beat(&c, &a, now), Err(Error::Fenced(_))));
         c.topic_deleted("elsewhere", &six);
+    }
+
+    /// Ownership is keyed by the topic's incarnation too: a partition granted as one of
+    /// incarnation 1 is not the same-named partition of incarnation 2 (the topic was
+    /// deleted and created again, and the member was not removed: a deletion that
+    /// raced the grant, or a listener that does not remove owners). Its owner can no
+    /// longer commit or fetch it, is told it is revoked, and gets the new incarnation's
+    /// only after releasing the old one, so it notices and starts over from the new
+    /// log's committed offsets.
+    #[test]
+    fn partitions_of_an_earlier_topic_incarnation_are_fenced_and_revoked() {
+        let c = Coordinator::default();
+        let now = Instant::now();
+        c.set_incarnation("orders", Some(1));
+        let a = join(&c, now);
+        assert_eq!(a.assignment.len(), 6);
+        c.check_owner("payments", &a.member_id, a.member_epoch, &a.assignment)
+            .expect("owner");
+        c.set_incarnation("orders", Some(2));
+        assert!(matches!(
+            c.check_owner("payments", &a.member_id, a.member_epoch, &a.assignment),
+            Err(Error::Fenced(_))
+        ));
+        // Still holding the old ones: revoked, not given back as the new ones.
+        let told = beat(&c, &a, now).expect("a heartbeat");
+        assert!(told.assignment.is_empty(), "{:?}", told.assignment);
+        let still_holding = c
+            .heartbeat(
+                "payments",
+                Heartbeat {
+                    member_id: told.member_id.clone(),
+                    member_epoch: told.member_epoch,
+                    owned: a.assignment.clone(),
+                    ..Heartbeat::default()
+                },
+                &six,
+                now,
+            )
+            .expect("a heartbeat");
+        assert!(
+            still_holding.assignment.is_empty(),
+            "granted before the old were released"
+        );
+        let again = still_holding;
+        // Released: the new incarnation's partitions, at a new epoch.
+        let released = c
+            .heartbeat(
+                "payments",
+                Heartbeat {
+                    member_id: again.member_id.clone(),
+                    member_epoch: again.member_epoch,
+                    ..Heartbeat::default()
+                },
+                &six,
+                now,
+            )
+            .expect("a heartbeat");
+        assert_eq!(released.assignment.len(), 6);
+        assert!(released.member_epoch > a.member_epoch);
+        c.check_owner(
+            "payments",
+            &released.member_id,
+            released.member_epoch,
+            &released.assignment,
+        )
+        .expect("owner of the new incarnation's");
     }
 
     /// A join retried with its key (its answer was lost) gets the member it created

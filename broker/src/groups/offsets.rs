@@ -14,11 +14,25 @@
 //! four times its live entries, the writer appends a snapshot of every live entry and
 //! deletes the segments before it. Recovery reads the log from its start, which is then
 //! at most a few segments and a snapshot long.
+//!
+//! A failed write or fsync (a full disk, an I/O error) fails every change of its drain,
+//! and the log refuses writes from then on; so does the writer, with the fault set for
+//! health. It recovers by itself, without a restart: at the next change (or the
+//! broker's maintenance tick, [`Offsets::maintain`]) it reopens the log, which recovery
+//! brings back to whole batches, replays it, and writes whatever makes the log say
+//! exactly what the cache says: the cache holds only what was acknowledged, and the
+//! failed write (its committers were told it failed) may have left a whole batch on
+//! disk (when cutting it failed too) that must never count. The fault is cleared once
+//! a write after that succeeds (the change's, or a probe restating one entry). A
+//! recovery, or a write right after one, that fails is retried after a backoff of
+//! [`RETRY_BACKOFF_MIN`] doubling up to [`RETRY_BACKOFF_MAX`]; changes meanwhile are
+//! refused at once.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use strata_storage::batch::{batches, BatchBuilder};
 use strata_storage::{now_ms, Durability, FileCache, Log, LogConfig};
@@ -27,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::broker::Topic;
 use crate::error::{Error, Result};
 use crate::groups::assign::TopicPartition;
-use crate::groups::coordinator::Exclusive;
+use crate::groups::coordinator::{CommitInFlight, Exclusive};
 use crate::health::{Fault, Faults};
 
 /// Largest metadata string of a commit.
@@ -57,6 +71,13 @@ const BATCH_SPLIT_BYTES: usize = 12 << 20;
 /// Largest batch the offsets log accepts: a split batch plus one record of the longest
 /// kind.
 const BATCH_BYTES_MAX: usize = 16 << 20;
+/// Wait before retrying a recovery of the offsets log that failed (the first is tried
+/// at the next change after the failed write): short, as a disk freed by an operator
+/// should take commits again soon.
+pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between recoveries: each failed one doubles the wait, so a disk that
+/// stays broken is not reopened in a loop.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// A committed position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,8 +115,11 @@ type Incarnations = BTreeMap<String, u64>;
 
 /// Checked by the writer right before it writes a commit: a member's commit that waited
 /// in the queue (or behind a slow write) while its partitions moved is refused with this
-/// check's error instead of landing below the new owner's position.
-pub type Fence = Box<dyn Fn() -> Result<()> + Send>;
+/// check's error instead of landing below the new owner's position. What it returns is
+/// held until the commit is answered, visible or failed: its partitions are granted to
+/// no new owner while the write and its fsync run, so no new owner reads a position the
+/// commit is about to replace.
+pub type Fence = Box<dyn FnOnce() -> Result<CommitInFlight> + Send>;
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Change {
@@ -108,7 +132,8 @@ enum Change {
         reply: Reply<Vec<(TopicPartition, Committed)>>,
         /// Released once the change is answered: written (and visible) or refused.
         hold: Option<Exclusive>,
-        /// Checked when the commit is staged for writing.
+        /// Checked when the commit is staged for writing; its guard is held until the
+        /// commit is answered.
         fence: Option<Fence>,
     },
     DeleteGroup {
@@ -122,6 +147,8 @@ enum Change {
         keep: Option<u64>,
         reply: Reply<()>,
     },
+    /// Nothing to write: a failed writer tries to recover, if its backoff allows.
+    Retry,
     Shutdown,
 }
 
@@ -159,17 +186,21 @@ impl Offsets {
             durability: Durability::Fsync,
             ..LogConfig::default()
         };
-        let log = Log::open(dir, config, files)?;
+        let log = Log::open(dir, config.clone(), files)?;
         let committed = replay(&log)?;
         let committed = Arc::new(RwLock::new(committed));
         let (changes, receiver) = mpsc::channel(QUEUE_DEPTH);
         let fault = faults.fault();
         let writer = Writer {
             log,
+            dir: dir.to_path_buf(),
+            config,
+            files: files.clone(),
             committed: Arc::clone(&committed),
             segment_bytes,
             snapshot_bytes: 0,
             failed: None,
+            backoff: RETRY_BACKOFF_MIN,
             fault: Arc::clone(&fault),
         };
         let thread = std::thread::Builder::new()
@@ -315,9 +346,18 @@ impl Offsets {
         self.committed.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Why commits are refused, once they are.
+    /// Why commits are refused, while they are.
     pub fn fault(&self) -> &Fault {
         &self.fault
+    }
+
+    /// Asks a failed writer to try to recover (it does once its backoff has passed), so
+    /// commits and health come back without waiting for a commit. Never blocks.
+    pub fn maintain(&self) {
+        if self.fault.reason().is_some() {
+            // A full queue has changes that will try the same.
+            let _ = self.changes.try_send(Change::Retry);
+        }
     }
 
     /// The committed offsets of `group`.
@@ -534,17 +574,54 @@ fn replay(log: &Log) -> Result<Store> {
 
 struct Writer {
     log: Log,
+    /// Where the log is, how, and its read handles: to reopen it after a failure.
+    dir: PathBuf,
+    config: LogConfig,
+    files: FileCache,
+    /// The acknowledged state: every change written and fsynced, nothing else.
     committed: Arc<RwLock<Store>>,
     segment_bytes: u64,
     /// Size of the last snapshot: the live entries' size in the log.
     snapshot_bytes: u64,
-    /// Set after a failed write: the log refuses writes until a restart recovers it.
-    failed: Option<String>,
+    /// Set after a failed write: every change is refused until a recovery and a write
+    /// after it succeed.
+    failed: Option<Failed>,
+    /// The wait after the next failed recovery (or failed write right after one).
+    backoff: Duration,
     fault: Arc<Fault>,
+}
+
+/// A failed writer's state.
+struct Failed {
+    /// What failed, for every refused change.
+    why: String,
+    /// No recovery is tried before then.
+    retry_at: Instant,
 }
 
 /// One change to publish once durable: the new value, `None` to delete.
 type Pending = BTreeMap<(String, TopicPartition), Option<Stored>>;
+
+/// What to write to a log replaying to `durable` so that it replays to `acknowledged`:
+/// each entry that differs, as its acknowledged value or a deletion.
+fn differences(durable: &Store, acknowledged: &Store) -> Pending {
+    let entry = |store: &Store, group: &str, tp: &TopicPartition| -> Option<Stored> {
+        store
+            .get(group)
+            .and_then(|offsets| offsets.get(tp))
+            .cloned()
+    };
+    let mut repair = Pending::new();
+    for (group, offsets) in durable.iter().chain(acknowledged) {
+        for tp in offsets.keys() {
+            let wanted = entry(acknowledged, group, tp);
+            if entry(durable, group, tp) != wanted {
+                repair.insert((group.clone(), tp.clone()), wanted);
+            }
+        }
+    }
+    repair
+}
 
 /// The error every change of a failed write gets.
 fn unavailable(written: &std::result::Result<(), String>) -> Result<()> {
@@ -558,6 +635,7 @@ enum Answer {
         Reply<Vec<(TopicPartition, Committed)>>,
         Result<Vec<(TopicPartition, Committed)>>,
         Option<Exclusive>,
+        Option<CommitInFlight>,
     ),
     Done(Reply<()>, Option<Exclusive>),
 }
@@ -587,7 +665,11 @@ impl Writer {
                         fence,
                     } => {
                         staged_bytes += offsets.iter().map(|o| o.2.len() + 64).sum::<usize>();
-                        let fenced = fence.as_ref().map_or(Ok(()), |check| check());
+                        let (fenced, in_flight) = match fence.map(|check| check()) {
+                            None => (Ok(()), None),
+                            Some(Ok(guard)) => (Ok(()), Some(guard)),
+                            Some(Err(e)) => (Err(e), None),
+                        };
                         let result = match topics.iter().find(|t| t.is_deleted()) {
                             Some(gone) => Err(Error::TopicNotFound(gone.name.clone())),
                             None if fenced.is_err() => fenced.map(|()| Vec::new()),
@@ -600,7 +682,7 @@ impl Writer {
                                 mode,
                             )),
                         };
-                        answers.push(Answer::Committed(reply, result, hold));
+                        answers.push(Answer::Committed(reply, result, hold, in_flight));
                     }
                     Change::DeleteGroup { group, reply, hold } => {
                         pending.retain(|(g, _), _| *g != group);
@@ -611,6 +693,7 @@ impl Writer {
                         self.stage_topic_deletion(&mut pending, &deleted_groups, &topic, keep);
                         answers.push(Answer::Done(reply, None));
                     }
+                    Change::Retry => {}
                     Change::Shutdown => shutdown = true,
                 }
                 if shutdown || answers.len() >= QUEUE_DEPTH || staged_bytes >= DRAIN_BYTES_MAX {
@@ -637,9 +720,12 @@ impl Writer {
                 }
             }
             // Each reservation is released after its answer, with the change visible.
+            // A commit's hold on its partitions goes before its answer (the change is
+            // visible already), so a committer that hears back finds them grantable.
             for answer in answers {
                 match answer {
-                    Answer::Committed(reply, result, _hold) => {
+                    Answer::Committed(reply, result, _hold, in_flight) => {
+                        drop(in_flight);
                         let _ = reply.send(unavailable(&written).and(result));
                     }
                     Answer::Done(reply, _hold) => {
@@ -651,10 +737,13 @@ impl Writer {
                 self.compact_if_large();
             }
         }
-        // After a failed write, closing would write what that write had staged, which
-        // its committers were told failed; recovery at the next start decides instead.
-        if let Some(why) = self.failed {
-            return Err(format!("not closed after an earlier failure ({why})"));
+        // A failed log is poisoned and cannot close; recovery at the next start brings
+        // it back to what was acknowledged, as a recovery here would have.
+        if let Some(failed) = self.failed {
+            return Err(format!(
+                "not closed after an earlier failure ({})",
+                failed.why
+            ));
         }
         self.log.close().map_err(|e| {
             tracing::error!(error = %e, "closing the offsets log failed");
@@ -756,24 +845,135 @@ impl Writer {
     }
 
     /// Writes the staged changes as one batch and fsyncs; the error says what failed.
+    /// A failed writer first tries to recover ([`Writer::recover`]), and is failed no
+    /// more, with its fault cleared, only once a write has succeeded: the changes', or
+    /// without any (a retry of the maintenance tick) a probe's.
     fn write(
         &mut self,
         pending: &Pending,
         deleted_groups: &[String],
     ) -> std::result::Result<(), String> {
-        if let Some(why) = &self.failed {
-            return Err(why.clone());
+        let recovering = self.failed.is_some();
+        if recovering {
+            self.recover()?;
         }
-        if pending.is_empty() && deleted_groups.is_empty() {
+        let nothing = pending.is_empty() && deleted_groups.is_empty();
+        if nothing && !recovering {
             return Ok(());
         }
-        self.write_records(pending, deleted_groups).map_err(|e| {
-            let why = format!("writing the committed-offsets log failed: {e}");
-            tracing::error!("{why}; commits are refused until the broker restarts");
-            self.failed = Some(why.clone());
-            self.fault.set(why.clone());
-            why
-        })
+        let written = if nothing {
+            self.probe()
+        } else {
+            self.write_records(pending, deleted_groups)
+        };
+        match written {
+            Ok(()) => {
+                if recovering {
+                    tracing::info!(
+                        "the committed-offsets log is reopened; commits are accepted again"
+                    );
+                    self.fault.clear();
+                }
+                self.failed = None;
+                self.backoff = RETRY_BACKOFF_MIN;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("writing the committed-offsets log failed: {e}");
+                // A first failure is retried at the next change, as its cause may have
+                // been brief; one right after a recovery waits, longer each time.
+                let wait = if recovering {
+                    tracing::warn!("{why}, again after reopening the log");
+                    let wait = self.backoff;
+                    self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+                    wait
+                } else {
+                    tracing::error!("{why}; commits are refused until the log is reopened");
+                    Duration::ZERO
+                };
+                self.failed = Some(Failed {
+                    why: why.clone(),
+                    retry_at: Instant::now() + wait,
+                });
+                self.fault.set(why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    /// Once the backoff allows, reopens the failed log so that it holds exactly the
+    /// acknowledged state ([`Writer::reopen`]). Errs with the failure when it may not
+    /// yet, or cannot.
+    fn recover(&mut self) -> std::result::Result<(), String> {
+        let now = Instant::now();
+        let retry_at = self.failed.as_ref().map_or(now, |f| f.retry_at);
+        let reopened = if now < retry_at {
+            Ok(false)
+        } else {
+            self.reopen().map(|()| true)
+        };
+        let failed = self.failed.as_mut().expect("only a failed writer recovers");
+        match reopened {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(failed.why.clone()),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?self.backoff,
+                    "reopening the committed-offsets log failed"
+                );
+                failed.retry_at = now + self.backoff;
+                self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+                Err(failed.why.clone())
+            }
+        }
+    }
+
+    /// Reopens the log (its recovery cuts any partial batch) and writes what makes it
+    /// replay to the cache: a whole batch of a failed write that is still on disk is
+    /// overwritten, anything acknowledged but missing written again.
+    fn reopen(&mut self) -> std::result::Result<(), String> {
+        let log =
+            Log::open(&self.dir, self.config.clone(), &self.files).map_err(|e| e.to_string())?;
+        let durable = replay(&log).map_err(|e| e.to_string())?;
+        // The poisoned log goes; nothing reads it.
+        self.log = log;
+        let repair = {
+            let acknowledged = self.committed.read().unwrap_or_else(|e| e.into_inner());
+            differences(&durable, &acknowledged)
+        };
+        if !repair.is_empty() {
+            tracing::warn!(
+                entries = repair.len(),
+                "the reopened committed-offsets log differs from what was acknowledged \
+                 (a failed write left a batch behind); rewriting those entries"
+            );
+            self.write_records(&repair, &[])
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Proves that a reopened log takes writes when no change is waiting: restates one
+    /// acknowledged entry, which replays to the same state. With none, there is nothing
+    /// a failing log could lose.
+    fn probe(&mut self) -> strata_storage::Result<()> {
+        let entry: Pending = {
+            let committed = self.committed.read().unwrap_or_else(|e| e.into_inner());
+            committed
+                .iter()
+                .flat_map(|(group, offsets)| {
+                    offsets
+                        .iter()
+                        .map(move |(tp, s)| ((group.clone(), tp.clone()), Some(s.clone())))
+                })
+                .take(1)
+                .collect()
+        };
+        if entry.is_empty() {
+            return Ok(());
+        }
+        self.write_records(&entry, &[])
     }
 
     fn write_records(
@@ -1000,6 +1200,100 @@ mod tests {
         let reopened = open(dir.path(), SEGMENT_BYTES);
         expect(&reopened);
         reopened.shutdown().expect("closed cleanly");
+    }
+
+    fn commit(
+        rt: &tokio::runtime::Runtime,
+        offsets: &Offsets,
+        tp: TopicPartition,
+        offset: u64,
+    ) -> Result<Vec<(TopicPartition, Committed)>> {
+        rt.block_on(offsets.commit(
+            "g",
+            vec![(tp, offset, String::new())],
+            vec![],
+            Mode::Advance,
+            None,
+            None,
+        ))
+    }
+
+    /// A failed write of the offsets log (a full disk, a failed fsync) used to refuse
+    /// every commit until the broker restarted. The commits of the failed write are
+    /// refused and never count, even when the failed fsync's cut failed too and left
+    /// their batch whole on disk; the next commit reopens the log and goes through,
+    /// without a restart; and after a restart the log holds exactly what was
+    /// acknowledged.
+    #[test]
+    fn a_failed_write_is_discarded_and_commits_resume_without_a_restart() {
+        use strata_storage::fault::{Fault, Injector, Op};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let rt = runtime();
+        let offsets = open(injector.root(), SEGMENT_BYTES);
+        commit(&rt, &offsets, tp(0), 1).expect("commit");
+
+        // The fsync fails, and so does cutting the batch it did not make durable.
+        injector.fail_nth(Op::Sync, 1, Fault::eio());
+        injector.fail_nth(Op::SetLen, 1, Fault::eio());
+        let e = commit(&rt, &offsets, tp(1), 5).expect_err("the fsync failed");
+        assert!(matches!(e, Error::Unavailable(..)), "{e:?}");
+        assert!(offsets.fault().reason().is_some());
+        assert_eq!(offsets.group("g").len(), 1, "nothing of it is visible");
+        commit(&rt, &offsets, tp(0), 2).expect("the log recovered");
+        assert_eq!(offsets.fault().reason(), None);
+
+        // A write that fills the disk halfway through its batch.
+        injector.fail_nth(Op::Write, 1, Fault::short_write(20));
+        commit(&rt, &offsets, tp(2), 9).expect_err("the disk is full");
+        offsets.maintain();
+        commit(&rt, &offsets, tp(0), 3).expect("the log recovered again");
+        let acknowledged = offsets.group("g");
+        assert_eq!(
+            acknowledged.keys().cloned().collect::<Vec<_>>(),
+            vec![tp(0)]
+        );
+        assert_eq!(acknowledged[&tp(0)].offset, 3);
+
+        offsets.shutdown().expect("closed cleanly");
+        let reopened = open(injector.root(), SEGMENT_BYTES);
+        assert_eq!(
+            reopened.group("g"),
+            acknowledged,
+            "exactly what was acknowledged"
+        );
+        reopened.shutdown().expect("closed cleanly");
+    }
+
+    /// While the disk stays broken, recoveries fail too (reopening the log writes): every
+    /// commit is refused and the fault stays set; once the disk works commits resume.
+    #[test]
+    fn a_broken_disk_keeps_commits_refused_until_it_works_again() {
+        use strata_storage::fault::{Fault, Injector, Op};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let rt = runtime();
+        let offsets = open(injector.root(), SEGMENT_BYTES);
+        injector.fail_from(Op::Sync, 1, Fault::no_space());
+        injector.fail_from(Op::Write, 1, Fault::no_space());
+        for offset in 0..5 {
+            commit(&rt, &offsets, tp(0), offset).expect_err("the disk is full");
+            assert!(offsets.fault().reason().is_some());
+        }
+        injector.clear();
+        // The backoff of a failed recovery may still run: the fault clears once it
+        // has passed, at a commit or at the maintenance tick.
+        while commit(&rt, &offsets, tp(0), 7).is_err() {
+            offsets.maintain();
+            std::thread::yield_now();
+        }
+        assert_eq!(offsets.fault().reason(), None);
+        assert_eq!(offsets.group("g")[&tp(0)].offset, 7);
+        offsets.shutdown().expect("closed cleanly");
+        let reopened = open(injector.root(), SEGMENT_BYTES);
+        assert_eq!(reopened.group("g")[&tp(0)].offset, 7);
     }
 
     #[test]

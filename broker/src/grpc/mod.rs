@@ -156,8 +156,8 @@ pub async fn serve(
 /// How long the server may take to drop connections once they are cut.
 const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Keeps the health service in step with the broker's faults, which only ever appear
-/// (a fail-stopped component stays so until a restart).
+/// Keeps the health service in step with the broker's faults: a fail-stopped partition
+/// stays so until a restart; the offsets log's fault goes away once it recovers.
 async fn report_health(broker: Arc<Broker>, health: HealthReporter) {
     let mut changed = broker.faults().changed();
     loop {

@@ -129,6 +129,10 @@ async fn a_full_disk_refuses_writes_and_they_resume_once_space_is_freed() {
     tokio::task::block_in_place(|| broker.stop());
 }
 
+/// Records the consumer reads one commit at a time once the disk is full: each commit
+/// adds about 100 bytes to the offsets log, so 200 of them outgrow any page it has.
+const RECORDS_TO_COMMIT: usize = 200;
+
 /// The committed-offsets log failing its write (the disk is full) is not swallowed: the
 /// broker's Groups health goes NOT_SERVING, and a consumer whose auto-commits keep being
 /// refused gets the error on its stream (auto-commit used to drop it silently). Once
@@ -143,7 +147,7 @@ async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
     let mut admin = broker.admin().await;
     crate::common::create_topic(&mut admin, "events", 1, v1::TopicConfig::default()).await;
     let mut raw = broker.client().await;
-    let small: Vec<v1::Record> = (0..50)
+    let small: Vec<v1::Record> = (0..RECORDS_TO_COMMIT)
         .map(|i| record(None, format!("e-{i}").as_bytes()))
         .collect();
     raw.produce(produce_records("events", 0, small))
@@ -166,10 +170,13 @@ async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
     assert!(matches!(first, Some(Ok(_))), "{first:?}");
 
     fill_up(&data.join("filler"));
+    // A commit that fits in the last page the offsets log already has succeeds on a
+    // full tmpfs: read slower than auto-commit runs, so every record read is a commit of
+    // its own, far more than a page holds.
     let reported = tokio::time::timeout(HANG_GUARD, async {
         loop {
             match consumer.next().await {
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(60)).await,
                 Some(Err(e)) => break e,
                 None => panic!("the stream ended"),
             }

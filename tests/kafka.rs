@@ -1,8 +1,8 @@
 //! The Kafka listener against the real `strata` binary: raw protocol checks (version
 //! negotiation, framing limits, acks=0, long poll, ListOffsets), and real clients as
 //! users run them: kcat (librdkafka), kafka-python and confluent-kafka, each with every
-//! compression codec, installed by `.ci/run`. A test
-//! whose client is not installed says so and passes without running.
+//! compression codec, installed by `.ci/run`. A test whose client is not installed
+//! says so and passes without running.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

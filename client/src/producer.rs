@@ -11,6 +11,10 @@
 //! remembers). All state sits behind one mutex that is never held
 //! across an `.await`.
 //!
+//! With [`ProducerConfig::compression`], a batch's records are compressed when it leaves
+//! its queue (under the mutex, as Kafka's producers compress as they append), once:
+//! retries send the same bytes.
+//!
 //! Each batch has one shared [`Outcome`]; a record's send future holds the outcome and
 //! its index in the batch, and reads its offset from there once the broker answers.
 //!
@@ -108,7 +112,7 @@ pub struct ProducerConfig {
     /// `compression.type`. The broker stores batches as sent and every consumer, Kafka
     /// clients included, decompresses them. `max_batch_bytes` and the topic's
     /// `max_message_bytes` limit the batch before compression, so a batch is never
-    /// refused as too large after it shrank. Compressing happens when a batch is sealed.
+    /// refused as too large after it shrank. A batch is compressed once, when it is sent.
     pub compression: Compression,
 }
 

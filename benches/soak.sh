@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Soak: runs a broker for DURATION seconds under a steady load (strata-bench at RATE
-# messages/s of 1 KiB, with its consumer group) and consumer-group churn (a second
-# group whose member is replaced every CHURN_S seconds, so the group rebalances), and
-# samples the broker every 10 s into a CSV: RSS, open descriptors, threads, and the
-# lag of every group. Then draws the samples as an SVG of four panels. Flat lines
-# mean nothing leaks.
+# messages/s of 1 KiB, its consumer set a consumer group) and consumer-group churn (a
+# second group on the same topic whose only member, the client's `group_member`
+# example, is replaced every CHURN_S seconds, so the group rebalances), and samples the
+# broker every 10 s into a CSV: RSS, open descriptors, threads, and the summed lag of
+# both groups. Then plots the samples as a PNG of four panels (matplotlib, from a venv
+# it makes the first time). Flat lines mean nothing leaks.
 #
-#   DURATION=3600 RATE=20000 benches/soak.sh      # RATE: half the broker's max rate
+#   DURATION=3600 RATE=90000 benches/soak.sh      # RATE: half the broker's max rate
 #
-# Writes $OUT/soak.csv and $OUT/soak.svg (default OUT: target/soak). Uses the release
+# Writes $OUT/soak.csv and $OUT/soak.png (default OUT: target/soak). Uses the release
 # binaries (built first), or BIN=target/debug for a quick run. The broker takes its
 # settings from STRATA_* variables: segments of 64MiB and 256MiB of retention per
 # partition unless they are set, so the run reaches a steady state (rolls and
@@ -25,7 +26,9 @@ BIN=${BIN:-target/release}
 if [ "$BIN" = target/release ]; then
     cargo build --release -q -p strata-broker --bin strata
     cargo build --release -q -p strata-bench
+    cargo build --release -q -p strata-client --example group_member
 fi
+MEMBER=${MEMBER:-$BIN/examples/group_member}
 mkdir -p "$OUT"
 DIR=$(mktemp -d "$OUT/run-XXXX")
 export STRATA_DEFAULT_SEGMENT_BYTES=${STRATA_DEFAULT_SEGMENT_BYTES:-64MiB}
@@ -50,7 +53,7 @@ done
 HTTP=$(sed -n 's|^strata http on http://||p' "$DIR/out")
 
 "$BIN/strata-bench" --broker "$ADDR" --message-bytes 1024 --partitions 4 --producers 1 \
-    --consumer-sets 1 --consumers 1 --rate "$RATE" --duration-s "$DURATION" --quiet \
+    --consumer-sets 1 --consumers 1 --consumer-mode groups --rate "$RATE" --duration-s "$DURATION" --quiet \
     >"$DIR/bench.out" 2>&1 &
 BENCH=$!
 CHILDREN+=("$BENCH")
@@ -67,7 +70,7 @@ done
     member=""
     trap 'kill $member 2>/dev/null; exit 0' TERM
     while true; do
-        "$BIN/strata" --broker "$ADDR" consume "$TOPIC" --group churn >/dev/null 2>&1 &
+        "$MEMBER" --broker "$ADDR" --group churn --topic "$TOPIC" >/dev/null 2>&1 &
         member=$!
         sleep "$CHURN_S"
         kill "$member" 2>/dev/null || true
@@ -90,25 +93,12 @@ while kill -0 "$BENCH" 2>/dev/null; do
 done
 wait "$BENCH" || { echo "strata-bench failed" >&2; cat "$DIR/bench.out" >&2; exit 1; }
 
-# Four panels, one per column, each scaled from 0 to its column's maximum.
-awk -F, -v duration="$DURATION" '
-NR == 1 { for (i = 2; i <= 5; i++) name[i] = $i; next }
-{ n++; t[n] = $1; for (i = 2; i <= 5; i++) { v[i, n] = $i; if ($i > max[i]) max[i] = $i } }
-END {
-    w = 800; h = 150; printf "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" font-size=\"12\">\n", w, 4 * (h + 30)
-    for (i = 2; i <= 5; i++) {
-        y0 = (i - 2) * (h + 30) + 20
-        printf "<text x=\"5\" y=\"%d\">%s (max %s) over %d s</text>\n", y0 - 5, name[i], max[i], duration
-        printf "<rect x=\"0\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#888\"/>\n", y0, w, h
-        printf "<polyline fill=\"none\" stroke=\"#1565c0\" stroke-width=\"1.5\" points=\""
-        for (k = 1; k <= n; k++) {
-            x = duration > 0 ? t[k] / duration * w : 0
-            y = y0 + h - (max[i] > 0 ? v[i, k] / max[i] * h : 0)
-            printf "%.1f,%.1f ", x, y
-        }
-        printf "\"/>\n"
-    }
-    print "</svg>"
-}' "$OUT/soak.csv" >"$OUT/soak.svg"
-echo "samples: $OUT/soak.csv, plot: $OUT/soak.svg"
+# One panel per column, drawn by matplotlib from a venv made here the first time.
+VENV=${PLOT_VENV:-target/plot-venv}
+if ! "$VENV/bin/python" -c "import matplotlib" 2>/dev/null; then
+    python3 -m venv "$VENV" && "$VENV/bin/pip" install -q matplotlib
+fi
+"$VENV/bin/python" benches/soak-plot.py "$OUT/soak.csv" "$OUT/soak.png" \
+    "soak: $RATE msgs/s of 1 KiB for $DURATION s, a rebalance every $CHURN_S s"
+echo "samples: $OUT/soak.csv, plot: $OUT/soak.png"
 tail -n 3 "$OUT/soak.csv"

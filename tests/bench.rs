@@ -185,3 +185,45 @@ async fn replay_against_a_broker_the_bench_starts() {
         report.target.notes
     );
 }
+
+/// The partitions workload, scaled down: the bench starts the broker, fills every
+/// partition, reads the idle broker's resources from /proc, then runs its fixed rate
+/// across all the partitions with no consumers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partitions_workload_reads_the_idle_broker() {
+    let data = tempfile::tempdir().expect("a temporary directory");
+    let report = run(&[
+        "--strata-bin",
+        STRATA,
+        "--data-dir",
+        &data.path().display().to_string(),
+        "--workload",
+        "partitions",
+        "--partitions",
+        "24",
+        "--idle-s",
+        "0.5",
+        "--messages",
+        "240",
+        "--rate",
+        "2000",
+    ])
+    .await;
+    let scale = report.scale.as_ref().expect("the idle probe ran");
+    assert_eq!(scale.partitions, 24);
+    // A partition holds descriptors and mappings today; the bound is loose on purpose:
+    // it checks that the probe read the broker, not the broker's costs.
+    assert!(
+        scale.fds >= 24 && scale.mappings >= 24 && scale.threads >= 2,
+        "{scale:?}"
+    );
+    assert!(
+        scale.rss_bytes > 1 << 20 && scale.idle_cpu_pct >= 0.0,
+        "{scale:?}"
+    );
+    let produced = report.produced.as_ref().expect("a produce side");
+    assert_eq!((produced.acked, produced.failed), (240, 0));
+    assert!(
+        report.consumed.is_none() || report.consumed.as_ref().is_some_and(|c| c.sets.is_empty())
+    );
+}

@@ -655,6 +655,51 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     );
 }
 
+/// The HTTP listener (metrics, health) holds at most --max-http-connections: clients
+/// that open connections and never send a request cannot take the process's
+/// descriptors. One more is closed at once (its GET fails), and /metrics answers again
+/// once one of them closes (it had no cap before).
+#[tokio::test]
+async fn http_connections_beyond_the_cap_are_closed_at_once() {
+    let broker = Broker::start_with(&["--max-http-connections", "3"]);
+    let http = broker.http_addr().expect("the HTTP listener is on");
+    let address = http.to_string();
+    let get = |path: &'static str| strata_broker::http::client::get(&address, path);
+    let (status, body) = get("/metrics").await.expect("a scrape under the cap");
+    assert_eq!(status, 200);
+    assert!(body.contains("strata_ready 1"), "{body}");
+    let mut idle: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(http).expect("connect"))
+        .collect();
+    // The broker has accepted all three once a fourth is closed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get("/metrics").await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "a fourth HTTP connection was served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    idle.pop();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match get("/metrics").await {
+            Ok((status, body)) => {
+                assert_eq!(status, 200);
+                assert!(body.contains("strata_ready 1"), "{body}");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "never answered again: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        broker.log().contains("max_http_connections are open"),
+        "{}",
+        broker.log()
+    );
+}
+
 /// A client holding a half-sent request and an open health Watch stream do not keep
 /// the broker from shutting down: it logs the signal, drains for the configured time,
 /// cuts them, closes its logs and exits cleanly.
@@ -761,6 +806,108 @@ async fn accept_backs_off_at_the_descriptor_limit() {
         health(&broker, "strata.v1.Broker").await,
         ServingStatus::Serving
     );
+}
+
+/// Issue 13: at the descriptor limit (a low `ulimit -n` filled by idle connections), a
+/// produce that needs a segment roll gets a retryable UNAVAILABLE naming the cause
+/// instead of fail-stopping the partition until a restart (which it did although
+/// nothing was lost): produces that fit in the active segment still succeed, and once
+/// the idle connections close the roll happens and every acknowledged record is there,
+/// in order, with dense offsets.
+#[tokio::test]
+async fn a_segment_roll_at_the_descriptor_limit_does_not_fail_stop() {
+    let broker = Broker::start_in_shell(Some("ulimit -n 128"), &[]);
+    let mut admin = broker.admin().await;
+    let config = v1::TopicConfig {
+        segment_bytes: Some(2048),
+        ..Default::default()
+    };
+    create_topic(&mut admin, TOPIC, 1, config).await;
+    let mut data = broker.client().await;
+    let mut acked: Vec<Vec<u8>> = Vec::new();
+    // Two of these do not fit in one segment; a small one fits beside one.
+    let large = |i: u8| vec![i; 1200];
+    acked.push(produce(&mut data, large(0)).await.expect("produce"));
+    // Reading now keeps the active segment's read handle open.
+    assert_eq!(read_partition(&mut data, TOPIC, 0).await.len(), 1);
+    let idle = idle_connections(&broker, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !broker.log().contains("out of file descriptors") {
+        assert!(
+            Instant::now() < deadline,
+            "never at the limit: {}",
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every produce rolls (each new segment takes descriptors) until one cannot.
+    let mut refused = None;
+    for i in 1..50 {
+        match produce(&mut data, large(i)).await {
+            Ok(value) => acked.push(value),
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("a roll at the descriptor limit fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("too many open files: raise"),
+        "{status:?}"
+    );
+    // Not fail-stopped: a batch that needs no roll is written.
+    acked.push(
+        produce(&mut data, vec![9; 100])
+            .await
+            .expect("no roll needed"),
+    );
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match produce(&mut data, large(100)).await {
+            Ok(value) => {
+                acked.push(value);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "the roll never happened: {status:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let records = read_partition(&mut data, TOPIC, 0).await;
+    let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (0..acked.len() as u64).collect::<Vec<_>>());
+    let values: Vec<Vec<u8>> = records
+        .into_iter()
+        .map(|r| r.value.unwrap_or_default())
+        .collect();
+    assert_eq!(values, acked);
+    assert_eq!(
+        health(&broker, "strata.v1.Broker").await,
+        ServingStatus::Serving
+    );
+    assert!(
+        broker.log().contains("storage upkeep failed"),
+        "{}",
+        broker.log()
+    );
+}
+
+/// Produces one record of `value` to partition 0 of [`TOPIC`]; returns the value.
+async fn produce(
+    data: &mut v1::broker_client::BrokerClient<tonic::transport::Channel>,
+    value: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    data.produce(produce_records(TOPIC, 0, vec![record(None, &value)]))
+        .await
+        .map(|_| value)
 }
 
 /// Fills partition 0 of `topic` with about `mib` MiB, in 1 MiB requests of 512 KiB

@@ -1448,7 +1448,8 @@ async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refus
     refused(ApiKey::Produce, &|raw| {
         raw.send(ApiKey::Produce, 9, &produce(&long, &[0]))
     });
-    let many: Vec<i32> = (0..1025).collect();
+    // One more than a topic may have (16,384).
+    let many: Vec<i32> = (0..16_385).collect();
     refused(ApiKey::Produce, &|raw| {
         raw.send(ApiKey::Produce, 9, &produce("absent", &many))
     });
@@ -1809,11 +1810,11 @@ async fn unread_kafka_fetch_responses_hold_the_shared_fetch_memory_budget() {
             .expect("produce");
     }
     // Three 8 MiB fetches nobody reads: their responses, being written, hold their
-    // share of the 16 MiB (the third waits for room).
+    // share of the 16 MiB (the third waits for room, for at most its max_wait_ms).
     let mut unread = Vec::new();
     for _ in 0..3 {
         let mut raw = unread_connection(kafka);
-        let mut request = fetch("big", 0, 0);
+        let mut request = fetch("big", 0, 30_000);
         request.max_bytes = 8 << 20;
         request.topics[0].partitions[0].partition_max_bytes = 8 << 20;
         raw.send(ApiKey::Fetch, 11, &request);
@@ -2230,4 +2231,67 @@ async fn decompression_bombs_and_corrupt_payloads_are_refused_and_nothing_is_sto
         status.message()
     );
     assert!(read_partition(&mut client, "guarded", 0).await.is_empty());
+}
+
+/// Arrays are counted before the codec decodes them: a Metadata of 100,000 empty topic
+/// names (200 KB on the wire, ~7 MB decoded) closes only its connection. Auto-creation,
+/// like gRPC CreateTopic, stops at --max-partitions: POLICY_VIOLATION over Kafka,
+/// RESOURCE_EXHAUSTED naming the limit over gRPC.
+#[tokio::test]
+async fn arrays_are_bounded_before_decoding_and_topics_stop_at_max_partitions() {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    let broker = Broker::start_with(&[
+        "--kafka-listen",
+        "127.0.0.1:0",
+        "--kafka-auto-create-topics",
+        "true",
+        "--max-partitions",
+        "2",
+    ]);
+    let kafka = broker.kafka_addr().expect("kafka");
+    let mut flood = Raw::connect(kafka);
+    flood.send(
+        ApiKey::Metadata,
+        9,
+        &MetadataRequest::default().with_topics(Some(vec![
+            MetadataRequestTopic::default()
+                .with_name(Some(name("")));
+            100_000
+        ])),
+    );
+    assert!(flood.frame().is_none(), "connection closed");
+    let mut raw = Raw::connect(kafka);
+    let ask = |topics: &[&str]| {
+        MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(true)
+    };
+    let answer: MetadataResponse = raw.call(ApiKey::Metadata, 9, &ask(&["a", "b", "c"]));
+    let codes: Vec<(i16, usize)> = answer
+        .topics
+        .iter()
+        .map(|t| (t.error_code, t.partitions.len()))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![(0, 1), (0, 1), (44, 0)],
+        "two created; POLICY_VIOLATION"
+    );
+    let refused = broker
+        .admin()
+        .await
+        .create_topic(v1::CreateTopicRequest {
+            name: "d".into(),
+            partitions: 1,
+            config: Some(v1::TopicConfig::default()),
+        })
+        .await
+        .expect_err("past max_partitions");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(refused.message().contains("max_partitions"), "{refused:?}");
 }

@@ -20,6 +20,7 @@
 //! - `run`: one run from start to [`Report`]; the backend interface.
 //! - `strata`, `null`, `nats`, `redis`: the targets; `strata` starts its own broker with
 //!   `strata-spawn` unless `--broker` names one.
+//! - [`scale`]: what many partitions cost an idle broker (the `partitions` workload).
 //! - [`disk`]: the disk baseline. [`report`]: table, JSON and Markdown output.
 
 pub mod disk;
@@ -35,6 +36,7 @@ mod payload;
 mod redis;
 pub mod report;
 mod run;
+pub mod scale;
 mod stats;
 mod strata;
 

@@ -100,6 +100,11 @@ pub struct Options {
     /// producers are done.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// Before the traffic, leave the broker idle this many seconds and report what the
+    /// run's partitions cost it (CPU, memory, threads, descriptors, mappings): the
+    /// `partitions` workload does, for 30 s. Needs a broker the bench starts.
+    #[arg(long, conflicts_with = "broker")]
+    pub idle_s: Option<f64>,
     /// Leave the run's topic and consumer groups on the broker given with `--broker`
     /// instead of deleting them, to look at it after the run (its metrics, its lag).
     #[arg(long, requires = "broker")]
@@ -141,6 +146,10 @@ pub enum WorkloadName {
     Replay,
     /// Only the disk baseline: sequential write and read of the data directory's disk.
     Disk,
+    /// 10,000 partitions: creation time, then the idle broker's CPU over 30 s, RSS,
+    /// threads, descriptors and mappings; then 1 KiB at 10,000 msgs/s spread over all of
+    /// them, linger 0, 20 s.
+    Partitions,
 }
 
 impl WorkloadName {
@@ -153,6 +162,7 @@ impl WorkloadName {
             WorkloadName::Fanout => "fanout",
             WorkloadName::Replay => "replay",
             WorkloadName::Disk => "disk",
+            WorkloadName::Partitions => "partitions",
         }
     }
 }
@@ -290,6 +300,9 @@ pub struct Plan {
     pub max_pending: Option<usize>,
     /// Bytes the disk baseline writes (0: none).
     pub disk_baseline_bytes: u64,
+    /// Seconds the broker is left idle before the traffic to measure what the partitions
+    /// cost it; `None`: no such probe.
+    pub idle_s: Option<f64>,
     /// Give up on consumers after this long without progress once producers are done.
     #[serde(skip)]
     pub drain_timeout: Duration,
@@ -355,6 +368,9 @@ impl Plan {
             plan.workload = "custom".into();
         }
         plan.max_pending = o.max_pending;
+        if o.idle_s.is_some() {
+            plan.idle_s = o.idle_s;
+        }
         plan.drain_timeout = Duration::from_secs(o.drain_timeout_s);
         let baseline_mib = o.disk_baseline_mib.unwrap_or(match (name, plan.target) {
             (WorkloadName::Disk, _) => 2048,
@@ -386,6 +402,7 @@ impl Plan {
             durability: Durability::Fsync,
             max_pending: None,
             disk_baseline_bytes: 512 << 20,
+            idle_s: None,
             drain_timeout: Duration::from_secs(10),
         };
         match name {
@@ -417,6 +434,16 @@ impl Plan {
                 mode: Mode::DiskOnly,
                 consumer_sets: 0,
                 disk_baseline_bytes: 2 << 30,
+                ..base
+            },
+            WorkloadName::Partitions => Plan {
+                partitions: 10_000,
+                consumer_sets: 0,
+                message_bytes: 1024,
+                rate: Some(10_000.0),
+                linger_ms: 0,
+                amount: Amount::Seconds(20.0),
+                idle_s: Some(30.0),
                 ..base
             },
         }
@@ -461,6 +488,16 @@ impl Plan {
                  32 MiB",
                 self.message_bytes + 128
             ));
+        }
+        if let Some(idle) = self.idle_s {
+            if !(idle > 0.0 && idle.is_finite()) {
+                return bad("--idle-s must be above 0".into());
+            }
+            if self.target != TargetKind::Strata {
+                return bad(
+                    "--idle-s measures a Strata broker's process: use --target strata".into(),
+                );
+            }
         }
         match self.amount {
             Amount::Seconds(s) if !(s > 0.0 && s.is_finite()) => {
@@ -551,6 +588,23 @@ mod tests {
         assert!(error(&["--batch-bytes", "100"]).contains("--batch-bytes"));
         assert!(Options::try_parse_from(["strata-bench", "--rate", "-3"]).is_err());
         assert!(Options::try_parse_from(["strata-bench", "--durability", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn the_partitions_workload_probes_an_idle_broker_first() {
+        let p = plan(&["--workload", "partitions"]).expect("valid");
+        assert_eq!(
+            (p.partitions, p.consumer_sets, p.rate, p.idle_s),
+            (10_000, 0, Some(10_000.0), Some(30.0))
+        );
+        let p = plan(&["--workload", "partitions", "--idle-s", "5"]).expect("valid");
+        assert_eq!((p.idle_s, p.modified), (Some(5.0), false));
+        let error = |args: &[&str]| plan(args).expect_err("invalid").to_string();
+        assert!(error(&["--idle-s", "0"]).contains("--idle-s"));
+        assert!(error(&["--idle-s", "5", "--null"]).contains("--target strata"));
+        assert!(
+            Options::try_parse_from(["strata-bench", "--idle-s", "5", "--broker", "x"]).is_err()
+        );
     }
 
     #[test]

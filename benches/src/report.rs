@@ -9,6 +9,7 @@ use crate::disk::DiskBaseline;
 use crate::machine::Machine;
 use crate::options::{Mode, Plan};
 use crate::run::Measured;
+use crate::scale::ScaleResult;
 use crate::stats::Percentiles;
 
 /// Everything a run measured and the conditions it ran under.
@@ -34,6 +35,8 @@ pub struct Report {
     pub e2e_latency: Option<Percentiles>,
     /// One entry per second of the run.
     pub per_second: Vec<Second>,
+    /// What the partitions cost the idle broker (`--idle-s`, the partitions workload).
+    pub scale: Option<ScaleResult>,
 }
 
 /// The target of a run.
@@ -192,6 +195,7 @@ impl Report {
             ack_latency: measured.ack_latency,
             e2e_latency: measured.e2e_latency,
             per_second: measured.per_second,
+            scale: measured.scale,
         }
     }
 
@@ -285,6 +289,27 @@ impl Report {
                     p99(s.e2e_p99_us)
                 );
             }
+        }
+        if let Some(s) = &self.scale {
+            let _ = writeln!(w);
+            let _ = writeln!(
+                w,
+                "  partitions: {} created in {:.2} s, one record each in {:.2} s",
+                thousands(f64::from(s.partitions)),
+                s.create_s,
+                s.fill_s
+            );
+            let _ = writeln!(
+                w,
+                "  idle broker over {:.0} s: CPU {:.1} % of one core, RSS {} MiB, {} threads, \
+                 {} fds, {} mappings",
+                s.idle_s,
+                s.idle_cpu_pct,
+                s.rss_bytes >> 20,
+                thousands(s.threads as f64),
+                thousands(s.fds as f64),
+                thousands(s.mappings as f64)
+            );
         }
         if self.produced.is_some() || self.consumed.is_some() {
             let _ = writeln!(w);

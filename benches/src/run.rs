@@ -23,6 +23,7 @@ use crate::report::{
     format_latency, thousands, ConsumeResult, ProduceResult, Report, Second, SetResult, TargetInfo,
     Throughput,
 };
+use crate::scale::ScaleResult;
 use crate::stats::{
     latency_histogram, LatencyRecorder, Percentiles, Seen, SharedHistogram, Tallies, Tally,
 };
@@ -109,7 +110,24 @@ pub async fn run(options: &Options) -> Result<Outcome> {
             plan.shape()
         );
     }
-    let measured = drive(&backend, &shared, stop, options.quiet).await;
+    let scale = match (&backend, plan.idle_s) {
+        (Backend::Strata(target), Some(idle)) => {
+            match target
+                .scale(&plan, Duration::from_secs_f64(idle), options.quiet)
+                .await
+            {
+                Ok(scale) => Some(scale),
+                Err(e) => {
+                    backend.close().await;
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
+    let measured = drive(&backend, &shared, stop, options.quiet)
+        .await
+        .map(|measured| Measured { scale, ..measured });
     let info = backend.info();
     backend.close().await;
     let measured = measured?;
@@ -520,6 +538,7 @@ pub(crate) struct Measured {
     pub ack_latency: Option<Percentiles>,
     pub e2e_latency: Option<Percentiles>,
     pub per_second: Vec<Second>,
+    pub scale: Option<ScaleResult>,
 }
 
 /// How long producers get to start before the first intended send time.
@@ -634,6 +653,7 @@ async fn drive(
         ack_latency: Percentiles::of(&ack_total),
         e2e_latency: Percentiles::of(&e2e_total),
         per_second,
+        scale: None,
     })
 }
 

@@ -53,6 +53,8 @@ pub struct StrataTarget {
     consumer_mode: ConsumerMode,
     consumer_sets: u32,
     keep: bool,
+    /// How long creating the topic took.
+    created_in: Duration,
 }
 
 impl StrataTarget {
@@ -91,7 +93,9 @@ impl StrataTarget {
             max_message_bytes: (plan.batch_bytes > 1 << 20).then_some(plan.batch_bytes as u32),
             ..TopicConfig::default()
         };
+        let creating = std::time::Instant::now();
         admin.create_topic(&topic, plan.partitions, config).await?;
+        let created_in = creating.elapsed();
         let window = plan
             .max_pending
             .unwrap_or(PENDING_BYTES_DEFAULT / plan.message_bytes)
@@ -106,6 +110,7 @@ impl StrataTarget {
             consumer_mode: plan.consumer_mode,
             consumer_sets: plan.consumer_sets,
             keep: options.keep,
+            created_in,
         })
     }
 
@@ -299,6 +304,33 @@ impl StrataTarget {
             }
         }
         Ok(())
+    }
+
+    /// What the run's partitions cost the broker, left idle for `idle`
+    /// ([`crate::scale`]); only a broker the bench started has a process to read.
+    pub(crate) async fn scale(
+        &self,
+        plan: &Plan,
+        idle: Duration,
+        quiet: bool,
+    ) -> Result<crate::scale::ScaleResult> {
+        let pid = self
+            .spawned
+            .as_ref()
+            .map(SpawnedBroker::pid)
+            .ok_or_else(|| {
+                Error::Config("--idle-s reads the broker's process: let the bench start it".into())
+            })?;
+        crate::scale::probe(
+            &self.address,
+            &self.topic,
+            plan.partitions,
+            pid,
+            self.created_in,
+            idle,
+            quiet,
+        )
+        .await
     }
 
     fn group_name(&self, set: u32) -> String {

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use strata_storage::batch::NO_PRODUCER_ID;
@@ -95,6 +95,11 @@ pub struct Broker {
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
+    /// Most partitions of all topics ([`Broker::set_max_partitions`]; none by default).
+    max_partitions: AtomicUsize,
+    /// Partitions of all topics now: changed with `topics`, under the admin lock (or
+    /// while opening).
+    partition_total: AtomicUsize,
     /// Shared with the offsets writer, which checks a member's ownership again when it
     /// applies the member's commit.
     coordinator: Arc<Coordinator>,
@@ -118,6 +123,9 @@ pub async fn blocking<T: Send + 'static>(
         .await
         .map_err(|_| Error::ShuttingDown)?
 }
+
+/// Threads that open a topic's partitions together (at creation and at start).
+const OPENERS: usize = 16;
 
 impl Broker {
     /// Opens the data directory, recovering every topic's partitions, recording into
@@ -178,6 +186,8 @@ impl Broker {
             files,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
+            max_partitions: AtomicUsize::new(usize::MAX),
+            partition_total: AtomicUsize::new(0),
             coordinator: Arc::default(),
             kafka_members: crate::kafka::membership::Coordinator::default(),
             offsets,
@@ -200,6 +210,9 @@ impl Broker {
             let incarnation = load_incarnation(&dir)?;
             let topic = broker.open_topic(&name, &dir, settings, incarnation)?;
             broker.offsets.set_incarnation(&name, Some(incarnation));
+            broker
+                .partition_total
+                .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
             broker.write_topics().insert(name, Arc::new(topic));
         }
         broker
@@ -325,17 +338,49 @@ impl Broker {
         incarnation: u64,
     ) -> Result<Topic> {
         let config = settings.log_config()?;
-        let partitions = (0..settings.partitions)
+        let count = settings.partitions;
+        let open = |p: u32| {
+            Partition::open(
+                format!("{name}/{p}"),
+                dir.join(p.to_string()),
+                config.clone(),
+                &self.files,
+                &self.metrics,
+                &self.faults,
+            )
+            .map(Arc::new)
+        };
+        // Opening a partition is mostly waiting for fsyncs of its new files and
+        // directories: a few threads waiting together make thousands of partitions take
+        // seconds instead of minutes. Each thread opens every OPENERS-th partition.
+        let openers = (count as usize).min(OPENERS);
+        let mut opened: Vec<Vec<Result<Arc<Partition>>>> = std::thread::scope(|scope| {
+            let open = &open;
+            let threads: Vec<_> = (0..openers as u32)
+                .map(|first| {
+                    scope.spawn(move || {
+                        (first..count)
+                            .step_by(openers)
+                            .map(open)
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        // Back in partition order: partition p is the (p / openers)-th of thread p % openers.
+        let mut iterators: Vec<_> = opened.iter_mut().map(|v| v.drain(..)).collect();
+        let partitions = (0..count as usize)
             .map(|p| {
-                Partition::open(
-                    format!("{name}/{p}"),
-                    dir.join(p.to_string()),
-                    config.clone(),
-                    &self.files,
-                    &self.metrics,
-                    &self.faults,
-                )
-                .map(Arc::new)
+                iterators[p % openers]
+                    .next()
+                    .expect("every partition was opened")
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Topic {
@@ -369,6 +414,11 @@ impl Broker {
         self.topic(topic)?.partition(partition).cloned()
     }
 
+    /// How many partitions all topics have.
+    pub fn partition_total(&self) -> usize {
+        self.partition_total.load(Ordering::Relaxed)
+    }
+
     /// How many topics there are.
     pub fn topic_count(&self) -> usize {
         self.read_topics().len()
@@ -379,6 +429,13 @@ impl Broker {
         self.read_topics().values().cloned().collect()
     }
 
+    /// Limits creation to `max_partitions` partitions of all topics (`max_partitions`):
+    /// a topic that would pass it is refused with [`Error::LimitExceeded`]; topics
+    /// already there are not affected.
+    pub fn set_max_partitions(&self, max_partitions: usize) {
+        self.max_partitions.store(max_partitions, Ordering::Relaxed);
+    }
+
     /// Creates a topic: builds its directory under `tmp/`, then renames it into place.
     /// Blocking.
     pub fn create_topic(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>> {
@@ -386,6 +443,19 @@ impl Broker {
         let _admin = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         if self.read_topics().contains_key(name) {
             return Err(Error::TopicExists(name.to_string()));
+        }
+        // Under the admin lock, so concurrent creations cannot pass it together.
+        let existing = self.partition_total();
+        let max = self.max_partitions.load(Ordering::Relaxed);
+        if existing.saturating_add(settings.partitions as usize) > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_partitions",
+                message: format!(
+                    "topic {name:?} of {} partitions would take the broker past {max} \
+                     partitions (it has {existing})",
+                    settings.partitions
+                ),
+            });
         }
         let staging = self.data_dir.join("tmp").join(name);
         std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
@@ -409,6 +479,8 @@ impl Broker {
         // Offsets left by an earlier topic of this name (its deletion failed halfway)
         // are invisible from here on, and forgotten at the next start.
         self.offsets.set_incarnation(name, Some(incarnation));
+        self.partition_total
+            .fetch_add(topic.settings.partitions as usize, Ordering::Relaxed);
         self.write_topics()
             .insert(name.to_string(), Arc::clone(&topic));
         Ok(topic)
@@ -421,6 +493,8 @@ impl Broker {
             .write_topics()
             .remove(name)
             .ok_or_else(|| Error::TopicNotFound(name.to_string()))?;
+        self.partition_total
+            .fetch_sub(topic.settings.partitions as usize, Ordering::Relaxed);
         topic.deleted.store(true, Ordering::Release);
         // Group state goes with the topic before anything here can fail: offsets of its
         // incarnation are invisible, and members owning its partitions are removed, so
@@ -521,4 +595,42 @@ fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partitions are opened by several threads together, at creation and at start;
+    /// each must still land at its own index.
+    #[test]
+    fn partitions_opened_together_keep_their_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = || {
+            Broker::open(
+                dir.path(),
+                TopicSettings::default(),
+                64,
+                Arc::new(Metrics::default()),
+            )
+            .expect("open")
+        };
+        let partitions = OPENERS as u32 * 2 + 3;
+        let names = |broker: &Broker| {
+            let topic = broker.topic("t").expect("topic");
+            (0..partitions)
+                .map(|p| topic.partition(p).expect("partition").name().to_string())
+                .collect::<Vec<_>>()
+        };
+        let expected: Vec<String> = (0..partitions).map(|p| format!("t/{p}")).collect();
+        let broker = open();
+        let settings = TopicSettings {
+            partitions,
+            ..TopicSettings::default()
+        };
+        broker.create_topic("t", settings).expect("create");
+        assert_eq!(names(&broker), expected);
+        drop(broker);
+        assert_eq!(names(&open()), expected);
+    }
 }

@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Most open client connections; more are closed at once [default: 1024].
     #[arg(long, env = "STRATA_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Most open connections of the HTTP listener (/metrics, /healthz, /readyz); more
+    /// are closed at once [default: 256].
+    #[arg(long, env = "STRATA_MAX_HTTP_CONNECTIONS")]
+    pub max_http_connections: Option<usize>,
     /// Most concurrent requests (HTTP/2 streams) per connection [default: 200].
     #[arg(long, env = "STRATA_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: Option<u32>,
@@ -131,6 +135,9 @@ pub struct ServeArgs {
     /// Most consumer groups with members, broker-wide [default: 10000].
     #[arg(long, env = "STRATA_MAX_GROUPS")]
     pub max_groups: Option<usize>,
+    /// Most partitions of all topics, broker-wide [default: 10000].
+    #[arg(long, env = "STRATA_MAX_PARTITIONS")]
+    pub max_partitions: Option<usize>,
     /// How long the committed offsets of a group without members are kept after its
     /// last member left or its last commit: a duration [default: 7d].
     #[arg(long, env = "STRATA_OFFSETS_RETENTION_MS")]
@@ -341,6 +348,12 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
             file.max_connections,
             base.connections,
         )?,
+        http_connections: count(
+            "max_http_connections",
+            args.max_http_connections,
+            file.max_http_connections,
+            base.http_connections,
+        )?,
         streams_per_connection: positive(
             "max_streams_per_connection",
             args.max_streams_per_connection
@@ -396,6 +409,12 @@ fn resolve_limits(args: &ServeArgs, file: &ServeArgs) -> anyhow::Result<Limits> 
             base.group_members,
         )?,
         groups: count("max_groups", args.max_groups, file.max_groups, base.groups)?,
+        partitions: count(
+            "max_partitions",
+            args.max_partitions,
+            file.max_partitions,
+            base.partitions,
+        )?,
         offsets_retention: duration(
             "offsets_retention_ms",
             args.offsets_retention_ms,
@@ -676,6 +695,7 @@ mod tests {
                     assert_eq!(size(), l.groups_request_bytes as u64)
                 }
                 "max_connections" => assert_eq!(default.parse(), Ok(l.connections)),
+                "max_http_connections" => assert_eq!(default.parse(), Ok(l.http_connections)),
                 "max_streams_per_connection" => {
                     assert_eq!(default.parse(), Ok(l.streams_per_connection))
                 }
@@ -692,13 +712,14 @@ mod tests {
                 }
                 "max_group_members" => assert_eq!(default.parse(), Ok(l.group_members)),
                 "max_groups" => assert_eq!(default.parse(), Ok(l.groups)),
+                "max_partitions" => assert_eq!(default.parse(), Ok(l.partitions)),
                 "offsets_retention_ms" => assert_eq!(millis(), l.offsets_retention),
                 other => panic!("--help shows a default of {other} this test does not check"),
             }
             shown += 1;
         }
         assert_eq!(
-            shown, 28,
+            shown, 30,
             "every setting but --config and --kafka-advertised shows its default"
         );
     }

@@ -14,6 +14,9 @@ pub const ADMIN_REQUEST_BYTES_DEFAULT: usize = 4 << 20;
 pub const GROUPS_REQUEST_BYTES_DEFAULT: usize = 4 << 20;
 /// Open client connections when `--max-connections` is not given.
 pub const CONNECTIONS_DEFAULT: usize = 1024;
+/// Open connections of the HTTP listener (metrics, health) when
+/// `--max-http-connections` is not given: scrapers and probes need a few.
+pub const HTTP_CONNECTIONS_DEFAULT: usize = 256;
 /// Concurrent requests (HTTP/2 streams) per connection when
 /// `--max-streams-per-connection` is not given: hyper's own default, which tonic
 /// otherwise removes.
@@ -50,6 +53,11 @@ pub const OFFSETS_RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 86_400);
 pub const GROUP_MEMBERS_DEFAULT: usize = 1000;
 /// Groups with members, broker-wide, when `--max-groups` is not given.
 pub const GROUPS_DEFAULT: usize = 10_000;
+/// Partitions of all topics, broker-wide, when `--max-partitions` is not given. Each
+/// takes a writer thread and about three file descriptors (see the open-file check at
+/// start), so a client creating topics (a Kafka client with auto-creation on, say) must
+/// not grow them without end.
+pub const PARTITIONS_DEFAULT: usize = 10_000;
 
 /// The limits in force; [`Limits::default`] gives the defaults above.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +68,8 @@ pub struct Limits {
     pub groups_request_bytes: usize,
     /// Open client connections; more are closed as soon as they are accepted.
     pub connections: usize,
+    /// Open connections of the HTTP listener; more are closed as soon as accepted.
+    pub http_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub streams_per_connection: u32,
     /// Interval of HTTP/2 PINGs and TCP keepalive probes on idle connections.
@@ -80,6 +90,8 @@ pub struct Limits {
     pub group_members: usize,
     /// Groups with members, broker-wide.
     pub groups: usize,
+    /// Partitions of all topics, broker-wide.
+    pub partitions: usize,
     /// How long an empty group's committed offsets are kept.
     pub offsets_retention: Duration,
 }
@@ -90,6 +102,7 @@ impl Default for Limits {
             admin_request_bytes: ADMIN_REQUEST_BYTES_DEFAULT,
             groups_request_bytes: GROUPS_REQUEST_BYTES_DEFAULT,
             connections: CONNECTIONS_DEFAULT,
+            http_connections: HTTP_CONNECTIONS_DEFAULT,
             streams_per_connection: STREAMS_PER_CONNECTION_DEFAULT,
             keepalive_interval: KEEPALIVE_INTERVAL_DEFAULT,
             keepalive_timeout: KEEPALIVE_TIMEOUT_DEFAULT,
@@ -100,6 +113,7 @@ impl Default for Limits {
             commit_metadata_bytes: COMMIT_METADATA_BYTES_DEFAULT,
             group_members: GROUP_MEMBERS_DEFAULT,
             groups: GROUPS_DEFAULT,
+            partitions: PARTITIONS_DEFAULT,
             offsets_retention: OFFSETS_RETENTION_DEFAULT,
         }
     }

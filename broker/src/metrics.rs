@@ -8,7 +8,8 @@
 //!   produce request costs two relaxed additions and no label lookup); request latency
 //!   by RPC, fsync latency and commit-group sizes (histograms: one short lock per
 //!   request or commit, never per record); rejected requests; connections and requests
-//!   in flight. These live in [`Metrics`], owned by the broker.
+//!   in flight; storage upkeep failures (failed rolls, checkpoints, index seals and
+//!   producer snapshots, which are retried rather than fail-stopping). These live in [`Metrics`], owned by the broker.
 //! - **Read at scrape time** by [`BrokerCollector`]: log start and end offsets, size and
 //!   segments per partition; fail-stopped partitions; per group its members, rebalances,
 //!   and per partition its committed offset and lag in records and in seconds; the
@@ -90,6 +91,13 @@ pub struct RejectedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a storage upkeep failure.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpkeepLabels {
+    /// The step: `roll`, `checkpoint`, `index_seal` or `producer_snapshot`.
+    pub step: &'static str,
+}
+
 /// The metrics recorded as things happen, shared by the listeners and writers.
 #[derive(Debug)]
 pub struct Metrics {
@@ -107,6 +115,9 @@ pub struct Metrics {
     pub commit_batches: Histogram,
     /// Bytes per partition commit.
     pub commit_bytes: Histogram,
+    /// Failures of partition upkeep that wrote no data (a segment roll, a checkpoint, an
+    /// index seal, a producer state snapshot): retried, never fail-stopping.
+    pub upkeep_failures: Family<UpkeepLabels, Counter>,
     started: SystemTime,
     /// The histograms of `request_seconds`, one per RPC of every listener, made up front
     /// so that timing a request needs no lock and no hashing.
@@ -153,6 +164,7 @@ impl Metrics {
             fsync_seconds: Histogram::new(latency_buckets()),
             commit_batches: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             commit_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 8)),
+            upkeep_failures: Family::default(),
             started: SystemTime::now(),
         }
     }
@@ -173,6 +185,13 @@ impl Metrics {
     pub fn commit(&self, batches: usize, bytes: usize) {
         self.commit_batches.observe(batches as f64);
         self.commit_bytes.observe(bytes as f64);
+    }
+
+    /// Counts failures of a partition upkeep step (see [`Metrics::upkeep_failures`]).
+    pub fn upkeep_failed_by(&self, step: &'static str, failures: u64) {
+        self.upkeep_failures
+            .get_or_create(&UpkeepLabels { step })
+            .inc_by(failures);
     }
 
     /// Records one data fsync of a partition log (a commit's or a segment roll's).
@@ -261,6 +280,12 @@ pub fn registry(metrics: &Metrics, source: Arc<Source>) -> Registry {
         "Bytes written by one partition commit",
         Unit::Bytes,
         m.commit_bytes.clone(),
+    );
+    registry.register(
+        "strata_storage_upkeep_failures",
+        "Failures of partition upkeep that wrote no data (segment roll, checkpoint, index \
+         seal, producer state snapshot), by step: retried, the partition keeps serving",
+        m.upkeep_failures.clone(),
     );
     registry.register_collector(Box::new(BrokerCollector {
         source,
@@ -502,7 +527,8 @@ impl BrokerCollector {
             .collect();
         let mut lag_times = self.lag_times.lock().unwrap_or_else(|e| e.into_inner());
         let mut seen = HashMap::with_capacity(lag_times.len());
-        struct Row {
+        struct Row<'a> {
+            topic: &'a str,
             partition: String,
             committed: Option<u64>,
             lag: u64,
@@ -522,12 +548,17 @@ impl BrokerCollector {
                             .map_or(log.start, |c| c.offset.max(log.start));
                         let key = (d.summary.name.clone(), p.partition.clone());
                         // A time found once never changes; "nothing waits" can.
+                        // A batch that retention or a deletion took since the describe has
+                        // no time to read: the row stays, without a lag in seconds.
                         let written = match lag_times.get(&key) {
                             Some(&(at, Some(written))) if at == position => Some(written),
-                            _ => api::batch_time(broker, &p.partition, position).ok()?,
+                            _ => api::batch_time(broker, &p.partition, position)
+                                .ok()
+                                .flatten(),
                         };
                         seen.insert(key, (position, written));
                         Some(Row {
+                            topic: &p.partition.topic,
                             partition: p.partition.partition.to_string(),
                             committed: p.committed.as_ref().map(|c| c.offset),
                             lag,
@@ -569,10 +600,10 @@ impl BrokerCollector {
             let group = d.summary.name.as_str();
             members.push(vec![("group", group)], i64::from(d.summary.members));
             rebalances.push(vec![("group", group)], d.summary.epoch);
-            for (p, row) in d.partitions.iter().filter(|p| p.lag.is_some()).zip(rows) {
+            for row in rows {
                 let labels = vec![
                     ("group", group),
-                    ("topic", p.partition.topic.as_str()),
+                    ("topic", row.topic),
                     ("partition", row.partition.as_str()),
                 ];
                 if let Some(offset) = row.committed {

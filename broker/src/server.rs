@@ -34,7 +34,13 @@ pub async fn serve(
     let socket = bind(config.listen)?;
     let metrics = Arc::new(Metrics::new(config.kafka.is_some()));
     let source = Arc::new(Source::default());
-    let http = HttpListener::start(config.http_listen, &metrics, Arc::clone(&source)).await?;
+    let http = HttpListener::start(
+        config.http_listen,
+        config.limits.http_connections,
+        &metrics,
+        Arc::clone(&source),
+    )
+    .await?;
     let kafka = match &config.kafka {
         Some(kafka) => Some(crate::kafka::Listener::bind(kafka).await?),
         None => None,
@@ -66,6 +72,7 @@ pub async fn serve(
     broker
         .kafka_members()
         .set_limits(config.limits.group_members, config.limits.groups);
+    broker.set_max_partitions(config.limits.partitions);
     let listener = socket
         .listen(LISTEN_BACKLOG)
         .map_err(|e| listen_error(config.listen, e))?;
@@ -186,14 +193,20 @@ fn connections_max(max_connections: usize, kafka: bool) -> usize {
 }
 
 /// Warns when the open-file limit is below what the configuration may need: past it,
-/// a segment roll fails (fail-stopping its partition) or connections are refused.
+/// segment rolls fail (refusing the produces that need them until descriptors are
+/// free again) or connections are refused.
 fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
     let partitions: u64 = broker
         .topics()
         .iter()
         .map(|t| u64::from(t.settings.partitions))
         .sum();
-    let connections = connections_max(config.limits.connections, config.kafka.is_some());
+    let http = if config.http_listen.is_some() {
+        config.limits.http_connections
+    } else {
+        0
+    };
+    let connections = connections_max(config.limits.connections, config.kafka.is_some()) + http;
     let needed = nofile_needed(partitions, config.max_open_files, connections);
     if let Some(limit) = limit.filter(|&limit| limit < needed) {
         tracing::warn!(
@@ -202,11 +215,13 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
             partitions,
             max_open_files = config.max_open_files,
             max_connections = config.limits.connections,
-            kafka_connections = connections - config.limits.connections,
+            kafka_connections = connections - config.limits.connections - http,
+            http_connections = http,
             "the open-file limit (ulimit -n) is below what this broker may need \
              (64 + 3 x partitions + max_open_files + max_connections + 1024 Kafka \
-             connections when the Kafka listener is on): raise the hard limit, or lower \
-             --max-connections or --max-open-files"
+             connections when the Kafka listener is on + max_http_connections when the \
+             HTTP listener is on): raise the hard limit, or lower --max-connections or \
+             --max-open-files"
         );
     }
 }
@@ -254,6 +269,7 @@ impl HttpListener {
     /// Binds and starts serving `/healthz`, `/readyz` (starting) and `/metrics`.
     async fn start(
         address: Option<SocketAddr>,
+        max_connections: usize,
         metrics: &Metrics,
         source: Arc<Source>,
     ) -> anyhow::Result<HttpListener> {
@@ -269,9 +285,14 @@ impl HttpListener {
         })?;
         println!("strata http on http://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(crate::http::serve(listener, Arc::clone(&state), async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(crate::http::serve(
+            listener,
+            max_connections,
+            Arc::clone(&state),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Ok(HttpListener {
             task: Some((stop, task)),
         })

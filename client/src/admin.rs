@@ -380,7 +380,7 @@ impl Admin {
         Admin { client, groups }
     }
 
-    /// Creates a topic with `partitions` partitions (1 to 1024); fields of `config` left
+    /// Creates a topic with `partitions` partitions (1 to 16,384); fields of `config` left
     /// `None` take the broker's defaults. Returns the topic with its config in force.
     pub async fn create_topic(
         &self,

@@ -116,6 +116,11 @@ impl SpawnedBroker {
         &self.address
     }
 
+    /// Its process id, to read its resources from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The binary that runs.
     pub fn binary(&self) -> &Path {
         &self.binary

@@ -116,12 +116,14 @@ impl Checkpoint {
     /// when the file is new.
     pub fn write(&self, dir: &Path) -> io::Result<()> {
         let path = dir.join(CHECKPOINT_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = fault::open(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            &path,
+        )?;
         fault::write_all_at(&file, &path, &self.encode(), 0)?;
         fault::set_len(&file, &path, LEN as u64)?;
         fault::sync_data(&file, &path)

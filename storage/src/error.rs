@@ -58,6 +58,20 @@ pub enum Error {
         /// The partition directory.
         path: PathBuf,
     },
+    /// Rolling to a new segment failed before anything was written to the new segment:
+    /// its files could not be created (too many open files, no memory, no space) or the
+    /// old segment's indexes could not be flushed. The active segment is unchanged and
+    /// everything it published stays readable; the batch that needed the roll was not
+    /// written, and the next write tries the roll again. The log does not refuse writes.
+    #[error("cannot start a new segment at offset {base_offset} in {}: {source}; the batch was not written, the log still takes writes and the next write retries the roll", path.display())]
+    RollFailed {
+        /// The file or directory the failing operation was on.
+        path: PathBuf,
+        /// The base offset the new segment would have had.
+        base_offset: u64,
+        /// The operating system's error.
+        source: io::Error,
+    },
     /// A configuration value is out of its valid range.
     #[error("invalid log configuration: {0}")]
     InvalidConfig(String),

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -44,9 +44,12 @@ pub enum Op {
     Rename,
     /// A read of file data.
     Read,
+    /// Opening or creating a file, or opening a directory to fsync it: where a process
+    /// out of file descriptors (EMFILE) or memory meets its limit.
+    Open,
 }
 
-const OPS: usize = 8;
+const OPS: usize = 9;
 
 impl Op {
     fn slot(self) -> usize {
@@ -67,6 +70,8 @@ pub struct Fault {
 pub const EIO: i32 = 5;
 /// `ENOSPC`: no space left on the device.
 pub const ENOSPC: i32 = 28;
+/// `EMFILE`: the process has as many file descriptors open as its limit allows.
+pub const EMFILE: i32 = 24;
 
 impl Fault {
     /// The operation fails with EIO and changes nothing.
@@ -81,6 +86,14 @@ impl Fault {
     pub fn no_space() -> Fault {
         Fault {
             errno: ENOSPC,
+            stored: 0,
+        }
+    }
+
+    /// The operation fails with EMFILE (for [`Op::Open`]: too many open files).
+    pub fn too_many_open_files() -> Fault {
+        Fault {
+            errno: EMFILE,
             stored: 0,
         }
     }
@@ -452,7 +465,7 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
         Some((plan, None)) => Some(plan),
         None => None,
     };
-    File::open(dir)?.sync_all()?;
+    open(OpenOptions::new().read(true), dir)?.sync_all()?;
     if let Some(plan) = plan {
         let entries = list(dir)?;
         let mut state = plan.lock();
@@ -462,6 +475,15 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `open(2)` of `path` with `options` (which may create it). A failed open creates
+/// nothing.
+pub(crate) fn open(options: &OpenOptions, path: &Path) -> io::Result<File> {
+    if let Some((_, Some(fault))) = intercept(Op::Open, path) {
+        return Err(fault.error());
+    }
+    options.open(path)
 }
 
 /// `mkdir` of one directory.
@@ -516,6 +538,22 @@ mod tests {
         assert_eq!(injector.count(Op::Write), 3);
         assert_eq!(injector.count(Op::Sync), 3);
         assert_eq!(injector.injected(), 3);
+    }
+
+    /// An injected open failure creates nothing, as a real EMFILE does.
+    #[test]
+    fn a_failed_open_creates_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let path = injector.root().join("new");
+        let create = OpenOptions::new().write(true).create(true).clone();
+        injector.fail_nth(Op::Open, 1, Fault::too_many_open_files());
+        let e = open(&create, &path).expect_err("fails");
+        assert_eq!(e.raw_os_error(), Some(EMFILE));
+        assert!(!path.exists());
+        open(&create, &path).expect("the next open works");
+        assert!(path.exists());
+        assert_eq!(injector.count(Op::Open), 2);
     }
 
     #[test]

@@ -123,12 +123,14 @@ impl<E: Entry> Index<E> {
             len <= capacity,
             "index length {len} beyond capacity {capacity}"
         );
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = fault::open(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            path,
+        )?;
         fault::set_len(&file, path, (capacity * E::LEN) as u64)?;
         Self::map(path, file, len, capacity)
     }
@@ -136,7 +138,7 @@ impl<E: Entry> Index<E> {
     /// Opens a sealed index: every byte of the file is entries. Returns `None` when the
     /// file size is not a whole number of entries (the index must be rebuilt).
     pub fn open_sealed(path: &Path) -> io::Result<Option<Self>> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let file = fault::open(OpenOptions::new().read(true).write(true), path)?;
         let size = file.metadata()?.len();
         if size % E::LEN as u64 != 0 {
             return Ok(None);
@@ -248,12 +250,17 @@ impl<E: Entry> Index<E> {
 
     /// Trims the file to its entries, makes it durable and closes it: the index of a
     /// sealed segment. The mapping stays as it is; slots past the new end are never read.
+    /// On failure the file stays open, so sealing can be tried again (both steps can be
+    /// repeated).
     pub fn seal(&self) -> io::Result<()> {
-        let Some(file) = self.file.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let mut slot = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = slot.as_ref() else {
             return Ok(());
         };
-        fault::set_len(&file, &self.path, (self.len() * E::LEN) as u64)?;
-        fault::sync_all(&file, &self.path)
+        fault::set_len(file, &self.path, (self.len() * E::LEN) as u64)?;
+        fault::sync_all(file, &self.path)?;
+        slot.take();
+        Ok(())
     }
 }
 

@@ -29,7 +29,8 @@ mod segment;
 pub use config::{Durability, LogConfig};
 pub use error::{Error, InvalidBatch, Result};
 pub use log::{
-    create_dir_all_durable, now_ms, AppendInfo, Log, LogReader, LogRecovery, ReadResult,
+    create_dir_all_durable, now_ms, AppendInfo, Deferred, DeferredFailure, Log, LogReader,
+    LogRecovery, ReadResult,
 };
 pub use producer::SequenceError;
 pub use segment::FileCache;

@@ -43,6 +43,52 @@ const STAGE_BYTES_MAX: usize = 1 << 20;
 pub const FSYNCS_KEPT_MAX: usize = 64;
 /// Read size used when scanning a segment during recovery or an index rebuild.
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
+/// Deferred failures kept for [`Log::take_deferred_failures`] between two calls; more
+/// are counted in the last one kept.
+pub const DEFERRED_KEPT_MAX: usize = 16;
+
+/// A step of the log's upkeep that failed without losing or half-writing data, so the
+/// log retries it instead of refusing writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Deferred {
+    /// Starting a new segment; the write that needed it got [`Error::RollFailed`].
+    Roll,
+    /// Writing the recovery checkpoint or flushing the active segment's indexes before
+    /// it: retried at the next sync. Until then a crash makes recovery scan more.
+    Checkpoint,
+    /// Trimming and fsyncing a sealed segment's indexes: retried at every commit and at
+    /// close. Until then a crash makes the next open rebuild them.
+    IndexSeal,
+}
+
+impl Deferred {
+    /// A short, stable name (a metric label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Deferred::Roll => "roll",
+            Deferred::Checkpoint => "checkpoint",
+            Deferred::IndexSeal => "index_seal",
+        }
+    }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+}
+
+/// One failure of a [`Deferred`] step, as [`Log::take_deferred_failures`] reports it.
+#[derive(Debug)]
+pub struct DeferredFailure {
+    /// Which step failed.
+    pub step: Deferred,
+    /// Why: the error's message.
+    pub error: String,
+    /// The step had succeeded (or never failed) before this failure: the first of a run
+    /// of failures, the one worth a log line.
+    pub first: bool,
+    /// Failures of any step that were not kept because the list was full, counted here.
+    pub dropped: u64,
+}
 
 /// Where an appended batch landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +279,15 @@ pub struct Log {
     fsyncs: Vec<Duration>,
     poisoned: bool,
     recovery: LogRecovery,
+    /// Failures of upkeep the log retries, not yet taken by the caller.
+    deferred: Vec<DeferredFailure>,
+    /// Per [`Deferred`] step: its last attempt failed.
+    failing: [bool; 3],
+    /// The last checkpoint attempt failed: the next sync writes one whatever the
+    /// checkpoint interval says.
+    checkpoint_stale: bool,
+    /// Sealed segments whose indexes could not be trimmed and fsynced yet.
+    unsealed: Vec<Arc<Segment>>,
 }
 
 /// What [`Log::open`] found: whether anything written before may be gone.
@@ -321,6 +376,10 @@ impl Log {
             fsyncs: Vec::new(),
             poisoned: false,
             recovery,
+            deferred: Vec::new(),
+            failing: [false; 3],
+            checkpoint_stale: false,
+            unsealed: Vec::new(),
         };
         // A fresh, unclean checkpoint: the clean flag must not outlive the first write,
         // and the next recovery starts from what this one established.
@@ -352,6 +411,36 @@ impl Log {
     /// calls.
     pub fn take_fsyncs(&mut self) -> std::vec::Drain<'_, Duration> {
         self.fsyncs.drain(..)
+    }
+
+    /// Failures of upkeep steps since the last call, oldest first (at most
+    /// [`DEFERRED_KEPT_MAX`]). None of them lost data or made the log refuse writes: the
+    /// log retries each step (see [`Deferred`]).
+    pub fn take_deferred_failures(&mut self) -> std::vec::Drain<'_, DeferredFailure> {
+        self.deferred.drain(..)
+    }
+
+    /// Records the outcome of a deferred step, returning the error if it failed.
+    fn deferred<T>(&mut self, step: Deferred, result: Result<T>) -> Result<T> {
+        let failing = &mut self.failing[step.slot()];
+        let first = !*failing;
+        *failing = result.is_err();
+        match result {
+            Ok(x) => Ok(x),
+            Err(error) => {
+                if self.deferred.len() < DEFERRED_KEPT_MAX {
+                    self.deferred.push(DeferredFailure {
+                        step,
+                        error: error.to_string(),
+                        first,
+                        dropped: 0,
+                    });
+                } else if let Some(last) = self.deferred.last_mut() {
+                    last.dropped += 1;
+                }
+                Err(error)
+            }
+        }
     }
 
     /// The offset the next written batch gets (staged batches included).
@@ -431,6 +520,7 @@ impl Log {
             log.publish();
             Ok(log.active.next_offset)
         })
+        .inspect(|_| self.seal_unsealed())
     }
 
     /// [`Log::write`] then [`Log::commit`]: under the fsync policy the batch is on disk
@@ -449,15 +539,18 @@ impl Log {
             log.write_staged()?;
             log.sync()?;
             log.publish();
-            if log.active.checkpointed != log.active.written {
-                log.sync_indexes()?;
-                log.write_checkpoint(false)?;
+            if log.active.checkpointed != log.active.written || log.checkpoint_stale {
+                log.checkpoint();
             }
             Ok(())
-        })
+        })?;
+        self.seal_unsealed();
+        Ok(())
     }
 
     /// Flushes and closes the log, marking it clean so the next open skips recovery.
+    /// A sealed segment whose indexes still cannot be trimmed is left as it is: the next
+    /// open finds them untrimmed and rebuilds them.
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
         let active = &mut self.active;
@@ -562,10 +655,14 @@ impl Log {
     }
 
     /// Runs a step that touches files; if it fails, the log's state on disk is unknown
-    /// (a failed fsync may have dropped dirty pages), so refuse further writes.
+    /// (a failed fsync may have dropped dirty pages), so refuse further writes. A failed
+    /// roll is the exception: it wrote nothing and left the active segment as it was.
     fn guard<T>(&mut self, step: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let result = step(self);
-        if result.is_err() {
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, Error::RollFailed { .. }))
+        {
             self.poisoned = true;
         }
         result
@@ -592,34 +689,95 @@ impl Log {
     }
 
     /// Seals the active segment and starts a new one at the next offset.
+    ///
+    /// Only writing and fsyncing the old segment's data can fail-stop the log (an I/O
+    /// error, which `guard` turns into poisoning). Everything after that writes no data
+    /// the log depends on, so a failure there is not fatal:
+    /// - flushing the old segment's indexes or creating the new segment's files (EMFILE,
+    ///   ENFILE, ENOMEM, ENOSPC) fails the roll with [`Error::RollFailed`]: whatever was
+    ///   created is removed, the active segment stays as it was and takes writes, and
+    ///   the next write that needs a roll tries again;
+    /// - trimming the old segment's indexes and the new checkpoint are retried later
+    ///   ([`Deferred`]).
     fn roll(&mut self) -> Result<()> {
         self.write_staged()?;
         self.sync()?;
         self.publish();
-        let old = &mut self.active;
-        old.index.finish(&old.segment)?;
-        old.segment.seal_indexes()?;
-
-        let dir = self.reader.shared.dir.clone();
         let base = self.active.next_offset;
-        let segment = Arc::new(create_segment(&dir, base, &self.config)?);
-        let file = open_for_write(&segment.log_path, true)?;
-        sync_dir(&dir)?;
+        let dir = self.reader.shared.dir.clone();
+        // The old segment's indexes are made durable before any file names the new
+        // segment: from then on a restart treats the old segment as sealed.
+        let old = &mut self.active;
+        let flushed = old
+            .index
+            .finish(&old.segment)
+            .and_then(|()| old.segment.sync_indexes())
+            .map_err(|e| roll_failed(base, e));
+        let created = flushed.and_then(|()| create_next(&dir, base, &self.config));
+        let (segment, file) = match created {
+            Ok(created) => created,
+            // The removal of a half-made segment failed: not retryable.
+            Err(e @ Error::Io { .. }) => return Err(e),
+            Err(e) => return self.deferred(Deferred::Roll, Err(e)),
+        };
+        self.failing[Deferred::Roll.slot()] = false;
+        let segment = Arc::new(segment);
         let mut segments = self.reader.shared.segments().to_vec();
         segments.push(Arc::clone(&segment));
         self.reader.shared.set_segments(segments);
-        self.active = Active {
-            index: IndexState::resume(&segment, 0, i64::MIN),
-            segment,
-            file,
-            written: 0,
-            synced: 0,
-            checkpointed: 0,
-            staged: Vec::new(),
-            next_offset: base,
-            created_ms: now_ms(),
-        };
-        self.write_checkpoint(false)
+        let old = std::mem::replace(
+            &mut self.active,
+            Active {
+                index: IndexState::resume(&segment, 0, i64::MIN),
+                segment,
+                file,
+                written: 0,
+                synced: 0,
+                checkpointed: 0,
+                staged: Vec::new(),
+                next_offset: base,
+                created_ms: now_ms(),
+            },
+        );
+        self.unsealed.push(old.segment);
+        self.seal_unsealed();
+        self.checkpoint();
+        Ok(())
+    }
+
+    /// Trims and fsyncs the indexes of sealed segments that still need it; those that
+    /// fail stay listed and are tried again at the next commit. Until then a crash
+    /// leaves them untrimmed, and the next open rebuilds them (6.4 of the format).
+    fn seal_unsealed(&mut self) {
+        if self.unsealed.is_empty() {
+            return;
+        }
+        let mut result = Ok(());
+        let mut unsealed = std::mem::take(&mut self.unsealed);
+        unsealed.retain(|segment| match segment.seal_indexes() {
+            Ok(()) => false,
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                true
+            }
+        });
+        self.unsealed = unsealed;
+        // Recorded for the caller; nothing more to do until the next try.
+        let _ = self.deferred(Deferred::IndexSeal, result);
+    }
+
+    /// Flushes the active segment's indexes and writes a checkpoint. A failure is
+    /// deferred: the data is durable without it, a crash only makes recovery scan more,
+    /// and the next sync tries again.
+    fn checkpoint(&mut self) {
+        let result = self
+            .sync_indexes()
+            .and_then(|()| self.write_checkpoint(false));
+        self.checkpoint_stale = result.is_err();
+        // Recorded for the caller; `checkpoint_stale` makes the next sync retry.
+        let _ = self.deferred(Deferred::Checkpoint, result);
     }
 
     fn write_staged(&mut self) -> Result<()> {
@@ -650,9 +808,10 @@ impl Log {
             }
         }
         self.last_sync = Instant::now();
-        if active.written - active.checkpointed >= self.config.checkpoint_interval_bytes {
-            self.sync_indexes()?;
-            self.write_checkpoint(false)?;
+        if self.checkpoint_stale
+            || active.written - active.checkpointed >= self.config.checkpoint_interval_bytes
+        {
+            self.checkpoint();
         }
         Ok(())
     }
@@ -1119,6 +1278,56 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(logs)
 }
 
+/// Creates the files of the segment that follows the active one, at `base`, and makes
+/// their names durable. On failure, removes what it created, so the directory names no
+/// segment past the active one and that segment can keep taking writes: the error is
+/// then [`Error::RollFailed`]. If a created `.log` cannot be removed (and the removal
+/// made durable), the error is an I/O error: a restart would take the empty file for the
+/// active segment, so the old one must take no more writes.
+fn create_next(dir: &Path, base: u64, config: &LogConfig) -> Result<(Segment, fs::File)> {
+    let log_path = segment_path(dir, base, LOG_EXT);
+    let mut log_created = false;
+    let created = create_segment(dir, base, config).and_then(|segment| {
+        let file = open_for_write(&log_path, true)?;
+        log_created = true;
+        sync_dir(dir)?;
+        Ok((segment, file))
+    });
+    // Dropped (closed and unmapped) by now on failure.
+    let e = match created {
+        Ok(created) => return Ok(created),
+        Err(e) => e,
+    };
+    // Index files without their log are harmless: open removes them (2.3).
+    for ext in [INDEX_EXT, TIME_INDEX_EXT] {
+        let _ = remove_if_exists(&segment_path(dir, base, ext));
+    }
+    if log_created {
+        if let Err(undo) = remove_if_exists(&log_path).and_then(|()| sync_dir(dir)) {
+            return Err(Error::Io {
+                path: log_path,
+                source: io::Error::other(format!(
+                    "starting a new segment failed ({e}), then removing its empty file \
+                     failed too ({undo}): the log takes no more writes until a restart"
+                )),
+            });
+        }
+    }
+    Err(roll_failed(base, e))
+}
+
+/// The error of a roll that failed before writing to the new segment.
+fn roll_failed(base: u64, e: Error) -> Error {
+    match e {
+        Error::Io { path, source } => Error::RollFailed {
+            path,
+            base_offset: base,
+            source,
+        },
+        other => other,
+    }
+}
+
 fn create_segment(dir: &Path, base: u64, config: &LogConfig) -> Result<Segment> {
     let index_path = segment_path(dir, base, INDEX_EXT);
     let time_path = segment_path(dir, base, TIME_INDEX_EXT);
@@ -1146,24 +1355,29 @@ fn open_sealed(
     let span = next_base - base;
     let index_path = segment_path(dir, base, INDEX_EXT);
     let time_path = segment_path(dir, base, TIME_INDEX_EXT);
+    // Entries grow strictly along both indexes, so an index that was never trimmed (a
+    // crash or failure before its seal) ends in two equal zero slots and is rebuilt.
     let offsets = open_sealed_index::<OffsetEntry>(&index_path)?.filter(|index| {
         index.len() > 0
             && index.last().is_some_and(|e| {
                 u64::from(e.position) < log_len && u64::from(e.relative_offset) < span
             })
+            && last_two(index).is_none_or(|(a, b)| a.relative_offset < b.relative_offset)
     });
     // An empty time index is valid: every record may carry timestamp i64::MIN.
     let times = open_sealed_index::<TimeEntry>(&time_path)?.filter(|index| {
         index
             .last()
             .is_none_or(|e| u64::from(e.relative_offset) < span)
+            && last_two(index).is_none_or(|(a, b)| a.timestamp < b.timestamp)
     });
     if let (Some(offsets), Some(times)) = (offsets, times) {
         let max_timestamp = times.last().map_or(i64::MIN, |e| e.timestamp);
         let segment = Segment::new(dir, base, offsets, times, log_len, max_timestamp);
         // Walk the headers after the last index entry: the last batch must end at the
         // file's end and just before the next segment's base offset.
-        let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
+        let file =
+            fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
         // Headers only, one small read each: the tail holds about
         // `index_interval_bytes` of batches, the last of which may be large.
         let mut position = segment.offsets.last().map_or(0, |e| u64::from(e.position));
@@ -1193,7 +1407,8 @@ fn open_sealed(
     remove_if_exists(&index_path)?;
     remove_if_exists(&time_path)?;
     let segment = create_segment(dir, base, config)?;
-    let file = fs::File::open(&log_path).map_err(io_at(&log_path))?;
+    let file =
+        fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
     let mut index = IndexState::resume(&segment, 0, i64::MIN);
     // A sealed segment is never truncated (the next one starts at `next_base`), but
     // only its valid batches are readable: reads of offsets past damage, or missing
@@ -1204,6 +1419,12 @@ fn open_sealed(
     segment.publish(end.position, index.max_timestamp);
     let whole = end.position == log_len && end.next_offset == next_base;
     Ok((segment, !whole))
+}
+
+/// The last two entries of an index that has at least two.
+fn last_two<E: crate::index::Entry>(index: &Index<E>) -> Option<(E, E)> {
+    let len = index.len();
+    (len >= 2).then(|| (index.get(len - 2), index.get(len - 1)))
 }
 
 fn open_sealed_index<E: crate::index::Entry>(path: &Path) -> Result<Option<Index<E>>> {

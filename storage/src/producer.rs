@@ -428,7 +428,14 @@ impl ProducerStates {
     pub fn write_snapshot(&self, dir: &Path, covers: u64, sync: bool) -> Result<()> {
         let tmp = dir.join(SNAPSHOT_TMP_FILE);
         let path = dir.join(SNAPSHOT_FILE);
-        let file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        let file = fault::open(
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            &tmp,
+        )
+        .map_err(io_at(&tmp))?;
         fault::write_all_at(&file, &tmp, &self.encode(covers), 0).map_err(io_at(&tmp))?;
         if sync {
             fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
@@ -689,7 +696,14 @@ impl ProducerIds {
     fn write(&self, bound: i64) -> Result<()> {
         let tmp = self.dir.join(PRODUCER_IDS_TMP_FILE);
         let path = self.dir.join(PRODUCER_IDS_FILE);
-        let file = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+        let file = fault::open(
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true),
+            &tmp,
+        )
+        .map_err(io_at(&tmp))?;
         fault::write_all_at(&file, &tmp, &encode_ids(bound), 0).map_err(io_at(&tmp))?;
         fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
         drop(file);

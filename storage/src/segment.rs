@@ -116,7 +116,9 @@ impl Segment {
         if let Some(file) = &*handle {
             return Ok(Arc::clone(file));
         }
-        let file = Arc::new(File::open(&self.log_path).map_err(io_at(&self.log_path))?);
+        let file = fault::open(OpenOptions::new().read(true), &self.log_path)
+            .map_err(io_at(&self.log_path))?;
+        let file = Arc::new(file);
         *handle = Some(Arc::clone(&file));
         drop(handle);
         cache.opened(self);
@@ -158,13 +160,15 @@ impl Segment {
 
 /// Opens a segment's log file for appending (pwrite at explicit positions).
 pub(crate) fn open_for_write(path: &Path, create: bool) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
-        .map_err(io_at(path))
+    fault::open(
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false),
+        path,
+    )
+    .map_err(io_at(path))
 }
 
 /// Bounds the read handles of sealed segments across every log that shares it. When more

@@ -60,7 +60,7 @@ pub enum TopicCommand {
     Create {
         /// Topic name: 1 to 249 characters from [a-zA-Z0-9._-].
         name: String,
-        /// Number of partitions, 1 to 1024.
+        /// Number of partitions, 1 to 16,384.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
         /// Keep records this long: a duration (7d, 12h, 30m; a plain number is ms), or

@@ -293,10 +293,12 @@ pub async fn reset_offsets(
 ) -> Result<Vec<(TopicPartition, Committed)>> {
     validate_group(group)?;
     let topic = broker.topic(topic)?;
-    refuse_kafka_members(broker, group, "reset the offsets of")?;
+    // Held before the Kafka members are looked at: a Kafka join checks the hold under
+    // its own lock, so either it sees the hold or this sees its member.
     let exclusive = broker
         .coordinator()
         .exclusive(group, "reset the offsets of")?;
+    refuse_kafka_members(broker, group, "reset the offsets of")?;
     let ids: Vec<u32> = if partitions.is_empty() {
         (0..topic.settings.partitions).collect()
     } else {
@@ -359,8 +361,9 @@ fn refuse_kafka_members(broker: &Broker, group: &str, what: &str) -> Result<()> 
 /// Forgets a group without members.
 pub async fn delete_group(broker: &Broker, group: &str) -> Result<()> {
     validate_group(group)?;
-    refuse_kafka_members(broker, group, "delete")?;
+    // Held first, as for a reset.
     let exclusive = broker.coordinator().exclusive(group, "delete")?;
+    refuse_kafka_members(broker, group, "delete")?;
     if broker.offsets().group(group).is_empty() {
         return Err(Error::GroupNotFound(group.to_string()));
     }

@@ -480,6 +480,13 @@ impl Coordinator {
         })
     }
 
+    /// True while a change from outside holds the group ([`Coordinator::exclusive`]):
+    /// the Kafka listener's joins and member commits wait it out as this coordinator's
+    /// joins do.
+    pub fn held(&self, group_name: &str) -> bool {
+        self.busy().contains(group_name)
+    }
+
     /// Handles a heartbeat (or a join). `partitions` gives a topic's partition count,
     /// `None` for a topic that does not exist.
     pub fn heartbeat(

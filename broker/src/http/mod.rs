@@ -6,11 +6,19 @@
 //! and it stops after every log is closed, so a shutdown shows as 503 `shutting down`
 //! until the end. Scrapes encode on the blocking pool: group lag in seconds may read
 //! batch headers, and process metrics read `/proc`.
+//!
+//! At most `max_http_connections` connections are open; more are closed as soon as
+//! they are accepted, and `accept` backs off when the process is out of descriptors,
+//! as on the gRPC and Kafka listeners ([`crate::grpc::connections`]).
 
 pub mod client;
 
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -18,8 +26,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::grpc::connections::{AcceptPacer, Warner};
 use crate::metrics::{Metrics, Source};
 
 /// The content type of the OpenMetrics text format.
@@ -42,9 +53,11 @@ impl HttpState {
     }
 }
 
-/// Serves the HTTP endpoints on `listener` until `shutdown` resolves.
+/// Serves the HTTP endpoints on `listener`, with at most `max_connections` open, until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
+    max_connections: usize,
     state: Arc<HttpState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -53,9 +66,116 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state);
+    let listener = Capped {
+        listener,
+        max_connections,
+        permits: Arc::new(Semaphore::new(max_connections)),
+        pacer: AcceptPacer::default(),
+        refused: Warner::default(),
+    };
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// A listener that keeps at most `max_connections` connections open: one accepted
+/// beyond that is closed at once (so scrapers that never close cannot take the
+/// process's descriptors), and a failing `accept` is paced.
+struct Capped {
+    listener: TcpListener,
+    max_connections: usize,
+    permits: Arc<Semaphore>,
+    pacer: AcceptPacer,
+    refused: Warner,
+}
+
+impl axum::serve::Listener for Capped {
+    type Io = Held;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Held, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    self.pacer.failed(&e, "HTTP").await;
+                    continue;
+                }
+            };
+            self.pacer.accepted();
+            match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(permit) => {
+                    return (
+                        Held {
+                            io: stream,
+                            _permit: permit,
+                        },
+                        peer,
+                    )
+                }
+                Err(_) => {
+                    if let Some(missed) = self.refused.due() {
+                        tracing::warn!(
+                            %peer,
+                            max_http_connections = self.max_connections,
+                            refused_since_last_warning = missed,
+                            "closing a new HTTP connection: max_http_connections are open"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// An HTTP connection, holding one of the listener's permits until it is closed.
+struct Held {
+    io: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Held {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Held {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {

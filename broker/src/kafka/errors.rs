@@ -38,6 +38,8 @@ pub fn code(e: &Error) -> i16 {
             K::KafkaStorageError.code()
         }
         Error::ShuttingDown => K::NotLeaderOrFollower.code(),
+        // A topic past `max_partitions`: Kafka's answer to a create its policy refuses.
+        Error::LimitExceeded { .. } => K::PolicyViolation.code(),
         _ => K::UnknownServerError.code(),
     }
 }
@@ -53,6 +55,7 @@ fn name(code: i16) -> &'static str {
         36 => "TOPIC_ALREADY_EXISTS",
         40 => "INVALID_CONFIG",
         42 => "INVALID_REQUEST",
+        44 => "POLICY_VIOLATION",
         45 => "OUT_OF_ORDER_SEQUENCE_NUMBER",
         47 => "INVALID_PRODUCER_EPOCH",
         56 => "KAFKA_STORAGE_ERROR",

@@ -106,6 +106,16 @@ pub(super) async fn offset_commit(
             )
             .map(|()| Committer::KafkaMember)
     };
+    // A member's commit does not take the group's hold (members of one group commit
+    // concurrently), but waits out one an admin change (a reset, a deletion, a commit
+    // from outside over gRPC) has taken, as a join does.
+    let member = member.and_then(|committer| {
+        if committer == Committer::KafkaMember && broker.coordinator().held(&group) {
+            tracing::info!(%group, "a Kafka member's commit waits: an admin change holds the group");
+            return Err(K::CoordinatorLoadInProgress.code());
+        }
+        Ok(committer)
+    });
     let committer = match member {
         Ok(committer) => committer,
         Err(code) => return commit_answer(request, |_| code),
@@ -123,7 +133,7 @@ pub(super) async fn offset_commit(
             let metadata = p.committed_metadata.as_deref().unwrap_or_default();
             let error = match (partition, u64::try_from(p.committed_offset)) {
                 (None, _) => Some(K::UnknownTopicOrPartition.code()),
-                (Some(_), _) if metadata.len() > context.commit_metadata_bytes => {
+                (Some(_), _) if metadata.len() > context.limits.commit_metadata_bytes => {
                     Some(K::OffsetMetadataTooLarge.code())
                 }
                 (Some(partition), Ok(offset)) if offset <= partition.reader().high_watermark() => {
@@ -323,16 +333,38 @@ fn string(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
 }
 
-pub(super) async fn join(
-    context: &Context,
-    client: &Client,
-    request: JoinGroupRequest,
-    version: i16,
-) -> JoinGroupResponse {
-    let group = request.group_id.0.to_string();
+/// A JoinGroup as the coordinator needs it, owning its strings and metadata (nothing
+/// of the request frame, which the join does not hold while it waits).
+pub(super) fn joining(client: &Client, request: JoinGroupRequest, version: i16) -> Join {
+    let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    Join {
+        group: request.group_id.0.to_string(),
+        member_id: request.member_id.to_string(),
+        client_id: client.id.clone(),
+        client_host: client.host.clone(),
+        session: millis(request.session_timeout_ms),
+        // v0 has no rebalance timeout: the session timeout is used.
+        rebalance: millis(if version >= 1 {
+            request.rebalance_timeout_ms
+        } else {
+            request.session_timeout_ms
+        }),
+        protocol_type: request.protocol_type.to_string(),
+        protocols: request
+            .protocols
+            .into_iter()
+            // Copied out: a slice would keep the whole request frame alive for the
+            // member's life.
+            .map(|p| (p.name.to_string(), Bytes::copy_from_slice(&p.metadata)))
+            .collect(),
+    }
+}
+
+pub(super) async fn join(context: &Context, join: Join) -> JoinGroupResponse {
+    let group = join.group.clone();
     let answer = JoinGroupResponse::default()
         .with_generation_id(-1)
-        .with_member_id(request.member_id.clone())
+        .with_member_id(string(&join.member_id))
         .with_protocol_name(Some(StrBytes::default()));
     if validate_group(&group).is_err() {
         return answer.with_error_code(K::InvalidGroupId.code());
@@ -341,32 +373,18 @@ pub(super) async fn join(
         tracing::info!(%group, "refused a Kafka join: the group has gRPC members");
         return answer.with_error_code(K::InconsistentGroupProtocol.code());
     }
-    let millis = |ms: i32| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    // A reset or deletion of the group's offsets in progress holds the group: the
+    // member would start from a position about to change. Checked under the Kafka
+    // groups' lock, so a hold taken after it sees the member (and refuses).
+    let coordinator = context.broker.coordinator();
     let joined = context
         .broker
         .kafka_members()
-        .join(Join {
-            group,
-            member_id: request.member_id.to_string(),
-            client_id: client.id.clone(),
-            client_host: client.host.clone(),
-            session: millis(request.session_timeout_ms),
-            // v0 has no rebalance timeout: the session timeout is used.
-            rebalance: millis(if version >= 1 {
-                request.rebalance_timeout_ms
-            } else {
-                request.session_timeout_ms
-            }),
-            protocol_type: request.protocol_type.to_string(),
-            protocols: request
-                .protocols
-                .into_iter()
-                // Copied out: a slice would keep the whole request frame alive for the
-                // member's life.
-                .map(|p| (p.name.to_string(), Bytes::copy_from_slice(&p.metadata)))
-                .collect(),
-        })
+        .join(join, &|group| coordinator.held(group))
         .await;
+    if joined.error == K::CoordinatorLoadInProgress.code() {
+        tracing::info!(%group, "a Kafka join waits: an admin change holds the group");
+    }
     answer
         .with_error_code(joined.error)
         .with_generation_id(joined.generation)
@@ -387,19 +405,43 @@ pub(super) async fn join(
         )
 }
 
-pub(super) async fn sync(context: &Context, request: SyncGroupRequest) -> SyncGroupResponse {
+/// A SyncGroup as the coordinator needs it, owning its ids and the assignments
+/// (copied: a slice would keep the request frame alive for the member's life).
+#[derive(Debug)]
+pub(super) struct Syncing {
+    group: String,
+    member_id: String,
+    generation: i32,
+    assignments: Vec<(String, Bytes)>,
+}
+
+pub(super) fn syncing(request: SyncGroupRequest) -> Syncing {
+    Syncing {
+        group: request.group_id.0.to_string(),
+        member_id: request.member_id.to_string(),
+        generation: request.generation_id,
+        assignments: request
+            .assignments
+            .into_iter()
+            .map(|a| {
+                (
+                    a.member_id.to_string(),
+                    Bytes::copy_from_slice(&a.assignment),
+                )
+            })
+            .collect(),
+    }
+}
+
+pub(super) async fn sync(context: &Context, request: Syncing) -> SyncGroupResponse {
     let synced = context
         .broker
         .kafka_members()
         .sync(
-            request.group_id.0.as_str(),
-            request.member_id.as_str(),
-            request.generation_id,
-            request
-                .assignments
-                .into_iter()
-                .map(|a| (a.member_id.to_string(), a.assignment))
-                .collect(),
+            &request.group,
+            &request.member_id,
+            request.generation,
+            request.assignments,
         )
         .await;
     match synced {

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    api_versions_response, create_topics_response, delete_topics_response, fetch_response,
-    list_offsets_response, metadata_response, produce_response, ApiKey, ApiVersionsRequest,
-    BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
-    FetchRequest, FetchResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse,
-    TopicName,
+    api_versions_response, create_topics_response, delete_topics_response, fetch_request,
+    fetch_response, list_offsets_response, metadata_response, produce_response, ApiKey,
+    ApiVersionsRequest, BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
+    DeleteTopicsResponse, FetchRequest, FetchResponse, InitProducerIdRequest,
+    InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, ProduceRequest, ProduceResponse, TopicName,
 };
 use kafka_protocol::messages::{
     describe_configs_response, DescribeConfigsRequest, DescribeConfigsResponse,
@@ -42,8 +42,6 @@ pub const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// The cluster id Metadata reports: one node, one cluster.
 const CLUSTER_ID: &str = "strata";
 
-/// Decodes the request of `api`, serves it and encodes the answer after `out`'s length
-/// prefix; false when the request gets no answer (acks=0).
 /// Who sent a request, and since when it is being served.
 #[derive(Debug)]
 pub(super) struct Client {
@@ -56,8 +54,24 @@ pub(super) struct Client {
     pub clock: tokio::time::Instant,
     /// The answer's share of the fetch memory budget, held until it is written.
     pub memory: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The request frame's share of the request budget; see [`Client::decoded`].
+    pub frame: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+impl Client {
+    /// Gives the frame's share of the request budget back, once the request was
+    /// decoded into owned state whose size other bounds hold (the guard's and the
+    /// group limits) and the frame itself is dropped: a request that then waits (a
+    /// JoinGroup or SyncGroup for the other members, a Fetch's long poll) does not keep
+    /// other clients' requests waiting for the budget.
+    fn decoded(&mut self, frame: Bytes) {
+        drop(frame);
+        self.frame = None;
+    }
+}
+
+/// Decodes the request of `api`, serves it and encodes the answer after `out`'s length
+/// prefix; false when the request gets no answer (acks=0).
 pub(super) async fn dispatch(
     context: &Context,
     client: &mut Client,
@@ -86,7 +100,7 @@ pub(super) async fn dispatch(
                 let names = topics
                     .iter()
                     .filter_map(|t| Some(t.name.as_ref()?.0.as_str()));
-                guard::topics("Metadata", broker.topic_count(), named(names))?;
+                guard::topics("Metadata", named(names))?;
             }
             let answer = metadata(context, request, version).await;
             encode(out, correlation_id, api, version, &answer)?;
@@ -95,14 +109,13 @@ pub(super) async fn dispatch(
             let request = decode!(ProduceRequest);
             guard::topics(
                 "Produce",
-                broker.topic_count(),
                 request
                     .topic_data
                     .iter()
                     .map(|t| (t.name.0.as_str(), t.partition_data.iter().map(|p| p.index))),
             )?;
             let acks = request.acks;
-            let answer = produce(broker, request).await;
+            let answer = produce(broker, request, &mut client.frame).await;
             if acks == 0 {
                 return Ok(false);
             }
@@ -112,12 +125,15 @@ pub(super) async fn dispatch(
             let request = decode!(FetchRequest);
             guard::topics(
                 "Fetch",
-                broker.topic_count(),
                 request
                     .topics
                     .iter()
                     .map(|t| (t.topic.0.as_str(), t.partitions.iter().map(|p| p.partition))),
             )?;
+            // Only what the answer needs, copied out of the frame: the long poll holds
+            // neither the frame nor its budget.
+            let request = owned_fetch(request);
+            client.decoded(body);
             let answer = fetch(broker, &context.fetch_budget, request, client).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
@@ -125,7 +141,6 @@ pub(super) async fn dispatch(
             let request = decode!(ListOffsetsRequest);
             guard::topics(
                 "ListOffsets",
-                broker.topic_count(),
                 request.topics.iter().map(|t| {
                     (
                         t.name.0.as_str(),
@@ -140,10 +155,9 @@ pub(super) async fn dispatch(
             let request = decode!(CreateTopicsRequest);
             guard::topics(
                 "CreateTopics",
-                broker.topic_count(),
                 named(request.topics.iter().map(|t| t.name.0.as_str())),
             )?;
-            let answer = create_topics(broker, request).await;
+            let answer = create_topics(context, request).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::DeleteTopics => {
@@ -152,12 +166,8 @@ pub(super) async fn dispatch(
                 .topic_names
                 .iter()
                 .chain(request.topics.iter().filter_map(|t| t.name.as_ref()));
-            guard::topics(
-                "DeleteTopics",
-                broker.topic_count(),
-                named(names.map(|n| n.0.as_str())),
-            )?;
-            let answer = delete_topics(broker, request, version).await;
+            guard::topics("DeleteTopics", named(names.map(|n| n.0.as_str())))?;
+            let answer = delete_topics(context, request, version).await;
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::InitProducerId => {
@@ -175,7 +185,6 @@ pub(super) async fn dispatch(
             guard::id("member id", request.member_id.as_str())?;
             guard::topics(
                 "OffsetCommit",
-                broker.topic_count(),
                 request.topics.iter().map(|t| {
                     (
                         t.name.0.as_str(),
@@ -192,7 +201,6 @@ pub(super) async fn dispatch(
             if let Some(topics) = &request.topics {
                 guard::topics(
                     "OffsetFetch",
-                    broker.topic_count(),
                     topics
                         .iter()
                         .map(|t| (t.name.0.as_str(), t.partition_indexes.iter().copied())),
@@ -208,14 +216,18 @@ pub(super) async fn dispatch(
         ApiKey::JoinGroup => {
             let request = decode!(JoinGroupRequest);
             guard::join(&request, &client.id)?;
-            let answer = groups::join(context, client, request, version).await;
+            let join = groups::joining(client, request, version);
+            client.decoded(body);
+            let answer = groups::join(context, join).await;
             client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
         ApiKey::SyncGroup => {
             let request = decode!(SyncGroupRequest);
             guard::sync(&request)?;
-            let answer = groups::sync(context, request).await;
+            let sync = groups::syncing(request);
+            client.decoded(body);
+            let answer = groups::sync(context, sync).await;
             client.clock = tokio::time::Instant::now();
             encode(out, correlation_id, api, version, &answer)?;
         }
@@ -251,7 +263,6 @@ pub(super) async fn dispatch(
             // topics there are, a small request would build a large answer.
             guard::topics(
                 "DescribeConfigs",
-                broker.topic_count(),
                 named(request.resources.iter().map(|r| r.resource_name.as_str())),
             )?;
             let answer = describe_configs(broker, request);
@@ -338,7 +349,7 @@ async fn metadata(context: &Context, request: MetadataRequest, version: i16) -> 
                     // v10+ may ask by topic id only; Strata has no Kafka topic ids yet.
                     None => metadata_response::MetadataResponseTopic::default()
                         .with_error_code(K::UnknownTopicId.code()),
-                    Some(wanted) => match find_or_create(broker, &wanted, may_create).await {
+                    Some(wanted) => match find_or_create(context, &wanted, may_create).await {
                         Ok(topic) => describe(&topic),
                         Err(e) => metadata_response::MetadataResponseTopic::default()
                             .with_name(Some(name(&wanted)))
@@ -365,19 +376,23 @@ async fn metadata(context: &Context, request: MetadataRequest, version: i16) -> 
 /// The topic `name`; when it does not exist and `create`, creates it with the broker's
 /// defaults (a concurrent creation of the same topic is fine).
 async fn find_or_create(
-    broker: &Arc<Broker>,
+    context: &Context,
     name: &str,
     create: bool,
 ) -> Result<Arc<crate::broker::Topic>> {
+    let broker = &context.broker;
     match broker.topic(name) {
         Err(Error::TopicNotFound(_)) if create => {
             let creating = Arc::clone(broker);
             let topic = name.to_string();
-            let created = blocking(move || {
-                let settings = creating.defaults().clone();
-                creating.create_topic(&topic, settings)
-            })
-            .await;
+            let created = context
+                .admin
+                .run(blocking(move || {
+                    let settings = creating.defaults().clone();
+                    creating.create_topic(&topic, settings)
+                }))
+                .await
+                .unwrap_or(Err(Error::ShuttingDown));
             match created {
                 Ok(topic) => {
                     tracing::info!(topic = %topic.name, partitions = topic.settings.partitions, "created topic (kafka auto-creation)");
@@ -401,7 +416,13 @@ fn find_partition(broker: &Broker, topic: &str, partition: i32) -> Result<Arc<Pa
     broker.partition(topic, id)
 }
 
-async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceResponse {
+/// Serves a Produce; each batch handed to a partition's writer takes its size out of
+/// `frame` (the frame's share of the request budget) with it.
+async fn produce(
+    broker: &Arc<Broker>,
+    request: ProduceRequest,
+    frame: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> ProduceResponse {
     let ack = match request.acks {
         0 | 1 => Ok(Ack::Leader),
         -1 => Ok(Ack::Durable),
@@ -438,8 +459,10 @@ async fn produce(broker: &Arc<Broker>, request: ProduceRequest) -> ProduceRespon
                     response.error_code = K::UnknownServerError.code();
                     let (broker, partition, ack) =
                         (Arc::clone(broker), Arc::clone(partition), *ack);
+                    let size = data.records.as_ref().map_or(0, |r| r.len());
+                    let share = frame.as_mut().and_then(|frame| frame.split(size));
                     appends.spawn(async move {
-                        let stored = append(&broker, &partition, data.records, ack).await;
+                        let stored = append(&broker, &partition, data.records, ack, share).await;
                         (t, p, stored)
                     });
                 }
@@ -482,6 +505,7 @@ async fn append(
     partition: &Partition,
     records: Option<Bytes>,
     ack: Ack,
+    share: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(i64, i64)> {
     let batch = records
         .filter(|r| !r.is_empty())
@@ -489,19 +513,56 @@ async fn append(
     if let Ok(header) = strata_storage::batch::BatchHeader::parse(&batch) {
         broker.check_producer_id(header.producer_id)?;
     }
-    // The frame budget (`Context::budget`) covers the request while it is handled; it is
-    // not handed to the writer, so a client that disconnects mid-produce frees it early
-    // (the gRPC produce budget does travel with the batch).
-    let stored = partition.append(batch, ack, None).await?;
+    // The batch is a slice of the request frame: queued, it keeps the frame alive even
+    // after a client that disconnected mid-produce is gone. Its share of the frame's
+    // request budget goes with it and is released when the writer is done with it, so
+    // a client cannot reconnect and resend beyond the budget while a slow disk still
+    // holds its earlier frames (the rest of the frame, its names and headers, which the
+    // guard bounds, is released when the request ends).
+    let stored = partition.append(batch, ack, share).await?;
     Ok((
         stored.info.base_offset as i64,
         partition.reader().earliest_offset() as i64,
     ))
 }
 
+/// The part of a Fetch request [`fetch`] uses, copied out of the request frame (whose
+/// topic names it would otherwise share): its size is bounded by the guard's topic and
+/// partition bounds, not by the frame.
+fn owned_fetch(request: FetchRequest) -> FetchRequest {
+    let topics = request
+        .topics
+        .into_iter()
+        .map(|topic| {
+            fetch_request::FetchTopic::default()
+                .with_topic(name(&topic.topic))
+                .with_partitions(
+                    topic
+                        .partitions
+                        .into_iter()
+                        .map(|p| {
+                            fetch_request::FetchPartition::default()
+                                .with_partition(p.partition)
+                                .with_fetch_offset(p.fetch_offset)
+                                .with_partition_max_bytes(p.partition_max_bytes)
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    FetchRequest::default()
+        .with_max_wait_ms(request.max_wait_ms)
+        .with_min_bytes(request.min_bytes)
+        .with_max_bytes(request.max_bytes)
+        .with_topics(topics)
+}
+
 /// Serves a Fetch; `client.memory` gets the answer's share of `budget` (the broker's
 /// fetch memory budget), taken before each read and fitted to what was read. A long
-/// poll holds none of it while it waits.
+/// poll holds none of it while it waits. The whole request, waits for the budget
+/// included, takes at most its `max_wait_ms` (within [`FETCH_WAIT_MAX`]): when the
+/// budget has no room by then, each asked partition is answered without records (its
+/// high watermark and log start as usual) and the client fetches again.
 async fn fetch(
     broker: &Arc<Broker>,
     budget: &Arc<tokio::sync::Semaphore>,
@@ -516,8 +577,16 @@ async fn fetch(
     let min_bytes = usize::try_from(request.min_bytes).unwrap_or(0);
     let wait =
         Duration::from_millis(u64::try_from(request.max_wait_ms).unwrap_or(0)).min(FETCH_WAIT_MAX);
-    let mut memory = fetch_memory(budget, max_bytes).await;
-    let mut response = read_fetch(broker, &request, max_bytes).await;
+    let deadline = tokio::time::Instant::now() + wait;
+    let answer = |response: (Vec<fetch_response::FetchableTopicResponse>, usize)| {
+        FetchResponse::default()
+            .with_session_id(0)
+            .with_responses(response.0)
+    };
+    let Some(mut memory) = fetch_memory(budget, max_bytes, deadline).await else {
+        return answer(read_fetch(broker, &request, None).await);
+    };
+    let mut response = read_fetch(broker, &request, Some(max_bytes)).await;
     // A partition asked past its high watermark waits too: its offset may be written
     // but not yet committed (an acks=0 or acks=1 produce just before), which Kafka
     // (reading up to its log end offset) serves after the wait, not as out of range.
@@ -556,40 +625,53 @@ async fn fetch(
                     std::task::Poll::Pending
                 }
             });
-            let _ = tokio::time::timeout(wait, any).await;
+            let _ = tokio::time::timeout_at(deadline, any).await;
             drop(waits);
             client.clock = tokio::time::Instant::now();
-            memory = fetch_memory(budget, max_bytes).await;
-            response = read_fetch(broker, &request, max_bytes).await;
+            let Some(again) = fetch_memory(budget, max_bytes, deadline).await else {
+                return answer(read_fetch(broker, &request, None).await);
+            };
+            memory = again;
+            response = read_fetch(broker, &request, Some(max_bytes)).await;
         }
     }
-    if let Some(memory) = &mut memory {
-        crate::grpc::service::fit(budget, memory, response.1);
-    }
-    client.memory = memory;
-    FetchResponse::default()
-        .with_session_id(0)
-        .with_responses(response.0)
+    crate::grpc::service::fit(budget, &mut memory, response.1);
+    client.memory = Some(memory);
+    answer(response)
 }
 
-/// Takes `bytes` of the fetch memory budget, waiting for responses being written to
-/// free it (each within the listeners' write limits); `None` once the budget is closed
-/// (it never is while the listener serves).
+/// Takes `bytes` of the fetch memory budget, waiting until `deadline` at most for
+/// responses being written to free it (each within the listeners' write limits);
+/// `None` when it did not free in time (or the budget is closed, which it never is
+/// while the listener serves).
 async fn fetch_memory(
     budget: &Arc<tokio::sync::Semaphore>,
     bytes: usize,
+    deadline: tokio::time::Instant,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
     let permits = crate::grpc::service::fetch_permits(bytes);
-    Arc::clone(budget).acquire_many_owned(permits).await.ok()
+    let taken = tokio::time::timeout_at(deadline, Arc::clone(budget).acquire_many_owned(permits))
+        .await
+        .ok()
+        .and_then(|taken| taken.ok());
+    if taken.is_none() {
+        tracing::debug!(
+            bytes,
+            "a Kafka Fetch found no room in the fetch memory budget within its max_wait_ms; \
+             answered without records"
+        );
+    }
+    taken
 }
 
-/// One pass over the asked partitions: the topics' answers and the bytes they carry.
+/// One pass over the asked partitions: the topics' answers and the bytes they carry;
+/// with `max_bytes` `None`, the answers without records.
 async fn read_fetch(
     broker: &Arc<Broker>,
     request: &FetchRequest,
-    max_bytes: usize,
+    max_bytes: Option<usize>,
 ) -> (Vec<fetch_response::FetchableTopicResponse>, usize) {
-    let mut left = max_bytes;
+    let mut left = max_bytes.unwrap_or(0);
     let mut total = 0;
     let mut topics = Vec::with_capacity(request.topics.len());
     for topic in &request.topics {
@@ -607,7 +689,8 @@ async fn read_fetch(
                 p.partition,
                 p.fetch_offset,
                 budget,
-                total == 0,
+                // Past the budget only the first batch found, and none without one.
+                total == 0 && max_bytes.is_some(),
             )
             .await;
             partitions.push(match read {
@@ -837,7 +920,8 @@ fn creatable(
     })
 }
 
-async fn create_topics(broker: &Arc<Broker>, request: CreateTopicsRequest) -> CreateTopicsResponse {
+async fn create_topics(context: &Context, request: CreateTopicsRequest) -> CreateTopicsResponse {
+    let broker = &context.broker;
     let mut results = Vec::with_capacity(request.topics.len());
     for topic in request.topics {
         let result = create_topics_response::CreatableTopicResult::default()
@@ -867,7 +951,13 @@ async fn create_topics(broker: &Arc<Broker>, request: CreateTopicsRequest) -> Cr
         } else {
             let broker = Arc::clone(broker);
             let name = topic_name.clone();
-            blocking(move || broker.create_topic(&name, settings).map(|_| ())).await
+            context
+                .admin
+                .run(blocking(move || {
+                    broker.create_topic(&name, settings).map(|_| ())
+                }))
+                .await
+                .unwrap_or(Err(Error::ShuttingDown))
         };
         results.push(match created {
             Ok(()) => {
@@ -894,10 +984,11 @@ async fn create_topics(broker: &Arc<Broker>, request: CreateTopicsRequest) -> Cr
 }
 
 async fn delete_topics(
-    broker: &Arc<Broker>,
+    context: &Context,
     request: DeleteTopicsRequest,
     version: i16,
 ) -> DeleteTopicsResponse {
+    let broker = &context.broker;
     let names: Vec<Option<TopicName>> = if version >= 6 {
         request.topics.into_iter().map(|t| t.name).collect()
     } else {
@@ -912,7 +1003,7 @@ async fn delete_topics(
             continue;
         };
         let name = topic.0.to_string();
-        let deleted = delete_topic(broker, name.clone()).await;
+        let deleted = delete_topic(context, name.clone()).await;
         results.push(match deleted {
             Ok(()) => {
                 tracing::info!(topic = %name, "deleted topic (kafka)");
@@ -936,19 +1027,21 @@ async fn delete_topics(
 
 /// Deletes a topic and its groups' offsets, as the gRPC DeleteTopic does, in a task of
 /// its own so a closed connection cannot stop it between the two.
-async fn delete_topic(broker: &Arc<Broker>, name: String) -> Result<()> {
-    let broker = Arc::clone(broker);
-    tokio::spawn(async move {
-        let deleting = Arc::clone(&broker);
-        let deleted = name.clone();
-        blocking(move || deleting.delete_topic(&deleted)).await?;
-        broker
-            .coordinator()
-            .topic_deleted(&name, &|t| broker.partition_count(t));
-        broker.offsets().delete_topic(&name).await
-    })
-    .await
-    .map_err(|_| Error::ShuttingDown)?
+async fn delete_topic(context: &Context, name: String) -> Result<()> {
+    let broker = Arc::clone(&context.broker);
+    context
+        .admin
+        .run(async move {
+            let deleting = Arc::clone(&broker);
+            let deleted = name.clone();
+            blocking(move || deleting.delete_topic(&deleted)).await?;
+            broker
+                .coordinator()
+                .topic_deleted(&name, &|t| broker.partition_count(t));
+            broker.offsets().delete_topic(&name).await
+        })
+        .await
+        .unwrap_or(Err(Error::ShuttingDown))
 }
 
 async fn init_producer_id(

@@ -92,6 +92,23 @@ impl Group {
         }
     }
 
+    /// Each member with its metadata for `protocol`: the member list of a round, as
+    /// its leader gets it and DescribeGroups and `strata group describe` show it.
+    fn members_with<'a>(
+        &'a self,
+        protocol: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a Member, Bytes)> + 'a {
+        self.members.iter().map(move |(id, member)| {
+            let metadata = member
+                .protocols
+                .iter()
+                .find(|(name, _)| name == protocol)
+                .map(|(_, metadata)| metadata.clone())
+                .unwrap_or_default();
+            (id, member, metadata)
+        })
+    }
+
     /// Starts a rebalance unless one is in progress.
     fn prepare(&mut self, now: Instant) {
         if self.state != State::PreparingRebalance {
@@ -169,17 +186,8 @@ impl Group {
             self.members.keys().next().cloned().unwrap_or_default()
         };
         let members = self
-            .members
-            .iter()
-            .map(|(id, m)| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| *n == protocol)
-                    .map(|(_, meta)| meta.clone())
-                    .unwrap_or_default();
-                (id.clone(), metadata)
-            })
+            .members_with(&protocol)
+            .map(|(id, _, metadata)| (id.clone(), metadata))
             .collect();
         for member in self.members.values_mut() {
             member.joined = false;
@@ -339,7 +347,11 @@ impl Coordinator {
     }
 
     /// Serves a JoinGroup: returns once the rebalance it starts or joins completes.
-    pub async fn join(&self, join: Join) -> Joined {
+    /// `held` tells whether an admin change holds a group (a reset or deletion of its
+    /// offsets): a join to a held group is refused with COORDINATOR_LOAD_IN_PROGRESS,
+    /// which clients retry. It is asked under this coordinator's lock, so a hold taken
+    /// after the check sees the member.
+    pub async fn join(&self, join: Join, held: &(dyn Fn(&str) -> bool + Sync)) -> Joined {
         let fail = |error: K, member_id: &str| Joined {
             error: error.code(),
             member_id: member_id.to_string(),
@@ -368,6 +380,9 @@ impl Coordinator {
         };
         let started = {
             let mut groups = self.lock();
+            if held(&join.group) {
+                return fail(K::CoordinatorLoadInProgress, &join.member_id);
+            }
             if let Some(limit) = self.join_beyond_limits(&groups, &join.group, &member_id) {
                 tracing::warn!(group = %join.group, limit, "refused a Kafka join beyond a limit");
                 return fail(K::GroupMaxSizeReached, &member_id);
@@ -474,6 +489,8 @@ impl Coordinator {
         assignments: Vec<(String, Bytes)>,
     ) -> Result<(Bytes, String, String), i16> {
         {
+            // Dropped with this block: a member waiting below holds no assignments.
+            let assignments = assignments;
             let mut groups = self.lock();
             let group = groups
                 .get_mut(group_name)
@@ -483,12 +500,10 @@ impl Coordinator {
                 return Err(K::RebalanceInProgress.code());
             }
             if group.round.leader == member_id && group.state == State::CompletingRebalance {
-                let assignments: HashMap<String, Bytes> = assignments.into_iter().collect();
+                // Owned copies (not slices of the SyncGroup frame): the members keep them.
+                let mut assignments: HashMap<String, Bytes> = assignments.into_iter().collect();
                 for (id, member) in group.members.iter_mut() {
-                    // Copied out: a slice would keep the SyncGroup frame alive.
-                    member.assignment = assignments
-                        .get(id)
-                        .map_or_else(Bytes::new, |a| Bytes::copy_from_slice(a));
+                    member.assignment = assignments.remove(id).unwrap_or_default();
                 }
                 group.state = State::Stable;
             }
@@ -604,18 +619,12 @@ impl Coordinator {
             protocol_type: group.protocol_type.clone(),
             protocol: group.round.protocol.clone(),
             members: group
-                .members
-                .iter()
-                .map(|(id, m)| MemberView {
+                .members_with(&group.round.protocol)
+                .map(|(id, m, metadata)| MemberView {
                     id: id.clone(),
                     client_id: m.client_id.clone(),
                     client_host: m.client_host.clone(),
-                    metadata: m
-                        .protocols
-                        .iter()
-                        .find(|(n, _)| *n == group.round.protocol)
-                        .map(|(_, meta)| meta.clone())
-                        .unwrap_or_default(),
+                    metadata,
                     assignment: m.assignment.clone(),
                 })
                 .collect(),
@@ -632,15 +641,8 @@ impl Coordinator {
         let group = groups.get(group_name).filter(|g| !g.members.is_empty())?;
         let consumer = group.protocol_type == "consumer";
         let members = group
-            .members
-            .iter()
-            .map(|(id, m)| {
-                let metadata = m
-                    .protocols
-                    .iter()
-                    .find(|(n, _)| *n == group.round.protocol)
-                    .map(|(_, meta)| meta.clone())
-                    .unwrap_or_default();
+            .members_with(&group.round.protocol)
+            .map(|(id, m, metadata)| {
                 let (topics, assignment) = if consumer {
                     (subscribed(&metadata), assigned(&m.assignment))
                 } else {
@@ -786,12 +788,34 @@ mod tests {
         }
     }
 
+    /// The leader's member list and DescribeGroups show each member with its metadata
+    /// for the chosen protocol, built by one function.
+    #[tokio::test]
+    async fn the_leader_and_describe_see_the_same_member_list() {
+        let c = Coordinator::default();
+        let mut first = join("g", "");
+        first.protocols = vec![
+            ("roundrobin".into(), Bytes::from_static(b"rr")),
+            ("range".into(), Bytes::from_static(b"r")),
+        ];
+        let joined = c.join(first, &|_| false).await;
+        assert_eq!(joined.protocol, "roundrobin");
+        let view = c.describe("g").expect("the group");
+        let described: Vec<(String, Bytes)> = view
+            .members
+            .into_iter()
+            .map(|m| (m.id, m.metadata))
+            .collect();
+        assert_eq!(described, joined.members);
+        assert_eq!(described[0].1, Bytes::from_static(b"rr"));
+    }
+
     #[tokio::test]
     async fn a_member_id_made_from_a_long_client_id_stays_within_255_bytes() {
         let c = Coordinator::default();
         let mut long = join("g", "");
         long.client_id = "é".repeat(127);
-        let joined = c.join(long).await;
+        let joined = c.join(long, &|_| false).await;
         assert_eq!(joined.error, 0);
         assert!(joined.member_id.len() <= 255, "{}", joined.member_id);
         assert!(joined.member_id.starts_with(&"é".repeat(100)));
@@ -801,19 +825,30 @@ mod tests {
     async fn joins_beyond_the_group_limits_are_refused() {
         let c = Coordinator::default();
         c.set_limits(1, 1);
-        let first = c.join(join("g", "")).await;
+        let first = c.join(join("g", ""), &|_| false).await;
         assert_eq!(first.error, 0);
         let code = K::GroupMaxSizeReached.code();
-        assert_eq!(c.join(join("g", "")).await.error, code, "a second member");
-        assert_eq!(c.join(join("h", "")).await.error, code, "a second group");
+        assert_eq!(
+            c.join(join("g", ""), &|_| false).await.error,
+            code,
+            "a second member"
+        );
+        assert_eq!(
+            c.join(join("h", ""), &|_| false).await.error,
+            code,
+            "a second group"
+        );
         // The member already in rejoins as before.
-        assert_eq!(c.join(join("g", &first.member_id)).await.error, 0);
+        assert_eq!(
+            c.join(join("g", &first.member_id), &|_| false).await.error,
+            0
+        );
     }
 
     #[tokio::test]
     async fn two_members_rebalance_and_get_the_leaders_assignment() {
         let c = std::sync::Arc::new(Coordinator::default());
-        let first = c.join(join("g", "")).await;
+        let first = c.join(join("g", ""), &|_| false).await;
         assert_eq!((first.error, first.generation), (0, 1));
         assert_eq!(first.leader, first.member_id, "alone, it leads");
         assert_eq!(first.members.len(), 1);
@@ -830,7 +865,7 @@ mod tests {
         // A second member starts a rebalance; the first learns of it by heartbeat.
         let second = tokio::spawn({
             let c = std::sync::Arc::clone(&c);
-            async move { c.join(join("g", "")).await }
+            async move { c.join(join("g", ""), &|_| false).await }
         });
         let mut heartbeat = 0;
         for _ in 0..1000 {
@@ -841,7 +876,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(heartbeat, K::RebalanceInProgress.code());
-        let rejoined = c.join(join("g", &first.member_id)).await;
+        let rejoined = c.join(join("g", &first.member_id), &|_| false).await;
         let second = second.await.expect("joined");
         assert_eq!((rejoined.generation, second.generation), (2, 2));
         assert_eq!(rejoined.leader, first.member_id, "the leader stays");
@@ -881,7 +916,7 @@ mod tests {
             c.heartbeat("g", &first.member_id, 2),
             K::RebalanceInProgress.code()
         );
-        let alone = c.join(join("g", &first.member_id)).await;
+        let alone = c.join(join("g", &first.member_id), &|_| false).await;
         assert_eq!(
             (alone.error, alone.generation, alone.members.len()),
             (0, 3, 1)
@@ -891,19 +926,22 @@ mod tests {
     #[tokio::test]
     async fn a_join_with_another_protocol_or_a_bad_session_is_refused() {
         let c = Coordinator::default();
-        let first = c.join(join("g", "")).await;
+        let first = c.join(join("g", ""), &|_| false).await;
         assert_eq!(first.error, 0);
         let mut other = join("g", "");
         other.protocols = vec![("sticky-only".into(), Bytes::new())];
         assert_eq!(
-            c.join(other).await.error,
+            c.join(other, &|_| false).await.error,
             K::InconsistentGroupProtocol.code()
         );
         let mut short = join("g", "");
         short.session = Duration::from_millis(10);
-        assert_eq!(c.join(short).await.error, K::InvalidSessionTimeout.code());
         assert_eq!(
-            c.join(join("g", "made-up")).await.error,
+            c.join(short, &|_| false).await.error,
+            K::InvalidSessionTimeout.code()
+        );
+        assert_eq!(
+            c.join(join("g", "made-up"), &|_| false).await.error,
             K::UnknownMemberId.code()
         );
     }
@@ -915,7 +953,7 @@ mod tests {
             rebalance: Duration::from_secs(1),
             ..join("g", member)
         };
-        let first = c.join(quick("")).await;
+        let first = c.join(quick(""), &|_| false).await;
         let synced = c
             .sync(
                 "g",
@@ -927,12 +965,12 @@ mod tests {
         assert!(synced.is_ok());
         let second = tokio::spawn({
             let c = std::sync::Arc::clone(&c);
-            async move { c.join(quick("")).await }
+            async move { c.join(quick(""), &|_| false).await }
         });
         let mut rejoined = Joined::default();
         for _ in 0..1000 {
             if c.heartbeat("g", &first.member_id, 1) != 0 {
-                rejoined = c.join(quick(&first.member_id)).await;
+                rejoined = c.join(quick(&first.member_id), &|_| false).await;
                 break;
             }
             tokio::task::yield_now().await;

@@ -126,6 +126,7 @@ impl Partition {
             producers,
             keep_snapshot,
             unsnapshotted_bytes: 0,
+            snapshot_failing: false,
             room: Room::default(),
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
@@ -235,6 +236,29 @@ impl Partition {
     }
 }
 
+/// The answer to a write whose segment roll failed before writing anything: retryable,
+/// saying what to do about the cause. EMFILE and ENFILE mostly come from idle client
+/// connections holding the descriptors the roll needed.
+fn roll_failed(partition: &str, errno: Option<i32>, e: &strata_storage::Error) -> Error {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOMEM: i32 = 12;
+    let hint = match errno {
+        Some(EMFILE | ENFILE) => {
+            "too many open files: raise the broker's file descriptor limit (ulimit -n, \
+             LimitNOFILE) or lower max_connections; "
+        }
+        Some(ENOMEM) => "out of memory; ",
+        _ => "",
+    };
+    let why = format!("{hint}{e}");
+    if errno == Some(crate::error::ENOSPC) {
+        Error::DiskFull(partition.to_string(), why)
+    } else {
+        Error::Unavailable(partition.to_string(), why)
+    }
+}
+
 /// Free space a batch must leave on the partition's file system for the indexes,
 /// checkpoint and producer snapshot that follow it.
 const ROOM_RESERVE_BYTES: u64 = 1 << 20;
@@ -331,6 +355,8 @@ struct Writer {
     keep_snapshot: bool,
     /// Bytes written since the last producer state snapshot.
     unsnapshotted_bytes: u64,
+    /// The last producer state snapshot failed: the next failure is not logged again.
+    snapshot_failing: bool,
     /// The free space of the partition's file system, as last measured minus what was
     /// written since; see [`Writer::check_room`].
     room: Room,
@@ -395,6 +421,7 @@ impl Writer {
             for fsync in self.log.take_fsyncs() {
                 self.metrics.fsync(fsync);
             }
+            self.report_upkeep();
             for (reply, stored) in waiting.drain(..) {
                 let _ = reply.send(match &committed {
                     Ok(()) => Ok(stored),
@@ -455,12 +482,23 @@ impl Writer {
             .producers
             .write_snapshot(dir, self.log.next_offset(), sync)
         {
-            Ok(()) => self.unsnapshotted_bytes = 0,
-            Err(e) => tracing::warn!(
-                partition = %self.name,
-                error = %e,
-                "cannot write the producer state snapshot; a crash now means a longer replay"
-            ),
+            Ok(()) => {
+                self.unsnapshotted_bytes = 0;
+                self.snapshot_failing = false;
+            }
+            // Retried after the next commit group (at the latest the next maintenance
+            // tick): `unsnapshotted_bytes` stays over the interval.
+            Err(e) => {
+                self.metrics.upkeep_failed_by("producer_snapshot", 1);
+                if !std::mem::replace(&mut self.snapshot_failing, true) {
+                    tracing::warn!(
+                        partition = %self.name,
+                        error = %e,
+                        "cannot write the producer state snapshot; a crash now means a \
+                         longer replay (retried; logged again only after it succeeded)"
+                    )
+                }
+            }
         }
     }
 
@@ -556,16 +594,40 @@ impl Writer {
 
     /// Stages a batch in the log. A write can flush staged data or roll the segment, so
     /// it can fail with an I/O error: the partition then fail-stops here, with that
-    /// error as the cause, exactly as a failed commit does.
+    /// error as the cause, exactly as a failed commit does. A roll that failed before
+    /// writing anything (its new files could not be created) does not fail-stop: the
+    /// batch gets a retryable error and the next write tries the roll again.
     fn log_write(&mut self, batch: &[u8]) -> Result<AppendInfo> {
         self.check_room(batch.len())?;
         self.log.write(batch).map_err(|e| match e {
+            strata_storage::Error::RollFailed { ref source, .. } => {
+                roll_failed(&self.name, source.raw_os_error(), &e)
+            }
             strata_storage::Error::Io { .. } if !self.failed => match self.fail(&e) {
                 (true, why) => Error::DiskFull(self.name.clone(), why),
                 (false, why) => Error::Unavailable(self.name.clone(), why),
             },
             e => e.into(),
         })
+    }
+
+    /// Reports the log's upkeep failures since the last call (failed rolls, checkpoints,
+    /// index seals; all retried, none fail-stopping): counted in
+    /// `strata_storage_upkeep_failures`, and logged once per run of failures of a step.
+    fn report_upkeep(&mut self) {
+        for failure in self.log.take_deferred_failures() {
+            self.metrics
+                .upkeep_failed_by(failure.step.name(), 1 + failure.dropped);
+            if failure.first {
+                tracing::warn!(
+                    partition = %self.name,
+                    step = failure.step.name(),
+                    error = %failure.error,
+                    "storage upkeep failed; nothing was lost, the partition keeps serving \
+                     and the step is retried (logged again only after it succeeded)"
+                );
+            }
+        }
     }
 
     /// Refuses a batch the file system has no room for, before anything is written, so
@@ -628,6 +690,8 @@ impl Writer {
         }
         match self.log.apply_retention(now_ms()) {
             Ok(0) => {}
+            // Reported with the log's upkeep failures.
+            Err(strata_storage::Error::RollFailed { .. }) => {}
             Ok(n) => {
                 tracing::info!(partition = %self.name, segments = n, "retention deleted segments")
             }
@@ -647,6 +711,10 @@ mod tests {
             durability: Durability::Fsync,
             ..LogConfig::default()
         };
+        writer_with(dir, config)
+    }
+
+    fn writer_with(dir: &std::path::Path, config: LogConfig) -> Writer {
         let log = Log::open(dir, config, &FileCache::new(4)).expect("open");
         let (producers, keep_snapshot) = recover_producers("t/0", &log).expect("recover");
         let (watermark, _) = watch::channel(0);
@@ -658,6 +726,7 @@ mod tests {
             producers,
             keep_snapshot,
             unsnapshotted_bytes: 0,
+            snapshot_failing: false,
             room: Room::default(),
             stats: Arc::default(),
             metrics: Arc::default(),
@@ -681,6 +750,47 @@ mod tests {
             w.stored.duplicate,
             w.published,
         )
+    }
+
+    /// Issue 13: a segment roll that cannot open its files (EMFILE, as idle connections
+    /// at the fd limit cause) answers the batch with a retryable error naming the cause
+    /// and what to do, counts it, does not fail-stop the partition, and the next write
+    /// rolls.
+    #[test]
+    fn a_roll_that_cannot_open_its_files_does_not_fail_stop() {
+        use strata_storage::fault::{Fault, Injector, Op};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let config = LogConfig {
+            durability: Durability::Fsync,
+            segment_bytes_max: 1024,
+            ..LogConfig::default()
+        };
+        let mut w = writer_with(injector.root(), config);
+        // Two of these do not fit in one segment.
+        let large = |value: u8| {
+            let mut b = BatchBuilder::new();
+            b.push(1, None, Some(&[value; 600]), &[]);
+            b.finish()
+        };
+        w.write(&large(0)).map(|_| ()).expect("first batch");
+        w.commit().expect("commit");
+        injector.fail_nth(Op::Open, 1, Fault::too_many_open_files());
+        let e = w.write(&large(1)).map(|_| ()).expect_err("the roll fails");
+        assert!(
+            matches!(&e, Error::Unavailable(_, why) if why.contains("too many open files: raise")),
+            "{e}"
+        );
+        assert!(!w.failed, "not fail-stopped");
+        w.commit().expect("commit");
+        w.report_upkeep();
+        let roll = crate::metrics::UpkeepLabels { step: "roll" };
+        assert_eq!(w.metrics.upkeep_failures.get_or_create(&roll).get(), 1);
+        assert_eq!(w.log.reader().segment_count(), 1);
+        w.write(&large(2)).map(|_| ()).expect("the roll is retried");
+        w.commit().expect("commit");
+        assert_eq!(w.log.reader().segment_count(), 2);
+        assert_eq!(w.log.reader().high_watermark(), 2);
     }
 
     /// A retry that arrives while its original is still staged in the same commit

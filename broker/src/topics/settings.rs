@@ -15,8 +15,10 @@ use crate::error::{Error, Result};
 
 /// File holding a topic's settings inside its directory.
 pub const TOPIC_FILE: &str = "topic.toml";
-/// Most partitions a topic may have: each partition is a writer thread and open files.
-pub const PARTITIONS_MAX: u32 = 1024;
+/// Most partitions a topic may have. What partitions cost is bounded broker-wide by
+/// `max_partitions`; this only keeps a topic within what one request can name (and a
+/// partition set within 2 KiB).
+pub const PARTITIONS_MAX: u32 = 16_384;
 /// Largest `max_message_bytes`: a produce request (one batch) and a fetch response (up to
 /// 8 MiB plus one batch) must fit in the server's 64 MiB gRPC message limit.
 pub const MESSAGE_BYTES_CAP: u32 = 32 << 20;

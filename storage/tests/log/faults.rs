@@ -2,8 +2,8 @@
 //! (`docs/storage-format.md`, "What each durability policy promises").
 //!
 //! A real [`Log`] appends group-committed batches while [`strata_storage::fault`]
-//! makes the Nth write, fsync, truncation, directory fsync or read fail (EIO, ENOSPC,
-//! short writes), and reopens happen with the files as they are (a process restart) or
+//! makes the Nth write, fsync, truncation, directory fsync, read or open fail (EIO,
+//! ENOSPC, EMFILE, short writes), and reopens happen with the files as they are (a process restart) or
 //! after [`Injector::crash`] has thrown away everything not fsynced (a power loss).
 //! After every reopen the test reads the whole log and checks:
 //!
@@ -21,7 +21,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use strata_storage::batch::{batches, set_base_offset, BatchBuilder};
 use strata_storage::fault::{Fault, Injector, Op};
-use strata_storage::{Durability, FileCache, Log, LogConfig};
+use strata_storage::{Deferred, Durability, Error, FileCache, Log, LogConfig};
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -42,10 +42,12 @@ fn step() -> impl Strategy<Value = Step> {
         Just(Op::SetLen),
         Just(Op::SyncDir),
         Just(Op::Read),
+        Just(Op::Open),
     ];
     let fault = prop_oneof![
         Just(Fault::eio()),
         Just(Fault::no_space()),
+        Just(Fault::too_many_open_files()),
         (0usize..200).prop_map(Fault::short_write),
     ];
     prop_oneof![
@@ -344,21 +346,206 @@ fn a_failed_cut_after_a_failed_fsync_is_reported() {
     );
 }
 
+/// Names of the files in the log's directory.
+fn listing(injector: &Injector) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(injector.root())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Appends batches of 3 records until the next one (of `id + 1`) needs a roll: the
+/// active segment (the last `.log`; all is written under `fsync`) has no room for it.
+/// Returns the acknowledged batches.
+fn fill_segment(injector: &Injector, log: &mut Log, id: &mut u64) -> Vec<(u64, Vec<u8>)> {
+    let segment_bytes_max = log.config().segment_bytes_max;
+    let mut acked = Vec::new();
+    loop {
+        let last_log = listing(injector)
+            .into_iter()
+            .rfind(|n| n.ends_with(".log"))
+            .expect("a segment");
+        let active = std::fs::metadata(injector.root().join(last_log))
+            .expect("size")
+            .len();
+        let next = encode(*id + 1, 3);
+        if active > 0 && active + next.len() as u64 > segment_bytes_max {
+            return acked;
+        }
+        *id += 1;
+        let mut bytes = next;
+        let info = log.append(&bytes).expect("append");
+        set_base_offset(&mut bytes, info.base_offset);
+        acked.push((info.base_offset, bytes));
+    }
+}
+
+/// Issue 13: with the fd limit reached, creating the next segment's files fails with
+/// EMFILE. That must not fail-stop the log (it used to, until a restart): the append
+/// that needed the roll gets the retryable `RollFailed`, nothing it created is left
+/// behind, what was published stays readable, and once files can be opened again the
+/// roll happens and every acknowledged batch is there, dense, also after a power loss.
+/// Each of the roll's four opens (offset index, time index, log, directory) fails, at
+/// three tries in a row.
+#[test]
+fn emfile_at_a_roll_is_retried_and_fail_stops_nothing() {
+    for nth in 1..=4 {
+        let dir = crate::common::scratch_dir();
+        let injector = Injector::new(dir.path())
+            .and_then(Injector::with_crash_model)
+            .expect("injector");
+        let config = config(Durability::Fsync);
+        let files = FileCache::new(4);
+        let mut log = Log::open(injector.root(), config.clone(), &files).expect("open");
+        let mut id = 0;
+        let mut acked = fill_segment(&injector, &mut log, &mut id);
+        let before = listing(&injector);
+        // Reads keep the segment's read handle open (the file cache holds it).
+        assert_eq!(read_all(&log).expect("read"), acked);
+        for _ in 0..3 {
+            injector.fail_nth(Op::Open, nth, Fault::too_many_open_files());
+            id += 1;
+            let e = log
+                .append(&encode(id, 3))
+                .expect_err("the roll cannot open its files");
+            assert!(
+                matches!(&e, Error::RollFailed { source, .. } if source.raw_os_error() == Some(24)),
+                "open {nth}: {e:?}"
+            );
+            assert!(e.to_string().contains("still takes writes"), "{e}");
+            assert_eq!(listing(&injector), before, "open {nth}: files left behind");
+            assert_eq!(read_all(&log).expect("reads work"), acked);
+        }
+        let failures: Vec<_> = log.take_deferred_failures().collect();
+        assert_eq!(failures.len(), 3, "{failures:?}");
+        assert!(failures.iter().all(|f| f.step == Deferred::Roll));
+        assert!(failures[0].first && !failures[1].first);
+        assert_eq!(log.reader().segment_count(), 1);
+
+        injector.clear();
+        for _ in 0..3 {
+            id += 1;
+            let mut bytes = encode(id, 3);
+            let info = log.append(&bytes).expect("the roll is retried");
+            set_base_offset(&mut bytes, info.base_offset);
+            acked.push((info.base_offset, bytes));
+        }
+        assert_eq!(log.reader().segment_count(), 2);
+        assert_eq!(read_all(&log).expect("read"), acked);
+        assert_eq!(log.take_deferred_failures().count(), 0);
+        drop(log);
+        injector.crash().expect("crash");
+        let log = Log::open(injector.root(), config, &files).expect("reopen");
+        assert_eq!(read_all(&log).expect("read after a crash"), acked);
+    }
+}
+
+/// A checkpoint that cannot be written (here: its file cannot be opened) wrote no data:
+/// the commit succeeds, the failure is reported as deferred, and the next sync writes
+/// the checkpoint. A sealed segment's indexes that cannot be trimmed are retried at the
+/// next commit, and a crash before that makes the next open rebuild them.
+#[test]
+fn failed_checkpoints_and_index_seals_are_retried_without_fail_stop() {
+    let dir = crate::common::scratch_dir();
+    let injector = Injector::new(dir.path())
+        .and_then(Injector::with_crash_model)
+        .expect("injector");
+    let config = LogConfig {
+        checkpoint_interval_bytes: 1,
+        ..config(Durability::Fsync)
+    };
+    let files = FileCache::new(4);
+    let mut log = Log::open(injector.root(), config.clone(), &files).expect("open");
+    let mut acked = Vec::new();
+    let append = |log: &mut Log, acked: &mut Vec<(u64, Vec<u8>)>, id: u64| {
+        let mut bytes = encode(id, 3);
+        let info = log.append(&bytes).expect("append");
+        set_base_offset(&mut bytes, info.base_offset);
+        acked.push((info.base_offset, bytes));
+    };
+    injector.fail_from(Op::Open, 1, Fault::too_many_open_files());
+    append(&mut log, &mut acked, 1);
+    append(&mut log, &mut acked, 2);
+    let failures: Vec<_> = log.take_deferred_failures().collect();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    assert!(failures.iter().all(|f| f.step == Deferred::Checkpoint));
+    assert!(failures[0].first && !failures[1].first);
+    injector.clear();
+    let opens = injector.count(Op::Open);
+    append(&mut log, &mut acked, 3);
+    assert_eq!(
+        injector.count(Op::Open),
+        opens + 1,
+        "the checkpoint is written"
+    );
+    assert_eq!(log.take_deferred_failures().count(), 0);
+
+    // The roll's third truncation trims the old segment's offset index (the first two
+    // size the new segment's indexes); from there on every truncation fails, so the
+    // checkpoints (which truncate their file) fail too.
+    let mut id = 3;
+    acked.extend(fill_segment(&injector, &mut log, &mut id));
+    injector.fail_from(Op::SetLen, 3, Fault::eio());
+    let segments = log.reader().segment_count();
+    id += 1;
+    append(&mut log, &mut acked, id);
+    assert_eq!(log.reader().segment_count(), segments + 1, "rolled");
+    let failures: Vec<_> = log.take_deferred_failures().collect();
+    assert_eq!(failures[0].step, Deferred::IndexSeal, "{failures:?}");
+    assert!(
+        failures
+            .iter()
+            .all(|f| matches!(f.step, Deferred::IndexSeal | Deferred::Checkpoint)),
+        "{failures:?}"
+    );
+    // A crash before a retry works: the untrimmed index is rebuilt, reads stay right.
+    drop(log);
+    injector.crash().expect("crash");
+    let mut log = Log::open(injector.root(), config.clone(), &files).expect("reopen");
+    assert_eq!(read_all(&log).expect("read"), acked);
+    // Rebuilt, so trimmed: trusted as it was, its zero tail would have been taken for
+    // entries (a max timestamp of 0 for retention, a search over unsorted entries).
+    let index = injector.root().join(format!("{:020}.index", 0));
+    let size = std::fs::metadata(&index).expect("index").len();
+    assert!(size < config.index_bytes_max, "{size} bytes: never trimmed");
+
+    // And without a crash, the next commit trims it.
+    acked.extend(fill_segment(&injector, &mut log, &mut id));
+    injector.fail_nth(Op::SetLen, 3, Fault::eio());
+    let segments = log.reader().segment_count();
+    id += 1;
+    append(&mut log, &mut acked, id);
+    assert_eq!(log.reader().segment_count(), segments + 1, "rolled");
+    assert_eq!(log.take_deferred_failures().count(), 1);
+    id += 1;
+    append(&mut log, &mut acked, id);
+    assert_eq!(
+        log.take_deferred_failures().count(),
+        0,
+        "the retry trimmed it"
+    );
+    assert_eq!(read_all(&log).expect("read"), acked);
+}
+
 /// The promises the tests of this module check, as `docs/storage-format.md` (8.4) and
 /// `docs/protocol.md` (2.3) state them: a changed sentence must be rechecked here.
-const STORAGE_PROMISES: [&str; 6] = [
+const STORAGE_PROMISES: [&str; 7] = [
     "Under `fsync`, every batch whose commit returned is there after a crash, with the same offsets and bytes.",
     "Under `interval` and `none`, a crash loses the batches written since the last fsync; the log then reports an unclean stop, and their offsets go to new records.",
     "Under every policy, after a crash or an I/O error the log holds whole batches with dense offsets: a batch is there byte for byte or not at all.",
     "The log refuses every later write until it is reopened, and what it had published stays readable.",
     "A failed fsync cuts only bytes that were never published: under every policy, a published batch keeps its offsets while the log runs and after a restart.",
     "If cutting the unpublished bytes fails too, the error says so: those batches may come back after a restart.",
+    "A roll that cannot create the new segment's files, and a checkpoint or index seal that fails, lose nothing and do not make the log refuse writes: the write that needed the roll gets a retryable error, and the next write tries the roll again.",
 ];
 
-const PROTOCOL_PROMISES: [&str; 3] = [
+const PROTOCOL_PROMISES: [&str; 4] = [
     "Under `fsync`, an acknowledged batch survives any crash and any I/O error, with its offsets.",
     "Under `interval` and `none`, an acknowledged batch survives a `kill -9` and an I/O error, but a power loss or OS crash can take the batches acknowledged since the last fsync; the broker then logs that the partition was not shut down cleanly, and their offsets go to new records.",
     "After a failed write or fsync, the partition refuses produce requests until the broker restarts (`RESOURCE_EXHAUSTED` for the commit that found the disk full, `UNAVAILABLE` otherwise), and keeps serving what it had published with the same offsets.",
+    "A segment roll that cannot create its files (too many open files, no memory, no space) refuses only the batch that needed it, with `UNAVAILABLE` (`RESOURCE_EXHAUSTED` when the disk is full) naming the cause; the partition is not fail-stopped, and the next produce retries the roll.",
 ];
 
 #[test]

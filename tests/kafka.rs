@@ -1,7 +1,8 @@
 //! The Kafka listener against the real `strata` binary: raw protocol checks (version
 //! negotiation, framing limits, acks=0, long poll, ListOffsets), and real clients as
-//! users run them: kcat (librdkafka) and kafka-python, installed by `.ci/run`. A test
-//! whose client is not installed says so and passes without running.
+//! users run them: kcat (librdkafka), kafka-python and confluent-kafka, each with every
+//! compression codec, installed by `.ci/run`. A test whose client is not installed
+//! says so and passes without running.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -17,6 +18,8 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use strata_proto::v1;
 use strata_storage::batch::BatchBuilder;
+use strata_storage::compression::Compression;
+use tokio_stream::StreamExt;
 
 use crate::common::{create_topic, produce_records, read_partition, record, Broker};
 
@@ -117,7 +120,9 @@ fn api_versions_lists_the_supported_ranges_and_a_too_new_request_gets_them_in_v0
             .iter()
             .find(|k| k.api_key == ApiKey::Produce as i16)
             .expect("Produce is listed");
-        assert_eq!((produce.min_version, produce.max_version), (3, 9));
+        // Listed from v0 so that librdkafka before 2.11.1 compresses (versions.rs);
+        // served from v3.
+        assert_eq!((produce.min_version, produce.max_version), (0, 9));
     }
     // A version above the broker's: a v0 body with UNSUPPORTED_VERSION and the ranges,
     // after a v0 header (no tagged fields), whatever the request's version.
@@ -142,7 +147,8 @@ fn api_versions_lists_the_supported_ranges_and_a_too_new_request_gets_them_in_v0
 #[test]
 fn unsupported_malformed_and_oversized_requests_close_only_their_connection() {
     let (_broker, kafka) = start();
-    // A version the broker does not serve: no answer the client could parse exists.
+    // A version the broker does not serve (Produce v2 is listed, for librdkafka, but
+    // not served): no answer the client could parse exists.
     let mut raw = Raw::connect(kafka);
     let mut body = BytesMut::new();
     RequestHeader::default()
@@ -567,20 +573,48 @@ async fn a_record_keeps_its_key_and_headers_from_grpc_to_kcat_and_back() {
     );
 }
 
-/// A Python with kafka-python: `KAFKA_TEST_PYTHON` (set by .ci/run to its venv), else
-/// `python3` if it can import it; `None` (with a message) otherwise.
-fn kafka_python() -> Option<String> {
+/// The Python of the Kafka tests, `KAFKA_TEST_PYTHON` (set by .ci/run to its venv) or
+/// `python3`, if it can run `import {modules}`; `None` (with a message naming `what`)
+/// otherwise.
+fn python_with(modules: &str, what: &str) -> Option<String> {
     let python = std::env::var("KAFKA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let found = Command::new(&python)
-        .args(["-c", "import kafka"])
+        .args(["-c", &format!("import {modules}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("kafka-python is not installed (.ci/run installs it in a venv): skipped");
+        eprintln!("{what} is not installed (.ci/run installs it in a venv): skipped");
     }
     found.then_some(python)
+}
+
+/// A Python with kafka-python, or `None` (with a message).
+fn kafka_python() -> Option<String> {
+    python_with("kafka", "kafka-python")
+}
+
+/// A Python with confluent-kafka, or `None` (with a message).
+fn confluent_kafka() -> Option<String> {
+    python_with("confluent_kafka", "confluent-kafka")
+}
+
+/// Runs `script` with `args` under `python`, killed after `limit_secs` seconds (a guard
+/// against a hang; nothing asserts on time); asserts that it succeeded and returns its
+/// standard output.
+fn run_python(python: &str, limit_secs: u32, script: &str, args: &[&str]) -> String {
+    let output = Command::new("timeout")
+        .args([&limit_secs.to_string(), python, "-c", script])
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        output.status.success(),
+        "python {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
 }
 
 const KAFKA_PYTHON_ROUND_TRIP: &str = r#"
@@ -619,24 +653,12 @@ async fn kafka_python_produces_and_consumes() {
         v1::TopicConfig::default(),
     )
     .await;
-    let output = Command::new("timeout")
-        .args([
-            "180",
-            &python,
-            "-c",
-            KAFKA_PYTHON_ROUND_TRIP,
-            &kafka.to_string(),
-            "py",
-            "12",
-        ])
-        .output()
-        .expect("run python");
-    assert!(
-        output.status.success(),
-        "kafka-python failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let out = run_python(
+        &python,
+        180,
+        KAFKA_PYTHON_ROUND_TRIP,
+        &[&kafka.to_string(), "py", "12"],
     );
-    let out = String::from_utf8(output.stdout).expect("utf-8");
     let expected: String = (0..12)
         .map(|i| format!("k{} v{i} h x{i}\n", i % 3))
         .collect();
@@ -669,24 +691,15 @@ async fn kafka_python_produces_and_consumes() {
     }
     assert_eq!(total, 12);
     // A group member (subscribe, JoinGroup/SyncGroup) reads everything and commits.
-    let output = Command::new("timeout")
-        .args([
-            "180",
+    assert_eq!(
+        run_python(
             &python,
-            "-c",
+            180,
             KAFKA_PYTHON_GROUP,
-            &kafka.to_string(),
-            "py",
-            "12",
-        ])
-        .output()
-        .expect("run python");
-    assert!(
-        output.status.success(),
-        "kafka-python group failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+            &[&kafka.to_string(), "py", "12"]
+        ),
+        "12 3\n"
     );
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "12 3\n");
     let described = broker
         .admin()
         .await
@@ -754,17 +767,9 @@ for m in sorted(got, key=lambda m: int(m.value()[1:])):
 
 #[tokio::test]
 async fn an_idempotent_confluent_kafka_producer_writes_each_record_once() {
-    let Some(python) = kafka_python() else {
+    let Some(python) = confluent_kafka() else {
         return;
     };
-    let has_confluent = Command::new(&python)
-        .args(["-c", "import confluent_kafka"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_confluent {
-        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
-        return;
-    }
     let (broker, kafka) = start();
     create_topic(
         &mut broker.admin().await,
@@ -773,24 +778,12 @@ async fn an_idempotent_confluent_kafka_producer_writes_each_record_once() {
         v1::TopicConfig::default(),
     )
     .await;
-    let output = Command::new("timeout")
-        .args([
-            "180",
-            &python,
-            "-c",
-            CONFLUENT_IDEMPOTENT_ROUND_TRIP,
-            &kafka.to_string(),
-            "idem",
-            "30",
-        ])
-        .output()
-        .expect("run python");
-    assert!(
-        output.status.success(),
-        "confluent-kafka failed: {}",
-        String::from_utf8_lossy(&output.stderr)
+    let out = run_python(
+        &python,
+        180,
+        CONFLUENT_IDEMPOTENT_ROUND_TRIP,
+        &[&kafka.to_string(), "idem", "30"],
     );
-    let out = String::from_utf8(output.stdout).expect("utf-8");
     let expected: String = (0..30)
         .map(|i| format!("k{} v{i} h x{i}\n", i % 3))
         .collect();
@@ -839,17 +832,9 @@ c.close()
 
 #[tokio::test]
 async fn kafka_commits_are_the_groups_offsets_and_resets_over_grpc_move_kafka_consumers() {
-    let Some(python) = kafka_python() else {
+    let Some(python) = confluent_kafka() else {
         return;
     };
-    if !Command::new(&python)
-        .args(["-c", "import confluent_kafka"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
-        return;
-    }
     let (broker, kafka) = start();
     let mut admin = broker.admin().await;
     create_topic(&mut admin, "ledger", 1, v1::TopicConfig::default()).await;
@@ -863,17 +848,12 @@ async fn kafka_commits_are_the_groups_offsets_and_resets_over_grpc_move_kafka_co
         .await
         .expect("produce");
     let consume = |take: &str, commit: &str| {
-        let output = Command::new("timeout")
-            .args(["120", &python, "-c", CONFLUENT_ASSIGN_AND_COMMIT])
-            .args([&kafka.to_string(), "ledger", "billing", take, commit])
-            .output()
-            .expect("run python");
-        assert!(
-            output.status.success(),
-            "confluent-kafka failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("utf-8")
+        run_python(
+            &python,
+            120,
+            CONFLUENT_ASSIGN_AND_COMMIT,
+            &[&kafka.to_string(), "ledger", "billing", take, commit],
+        )
     };
     assert_eq!(consume("4", "commit"), "consumed 0 1 2 3\ncommitted 4\n");
     // A new consumer of the group resumes at the committed offset.
@@ -1041,17 +1021,9 @@ print('records', ' '.join(sorted(set(got))))
 
 #[tokio::test]
 async fn a_kafka_group_of_two_rebalances_commits_and_resumes_where_it_left_off() {
-    let Some(python) = kafka_python() else {
+    let Some(python) = confluent_kafka() else {
         return;
     };
-    if !Command::new(&python)
-        .args(["-c", "import confluent_kafka"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        eprintln!("confluent-kafka is not installed (.ci/run installs it in a venv): skipped");
-        return;
-    }
     let (broker, kafka) = start();
     let mut admin = broker.admin().await;
     create_topic(&mut admin, "events", 4, v1::TopicConfig::default()).await;
@@ -1071,17 +1043,12 @@ async fn a_kafka_group_of_two_rebalances_commits_and_resumes_where_it_left_off()
         client.produce(request).await.expect("produce");
     }
     let run = |n: &str, phase: &str| {
-        let output = Command::new("timeout")
-            .args(["300", &python, "-c", CONFLUENT_GROUP_REBALANCE])
-            .args([&kafka.to_string(), "events", "workers", n, phase])
-            .output()
-            .expect("run python");
-        assert!(
-            output.status.success(),
-            "confluent-kafka failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("utf-8")
+        run_python(
+            &python,
+            300,
+            CONFLUENT_GROUP_REBALANCE,
+            &[&kafka.to_string(), "events", "workers", n, phase],
+        )
     };
     let all: Vec<String> = (0..20).map(|i| format!("e{i:02}")).collect();
     assert_eq!(
@@ -1888,6 +1855,382 @@ async fn unread_kafka_fetch_responses_hold_the_shared_fetch_memory_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(served, "the budget was not returned");
+}
+
+/// The records every client's compression test writes to its topic for `codec` (one
+/// partition): three keyed, then three keyless, with values that compress well (a
+/// client may send a batch uncompressed when compressing would not shrink it) and one
+/// header naming the codec.
+fn codec_records(codec: Compression) -> Vec<(Option<String>, String)> {
+    (0..6)
+        .map(|i| {
+            let key = (i < 3).then(|| format!("k{i}"));
+            (key, format!("{codec}-{i}-").repeat(20))
+        })
+        .collect()
+}
+
+/// Every codec, in the order of their topic names (`<prefix><codec>`), as a client that
+/// sorts its output by topic prints them.
+fn codecs_by_name() -> Vec<Compression> {
+    let mut codecs = Compression::ALL.to_vec();
+    codecs.sort_by_key(|c| c.name());
+    codecs
+}
+
+/// What the Python codec scripts print for the topics `<prefix><codec>`: one line per
+/// record, `topic offset key value`, a null key as `None`.
+fn codec_lines(prefix: &str) -> String {
+    codecs_by_name()
+        .into_iter()
+        .flat_map(|codec| {
+            codec_records(codec)
+                .into_iter()
+                .enumerate()
+                .map(move |(offset, (key, value))| {
+                    let key = key.unwrap_or_else(|| "None".into());
+                    format!("{prefix}{codec} {offset} {key} {value}\n")
+                })
+        })
+        .collect()
+}
+
+/// Creates `<prefix><codec>` with one partition for every codec.
+async fn create_codec_topics(broker: &Broker, prefix: &str) {
+    let mut admin = broker.admin().await;
+    for codec in Compression::ALL {
+        create_topic(
+            &mut admin,
+            &format!("{prefix}{codec}"),
+            1,
+            v1::TopicConfig::default(),
+        )
+        .await;
+    }
+}
+
+/// Checks that `topic` holds `codec_records(codec)` with their header, stored in batches
+/// compressed with `codec` as the client sent them, and decoded alike by the broker
+/// (gRPC `decode=true`), by the storage codec on the raw batches, and by the Rust
+/// client's consumer.
+async fn check_codec_topic(broker: &Broker, topic: &str, codec: Compression) {
+    let mut client = broker.client().await;
+    let answer = client
+        .fetch(crate::common::fetch_request(topic, 0, 0, false))
+        .await
+        .expect("fetch")
+        .into_inner();
+    let stored: Vec<Compression> = strata_storage::batch::batches(&answer.batches)
+        .map(|b| b.expect("a valid batch").compression())
+        .collect();
+    assert!(
+        !stored.is_empty() && stored.iter().all(|&c| c == codec),
+        "{topic}: batches stored as {stored:?}"
+    );
+    let expected = codec_records(codec);
+    let header = vec![("h".to_string(), codec.name().as_bytes().to_vec())];
+    let records = read_partition(&mut client, topic, 0).await;
+    let got: Vec<(Option<String>, String)> = records
+        .iter()
+        .map(|r| {
+            assert_eq!(r.headers, header, "{topic}");
+            let text = |b: &[u8]| String::from_utf8(b.to_vec()).expect("utf-8");
+            (
+                r.key.as_deref().map(text),
+                text(r.value.as_deref().unwrap_or_default()),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected, "{topic} over gRPC");
+    let rust = strata_client::Client::connect(&broker.addr_arg())
+        .await
+        .expect("connect");
+    let mut consumer = rust
+        .partition_consumer(topic, 0, strata_client::StartAt::Earliest)
+        .await
+        .expect("a partition consumer");
+    for (offset, (key, value)) in expected.iter().enumerate() {
+        let record = tokio::time::timeout(READ_GUARD, consumer.next())
+            .await
+            .expect("a record within the guard")
+            .expect("a record")
+            .expect("a record");
+        assert_eq!(record.offset, offset as u64, "{topic}");
+        assert_eq!(record.key.as_deref(), key.as_deref().map(str::as_bytes));
+        assert_eq!(record.value.as_deref(), Some(value.as_bytes()));
+        assert_eq!(record.header_str("h"), Some(codec.name()));
+    }
+}
+
+/// Consumes `topic` from the beginning with kcat: `offset|key|value|headers` lines (a
+/// null key prints empty).
+fn kcat_consume(kafka: SocketAddr, topic: &str) -> String {
+    run_kcat(
+        kafka,
+        &[
+            "-C",
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%o|%k|%s|%h\n",
+        ],
+        "",
+    )
+}
+
+/// The kcat lines of `codec_records(codec)`.
+fn kcat_lines(codec: Compression) -> String {
+    codec_records(codec)
+        .into_iter()
+        .enumerate()
+        .map(|(offset, (key, value))| {
+            format!("{offset}|{}|{value}|h={codec}\n", key.unwrap_or_default())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn kcat_produces_and_consumes_every_compression_codec() {
+    if kcat().is_none() {
+        return;
+    }
+    let (broker, kafka) = start();
+    create_codec_topics(&broker, "kcat-").await;
+    for codec in Compression::ALL {
+        let topic = format!("kcat-{codec}");
+        let header = format!("h={codec}");
+        let records = codec_records(codec);
+        let keyed: String = records[..3]
+            .iter()
+            .map(|(key, value)| format!("{}:{value}\n", key.as_deref().unwrap_or_default()))
+            .collect();
+        let keyless: String = records[3..].iter().map(|(_, v)| format!("{v}\n")).collect();
+        let produce = ["-P", "-t", &topic, "-z", codec.name(), "-H", &header];
+        run_kcat(kafka, &[&produce[..], &["-K:"]].concat(), &keyed);
+        run_kcat(kafka, &produce, &keyless);
+        assert_eq!(kcat_consume(kafka, &topic), kcat_lines(codec), "{topic}");
+        check_codec_topic(&broker, &topic, codec).await;
+    }
+}
+
+/// Produces `codec_records` to `<prefix><codec>` with every codec, then consumes all
+/// the topics from the earliest offset, printing `codec_lines`.
+const KAFKA_PYTHON_CODECS: &str = r#"
+import sys
+from kafka import KafkaProducer, KafkaConsumer, TopicPartition
+b, prefix = sys.argv[1], sys.argv[2]
+codecs = ['none', 'gzip', 'snappy', 'lz4', 'zstd']
+for codec in codecs:
+    p = KafkaProducer(bootstrap_servers=b, acks='all', linger_ms=20,
+                      compression_type=None if codec == 'none' else codec)
+    for i in range(6):
+        key = b'k%d' % i if i < 3 else None
+        value = (b'%s-%d-' % (codec.encode(), i)) * 20
+        p.send(prefix + codec, key=key, value=value, headers=[('h', codec.encode())])
+    p.flush()
+    p.close()
+c = KafkaConsumer(bootstrap_servers=b, enable_auto_commit=False, consumer_timeout_ms=60000)
+c.assign([TopicPartition(prefix + codec, 0) for codec in codecs])
+c.seek_to_beginning()
+got = []
+for m in c:
+    got.append(m)
+    if len(got) == 6 * len(codecs):
+        break
+c.close()
+for m in sorted(got, key=lambda m: (m.topic, m.offset)):
+    key = 'None' if m.key is None else m.key.decode()
+    print(m.topic, m.offset, key, m.value.decode())
+"#;
+
+#[tokio::test]
+async fn kafka_python_produces_and_consumes_every_compression_codec() {
+    let Some(python) = python_with(
+        "kafka, snappy, lz4.frame, zstandard",
+        "kafka-python with its codecs (python-snappy, lz4, zstandard)",
+    ) else {
+        return;
+    };
+    let (broker, kafka) = start();
+    create_codec_topics(&broker, "py-").await;
+    let out = run_python(
+        &python,
+        300,
+        KAFKA_PYTHON_CODECS,
+        &[&kafka.to_string(), "py-"],
+    );
+    assert_eq!(out, codec_lines("py-"));
+    for codec in Compression::ALL {
+        let topic = format!("py-{codec}");
+        check_codec_topic(&broker, &topic, codec).await;
+        // kafka-python writes xerial-framed snappy, librdkafka reads it as stored.
+        if kcat().is_some() {
+            assert_eq!(kcat_consume(kafka, &topic), kcat_lines(codec), "{topic}");
+        }
+    }
+}
+
+/// `KAFKA_PYTHON_CODECS` with confluent-kafka (librdkafka).
+const CONFLUENT_CODECS: &str = r#"
+import sys
+from confluent_kafka import Producer, Consumer, TopicPartition
+b, prefix = sys.argv[1], sys.argv[2]
+codecs = ['none', 'gzip', 'snappy', 'lz4', 'zstd']
+errors = []
+def report(err, msg):
+    if err is not None:
+        errors.append(str(err))
+for codec in codecs:
+    p = Producer({'bootstrap.servers': b, 'compression.type': codec, 'linger.ms': 20})
+    for i in range(6):
+        key = b'k%d' % i if i < 3 else None
+        value = (b'%s-%d-' % (codec.encode(), i)) * 20
+        p.produce(prefix + codec, key=key, value=value, headers=[('h', codec.encode())],
+                  on_delivery=report)
+    left = p.flush(60)
+    assert left == 0 and not errors, (left, errors)
+c = Consumer({'bootstrap.servers': b, 'group.id': 'codecs', 'enable.auto.commit': False})
+c.assign([TopicPartition(prefix + codec, 0, 0) for codec in codecs])
+got = []
+while len(got) < 6 * len(codecs):
+    m = c.poll(60)
+    if m is None:
+        break
+    if m.error():
+        print('error', m.error(), file=sys.stderr)
+        continue
+    got.append(m)
+c.close()
+for m in sorted(got, key=lambda m: (m.topic(), m.offset())):
+    key = 'None' if m.key() is None else m.key().decode()
+    print(m.topic(), m.offset(), key, m.value().decode())
+"#;
+
+#[tokio::test]
+async fn confluent_kafka_produces_and_consumes_every_compression_codec() {
+    let Some(python) = confluent_kafka() else {
+        return;
+    };
+    let (broker, kafka) = start();
+    create_codec_topics(&broker, "ck-").await;
+    let out = run_python(&python, 300, CONFLUENT_CODECS, &[&kafka.to_string(), "ck-"]);
+    assert_eq!(out, codec_lines("ck-"));
+    for codec in Compression::ALL {
+        check_codec_topic(&broker, &format!("ck-{codec}"), codec).await;
+    }
+}
+
+#[tokio::test]
+async fn the_rust_client_compresses_and_kcat_reads_every_codec() {
+    if kcat().is_none() {
+        return;
+    }
+    let (broker, kafka) = start();
+    create_codec_topics(&broker, "rust-").await;
+    let client = strata_client::Client::connect(&broker.addr_arg())
+        .await
+        .expect("connect");
+    for codec in Compression::ALL {
+        let topic = format!("rust-{codec}");
+        let config = strata_client::ProducerConfig {
+            compression: codec,
+            // One batch for the six records.
+            linger: Duration::from_secs(3600),
+            ..strata_client::ProducerConfig::default()
+        };
+        let producer = client
+            .producer_with(&topic, config)
+            .await
+            .expect("a producer");
+        let sends: Vec<_> = codec_records(codec)
+            .into_iter()
+            .map(|(key, value)| {
+                let mut record = strata_client::Record::new(value).header("h", codec.name());
+                if let Some(key) = key {
+                    record = record.key(key);
+                }
+                producer.send(record)
+            })
+            .collect();
+        producer.flush().await;
+        for send in sends {
+            send.await.expect("delivered");
+        }
+        check_codec_topic(&broker, &topic, codec).await;
+        assert_eq!(kcat_consume(kafka, &topic), kcat_lines(codec), "{topic}");
+    }
+}
+
+/// A one-record batch labelled `codec` whose records section is `payload` as given
+/// (length and CRC made right): what a broken or hostile producer could send.
+fn with_payload(codec: Compression, payload: &[u8]) -> Vec<u8> {
+    use strata_storage::batch::BATCH_HEADER_LEN;
+    let mut builder = BatchBuilder::new();
+    builder.push(1_000, None, Some(b"v"), &[]);
+    let mut batch = builder.finish_compressed(codec)[..BATCH_HEADER_LEN].to_vec();
+    batch.extend_from_slice(payload);
+    let length = (batch.len() - 12) as i32;
+    batch[8..12].copy_from_slice(&length.to_be_bytes());
+    let crc = crc32c::crc32c(&batch[21..]);
+    batch[17..21].copy_from_slice(&crc.to_be_bytes());
+    batch
+}
+
+#[tokio::test]
+async fn decompression_bombs_and_corrupt_payloads_are_refused_and_nothing_is_stored() {
+    let (broker, kafka) = start();
+    create_topic(
+        &mut broker.admin().await,
+        "guarded",
+        1,
+        v1::TopicConfig::default(),
+    )
+    .await;
+    // One valid record followed by 8 MiB of zeros: about a kilobyte in zstd, twice the
+    // most a batch that small may decompress to.
+    let mut plain = BatchBuilder::new();
+    plain.push(1_000, None, Some(b"v"), &[]);
+    let mut records = plain.finish()[strata_storage::batch::BATCH_HEADER_LEN..].to_vec();
+    records.resize(8 << 20, 0);
+    let mut bomb = Vec::new();
+    Compression::Zstd.compress(&records, &mut bomb);
+    let bomb = with_payload(Compression::Zstd, &bomb);
+    assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+    let mut gzip = Vec::new();
+    Compression::Gzip.compress(&records[..100], &mut gzip);
+    let corrupt = with_payload(Compression::Gzip, &gzip[..gzip.len() / 2]);
+
+    let mut raw = Raw::connect(kafka);
+    for (batch, code, words) in [
+        (&bomb, 87, "decompression limit"),
+        (&corrupt, 2, "gzip payload does not decompress"),
+    ] {
+        let answer: kafka_protocol::messages::ProduceResponse = raw.call(
+            ApiKey::Produce,
+            9,
+            &produce_request("guarded", -1, Bytes::from(batch.clone())),
+        );
+        let partition = &answer.responses[0].partition_responses[0];
+        assert_eq!(partition.error_code, code, "{partition:?}");
+        let message = partition.error_message.as_deref().unwrap_or_default();
+        assert!(message.contains(words), "{message}");
+    }
+    let mut client = broker.client().await;
+    let status = client
+        .produce(crate::common::produce_batch("guarded", 0, bomb))
+        .await
+        .expect_err("a bomb is refused over gRPC too");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("decompression limit"),
+        "{}",
+        status.message()
+    );
+    assert!(read_partition(&mut client, "guarded", 0).await.is_empty());
 }
 
 /// Arrays are counted before the codec decodes them: a Metadata of 100,000 empty topic

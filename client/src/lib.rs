@@ -79,6 +79,8 @@ pub use error::{Error, Result};
 pub use group::{Consumer, ConsumerGroupConfig, OffsetReset, OnRevoke, Revocation};
 pub use producer::{Acks, Delivery, Producer, ProducerConfig};
 pub use record::{headers, ConsumedRecord, Record};
+/// The codecs a [`ProducerConfig`] can compress batches with.
+pub use strata_storage::compression::Compression;
 
 /// The README's examples, compiled as doc tests so they stay true.
 #[cfg(doctest)]

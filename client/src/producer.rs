@@ -11,6 +11,10 @@
 //! remembers). All state sits behind one mutex that is never held
 //! across an `.await`.
 //!
+//! With [`ProducerConfig::compression`], a batch's records are compressed when it leaves
+//! its queue (under the mutex, as Kafka's producers compress as they append), once:
+//! retries send the same bytes.
+//!
 //! Each batch has one shared [`Outcome`]; a record's send future holds the outcome and
 //! its index in the batch, and reads its offset from there once the broker answers.
 //!
@@ -40,6 +44,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use strata_proto::v1::{self, broker_client::BrokerClient};
 use strata_storage::batch::{BatchBuilder, BATCH_HEADER_LEN};
+use strata_storage::compression::Compression;
 use strata_storage::producer::{next_sequence, RECENT_BATCHES};
 use tokio::sync::{oneshot, Notify};
 use tonic::transport::Channel;
@@ -103,6 +108,12 @@ pub struct ProducerConfig {
     /// the broker when the producer is created. Off: a retried batch can be stored
     /// twice (at least once).
     pub idempotent: bool,
+    /// Codec the records of each batch are compressed with (default none), as Kafka's
+    /// `compression.type`. The broker stores batches as sent and every consumer, Kafka
+    /// clients included, decompresses them. `max_batch_bytes` and the topic's
+    /// `max_message_bytes` limit the batch before compression, so a batch is never
+    /// refused as too large after it shrank. A batch is compressed once, when it is sent.
+    pub compression: Compression,
 }
 
 impl Default for ProducerConfig {
@@ -118,6 +129,7 @@ impl Default for ProducerConfig {
             request_timeout: Duration::from_secs(30),
             acks: Acks::Durable,
             idempotent: true,
+            compression: Compression::None,
         }
     }
 }
@@ -679,7 +691,12 @@ impl Shared {
                 part.probe = Some(Arc::clone(&batch.outcome));
             }
             let (bytes, previous) = match self.identity {
-                None => (Ok(Bytes::from(batch.builder.finish())), None),
+                None => (
+                    Ok(Bytes::from(
+                        batch.builder.finish_compressed(self.config.compression),
+                    )),
+                    None,
+                ),
                 // Still due after the bump above: 32,767 epochs ended in failed batches.
                 Some(_) if part.new_epoch_due => (
                     Err(Error::SequenceRejected {
@@ -696,7 +713,7 @@ impl Shared {
                     let bytes = batch
                         .builder
                         .producer(identity.producer_id, part.epoch, sequence)
-                        .finish();
+                        .finish_compressed(self.config.compression);
                     (Ok(Bytes::from(bytes)), part.window.back().cloned())
                 }
             };

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use strata_storage::batch::BATCH_HEADER_LEN;
+use strata_storage::compression::Compression;
 
 /// A record to produce: an optional key (which picks the partition), an optional value,
 /// headers, and a timestamp (the time of [`Producer::send`](crate::Producer::send) when
@@ -179,13 +181,23 @@ pub(crate) fn decode(
     from: u64,
     out: &mut Vec<ConsumedRecord>,
 ) -> Result<(), strata_storage::InvalidBatch> {
-    let slice = |part: &[u8]| bytes.slice_ref(part);
     for batch in strata_storage::batch::batches(bytes) {
         let batch = batch?;
         if batch.header().last_offset() < from {
             continue;
         }
-        for record in batch.records() {
+        // The records' bytes: the batch's own, or a compressed batch's decompressed
+        // (bounded) into a buffer its records then share.
+        let records = match batch.compression() {
+            Compression::None => bytes.slice_ref(&batch.as_bytes()[BATCH_HEADER_LEN..]),
+            _ => {
+                let mut decompressed = Vec::new();
+                batch.decompress(&mut decompressed)?;
+                Bytes::from(decompressed)
+            }
+        };
+        let slice = |part: &[u8]| records.slice_ref(part);
+        for record in batch.records_in(&records) {
             let record = record?;
             if record.offset < from {
                 continue;
@@ -214,11 +226,17 @@ mod tests {
 
     #[test]
     fn decode_skips_records_before_the_start_and_keeps_fields() {
+        for codec in Compression::ALL {
+            decodes_with(codec);
+        }
+    }
+
+    fn decodes_with(codec: Compression) {
         let mut builder = BatchBuilder::new();
         builder.push(10, Some(b"k0"), Some(b"v0"), &[]);
         builder.push(11, None, None, &[("h", b"x")]);
         builder.push(12, Some(b""), Some(b"v2"), &[]);
-        let mut batch = builder.finish();
+        let mut batch = builder.finish_compressed(codec);
         strata_storage::batch::set_base_offset(&mut batch, 100);
         let bytes = Bytes::from(batch);
         let topic: Arc<str> = Arc::from("t");

@@ -1,5 +1,6 @@
 //! The record batch decoder: every batch of the input, checked as the log checks an
-//! appended batch, and then read as a consumer reads it. Nothing may panic, and a batch
+//! appended batch (compressed ones decompressed, bounded), and then read as a consumer
+//! reads it. Nothing may panic, and a batch
 //! that validates must decode record by record, headers included, to its record count.
 #![no_main]
 
@@ -19,17 +20,19 @@ fuzz_target!(|data: &[u8]| {
         let Ok(batch) = batch else { break };
         let header = *batch.header();
         let _ = (header.last_offset(), header.next_offset());
+        let mut scratch = Vec::new();
         if batch.validate_records().is_ok() {
             let mut count = 0i32;
-            for record in batch.records() {
+            let records = batch.records_with(&mut scratch).expect("a validated batch decompresses");
+            for record in records {
                 let record = record.expect("a validated batch decodes");
                 assert_eq!(record.offset, header.base_offset + count as u64);
                 assert_eq!(record.headers().count(), record.header_count());
                 count += 1;
             }
             assert_eq!(count, header.record_count);
-        } else {
-            for record in batch.records() {
+        } else if let Ok(records) = batch.records_with(&mut scratch) {
+            for record in records {
                 let Ok(record) = record else { break };
                 record.headers().for_each(drop);
             }

@@ -114,12 +114,38 @@ pub enum InvalidBatch {
         /// The CRC of the bytes.
         computed: u32,
     },
-    /// A known compression codec that this build cannot decode.
-    #[error("compression codec {0} is not supported; send uncompressed batches")]
-    UnsupportedCompression(&'static str),
     /// A compression id no codec uses.
-    #[error("unknown compression codec id {0}")]
+    #[error("unknown compression codec id {0}: Kafka's are 0 (none) to 4 (zstd)")]
     UnknownCompression(u8),
+    /// The compressed records are not valid for their codec.
+    #[error("{codec} payload does not decompress: {reason}")]
+    Decompression {
+        /// The codec's name.
+        codec: &'static str,
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// The compressed records decompress to more than the bound
+    /// ([`crate::compression::decompressed_bytes_max`]): a decompression bomb, or a
+    /// batch far more compressible than real data.
+    #[error(
+        "{codec} records decompress to more than {limit} bytes, the decompression limit \
+         for a batch of this size ({ratio} times its size, at least {floor} and at most \
+         {cap} bytes)",
+        ratio = crate::compression::DECOMPRESSION_RATIO_MAX,
+        floor = crate::compression::DECOMPRESSED_BYTES_FLOOR,
+        cap = crate::compression::DECOMPRESSED_BYTES_CAP
+    )]
+    DecompressedTooLarge {
+        /// The codec's name.
+        codec: &'static str,
+        /// The bound that was passed.
+        limit: usize,
+    },
+    /// The records of a compressed batch were asked for without decompressing them
+    /// (a caller bug: `Batch::records_with` reads every batch).
+    #[error("the batch is {0}-compressed: its records are read with Batch::records_with")]
+    Compressed(&'static str),
     /// Transactional and control batches are not supported.
     #[error("transactional and control batches are not supported")]
     Transactional,

@@ -2,6 +2,8 @@
 //!
 //! - [`batch`]: the record batch codec (Kafka RecordBatch v2), used by the broker, the
 //!   client and tests alike: one codec everywhere.
+//! - [`compression`]: Kafka's gzip, snappy, lz4 and zstd for the records of a batch,
+//!   with the decompression bound.
 //! - [`Log`]: one partition's append-only log of segment files with sparse offset and
 //!   time indexes, a durability policy with group commit, crash recovery that scans only
 //!   the unflushed tail, and retention by age and size.
@@ -15,6 +17,7 @@
 
 pub mod batch;
 mod checkpoint;
+pub mod compression;
 mod config;
 mod error;
 pub mod fault;

@@ -364,13 +364,17 @@ impl Rec {
     }
 }
 
-/// Decodes the raw `batches` of a fetch response with the storage codec, keeping the
-/// records at or after `from`.
+/// Decodes the raw `batches` of a fetch response with the storage codec (compressed
+/// batches decompressed), keeping the records at or after `from`.
 pub fn decode_batches(bytes: &[u8], from: u64) -> Vec<Rec> {
     let mut out = Vec::new();
+    let mut scratch = Vec::new();
     for batch in strata_storage::batch::batches(bytes) {
         let batch = batch.expect("the broker returns valid batches");
-        for record in batch.records() {
+        let records = batch
+            .records_with(&mut scratch)
+            .expect("the broker's batches decompress");
+        for record in records {
             let record = record.expect("the broker returns valid records");
             if record.offset < from {
                 continue;

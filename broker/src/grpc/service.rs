@@ -565,9 +565,10 @@ fn target_partition(topic: &Topic, request: &v1::ProduceRequest) -> Result<u32> 
             strata_proto::partition_for_key(key, partitions)
         }
         None => {
+            let mut scratch = Vec::new();
             let key = match request.records.first() {
                 Some(record) => record.key.as_deref(),
-                None => first_batch_key(&request.batch),
+                None => first_batch_key(&request.batch, &mut scratch),
             };
             match key {
                 Some(key) => strata_proto::partition_for_key(key, partitions),
@@ -578,9 +579,16 @@ fn target_partition(topic: &Topic, request: &v1::ProduceRequest) -> Result<u32> 
 }
 
 /// The key of the first record of an encoded batch, for routing a produce request that
-/// names no target. An invalid batch has none; the append rejects it afterwards.
-fn first_batch_key(batch: &[u8]) -> Option<&[u8]> {
-    Batch::new(batch).ok()?.records().next()?.ok()?.key
+/// names no target (a compressed batch is decompressed into `scratch`, bounded). An
+/// invalid batch has none; the append rejects it afterwards.
+fn first_batch_key<'a>(batch: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+    Batch::new(batch)
+        .ok()?
+        .records_with(scratch)
+        .ok()?
+        .next()?
+        .ok()?
+        .key
 }
 
 /// Rough per-record overhead of the decoded form (offset, timestamp, framing).
@@ -599,9 +607,14 @@ fn decode_records(
 ) -> Result<(Vec<v1::Record>, Option<u64>)> {
     let mut records = Vec::new();
     let mut used = 0;
+    // The records of a compressed batch, decompressed (bounded by the batch's size).
+    let mut scratch = Vec::new();
     for batch in batches(batches_bytes) {
         let batch = batch.map_err(strata_storage::Error::from)?;
-        for record in batch.records() {
+        let batch_records = batch
+            .records_with(&mut scratch)
+            .map_err(strata_storage::Error::from)?;
+        for record in batch_records {
             let record = record.map_err(strata_storage::Error::from)?;
             if record.offset < from {
                 continue;

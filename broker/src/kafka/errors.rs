@@ -23,12 +23,15 @@ pub fn code(e: &Error) -> i16 {
         Error::Sequence(_, SequenceError::OutOfOrder { .. }) => K::OutOfOrderSequenceNumber.code(),
         Error::Sequence(..) => K::InvalidRecord.code(),
         Error::Storage(S::BatchTooLarge { .. }) => K::MessageTooLarge.code(),
-        Error::Storage(S::InvalidBatch(
-            InvalidBatch::UnsupportedCompression(_) | InvalidBatch::UnknownCompression(_),
-        )) => K::UnsupportedCompressionType.code(),
-        Error::Storage(S::InvalidBatch(InvalidBatch::ChecksumMismatch { .. })) => {
-            K::CorruptMessage.code()
+        Error::Storage(S::InvalidBatch(InvalidBatch::UnknownCompression(_))) => {
+            K::UnsupportedCompressionType.code()
         }
+        // Bytes that do not check out (CRC, a compressed payload that does not decode)
+        // are CORRUPT_MESSAGE, as Kafka answers; records that decode but break the
+        // rules, a decompression bomb included, INVALID_RECORD below.
+        Error::Storage(S::InvalidBatch(
+            InvalidBatch::ChecksumMismatch { .. } | InvalidBatch::Decompression { .. },
+        )) => K::CorruptMessage.code(),
         Error::Storage(S::InvalidBatch(_)) => K::InvalidRecord.code(),
         Error::Storage(S::InvalidConfig(_)) => K::InvalidConfig.code(),
         Error::DiskFull(..) | Error::Unavailable(..) | Error::Storage(_) | Error::Io { .. } => {
@@ -103,9 +106,27 @@ mod tests {
         );
         assert_eq!(
             code(&Error::Storage(S::InvalidBatch(
-                InvalidBatch::UnsupportedCompression("gzip")
+                InvalidBatch::UnknownCompression(5)
             ))),
             76
+        );
+        assert_eq!(
+            code(&Error::Storage(S::InvalidBatch(
+                InvalidBatch::Decompression {
+                    codec: "zstd",
+                    reason: "truncated".into()
+                }
+            ))),
+            2
+        );
+        assert_eq!(
+            code(&Error::Storage(S::InvalidBatch(
+                InvalidBatch::DecompressedTooLarge {
+                    codec: "gzip",
+                    limit: 1
+                }
+            ))),
+            87
         );
         assert_eq!(code(&Error::TopicExists("t".into())), 36);
         assert_eq!(code(&Error::ShuttingDown), 6);

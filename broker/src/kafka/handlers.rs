@@ -824,11 +824,17 @@ async fn list_offset(
                 };
                 // The found record's own timestamp, from the batch that holds it.
                 let read = reader.read(offset, 1)?;
+                let mut scratch = Vec::new();
                 let found = batches(&read.batches)
                     .filter_map(|b| b.ok())
-                    .flat_map(|b| b.records().filter_map(|r| r.ok()).collect::<Vec<_>>())
-                    .find(|r| r.offset == offset)
-                    .map_or(t, |r| r.timestamp);
+                    .find_map(|b| {
+                        b.records_with(&mut scratch)
+                            .ok()?
+                            .filter_map(|r| r.ok())
+                            .find(|r| r.offset == offset)
+                            .map(|r| r.timestamp)
+                    })
+                    .unwrap_or(t);
                 Ok((offset as i64, found))
             })
             .await

@@ -1,7 +1,7 @@
 //! The one table of Kafka APIs and versions this listener implements. It drives both
 //! the ApiVersions answer and the dispatcher, so the broker never advertises an API or a
-//! version it cannot serve: clients pick the highest common version and turn features
-//! on from the keys they see.
+//! version it cannot serve (but for the one low Produce floor below): clients pick the
+//! highest common version and turn features on from the keys they see.
 
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse};
@@ -69,6 +69,14 @@ pub fn range(key: ApiKey) -> Option<(i16, i16)> {
         .map(|&(_, min, max)| (min, max))
 }
 
+/// The least Produce version ApiVersions lists, below the least served (v3, the first
+/// with record batch v2): librdkafka before 2.11.1 compresses with gzip, snappy or lz4
+/// only for a broker whose listed Produce range includes v0 (it asks whether Produce
+/// `[0, 0]` is supported) and otherwise sends every batch uncompressed. No client
+/// sends v0-v2 to a broker that lists v3+, and one that did would be told the served
+/// range like any request outside it.
+const PRODUCE_LISTED_MIN: i16 = 0;
+
 /// The ApiVersions answer: every implemented API, with `error_code`.
 pub fn api_versions(error_code: i16) -> ApiVersionsResponse {
     ApiVersionsResponse::default()
@@ -77,6 +85,10 @@ pub fn api_versions(error_code: i16) -> ApiVersionsResponse {
             SUPPORTED
                 .iter()
                 .map(|&(key, min, max)| {
+                    let min = match key {
+                        ApiKey::Produce => PRODUCE_LISTED_MIN,
+                        _ => min,
+                    };
                     ApiVersion::default()
                         .with_api_key(key as i16)
                         .with_min_version(min)

@@ -1,0 +1,431 @@
+//! Record batch compression: Kafka's four codecs, the one place both the broker (which
+//! validates compressed batches by decompressing them) and the client (which compresses
+//! the batches it produces and decompresses those it fetches) encode and decode them.
+//!
+//! A compressed batch keeps its 61-byte header in the clear; only the records after it
+//! are compressed, as one block, in the codec the low three attribute bits name:
+//!
+//! | id | codec  | framing                                                          |
+//! |----|--------|------------------------------------------------------------------|
+//! | 0  | none   |                                                                  |
+//! | 1  | gzip   | gzip (RFC 1952), one or more members                             |
+//! | 2  | snappy | raw snappy (librdkafka) or xerial-framed (`\x82SNAPPY\0`, Java and kafka-python): both are read, raw is written |
+//! | 3  | lz4    | the LZ4 frame format (KIP-57), independent blocks                |
+//! | 4  | zstd   | a zstd frame                                                     |
+//!
+//! Decompression is bounded: a batch may decompress to at most
+//! [`decompressed_bytes_max`] of its encoded size, and the decoders stop as soon as
+//! they pass it (they never produce everything and check afterwards), so a
+//! decompression bomb costs the reader at most that much memory.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::str::FromStr;
+
+use crate::error::InvalidBatch;
+
+/// A batch may decompress to at most this many times its encoded size...
+pub const DECOMPRESSION_RATIO_MAX: usize = 64;
+/// ...but always to this much (small batches of repetitive records compress far
+/// better than 64:1)...
+pub const DECOMPRESSED_BYTES_FLOOR: usize = 4 << 20;
+/// ...and never to more than this, whatever the batch size.
+pub const DECOMPRESSED_BYTES_CAP: usize = 256 << 20;
+
+/// The most bytes the records of a compressed batch of `batch_len` encoded bytes may
+/// decompress to. It depends on the batch alone, so every reader (the broker accepting
+/// it, a timestamp lookup, a decoding fetch, a client) applies the same bound without
+/// knowing the topic's settings when it was written, and a batch accepted once stays
+/// readable after `max_message_bytes` changes.
+pub fn decompressed_bytes_max(batch_len: usize) -> usize {
+    batch_len
+        .saturating_mul(DECOMPRESSION_RATIO_MAX)
+        .clamp(DECOMPRESSED_BYTES_FLOOR, DECOMPRESSED_BYTES_CAP)
+}
+
+/// The compression codec of a batch (attribute bits 0-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Compression {
+    /// Records stored as they are.
+    #[default]
+    None,
+    /// gzip (DEFLATE).
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4, frame format.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    /// Every codec, `None` first.
+    pub const ALL: [Compression; 5] = [
+        Compression::None,
+        Compression::Gzip,
+        Compression::Snappy,
+        Compression::Lz4,
+        Compression::Zstd,
+    ];
+
+    /// The codec with this attribute id, or `None` for the unused ids 5-7.
+    pub fn from_id(id: u8) -> Option<Compression> {
+        Compression::ALL.get(usize::from(id)).copied()
+    }
+
+    /// The attribute id (0-4).
+    pub fn id(self) -> u8 {
+        self as u8
+    }
+
+    /// The name Kafka's `compression.type` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// Appends `input` compressed with this codec to `out` (for `None`, `input` itself).
+    pub fn compress(self, input: &[u8], out: &mut Vec<u8>) {
+        self.try_compress(input, out)
+            .expect("compressing into memory cannot fail");
+    }
+
+    fn try_compress(self, input: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Compression::None => {
+                out.extend_from_slice(input);
+                Ok(())
+            }
+            Compression::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+                e.write_all(input)?;
+                e.finish().map(drop)
+            }
+            Compression::Snappy => {
+                // Raw snappy, as librdkafka writes it; every Kafka client reads it.
+                let start = out.len();
+                out.resize(start + snap::raw::max_compress_len(input.len()), 0);
+                let n = snap::raw::Encoder::new()
+                    .compress(input, &mut out[start..])
+                    .map_err(std::io::Error::other)?;
+                out.truncate(start + n);
+                Ok(())
+            }
+            Compression::Lz4 => {
+                // Independent blocks: Kafka's Java LZ4 reader refuses linked ones.
+                let info = lz4_flex::frame::FrameInfo::new()
+                    .block_mode(lz4_flex::frame::BlockMode::Independent);
+                let mut e = lz4_flex::frame::FrameEncoder::with_frame_info(info, out);
+                e.write_all(input)?;
+                e.finish().map(drop).map_err(std::io::Error::other)
+            }
+            Compression::Zstd => zstd::stream::copy_encode(input, out, ZSTD_LEVEL),
+        }
+    }
+
+    /// Appends `input` decompressed to `out`, refusing (with nothing useful in `out`)
+    /// a payload that is not valid for the codec or decompresses to more than `limit`
+    /// bytes.
+    pub fn decompress(
+        self,
+        input: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InvalidBatch> {
+        let start = out.len();
+        let corrupt = |reason: String| InvalidBatch::Decompression {
+            codec: self.name(),
+            reason,
+        };
+        let too_large = InvalidBatch::DecompressedTooLarge {
+            codec: self.name(),
+            limit,
+        };
+        match self {
+            Compression::None => {
+                if input.len() > limit {
+                    return Err(too_large);
+                }
+                out.extend_from_slice(input);
+                Ok(())
+            }
+            Compression::Gzip => read_bounded(
+                flate2::read::MultiGzDecoder::new(input),
+                limit,
+                out,
+                corrupt,
+                too_large,
+            ),
+            Compression::Snappy => match input.strip_prefix(XERIAL_MAGIC) {
+                Some(framed) => decompress_xerial(framed, limit, out)
+                    .map_err(|e| e.into_error(corrupt, too_large)),
+                None => {
+                    snappy_block(input, limit, out).map_err(|e| e.into_error(corrupt, too_large))
+                }
+            },
+            Compression::Lz4 => read_bounded(
+                lz4_flex::frame::FrameDecoder::new(input),
+                limit,
+                out,
+                corrupt,
+                too_large,
+            ),
+            Compression::Zstd => {
+                let mut decoder = zstd::stream::read::Decoder::with_buffer(input)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                // A frame names its window size and the decoder allocates it: refuse
+                // windows far larger than the output may be, so a crafted header cannot
+                // make it allocate much more than the bound.
+                decoder
+                    .window_log_max(zstd_window_log_max(limit))
+                    .map_err(|e| corrupt(e.to_string()))?;
+                read_bounded(decoder, limit, out, corrupt, too_large)
+            }
+        }
+        .inspect_err(|_| out.truncate(start))
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    /// Parses `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    fn from_str(s: &str) -> Result<Compression, String> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("compression {s:?} is not one of none, gzip, snappy, lz4, zstd"))
+    }
+}
+
+/// zstd level for compressing: the library's default, which librdkafka and Java use.
+const ZSTD_LEVEL: i32 = 3;
+
+/// The header xerial's snappy-java puts in front of its blocks (Java and kafka-python
+/// producers), followed by two 4-byte version fields.
+const XERIAL_MAGIC: &[u8] = b"\x82SNAPPY\0";
+
+/// The largest zstd window (as a power of two) a frame may ask for when it may
+/// decompress to `limit` bytes: what the output could need, but at least 8 MiB (2^23,
+/// the window of the highest standard levels when the content size is not pledged, as
+/// Java's zstd-jni stream writes it) and at most 2^27 (the library's own default cap).
+fn zstd_window_log_max(limit: usize) -> u32 {
+    let needed = usize::BITS - limit.saturating_sub(1).leading_zeros();
+    needed.clamp(23, 27)
+}
+
+/// Reads `decoder` to its end into `out`, at most `limit` bytes: it asks for one byte
+/// more, so reaching it means the payload is larger and decoding stops there.
+fn read_bounded(
+    decoder: impl Read,
+    limit: usize,
+    out: &mut Vec<u8>,
+    corrupt: impl Fn(String) -> InvalidBatch,
+    too_large: InvalidBatch,
+) -> Result<(), InvalidBatch> {
+    let start = out.len();
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(out)
+        .map_err(|e| corrupt(e.to_string()))?;
+    if out.len() - start > limit {
+        return Err(too_large);
+    }
+    Ok(())
+}
+
+enum SnappyError {
+    Corrupt(String),
+    TooLarge,
+}
+
+impl SnappyError {
+    fn into_error(
+        self,
+        corrupt: impl Fn(String) -> InvalidBatch,
+        too_large: InvalidBatch,
+    ) -> InvalidBatch {
+        match self {
+            SnappyError::Corrupt(reason) => corrupt(reason),
+            SnappyError::TooLarge => too_large,
+        }
+    }
+}
+
+/// One raw snappy block. Its uncompressed length comes first, so the bound is checked
+/// before anything is allocated.
+fn snappy_block(input: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), SnappyError> {
+    let corrupt = |e: snap::Error| SnappyError::Corrupt(e.to_string());
+    let len = snap::raw::decompress_len(input).map_err(corrupt)?;
+    if len > limit {
+        return Err(SnappyError::TooLarge);
+    }
+    let start = out.len();
+    out.resize(start + len, 0);
+    let n = snap::raw::Decoder::new()
+        .decompress(input, &mut out[start..])
+        .map_err(corrupt)?;
+    out.truncate(start + n);
+    Ok(())
+}
+
+/// xerial framing after its magic: versions (2 × 4 bytes), then blocks, each a 4-byte
+/// big-endian length and a raw snappy block.
+fn decompress_xerial(framed: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), SnappyError> {
+    let truncated = || SnappyError::Corrupt("xerial snappy framing is truncated".into());
+    let mut rest = framed.get(8..).ok_or_else(truncated)?;
+    let start = out.len();
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
+        let len = u32::from_be_bytes(*len) as usize;
+        let block = tail.get(..len).ok_or_else(truncated)?;
+        let used = out.len() - start;
+        snappy_block(block, limit - used, out)?;
+        rest = &tail[len..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn xerial(input: &[u8], block: usize) -> Vec<u8> {
+        let mut out = XERIAL_MAGIC.to_vec();
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&1u32.to_be_bytes());
+        for chunk in input.chunks(block.max(1)) {
+            let compressed = snap::raw::Encoder::new()
+                .compress_vec(chunk)
+                .expect("snappy");
+            out.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+            out.extend_from_slice(&compressed);
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn every_codec_round_trips(input in proptest::collection::vec(any::<u8>(), 0..2000), repeat in 1usize..20) {
+            let input = input.repeat(repeat);
+            for codec in Compression::ALL {
+                let mut compressed = Vec::new();
+                codec.compress(&input, &mut compressed);
+                let mut out = vec![9];
+                codec.decompress(&compressed, input.len(), &mut out).expect("decompresses");
+                prop_assert_eq!(&out[1..], &input[..], "{}", codec);
+            }
+        }
+
+        #[test]
+        fn xerial_snappy_is_read(input in proptest::collection::vec(any::<u8>(), 0..5000), block in 1usize..3000) {
+            let mut out = Vec::new();
+            Compression::Snappy.decompress(&xerial(&input, block), input.len(), &mut out).expect("decompresses");
+            prop_assert_eq!(out, input);
+        }
+
+        /// Arbitrary bytes are refused or decoded within the bound; nothing panics.
+        #[test]
+        fn garbage_is_refused_or_bounded(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+            for codec in Compression::ALL {
+                let mut out = Vec::new();
+                if codec.decompress(&input, 1000, &mut out).is_ok() {
+                    prop_assert!(out.len() <= 1000);
+                } else {
+                    prop_assert!(out.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_bomb_is_refused_at_the_limit() {
+        let zeros = vec![0u8; 10 << 20];
+        for codec in &Compression::ALL[1..] {
+            let mut bomb = Vec::new();
+            codec.compress(&zeros, &mut bomb);
+            assert!(bomb.len() < 1 << 20, "{codec}: {} bytes", bomb.len());
+            let mut out = Vec::new();
+            assert_eq!(
+                codec.decompress(&bomb, 1 << 20, &mut out),
+                Err(InvalidBatch::DecompressedTooLarge {
+                    codec: codec.name(),
+                    limit: 1 << 20
+                })
+            );
+            assert!(out.is_empty());
+            // The streaming decoders stop right after the bound instead of producing
+            // all ten megabytes (snappy checks the declared length and allocates nothing).
+            assert!(out.capacity() <= 4 << 20, "{codec}: {}", out.capacity());
+            codec
+                .decompress(&bomb, zeros.len(), &mut out)
+                .expect("within a large enough bound");
+            assert_eq!(out.len(), zeros.len());
+        }
+        let mut out = Vec::new();
+        assert!(matches!(
+            Compression::Snappy.decompress(&xerial(&zeros, 64 << 10), 1 << 20, &mut out),
+            Err(InvalidBatch::DecompressedTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_payloads_are_refused() {
+        let input = b"some records, some records, some records".repeat(20);
+        for codec in &Compression::ALL[1..] {
+            let mut compressed = Vec::new();
+            codec.compress(&input, &mut compressed);
+            let mut out = Vec::new();
+            let truncated = &compressed[..compressed.len() / 2];
+            assert!(
+                matches!(
+                    codec.decompress(truncated, 1 << 20, &mut out),
+                    Err(InvalidBatch::Decompression { codec: name, .. }) if name == codec.name()
+                ),
+                "{codec}"
+            );
+            assert!(out.is_empty());
+        }
+        let mut out = Vec::new();
+        let framed = xerial(&input, 100);
+        assert!(matches!(
+            Compression::Snappy.decompress(&framed[..framed.len() - 3], 1 << 20, &mut out),
+            Err(InvalidBatch::Decompression { .. })
+        ));
+    }
+
+    #[test]
+    fn the_bound_scales_with_the_batch_within_floor_and_cap() {
+        assert_eq!(decompressed_bytes_max(100), DECOMPRESSED_BYTES_FLOOR);
+        assert_eq!(decompressed_bytes_max(1 << 20), 64 << 20);
+        assert_eq!(decompressed_bytes_max(64 << 20), DECOMPRESSED_BYTES_CAP);
+        assert_eq!(zstd_window_log_max(1 << 20), 23);
+        assert_eq!(zstd_window_log_max(1 << 24), 24);
+        assert_eq!(zstd_window_log_max((1 << 24) + 1), 25);
+        assert_eq!(zstd_window_log_max(DECOMPRESSED_BYTES_CAP), 27);
+    }
+
+    #[test]
+    fn names_parse_and_ids_match_kafka() {
+        for (id, codec) in Compression::ALL.into_iter().enumerate() {
+            assert_eq!(codec.id() as usize, id);
+            assert_eq!(Compression::from_id(id as u8), Some(codec));
+            assert_eq!(codec.name().parse(), Ok(codec));
+        }
+        assert_eq!(Compression::from_id(5), None);
+        assert!("brotli".parse::<Compression>().is_err());
+    }
+}

@@ -525,11 +525,14 @@ impl Log {
 
     /// Whether a [`Log::commit`] now would do nothing: nothing is staged, nothing
     /// written waits for an interval fsync, and no deferred upkeep waits for its retry.
-    /// An idle log needs no maintenance ticks until it is written to again.
+    /// An idle log needs no maintenance ticks until it is written to again; a poisoned
+    /// one is never idle.
     pub fn idle(&self) -> bool {
         let active = &self.active;
         let syncs = self.config.durability != Durability::None;
-        active.staged.is_empty()
+        // A poisoned log is not idle: the next commit reports the poisoning to its owner.
+        !self.poisoned
+            && active.staged.is_empty()
             && (!syncs || (active.synced == active.written && !self.checkpoint_stale))
             && self.unsealed.is_empty()
     }
@@ -578,8 +581,14 @@ impl Log {
         self.check_poisoned()?;
         // Rolling by age is otherwise checked on append only: without this, the last
         // segment of a partition nobody writes to would never roll, so never expire.
+        // A roll that cannot open its files (kept for its retry, and reported with the
+        // upkeep failures) must not stop the deletions: on a full disk they are what frees
+        // the space.
         if self.active.next_offset != self.active.segment.base_offset && self.active_is_old() {
-            self.guard(|log| log.roll())?;
+            match self.guard(|log| log.roll()) {
+                Ok(()) | Err(Error::RollFailed { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         let segments = self.reader.shared.segments();
         let sealed = &segments[..segments.len() - 1];
@@ -631,6 +640,10 @@ impl Log {
         self.reader
             .shared
             .set_segments(segments[expired..].to_vec());
+        // Indexes still waiting to be trimmed go with their segments.
+        let deleted = &segments[..expired];
+        self.unsealed
+            .retain(|s| !deleted.iter().any(|d| Arc::ptr_eq(d, s)));
         // Oldest first, log file first: a crash part way leaves a log that starts at a
         // later segment, and index files without a log, which open removes.
         for segment in &segments[..expired] {

@@ -433,7 +433,6 @@ impl Writer {
             for fsync in self.log.take_fsyncs() {
                 self.metrics.fsync(fsync);
             }
-            self.report_upkeep();
             for (reply, stored) in waiting.drain(..) {
                 let _ = reply.send(match &committed {
                     Ok(()) => Ok(stored),
@@ -453,6 +452,9 @@ impl Writer {
             if maintain {
                 self.retention();
             }
+            // After retention, whose roll can fail too: an idle partition would otherwise
+            // report it only at the next retention tick.
+            self.report_upkeep();
             self.idle.store(self.idle(), Ordering::Release);
             if shutdown {
                 break;

@@ -565,3 +565,63 @@ fn the_documents_state_the_promises_these_tests_check() {
         }
     }
 }
+
+/// A roll by age that cannot open its files does not stop retention: at the descriptor
+/// limit or on a full disk, the deletions are what frees the room.
+#[test]
+fn retention_deletes_although_its_age_roll_fails() {
+    let dir = crate::common::scratch_dir();
+    let injector = Injector::new(dir.path()).expect("injector");
+    let files = FileCache::new(4);
+    let mut log = Log::open(injector.root(), config(Durability::Fsync), &files).expect("open");
+    let mut id = 0;
+    for _ in 0..2 {
+        fill_segment(&injector, &mut log, &mut id);
+        id += 1;
+        log.append(&encode(id, 3)).expect("append past a roll");
+    }
+    drop(log);
+    // Reopened to keep 1 byte, with segments that roll after 1 ms: the active segment is
+    // old once a millisecond has passed, so retention tries to roll it first.
+    let aged = LogConfig {
+        segment_ms: Some(1),
+        retention_bytes: Some(1),
+        ..config(Durability::Fsync)
+    };
+    let mut log = Log::open(injector.root(), aged, &files).expect("reopen");
+    let segments = log.reader().segment_count();
+    assert_eq!(segments, 3);
+    std::thread::sleep(Duration::from_millis(2));
+    injector.fail_nth(Op::Open, 1, Fault::too_many_open_files());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after the epoch")
+        .as_millis() as i64;
+    let deleted = log.apply_retention(now_ms).expect("retention runs");
+    assert_eq!(
+        deleted,
+        segments - 1,
+        "every sealed segment is over the 1 byte kept"
+    );
+    let failures: Vec<_> = log.take_deferred_failures().collect();
+    assert!(
+        failures.iter().any(|f| f.step == Deferred::Roll),
+        "{failures:?}"
+    );
+}
+
+/// Maintenance must keep coming to a poisoned log, whose owner learns of the failure
+/// from the next commit: under `none` nothing else says there is work left (a roll's
+/// fsync of the old segment, say for retention, is what failed).
+#[test]
+fn a_poisoned_log_is_never_idle() {
+    let dir = crate::common::scratch_dir();
+    let injector = Injector::new(dir.path()).expect("injector");
+    let files = FileCache::new(4);
+    let mut log = Log::open(injector.root(), config(Durability::None), &files).expect("open");
+    log.append(&encode(1, 2)).expect("append");
+    assert!(log.idle(), "under none, a commit leaves nothing to do");
+    injector.fail_nth(Op::Sync, 1, Fault::eio());
+    log.flush().expect_err("the fsync fails");
+    assert!(!log.idle(), "a poisoned log is never idle");
+}

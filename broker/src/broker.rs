@@ -351,37 +351,61 @@ impl Broker {
         };
         // Opening a partition is mostly waiting for fsyncs of its new files and
         // directories: a few threads waiting together make thousands of partitions take
-        // seconds instead of minutes. Each thread opens every OPENERS-th partition.
-        let openers = (count as usize).min(OPENERS);
-        let mut opened: Vec<Vec<Result<Arc<Partition>>>> = std::thread::scope(|scope| {
-            let open = &open;
-            let threads: Vec<_> = (0..openers as u32)
-                .map(|first| {
-                    scope.spawn(move || {
-                        (first..count)
-                            .step_by(openers)
-                            .map(open)
-                            .collect::<Vec<_>>()
-                    })
+        // seconds instead of minutes. Each takes the next partition until all are open
+        // or one failed.
+        let next = AtomicU32::new(0);
+        let failed = AtomicBool::new(false);
+        let work = || {
+            let mut done = Vec::new();
+            while !failed.load(Ordering::Relaxed) {
+                let p = next.fetch_add(1, Ordering::Relaxed);
+                if p >= count {
+                    break;
+                }
+                let opened = open(p);
+                failed.fetch_or(opened.is_err(), Ordering::Relaxed);
+                done.push((p, opened));
+            }
+            done
+        };
+        let mut results: Vec<(u32, Result<Arc<Partition>>)> = std::thread::scope(|scope| {
+            let work = &work;
+            // A helper the OS cannot start (thread limits) is simply not there: the
+            // calling thread opens partitions too.
+            let helpers: Vec<_> = (1..OPENERS.min(count as usize))
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .name("partition-open".into())
+                        .spawn_scoped(scope, work)
+                        .ok()
                 })
                 .collect();
-            threads
-                .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
+            let mut all = work();
+            for helper in helpers {
+                all.extend(
+                    helper
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            all
         });
-        // Back in partition order: partition p is the (p / openers)-th of thread p % openers.
-        let mut iterators: Vec<_> = opened.iter_mut().map(|v| v.drain(..)).collect();
-        let partitions = (0..count as usize)
-            .map(|p| {
-                iterators[p % openers]
-                    .next()
-                    .expect("every partition was opened")
-            })
-            .collect::<Result<Vec<_>>>()?;
+        results.sort_unstable_by_key(|(p, _)| *p);
+        if let Some(at) = results.iter().position(|(_, opened)| opened.is_err()) {
+            // Close what did open before its directory goes, so no writer thread is
+            // still writing there.
+            let (_, error) = results.swap_remove(at);
+            for partition in results.into_iter().filter_map(|(_, opened)| opened.ok()) {
+                if let Err(why) = partition.shutdown() {
+                    tracing::warn!(topic = %name, error = %why, "closing a partition of a topic that failed to open");
+                }
+            }
+            return Err(error.expect_err("the failed one"));
+        }
+        let partitions: Vec<Arc<Partition>> = results
+            .into_iter()
+            .filter_map(|(_, opened)| opened.ok())
+            .collect();
         Ok(Topic {
             name: name.to_string(),
             settings,
@@ -634,5 +658,39 @@ mod tests {
         assert_eq!(names(&broker), expected);
         drop(broker);
         assert_eq!(names(&open()), expected);
+    }
+
+    /// A partition that cannot be opened fails the creation cleanly: the partitions that
+    /// did open are closed, nothing of the topic stays, and the name can be created again.
+    #[test]
+    fn a_partition_that_fails_to_open_leaves_no_topic_behind() {
+        use strata_storage::fault::{Fault, Injector, Op};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = Broker::open(
+            dir.path(),
+            TopicSettings::default(),
+            64,
+            Arc::new(Metrics::default()),
+        )
+        .expect("open");
+        let topics = dir.path().join("topics");
+        let injector = Injector::new(&topics).expect("injector");
+        let settings = || TopicSettings {
+            partitions: OPENERS as u32 * 2,
+            ..TopicSettings::default()
+        };
+        // Some partition's directory (the tenth created) cannot be made.
+        injector.fail_nth(Op::CreateDir, 10, Fault::eio());
+        broker
+            .create_topic("t", settings())
+            .expect_err("a partition cannot be opened");
+        assert!(broker.topic("t").is_err());
+        assert!(!topics.join("t").exists(), "the topic's directory is gone");
+        injector.clear();
+        broker.create_topic("t", settings()).expect("created again");
+        assert_eq!(
+            broker.topic("t").expect("topic").partitions.len(),
+            OPENERS * 2
+        );
     }
 }

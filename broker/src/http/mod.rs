@@ -34,6 +34,11 @@ use crate::grpc::connections::{AcceptPacer, Warner};
 use crate::metrics::{Metrics, Source};
 
 /// The content type of the OpenMetrics text format.
+/// A connection that moves no byte either way for this long is closed, so clients that
+/// connect and send nothing, or keep idle connections, cannot hold every one of
+/// `max_http_connections` (and lock health probes out).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What the HTTP handlers read.
@@ -104,15 +109,7 @@ impl axum::serve::Listener for Capped {
             };
             self.pacer.accepted();
             match Arc::clone(&self.permits).try_acquire_owned() {
-                Ok(permit) => {
-                    return (
-                        Held {
-                            io: stream,
-                            _permit: permit,
-                        },
-                        peer,
-                    )
-                }
+                Ok(permit) => return (Held::new(stream, permit), peer),
                 Err(_) => {
                     if let Some(missed) = self.refused.due() {
                         tracing::warn!(
@@ -132,10 +129,46 @@ impl axum::serve::Listener for Capped {
     }
 }
 
-/// An HTTP connection, holding one of the listener's permits until it is closed.
+/// An HTTP connection, holding one of the listener's permits until it is closed, and
+/// failing with `TimedOut` once it has been idle for [`IDLE_TIMEOUT`].
 struct Held {
     io: TcpStream,
+    idle: Pin<Box<tokio::time::Sleep>>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Held {
+    fn new(io: TcpStream, permit: OwnedSemaphorePermit) -> Held {
+        Held {
+            io,
+            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+            _permit: permit,
+        }
+    }
+
+    /// Passes on what the socket did: progress restarts the idle clock; waiting fails
+    /// once the clock ran out.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                Poll::Ready(result)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("HTTP connection idle for {IDLE_TIMEOUT:?}"),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
 }
 
 impl AsyncRead for Held {
@@ -144,7 +177,8 @@ impl AsyncRead for Held {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.watch(cx, polled)
     }
 }
 
@@ -154,7 +188,8 @@ impl AsyncWrite for Held {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -170,7 +205,8 @@ impl AsyncWrite for Held {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -201,4 +237,44 @@ async fn ready(State(state): State<Arc<HttpState>>) -> Response {
     }
     let body: String = problems.iter().map(|p| format!("{p}\n")).collect();
     (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection that sends nothing is closed after the idle timeout; one that moves
+    /// bytes restarts its clock each time. (The clock is tokio's paused one.)
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_times_out_and_progress_restarts_the_clock() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a permit");
+        let mut held = Held::new(server, permit);
+        let started = tokio::time::Instant::now();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(IDLE_TIMEOUT * 2 / 3).await;
+            client.write_all(b"x").await.expect("write");
+            client
+        });
+        let mut byte = [0u8; 1];
+        held.read_exact(&mut byte)
+            .await
+            .expect("the byte arrives before the timeout");
+        let _client = writer.await.expect("writer");
+        let e = held.read(&mut byte).await.expect_err("idle since the byte");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let idle_from = IDLE_TIMEOUT * 2 / 3;
+        assert!(
+            started.elapsed() >= idle_from + IDLE_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -124,6 +124,29 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::ShuttingDown)?
 }
 
+/// A creation that ran out of file descriptors says which knobs to turn, as a limit the
+/// client can act on, instead of an internal I/O error.
+fn out_of_descriptors(e: Error, partitions: u32) -> Error {
+    let errno = match &e {
+        Error::Storage(strata_storage::Error::Io { source, .. }) | Error::Io { source, .. } => {
+            source.raw_os_error()
+        }
+        _ => None,
+    };
+    // EMFILE (the process's limit) and ENFILE (the system's).
+    if !matches!(errno, Some(24 | 23)) {
+        return e;
+    }
+    Error::LimitExceeded {
+        limit: "max_partitions",
+        message: format!(
+            "creating {partitions} partitions ran out of file descriptors ({e}); each \
+             partition holds three: raise the broker's descriptor limit (ulimit -n, \
+             LimitNOFILE) or lower max_partitions so it fits"
+        ),
+    }
+}
+
 /// Threads that open a topic's partitions together (at creation and at start).
 const OPENERS: usize = 16;
 
@@ -488,6 +511,7 @@ impl Broker {
         let dir = self.data_dir.join("topics").join(name);
         std::fs::rename(&staging, &dir).map_err(Error::io(&dir))?;
         sync_dir(&self.data_dir.join("topics"))?;
+        let partitions = settings.partitions;
         let topic = match self.open_topic(name, &dir, settings, incarnation) {
             Ok(topic) => Arc::new(topic),
             Err(e) => {
@@ -496,7 +520,7 @@ impl Broker {
                 if std::fs::rename(&dir, &trash).is_ok() {
                     let _ = std::fs::remove_dir_all(&trash);
                 }
-                return Err(e);
+                return Err(out_of_descriptors(e, partitions));
             }
         };
         // Offsets left by an earlier topic of this name (its deletion failed halfway)
@@ -684,6 +708,16 @@ mod tests {
         broker
             .create_topic("t", settings())
             .expect_err("a partition cannot be opened");
+        assert!(broker.topic("t").is_err());
+        // Out of descriptors, the error names the knobs.
+        injector.fail_nth(Op::Open, 10, Fault::too_many_open_files());
+        let e = broker
+            .create_topic("t", settings())
+            .expect_err("a partition cannot be opened");
+        assert!(
+            matches!(&e, Error::LimitExceeded { limit: "max_partitions", message } if message.contains("ulimit -n")),
+            "{e:?}"
+        );
         assert!(broker.topic("t").is_err());
         assert!(!topics.join("t").exists(), "the topic's directory is gone");
         injector.clear();

@@ -33,7 +33,9 @@
 //! validated zero-copy view and [`Record`] borrows its key, value and headers from it,
 //! or from the buffer a compressed batch was decompressed into.
 
-use crate::compression::{decompressed_bytes_max, Compression};
+use crate::compression::{
+    decompressed_bytes_max, Compression, DecompressionBudget, DECOMPRESSION_BUDGET,
+};
 use crate::error::InvalidBatch;
 
 const BASE_OFFSET: usize = 0;
@@ -285,8 +287,14 @@ impl<'a> Batch<'a> {
     /// every record well formed, offset deltas dense (0, 1, 2, ...), record count, last
     /// offset delta and max timestamp consistent with the records, no trailing bytes.
     /// A compressed batch is decompressed (bounded) into a buffer that lives for the
-    /// call; an uncompressed one is checked in place, with no allocation.
+    /// call, holding its bound of the process-wide [`DECOMPRESSION_BUDGET`] meanwhile
+    /// (waiting for it: callers are writer threads); an uncompressed one is checked in
+    /// place, with no allocation and no lock.
     pub fn validate_records(&self) -> Result<(), InvalidBatch> {
+        self.validate_records_within(&DECOMPRESSION_BUDGET)
+    }
+
+    fn validate_records_within(&self, budget: &DecompressionBudget) -> Result<(), InvalidBatch> {
         let declared = self.header.record_count;
         if declared <= 0 {
             return Err(InvalidBatch::Empty);
@@ -297,6 +305,8 @@ impl<'a> Batch<'a> {
                 self.header.last_offset_delta
             )));
         }
+        let _permit = (self.compression != Compression::None)
+            .then(|| budget.acquire(decompressed_bytes_max(self.bytes.len())));
         let mut scratch = Vec::new();
         let mut records = self.records_with(&mut scratch)?;
         let mut found = 0i32;
@@ -988,6 +998,33 @@ mod tests {
                 "{codec}"
             );
         }
+    }
+
+    #[test]
+    fn compressed_validation_waits_for_the_decompression_budget() {
+        let plain = one_record(b"v");
+        let compressed = compressed_batch(Compression::Zstd, &plain[BATCH_HEADER_LEN..], 1);
+        // A budget of one small batch's bound (the 4 MiB floor), one byte of it taken.
+        let budget = DecompressionBudget::new(decompressed_bytes_max(compressed.len()));
+        let held = budget.acquire(1);
+        // An uncompressed batch takes nothing from it.
+        Batch::new(&plain)
+            .expect("valid")
+            .validate_records_within(&budget)
+            .expect("valid records");
+        std::thread::scope(|s| {
+            let validation = s.spawn(|| {
+                Batch::new(&compressed)
+                    .expect("valid")
+                    .validate_records_within(&budget)
+            });
+            while budget.waiting() == 0 {
+                std::thread::yield_now();
+            }
+            drop(held);
+            assert_eq!(validation.join().expect("no panic"), Ok(()));
+        });
+        assert_eq!(budget.used(), 0, "given back after validating");
     }
 
     type RecordSpec = (

@@ -272,6 +272,47 @@ impl<'a> Batch<'a> {
         )
     }
 
+    /// The first record of the batch (`None` if it has none), decompressing only as much
+    /// of a compressed batch as that record needs into `scratch` (cleared first; raw
+    /// snappy excepted, see [`Compression::decompress_prefix`]): routing a produce by
+    /// its first key should not cost the whole batch.
+    pub fn first_record<'b>(
+        &self,
+        scratch: &'b mut Vec<u8>,
+    ) -> Result<Option<Record<'b>>, InvalidBatch>
+    where
+        'a: 'b,
+    {
+        if self.compression == Compression::None {
+            return self.records().next().transpose();
+        }
+        let input = &self.bytes[BATCH_HEADER_LEN..];
+        let limit = decompressed_bytes_max(self.bytes.len());
+        scratch.clear();
+        // The record's length comes first, a varint of at most 10 bytes...
+        self.compression
+            .decompress_prefix(input, VARLONG_LEN_MAX, limit, scratch)?;
+        let mut reader = Reader::new(scratch);
+        let Ok(length) = reader.varint() else {
+            // Too short or malformed: the iterator says which.
+            return self.records_in(scratch).next().transpose();
+        };
+        let record_len = (scratch.len() - reader.rest().len())
+            .saturating_add(usize::try_from(length).unwrap_or(0));
+        // ...then the record; a longer one than the bound allows is refused as the whole
+        // batch would be.
+        if record_len > limit {
+            return Err(InvalidBatch::DecompressedTooLarge {
+                codec: self.compression.name(),
+                limit,
+            });
+        }
+        scratch.clear();
+        self.compression
+            .decompress_prefix(input, record_len, limit, scratch)?;
+        Ok(self.records_in(scratch).next().transpose()?)
+    }
+
     /// Iterates over the records encoded in `records`, this batch's records section as
     /// [`Batch::decompress`] gave it (offsets and timestamps come from the header).
     pub fn records_in<'b>(&self, records: &'b [u8]) -> Records<'b> {
@@ -680,6 +721,9 @@ impl BatchBuilder {
     }
 }
 
+/// The longest a varlong (and so a varint) is encoded.
+const VARLONG_LEN_MAX: usize = 10;
+
 fn read_i16(b: &[u8], at: usize) -> i16 {
     i16::from_be_bytes([b[at], b[at + 1]])
 }
@@ -761,6 +805,7 @@ impl<'a> Reader<'a> {
     }
 
     fn varlong(&mut self) -> Result<i64, &'static str> {
+        const _: () = assert!(VARLONG_LEN_MAX == 10);
         let mut z: u64 = 0;
         for i in 0..10 {
             let &byte = self.bytes.get(i).ok_or("varint runs past the end")?;
@@ -997,6 +1042,40 @@ mod tests {
                 }),
                 "{codec}"
             );
+        }
+    }
+
+    /// The first record of a compressed batch is read without decompressing the rest:
+    /// here the rest is a bomb the whole batch is refused for.
+    #[test]
+    fn the_first_record_costs_only_itself() {
+        let mut records = one_record(b"v")[BATCH_HEADER_LEN..].to_vec();
+        records.resize(8 << 20, 0);
+        for codec in [Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            let bomb = compressed_batch(codec, &records, 1);
+            let batch = Batch::new(&bomb).expect("header and CRC are fine");
+            assert!(batch.records_with(&mut Vec::new()).is_err(), "{codec}");
+            let mut scratch = Vec::new();
+            let first = batch
+                .first_record(&mut scratch)
+                .expect("decodes")
+                .expect("one record");
+            assert_eq!((first.key, first.value), (Some(&b"k"[..]), Some(&b"v"[..])));
+            assert!(
+                scratch.capacity() < 1 << 20,
+                "{codec}: {}",
+                scratch.capacity()
+            );
+        }
+        for codec in Compression::ALL {
+            let mut b = BatchBuilder::new();
+            b.push(1, Some(b"first"), Some(&[1; 3000]), &[]);
+            b.push(2, Some(b"second"), None, &[]);
+            let bytes = b.finish_compressed(codec);
+            let batch = Batch::new(&bytes).expect("valid");
+            let mut scratch = Vec::new();
+            let first = batch.first_record(&mut scratch).expect("decodes");
+            assert_eq!(first.and_then(|r| r.key), Some(&b"first"[..]), "{codec}");
         }
     }
 

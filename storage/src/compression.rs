@@ -236,6 +236,32 @@ impl Compression {
         limit: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), InvalidBatch> {
+        self.decode(input, limit, None, out)
+    }
+
+    /// Appends the first `n` bytes `input` decompresses to (fewer if it decompresses to
+    /// fewer) to `out`, decoding no further where the codec streams (gzip, lz4, zstd, the
+    /// blocks of xerial-framed snappy): reading the first record of a batch costs that
+    /// record, not the batch. A raw snappy block is one unit: it is decompressed whole,
+    /// within `limit`. Refuses like [`Compression::decompress`] what it decodes.
+    pub fn decompress_prefix(
+        self,
+        input: &[u8],
+        n: usize,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InvalidBatch> {
+        self.decode(input, limit, Some(n.min(limit)), out)
+    }
+
+    /// Both of the above: everything within `limit`, or (`prefix`) its first bytes.
+    fn decode(
+        self,
+        input: &[u8],
+        limit: usize,
+        prefix: Option<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InvalidBatch> {
         let start = out.len();
         let corrupt = |reason: String| InvalidBatch::Decompression {
             codec: self.name(),
@@ -246,30 +272,41 @@ impl Compression {
             limit,
         };
         match self {
-            Compression::None => {
-                if input.len() > limit {
-                    return Err(too_large);
+            Compression::None => match prefix {
+                Some(n) => {
+                    out.extend_from_slice(&input[..n.min(input.len())]);
+                    Ok(())
                 }
-                out.extend_from_slice(input);
-                Ok(())
-            }
+                None if input.len() > limit => Err(too_large),
+                None => {
+                    out.extend_from_slice(input);
+                    Ok(())
+                }
+            },
             Compression::Gzip => read_bounded(
                 flate2::read::MultiGzDecoder::new(input),
                 limit,
+                prefix,
                 out,
                 corrupt,
                 too_large,
             ),
             Compression::Snappy => match input.strip_prefix(XERIAL_MAGIC) {
-                Some(framed) => decompress_xerial(framed, limit, out)
+                Some(framed) => decompress_xerial(framed, limit, prefix, out)
                     .map_err(|e| e.into_error(corrupt, too_large)),
                 None => {
                     snappy_block(input, limit, out).map_err(|e| e.into_error(corrupt, too_large))
                 }
-            },
+            }
+            .map(|()| {
+                if let Some(n) = prefix {
+                    out.truncate(out.len().min(start + n));
+                }
+            }),
             Compression::Lz4 => read_bounded(
                 lz4_flex::frame::FrameDecoder::new(input),
                 limit,
+                prefix,
                 out,
                 corrupt,
                 too_large,
@@ -283,7 +320,7 @@ impl Compression {
                 decoder
                     .window_log_max(zstd_window_log_max(limit))
                     .map_err(|e| corrupt(e.to_string()))?;
-                read_bounded(decoder, limit, out, corrupt, too_large)
+                read_bounded(decoder, limit, prefix, out, corrupt, too_large)
             }
         }
         .inspect_err(|_| out.truncate(start))
@@ -325,12 +362,14 @@ fn zstd_window_log_max(limit: usize) -> u32 {
 }
 
 /// Reads `decoder` to its end into `out`, at most `limit` bytes: it reads one byte
-/// more, so reaching it means the payload is larger and decoding stops there. `out`
-/// grows geometrically but never past `limit + 1` bytes more than it held
-/// (`read_to_end` doubles, which would reach twice the bound).
+/// more, so reaching it means the payload is larger and decoding stops there. With a
+/// `prefix`, it stops after that many bytes instead, and more is no error. `out`
+/// grows geometrically but never past what it may read (`read_to_end` doubles, which
+/// would reach twice the bound).
 fn read_bounded(
     mut decoder: impl Read,
     limit: usize,
+    prefix: Option<usize>,
     out: &mut Vec<u8>,
     corrupt: impl Fn(String) -> InvalidBatch,
     too_large: InvalidBatch,
@@ -338,7 +377,7 @@ fn read_bounded(
     /// The first step of growth, and the least.
     const STEP_MIN: usize = 64 << 10;
     let start = out.len();
-    let end = start.saturating_add(limit).saturating_add(1);
+    let end = start.saturating_add(prefix.unwrap_or(limit.saturating_add(1)));
     let mut filled = start;
     while filled < end {
         if filled == out.len() {
@@ -357,7 +396,7 @@ fn read_bounded(
         }
     }
     out.truncate(filled);
-    if filled - start > limit {
+    if prefix.is_none() && filled - start > limit {
         return Err(too_large);
     }
     Ok(())
@@ -399,12 +438,18 @@ fn snappy_block(input: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), Sna
 }
 
 /// xerial framing after its magic: versions (2 × 4 bytes), then blocks, each a 4-byte
-/// big-endian length and a raw snappy block.
-fn decompress_xerial(framed: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), SnappyError> {
+/// big-endian length and a raw snappy block; with a `prefix`, only the blocks it needs.
+fn decompress_xerial(
+    framed: &[u8],
+    limit: usize,
+    prefix: Option<usize>,
+    out: &mut Vec<u8>,
+) -> Result<(), SnappyError> {
     let truncated = || SnappyError::Corrupt("xerial snappy framing is truncated".into());
     let mut rest = framed.get(8..).ok_or_else(truncated)?;
     let start = out.len();
-    while !rest.is_empty() {
+    let wanted = prefix.unwrap_or(usize::MAX);
+    while !rest.is_empty() && out.len() - start < wanted {
         let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
         let len = u32::from_be_bytes(*len) as usize;
         let block = tail.get(..len).ok_or_else(truncated)?;
@@ -546,6 +591,36 @@ mod tests {
             assert_eq!(waiter.join().expect("no panic"), (10, 10));
         });
         assert_eq!(budget.used(), 0, "every permit gave its bytes back");
+    }
+
+    /// A prefix is read without decoding the rest: a bomb's first bytes come back where
+    /// the whole is refused (raw snappy, one block, is decoded whole).
+    #[test]
+    fn a_prefix_decodes_only_what_it_needs() {
+        let mut input = b"first record, then zeros".to_vec();
+        input.resize(10 << 20, 0);
+        for codec in Compression::ALL {
+            let mut compressed = Vec::new();
+            codec.compress(&input, &mut compressed);
+            let mut out = vec![9];
+            let decoded = codec.decompress_prefix(&compressed, 12, 1 << 20, &mut out);
+            if codec == Compression::Snappy {
+                assert!(decoded.is_err(), "a raw block is decoded whole");
+                continue;
+            }
+            decoded.expect("the prefix decodes");
+            assert_eq!(&out[1..], b"first record", "{codec}");
+            let mut out = Vec::new();
+            codec
+                .decompress_prefix(&compressed[..], 1 << 30, input.len(), &mut out)
+                .expect("a prefix longer than the whole is the whole");
+            assert_eq!(out, input, "{codec}");
+        }
+        let mut out = Vec::new();
+        Compression::Snappy
+            .decompress_prefix(&xerial(&input, 64 << 10), 12, 1 << 20, &mut out)
+            .expect("xerial decodes block by block");
+        assert_eq!(out, b"first record");
     }
 
     #[test]

@@ -587,16 +587,11 @@ fn target_partition(topic: &Topic, request: &v1::ProduceRequest) -> Result<u32> 
 }
 
 /// The key of the first record of an encoded batch, for routing a produce request that
-/// names no target (a compressed batch is decompressed into `scratch`, bounded). An
-/// invalid batch has none; the append rejects it afterwards.
+/// names no target (of a compressed batch, only as much as that record needs is
+/// decompressed into `scratch`). An invalid batch has none; the append rejects it
+/// afterwards.
 fn first_batch_key<'a>(batch: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
-    Batch::new(batch)
-        .ok()?
-        .records_with(scratch)
-        .ok()?
-        .next()?
-        .ok()?
-        .key
+    Batch::new(batch).ok()?.first_record(scratch).ok()??.key
 }
 
 /// Rough per-record overhead of the decoded form (offset, timestamp, framing).
@@ -1104,6 +1099,29 @@ mod tests {
         assert_eq!(budget.available_permits(), 30, "the first released");
         assert!(stream.next().await.is_none());
         assert_eq!(budget.available_permits(), 60, "all released at the end");
+    }
+
+    /// Routing by the first key decodes the first record only: a batch whose rest is a
+    /// bomb is routed (and then refused by the append), not decompressed to its bound.
+    #[test]
+    fn the_first_key_is_read_without_decoding_the_batch() {
+        let mut builder = BatchBuilder::new();
+        builder.push(1_000, Some(b"route-me"), Some(b"v"), &[]);
+        let plain = builder.finish();
+        let mut records = plain[BATCH_HEADER_LEN..].to_vec();
+        records.resize(8 << 20, 0);
+        let mut builder = BatchBuilder::new();
+        builder.push(1_000, Some(b"route-me"), Some(b"v"), &[]);
+        let mut bomb = builder.finish()[..BATCH_HEADER_LEN].to_vec();
+        Compression::Zstd.compress(&records, &mut bomb);
+        let len = (bomb.len() - 12) as i32;
+        bomb[8..12].copy_from_slice(&len.to_be_bytes());
+        bomb[21..23].copy_from_slice(&(Compression::Zstd.id() as i16).to_be_bytes());
+        let crc = crc32c::crc32c(&bomb[21..]);
+        bomb[17..21].copy_from_slice(&crc.to_be_bytes());
+        let mut scratch = Vec::new();
+        assert_eq!(first_batch_key(&bomb, &mut scratch), Some(&b"route-me"[..]));
+        assert!(scratch.capacity() < 1 << 20, "{}", scratch.capacity());
     }
 
     /// Decoded records stay within the budget (after the first): decoding used to stop

@@ -544,3 +544,69 @@ async fn typed_errors() {
         "the stream ends after an error"
     );
 }
+
+/// A batch that compression would make larger (incompressible records: the codec adds
+/// framing) is sent plain: compressed, a batch sized right up to the topic's
+/// `max_message_bytes` would pass it and be refused, its records lost.
+#[tokio::test]
+async fn incompressible_batches_at_the_limit_are_sent_plain() {
+    use strata_client::Compression;
+    use strata_storage::batch::BatchBuilder;
+    const LIMIT: usize = 4096;
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    // Noise two bytes short of the limit as one plain batch.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut noise: Vec<u8> = (0..LIMIT)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let plain_len = |value: &[u8]| {
+        let mut b = BatchBuilder::new();
+        b.push(0, None, Some(value), &[]);
+        b.finish().len()
+    };
+    while plain_len(&noise) > LIMIT - 2 {
+        noise.pop();
+    }
+    for codec in &Compression::ALL[1..] {
+        let topic = format!("noise-{codec}");
+        client
+            .admin()
+            .create_topic(
+                &topic,
+                1,
+                TopicConfig {
+                    max_message_bytes: Some(LIMIT as u32),
+                    ..TopicConfig::default()
+                },
+            )
+            .await
+            .expect("create");
+        let config = ProducerConfig {
+            compression: *codec,
+            ..ProducerConfig::default()
+        };
+        let producer = client
+            .producer_with(&topic, config)
+            .await
+            .expect("a producer");
+        let sent = producer.send(Record::new(noise.clone()));
+        within("flush", producer.flush()).await;
+        sent.await.expect("delivered, not refused as too large");
+        let answer = client
+            .broker_client()
+            .fetch(crate::common::fetch_request(&topic, 0, 0, false))
+            .await
+            .expect("fetch")
+            .into_inner();
+        let stored: Vec<_> = strata_storage::batch::batches(&answer.batches)
+            .map(|b| b.expect("a valid batch").compression())
+            .collect();
+        assert_eq!(stored, [Compression::None], "{codec}");
+    }
+}

@@ -689,12 +689,32 @@ impl BatchBuilder {
         if compression == Compression::None {
             return self.finish();
         }
+        self.compressed(compression)
+    }
+
+    fn compressed(&self, compression: Compression) -> Vec<u8> {
         let records = &self.buf[BATCH_HEADER_LEN..];
         let mut out = Vec::with_capacity(BATCH_HEADER_LEN + records.len() / 2);
         out.resize(BATCH_HEADER_LEN, 0);
         compression.compress(records, &mut out);
         self.write_header(&mut out, compression);
         out
+    }
+
+    /// The batch with its records compressed, unless that is no smaller than the batch
+    /// as it is (incompressible records: compression adds framing), which is then
+    /// returned uncompressed. A producer that sizes batches by their plain length sends
+    /// this, so compression never makes a batch larger than the limit it was sized for.
+    pub fn finish_compressed_if_smaller(self, compression: Compression) -> Vec<u8> {
+        if compression == Compression::None {
+            return self.finish();
+        }
+        let compressed = self.compressed(compression);
+        if compressed.len() < self.buf.len() {
+            compressed
+        } else {
+            self.finish()
+        }
     }
 
     /// Writes the header of `b`, a batch whose records section is in place after it,
@@ -1042,6 +1062,41 @@ mod tests {
                 }),
                 "{codec}"
             );
+        }
+    }
+
+    /// Incompressible records are sent plain: compressed, their batch would be larger
+    /// than the plain one the producer sized to the topic's limit.
+    #[test]
+    fn a_batch_is_compressed_only_when_that_makes_it_smaller() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for codec in &Compression::ALL[1..] {
+            let build = |value: &[u8]| {
+                let mut b = BatchBuilder::new();
+                b.push(1, Some(b"k"), Some(value), &[]);
+                b
+            };
+            let plain = build(&noise).finish();
+            assert!(
+                build(&noise).finish_compressed(*codec).len() >= plain.len(),
+                "{codec}"
+            );
+            let sent = build(&noise).finish_compressed_if_smaller(*codec);
+            assert_eq!(sent, plain, "{codec}: sent plain");
+            let zeros = vec![0; 4000];
+            let sent = build(&zeros).finish_compressed_if_smaller(*codec);
+            let batch = Batch::new(&sent).expect("valid");
+            assert_eq!(batch.compression(), *codec);
+            assert!(sent.len() < build(&zeros).finish().len());
+            batch.validate_records().expect("valid records");
         }
     }
 

@@ -310,7 +310,7 @@ impl<'a> Batch<'a> {
         scratch.clear();
         self.compression
             .decompress_prefix(input, record_len, limit, scratch)?;
-        Ok(self.records_in(scratch).next().transpose()?)
+        self.records_in(scratch).next().transpose()
     }
 
     /// Iterates over the records encoded in `records`, this batch's records section as

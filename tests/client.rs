@@ -544,3 +544,89 @@ async fn typed_errors() {
         "the stream ends after an error"
     );
 }
+
+/// A batch that compression would make larger (incompressible records: the codec adds
+/// framing) is sent plain: compressed, a batch the producer filled up to the topic's
+/// `max_message_bytes` would pass it and be refused, its records lost.
+#[tokio::test]
+async fn incompressible_batches_at_the_limit_are_sent_plain() {
+    use strata_client::Compression;
+    use strata_storage::batch::{BatchBuilder, BATCH_HEADER_LEN};
+    // Large enough that every codec's framing (per block) outgrows the slack the
+    // producer's per-record size estimate leaves.
+    const LIMIT: usize = 4 << 20;
+    const RECORD: usize = 64 << 10;
+    // What the producer reckons a record of `value` bytes, no key nor headers, takes at
+    // most (strata_client's `Record::encoded_len_max`).
+    const ESTIMATE_SLACK: usize = 36;
+    let broker = Broker::start();
+    let client = connect(&broker).await;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    // Records of noise, the last sized so the batch fills exactly what the producer
+    // allows.
+    let mut values = Vec::new();
+    let mut builder = BatchBuilder::new();
+    while builder.encoded_len() + 2 * (RECORD + ESTIMATE_SLACK) <= LIMIT {
+        let value = noise(RECORD);
+        builder.push(0, None, Some(&value), &[]);
+        values.push(value);
+    }
+    values.push(noise(LIMIT - builder.encoded_len() - ESTIMATE_SLACK));
+    assert!(builder.encoded_len() > BATCH_HEADER_LEN);
+    for codec in &Compression::ALL[1..] {
+        let topic = format!("noise-{codec}");
+        client
+            .admin()
+            .create_topic(
+                &topic,
+                1,
+                TopicConfig {
+                    max_message_bytes: Some(LIMIT as u32),
+                    ..TopicConfig::default()
+                },
+            )
+            .await
+            .expect("create");
+        let config = ProducerConfig {
+            compression: *codec,
+            max_batch_bytes: LIMIT,
+            linger: Duration::from_secs(3600),
+            ..ProducerConfig::default()
+        };
+        let producer = client
+            .producer_with(&topic, config)
+            .await
+            .expect("a producer");
+        let sends: Vec<_> = values
+            .iter()
+            .map(|v| producer.send(Record::new(v.clone())))
+            .collect();
+        within("flush", producer.flush()).await;
+        for sent in sends {
+            sent.await.expect("delivered, not refused as too large");
+        }
+        let answer = client
+            .broker_client()
+            .fetch(crate::common::fetch_request(&topic, 0, 0, false))
+            .await
+            .expect("fetch")
+            .into_inner();
+        let stored: Vec<_> = strata_storage::batch::batches(&answer.batches)
+            .map(|b| {
+                let b = b.expect("a valid batch");
+                (b.compression(), b.header().record_count as usize)
+            })
+            .collect();
+        assert_eq!(stored, [(Compression::None, values.len())], "{codec}");
+    }
+}

@@ -13,7 +13,7 @@
 //!
 //! With [`ProducerConfig::compression`], a batch's records are compressed when it leaves
 //! its queue (under the mutex, as Kafka's producers compress as they append), once:
-//! retries send the same bytes.
+//! retries send the same bytes. A batch compression would not shrink goes plain.
 //!
 //! Each batch has one shared [`Outcome`]; a record's send future holds the outcome and
 //! its index in the batch, and reads its offset from there once the broker answers.
@@ -111,8 +111,10 @@ pub struct ProducerConfig {
     /// Codec the records of each batch are compressed with (default none), as Kafka's
     /// `compression.type`. The broker stores batches as sent and every consumer, Kafka
     /// clients included, decompresses them. `max_batch_bytes` and the topic's
-    /// `max_message_bytes` limit the batch before compression, so a batch is never
-    /// refused as too large after it shrank. A batch is compressed once, when it is sent.
+    /// `max_message_bytes` limit the batch before compression; a batch that compression
+    /// would not make smaller (incompressible records: the codec adds framing) is sent
+    /// uncompressed, so compression never takes a batch past the limit it was sized
+    /// for. A batch is compressed once, when it is sent.
     pub compression: Compression,
 }
 
@@ -693,7 +695,9 @@ impl Shared {
             let (bytes, previous) = match self.identity {
                 None => (
                     Ok(Bytes::from(
-                        batch.builder.finish_compressed(self.config.compression),
+                        batch
+                            .builder
+                            .finish_compressed_if_smaller(self.config.compression),
                     )),
                     None,
                 ),
@@ -713,7 +717,7 @@ impl Shared {
                     let bytes = batch
                         .builder
                         .producer(identity.producer_id, part.epoch, sequence)
-                        .finish_compressed(self.config.compression);
+                        .finish_compressed_if_smaller(self.config.compression);
                     (Ok(Bytes::from(bytes)), part.window.back().cloned())
                 }
             };

@@ -33,7 +33,9 @@
 //! validated zero-copy view and [`Record`] borrows its key, value and headers from it,
 //! or from the buffer a compressed batch was decompressed into.
 
-use crate::compression::{decompressed_bytes_max, Compression};
+use crate::compression::{
+    decompressed_bytes_max, Compression, DecompressionBudget, DECOMPRESSION_BUDGET,
+};
 use crate::error::InvalidBatch;
 
 const BASE_OFFSET: usize = 0;
@@ -270,6 +272,47 @@ impl<'a> Batch<'a> {
         )
     }
 
+    /// The first record of the batch (`None` if it has none), decompressing only as much
+    /// of a compressed batch as that record needs into `scratch` (cleared first; raw
+    /// snappy excepted, see [`Compression::decompress_prefix`]): routing a produce by
+    /// its first key should not cost the whole batch.
+    pub fn first_record<'b>(
+        &self,
+        scratch: &'b mut Vec<u8>,
+    ) -> Result<Option<Record<'b>>, InvalidBatch>
+    where
+        'a: 'b,
+    {
+        if self.compression == Compression::None {
+            return self.records().next().transpose();
+        }
+        let input = &self.bytes[BATCH_HEADER_LEN..];
+        let limit = decompressed_bytes_max(self.bytes.len());
+        scratch.clear();
+        // The record's length comes first, a varint of at most 10 bytes...
+        self.compression
+            .decompress_prefix(input, VARLONG_LEN_MAX, limit, scratch)?;
+        let mut reader = Reader::new(scratch);
+        let Ok(length) = reader.varint() else {
+            // Too short or malformed: the iterator says which.
+            return self.records_in(scratch).next().transpose();
+        };
+        let record_len = (scratch.len() - reader.rest().len())
+            .saturating_add(usize::try_from(length).unwrap_or(0));
+        // ...then the record; a longer one than the bound allows is refused as the whole
+        // batch would be.
+        if record_len > limit {
+            return Err(InvalidBatch::DecompressedTooLarge {
+                codec: self.compression.name(),
+                limit,
+            });
+        }
+        scratch.clear();
+        self.compression
+            .decompress_prefix(input, record_len, limit, scratch)?;
+        self.records_in(scratch).next().transpose()
+    }
+
     /// Iterates over the records encoded in `records`, this batch's records section as
     /// [`Batch::decompress`] gave it (offsets and timestamps come from the header).
     pub fn records_in<'b>(&self, records: &'b [u8]) -> Records<'b> {
@@ -285,8 +328,14 @@ impl<'a> Batch<'a> {
     /// every record well formed, offset deltas dense (0, 1, 2, ...), record count, last
     /// offset delta and max timestamp consistent with the records, no trailing bytes.
     /// A compressed batch is decompressed (bounded) into a buffer that lives for the
-    /// call; an uncompressed one is checked in place, with no allocation.
+    /// call, holding its bound of the process-wide [`DECOMPRESSION_BUDGET`] meanwhile
+    /// (waiting for it: callers are writer threads); an uncompressed one is checked in
+    /// place, with no allocation and no lock.
     pub fn validate_records(&self) -> Result<(), InvalidBatch> {
+        self.validate_records_within(&DECOMPRESSION_BUDGET)
+    }
+
+    fn validate_records_within(&self, budget: &DecompressionBudget) -> Result<(), InvalidBatch> {
         let declared = self.header.record_count;
         if declared <= 0 {
             return Err(InvalidBatch::Empty);
@@ -297,6 +346,8 @@ impl<'a> Batch<'a> {
                 self.header.last_offset_delta
             )));
         }
+        let _permit = (self.compression != Compression::None)
+            .then(|| budget.acquire(decompressed_bytes_max(self.bytes.len())));
         let mut scratch = Vec::new();
         let mut records = self.records_with(&mut scratch)?;
         let mut found = 0i32;
@@ -638,12 +689,32 @@ impl BatchBuilder {
         if compression == Compression::None {
             return self.finish();
         }
+        self.compressed(compression)
+    }
+
+    fn compressed(&self, compression: Compression) -> Vec<u8> {
         let records = &self.buf[BATCH_HEADER_LEN..];
         let mut out = Vec::with_capacity(BATCH_HEADER_LEN + records.len() / 2);
         out.resize(BATCH_HEADER_LEN, 0);
         compression.compress(records, &mut out);
         self.write_header(&mut out, compression);
         out
+    }
+
+    /// The batch with its records compressed, unless that is no smaller than the batch
+    /// as it is (incompressible records: compression adds framing), which is then
+    /// returned uncompressed. A producer that sizes batches by their plain length sends
+    /// this, so compression never makes a batch larger than the limit it was sized for.
+    pub fn finish_compressed_if_smaller(self, compression: Compression) -> Vec<u8> {
+        if compression == Compression::None {
+            return self.finish();
+        }
+        let compressed = self.compressed(compression);
+        if compressed.len() < self.buf.len() {
+            compressed
+        } else {
+            self.finish()
+        }
     }
 
     /// Writes the header of `b`, a batch whose records section is in place after it,
@@ -669,6 +740,9 @@ impl BatchBuilder {
         b[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
     }
 }
+
+/// The longest a varlong (and so a varint) is encoded.
+const VARLONG_LEN_MAX: usize = 10;
 
 fn read_i16(b: &[u8], at: usize) -> i16 {
     i16::from_be_bytes([b[at], b[at + 1]])
@@ -751,6 +825,7 @@ impl<'a> Reader<'a> {
     }
 
     fn varlong(&mut self) -> Result<i64, &'static str> {
+        const _: () = assert!(VARLONG_LEN_MAX == 10);
         let mut z: u64 = 0;
         for i in 0..10 {
             let &byte = self.bytes.get(i).ok_or("varint runs past the end")?;
@@ -988,6 +1063,102 @@ mod tests {
                 "{codec}"
             );
         }
+    }
+
+    /// Incompressible records are sent plain: compressed, their batch would be larger
+    /// than the plain one the producer sized to the topic's limit.
+    #[test]
+    fn a_batch_is_compressed_only_when_that_makes_it_smaller() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for codec in &Compression::ALL[1..] {
+            let build = |value: &[u8]| {
+                let mut b = BatchBuilder::new();
+                b.push(1, Some(b"k"), Some(value), &[]);
+                b
+            };
+            let plain = build(&noise).finish();
+            assert!(
+                build(&noise).finish_compressed(*codec).len() >= plain.len(),
+                "{codec}"
+            );
+            let sent = build(&noise).finish_compressed_if_smaller(*codec);
+            assert_eq!(sent, plain, "{codec}: sent plain");
+            let zeros = vec![0; 4000];
+            let sent = build(&zeros).finish_compressed_if_smaller(*codec);
+            let batch = Batch::new(&sent).expect("valid");
+            assert_eq!(batch.compression(), *codec);
+            assert!(sent.len() < build(&zeros).finish().len());
+            batch.validate_records().expect("valid records");
+        }
+    }
+
+    /// The first record of a compressed batch is read without decompressing the rest:
+    /// here the rest is a bomb the whole batch is refused for.
+    #[test]
+    fn the_first_record_costs_only_itself() {
+        let mut records = one_record(b"v")[BATCH_HEADER_LEN..].to_vec();
+        records.resize(8 << 20, 0);
+        for codec in [Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            let bomb = compressed_batch(codec, &records, 1);
+            let batch = Batch::new(&bomb).expect("header and CRC are fine");
+            assert!(batch.records_with(&mut Vec::new()).is_err(), "{codec}");
+            let mut scratch = Vec::new();
+            let first = batch
+                .first_record(&mut scratch)
+                .expect("decodes")
+                .expect("one record");
+            assert_eq!((first.key, first.value), (Some(&b"k"[..]), Some(&b"v"[..])));
+            assert!(
+                scratch.capacity() < 1 << 20,
+                "{codec}: {}",
+                scratch.capacity()
+            );
+        }
+        for codec in Compression::ALL {
+            let mut b = BatchBuilder::new();
+            b.push(1, Some(b"first"), Some(&[1; 3000]), &[]);
+            b.push(2, Some(b"second"), None, &[]);
+            let bytes = b.finish_compressed(codec);
+            let batch = Batch::new(&bytes).expect("valid");
+            let mut scratch = Vec::new();
+            let first = batch.first_record(&mut scratch).expect("decodes");
+            assert_eq!(first.and_then(|r| r.key), Some(&b"first"[..]), "{codec}");
+        }
+    }
+
+    #[test]
+    fn compressed_validation_waits_for_the_decompression_budget() {
+        let plain = one_record(b"v");
+        let compressed = compressed_batch(Compression::Zstd, &plain[BATCH_HEADER_LEN..], 1);
+        // A budget of one small batch's bound (the 4 MiB floor), one byte of it taken.
+        let budget = DecompressionBudget::new(decompressed_bytes_max(compressed.len()));
+        let held = budget.acquire(1);
+        // An uncompressed batch takes nothing from it.
+        Batch::new(&plain)
+            .expect("valid")
+            .validate_records_within(&budget)
+            .expect("valid records");
+        std::thread::scope(|s| {
+            let validation = s.spawn(|| {
+                Batch::new(&compressed)
+                    .expect("valid")
+                    .validate_records_within(&budget)
+            });
+            while budget.waiting() == 0 {
+                std::thread::yield_now();
+            }
+            drop(held);
+            assert_eq!(validation.join().expect("no panic"), Ok(()));
+        });
+        assert_eq!(budget.used(), 0, "given back after validating");
     }
 
     type RecordSpec = (

@@ -15,12 +15,20 @@
 //!
 //! Decompression is bounded: a batch may decompress to at most
 //! [`decompressed_bytes_max`] of its encoded size, and the decoders stop as soon as
-//! they pass it (they never produce everything and check afterwards), so a
-//! decompression bomb costs the reader at most that much memory.
+//! they pass it (they never produce everything and check afterwards; the output buffer
+//! grows to at most the bound, not past it), so a decompression bomb costs the reader at
+//! most that much memory. Raw snappy checks the length a block declares before it
+//! allocates; xerial-framed snappy allocates block by block, within the same bound.
+//!
+//! The bound is per batch; [`DECOMPRESSION_BUDGET`] bounds the sum. Validation (the
+//! partition writers, many at once) takes its batch's bound from it before decompressing,
+//! so bombs sent to many partitions at once wait for one another instead of each holding
+//! its bound.
 
 use std::fmt;
 use std::io::{Read, Write};
 use std::str::FromStr;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::error::InvalidBatch;
 
@@ -41,6 +49,96 @@ pub fn decompressed_bytes_max(batch_len: usize) -> usize {
     batch_len
         .saturating_mul(DECOMPRESSION_RATIO_MAX)
         .clamp(DECOMPRESSED_BYTES_FLOOR, DECOMPRESSED_BYTES_CAP)
+}
+
+/// The most decompressed bytes batch validation may hold at once, across the process:
+/// one batch at the largest bound. It is fixed (it bounds memory against bombs, it does
+/// not limit throughput: a batch of ordinary records takes the 4 MiB floor, so 64
+/// partitions validate at once).
+pub const DECOMPRESSION_BUDGET_BYTES: usize = DECOMPRESSED_BYTES_CAP;
+
+/// The process-wide budget validation decompresses within ([`DecompressionBudget`]).
+pub static DECOMPRESSION_BUDGET: DecompressionBudget =
+    DecompressionBudget::new(DECOMPRESSION_BUDGET_BYTES);
+
+/// Bytes of decompression output that may be held at once. Takers block until what they
+/// ask for is free: the callers are writer threads, and waiting there is backpressure
+/// (their producers wait for the write).
+#[derive(Debug)]
+pub struct DecompressionBudget {
+    capacity: usize,
+    state: Mutex<BudgetState>,
+    freed: Condvar,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    used: usize,
+    /// Takers blocked in [`DecompressionBudget::acquire`] (tests wait for one).
+    waiting: usize,
+}
+
+impl DecompressionBudget {
+    /// A budget of `capacity` bytes.
+    pub const fn new(capacity: usize) -> DecompressionBudget {
+        DecompressionBudget {
+            capacity,
+            state: Mutex::new(BudgetState {
+                used: 0,
+                waiting: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Takes `bytes` (at most the capacity: more is taken as all of it), waiting until
+    /// they are free; they return when the permit drops.
+    pub fn acquire(&self, bytes: usize) -> DecompressionPermit<'_> {
+        let bytes = bytes.min(self.capacity);
+        let mut state = self.lock();
+        state.waiting += 1;
+        while self.capacity - state.used < bytes {
+            state = self
+                .freed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.waiting -= 1;
+        state.used += bytes;
+        DecompressionPermit {
+            budget: self,
+            bytes,
+        }
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> usize {
+        self.lock().used
+    }
+
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().waiting
+    }
+
+    // The state is two counters updated together; a panic cannot leave them torn.
+    fn lock(&self) -> MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Bytes of a [`DecompressionBudget`], given back on drop.
+#[derive(Debug)]
+pub struct DecompressionPermit<'a> {
+    budget: &'a DecompressionBudget,
+    bytes: usize,
+}
+
+impl Drop for DecompressionPermit<'_> {
+    fn drop(&mut self) {
+        self.budget.lock().used -= self.bytes;
+        self.budget.freed.notify_all();
+    }
 }
 
 /// The compression codec of a batch (attribute bits 0-2).
@@ -138,6 +236,32 @@ impl Compression {
         limit: usize,
         out: &mut Vec<u8>,
     ) -> Result<(), InvalidBatch> {
+        self.decode(input, limit, None, out)
+    }
+
+    /// Appends the first `n` bytes `input` decompresses to (fewer if it decompresses to
+    /// fewer) to `out`, decoding no further where the codec streams (gzip, lz4, zstd, the
+    /// blocks of xerial-framed snappy): reading the first record of a batch costs that
+    /// record, not the batch. A raw snappy block is one unit: it is decompressed whole,
+    /// within `limit`. Refuses like [`Compression::decompress`] what it decodes.
+    pub fn decompress_prefix(
+        self,
+        input: &[u8],
+        n: usize,
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InvalidBatch> {
+        self.decode(input, limit, Some(n.min(limit)), out)
+    }
+
+    /// Both of the above: everything within `limit`, or (`prefix`) its first bytes.
+    fn decode(
+        self,
+        input: &[u8],
+        limit: usize,
+        prefix: Option<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), InvalidBatch> {
         let start = out.len();
         let corrupt = |reason: String| InvalidBatch::Decompression {
             codec: self.name(),
@@ -148,30 +272,41 @@ impl Compression {
             limit,
         };
         match self {
-            Compression::None => {
-                if input.len() > limit {
-                    return Err(too_large);
+            Compression::None => match prefix {
+                Some(n) => {
+                    out.extend_from_slice(&input[..n.min(input.len())]);
+                    Ok(())
                 }
-                out.extend_from_slice(input);
-                Ok(())
-            }
+                None if input.len() > limit => Err(too_large),
+                None => {
+                    out.extend_from_slice(input);
+                    Ok(())
+                }
+            },
             Compression::Gzip => read_bounded(
                 flate2::read::MultiGzDecoder::new(input),
                 limit,
+                prefix,
                 out,
                 corrupt,
                 too_large,
             ),
             Compression::Snappy => match input.strip_prefix(XERIAL_MAGIC) {
-                Some(framed) => decompress_xerial(framed, limit, out)
+                Some(framed) => decompress_xerial(framed, limit, prefix, out)
                     .map_err(|e| e.into_error(corrupt, too_large)),
                 None => {
                     snappy_block(input, limit, out).map_err(|e| e.into_error(corrupt, too_large))
                 }
-            },
+            }
+            .map(|()| {
+                if let Some(n) = prefix {
+                    out.truncate(out.len().min(start + n));
+                }
+            }),
             Compression::Lz4 => read_bounded(
                 lz4_flex::frame::FrameDecoder::new(input),
                 limit,
+                prefix,
                 out,
                 corrupt,
                 too_large,
@@ -185,7 +320,7 @@ impl Compression {
                 decoder
                     .window_log_max(zstd_window_log_max(limit))
                     .map_err(|e| corrupt(e.to_string()))?;
-                read_bounded(decoder, limit, out, corrupt, too_large)
+                read_bounded(decoder, limit, prefix, out, corrupt, too_large)
             }
         }
         .inspect_err(|_| out.truncate(start))
@@ -226,21 +361,42 @@ fn zstd_window_log_max(limit: usize) -> u32 {
     needed.clamp(23, 27)
 }
 
-/// Reads `decoder` to its end into `out`, at most `limit` bytes: it asks for one byte
-/// more, so reaching it means the payload is larger and decoding stops there.
+/// Reads `decoder` to its end into `out`, at most `limit` bytes: it reads one byte
+/// more, so reaching it means the payload is larger and decoding stops there. With a
+/// `prefix`, it stops after that many bytes instead, and more is no error. `out`
+/// grows geometrically but never past what it may read (`read_to_end` doubles, which
+/// would reach twice the bound).
 fn read_bounded(
-    decoder: impl Read,
+    mut decoder: impl Read,
     limit: usize,
+    prefix: Option<usize>,
     out: &mut Vec<u8>,
     corrupt: impl Fn(String) -> InvalidBatch,
     too_large: InvalidBatch,
 ) -> Result<(), InvalidBatch> {
+    /// The first step of growth, and the least.
+    const STEP_MIN: usize = 64 << 10;
     let start = out.len();
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(out)
-        .map_err(|e| corrupt(e.to_string()))?;
-    if out.len() - start > limit {
+    let end = start.saturating_add(prefix.unwrap_or(limit.saturating_add(1)));
+    let mut filled = start;
+    while filled < end {
+        if filled == out.len() {
+            let step = (filled - start).max(STEP_MIN).min(end - filled);
+            out.reserve_exact(step);
+            out.resize(filled + step, 0);
+        }
+        match decoder.read(&mut out[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                out.truncate(start);
+                return Err(corrupt(e.to_string()));
+            }
+        }
+    }
+    out.truncate(filled);
+    if prefix.is_none() && filled - start > limit {
         return Err(too_large);
     }
     Ok(())
@@ -282,12 +438,18 @@ fn snappy_block(input: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), Sna
 }
 
 /// xerial framing after its magic: versions (2 × 4 bytes), then blocks, each a 4-byte
-/// big-endian length and a raw snappy block.
-fn decompress_xerial(framed: &[u8], limit: usize, out: &mut Vec<u8>) -> Result<(), SnappyError> {
+/// big-endian length and a raw snappy block; with a `prefix`, only the blocks it needs.
+fn decompress_xerial(
+    framed: &[u8],
+    limit: usize,
+    prefix: Option<usize>,
+    out: &mut Vec<u8>,
+) -> Result<(), SnappyError> {
     let truncated = || SnappyError::Corrupt("xerial snappy framing is truncated".into());
     let mut rest = framed.get(8..).ok_or_else(truncated)?;
     let start = out.len();
-    while !rest.is_empty() {
+    let wanted = prefix.unwrap_or(usize::MAX);
+    while !rest.is_empty() && out.len() - start < wanted {
         let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(truncated)?;
         let len = u32::from_be_bytes(*len) as usize;
         let block = tail.get(..len).ok_or_else(truncated)?;
@@ -368,8 +530,13 @@ mod tests {
             );
             assert!(out.is_empty());
             // The streaming decoders stop right after the bound instead of producing
-            // all ten megabytes (snappy checks the declared length and allocates nothing).
-            assert!(out.capacity() <= 4 << 20, "{codec}: {}", out.capacity());
+            // all ten megabytes, and the buffer never grows past the bound (snappy
+            // checks the declared length and allocates nothing).
+            assert!(
+                out.capacity() <= (1 << 20) + 1,
+                "{codec}: {}",
+                out.capacity()
+            );
             codec
                 .decompress(&bomb, zeros.len(), &mut out)
                 .expect("within a large enough bound");
@@ -380,6 +547,80 @@ mod tests {
             Compression::Snappy.decompress(&xerial(&zeros, 64 << 10), 1 << 20, &mut out),
             Err(InvalidBatch::DecompressedTooLarge { .. })
         ));
+    }
+
+    /// The output buffer stops at the bound: `read_to_end`'s doubling took a 5 MiB
+    /// bound to 8 MiB of buffer.
+    #[test]
+    fn the_buffer_grows_to_the_bound_not_past_it() {
+        let zeros = vec![0u8; 10 << 20];
+        let limit = 5 << 20;
+        for codec in [Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            let mut bomb = Vec::new();
+            codec.compress(&zeros, &mut bomb);
+            let mut out = Vec::new();
+            assert!(codec.decompress(&bomb, limit, &mut out).is_err(), "{codec}");
+            assert!(out.capacity() <= limit + 1, "{codec}: {}", out.capacity());
+            let mut out = Vec::new();
+            codec
+                .decompress(&bomb[..], zeros.len(), &mut out)
+                .expect("fits");
+            assert!(
+                out.capacity() <= zeros.len() + 1,
+                "{codec}: {}",
+                out.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn the_budget_makes_takers_wait_for_what_they_need() {
+        let budget = DecompressionBudget::new(10);
+        let first = budget.acquire(6);
+        std::thread::scope(|s| {
+            // Asking for more than the capacity takes all of it, so it waits for `first`.
+            let waiter = s.spawn(|| {
+                let permit = budget.acquire(100);
+                (permit.bytes, budget.used())
+            });
+            while budget.waiting() == 0 {
+                std::thread::yield_now();
+            }
+            assert_eq!(budget.used(), 6, "the waiter took nothing yet");
+            drop(first);
+            assert_eq!(waiter.join().expect("no panic"), (10, 10));
+        });
+        assert_eq!(budget.used(), 0, "every permit gave its bytes back");
+    }
+
+    /// A prefix is read without decoding the rest: a bomb's first bytes come back where
+    /// the whole is refused (raw snappy, one block, is decoded whole).
+    #[test]
+    fn a_prefix_decodes_only_what_it_needs() {
+        let mut input = b"first record, then zeros".to_vec();
+        input.resize(10 << 20, 0);
+        for codec in Compression::ALL {
+            let mut compressed = Vec::new();
+            codec.compress(&input, &mut compressed);
+            let mut out = vec![9];
+            let decoded = codec.decompress_prefix(&compressed, 12, 1 << 20, &mut out);
+            if codec == Compression::Snappy {
+                assert!(decoded.is_err(), "a raw block is decoded whole");
+                continue;
+            }
+            decoded.expect("the prefix decodes");
+            assert_eq!(&out[1..], b"first record", "{codec}");
+            let mut out = Vec::new();
+            codec
+                .decompress_prefix(&compressed[..], 1 << 30, input.len(), &mut out)
+                .expect("a prefix longer than the whole is the whole");
+            assert_eq!(out, input, "{codec}");
+        }
+        let mut out = Vec::new();
+        Compression::Snappy
+            .decompress_prefix(&xerial(&input, 64 << 10), 12, 1 << 20, &mut out)
+            .expect("xerial decodes block by block");
+        assert_eq!(out, b"first record");
     }
 
     #[test]

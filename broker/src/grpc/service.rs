@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use strata_proto::v1::{self, admin_server, broker_server};
 use strata_storage::batch::{batches, Batch, BatchBuilder, BatchHeader, BATCH_HEADER_LEN};
+use strata_storage::compression::{decompressed_bytes_max, Compression, DECOMPRESSION_BUDGET};
 use strata_storage::{now_ms, ReadResult};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -54,7 +55,7 @@ fn response_bytes(response: &v1::FetchResponse) -> usize {
                     + r.key.as_ref().map_or(0, Bytes::len)
                     + r.headers
                         .iter()
-                        .map(|h| h.key.len() + h.value.len() + 16)
+                        .map(|h| h.key.len() + h.value.len() + HEADER_DECODED_OVERHEAD_BYTES)
                         .sum::<usize>()
             })
             .sum::<usize>()
@@ -275,8 +276,15 @@ impl Service {
             read,
             request.decode,
             max_bytes,
-        )?;
-        fit(&self.fetch_budget, &mut memory, response_bytes(&response));
+        )
+        .await?;
+        fit_or_refuse(
+            &self.fetch_budget,
+            &mut memory,
+            response_bytes(&response),
+            || self.fetch_memory_exhausted(),
+        )
+        .await?;
         count_fetched(&partition, request.offset, &response);
         Ok((response, memory))
     }
@@ -579,27 +587,28 @@ fn target_partition(topic: &Topic, request: &v1::ProduceRequest) -> Result<u32> 
 }
 
 /// The key of the first record of an encoded batch, for routing a produce request that
-/// names no target (a compressed batch is decompressed into `scratch`, bounded). An
-/// invalid batch has none; the append rejects it afterwards.
+/// names no target (of a compressed batch, only as much as that record needs is
+/// decompressed into `scratch`). An invalid batch has none; the append rejects it
+/// afterwards.
 fn first_batch_key<'a>(batch: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
-    Batch::new(batch)
-        .ok()?
-        .records_with(scratch)
-        .ok()?
-        .next()?
-        .ok()?
-        .key
+    Batch::new(batch).ok()?.first_record(scratch).ok()??.key
 }
 
 /// Rough per-record overhead of the decoded form (offset, timestamp, framing).
 const RECORD_DECODED_OVERHEAD_BYTES: usize = 32;
+/// Rough per-header overhead of the decoded form.
+const HEADER_DECODED_OVERHEAD_BYTES: usize = 16;
 
-/// Decodes the records at or after `from` for clients that asked for them.
+/// Decodes the records at or after `from` for clients that asked for them; blocking
+/// (decompression), so it runs on the blocking pool.
 ///
 /// Decoded records take more room than their batch (a record of empty key and value is
-/// a few bytes in a batch and tens of bytes decoded), so decoding stops after about
-/// `budget` bytes, always after at least one record; the returned offset is where the
-/// next fetch continues, possibly inside a batch.
+/// a few bytes in a batch and tens of bytes decoded), so decoding stops before the
+/// records (as [`response_bytes`] counts them) would pass `budget` bytes, after at
+/// least one record; the returned offset is where the next fetch continues, possibly
+/// inside a batch. A compressed batch is decompressed into a buffer of its own, which
+/// holds its bound of the process-wide decompression budget (the one batch validation
+/// takes from) while it lives.
 fn decode_records(
     batches_bytes: &[u8],
     from: u64,
@@ -607,10 +616,11 @@ fn decode_records(
 ) -> Result<(Vec<v1::Record>, Option<u64>)> {
     let mut records = Vec::new();
     let mut used = 0;
-    // The records of a compressed batch, decompressed (bounded by the batch's size).
-    let mut scratch = Vec::new();
     for batch in batches(batches_bytes) {
         let batch = batch.map_err(strata_storage::Error::from)?;
+        let _decompressed = (batch.compression() != Compression::None)
+            .then(|| DECOMPRESSION_BUDGET.acquire(decompressed_bytes_max(batch.as_bytes().len())));
+        let mut scratch = Vec::new();
         let batch_records = batch
             .records_with(&mut scratch)
             .map_err(strata_storage::Error::from)?;
@@ -619,16 +629,19 @@ fn decode_records(
             if record.offset < from {
                 continue;
             }
-            if !records.is_empty() && used >= budget {
-                return Ok((records, Some(record.offset)));
-            }
-            used += RECORD_DECODED_OVERHEAD_BYTES
+            let size = RECORD_DECODED_OVERHEAD_BYTES
                 + record.key.map_or(0, <[u8]>::len)
                 + record.value.map_or(0, <[u8]>::len)
                 + record
                     .headers()
-                    .map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len) + 8)
+                    .map(|(k, v)| {
+                        k.len() + v.map_or(0, <[u8]>::len) + HEADER_DECODED_OVERHEAD_BYTES
+                    })
                     .sum::<usize>();
+            if !records.is_empty() && used + size > budget {
+                return Ok((records, Some(record.offset)));
+            }
+            used += size;
             records.push(v1::Record {
                 key: record.key.map(Bytes::copy_from_slice),
                 value: record.value.map(Bytes::copy_from_slice),
@@ -647,25 +660,26 @@ fn decode_records(
     Ok((records, None))
 }
 
-fn fetch_response(
+/// The response for what `read` found: its batches as they are, or (`decode`) their
+/// records decoded, on the blocking pool.
+async fn fetch_response(
     partition: u32,
     from: u64,
     read: ReadResult,
     decode: bool,
     max_bytes: usize,
 ) -> Result<v1::FetchResponse> {
-    let (records, stopped_at) = if decode {
-        decode_records(&read.batches, from, max_bytes)?
+    let (records, stopped_at, batches) = if decode {
+        let batches = read.batches;
+        let (records, stopped_at) =
+            blocking(move || decode_records(&batches, from, max_bytes)).await?;
+        (records, stopped_at, Bytes::new())
     } else {
-        (Vec::new(), None)
+        (Vec::new(), None, read.batches.into())
     };
     Ok(v1::FetchResponse {
         partition,
-        batches: if decode {
-            Bytes::new()
-        } else {
-            read.batches.into()
-        },
+        batches,
         records,
         next_offset: stopped_at.unwrap_or(read.next_offset),
         high_watermark: read.high_watermark,
@@ -823,24 +837,54 @@ impl broker_server::Broker for Service {
                         (read(&partition, offset, max_bytes).await, held)
                     }
                 };
-                let message = read_result.and_then(|r| {
-                    if r.batches.is_empty() {
+                let message = match read_result {
+                    Ok(r) if r.batches.is_empty() => {
                         offset = r.next_offset;
-                        return Ok(None);
+                        Ok(None)
                     }
-                    let m =
-                        fetch_response(request.partition, offset, r, request.decode, max_bytes)?;
-                    count_fetched(&partition, offset, &m);
-                    offset = m.next_offset;
-                    Ok(Some(m))
-                });
+                    Ok(r) => {
+                        fetch_response(request.partition, offset, r, request.decode, max_bytes)
+                            .await
+                            .map(Some)
+                    }
+                    Err(e) => Err(e),
+                };
+                // The response is charged all it holds (decoded records can take more
+                // than was read), or refused.
+                let message = match message {
+                    Ok(Some(m)) => {
+                        let bytes = response_bytes(&m);
+                        let exhausted = || service.fetch_memory_exhausted();
+                        let charged = async {
+                            fit_or_refuse(
+                                &service.fetch_budget,
+                                &mut held.memory,
+                                bytes,
+                                exhausted,
+                            )
+                            .await?;
+                            fit_or_refuse(
+                                &service.subscribe_share,
+                                &mut held.share,
+                                bytes,
+                                exhausted,
+                            )
+                            .await
+                        };
+                        charged.await.map(|()| {
+                            count_fetched(&partition, offset, &m);
+                            offset = m.next_offset;
+                            Some(m)
+                        })
+                    }
+                    other => other,
+                };
                 let failed = message.is_err();
                 match message {
                     Ok(None) => continue,
                     Ok(Some(m)) => {
                         let bytes = response_bytes(&m);
-                        fit(&service.fetch_budget, &mut held.memory, bytes);
-                        fit(&service.subscribe_share, &mut held.share, bytes);
+                        // The stream's queue lets a larger response go alone.
                         fit(&queue, &mut held.queued, bytes.min(queue_bytes));
                         // A client that stops reading must not hold up a shutdown.
                         tokio::select! {
@@ -911,6 +955,37 @@ pub(crate) fn fit(semaphore: &Arc<Semaphore>, permit: &mut OwnedSemaphorePermit,
     {
         permit.merge(more);
     }
+}
+
+/// Fits `permit` of `semaphore` to a response of `bytes` that must be charged in full
+/// (a decoded response can hold more than was read): frees what it does not need, or
+/// takes what it needs beyond, waiting at most [`FETCH_BUDGET_WAIT`] for it, and refuses
+/// the response (`exhausted`) if it does not free.
+async fn fit_or_refuse(
+    semaphore: &Arc<Semaphore>,
+    permit: &mut OwnedSemaphorePermit,
+    bytes: usize,
+    exhausted: impl FnOnce() -> Error,
+) -> Result<()> {
+    let wanted = fetch_permits(bytes) as usize;
+    let held = permit.num_permits();
+    if wanted <= held {
+        drop(permit.split(held - wanted));
+        return Ok(());
+    }
+    let missing = (wanted - held) as u32;
+    let more = match Arc::clone(semaphore).try_acquire_many_owned(missing) {
+        Ok(more) => more,
+        Err(_) => tokio::time::timeout(
+            FETCH_BUDGET_WAIT,
+            Arc::clone(semaphore).acquire_many_owned(missing),
+        )
+        .await
+        .map_err(|_| exhausted())?
+        .map_err(|_| Error::ShuttingDown)?,
+    };
+    permit.merge(more);
+    Ok(())
 }
 
 /// A response's share of the fetch memory budget, released when the transport drops
@@ -1024,6 +1099,88 @@ mod tests {
         assert_eq!(budget.available_permits(), 30, "the first released");
         assert!(stream.next().await.is_none());
         assert_eq!(budget.available_permits(), 60, "all released at the end");
+    }
+
+    /// Routing by the first key decodes the first record only: a batch whose rest is a
+    /// bomb is routed (and then refused by the append), not decompressed to its bound.
+    #[test]
+    fn the_first_key_is_read_without_decoding_the_batch() {
+        let mut builder = BatchBuilder::new();
+        builder.push(1_000, Some(b"route-me"), Some(b"v"), &[]);
+        let plain = builder.finish();
+        let mut records = plain[BATCH_HEADER_LEN..].to_vec();
+        records.resize(8 << 20, 0);
+        let mut builder = BatchBuilder::new();
+        builder.push(1_000, Some(b"route-me"), Some(b"v"), &[]);
+        let mut bomb = builder.finish()[..BATCH_HEADER_LEN].to_vec();
+        Compression::Zstd.compress(&records, &mut bomb);
+        let len = (bomb.len() - 12) as i32;
+        bomb[8..12].copy_from_slice(&len.to_be_bytes());
+        bomb[21..23].copy_from_slice(&(Compression::Zstd.id() as i16).to_be_bytes());
+        let crc = crc32c::crc32c(&bomb[21..]);
+        bomb[17..21].copy_from_slice(&crc.to_be_bytes());
+        let mut scratch = Vec::new();
+        assert_eq!(first_batch_key(&bomb, &mut scratch), Some(&b"route-me"[..]));
+        assert!(scratch.capacity() < 1 << 20, "{}", scratch.capacity());
+    }
+
+    /// Decoded records stay within the budget (after the first): decoding used to stop
+    /// only once past it, a record over.
+    #[test]
+    fn decoding_stops_before_the_budget_is_passed() {
+        for codec in [Compression::None, Compression::Zstd] {
+            let mut builder = BatchBuilder::new();
+            for i in 0..5 {
+                builder.push(1_000 + i, Some(b"k"), Some(&[7; 100]), &[("h", &b"v"[..])]);
+            }
+            let batch = builder.finish_compressed(codec);
+            let one = RECORD_DECODED_OVERHEAD_BYTES + 1 + 100 + 2 + HEADER_DECODED_OVERHEAD_BYTES;
+            for budget in [0, one, one + 1, 2 * one + 10, 10 * one] {
+                let (records, next) = decode_records(&batch, 0, budget).expect("decodes");
+                let response = v1::FetchResponse {
+                    records,
+                    ..Default::default()
+                };
+                let held = response_bytes(&response);
+                let count = response.records.len();
+                assert_eq!(
+                    held,
+                    count * one,
+                    "{codec}: counted as the fetch is charged"
+                );
+                assert_eq!(
+                    count,
+                    (budget / one).clamp(1, 5),
+                    "{codec}: budget {budget}"
+                );
+                assert_eq!(next, (count < 5).then_some(count as u64), "{codec}");
+            }
+        }
+    }
+
+    /// A response that needs more of the budget than was taken for it waits for it, and
+    /// is refused (not served under-charged) when it does not free.
+    #[tokio::test]
+    async fn a_response_is_charged_in_full_or_refused() {
+        let budget = Arc::new(Semaphore::new(100));
+        let mut permit = Arc::clone(&budget)
+            .try_acquire_many_owned(40)
+            .expect("room");
+        let others = Arc::clone(&budget)
+            .try_acquire_many_owned(60)
+            .expect("room");
+        let refused = fit_or_refuse(&budget, &mut permit, 90, || Error::ShuttingDown).await;
+        assert!(matches!(refused, Err(Error::ShuttingDown)), "{refused:?}");
+        assert_eq!(permit.num_permits(), 40, "nothing taken on refusal");
+        drop(others);
+        fit_or_refuse(&budget, &mut permit, 90, || Error::ShuttingDown)
+            .await
+            .expect("room now");
+        assert_eq!((permit.num_permits(), budget.available_permits()), (90, 10));
+        fit_or_refuse(&budget, &mut permit, 25, || Error::ShuttingDown)
+            .await
+            .expect("frees");
+        assert_eq!((permit.num_permits(), budget.available_permits()), (25, 75));
     }
 
     #[test]

@@ -426,26 +426,13 @@ impl ProducerStates {
     /// without, a crash may leave the old snapshot or a damaged one, which
     /// [`ProducerStates::recover`] rejects.
     pub fn write_snapshot(&self, dir: &Path, covers: u64, sync: bool) -> Result<()> {
-        let tmp = dir.join(SNAPSHOT_TMP_FILE);
-        let path = dir.join(SNAPSHOT_FILE);
-        let file = fault::open(
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true),
-            &tmp,
+        replace_file(
+            dir,
+            SNAPSHOT_TMP_FILE,
+            SNAPSHOT_FILE,
+            &self.encode(covers),
+            sync,
         )
-        .map_err(io_at(&tmp))?;
-        fault::write_all_at(&file, &tmp, &self.encode(covers), 0).map_err(io_at(&tmp))?;
-        if sync {
-            fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
-        }
-        drop(file);
-        fault::rename(&tmp, &path).map_err(io_at(&path))?;
-        if sync {
-            fault::sync_dir(dir).map_err(io_at(dir))?;
-        }
-        Ok(())
     }
 
     /// Rebuilds the producer state of the log `reader` reads: loads the snapshot if it
@@ -694,22 +681,39 @@ impl ProducerIds {
 
     /// Durably replaces the file with one that reserves ids below `bound`.
     fn write(&self, bound: i64) -> Result<()> {
-        let tmp = self.dir.join(PRODUCER_IDS_TMP_FILE);
-        let path = self.dir.join(PRODUCER_IDS_FILE);
-        let file = fault::open(
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true),
-            &tmp,
+        replace_file(
+            &self.dir,
+            PRODUCER_IDS_TMP_FILE,
+            PRODUCER_IDS_FILE,
+            &encode_ids(bound),
+            true,
         )
-        .map_err(io_at(&tmp))?;
-        fault::write_all_at(&file, &tmp, &encode_ids(bound), 0).map_err(io_at(&tmp))?;
-        fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
-        drop(file);
-        fault::rename(&tmp, &path).map_err(io_at(&path))?;
-        fault::sync_dir(&self.dir).map_err(io_at(&self.dir))
     }
+}
+
+/// Replaces `dir/name` with `bytes` through `dir/tmp` and a rename, so a crash leaves
+/// the old file or the new one. With `sync`, the new file is durable on return (the
+/// file is fsynced before the rename and the directory after it).
+fn replace_file(dir: &Path, tmp: &str, name: &str, bytes: &[u8], sync: bool) -> Result<()> {
+    let (tmp, path) = (dir.join(tmp), dir.join(name));
+    let file = fault::open(
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        &tmp,
+    )
+    .map_err(io_at(&tmp))?;
+    fault::write_all_at(&file, &tmp, bytes, 0).map_err(io_at(&tmp))?;
+    if sync {
+        fault::sync_data(&file, &tmp).map_err(io_at(&tmp))?;
+    }
+    drop(file);
+    fault::rename(&tmp, &path).map_err(io_at(&path))?;
+    if sync {
+        fault::sync_dir(dir).map_err(io_at(dir))?;
+    }
+    Ok(())
 }
 
 fn encode_ids(bound: i64) -> [u8; IDS_LEN] {

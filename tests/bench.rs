@@ -27,6 +27,16 @@ async fn run(args: &[&str]) -> Report {
     }
 }
 
+/// A run against a broker the bench starts itself from the binary path, over a
+/// temporary data directory.
+async fn run_started(args: &[&str]) -> Report {
+    let data = tempfile::tempdir().expect("a temporary directory");
+    let data = data.path().display().to_string();
+    let mut all = vec!["--strata-bin", STRATA, "--data-dir", &data];
+    all.extend_from_slice(args);
+    run(&all).await
+}
+
 /// Two producers, three partitions and two consumer sets of two consumers: every
 /// message is acknowledged and counted once per set, and each latency is recorded once
 /// per acknowledgement and once per receipt.
@@ -150,12 +160,7 @@ async fn consumer_groups_each_receive_every_message_once() {
 /// no end-to-end latency (the messages were sent long before they were read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_against_a_broker_the_bench_starts() {
-    let data = tempfile::tempdir().expect("a temporary directory");
-    let report = run(&[
-        "--strata-bin",
-        STRATA,
-        "--data-dir",
-        &data.path().display().to_string(),
+    let report = run_started(&[
         "--workload",
         "replay",
         "--messages",
@@ -191,12 +196,7 @@ async fn replay_against_a_broker_the_bench_starts() {
 /// across all the partitions with no consumers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partitions_workload_reads_the_idle_broker() {
-    let data = tempfile::tempdir().expect("a temporary directory");
-    let report = run(&[
-        "--strata-bin",
-        STRATA,
-        "--data-dir",
-        &data.path().display().to_string(),
+    let report = run_started(&[
         "--workload",
         "partitions",
         "--partitions",

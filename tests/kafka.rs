@@ -27,11 +27,29 @@ use crate::common::{create_topic, produce_records, read_partition, record, Broke
 const READ_GUARD: Duration = Duration::from_secs(120);
 
 fn start() -> (Broker, SocketAddr) {
-    let broker = Broker::start_with(&["--kafka-listen", "127.0.0.1:0"]);
+    start_with(&[])
+}
+
+/// A broker with the Kafka listener on and `args` besides, and its Kafka address.
+fn start_with(args: &[&str]) -> (Broker, SocketAddr) {
+    let mut all = vec!["--kafka-listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let broker = Broker::start_with(&all);
     let kafka = broker
         .kafka_addr()
         .expect("the broker prints its Kafka address");
     (broker, kafka)
+}
+
+/// Creates `topic` with `partitions` partitions and the default settings.
+async fn create(broker: &Broker, topic: &str, partitions: u32) {
+    create_topic(
+        &mut broker.admin().await,
+        topic,
+        partitions,
+        v1::TopicConfig::default(),
+    )
+    .await;
 }
 
 /// A Kafka connection speaking the protocol with the crate's client-side codecs.
@@ -263,13 +281,7 @@ fn fetch(topic: &str, offset: i64, max_wait_ms: i32) -> FetchRequest {
 #[tokio::test]
 async fn produce_acks_zero_gets_no_answer_and_a_long_poll_fetch_returns_new_data() {
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "polled",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "polled", 1).await;
     let mut raw = Raw::connect(kafka);
     // acks=0 then a Metadata: the first answer on the wire is the Metadata's.
     raw.send(
@@ -313,13 +325,7 @@ async fn produce_acks_zero_gets_no_answer_and_a_long_poll_fetch_returns_new_data
 #[tokio::test]
 async fn list_offsets_finds_earliest_latest_and_by_timestamp() {
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "timed",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "timed", 1).await;
     let mut raw = Raw::connect(kafka);
     let produced: kafka_protocol::messages::ProduceResponse = raw.call(
         ApiKey::Produce,
@@ -432,13 +438,7 @@ async fn kcat_produces_with_and_without_keys_and_consumes_from_earliest() {
         return;
     }
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "orders",
-        2,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "orders", 2).await;
     run_kcat(
         kafka,
         &["-P", "-t", "orders", "-K:"],
@@ -505,13 +505,7 @@ async fn a_record_keeps_its_key_and_headers_from_grpc_to_kcat_and_back() {
         return;
     }
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "mixed",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "mixed", 1).await;
     let mut client = broker.client().await;
     let mut from_grpc = record(Some(b"order-1"), b"placed");
     from_grpc.headers = vec![
@@ -646,13 +640,7 @@ async fn kafka_python_produces_and_consumes() {
         return;
     };
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "py",
-        3,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "py", 3).await;
     let out = run_python(
         &python,
         180,
@@ -771,13 +759,7 @@ async fn an_idempotent_confluent_kafka_producer_writes_each_record_once() {
         return;
     };
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "idem",
-        2,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "idem", 2).await;
     let out = run_python(
         &python,
         180,
@@ -885,13 +867,7 @@ async fn kafka_commits_are_the_groups_offsets_and_resets_over_grpc_move_kafka_co
 #[tokio::test]
 async fn fetch_returns_at_least_one_whole_batch_then_only_batches_that_fit() {
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "sized",
-        2,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "sized", 2).await;
     let mut raw = Raw::connect(kafka);
     for partition in 0..2 {
         let mut request = produce_request("sized", -1, batch(&[(1, &[7u8; 500][..])]));
@@ -1196,13 +1172,7 @@ async fn a_group_is_used_by_one_protocol_at_a_time() {
         GroupId, JoinGroupRequest, JoinGroupResponse, SyncGroupRequest, SyncGroupResponse,
     };
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "shared",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "shared", 1).await;
     let join = |group: &str| {
         JoinGroupRequest::default()
             .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
@@ -1304,15 +1274,12 @@ async fn committed_offsets_of_a_kafka_group_with_members_do_not_expire() {
         GroupId, JoinGroupRequest, JoinGroupResponse, OffsetCommitRequest, OffsetCommitResponse,
         SyncGroupRequest, SyncGroupResponse,
     };
-    let broker = Broker::start_with(&[
-        "--kafka-listen",
-        "127.0.0.1:0",
+    let (broker, kafka) = start_with(&[
         "--offsets-retention-ms",
         "1s",
         "--retention-check-ms",
         "100ms",
     ]);
-    let kafka = broker.kafka_addr().expect("the Kafka address");
     let mut admin = broker.admin().await;
     create_topic(&mut admin, "kept", 1, v1::TopicConfig::default()).await;
     let records = (0..3).map(|i| record(None, &[i])).collect();
@@ -1416,13 +1383,7 @@ async fn requests_repeating_names_or_partitions_or_with_overlong_names_are_refus
         offset_fetch_request, DescribeGroupsRequest, GroupId, OffsetFetchRequest,
     };
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "bounded",
-        2,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "bounded", 2).await;
     let produce = |topic: &str, partitions: &[i32]| {
         ProduceRequest::default()
             .with_acks(1)
@@ -1608,20 +1569,8 @@ async fn each_partition_of_a_commit_gets_its_own_error() {
         OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
     };
     // The configured metadata limit applies to Kafka commits as to gRPC ones.
-    let broker = Broker::start_with(&[
-        "--kafka-listen",
-        "127.0.0.1:0",
-        "--max-commit-metadata-bytes",
-        "64B",
-    ]);
-    let kafka = broker.kafka_addr().expect("the Kafka address");
-    create_topic(
-        &mut broker.admin().await,
-        "mixed",
-        4,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    let (broker, kafka) = start_with(&["--max-commit-metadata-bytes", "64B"]);
+    create(&broker, "mixed", 4).await;
     let mut raw = Raw::connect(kafka);
     let answer: kafka_protocol::messages::ProduceResponse = raw.call(
         ApiKey::Produce,
@@ -1745,13 +1694,7 @@ async fn wait_in_flight(broker: &Broker) {
 #[tokio::test]
 async fn a_shutdown_answers_the_kafka_request_in_progress_then_closes_its_connection() {
     let (mut broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "draining",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "draining", 1).await;
     let mut idle = Raw::connect(kafka);
     let _: MetadataResponse = idle.call(
         ApiKey::Metadata,
@@ -1788,20 +1731,8 @@ fn unread_connection(kafka: SocketAddr) -> Raw {
 
 #[tokio::test]
 async fn unread_kafka_fetch_responses_hold_the_shared_fetch_memory_budget() {
-    let broker = Broker::start_with(&[
-        "--kafka-listen",
-        "127.0.0.1:0",
-        "--fetch-memory-bytes",
-        "16MiB",
-    ]);
-    let kafka = broker.kafka_addr().expect("a Kafka address");
-    create_topic(
-        &mut broker.admin().await,
-        "big",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    let (broker, kafka) = start_with(&["--fetch-memory-bytes", "16MiB"]);
+    create(&broker, "big", 1).await;
     let mut data = broker.client().await;
     for _ in 0..24 {
         let records = vec![record(None, &[7; 500 << 10]); 2];
@@ -2183,13 +2114,7 @@ fn with_payload(codec: Compression, payload: &[u8]) -> Vec<u8> {
 #[tokio::test]
 async fn decompression_bombs_and_corrupt_payloads_are_refused_and_nothing_is_stored() {
     let (broker, kafka) = start();
-    create_topic(
-        &mut broker.admin().await,
-        "guarded",
-        1,
-        v1::TopicConfig::default(),
-    )
-    .await;
+    create(&broker, "guarded", 1).await;
     // One valid record followed by 8 MiB of zeros: about a kilobyte in zstd, twice the
     // most a batch that small may decompress to.
     let mut plain = BatchBuilder::new();
@@ -2240,15 +2165,12 @@ async fn decompression_bombs_and_corrupt_payloads_are_refused_and_nothing_is_sto
 #[tokio::test]
 async fn arrays_are_bounded_before_decoding_and_topics_stop_at_max_partitions() {
     use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-    let broker = Broker::start_with(&[
-        "--kafka-listen",
-        "127.0.0.1:0",
+    let (broker, kafka) = start_with(&[
         "--kafka-auto-create-topics",
         "true",
         "--max-partitions",
         "2",
     ]);
-    let kafka = broker.kafka_addr().expect("kafka");
     let mut flood = Raw::connect(kafka);
     flood.send(
         ApiKey::Metadata,

@@ -510,6 +510,14 @@ mod tests {
         .expect("open")
     }
 
+    /// Settings of a topic with one partition.
+    fn one_partition() -> crate::topics::settings::TopicSettings {
+        crate::topics::settings::TopicSettings {
+            partitions: 1,
+            ..Default::default()
+        }
+    }
+
     /// A new member of `group` subscribed to `topic`, joined now with long timeouts.
     fn join(broker: &Broker, group: &str, topic: &str) -> HeartbeatReply {
         let request = Heartbeat {
@@ -705,10 +713,6 @@ mod tests {
     fn a_recreated_topic_never_inherits_old_committed_offsets() {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open_broker(dir.path());
-        let settings = || crate::topics::settings::TopicSettings {
-            partitions: 1,
-            ..Default::default()
-        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
@@ -722,14 +726,14 @@ mod tests {
             .expect("commit")
         };
         for topic in ["t", "kept"] {
-            broker.create_topic(topic, settings()).expect("create");
+            broker.create_topic(topic, one_partition()).expect("create");
             commit(&broker, topic);
         }
         let all = BTreeSet::new();
         assert_eq!(fetch_offsets(&broker, "g", &all).expect("fetch").len(), 2);
         // The topic goes, its offsets' deletion never runs.
         broker.delete_topic("t").expect("delete");
-        broker.create_topic("t", settings()).expect("recreate");
+        broker.create_topic("t", one_partition()).expect("recreate");
         let kept = vec![TopicPartition::new("kept".to_string(), 0)];
         let visible = |broker: &Broker| -> Vec<TopicPartition> {
             let offsets = fetch_offsets(broker, "g", &all).expect("fetch");
@@ -761,16 +765,12 @@ mod tests {
     fn a_deleted_topic_takes_its_owners_out_of_the_group() {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open_broker(dir.path());
-        let settings = || crate::topics::settings::TopicSettings {
-            partitions: 1,
-            ..Default::default()
-        };
-        broker.create_topic("t", settings()).expect("create");
+        broker.create_topic("t", one_partition()).expect("create");
         let member = join(&broker, "g", "t");
         let tp = TopicPartition::new("t".to_string(), 0);
         check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp).expect("owner");
         broker.delete_topic("t").expect("delete");
-        broker.create_topic("t", settings()).expect("recreate");
+        broker.create_topic("t", one_partition()).expect("recreate");
         assert!(matches!(
             check_fetch(&broker, "g", &member.member_id, member.member_epoch, &tp),
             Err(Error::Fenced(_))
@@ -785,11 +785,7 @@ mod tests {
     fn a_recreated_topic_under_a_live_group_fences_the_old_owner() {
         let dir = tempfile::tempdir().expect("tempdir");
         let broker = open_broker(dir.path());
-        let settings = || crate::topics::settings::TopicSettings {
-            partitions: 1,
-            ..Default::default()
-        };
-        broker.create_topic("t", settings()).expect("create");
+        broker.create_topic("t", one_partition()).expect("create");
         produce(&broker, "t", 5);
         let tp = TopicPartition::new("t".to_string(), 0);
         let old = join(&broker, "g", "t");
@@ -798,7 +794,7 @@ mod tests {
         assert!(waiting.assignment.is_empty());
 
         broker.delete_topic("t").expect("delete");
-        broker.create_topic("t", settings()).expect("recreate");
+        broker.create_topic("t", one_partition()).expect("recreate");
         produce(&broker, "t", 3);
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -1079,27 +1079,16 @@ mod tests {
         let now = Instant::now();
         let first = join(&c, now);
         join(&c, now);
-        let third = c.heartbeat(
-            "payments",
-            Heartbeat {
+        let join_group = |group: &str| {
+            let join = Heartbeat {
                 topics: vec!["orders".into()],
                 ..Heartbeat::default()
-            },
-            &six,
-            now,
-        );
-        let e = third.expect_err("a third member");
+            };
+            c.heartbeat(group, join, &six, now)
+        };
+        let e = join_group("payments").expect_err("a third member");
         assert!(e.to_string().contains("max_group_members"), "{e}");
-        let other = c.heartbeat(
-            "billing",
-            Heartbeat {
-                topics: vec!["orders".into()],
-                ..Heartbeat::default()
-            },
-            &six,
-            now,
-        );
-        let e = other.expect_err("a second group");
+        let e = join_group("billing").expect_err("a second group");
         assert!(e.to_string().contains("max_groups"), "{e}");
         // Members already in keep heartbeating.
         beat(&c, &first, now).expect("a member's heartbeat");

@@ -32,7 +32,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 pub enum Op {
     /// A positional or sequential write of file data.
     Write,
-    /// `fdatasync` or `fsync` of a file.
+    /// `fdatasync` or `fsync` of a file, or `msync` of a mapping of one.
     Sync,
     /// A change of a file's length (`ftruncate`), shrinking or growing.
     SetLen,
@@ -458,12 +458,12 @@ fn restore(dir: &Path, durable: &Durable) -> io::Result<()> {
 }
 
 /// Records the content of a file just synced (read through its path: the handle may be
-/// write-only) as durable.
-fn record_file_sync(plan: &Plan, file: &File, path: &Path) -> io::Result<()> {
+/// write-only) as durable. `file` is the synced handle, if the sync went through one.
+fn record_file_sync(plan: &Plan, file: Option<&File>, path: &Path) -> io::Result<()> {
     let mut state = plan.lock();
     if let Some(durable) = &mut state.durable {
-        let ino = file.metadata()?.ino();
-        if fs::metadata(path)?.ino() != ino {
+        let ino = fs::metadata(path)?.ino();
+        if file.is_some_and(|f| f.metadata().is_ok_and(|m| m.ino() != ino)) {
             return Err(io::Error::other(format!(
                 "crash model: {} no longer names the file being synced",
                 path.display()
@@ -514,7 +514,7 @@ pub(crate) fn sync_data(file: &File, path: &Path) -> io::Result<()> {
         Some((_, Some(fault))) => Err(fault.error()),
         Some((plan, None)) => {
             file.sync_data()?;
-            record_file_sync(&plan, file, path)
+            record_file_sync(&plan, Some(file), path)
         }
     }
 }
@@ -526,7 +526,20 @@ pub(crate) fn sync_all(file: &File, path: &Path) -> io::Result<()> {
         Some((_, Some(fault))) => Err(fault.error()),
         Some((plan, None)) => {
             file.sync_all()?;
-            record_file_sync(&plan, file, path)
+            record_file_sync(&plan, Some(file), path)
+        }
+    }
+}
+
+/// `msync(MS_SYNC)` of the first `len` bytes of a shared mapping of `path`: on Linux, an
+/// `fdatasync` of those bytes (the file's size included) that needs no descriptor.
+pub(crate) fn sync_mapping(map: &memmap2::MmapRaw, len: usize, path: &Path) -> io::Result<()> {
+    match intercept(Op::Sync, path) {
+        None => map.flush_range(0, len),
+        Some((_, Some(fault))) => Err(fault.error()),
+        Some((plan, None)) => {
+            map.flush_range(0, len)?;
+            record_file_sync(&plan, None, path)
         }
     }
 }

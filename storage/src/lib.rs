@@ -33,4 +33,4 @@ pub use log::{
     LogRecovery, ReadResult,
 };
 pub use producer::SequenceError;
-pub use segment::FileCache;
+pub use segment::{FileCache, MAPPED_SEGMENTS_MAX_DEFAULT};

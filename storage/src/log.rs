@@ -192,13 +192,7 @@ impl IndexState {
     /// Indexes a batch. When an index is nearly full (possible in a scan, if the index
     /// settings shrank since the segment was written) entries are skipped: a sparser
     /// index is slower to search but still correct.
-    fn add(
-        &mut self,
-        segment: &Segment,
-        header: &BatchHeader,
-        position: u64,
-        interval: u64,
-    ) -> Result<()> {
+    fn add(&mut self, segment: &Segment, header: &BatchHeader, position: u64, interval: u64) {
         let relative = (header.base_offset - segment.base_offset) as u32;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);
         let room = !segment.offsets.is_nearly_full() && !segment.times.is_nearly_full();
@@ -207,40 +201,31 @@ impl IndexState {
                 relative_offset: relative,
                 position: position as u32,
             };
-            segment
-                .offsets
-                .push(entry)
-                .map_err(io_at(segment.offsets.path()))?;
+            segment.offsets.push(entry);
             self.bytes_since_entry = 0;
             if self.max_timestamp > self.time_indexed {
-                self.push_time(segment, relative)?;
+                self.push_time(segment, relative);
             }
         }
         self.bytes_since_entry += header.size as u64;
         self.last_batch = relative;
-        Ok(())
     }
 
     /// Records the segment's final max timestamp, so a sealed segment's largest
     /// timestamp is its last time index entry.
-    fn finish(&mut self, segment: &Segment) -> Result<()> {
+    fn finish(&mut self, segment: &Segment) {
         if self.max_timestamp > self.time_indexed && !segment.times.is_full() {
-            self.push_time(segment, self.last_batch)?;
+            self.push_time(segment, self.last_batch);
         }
-        Ok(())
     }
 
-    fn push_time(&mut self, segment: &Segment, relative: u32) -> Result<()> {
+    fn push_time(&mut self, segment: &Segment, relative: u32) {
         let entry = TimeEntry {
             timestamp: self.max_timestamp,
             relative_offset: relative,
         };
-        segment
-            .times
-            .push(entry)
-            .map_err(io_at(segment.times.path()))?;
+        segment.times.push(entry);
         self.time_indexed = self.max_timestamp;
-        Ok(())
     }
 }
 
@@ -481,7 +466,7 @@ impl Log {
                 &header,
                 position,
                 log.config.index_interval_bytes,
-            )?;
+            );
             active.next_offset += record_count;
             if active.staged.len() >= STAGE_BYTES_MAX {
                 log.write_staged()?;
@@ -568,7 +553,7 @@ impl Log {
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
         let active = &mut self.active;
-        active.index.finish(&active.segment)?;
+        active.index.finish(&active.segment);
         active.segment.seal_indexes()?;
         self.write_checkpoint(true)
     }
@@ -732,11 +717,8 @@ impl Log {
         // The old segment's indexes are made durable before any file names the new
         // segment: from then on a restart treats the old segment as sealed.
         let old = &mut self.active;
-        let flushed = old
-            .index
-            .finish(&old.segment)
-            .and_then(|()| old.segment.sync_indexes())
-            .map_err(|e| roll_failed(base, e));
+        old.index.finish(&old.segment);
+        let flushed = old.segment.sync_indexes().map_err(|e| roll_failed(base, e));
         let created = flushed.and_then(|()| create_next(&dir, base, &self.config));
         let (segment, file) = match created {
             Ok(created) => created,
@@ -1016,7 +998,7 @@ impl LogReader {
         let file = self.open(segment, from)?;
 
         // Find the batch holding `from`: index, then a short walk over headers.
-        let mut position = segment.index_position(from);
+        let mut position = self.index_position(segment, from)?;
         let first = loop {
             if position + BATCH_HEADER_LEN as u64 > readable {
                 return Err(missing(segment, from, position));
@@ -1098,19 +1080,33 @@ impl LogReader {
         Ok(damage.is_none() && position + kept as u64 == readable)
     }
 
-    /// The segment's read handle; a segment deleted by retention since the snapshot
-    /// means the requested offset is now out of range.
+    /// The segment's read handle.
     fn open(&self, segment: &Arc<Segment>, from: u64) -> Result<Arc<fs::File>> {
-        segment.file(&self.shared.files).map_err(|e| match e {
+        segment
+            .file(&self.shared.files)
+            .map_err(|e| self.gone_if_deleted(e, from))
+    }
+
+    /// Where to start looking for `offset` in the segment, mapping its index if needed.
+    fn index_position(&self, segment: &Arc<Segment>, offset: u64) -> Result<u64> {
+        segment
+            .index_position(&self.shared.files, offset)
+            .map_err(|e| self.gone_if_deleted(e, offset))
+    }
+
+    /// A segment file that is gone was deleted by retention since the reader took its
+    /// snapshot of the segments: the requested offset is now out of range.
+    fn gone_if_deleted(&self, e: Error, requested: u64) -> Error {
+        match e {
             Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 Error::OffsetOutOfRange {
-                    requested: from,
+                    requested,
                     earliest: self.earliest_offset(),
                     latest: self.high_watermark(),
                 }
             }
             other => other,
-        })
+        }
     }
 
     /// The timestamp of the first record of the batch that holds `offset` (the time it
@@ -1133,7 +1129,7 @@ impl LogReader {
         let segment = &segments[segments.partition_point(|s| s.base_offset <= offset) - 1];
         let file = self.open(segment, offset)?;
         let readable = segment.readable_len();
-        let mut position = segment.index_position(offset);
+        let mut position = self.index_position(segment, offset)?;
         while position + BATCH_HEADER_LEN as u64 <= readable {
             let header = segment.read_header(&file, position)?;
             if header.last_offset() >= offset {
@@ -1166,10 +1162,12 @@ impl LogReader {
             if segment.max_timestamp() < timestamp {
                 continue;
             }
-            let start = segment.time_index_offset(timestamp);
+            let start = segment
+                .time_index_offset(&self.shared.files, timestamp)
+                .map_err(|e| self.gone_if_deleted(e, segment.base_offset))?;
             let file = self.open(segment, start)?;
             let readable = segment.readable_len();
-            let mut position = segment.index_position(start);
+            let mut position = self.index_position(segment, start)?;
             while position + BATCH_HEADER_LEN as u64 <= readable {
                 let header = segment.read_header(&file, position)?;
                 if header.base_offset >= high_watermark {
@@ -1363,7 +1361,8 @@ fn create_segment(dir: &Path, base: u64, config: &LogConfig) -> Result<Segment> 
 }
 
 /// Opens a sealed segment, trusting its indexes after a cheap check of their last
-/// entries and rebuilding them from the log when that check fails.
+/// entries (read with `pread`: the indexes are mapped only when read) and rebuilding
+/// them from the log when that check fails. Leaves no file open and nothing mapped.
 /// Returns the segment and whether it is damaged: it does not hold exactly the offsets
 /// from its base to `next_base` in whole batches (a short or missing file, bit rot).
 /// Only the whole batches before the damage are readable; reads of the others report
@@ -1381,22 +1380,20 @@ fn open_sealed(
     let time_path = segment_path(dir, base, TIME_INDEX_EXT);
     // Entries grow strictly along both indexes, so an index that was never trimmed (a
     // crash or failure before its seal) ends in two equal zero slots and is rebuilt.
-    let offsets = open_sealed_index::<OffsetEntry>(&index_path)?.filter(|index| {
-        index.len() > 0
-            && index.last().is_some_and(|e| {
-                u64::from(e.position) < log_len && u64::from(e.relative_offset) < span
-            })
-            && last_two(index).is_none_or(|(a, b)| a.relative_offset < b.relative_offset)
+    let offsets = open_sealed_index::<OffsetEntry>(&index_path)?.filter(|(_, tail)| {
+        tail.last()
+            .is_some_and(|e| u64::from(e.position) < log_len && u64::from(e.relative_offset) < span)
+            && last_two(tail).is_none_or(|(a, b)| a.relative_offset < b.relative_offset)
     });
     // An empty time index is valid: every record may carry timestamp i64::MIN.
-    let times = open_sealed_index::<TimeEntry>(&time_path)?.filter(|index| {
-        index
-            .last()
+    let times = open_sealed_index::<TimeEntry>(&time_path)?.filter(|(_, tail)| {
+        tail.last()
             .is_none_or(|e| u64::from(e.relative_offset) < span)
-            && last_two(index).is_none_or(|(a, b)| a.timestamp < b.timestamp)
+            && last_two(tail).is_none_or(|(a, b)| a.timestamp < b.timestamp)
     });
-    if let (Some(offsets), Some(times)) = (offsets, times) {
-        let max_timestamp = times.last().map_or(i64::MIN, |e| e.timestamp);
+    if let (Some((offsets, offsets_tail)), Some((times, times_tail))) = (offsets, times) {
+        let max_timestamp = times_tail.last().map_or(i64::MIN, |e| e.timestamp);
+        let last_indexed = offsets_tail.last().map_or(0, |e| u64::from(e.position));
         let segment = Segment::new(dir, base, offsets, times, log_len, max_timestamp);
         // Walk the headers after the last index entry: the last batch must end at the
         // file's end and just before the next segment's base offset.
@@ -1404,7 +1401,7 @@ fn open_sealed(
             fault::open(fs::OpenOptions::new().read(true), &log_path).map_err(io_at(&log_path))?;
         // Headers only, one small read each: the tail holds about
         // `index_interval_bytes` of batches, the last of which may be large.
-        let mut position = segment.offsets.last().map_or(0, |e| u64::from(e.position));
+        let mut position = last_indexed;
         let mut next_offset = None;
         let mut bytes = [0u8; BATCH_HEADER_LEN];
         while position + BATCH_HEADER_LEN as u64 <= log_len {
@@ -1438,20 +1435,23 @@ fn open_sealed(
     // only its valid batches are readable: reads of offsets past damage, or missing
     // because the file is short, report corruption.
     let end = scan(&file, &segment, &mut index, 0, base, log_len, config)?;
-    index.finish(&segment)?;
+    index.finish(&segment);
     segment.seal_indexes()?;
     segment.publish(end.position, index.max_timestamp);
     let whole = end.position == log_len && end.next_offset == next_base;
     Ok((segment, !whole))
 }
 
-/// The last two entries of an index that has at least two.
-fn last_two<E: crate::index::Entry>(index: &Index<E>) -> Option<(E, E)> {
-    let len = index.len();
-    (len >= 2).then(|| (index.get(len - 2), index.get(len - 1)))
+/// The two entries of an index's tail, when it has two.
+fn last_two<E: crate::index::Entry>(tail: &[E]) -> Option<(E, E)> {
+    match tail {
+        [a, b] => Some((*a, *b)),
+        _ => None,
+    }
 }
 
-fn open_sealed_index<E: crate::index::Entry>(path: &Path) -> Result<Option<Index<E>>> {
+/// A sealed index and its last (up to) two entries, `None` when missing or partial.
+fn open_sealed_index<E: crate::index::Entry>(path: &Path) -> Result<Option<(Index<E>, Vec<E>)>> {
     match Index::open_sealed(path) {
         Ok(index) => Ok(index),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -1495,7 +1495,7 @@ fn scan(
             Some(bytes) if Batch::new(bytes).is_ok() => {}
             _ => break,
         }
-        index.add(segment, &header, position, config.index_interval_bytes)?;
+        index.add(segment, &header, position, config.index_interval_bytes);
         position += header.size as u64;
         next_offset = header.next_offset();
     }

@@ -73,7 +73,8 @@ pub struct LogConfig {
     pub batch_bytes_max: usize,
     /// Bytes of batches between two entries of the sparse offset index.
     pub index_interval_bytes: u64,
-    /// Preallocated size of each index file; a segment rolls when its index is full.
+    /// Largest size of each index file (its file grows a page at a time while written);
+    /// a segment rolls when its index is full.
     pub index_bytes_max: u64,
     /// When a commit is durable.
     pub durability: Durability,

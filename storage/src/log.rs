@@ -1681,6 +1681,205 @@ mod tests {
         out
     }
 
+    /// Descriptors this process holds on files under `dir`.
+    fn descriptors_under(dir: &Path) -> usize {
+        let dir = dir.canonicalize().expect("canonical");
+        fs::read_dir("/proc/self/fd")
+            .expect("list descriptors")
+            .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.starts_with(&dir))
+            .count()
+    }
+
+    /// Mappings of files under `dir` in this process.
+    fn mappings_under(dir: &Path) -> usize {
+        let dir = dir.canonicalize().expect("canonical");
+        let dir = format!("{}/", dir.display());
+        fs::read_to_string("/proc/self/maps")
+            .expect("read mappings")
+            .lines()
+            .filter(|line| line.contains(&dir))
+            .count()
+    }
+
+    /// Issue 16 (10,000 partitions per node): after open, a log with many sealed
+    /// segments holds one descriptor (the active `.log`) and two mappings (the active
+    /// indexes), whether it was closed cleanly or recovered, and whether its sealed
+    /// indexes were trusted or rebuilt.
+    #[test]
+    fn an_open_log_holds_one_descriptor_and_two_mappings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::with_mapped_max(4, 4);
+        let mut log = Log::open(dir.path(), small(), &files).expect("open");
+        for i in 0..100 {
+            log.append(&batch(&["0123456789"; 4], i)).expect("append");
+        }
+        let sealed = log.reader().segment_count() - 1;
+        assert!(sealed >= 10, "{sealed} sealed segments");
+        assert_eq!(descriptors_under(dir.path()), 1, "while writing");
+        assert_eq!(mappings_under(dir.path()), 2, "while writing");
+        log.close().expect("close");
+        assert_eq!(descriptors_under(dir.path()), 0);
+        assert_eq!(mappings_under(dir.path()), 0);
+
+        let log = Log::open(dir.path(), small(), &files).expect("clean reopen");
+        assert!(log.recovery().clean);
+        assert_eq!(descriptors_under(dir.path()), 1, "after a clean open");
+        assert_eq!(mappings_under(dir.path()), 2, "after a clean open");
+        drop(log);
+        // Untrimmed indexes make the next open rebuild them.
+        for base in [0, 1] {
+            let base = list_segments(dir.path()).expect("list")[base];
+            let path = segment_path(dir.path(), base, INDEX_EXT);
+            let len = fs::metadata(&path).expect("index").len();
+            fs::File::options()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(len + 16))
+                .expect("untrim");
+        }
+        let log = Log::open(dir.path(), small(), &files).expect("unclean reopen");
+        assert!(!log.recovery().clean);
+        assert_eq!(descriptors_under(dir.path()), 1, "after recovery");
+        assert_eq!(mappings_under(dir.path()), 2, "after recovery");
+        assert_eq!(values(log.reader(), 0).len(), 400);
+    }
+
+    /// With room for one read handle and one segment's index mappings, reading every
+    /// sealed segment, in order and back again, evicts and reloads them: reads stay
+    /// right, and the log never holds more than the budgets allow.
+    #[test]
+    fn sealed_segments_read_right_after_eviction_with_a_cache_of_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::with_mapped_max(1, 1);
+        let mut log = Log::open(dir.path(), small(), &files).expect("open");
+        let mut expected = Vec::new();
+        for i in 0..60u64 {
+            let v = format!("value-{i}-{}", "x".repeat(100));
+            log.append(&batch(&[&v], i as i64)).expect("append");
+            expected.push((i, v));
+        }
+        let reader = log.reader();
+        assert!(reader.segment_count() > 5);
+        let bases: Vec<u64> = reader
+            .shared
+            .segments()
+            .iter()
+            .map(|s| s.base_offset)
+            .collect();
+        for pass in 0..2 {
+            let mut order = bases.clone();
+            if pass == 1 {
+                order.reverse();
+            }
+            for base in order {
+                assert_eq!(
+                    values(reader, base),
+                    expected[base as usize..],
+                    "from {base}"
+                );
+                assert_eq!(
+                    reader.batch_timestamp(base).expect("timestamp"),
+                    Some(base as i64)
+                );
+                assert_eq!(
+                    reader
+                        .offset_for_timestamp(base as i64)
+                        .expect("lookup")
+                        .found,
+                    Some(base)
+                );
+                assert!(files.open_count() <= 1 && files.mapped_count() <= 1);
+                // The active segment's .log and indexes, plus one sealed segment's
+                // read handle and index mappings.
+                assert!(descriptors_under(dir.path()) <= 2);
+                assert!(mappings_under(dir.path()) <= 4);
+            }
+        }
+        assert_eq!(
+            files.mapped_count(),
+            1,
+            "sealed indexes were mapped and evicted"
+        );
+    }
+
+    /// An index that cannot grow (its file cannot be opened: no descriptor left) loses
+    /// nothing and fail-stops nothing: the segment counts as full, so the next write
+    /// rolls, and while files still cannot be opened that write gets the retryable
+    /// `RollFailed`. Once they can, the roll happens and every batch is there.
+    #[test]
+    fn an_index_that_cannot_grow_makes_the_log_roll() {
+        use crate::fault::{Fault, Injector, Op};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        // Every batch indexed, so the index outgrows its first page quickly.
+        let config = LogConfig {
+            segment_bytes_max: 1 << 20,
+            index_interval_bytes: 1,
+            ..small()
+        };
+        let mut log = Log::open(injector.root(), config, &FileCache::new(4)).expect("open");
+        let first_page = crate::index::GROW_BYTES / crate::index::TIME_ENTRY_LEN;
+        let mut id = 0;
+        let mut append = |log: &mut Log| {
+            id += 1;
+            log.append(&batch(&["v"], id))
+        };
+        while log.active.segment.times.len() + 4 < first_page {
+            append(&mut log).expect("append");
+        }
+        injector.fail_from(Op::Open, 1, Fault::too_many_open_files());
+        let mut refused = 0;
+        for _ in 0..8 {
+            match append(&mut log) {
+                Ok(_) => {}
+                Err(Error::RollFailed { .. }) => refused += 1,
+                Err(e) => panic!("only the roll may fail: {e:?}"),
+            }
+        }
+        assert!(refused > 0, "the full index made the log roll");
+        assert_eq!(log.reader().segment_count(), 1);
+        injector.clear();
+        append(&mut log).expect("the roll is retried");
+        assert_eq!(log.reader().segment_count(), 2);
+        let accepted = log.reader().high_watermark();
+        assert_eq!(values(log.reader(), 0).len() as u64, accepted);
+        log.close().expect("close");
+    }
+
+    /// Readers of different sealed segments sharing a cache of one keep evicting each
+    /// other's index mappings and read handles while they use them: the `Arc` each holds
+    /// keeps its mapping valid, so every read is right.
+    #[test]
+    fn concurrent_readers_survive_each_others_evictions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FileCache::with_mapped_max(1, 1);
+        let mut log = Log::open(dir.path(), small(), &files).expect("open");
+        for i in 0..60 {
+            log.append(&batch(&[&"v".repeat(100)], i)).expect("append");
+        }
+        let expected = values(log.reader(), 0);
+        let bases: Vec<u64> = log
+            .reader()
+            .shared
+            .segments()
+            .iter()
+            .map(|s| s.base_offset)
+            .collect();
+        std::thread::scope(|s| {
+            for start in 0..3 {
+                let reader = log.reader().clone();
+                let (bases, expected) = (&bases, &expected);
+                s.spawn(move || {
+                    for round in 0..50 {
+                        let base = bases[(start + round * 3) % bases.len()];
+                        assert_eq!(values(&reader, base), expected[base as usize..]);
+                    }
+                });
+            }
+        });
+    }
+
     #[test]
     fn appends_roll_and_read_back_across_segments_and_reopens() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -156,7 +156,7 @@ impl Broker {
     pub fn open(
         data_dir: &Path,
         defaults: TopicSettings,
-        max_open_files: usize,
+        files: FileCache,
         metrics: Arc<Metrics>,
     ) -> Result<Broker> {
         // Every level created is fsynced into its parent: a topic made durable later
@@ -197,7 +197,6 @@ impl Broker {
                 std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
             }
         }
-        let files = FileCache::new(max_open_files);
         let faults = Faults::default();
         let offsets_dir = data_dir.join("groups").join("offsets");
         let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES, &faults)?;
@@ -660,7 +659,7 @@ mod tests {
             Broker::open(
                 dir.path(),
                 TopicSettings::default(),
-                64,
+                FileCache::new(64),
                 Arc::new(Metrics::default()),
             )
             .expect("open")
@@ -693,7 +692,7 @@ mod tests {
         let broker = Broker::open(
             dir.path(),
             TopicSettings::default(),
-            64,
+            FileCache::new(64),
             Arc::new(Metrics::default()),
         )
         .expect("open");

@@ -18,6 +18,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:7717";
 pub const DEFAULT_DATA_DIR: &str = "strata-data";
 /// Segment files kept open for reading when `--max-open-files` is not given.
 const MAX_OPEN_FILES_DEFAULT: usize = 1024;
+/// Sealed segments whose indexes stay mapped when `--max-mapped-segments` is not given.
+const MAX_MAPPED_SEGMENTS_DEFAULT: usize = strata_storage::MAPPED_SEGMENTS_MAX_DEFAULT;
 /// How often retention runs when `--retention-check-ms` is not given.
 const RETENTION_CHECK_MS_DEFAULT: u64 = 30_000;
 
@@ -61,6 +63,10 @@ pub struct ServeArgs {
     /// Most segment files kept open for reading across all partitions [default: 1024].
     #[arg(long, env = "STRATA_MAX_OPEN_FILES")]
     pub max_open_files: Option<usize>,
+    /// Most sealed segments whose two index files stay memory-mapped for reading, across
+    /// all partitions [default: 1024].
+    #[arg(long, env = "STRATA_MAX_MAPPED_SEGMENTS")]
+    pub max_mapped_segments: Option<usize>,
     /// How often retention runs: a duration (1m, 30s; a plain number is ms) [default: 30s].
     #[arg(long, env = "STRATA_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<Millis>,
@@ -177,6 +183,8 @@ pub struct ServeConfig {
     pub topic_defaults: TopicSettings,
     /// Open-file budget for segment reads.
     pub max_open_files: usize,
+    /// Budget of sealed segments whose indexes stay mapped for reads.
+    pub max_mapped_segments: usize,
     /// Retention period.
     pub retention_check: Duration,
     /// HTTP address of /metrics, /healthz and /readyz; `None` when off.
@@ -293,6 +301,10 @@ impl ServeConfig {
                 .max_open_files
                 .or(file.max_open_files)
                 .unwrap_or(MAX_OPEN_FILES_DEFAULT),
+            max_mapped_segments: args
+                .max_mapped_segments
+                .or(file.max_mapped_segments)
+                .unwrap_or(MAX_MAPPED_SEGMENTS_DEFAULT),
             retention_check: Duration::from_millis(
                 args.retention_check_ms
                     .or(file.retention_check_ms)
@@ -655,6 +667,9 @@ mod tests {
                     assert_eq!(size(), u64::from(d.max_message_bytes))
                 }
                 "max_open_files" => assert_eq!(default.parse(), Ok(config.max_open_files)),
+                "max_mapped_segments" => {
+                    assert_eq!(default.parse(), Ok(config.max_mapped_segments))
+                }
                 "retention_check_ms" => assert_eq!(
                     default
                         .parse::<Millis>()
@@ -719,7 +734,7 @@ mod tests {
             shown += 1;
         }
         assert_eq!(
-            shown, 30,
+            shown, 31,
             "every setting but --config and --kafka-advertised shows its default"
         );
     }

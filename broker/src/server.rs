@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use strata_storage::FileCache;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
@@ -49,21 +50,20 @@ pub async fn serve(
     let nofile = raise_nofile_limit();
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
-    let max_open_files = config.max_open_files;
-    let broker = tokio::task::spawn_blocking(move || {
-        Broker::open(&data_dir, defaults, max_open_files, metrics)
-    })
-    .await?
-    .map_err(|e| match e {
-        Error::DataDirLocked { .. } => anyhow::anyhow!(
-            "{e}; stop that process, or give this broker a directory of its own with \
+    let files = FileCache::with_mapped_max(config.max_open_files, config.max_mapped_segments);
+    let broker =
+        tokio::task::spawn_blocking(move || Broker::open(&data_dir, defaults, files, metrics))
+            .await?
+            .map_err(|e| match e {
+                Error::DataDirLocked { .. } => anyhow::anyhow!(
+                    "{e}; stop that process, or give this broker a directory of its own with \
              --data-dir <path>"
-        ),
-        e => anyhow::anyhow!(
-            "cannot open data directory {}: {e}",
-            config.data_dir.display()
-        ),
-    })?;
+                ),
+                e => anyhow::anyhow!(
+                    "cannot open data directory {}: {e}",
+                    config.data_dir.display()
+                ),
+            })?;
     let broker = Arc::new(broker);
     check_nofile_limit(nofile, &config, &broker);
     broker
@@ -175,10 +175,11 @@ fn raise_nofile_limit() -> Option<u64> {
 /// directory's lock, the offsets log, listeners, the runtime, standard streams.
 const NOFILE_MARGIN: u64 = 64;
 
-/// Descriptors the broker may need: [`NOFILE_MARGIN`], three per partition (the active
-/// segment's log and indexes), the segment read budget and one per connection.
+/// Descriptors the broker may need: [`NOFILE_MARGIN`], one per partition (the active
+/// segment's log; its indexes are mapped without one), the segment read budget and one
+/// per connection.
 fn nofile_needed(partitions: u64, max_open_files: usize, max_connections: usize) -> u64 {
-    NOFILE_MARGIN + 3 * partitions + max_open_files as u64 + max_connections as u64
+    NOFILE_MARGIN + partitions + max_open_files as u64 + max_connections as u64
 }
 
 /// Connections the broker may hold open: gRPC's `max_connections`, and the Kafka
@@ -218,7 +219,7 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
             kafka_connections = connections - config.limits.connections - http,
             http_connections = http,
             "the open-file limit (ulimit -n) is below what this broker may need \
-             (64 + 3 x partitions + max_open_files + max_connections + 1024 Kafka \
+             (64 + partitions + max_open_files + max_connections + 1024 Kafka \
              connections when the Kafka listener is on + max_http_connections when the \
              HTTP listener is on): raise the hard limit, or lower --max-connections or \
              --max-open-files"
@@ -377,7 +378,7 @@ mod tests {
         );
         assert_eq!(
             nofile_needed(10, 50, connections_max(100, true)),
-            NOFILE_MARGIN + 30 + 50 + 100 + 1024
+            NOFILE_MARGIN + 10 + 50 + 100 + 1024
         );
     }
 }

@@ -504,7 +504,7 @@ mod tests {
         Broker::open(
             dir,
             crate::topics::settings::TopicSettings::default(),
-            64,
+            strata_storage::FileCache::new(64),
             Arc::new(crate::metrics::Metrics::default()),
         )
         .expect("open")

@@ -562,7 +562,7 @@ mod tests {
         let broker = Broker::open(
             dir,
             TopicSettings::default(),
-            64,
+            strata_storage::FileCache::new(64),
             Arc::new(crate::metrics::Metrics::default()),
         )
         .expect("open");

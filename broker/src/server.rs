@@ -50,20 +50,22 @@ pub async fn serve(
     let nofile = raise_nofile_limit();
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
-    let files = FileCache::with_mapped_max(config.max_open_files, config.max_mapped_segments);
-    let broker =
-        tokio::task::spawn_blocking(move || Broker::open(&data_dir, defaults, files, metrics))
-            .await?
-            .map_err(|e| match e {
-                Error::DataDirLocked { .. } => anyhow::anyhow!(
-                    "{e}; stop that process, or give this broker a directory of its own with \
+    let segment_files =
+        FileCache::with_mapped_max(config.max_open_files, config.max_mapped_segments);
+    let broker = tokio::task::spawn_blocking(move || {
+        Broker::open(&data_dir, defaults, segment_files, metrics)
+    })
+    .await?
+    .map_err(|e| match e {
+        Error::DataDirLocked { .. } => anyhow::anyhow!(
+            "{e}; stop that process, or give this broker a directory of its own with \
              --data-dir <path>"
-                ),
-                e => anyhow::anyhow!(
-                    "cannot open data directory {}: {e}",
-                    config.data_dir.display()
-                ),
-            })?;
+        ),
+        e => anyhow::anyhow!(
+            "cannot open data directory {}: {e}",
+            config.data_dir.display()
+        ),
+    })?;
     let broker = Arc::new(broker);
     check_nofile_limit(nofile, &config, &broker);
     broker

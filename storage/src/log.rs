@@ -190,8 +190,8 @@ impl IndexState {
     }
 
     /// Indexes a batch. When an index is nearly full (possible in a scan, if the index
-    /// settings shrank since the segment was written) entries are skipped: a sparser
-    /// index is slower to search but still correct.
+    /// settings shrank since the segment was written or the index file could not grow)
+    /// entries are skipped: a sparser index is slower to search but still correct.
     fn add(&mut self, segment: &Segment, header: &BatchHeader, position: u64, interval: u64) {
         let relative = (header.base_offset - segment.base_offset) as u32;
         self.max_timestamp = self.max_timestamp.max(header.max_timestamp);

@@ -1847,6 +1847,53 @@ mod tests {
         log.close().expect("close");
     }
 
+    /// Sealing opens each index file by path; when that open fails (no descriptor
+    /// left), the seal is deferred and retried at the next commit, as any failed trim
+    /// is, and the segment reads right meanwhile from the mapping it still holds.
+    #[test]
+    fn a_seal_that_cannot_open_its_index_is_retried() {
+        use crate::fault::{Fault, Injector, Op};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let injector = Injector::new(dir.path()).expect("injector");
+        let mut log = Log::open(injector.root(), small(), &FileCache::new(4)).expect("open");
+        let mut id = 0;
+        while log.reader().segment_count() == 1 {
+            id += 1;
+            // The roll opens the new segment's two index files, its log and the
+            // directory before it seals the old segment's indexes; from there on no
+            // file opens, so the commit's retry of the seal fails too.
+            injector.clear();
+            injector.fail_from(Op::Open, 5, Fault::too_many_open_files());
+            log.append(&batch(&["0123456789"; 4], id)).expect("append");
+        }
+        injector.clear();
+        let failures: Vec<_> = log.take_deferred_failures().collect();
+        assert!(
+            failures.iter().any(|f| f.step == Deferred::IndexSeal),
+            "{failures:?}"
+        );
+        // Untrimmed, an index file still holds its allocated page.
+        let sizes = || {
+            [INDEX_EXT, TIME_INDEX_EXT].map(|ext| {
+                let path = segment_path(injector.root(), 0, ext);
+                fs::metadata(path).expect("index").len()
+            })
+        };
+        let page = crate::index::GROW_BYTES as u64;
+        let untrimmed = |size: u64| size + 12 > page;
+        assert!(sizes().into_iter().any(untrimmed), "{:?}", sizes());
+        let expected = values(log.reader(), 0);
+        assert_eq!(expected.len() as u64, log.reader().high_watermark());
+        log.append(&batch(&["more"], id + 1)).expect("append");
+        assert_eq!(
+            log.take_deferred_failures().count(),
+            0,
+            "the retry sealed it"
+        );
+        assert!(!sizes().into_iter().any(untrimmed), "{:?}", sizes());
+        assert_eq!(values(log.reader(), 0)[..expected.len()], expected[..]);
+    }
+
     /// Readers of different sealed segments sharing a cache of one keep evicting each
     /// other's index mappings and read handles while they use them: the `Arc` each holds
     /// keeps its mapping valid, so every read is right.

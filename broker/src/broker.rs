@@ -26,6 +26,7 @@ use crate::groups::offsets::{Offsets, SEGMENT_BYTES};
 use crate::health::{Faults, Problem};
 use crate::metrics::Metrics;
 use crate::topics::partition::Partition;
+use crate::topics::writers::Writers;
 use crate::topics::settings::{validate_name, TopicSettings};
 
 /// A topic and its open partitions.
@@ -92,6 +93,8 @@ pub struct Broker {
     data_dir: PathBuf,
     defaults: TopicSettings,
     files: FileCache,
+    /// The threads that own every partition's log.
+    writers: Writers,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
@@ -198,6 +201,7 @@ impl Broker {
             }
         }
         let files = FileCache::new(max_open_files);
+        let writers = Writers::start(Writers::default_threads())?;
         let faults = Faults::default();
         let offsets_dir = data_dir.join("groups").join("offsets");
         let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES, &faults)?;
@@ -207,6 +211,7 @@ impl Broker {
             data_dir: data_dir.to_path_buf(),
             defaults,
             files,
+            writers,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
             max_partitions: AtomicUsize::new(usize::MAX),
@@ -369,6 +374,7 @@ impl Broker {
                 &self.files,
                 &self.metrics,
                 &self.faults,
+                &self.writers,
             )
             .map(Arc::new)
         };

@@ -26,8 +26,8 @@ use crate::groups::offsets::{Offsets, SEGMENT_BYTES};
 use crate::health::{Faults, Problem};
 use crate::metrics::Metrics;
 use crate::topics::partition::Partition;
-use crate::topics::writers::Writers;
 use crate::topics::settings::{validate_name, TopicSettings};
+use crate::topics::writers::Writers;
 
 /// A topic and its open partitions.
 #[derive(Debug)]
@@ -75,13 +75,17 @@ impl Topic {
         self.next_partition.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
     }
 
-    /// Closes every partition; the errors say which did not close cleanly.
+    /// Closes every partition, all at once; the errors say which did not close cleanly.
     fn shutdown(&self) -> Vec<String> {
-        self.partitions
-            .iter()
-            .filter_map(|p| p.shutdown().err())
-            .collect()
+        close_all(&self.partitions)
     }
+}
+
+/// Closes `partitions` together (their writers close them in parallel); the errors say
+/// which did not close cleanly.
+fn close_all<'a>(partitions: impl IntoIterator<Item = &'a Arc<Partition>>) -> Vec<String> {
+    let closing: Vec<_> = partitions.into_iter().map(|p| p.close()).collect();
+    closing.into_iter().filter_map(|c| c.wait().err()).collect()
 }
 
 /// All topics of one data directory.
@@ -424,10 +428,12 @@ impl Broker {
             // Close what did open before its directory goes, so no writer thread is
             // still writing there.
             let (_, error) = results.swap_remove(at);
-            for partition in results.into_iter().filter_map(|(_, opened)| opened.ok()) {
-                if let Err(why) = partition.shutdown() {
-                    tracing::warn!(topic = %name, error = %why, "closing a partition of a topic that failed to open");
-                }
+            let opened: Vec<_> = results
+                .into_iter()
+                .filter_map(|(_, opened)| opened.ok())
+                .collect();
+            for why in close_all(&opened) {
+                tracing::warn!(topic = %name, error = %why, "closing a partition of a topic that failed to open");
             }
             return Err(error.expect_err("the failed one"));
         }
@@ -597,7 +603,7 @@ impl Broker {
     /// name every log that did not close cleanly (the next start runs recovery on it).
     pub fn shutdown(&self) -> Vec<String> {
         let topics = std::mem::take(&mut *self.write_topics());
-        let mut errors: Vec<String> = topics.values().flat_map(|t| t.shutdown()).collect();
+        let mut errors = close_all(topics.values().flat_map(|t| &t.partitions));
         errors.extend(self.offsets.shutdown().err());
         errors
     }

@@ -212,17 +212,40 @@ impl Partition {
     /// says why it could not (the next start then runs recovery). Blocks; call from a
     /// blocking context.
     pub fn shutdown(&self) -> std::result::Result<(), String> {
+        self.close().wait()
+    }
+
+    /// Asks the writer to close the log once everything queued for it is answered,
+    /// without waiting: closes of many partitions then run together. Blocks while the
+    /// writer's queue is full; call from a blocking context.
+    pub fn close(&self) -> Closing {
         let (reply, closed) = std_mpsc::sync_channel(1);
         let close = Command::Close {
             writer: Arc::clone(&self.writer),
-            reply,
+            reply: reply.clone(),
         };
         if self.commands.blocking_send(close).is_err() {
             // The writer thread is gone (it panicked): close here.
             let writer = super::writers::lock(&self.writer).take();
-            return writer.map_or(Ok(()), Writer::close);
+            let _ = reply.send(writer.map_or(Ok(()), Writer::close));
         }
-        match closed.recv() {
+        Closing {
+            name: self.name.clone(),
+            closed,
+        }
+    }
+}
+
+/// A close in progress ([`Partition::close`]).
+pub struct Closing {
+    name: String,
+    closed: std_mpsc::Receiver<std::result::Result<(), String>>,
+}
+
+impl Closing {
+    /// Waits for the close; the error says why the log did not close cleanly.
+    pub fn wait(self) -> std::result::Result<(), String> {
+        match self.closed.recv() {
             Ok(closed) => closed.map_err(|e| format!("partition {}: {e}", self.name)),
             Err(_) => Err(format!(
                 "partition {}: the writer thread panicked",
@@ -354,6 +377,9 @@ struct Group {
     staged_bytes: usize,
     /// A maintenance tick asked for retention.
     retention: bool,
+    /// The partition closes after this group's commit, answering here; later batches
+    /// are refused.
+    close: Option<std_mpsc::SyncSender<std::result::Result<(), String>>>,
 }
 
 /// A partition's log and producer state, used by one writer thread at a time.
@@ -393,6 +419,10 @@ impl Writer {
         ack: Ack,
         reply: oneshot::Sender<Result<Stored>>,
     ) -> bool {
+        if self.group.close.is_some() {
+            let _ = reply.send(Err(Error::ShuttingDown));
+            return false;
+        }
         self.group.bytes += batch.len();
         let written = self.write(batch);
         if let Ok(w) = &written {
@@ -423,9 +453,22 @@ impl Writer {
         !std::mem::replace(&mut self.group.touched, true)
     }
 
+    /// Makes the group being gathered close the partition after its commit, answering
+    /// `reply`. Returns whether this is the group's first touch of the partition.
+    pub(crate) fn close_after_group(
+        &mut self,
+        reply: std_mpsc::SyncSender<std::result::Result<(), String>>,
+    ) -> bool {
+        self.group.close = Some(reply);
+        !std::mem::replace(&mut self.group.touched, true)
+    }
+
     /// Commits what the group staged, answers its producers, then does the upkeep
-    /// that follows a commit (producer snapshot, retention, reporting).
-    pub(crate) fn finish_group(&mut self) {
+    /// that follows a commit (producer snapshot, retention, reporting). Returns where
+    /// to answer a close request the group ended with: the caller closes the writer.
+    pub(crate) fn finish_group(
+        &mut self,
+    ) -> Option<std_mpsc::SyncSender<std::result::Result<(), String>>> {
         let group = std::mem::take(&mut self.group);
         let committed = self.commit();
         if committed.is_ok() && group.staged_batches > 0 {
@@ -445,8 +488,7 @@ impl Writer {
             });
         }
         self.unsnapshotted_bytes += group.bytes as u64;
-        if !self.failed && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes
-        {
+        if !self.failed && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes {
             // Bounds the replay after a crash, like the log's checkpoint bounds its
             // scan. Under `none` nothing is fsynced between rolls, so neither is this.
             let sync = self.log.config().durability != Durability::None;
@@ -459,6 +501,7 @@ impl Writer {
         // report it only at the next retention tick.
         self.report_upkeep();
         self.idle.store(self.idle(), Ordering::Release);
+        group.close
     }
 
     /// Closes the log; everything staged is committed. A clean close leaves a snapshot

@@ -56,7 +56,8 @@ pub(crate) enum Command {
         writer: SharedWriter,
         retention: bool,
     },
-    /// Answer everything queued before it, then close the partition's log.
+    /// Answer everything queued before it, then close the partition's log; commands
+    /// after it are refused.
     Close {
         writer: SharedWriter,
         reply: std_mpsc::SyncSender<std::result::Result<(), String>>,
@@ -85,7 +86,10 @@ impl Writers {
                 .name(format!("writer-{i}"))
                 .spawn(move || run(receiver, &syncs))
                 .map_err(|e| {
-                    Error::Unavailable("writers".into(), format!("cannot start a writer thread: {e}"))
+                    Error::Unavailable(
+                        "writers".into(),
+                        format!("cannot start a writer thread: {e}"),
+                    )
                 })?;
             senders.push(sender);
         }
@@ -114,7 +118,6 @@ fn run(mut commands: mpsc::Receiver<Command>, syncs: &SyncThreads) {
     while let Some(first) = commands.blocking_recv() {
         let mut next = Some(first);
         let (mut batches, mut bytes) = (0, 0);
-        let mut close = None;
         while let Some(command) = next.take() {
             match command {
                 Command::Append {
@@ -139,23 +142,32 @@ fn run(mut commands: mpsc::Receiver<Command>, syncs: &SyncThreads) {
                     }
                 }
                 Command::Maintain { writer, retention } => {
-                    if lock(&writer).as_mut().is_some_and(|w| w.maintain(retention)) {
+                    if lock(&writer)
+                        .as_mut()
+                        .is_some_and(|w| w.maintain(retention))
+                    {
                         touched.push(writer);
                     }
                 }
-                Command::Close { writer, reply } => close = Some((writer, reply)),
+                Command::Close { writer, reply } => {
+                    let first_touch = match lock(&writer).as_mut() {
+                        Some(w) => w.close_after_group(reply),
+                        None => {
+                            let _ = reply.send(Ok(()));
+                            false
+                        }
+                    };
+                    if first_touch {
+                        touched.push(writer);
+                    }
+                }
             }
-            if close.is_some() || batches >= GROUP_BATCHES_MAX || bytes >= GROUP_BYTES_MAX
-            {
+            if batches >= GROUP_BATCHES_MAX || bytes >= GROUP_BYTES_MAX {
                 break;
             }
             next = commands.try_recv().ok();
         }
         syncs.finish_groups(&mut touched);
-        if let Some((writer, reply)) = close {
-            let closed = lock(&writer).take().map_or(Ok(()), Writer::close);
-            let _ = reply.send(closed);
-        }
     }
 }
 
@@ -226,8 +238,13 @@ impl SyncThreads {
     }
 }
 
+/// Commits the partition's group and answers it; then closes the partition if the group
+/// ended with a close request.
 fn finish_group(writer: &SharedWriter) {
-    if let Some(w) = lock(writer).as_mut() {
-        w.finish_group();
-    }
+    let mut guard = lock(writer);
+    let Some(close) = guard.as_mut().and_then(Writer::finish_group) else {
+        return;
+    };
+    let closed = guard.take().map_or(Ok(()), Writer::close);
+    let _ = close.send(closed);
 }

@@ -27,6 +27,7 @@ use crate::health::{Faults, Problem};
 use crate::metrics::Metrics;
 use crate::topics::partition::Partition;
 use crate::topics::settings::{validate_name, TopicSettings};
+use crate::topics::writers::Writers;
 
 /// A topic and its open partitions.
 #[derive(Debug)]
@@ -74,13 +75,17 @@ impl Topic {
         self.next_partition.fetch_add(1, Ordering::Relaxed) % self.partitions.len() as u32
     }
 
-    /// Closes every partition; the errors say which did not close cleanly.
+    /// Closes every partition, all at once; the errors say which did not close cleanly.
     fn shutdown(&self) -> Vec<String> {
-        self.partitions
-            .iter()
-            .filter_map(|p| p.shutdown().err())
-            .collect()
+        close_all(&self.partitions)
     }
+}
+
+/// Closes `partitions` together (their writers close them in parallel); the errors say
+/// which did not close cleanly.
+fn close_all<'a>(partitions: impl IntoIterator<Item = &'a Arc<Partition>>) -> Vec<String> {
+    let closing: Vec<_> = partitions.into_iter().map(|p| p.close()).collect();
+    closing.into_iter().filter_map(|c| c.wait().err()).collect()
 }
 
 /// All topics of one data directory.
@@ -92,6 +97,8 @@ pub struct Broker {
     data_dir: PathBuf,
     defaults: TopicSettings,
     files: FileCache,
+    /// The threads that own every partition's log.
+    writers: Writers,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
@@ -141,7 +148,7 @@ fn out_of_descriptors(e: Error, partitions: u32) -> Error {
         limit: "max_partitions",
         message: format!(
             "creating {partitions} partitions ran out of file descriptors ({e}); each \
-             partition holds three: raise the broker's descriptor limit (ulimit -n, \
+             partition holds one: raise the broker's descriptor limit (ulimit -n, \
              LimitNOFILE) or lower max_partitions so it fits"
         ),
     }
@@ -197,6 +204,7 @@ impl Broker {
                 std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
             }
         }
+        let writers = Writers::start(Writers::default_threads())?;
         let faults = Faults::default();
         let offsets_dir = data_dir.join("groups").join("offsets");
         let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES, &faults)?;
@@ -206,6 +214,7 @@ impl Broker {
             data_dir: data_dir.to_path_buf(),
             defaults,
             files,
+            writers,
             topics: RwLock::new(BTreeMap::new()),
             admin: Mutex::new(()),
             max_partitions: AtomicUsize::new(usize::MAX),
@@ -368,6 +377,7 @@ impl Broker {
                 &self.files,
                 &self.metrics,
                 &self.faults,
+                &self.writers,
             )
             .map(Arc::new)
         };
@@ -417,10 +427,12 @@ impl Broker {
             // Close what did open before its directory goes, so no writer thread is
             // still writing there.
             let (_, error) = results.swap_remove(at);
-            for partition in results.into_iter().filter_map(|(_, opened)| opened.ok()) {
-                if let Err(why) = partition.shutdown() {
-                    tracing::warn!(topic = %name, error = %why, "closing a partition of a topic that failed to open");
-                }
+            let opened: Vec<_> = results
+                .into_iter()
+                .filter_map(|(_, opened)| opened.ok())
+                .collect();
+            for why in close_all(&opened) {
+                tracing::warn!(topic = %name, error = %why, "closing a partition of a topic that failed to open");
             }
             return Err(error.expect_err("the failed one"));
         }
@@ -590,7 +602,7 @@ impl Broker {
     /// name every log that did not close cleanly (the next start runs recovery on it).
     pub fn shutdown(&self) -> Vec<String> {
         let topics = std::mem::take(&mut *self.write_topics());
-        let mut errors: Vec<String> = topics.values().flat_map(|t| t.shutdown()).collect();
+        let mut errors = close_all(topics.values().flat_map(|t| &t.partitions));
         errors.extend(self.offsets.shutdown().err());
         errors
     }

@@ -6,3 +6,4 @@
 
 pub mod partition;
 pub mod settings;
+pub mod writers;

@@ -1,12 +1,13 @@
-//! One partition: its log, owned by a dedicated writer thread, and the read side shared
-//! with request handlers.
+//! One partition: its log, owned by a writer of the writer pool ([`super::writers`]),
+//! and the read side shared with request handlers.
 //!
-//! Producers send batches to the writer over a bounded channel. The writer drains
-//! whatever has queued up, writes every batch, commits once (one fsync under the `fsync`
-//! policy: group commit) and only then answers each producer. Concurrent producers
-//! therefore share fsyncs, and the more of them there are, the larger each group gets.
-//! Readers go straight to the log through a [`LogReader`] and wait for new data on a
-//! watch channel that carries the high watermark.
+//! Producers send batches to the partition's writer thread over its bounded queue. The
+//! thread drains whatever has queued up, writes every batch, commits once per partition
+//! (one fsync under the `fsync` policy: group commit) and only then answers each
+//! producer. Concurrent producers therefore share fsyncs, and the more of them there
+//! are, the larger each group gets. Readers go straight to the log through a
+//! [`LogReader`] and wait for new data on a watch channel that carries the high
+//! watermark.
 //!
 //! The writer also owns the partition's idempotent producer state
 //! ([`ProducerStates`]): each batch with a producer id is checked against it before it
@@ -17,8 +18,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use strata_storage::batch::{Batch, BatchHeader, NO_PRODUCER_ID};
@@ -30,12 +30,7 @@ use crate::error::{Error, Result};
 use crate::health::{Fault, Faults};
 use crate::metrics::{Metrics, PartitionStats};
 
-/// Produce requests that may queue per partition before producers wait (back-pressure).
-const QUEUE_DEPTH: usize = 1024;
-/// Most batches in one commit group, so one group cannot delay its first ack forever.
-const GROUP_BATCHES_MAX: usize = 512;
-/// Most bytes in one commit group.
-const GROUP_BYTES_MAX: usize = 8 << 20;
+use super::writers::{Command, SharedWriter, Writers};
 
 /// When a producer gets its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,37 +51,21 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
-enum Command {
-    Append {
-        batch: bytes::Bytes,
-        ack: Ack,
-        reply: oneshot::Sender<Result<Stored>>,
-        /// The share of the produce budget the batch holds, released once it is
-        /// written: a producer that gives up waiting does not free it early.
-        _budget: Option<OwnedSemaphorePermit>,
-    },
-    /// Commit (syncs idle data under the interval policy); apply retention if asked.
-    Maintain {
-        retention: bool,
-    },
-    Shutdown,
-}
-
 /// A partition of a topic.
 pub struct Partition {
     name: String,
     reader: LogReader,
+    /// The queue of the writer thread that serves this partition.
     commands: mpsc::Sender<Command>,
     high_watermark: watch::Receiver<u64>,
-    /// The writer thread; it ends with an error if the log did not close cleanly.
-    writer: Mutex<Option<JoinHandle<std::result::Result<(), String>>>>,
+    writer: SharedWriter,
     /// The largest producer id in the state recovered at open.
     max_producer_id: Option<i64>,
     stats: Arc<PartitionStats>,
     /// Set by the writer when the partition fail-stops.
     fault: Arc<Fault>,
     /// Set by the writer when a maintenance tick would find nothing to do (see
-    /// [`Writer::idle`]), so ticks leave the thread of an idle partition asleep.
+    /// [`Writer::idle`]), so ticks leave an idle partition alone.
     idle: Arc<AtomicBool>,
 }
 
@@ -99,7 +78,8 @@ impl std::fmt::Debug for Partition {
 }
 
 impl Partition {
-    /// Opens (recovering if needed) the log in `dir` and starts its writer thread.
+    /// Opens (recovering if needed) the log in `dir` and hands it to a thread of
+    /// `writers`.
     pub fn open(
         name: String,
         dir: PathBuf,
@@ -107,6 +87,7 @@ impl Partition {
         files: &FileCache,
         metrics: &Arc<Metrics>,
         faults: &Faults,
+        writers: &Writers,
     ) -> Result<Partition> {
         let opened = std::time::Instant::now();
         let log = Log::open(&dir, config.clone(), files)?;
@@ -118,7 +99,6 @@ impl Partition {
         let (producers, keep_snapshot) = recover_producers(&name, &log)?;
         let max_producer_id = producers.max_producer_id();
         let reader = log.reader().clone();
-        let (commands, receiver) = mpsc::channel(QUEUE_DEPTH);
         let (watermark, high_watermark) = watch::channel(reader.high_watermark());
         let stats = Arc::new(PartitionStats::default());
         let fault = faults.fault();
@@ -137,19 +117,14 @@ impl Partition {
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
             fault: Arc::clone(&fault),
+            group: Group::default(),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("writer-{name}"))
-            .spawn(move || writer.run(receiver))
-            .map_err(|e| {
-                Error::Unavailable(name.clone(), format!("cannot start writer thread: {e}"))
-            })?;
         Ok(Partition {
             name,
             reader,
-            commands,
+            commands: writers.assign(),
             high_watermark,
-            writer: Mutex::new(Some(thread)),
+            writer: Arc::new(Mutex::new(Some(writer))),
             max_producer_id,
             stats,
             fault,
@@ -196,10 +171,11 @@ impl Partition {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Append {
+                writer: Arc::clone(&self.writer),
                 batch,
                 ack,
                 reply,
-                _budget: budget,
+                budget,
             })
             .await
             .map_err(|_| Error::ShuttingDown)?;
@@ -226,19 +202,52 @@ impl Partition {
             return;
         }
         // A full queue means the writer is busy committing anyway; skip this round.
-        let _ = self.commands.try_send(Command::Maintain { retention });
+        let _ = self.commands.try_send(Command::Maintain {
+            writer: Arc::clone(&self.writer),
+            retention,
+        });
     }
 
-    /// Stops the writer after it has answered everything queued, and closes the log
-    /// cleanly; the error says why it could not (the next start then runs recovery).
-    /// Blocks; call from a blocking context.
+    /// Closes the log cleanly once everything queued for it is answered; the error
+    /// says why it could not (the next start then runs recovery). Blocks; call from a
+    /// blocking context.
     pub fn shutdown(&self) -> std::result::Result<(), String> {
-        let _ = self.commands.blocking_send(Command::Shutdown);
-        let thread = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match thread.map(JoinHandle::join) {
-            None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(format!("partition {}: {e}", self.name)),
-            Some(Err(_)) => Err(format!(
+        self.close().wait()
+    }
+
+    /// Asks the writer to close the log once everything queued for it is answered,
+    /// without waiting: closes of many partitions then run together. Blocks while the
+    /// writer's queue is full; call from a blocking context.
+    pub fn close(&self) -> Closing {
+        let (reply, closed) = std_mpsc::sync_channel(1);
+        let close = Command::Close {
+            writer: Arc::clone(&self.writer),
+            reply: reply.clone(),
+        };
+        if self.commands.blocking_send(close).is_err() {
+            // The writer thread is gone (it panicked): close here.
+            let writer = super::writers::lock(&self.writer).take();
+            let _ = reply.send(writer.map_or(Ok(()), Writer::close));
+        }
+        Closing {
+            name: self.name.clone(),
+            closed,
+        }
+    }
+}
+
+/// A close in progress ([`Partition::close`]).
+pub struct Closing {
+    name: String,
+    closed: std_mpsc::Receiver<std::result::Result<(), String>>,
+}
+
+impl Closing {
+    /// Waits for the close; the error says why the log did not close cleanly.
+    pub fn wait(self) -> std::result::Result<(), String> {
+        match self.closed.recv() {
+            Ok(closed) => closed.map_err(|e| format!("partition {}: {e}", self.name)),
+            Err(_) => Err(format!(
                 "partition {}: the writer thread panicked",
                 self.name
             )),
@@ -352,7 +361,29 @@ struct Written {
     published: bool,
 }
 
-struct Writer {
+/// What a commit group staged in one partition, answered once the partition commits.
+#[derive(Default)]
+struct Group {
+    /// The group wrote to or must maintain this partition: it is in the writer thread's
+    /// list of partitions to commit.
+    touched: bool,
+    /// Producers answered after the commit, with where their batch is.
+    waiting: Vec<(oneshot::Sender<Result<Stored>>, Stored)>,
+    /// Bytes of every batch of the group, duplicates and refused ones included.
+    bytes: usize,
+    /// What the group staged: counted as produced once the commit succeeds.
+    staged_batches: usize,
+    staged_records: u64,
+    staged_bytes: usize,
+    /// A maintenance tick asked for retention.
+    retention: bool,
+    /// The partition closes after this group's commit, answering here; later batches
+    /// are refused.
+    close: Option<std_mpsc::SyncSender<std::result::Result<(), String>>>,
+}
+
+/// A partition's log and producer state, used by one writer thread at a time.
+pub(crate) struct Writer {
     name: String,
     log: Log,
     watermark: watch::Sender<u64>,
@@ -375,93 +406,108 @@ struct Writer {
     fault: Arc<Fault>,
     /// Shared with [`Partition::maintain`]; see [`Writer::idle`].
     idle: Arc<AtomicBool>,
+    group: Group,
 }
 
 impl Writer {
-    /// Serves commands until shutdown; then closes the log, returning why it could not.
-    fn run(mut self, mut commands: mpsc::Receiver<Command>) -> std::result::Result<(), String> {
-        let mut waiting: Vec<(oneshot::Sender<Result<Stored>>, Stored)> = Vec::new();
-        let mut shutdown = false;
-        while let Some(first) = commands.blocking_recv() {
-            let mut next = Some(first);
-            let (mut batches, mut bytes) = (0, 0);
-            // What this group stages: counted as produced once the commit succeeds.
-            let (mut staged_batches, mut staged_records, mut staged_bytes) = (0, 0, 0);
-            let mut maintain = false;
-            while let Some(command) = next.take() {
-                match command {
-                    Command::Append {
-                        batch,
-                        ack,
-                        reply,
-                        _budget,
-                    } => {
-                        batches += 1;
-                        bytes += batch.len();
-                        let written = self.write(&batch);
-                        if let Ok(w) = &written {
-                            if !w.stored.duplicate {
-                                staged_batches += 1;
-                                staged_records +=
-                                    w.stored.info.last_offset + 1 - w.stored.info.base_offset;
-                                staged_bytes += batch.len();
-                            }
-                        }
-                        match written {
-                            Ok(written) if ack == Ack::Leader || written.published => {
-                                let _ = reply.send(Ok(written.stored));
-                            }
-                            Ok(written) => waiting.push((reply, written.stored)),
-                            Err(e) => {
-                                let _ = reply.send(Err(e));
-                            }
-                        }
-                    }
-                    Command::Maintain { retention } => maintain |= retention,
-                    Command::Shutdown => shutdown = true,
-                }
-                if shutdown || batches >= GROUP_BATCHES_MAX || bytes >= GROUP_BYTES_MAX {
-                    break;
-                }
-                next = commands.try_recv().ok();
-            }
-            let committed = self.commit();
-            if committed.is_ok() && staged_batches > 0 {
-                self.stats.produced(staged_records, staged_bytes as u64);
-                self.metrics.commit(staged_batches, staged_bytes);
-            }
-            for fsync in self.log.take_fsyncs() {
-                self.metrics.fsync(fsync);
-            }
-            for (reply, stored) in waiting.drain(..) {
-                let _ = reply.send(match &committed {
-                    Ok(()) => Ok(stored),
-                    Err((true, e)) => Err(Error::DiskFull(self.name.clone(), e.clone())),
-                    Err((false, e)) => Err(Error::Unavailable(self.name.clone(), e.clone())),
-                });
-            }
-            self.unsnapshotted_bytes += bytes as u64;
-            if !self.failed
-                && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes
-            {
-                // Bounds the replay after a crash, like the log's checkpoint bounds its
-                // scan. Under `none` nothing is fsynced between rolls, so neither is this.
-                let sync = self.log.config().durability != Durability::None;
-                self.snapshot_producers(sync);
-            }
-            if maintain {
-                self.retention();
-            }
-            // After retention, whose roll can fail too: an idle partition would otherwise
-            // report it only at the next retention tick.
-            self.report_upkeep();
-            self.idle.store(self.idle(), Ordering::Release);
-            if shutdown {
-                break;
+    /// Writes a batch for the group being gathered and answers it, or keeps the answer
+    /// for after the group's commit. Returns whether this is the group's first touch of
+    /// the partition (its writer thread then lists it for commit).
+    pub(crate) fn stage(
+        &mut self,
+        batch: &[u8],
+        ack: Ack,
+        reply: oneshot::Sender<Result<Stored>>,
+    ) -> bool {
+        if self.group.close.is_some() {
+            let _ = reply.send(Err(Error::ShuttingDown));
+            return false;
+        }
+        self.group.bytes += batch.len();
+        let written = self.write(batch);
+        if let Ok(w) = &written {
+            if !w.stored.duplicate {
+                self.group.staged_batches += 1;
+                self.group.staged_records +=
+                    w.stored.info.last_offset + 1 - w.stored.info.base_offset;
+                self.group.staged_bytes += batch.len();
             }
         }
-        // A clean close leaves a snapshot of exactly the closed log, so the next start
-        // replays nothing.
+        match written {
+            Ok(written) if ack == Ack::Leader || written.published => {
+                let _ = reply.send(Ok(written.stored));
+            }
+            Ok(written) => self.group.waiting.push((reply, written.stored)),
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+        !std::mem::replace(&mut self.group.touched, true)
+    }
+
+    /// Joins the group being gathered for a maintenance tick: a commit (which syncs
+    /// idle data under the interval policy) and, if `retention`, retention. Returns
+    /// whether this is the group's first touch of the partition.
+    pub(crate) fn maintain(&mut self, retention: bool) -> bool {
+        self.group.retention |= retention;
+        !std::mem::replace(&mut self.group.touched, true)
+    }
+
+    /// Makes the group being gathered close the partition after its commit, answering
+    /// `reply`. Returns whether this is the group's first touch of the partition.
+    pub(crate) fn close_after_group(
+        &mut self,
+        reply: std_mpsc::SyncSender<std::result::Result<(), String>>,
+    ) -> bool {
+        self.group.close = Some(reply);
+        !std::mem::replace(&mut self.group.touched, true)
+    }
+
+    /// Commits what the group staged, answers its producers, then does the upkeep
+    /// that follows a commit (producer snapshot, retention, reporting). Returns where
+    /// to answer a close request the group ended with: the caller closes the writer.
+    pub(crate) fn finish_group(
+        &mut self,
+    ) -> Option<std_mpsc::SyncSender<std::result::Result<(), String>>> {
+        let group = std::mem::take(&mut self.group);
+        let committed = self.commit();
+        if committed.is_ok() && group.staged_batches > 0 {
+            self.stats
+                .produced(group.staged_records, group.staged_bytes as u64);
+            self.metrics
+                .commit(group.staged_batches, group.staged_bytes);
+        }
+        for fsync in self.log.take_fsyncs() {
+            self.metrics.fsync(fsync);
+        }
+        for (reply, stored) in group.waiting {
+            let _ = reply.send(match &committed {
+                Ok(()) => Ok(stored),
+                Err((true, e)) => Err(Error::DiskFull(self.name.clone(), e.clone())),
+                Err((false, e)) => Err(Error::Unavailable(self.name.clone(), e.clone())),
+            });
+        }
+        self.unsnapshotted_bytes += group.bytes as u64;
+        if !self.failed && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes {
+            // Bounds the replay after a crash, like the log's checkpoint bounds its
+            // scan. Under `none` nothing is fsynced between rolls, so neither is this.
+            let sync = self.log.config().durability != Durability::None;
+            self.snapshot_producers(sync);
+        }
+        if group.retention {
+            self.retention();
+        }
+        // After retention, whose roll can fail too: an idle partition would otherwise
+        // report it only at the next retention tick.
+        self.report_upkeep();
+        self.idle.store(self.idle(), Ordering::Release);
+        group.close
+    }
+
+    /// Closes the log; everything staged is committed. A clean close leaves a snapshot
+    /// of exactly the closed log, so the next start replays nothing. The error says why
+    /// the log did not close cleanly.
+    pub(crate) fn close(mut self) -> std::result::Result<(), String> {
         let end = self.log.next_offset();
         let dir = self.log.reader().dir().to_path_buf();
         match self.log.close() {
@@ -757,6 +803,7 @@ mod tests {
             metrics: Arc::default(),
             fault: Faults::default().fault(),
             idle: Arc::default(),
+            group: Group::default(),
         }
     }
 
@@ -941,6 +988,7 @@ mod tests {
             &files,
             &Arc::default(),
             &Faults::default(),
+            &Writers::start(1).expect("writers"),
         )
         .expect("open");
         for sequence in [0, 2] {

@@ -27,7 +27,7 @@ use crate::health::{Faults, Problem};
 use crate::metrics::Metrics;
 use crate::topics::partition::Partition;
 use crate::topics::settings::{validate_name, TopicSettings};
-use crate::topics::writers::Writers;
+use crate::topics::writers::{Writers, WRITER_THREADS};
 
 /// A topic and its open partitions.
 #[derive(Debug)]
@@ -204,7 +204,7 @@ impl Broker {
                 std::fs::remove_dir_all(&path).map_err(Error::io(&path))?;
             }
         }
-        let writers = Writers::start(Writers::default_threads())?;
+        let writers = Writers::start(WRITER_THREADS)?;
         let faults = Faults::default();
         let offsets_dir = data_dir.join("groups").join("offsets");
         let offsets = Offsets::open(&offsets_dir, &files, SEGMENT_BYTES, &faults)?;

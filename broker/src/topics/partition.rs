@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 
 use strata_storage::batch::{Batch, BatchHeader, NO_PRODUCER_ID};
@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::health::{Fault, Faults};
 use crate::metrics::{Metrics, PartitionStats};
 
-use super::writers::{Command, SharedWriter, Writers};
+use super::writers::{Command, Scheduler, Slot, Writers};
 
 /// When a producer gets its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +55,11 @@ pub struct Stored {
 pub struct Partition {
     name: String,
     reader: LogReader,
-    /// The queue of the writer thread that serves this partition.
+    /// The writer's queue; every command sent is followed by scheduling `slot`.
     commands: mpsc::Sender<Command>,
+    slot: Arc<Slot>,
+    scheduler: Scheduler,
     high_watermark: watch::Receiver<u64>,
-    writer: SharedWriter,
     /// The largest producer id in the state recovered at open.
     max_producer_id: Option<i64>,
     stats: Arc<PartitionStats>,
@@ -119,12 +120,14 @@ impl Partition {
             fault: Arc::clone(&fault),
             group: Group::default(),
         };
+        let (commands, slot) = writers.add(writer);
         Ok(Partition {
             name,
             reader,
-            commands: writers.assign(),
+            commands,
+            slot,
+            scheduler: writers.scheduler(),
             high_watermark,
-            writer: Arc::new(Mutex::new(Some(writer))),
             max_producer_id,
             stats,
             fault,
@@ -171,7 +174,6 @@ impl Partition {
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Append {
-                writer: Arc::clone(&self.writer),
                 batch,
                 ack,
                 reply,
@@ -179,6 +181,7 @@ impl Partition {
             })
             .await
             .map_err(|_| Error::ShuttingDown)?;
+        self.scheduler.schedule(&self.slot);
         answer.await.map_err(|_| Error::ShuttingDown)?
     }
 
@@ -202,10 +205,13 @@ impl Partition {
             return;
         }
         // A full queue means the writer is busy committing anyway; skip this round.
-        let _ = self.commands.try_send(Command::Maintain {
-            writer: Arc::clone(&self.writer),
-            retention,
-        });
+        if self
+            .commands
+            .try_send(Command::Maintain { retention })
+            .is_ok()
+        {
+            self.scheduler.schedule(&self.slot);
+        }
     }
 
     /// Closes the log cleanly once everything queued for it is answered; the error
@@ -220,15 +226,9 @@ impl Partition {
     /// writer's queue is full; call from a blocking context.
     pub fn close(&self) -> Closing {
         let (reply, closed) = std_mpsc::sync_channel(1);
-        let close = Command::Close {
-            writer: Arc::clone(&self.writer),
-            reply: reply.clone(),
-        };
-        if self.commands.blocking_send(close).is_err() {
-            // The writer thread is gone (it panicked): close here.
-            let writer = super::writers::lock(&self.writer).take();
-            let _ = reply.send(writer.map_or(Ok(()), Writer::close));
-        }
+        // The receiver lives as long as this partition: sending cannot fail.
+        let _ = self.commands.blocking_send(Command::Close { reply });
+        self.scheduler.schedule(&self.slot);
         Closing {
             name: self.name.clone(),
             closed,
@@ -248,7 +248,7 @@ impl Closing {
         match self.closed.recv() {
             Ok(closed) => closed.map_err(|e| format!("partition {}: {e}", self.name)),
             Err(_) => Err(format!(
-                "partition {}: the writer thread panicked",
+                "partition {}: its writer thread panicked",
                 self.name
             )),
         }
@@ -364,9 +364,6 @@ struct Written {
 /// What a commit group staged in one partition, answered once the partition commits.
 #[derive(Default)]
 struct Group {
-    /// The group wrote to or must maintain this partition: it is in the writer thread's
-    /// list of partitions to commit.
-    touched: bool,
     /// Producers answered after the commit, with where their batch is.
     waiting: Vec<(oneshot::Sender<Result<Stored>>, Stored)>,
     /// Bytes of every batch of the group, duplicates and refused ones included.
@@ -377,9 +374,6 @@ struct Group {
     staged_bytes: usize,
     /// A maintenance tick asked for retention.
     retention: bool,
-    /// The partition closes after this group's commit, answering here; later batches
-    /// are refused.
-    close: Option<std_mpsc::SyncSender<std::result::Result<(), String>>>,
 }
 
 /// A partition's log and producer state, used by one writer thread at a time.
@@ -411,18 +405,8 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Writes a batch for the group being gathered and answers it, or keeps the answer
-    /// for after the group's commit. Returns whether this is the group's first touch of
-    /// the partition (its writer thread then lists it for commit).
-    pub(crate) fn stage(
-        &mut self,
-        batch: &[u8],
-        ack: Ack,
-        reply: oneshot::Sender<Result<Stored>>,
-    ) -> bool {
-        if self.group.close.is_some() {
-            let _ = reply.send(Err(Error::ShuttingDown));
-            return false;
-        }
+    /// for after the group's commit.
+    pub(crate) fn stage(&mut self, batch: &[u8], ack: Ack, reply: oneshot::Sender<Result<Stored>>) {
         self.group.bytes += batch.len();
         let written = self.write(batch);
         if let Ok(w) = &written {
@@ -442,33 +426,16 @@ impl Writer {
                 let _ = reply.send(Err(e));
             }
         }
-        !std::mem::replace(&mut self.group.touched, true)
     }
 
-    /// Joins the group being gathered for a maintenance tick: a commit (which syncs
-    /// idle data under the interval policy) and, if `retention`, retention. Returns
-    /// whether this is the group's first touch of the partition.
-    pub(crate) fn maintain(&mut self, retention: bool) -> bool {
+    /// Makes the group being gathered apply retention after its commit.
+    pub(crate) fn maintain(&mut self, retention: bool) {
         self.group.retention |= retention;
-        !std::mem::replace(&mut self.group.touched, true)
-    }
-
-    /// Makes the group being gathered close the partition after its commit, answering
-    /// `reply`. Returns whether this is the group's first touch of the partition.
-    pub(crate) fn close_after_group(
-        &mut self,
-        reply: std_mpsc::SyncSender<std::result::Result<(), String>>,
-    ) -> bool {
-        self.group.close = Some(reply);
-        !std::mem::replace(&mut self.group.touched, true)
     }
 
     /// Commits what the group staged, answers its producers, then does the upkeep
-    /// that follows a commit (producer snapshot, retention, reporting). Returns where
-    /// to answer a close request the group ended with: the caller closes the writer.
-    pub(crate) fn finish_group(
-        &mut self,
-    ) -> Option<std_mpsc::SyncSender<std::result::Result<(), String>>> {
+    /// that follows a commit (producer snapshot, retention, reporting).
+    pub(crate) fn finish_group(&mut self) {
         let group = std::mem::take(&mut self.group);
         let committed = self.commit();
         if committed.is_ok() && group.staged_batches > 0 {
@@ -501,7 +468,6 @@ impl Writer {
         // report it only at the next retention tick.
         self.report_upkeep();
         self.idle.store(self.idle(), Ordering::Release);
-        group.close
     }
 
     /// Closes the log; everything staged is committed. A clean close leaves a snapshot
@@ -981,6 +947,7 @@ mod tests {
             ..LogConfig::default()
         };
         let files = FileCache::new(4);
+        let writers = Writers::start(1).expect("writers");
         let partition = Partition::open(
             "t/0".into(),
             dir.path().into(),
@@ -988,7 +955,7 @@ mod tests {
             &files,
             &Arc::default(),
             &Faults::default(),
-            &Writers::start(1).expect("writers"),
+            &writers,
         )
         .expect("open");
         for sequence in [0, 2] {

@@ -1,49 +1,41 @@
-//! The writer pool: a few threads that own every partition's log, so the thread count
-//! does not grow with the partition count.
+//! The writer pool: a fixed set of threads that serve every partition's writer, so the
+//! thread count does not grow with the partition count.
 //!
-//! Each partition is served by one writer thread for its whole life (so its batches are
-//! written in the order they arrived). A writer thread takes whatever has queued up for
-//! any of its partitions, up to a group's limits, and writes every batch; then it
-//! commits each partition the group touched (one fsync per partition under the `fsync`
-//! policy: group commit across partitions) and answers the producers of each partition
-//! right after that partition's commit. Commits of several partitions are issued
-//! together: the writer thread runs one itself and hands the others to the sync
-//! threads, a second fixed pool, because fsyncs of different files proceed in parallel
-//! on the disk (measured on this machine's ext4: 3,100 fdatasyncs/s from one thread,
-//! 15,200/s from 16, 23,400/s from 64). The writer thread waits for all of them before
-//! the next group, so a partition's log is only ever used by one thread at a time.
+//! Each partition has its own bounded command queue. A partition with commands is put
+//! on the pool's run queue, once; a free writer thread takes it, drains what has
+//! queued up for it (up to a group's limits), writes every batch, commits once (one
+//! fsync under the `fsync` policy: group commit), answers the producers, and puts the
+//! partition back on the run queue if more commands came meanwhile. Only the thread
+//! holding a partition touches its log, so its batches are written in the order they
+//! arrived, and partitions are committed by as many threads at once as the pool has.
+//!
+//! The pool is sized for fsyncs, not for cores: a thread waiting in fdatasync uses no
+//! CPU, and fsyncs of different files proceed in parallel on the disk (measured on this
+//! machine's ext4: 3,100 fdatasyncs/s from one thread, 15,200/s from 16, 23,400/s from
+//! 64). [`WRITER_THREADS`] threads therefore keep the disk busy across many partitions
+//! while the thread count stays fixed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::partition::{Ack, Stored, Writer};
 use crate::error::{Error, Result};
 
-/// Commands that may queue per writer thread before producers wait (back-pressure).
-const QUEUE_DEPTH: usize = 4096;
-/// Most batches in one commit group, so one group cannot delay its first ack forever.
+/// Commands that may queue per partition before producers wait (back-pressure).
+const QUEUE_DEPTH: usize = 1024;
+/// Most batches in one commit group, so one group cannot delay its first ack forever
+/// (and a busy partition lets the others on the run queue have a thread).
 const GROUP_BATCHES_MAX: usize = 512;
 /// Most bytes in one commit group.
 const GROUP_BYTES_MAX: usize = 8 << 20;
-/// Commits issued together at most: partitions a group touched beyond the sync
-/// threads' count wait for a free one. See the module documentation for the numbers.
-const SYNC_THREADS: usize = 32;
-
-/// A partition's writer, shared between its [`Partition`](super::partition::Partition)
-/// handle (which sends it commands) and the threads that run them. Only the writer
-/// thread that serves the partition, or a sync thread it waits for, ever locks it, so
-/// the lock is never contended. `None` once the partition is closed.
-pub(crate) type SharedWriter = Arc<Mutex<Option<Writer>>>;
-
-pub(crate) fn lock(writer: &SharedWriter) -> MutexGuard<'_, Option<Writer>> {
-    writer.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Writer threads: partitions committed at once at most. See the module documentation.
+pub const WRITER_THREADS: usize = 64;
 
 pub(crate) enum Command {
     Append {
-        writer: SharedWriter,
         batch: bytes::Bytes,
         ack: Ack,
         reply: oneshot::Sender<Result<Stored>>,
@@ -52,199 +44,308 @@ pub(crate) enum Command {
         budget: Option<OwnedSemaphorePermit>,
     },
     /// Commit (syncs idle data under the interval policy); apply retention if asked.
-    Maintain {
-        writer: SharedWriter,
-        retention: bool,
-    },
+    Maintain { retention: bool },
     /// Answer everything queued before it, then close the partition's log; commands
     /// after it are refused.
     Close {
-        writer: SharedWriter,
         reply: std_mpsc::SyncSender<std::result::Result<(), String>>,
     },
 }
 
-/// The pool of writer threads and of the sync threads they issue commits to. A writer
-/// thread ends once the pool and every partition it served are dropped; the sync
-/// threads end after the writer threads.
+/// A partition as the pool sees it: its writer, the receiving end of its queue, and
+/// whether it is on the run queue or being served.
+pub(crate) struct Slot {
+    /// Set while the partition is on the run queue or held by a thread: it is put on
+    /// the run queue only by whoever sets it.
+    scheduled: AtomicBool,
+    /// Locked only by the thread serving the partition (or by a close after the pool
+    /// is gone), so never contended.
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    commands: mpsc::Receiver<Command>,
+    /// `None` once the partition is closed.
+    writer: Option<Writer>,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The writer threads and their run queue.
 #[derive(Debug)]
 pub struct Writers {
-    threads: Vec<mpsc::Sender<Command>>,
-    /// The thread the next partition goes to (round robin).
-    next: AtomicUsize,
+    queue: Arc<RunQueue>,
+}
+
+#[derive(Debug, Default)]
+struct RunQueue {
+    ready: Mutex<Ready>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Ready {
+    slots: VecDeque<Arc<Slot>>,
+    /// The pool was dropped: threads end once the queue is empty.
+    closed: bool,
+}
+
+impl std::fmt::Debug for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ready")
+            .field("slots", &self.slots.len())
+            .field("closed", &self.closed)
+            .finish()
+    }
 }
 
 impl Writers {
-    /// Starts `threads` writer threads (at least one) and the sync threads.
+    /// Starts `threads` writer threads, or as many as the OS allows (at least one).
     pub fn start(threads: usize) -> Result<Writers> {
-        let syncs = SyncThreads::start(SYNC_THREADS)?;
-        let mut senders = Vec::new();
-        for i in 0..threads.max(1) {
-            let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
-            let syncs = syncs.clone();
-            std::thread::Builder::new()
-                .name(format!("writer-{i}"))
-                .spawn(move || run(receiver, &syncs))
-                .map_err(|e| {
-                    Error::Unavailable(
-                        "writers".into(),
-                        format!("cannot start a writer thread: {e}"),
-                    )
-                })?;
-            senders.push(sender);
-        }
-        Ok(Writers {
-            threads: senders,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    /// One writer thread per core, at most 16.
-    pub fn default_threads() -> usize {
-        std::thread::available_parallelism().map_or(2, |n| n.get().min(16))
-    }
-
-    /// The command queue of the thread a new partition is served by.
-    pub(crate) fn assign(&self) -> mpsc::Sender<Command> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
-        self.threads[i].clone()
-    }
-}
-
-/// A writer thread: commit groups until no partition is left to send commands.
-fn run(mut commands: mpsc::Receiver<Command>, syncs: &SyncThreads) {
-    // The partitions the group being gathered touched, each once.
-    let mut touched: Vec<SharedWriter> = Vec::new();
-    while let Some(first) = commands.blocking_recv() {
-        let mut next = Some(first);
-        let (mut batches, mut bytes) = (0, 0);
-        while let Some(command) = next.take() {
-            match command {
-                Command::Append {
-                    writer,
-                    batch,
-                    ack,
-                    reply,
-                    budget,
-                } => {
-                    batches += 1;
-                    bytes += batch.len();
-                    let first_touch = match lock(&writer).as_mut() {
-                        Some(w) => w.stage(&batch, ack, reply),
-                        None => {
-                            let _ = reply.send(Err(Error::ShuttingDown));
-                            false
-                        }
-                    };
-                    drop(budget);
-                    if first_touch {
-                        touched.push(writer);
-                    }
-                }
-                Command::Maintain { writer, retention } => {
-                    if lock(&writer)
-                        .as_mut()
-                        .is_some_and(|w| w.maintain(retention))
-                    {
-                        touched.push(writer);
-                    }
-                }
-                Command::Close { writer, reply } => {
-                    let first_touch = match lock(&writer).as_mut() {
-                        Some(w) => w.close_after_group(reply),
-                        None => {
-                            let _ = reply.send(Ok(()));
-                            false
-                        }
-                    };
-                    if first_touch {
-                        touched.push(writer);
-                    }
-                }
-            }
-            if batches >= GROUP_BATCHES_MAX || bytes >= GROUP_BYTES_MAX {
-                break;
-            }
-            next = commands.try_recv().ok();
-        }
-        syncs.finish_groups(&mut touched);
-    }
-}
-
-/// Threads that finish commit groups of partitions for a writer thread.
-#[derive(Clone)]
-struct SyncThreads {
-    jobs: Option<std_mpsc::Sender<Job>>,
-}
-
-/// A partition whose group to finish, and where to say it is done.
-struct Job {
-    writer: SharedWriter,
-    done: std_mpsc::Sender<()>,
-}
-
-impl SyncThreads {
-    /// Starts `count` threads, or as many as the OS allows: with none, writer threads
-    /// finish their groups one partition after another.
-    fn start(count: usize) -> Result<SyncThreads> {
-        let (jobs, receiver) = std_mpsc::channel::<Job>();
-        let receiver = Arc::new(Mutex::new(receiver));
+        let queue = Arc::new(RunQueue::default());
         let mut started = 0;
-        for i in 0..count {
-            let receiver = Arc::clone(&receiver);
-            let spawned = std::thread::Builder::new()
-                .name(format!("sync-{i}"))
-                .spawn(move || loop {
-                    // Ends once every writer thread (each holding a sender) has ended.
-                    let job = receiver.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok(job) = job else { return };
-                    finish_group(&job.writer);
-                    let _ = job.done.send(());
-                });
-            started += usize::from(spawned.is_ok());
+        let mut refused = None;
+        for i in 0..threads.max(1) {
+            let queue = Arc::clone(&queue);
+            match std::thread::Builder::new()
+                .name(format!("writer-{i}"))
+                .spawn(move || serve(&queue))
+            {
+                Ok(_) => started += 1,
+                Err(e) => refused = Some(e),
+            }
         }
-        Ok(SyncThreads {
-            jobs: (started > 0).then_some(jobs),
-        })
+        match refused {
+            Some(e) if started == 0 => Err(Error::Unavailable(
+                "writers".into(),
+                format!("cannot start a writer thread: {e}"),
+            )),
+            _ => Ok(Writers { queue }),
+        }
     }
 
-    /// Commits each partition in `touched` and answers its producers; empties
-    /// `touched`. All but one are handed to the sync threads so their fsyncs run
-    /// together; returns once all are done.
-    fn finish_groups(&self, touched: &mut Vec<SharedWriter>) {
-        let Some(mine) = touched.pop() else { return };
-        let (done, finished) = std_mpsc::channel();
-        let mut handed = 0;
-        for writer in touched.drain(..) {
-            match &self.jobs {
-                Some(jobs) => match jobs.send(Job {
-                    writer,
-                    done: done.clone(),
-                }) {
-                    Ok(()) => handed += 1,
-                    Err(std_mpsc::SendError(job)) => finish_group(&job.writer),
-                },
-                None => finish_group(&writer),
-            }
-        }
-        finish_group(&mine);
-        // Only the jobs hold senders now, so a sync thread that panicked ends the wait.
-        drop(done);
-        for _ in 0..handed {
-            if finished.recv().is_err() {
-                break;
-            }
+    /// Registers a partition's writer; returns its queue and slot.
+    pub(crate) fn add(&self, writer: Writer) -> (mpsc::Sender<Command>, Arc<Slot>) {
+        let (sender, commands) = mpsc::channel(QUEUE_DEPTH);
+        let slot = Arc::new(Slot {
+            scheduled: AtomicBool::new(false),
+            state: Mutex::new(SlotState {
+                commands,
+                writer: Some(writer),
+            }),
+        });
+        (sender, slot)
+    }
+
+    /// A handle that schedules partitions on this pool.
+    pub(crate) fn scheduler(&self) -> Scheduler {
+        Scheduler {
+            queue: Arc::clone(&self.queue),
         }
     }
 }
 
-/// Commits the partition's group and answers it; then closes the partition if the group
-/// ended with a close request.
-fn finish_group(writer: &SharedWriter) {
-    let mut guard = lock(writer);
-    let Some(close) = guard.as_mut().and_then(Writer::finish_group) else {
+impl Drop for Writers {
+    /// The threads end once the partitions already scheduled are served.
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_all();
+    }
+}
+
+impl RunQueue {
+    fn lock(&self) -> MutexGuard<'_, Ready> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Puts partitions with queued commands on the run queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Scheduler {
+    queue: Arc<RunQueue>,
+}
+
+impl Scheduler {
+    /// Makes sure a thread will serve `slot`'s queued commands. Cheap when the
+    /// partition is already scheduled.
+    pub(crate) fn schedule(&self, slot: &Arc<Slot>) {
+        if slot.scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut ready = self.queue.lock();
+        if ready.closed {
+            drop(ready);
+            // No thread will come: refuse what is queued, here.
+            refuse_all(&mut slot.lock());
+            slot.scheduled.store(false, Ordering::SeqCst);
+            return;
+        }
+        ready.slots.push_back(Arc::clone(slot));
+        drop(ready);
+        self.queue.wake.notify_one();
+    }
+}
+
+/// A writer thread: serves scheduled partitions until the pool is dropped.
+fn serve(queue: &RunQueue) {
+    loop {
+        let slot = {
+            let mut ready = queue.lock();
+            loop {
+                if let Some(slot) = ready.slots.pop_front() {
+                    break slot;
+                }
+                if ready.closed {
+                    return;
+                }
+                ready = queue.wake.wait(ready).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let mut state = slot.lock();
+        run_group(&mut state);
+        // Commands that came after the group was gathered: serve them in another turn
+        // (behind the partitions already waiting). Whoever sets `scheduled` requeues.
+        slot.scheduled.store(false, Ordering::SeqCst);
+        let more = !state.commands.is_empty();
+        drop(state);
+        if more && !slot.scheduled.swap(true, Ordering::SeqCst) {
+            queue.lock().slots.push_back(slot);
+        }
+    }
+}
+
+/// Serves one commit group of a partition: whatever has queued up, within the group's
+/// limits.
+fn run_group(state: &mut SlotState) {
+    let Some(writer) = state.writer.as_mut() else {
+        refuse_all(state);
         return;
     };
-    let closed = guard.take().map_or(Ok(()), Writer::close);
-    let _ = close.send(closed);
+    let (mut batches, mut bytes) = (0, 0);
+    let mut close = None;
+    while let Ok(command) = state.commands.try_recv() {
+        match command {
+            Command::Append {
+                batch,
+                ack,
+                reply,
+                budget,
+            } => {
+                batches += 1;
+                bytes += batch.len();
+                writer.stage(&batch, ack, reply);
+                drop(budget);
+            }
+            Command::Maintain { retention } => writer.maintain(retention),
+            Command::Close { reply } => {
+                close = Some(reply);
+                break;
+            }
+        }
+        if batches >= GROUP_BATCHES_MAX || bytes >= GROUP_BYTES_MAX {
+            break;
+        }
+    }
+    writer.finish_group();
+    if let Some(reply) = close {
+        let closed = state.writer.take().map_or(Ok(()), Writer::close);
+        let _ = reply.send(closed);
+        refuse_all(state);
+    }
+}
+
+/// Answers every queued command of a closed partition (or one no thread will serve).
+fn refuse_all(state: &mut SlotState) {
+    while let Ok(command) = state.commands.try_recv() {
+        match command {
+            Command::Append { reply, .. } => {
+                let _ = reply.send(Err(Error::ShuttingDown));
+            }
+            Command::Close { reply } => {
+                let closed = state.writer.take().map_or(Ok(()), Writer::close);
+                let _ = reply.send(closed);
+            }
+            Command::Maintain { .. } => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use strata_storage::batch::BatchBuilder;
+    use strata_storage::{Durability, FileCache, LogConfig};
+
+    use super::Writers;
+    use crate::error::Error;
+    use crate::health::Faults;
+    use crate::topics::partition::{Ack, Partition};
+
+    fn batch(value: u32) -> bytes::Bytes {
+        let mut b = BatchBuilder::new();
+        b.push(1, None, Some(&value.to_be_bytes()), &[]);
+        b.finish().into()
+    }
+
+    /// Many partitions share two threads: each partition's batches get consecutive
+    /// offsets in the order they were sent, closes run together and answer once
+    /// everything before them is answered, and a batch sent after a close is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_sharing_threads_keep_their_order_and_close_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let writers = Writers::start(2).expect("writers");
+        let files = FileCache::new(4);
+        let config = LogConfig {
+            durability: Durability::Fsync,
+            ..LogConfig::default()
+        };
+        let partitions: Vec<Arc<Partition>> = (0..8)
+            .map(|p| {
+                Partition::open(
+                    format!("t/{p}"),
+                    dir.path().join(p.to_string()),
+                    config.clone(),
+                    &files,
+                    &Arc::default(),
+                    &Faults::default(),
+                    &writers,
+                )
+                .map(Arc::new)
+                .expect("open")
+            })
+            .collect();
+        let producers: Vec<_> = partitions
+            .iter()
+            .map(|partition| {
+                let partition = Arc::clone(partition);
+                tokio::spawn(async move {
+                    for i in 0..100u32 {
+                        let stored = partition
+                            .append(batch(i), Ack::Durable, None)
+                            .await
+                            .expect("stored");
+                        assert_eq!(stored.info.base_offset, u64::from(i));
+                    }
+                })
+            })
+            .collect();
+        for producer in producers {
+            producer.await.expect("producer");
+        }
+        for partition in &partitions {
+            assert_eq!(partition.reader().high_watermark(), 100);
+        }
+        let closing: Vec<_> =
+            tokio::task::block_in_place(|| partitions.iter().map(|p| p.close()).collect());
+        for c in closing {
+            tokio::task::block_in_place(|| c.wait()).expect("closed cleanly");
+        }
+        let refused = partitions[3].append(batch(0), Ack::Durable, None).await;
+        assert!(matches!(refused, Err(Error::ShuttingDown)), "{refused:?}");
+    }
 }

@@ -259,10 +259,15 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    /// Whether a batch sealed now would be sent at once: a request slot is free and no
-    /// sealed batch waits before it.
+    /// Whether a batch sealed now would be sent at once: a request slot is free, no
+    /// sealed batch waits before it, and no probe (idempotence) waits for its answer.
     fn can_send_now(&self, max_in_flight: usize) -> bool {
-        self.window.len() < max_in_flight && self.queued.is_empty()
+        self.window.len() < max_in_flight
+            && self.queued.is_empty()
+            && self
+                .probe
+                .as_ref()
+                .is_none_or(|probe| probe.result.get().is_some())
     }
 
     fn new(epoch: i16) -> PartitionState {
@@ -956,7 +961,7 @@ mod tests {
     }
 
     #[test]
-    fn a_partition_with_a_queued_batch_is_not_free() {
+    fn a_partition_with_a_queued_batch_or_a_pending_probe_is_not_free() {
         let mut parts = partitions(2, &[]);
         parts[0].queued.push_back(Sealed {
             builder: BatchBuilder::new(),
@@ -966,7 +971,13 @@ mod tests {
         });
         assert_eq!(first_free_partition(&parts, 0, 5), 1);
         // A window below max_in_flight leaves a slot.
-        let parts = partitions(2, &[0]);
+        let mut parts = partitions(2, &[0]);
+        assert_eq!(first_free_partition(&parts, 0, 2), 0);
+        // Unless its batch is a probe still waiting for its answer.
+        parts[0].probe = parts[0].window.front().cloned();
+        assert_eq!(first_free_partition(&parts, 0, 2), 1);
+        let answered = parts[0].probe.as_ref().expect("a probe");
+        assert!(answered.result.set(Ok((0, 0))).is_ok());
         assert_eq!(first_free_partition(&parts, 0, 2), 0);
     }
 }

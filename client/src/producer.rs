@@ -151,9 +151,7 @@ pub struct Delivery {
 /// ([`strata_proto::partition_for_key`]), so one key's records stay in one partition in
 /// the order they were sent. Records without a key go to a "sticky" partition that moves
 /// to the next partition each time a batch of it is sealed, so keyless batches fill up
-/// and spread over all partitions. With a zero `linger` a keyless record skips
-/// partitions that are waiting for answers and goes to the first one that can send it
-/// at once, if any.
+/// and spread over all partitions.
 ///
 /// [`send`](Producer::send) places the record in its batch at once, in call order, and
 /// returns a future that resolves to its [`Delivery`] when the broker acknowledges the
@@ -259,17 +257,6 @@ struct PartitionState {
 }
 
 impl PartitionState {
-    /// Whether a batch sealed now would be sent at once: a request slot is free, no
-    /// sealed batch waits before it, and no probe (idempotence) waits for its answer.
-    fn can_send_now(&self, max_in_flight: usize) -> bool {
-        self.window.len() < max_in_flight
-            && self.queued.is_empty()
-            && self
-                .probe
-                .as_ref()
-                .is_none_or(|probe| probe.result.get().is_some())
-    }
-
     fn new(epoch: i16) -> PartitionState {
         PartitionState {
             open: None,
@@ -569,10 +556,6 @@ impl Shared {
 
     /// Encodes `record` into its partition's open batch, sealing a full batch first.
     fn append(self: &Arc<Self>, state: &mut State, record: Record, size: usize) -> Slot {
-        if self.config.linger.is_zero() && record.key.is_none() {
-            state.sticky =
-                first_free_partition(&state.partitions, state.sticky, self.config.max_in_flight);
-        }
         let mut partition = self.partition_of(state, &record);
         loop {
             let open = &state.partitions[partition as usize].open;
@@ -637,7 +620,8 @@ impl Shared {
     /// Without a linger, the open batch goes out as soon as a request slot is free; until
     /// then it keeps collecting records.
     fn seal_if_idle(self: &Arc<Self>, state: &mut State, partition: u32) {
-        if state.partitions[partition as usize].can_send_now(self.config.max_in_flight) {
+        let part = &state.partitions[partition as usize];
+        if part.window.len() < self.config.max_in_flight && part.queued.is_empty() {
             self.seal(state, partition);
         }
     }
@@ -875,20 +859,6 @@ impl Shared {
     }
 }
 
-/// The partition a keyless record goes to without a linger: the first, from `sticky`
-/// on, that could send a batch at once, or `sticky` when every partition is waiting for
-/// answers (its open batch then collects records until a slot frees). Without this, a
-/// record would wait a whole round trip for the sticky partition's request while
-/// others sit idle; keyless records promise no order across partitions, so the choice
-/// is free.
-fn first_free_partition(partitions: &[PartitionState], sticky: u32, max_in_flight: usize) -> u32 {
-    let count = partitions.len() as u32;
-    (0..count)
-        .map(|step| (sticky + step) % count)
-        .find(|&p| partitions[p as usize].can_send_now(max_in_flight))
-        .unwrap_or(sticky)
-}
-
 /// Asks the broker for a producer id.
 async fn init_producer(mut client: BrokerClient<Channel>) -> Result<Identity> {
     let answer = client
@@ -923,61 +893,4 @@ async fn init_producer(mut client: BrokerClient<Channel>) -> Result<Identity> {
         producer_id: answer.producer_id,
         epoch,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Partitions of which those in `busy` have a request in flight (window of one full).
-    fn partitions(count: usize, busy: &[usize]) -> Vec<PartitionState> {
-        (0..count)
-            .map(|p| {
-                let mut part = PartitionState::new(0);
-                if busy.contains(&p) {
-                    part.window.push_back(Arc::new(Outcome::default()));
-                }
-                part
-            })
-            .collect()
-    }
-
-    #[test]
-    fn keyless_records_skip_partitions_waiting_for_answers() {
-        let check = |busy: &[usize], sticky: u32, expected: u32| {
-            let parts = partitions(4, busy);
-            assert_eq!(
-                first_free_partition(&parts, sticky, 1),
-                expected,
-                "busy {busy:?}, sticky {sticky}"
-            );
-        };
-        check(&[], 2, 2);
-        check(&[2], 2, 3);
-        check(&[2, 3], 2, 0);
-        check(&[0, 2, 3], 2, 1);
-        // Every partition waits: stay, and let the sticky batch collect records.
-        check(&[0, 1, 2, 3], 2, 2);
-    }
-
-    #[test]
-    fn a_partition_with_a_queued_batch_or_a_pending_probe_is_not_free() {
-        let mut parts = partitions(2, &[]);
-        parts[0].queued.push_back(Sealed {
-            builder: BatchBuilder::new(),
-            outcome: Arc::new(Outcome::default()),
-            records: 0,
-            reserved: 0,
-        });
-        assert_eq!(first_free_partition(&parts, 0, 5), 1);
-        // A window below max_in_flight leaves a slot.
-        let mut parts = partitions(2, &[0]);
-        assert_eq!(first_free_partition(&parts, 0, 2), 0);
-        // Unless its batch is a probe still waiting for its answer.
-        parts[0].probe = parts[0].window.front().cloned();
-        assert_eq!(first_free_partition(&parts, 0, 2), 1);
-        let answered = parts[0].probe.as_ref().expect("a probe");
-        assert!(answered.result.set(Ok((0, 0))).is_ok());
-        assert_eq!(first_free_partition(&parts, 0, 2), 0);
-    }
 }

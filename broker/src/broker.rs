@@ -97,9 +97,10 @@ pub struct Broker {
     data_dir: PathBuf,
     defaults: TopicSettings,
     files: FileCache,
-    /// The threads that own every partition's log.
-    writers: Writers,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// The threads that serve every partition's writer. After `topics`: fields drop in
+    /// order, so partitions dropped without a shutdown queue their close first.
+    writers: Writers,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
     /// Most partitions of all topics ([`Broker::set_max_partitions`]; none by default).

@@ -54,8 +54,8 @@ pub const GROUP_MEMBERS_DEFAULT: usize = 1000;
 /// Groups with members, broker-wide, when `--max-groups` is not given.
 pub const GROUPS_DEFAULT: usize = 10_000;
 /// Partitions of all topics, broker-wide, when `--max-partitions` is not given. Each
-/// takes a writer thread and about three file descriptors (see the open-file check at
-/// start), so a client creating topics (a Kafka client with auto-creation on, say) must
+/// takes a file descriptor and two memory mappings (see the open-file check at start),
+/// so a client creating topics (a Kafka client with auto-creation on, say) must
 /// not grow them without end.
 pub const PARTITIONS_DEFAULT: usize = 10_000;
 

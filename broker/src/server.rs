@@ -148,8 +148,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard limit: the broker holds a few
-/// descriptors per partition and one per connection, and the usual soft limit (1024)
+/// Raises the soft limit on open files to the hard limit: the broker holds one
+/// descriptor per partition and one per connection, and the usual soft limit (1024)
 /// is easily reached. Returns the limit in force (`None`: unlimited).
 fn raise_nofile_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};

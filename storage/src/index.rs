@@ -167,8 +167,16 @@ impl<E: Entry> Index<E> {
         // nothing; it also drops the holes of a file extended sparsely (as indexes once
         // were), into which a store through the mapping could fault.
         fault::set_len(&file, path, (len * E::LEN) as u64)?;
-        let allocated = (len + grow_entries::<E>()).min(capacity);
-        allocate(&file, path, len * E::LEN, allocated * E::LEN)?;
+        // Allocating needs free space: on a full disk the log still opens (so retention
+        // can free some), with no slot to spare until a later write grows the index.
+        let target = (len + grow_entries::<E>()).min(capacity);
+        let allocated = match allocate(&file, path, len * E::LEN, target * E::LEN) {
+            Ok(()) => target,
+            Err(_) => {
+                fault::set_len(&file, path, (len * E::LEN) as u64)?;
+                len
+            }
+        };
         // Mapped past the file's end, so growing never remaps: only slots below
         // `allocated`, which lie inside the file, are ever touched.
         let map = MmapOptions::new().len(capacity * E::LEN).map_raw(&file)?;
@@ -230,6 +238,21 @@ impl<E: Entry> Index<E> {
     /// True when fewer than two allocated slots are free: the segment should roll.
     pub fn is_nearly_full(&self) -> bool {
         self.len() + SLOTS_RESERVED > *self.allocated()
+    }
+
+    /// Like [`Index::is_nearly_full`], but first tries again to allocate more slots
+    /// when an earlier allocation failed (at open, or growing in [`Index::push`]):
+    /// a passing shortage of space or descriptors then costs a sparser index for a
+    /// while, not a roll (which needs more of both) at every write.
+    pub fn is_nearly_full_after_growing(&self) -> bool {
+        let mut allocated = self.allocated();
+        if self.len() + SLOTS_RESERVED > *allocated
+            && *allocated < self.capacity
+            && !self.sealed.load(Ordering::Relaxed)
+        {
+            let _ = self.grow(&mut allocated);
+        }
+        self.len() + SLOTS_RESERVED > *allocated
     }
 
     /// True when no allocated slot is free.
@@ -362,7 +385,7 @@ impl<E: Entry> Index<E> {
 
     /// Trims the file to its entries and makes it durable (opening it by path for that),
     /// then drops the mapping: the index of a sealed segment, mapped again when read.
-    /// Slots past the new end are never read. On failure nothing changes, so sealing can
+    /// Slots past the new end are never read or written again. On failure, sealing can
     /// be tried again (both steps can be repeated).
     pub fn seal(&self) -> io::Result<()> {
         let mut allocated = self.allocated();
@@ -372,9 +395,10 @@ impl<E: Entry> Index<E> {
         let len = self.len();
         let file = fault::open(OpenOptions::new().write(true), &self.path)?;
         fault::set_len(&file, &self.path, (len * E::LEN) as u64)?;
+        // Slots past the new end are outside the file now: a store there would fault.
+        *allocated = len;
         fault::sync_all(&file, &self.path)?;
         drop(file);
-        *allocated = len;
         self.sealed.store(true, Ordering::Release);
         self.mapping().take();
         Ok(())

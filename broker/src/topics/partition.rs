@@ -236,6 +236,18 @@ impl Partition {
     }
 }
 
+impl Drop for Partition {
+    /// A partition dropped without [`Partition::shutdown`] (a broker dropped without
+    /// its shutdown) still has its log closed cleanly, by the pool, once what is queued
+    /// is answered; with its queue full, the next start runs recovery instead.
+    fn drop(&mut self) {
+        let (reply, _) = std_mpsc::sync_channel(1);
+        if self.commands.try_send(Command::Close { reply }).is_ok() {
+            self.scheduler.schedule(&self.slot);
+        }
+    }
+}
+
 /// A close in progress ([`Partition::close`]).
 pub struct Closing {
     name: String,
@@ -468,6 +480,14 @@ impl Writer {
         // report it only at the next retention tick.
         self.report_upkeep();
         self.idle.store(self.idle(), Ordering::Release);
+    }
+
+    /// Fail-stops the partition after its writer panicked mid-group: what it staged
+    /// is never published or answered as stored, and the next start runs recovery.
+    pub(crate) fn panicked(self) {
+        let why = "its writer panicked; the partition refuses writes until the broker restarts";
+        self.fault.set(why.to_string());
+        tracing::error!(partition = %self.name, "{why}");
     }
 
     /// Closes the log; everything staged is committed. A clean close leaves a snapshot

@@ -179,10 +179,15 @@ impl Scheduler {
         let mut ready = self.queue.lock();
         if ready.closed {
             drop(ready);
-            // No thread will come: refuse what is queued, here.
-            refuse_all(&mut slot.lock());
-            slot.scheduled.store(false, Ordering::SeqCst);
-            return;
+            // No thread will come: refuse what is queued, here, until nothing is left
+            // that a sender who found the flag set counted on us for.
+            loop {
+                let mut state = slot.lock();
+                refuse_all(&mut state);
+                if !release(slot, &state) {
+                    return;
+                }
+            }
         }
         ready.slots.push_back(Arc::clone(slot));
         drop(ready);
@@ -206,16 +211,35 @@ fn serve(queue: &RunQueue) {
             }
         };
         let mut state = slot.lock();
-        run_group(&mut state);
-        // Commands that came after the group was gathered: serve them in another turn
-        // (behind the partitions already waiting). Whoever sets `scheduled` requeues.
-        slot.scheduled.store(false, Ordering::SeqCst);
-        let more = !state.commands.is_empty();
-        drop(state);
-        if more && !slot.scheduled.swap(true, Ordering::SeqCst) {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_group(&mut state);
+        }));
+        if served.is_err() {
+            // The writer's state is unknown: fail-stop the partition (its producers get
+            // an answer, their budget is freed) and keep the thread for the others.
+            if let Some(writer) = state.writer.take() {
+                writer.panicked();
+            }
+            refuse_all(&mut state);
+        }
+        // Commands that came after the group was gathered are served in another turn
+        // (behind the partitions already waiting).
+        if release(&slot, &state) {
+            drop(state);
             queue.lock().slots.push_back(slot);
         }
     }
+}
+
+/// Gives up `slot` after serving it; returns whether commands came meanwhile and the
+/// caller won `scheduled` again, so it must requeue them. A sender that found the flag
+/// set relies on this check: it queued its command before looking at the flag.
+fn release(slot: &Slot, state: &SlotState) -> bool {
+    slot.scheduled.store(false, Ordering::SeqCst);
+    // Orders the store before the queue's (acquire) emptiness check on every
+    // architecture, as the sender's send-then-swap is ordered.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    !state.commands.is_empty() && !slot.scheduled.swap(true, Ordering::SeqCst)
 }
 
 /// Serves one commit group of a partition: whatever has queued up, within the group's

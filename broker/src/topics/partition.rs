@@ -114,7 +114,7 @@ impl Partition {
             keep_snapshot,
             unsnapshotted_bytes: 0,
             snapshot_failing: false,
-            room: Room::default(),
+            room: writers.room(),
             stats: Arc::clone(&stats),
             metrics: Arc::clone(metrics),
             fault: Arc::clone(&fault),
@@ -298,9 +298,17 @@ const ROOM_MEASURE_BELOW: u64 = 256 << 20;
 /// The free space is measured at least this often while writes come in.
 const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
 
-/// See [`Writer::check_room`].
+/// The free space of the data directory's file system, as last measured minus what
+/// was written since, shared by every partition's writer (see [`Writer::check_room`]):
+/// an estimate per partition would not see the others' writes, and would measure once
+/// per partition where one measurement serves all.
 #[derive(Debug, Default)]
-struct Room {
+pub(crate) struct Room {
+    estimate: std::sync::Mutex<RoomEstimate>,
+}
+
+#[derive(Debug, Default)]
+struct RoomEstimate {
     free: u64,
     measured: Option<std::time::Instant>,
 }
@@ -404,9 +412,8 @@ pub(crate) struct Writer {
     unsnapshotted_bytes: u64,
     /// The last producer state snapshot failed: the next failure is not logged again.
     snapshot_failing: bool,
-    /// The free space of the partition's file system, as last measured minus what was
-    /// written since; see [`Writer::check_room`].
-    room: Room,
+    /// Shared by all writers; see [`Writer::check_room`].
+    room: Arc<Room>,
     stats: Arc<PartitionStats>,
     metrics: Arc<Metrics>,
     fault: Arc<Fault>,
@@ -698,32 +705,32 @@ impl Writer {
             return Ok(());
         }
         let need = batch as u64 + ROOM_RESERVE_BYTES;
-        let stale = self
-            .room
+        let mut room = self.room.estimate.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = room
             .measured
             .is_none_or(|at| at.elapsed() >= ROOM_MEASURE_EVERY);
-        if stale || self.room.free < need + ROOM_MEASURE_BELOW {
+        if stale || room.free < need + ROOM_MEASURE_BELOW {
             match rustix::fs::statvfs(self.log.reader().dir()) {
                 Ok(fs) => {
-                    self.room.free = fs.f_bavail.saturating_mul(fs.f_frsize);
-                    self.room.measured = Some(std::time::Instant::now());
+                    room.free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                    room.measured = Some(std::time::Instant::now());
                 }
                 // Not measurable: let the write find out.
                 Err(_) => return Ok(()),
             }
         }
-        if self.room.free < need {
+        if room.free < need {
             return Err(Error::DiskFull(
                 self.name.clone(),
                 format!(
                     "{} bytes free where this batch needs {need} (its {batch} bytes and a \
                      reserve of {ROOM_RESERVE_BYTES} for indexes, checkpoints and \
                      snapshots); nothing was written, and writes resume once space is freed",
-                    self.room.free
+                    room.free
                 ),
             ));
         }
-        self.room.free -= batch as u64;
+        room.free -= batch as u64;
         Ok(())
     }
 
@@ -784,7 +791,7 @@ mod tests {
             keep_snapshot,
             unsnapshotted_bytes: 0,
             snapshot_failing: false,
-            room: Room::default(),
+            room: Arc::default(),
             stats: Arc::default(),
             metrics: Arc::default(),
             fault: Faults::default().fault(),

@@ -21,7 +21,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use super::partition::{Ack, Stored, Writer};
+use super::partition::{Ack, Room, Stored, Writer};
 use crate::error::{Error, Result};
 
 /// Commands that may queue per partition before producers wait (back-pressure).
@@ -79,6 +79,8 @@ impl Slot {
 #[derive(Debug)]
 pub struct Writers {
     queue: Arc<RunQueue>,
+    /// The free-space estimate every writer checks batches against.
+    room: Arc<Room>,
 }
 
 #[derive(Debug, Default)]
@@ -124,7 +126,10 @@ impl Writers {
                 "writers".into(),
                 format!("cannot start a writer thread: {e}"),
             )),
-            _ => Ok(Writers { queue }),
+            _ => Ok(Writers {
+                queue,
+                room: Arc::default(),
+            }),
         }
     }
 
@@ -139,6 +144,12 @@ impl Writers {
             }),
         });
         (sender, slot)
+    }
+
+    /// The free-space estimate of the data directory's file system, shared by the
+    /// writers.
+    pub(crate) fn room(&self) -> Arc<Room> {
+        Arc::clone(&self.room)
     }
 
     /// A handle that schedules partitions on this pool.

@@ -41,7 +41,8 @@ fn fixture() -> &'static Fixture {
             durability: "none".into(),
             ..TopicSettings::default()
         };
-        let broker = Broker::open(dir.path(), defaults, 64, Arc::new(Metrics::default()))
+        let files = strata_storage::FileCache::new(64);
+        let broker = Broker::open(dir.path(), defaults, files, Arc::new(Metrics::default()))
             .expect("open the broker");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

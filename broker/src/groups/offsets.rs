@@ -719,16 +719,17 @@ impl Writer {
                     );
                 }
             }
-            // Each reservation is released after its answer, with the change visible.
-            // A commit's hold on its partitions goes before its answer (the change is
-            // visible already), so a committer that hears back finds them grantable.
+            // Each reservation is released before its answer, with the change visible
+            // already: a committer that hears back finds its partitions grantable, and
+            // a reset or deletion that hears back finds the group free for the next one.
             for answer in answers {
                 match answer {
-                    Answer::Committed(reply, result, _hold, in_flight) => {
-                        drop(in_flight);
+                    Answer::Committed(reply, result, hold, in_flight) => {
+                        drop((hold, in_flight));
                         let _ = reply.send(unavailable(&written).and(result));
                     }
-                    Answer::Done(reply, _hold) => {
+                    Answer::Done(reply, hold) => {
+                        drop(hold);
                         let _ = reply.send(unavailable(&written));
                     }
                 }

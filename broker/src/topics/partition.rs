@@ -1,10 +1,9 @@
 //! One partition: its log, owned by a writer of the writer pool ([`super::writers`]),
 //! and the read side shared with request handlers.
 //!
-//! Producers send batches to the partition's writer thread over its bounded queue. The
-//! thread drains whatever has queued up, writes every batch, commits once per partition
-//! (one fsync under the `fsync` policy: group commit) and only then answers each
-//! producer. Concurrent producers therefore share fsyncs, and the more of them there
+//! Producers send batches to the partition's writer over its bounded queue. A pool
+//! thread drains whatever has queued up, writes every batch, commits once (one fsync
+//! under the `fsync` policy: group commit) and only then answers each producer. Concurrent producers therefore share fsyncs, and the more of them there
 //! are, the larger each group gets. Readers go straight to the log through a
 //! [`LogReader`] and wait for new data on a watch channel that carries the high
 //! watermark.
@@ -260,7 +259,7 @@ impl Closing {
         match self.closed.recv() {
             Ok(closed) => closed.map_err(|e| format!("partition {}: {e}", self.name)),
             Err(_) => Err(format!(
-                "partition {}: its writer thread panicked",
+                "partition {}: its writer panicked while closing it",
                 self.name
             )),
         }

@@ -297,14 +297,16 @@ impl ServeConfig {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             log_level,
             topic_defaults,
-            max_open_files: args
-                .max_open_files
-                .or(file.max_open_files)
-                .unwrap_or(MAX_OPEN_FILES_DEFAULT),
-            max_mapped_segments: args
-                .max_mapped_segments
-                .or(file.max_mapped_segments)
-                .unwrap_or(MAX_MAPPED_SEGMENTS_DEFAULT),
+            max_open_files: cache_size(
+                "max_open_files",
+                args.max_open_files.or(file.max_open_files),
+                MAX_OPEN_FILES_DEFAULT,
+            )?,
+            max_mapped_segments: cache_size(
+                "max_mapped_segments",
+                args.max_mapped_segments.or(file.max_mapped_segments),
+                MAX_MAPPED_SEGMENTS_DEFAULT,
+            )?,
             retention_check: Duration::from_millis(
                 args.retention_check_ms
                     .or(file.retention_check_ms)
@@ -312,6 +314,14 @@ impl ServeConfig {
                     .max(1),
             ),
         })
+    }
+}
+
+/// A bound of the read cache, or `default`: 0 is refused, since every read needs a slot.
+fn cache_size(name: &str, value: Option<usize>, default: usize) -> anyhow::Result<usize> {
+    match value {
+        Some(0) => anyhow::bail!("{name} must be positive: every read holds one while it runs"),
+        value => Ok(value.unwrap_or(default)),
     }
 }
 
@@ -614,6 +624,11 @@ mod tests {
                 "above the limit of 32MiB",
             ),
             ("default_retention_ms = 0", "must be positive or -1"),
+            ("max_open_files = 0", "max_open_files must be positive"),
+            (
+                "max_mapped_segments = 0",
+                "max_mapped_segments must be positive",
+            ),
             ("default_segment_bytes = \"1GB\"", "KiB, MiB, GiB"),
         ] {
             std::fs::write(&path, file).expect("write");

@@ -3,10 +3,10 @@
 //!
 //! Producers send batches to the partition's writer over its bounded queue. A pool
 //! thread drains whatever has queued up, writes every batch, commits once (one fsync
-//! under the `fsync` policy: group commit) and only then answers each producer. Concurrent producers therefore share fsyncs, and the more of them there
-//! are, the larger each group gets. Readers go straight to the log through a
-//! [`LogReader`] and wait for new data on a watch channel that carries the high
-//! watermark.
+//! under the `fsync` policy: group commit) and only then answers each producer.
+//! Concurrent producers therefore share fsyncs, and the more of them there are, the
+//! larger each group gets. Readers go straight to the log through a [`LogReader`] and
+//! wait for new data on a watch channel that carries the high watermark.
 //!
 //! The writer also owns the partition's idempotent producer state
 //! ([`ProducerStates`]): each batch with a producer id is checked against it before it
@@ -303,11 +303,6 @@ const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
 /// per partition where one measurement serves all.
 #[derive(Debug, Default)]
 pub(crate) struct Room {
-    estimate: std::sync::Mutex<RoomEstimate>,
-}
-
-#[derive(Debug, Default)]
-struct RoomEstimate {
     free: u64,
     measured: Option<std::time::Instant>,
 }
@@ -412,7 +407,7 @@ pub(crate) struct Writer {
     /// The last producer state snapshot failed: the next failure is not logged again.
     snapshot_failing: bool,
     /// Shared by all writers; see [`Writer::check_room`].
-    room: Arc<Room>,
+    room: Arc<std::sync::Mutex<Room>>,
     stats: Arc<PartitionStats>,
     metrics: Arc<Metrics>,
     fault: Arc<Fault>,
@@ -704,7 +699,7 @@ impl Writer {
             return Ok(());
         }
         let need = batch as u64 + ROOM_RESERVE_BYTES;
-        let mut room = self.room.estimate.lock().unwrap_or_else(|e| e.into_inner());
+        let mut room = self.room.lock().unwrap_or_else(|e| e.into_inner());
         let stale = room
             .measured
             .is_none_or(|at| at.elapsed() >= ROOM_MEASURE_EVERY);

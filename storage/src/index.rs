@@ -330,8 +330,9 @@ impl<E: Entry> Index<E> {
     /// The entry is stored through the mapping into a slot whose disk blocks are already
     /// allocated, so the store cannot meet a full disk. When the allocated slots run low,
     /// the next ones are allocated here; if that fails (disk full, no descriptor left),
-    /// the index stays nearly full at its current size, which makes the log roll to a new
-    /// segment, and the roll reports the failure if it persists. The entry itself is
+    /// the index stays nearly full at its current size, and the log's next write tries
+    /// again ([`Index::is_nearly_full_after_growing`]), rolling to a new segment only if
+    /// it still fails; the roll reports the failure if it persists. The entry itself is
     /// stored either way.
     pub fn push(&self, entry: E) {
         let mut allocated = self.allocated();

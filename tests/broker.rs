@@ -1989,3 +1989,63 @@ async fn cli_group_describe_shows_lag_and_reset_moves_offsets() {
     let (ok, _, err) = cli(&broker, &["group", "describe", "billing"], "");
     assert!(!ok && err.contains("not found"), "{err}");
 }
+
+/// Retention runs on its own, at `--retention-check-ms`: the segments of records older
+/// than the topic's retention go, the active segment and younger records stay.
+#[tokio::test]
+async fn retention_ticks_delete_expired_segments_and_only_those() {
+    let broker = Broker::start_with(&["--retention-check-ms", "50"]);
+    let mut admin = broker.admin().await;
+    let config = v1::TopicConfig {
+        retention_ms: Some(60_000),
+        segment_bytes: Some(1024),
+        ..Default::default()
+    };
+    create_topic(&mut admin, "old", 1, config.clone()).await;
+    create_topic(&mut admin, "fresh", 1, config).await;
+    let mut client = broker.client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    for (topic, timestamp_ms) in [("old", now - 3_600_000), ("fresh", now)] {
+        for _ in 0..20 {
+            let stamped = v1::Record {
+                timestamp_ms,
+                ..record(None, &[b'x'; 200])
+            };
+            client
+                .produce(produce_records(topic, 0, vec![stamped]))
+                .await
+                .expect("produce");
+        }
+    }
+    let earliest = |client: &mut BrokerClient<Channel>, topic: &'static str| {
+        let mut client = client.clone();
+        async move {
+            let fetched = client
+                .fetch(fetch_request(topic, 0, 0, false))
+                .await
+                .map(|r| r.into_inner());
+            match fetched {
+                Ok(fetched) => fetched.earliest_offset,
+                // Offset 0 is gone: the answer says so.
+                Err(status) if status.code() == Code::OutOfRange => u64::MAX,
+                Err(status) => panic!("fetch {topic}: {status}"),
+            }
+        }
+    };
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while earliest(&mut client, "old").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "retention never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let high_watermark = client
+        .fetch(fetch_request("old", 0, 19, false))
+        .await
+        .expect("the active segment's record stays")
+        .into_inner()
+        .high_watermark;
+    assert_eq!(high_watermark, 20);
+    assert_eq!(earliest(&mut client, "fresh").await, 0);
+}

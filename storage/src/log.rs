@@ -601,6 +601,40 @@ impl Log {
         self.delete_oldest(&segments, expired)
     }
 
+    /// The earliest time (ms since the epoch) at which [`Log::apply_retention`] could
+    /// do anything, as the log stands: roll a non-empty active segment that reached
+    /// `segment_ms`, or delete the oldest sealed segment once its newest record is older
+    /// than `retention_ms`. `i64::MIN` when it may have work now (size-based retention
+    /// with a sealed segment is always checked), `i64::MAX` when nothing but a write can
+    /// give it any. A write changes the answer; the passing of time does not.
+    pub fn retention_due_ms(&self) -> i64 {
+        let mut due = i64::MAX;
+        let active = &self.active;
+        if let Some(ms) = self.config.segment_ms {
+            if active.next_offset != active.segment.base_offset {
+                due = due.min(
+                    active
+                        .created_ms
+                        .saturating_add(ms.min(i64::MAX as u64) as i64),
+                );
+            }
+        }
+        let segments = self.reader.shared.segments();
+        if let Some(oldest) = segments[..segments.len() - 1].first() {
+            if self.config.retention_bytes.is_some() {
+                return i64::MIN;
+            }
+            if let Some(ms) = self.config.retention_ms {
+                let expires = oldest
+                    .max_timestamp()
+                    .saturating_add(ms.min(i64::MAX as u64) as i64)
+                    .saturating_add(1);
+                due = due.min(expires);
+            }
+        }
+        due
+    }
+
     /// Deletes the sealed segments that hold only offsets below `offset`, for a log
     /// whose older records a later snapshot has made redundant (the broker's
     /// committed-offsets log). The active segment is never deleted. Returns how many
@@ -2245,6 +2279,66 @@ mod tests {
         let log = Log::open(dir.path(), shrunk, &FileCache::new(8)).expect("reopen");
         assert_eq!(values(log.reader(), 0), expected);
         log.close().expect("close");
+    }
+
+    /// Age-based rolling and size-based retention make retention due as the log says.
+    #[test]
+    fn retention_is_due_at_the_roll_by_age_and_always_with_a_size_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LogConfig {
+            segment_ms: Some(60_000),
+            retention_ms: None,
+            ..small()
+        };
+        let before = now_ms();
+        let mut log = Log::open(dir.path(), config.clone(), &FileCache::new(8)).expect("open");
+        assert_eq!(
+            log.retention_due_ms(),
+            i64::MAX,
+            "an empty log never needs it"
+        );
+        log.append(&batch(&["a"], 0)).expect("append");
+        // The active segment was created at open.
+        let due = log.retention_due_ms();
+        assert!(due >= before + 60_000 && due <= now_ms() + 60_000, "{due}");
+        drop(log);
+        let sized = LogConfig {
+            retention_bytes: Some(1 << 20),
+            ..config
+        };
+        let mut log = Log::open(dir.path(), sized, &FileCache::new(8)).expect("reopen");
+        assert_ne!(log.retention_due_ms(), i64::MIN, "no sealed segment yet");
+        while log.reader().segment_count() < 2 {
+            log.append(&batch(&["0123456789"; 4], 0)).expect("append");
+        }
+        assert_eq!(log.retention_due_ms(), i64::MIN);
+    }
+
+    proptest::proptest! {
+        /// With retention by time alone, retention is due exactly when it deletes:
+        /// before `retention_due_ms` it finds nothing, from then on it deletes.
+        #[test]
+        fn retention_is_due_exactly_when_time_retention_deletes(
+            timestamps in proptest::collection::vec(0i64..100_000, 0..40),
+            retention_ms in 1u64..50_000,
+            now in 0i64..200_000,
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = LogConfig {
+                segment_ms: None,
+                retention_ms: Some(retention_ms),
+                ..small()
+            };
+            let mut log = Log::open(dir.path(), config, &FileCache::new(8)).expect("open");
+            for &timestamp in &timestamps {
+                log.append(&batch(&["0123456789"; 4], timestamp)).expect("append");
+            }
+            let due = log.retention_due_ms();
+            let segments = log.reader().segment_count();
+            let deleted = log.apply_retention(now).expect("retention");
+            proptest::prop_assert_eq!(deleted > 0, now >= due, "due {} now {}", due, now);
+            proptest::prop_assert_eq!(log.reader().segment_count(), segments - deleted);
+        }
     }
 
     /// An idle partition's last segment must still roll by age and expire: rolling is

@@ -16,7 +16,7 @@
 //! partition opens and snapshotted periodically and at a clean close.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ pub struct Partition {
     /// Set by the writer when a maintenance tick would find nothing to do (see
     /// [`Writer::idle`]), so ticks leave an idle partition alone.
     idle: Arc<AtomicBool>,
+    /// Set by the writer: when retention could next find work
+    /// ([`Log::retention_due_ms`]), so retention ticks leave the other partitions alone.
+    retention_due: Arc<AtomicI64>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -103,8 +106,10 @@ impl Partition {
         let stats = Arc::new(PartitionStats::default());
         let fault = faults.fault();
         let idle = Arc::new(AtomicBool::new(false));
+        let retention_due = Arc::new(AtomicI64::new(log.retention_due_ms()));
         let writer = Writer {
             idle: Arc::clone(&idle),
+            retention_due: Arc::clone(&retention_due),
             name: name.clone(),
             log,
             watermark,
@@ -131,6 +136,7 @@ impl Partition {
             stats,
             fault,
             idle,
+            retention_due,
         })
     }
 
@@ -200,6 +206,9 @@ impl Partition {
     /// Asks the writer to commit (syncing idle data under the interval policy) and, if
     /// `retention`, to apply retention.
     pub fn maintain(&self, retention: bool) {
+        // At 10,000 partitions a retention tick would otherwise queue 10,000 groups at
+        // once ahead of the producers'.
+        let retention = retention && now_ms() >= self.retention_due.load(Ordering::Acquire);
         if !retention && self.idle.load(Ordering::Acquire) {
             return;
         }
@@ -413,6 +422,8 @@ pub(crate) struct Writer {
     fault: Arc<Fault>,
     /// Shared with [`Partition::maintain`]; see [`Writer::idle`].
     idle: Arc<AtomicBool>,
+    /// Shared with [`Partition::maintain`]: [`Log::retention_due_ms`] after each group.
+    retention_due: Arc<AtomicI64>,
     group: Group,
 }
 
@@ -480,6 +491,8 @@ impl Writer {
         // After retention, whose roll can fail too: an idle partition would otherwise
         // report it only at the next retention tick.
         self.report_upkeep();
+        self.retention_due
+            .store(self.log.retention_due_ms(), Ordering::Release);
         self.idle.store(self.idle(), Ordering::Release);
     }
 
@@ -790,6 +803,7 @@ mod tests {
             metrics: Arc::default(),
             fault: Faults::default().fault(),
             idle: Arc::default(),
+            retention_due: Arc::default(),
             group: Group::default(),
         }
     }

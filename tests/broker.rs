@@ -1990,6 +1990,32 @@ async fn cli_group_describe_shows_lag_and_reset_moves_offsets() {
     assert!(!ok && err.contains("not found"), "{err}");
 }
 
+/// A mapping budget the kernel's `vm.max_map_count` cannot hold is warned about at
+/// start, naming the setting to change; the default budget is not.
+#[test]
+fn a_mapping_budget_above_the_kernel_limit_is_warned_about_at_start() {
+    let limit: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .expect("read vm.max_map_count")
+        .trim()
+        .parse()
+        .expect("a number");
+    let warning = "the kernel's memory-mapping limit (vm.max_map_count) is below";
+    let quiet = Broker::start();
+    let too_many = (limit / 2 + 1).to_string();
+    let warned = Broker::start_with(&["--max-mapped-segments", &too_many]);
+    let deadline = std::time::Instant::now() + HANG_GUARD;
+    while !warned.log().contains(warning) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warning: {}",
+            warned.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(warned.log().contains("--max-mapped-segments"));
+    assert!(!quiet.log().contains(warning), "{}", quiet.log());
+}
+
 /// Retention runs on its own, at `--retention-check-ms`: the segments of records older
 /// than the topic's retention go, the active segment and younger records stay.
 #[tokio::test]

@@ -68,6 +68,7 @@ pub async fn serve(
     })?;
     let broker = Arc::new(broker);
     check_nofile_limit(nofile, &config, &broker);
+    check_map_count(map_count_limit(), &config, &broker);
     broker
         .coordinator()
         .set_limits(config.limits.group_members, config.limits.groups);
@@ -199,11 +200,7 @@ fn connections_max(max_connections: usize, kafka: bool) -> usize {
 /// segment rolls fail (refusing the produces that need them until descriptors are
 /// free again) or connections are refused.
 fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
-    let partitions: u64 = broker
-        .topics()
-        .iter()
-        .map(|t| u64::from(t.settings.partitions))
-        .sum();
+    let partitions = partition_count(broker);
     let http = if config.http_listen.is_some() {
         config.limits.http_connections
     } else {
@@ -225,6 +222,49 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
              connections when the Kafka listener is on + max_http_connections when the \
              HTTP listener is on): raise the hard limit, or lower --max-connections or \
              --max-open-files"
+        );
+    }
+}
+
+fn partition_count(broker: &Broker) -> u64 {
+    broker
+        .topics()
+        .iter()
+        .map(|t| u64::from(t.settings.partitions))
+        .sum()
+}
+
+/// Memory mappings the process needs beyond the indexes: the binary and libraries,
+/// thread stacks and their guard pages, the allocator's arenas. 10,000 partitions ran
+/// with 368 of them (docs/benchmarks.md, "The writer pool").
+const MAP_COUNT_MARGIN: u64 = 1024;
+
+/// Memory mappings the broker may need: two per partition (the active segment's
+/// indexes), two per sealed segment kept mapped for reads, and [`MAP_COUNT_MARGIN`].
+fn map_count_needed(partitions: u64, max_mapped_segments: usize) -> u64 {
+    MAP_COUNT_MARGIN + 2 * partitions + 2 * max_mapped_segments as u64
+}
+
+/// The kernel's limit of memory mappings per process (`vm.max_map_count`), if known.
+fn map_count_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// Warns when `vm.max_map_count` is below what the partitions and the mapping budget
+/// may need: past it, mapping an index fails, so segment rolls and reads of old
+/// segments fail until mappings are freed.
+fn check_map_count(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
+    let partitions = partition_count(broker);
+    let needed = map_count_needed(partitions, config.max_mapped_segments);
+    if let Some(limit) = limit.filter(|&limit| limit < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            partitions,
+            max_mapped_segments = config.max_mapped_segments,
+            "the kernel's memory-mapping limit (vm.max_map_count) is below what this broker              may need (1024 + 2 × partitions + 2 × max_mapped_segments): raise it (sysctl              -w vm.max_map_count=<n>, and in /etc/sysctl.d to keep it), or lower              --max-mapped-segments"
         );
     }
 }

@@ -1999,12 +1999,15 @@ fn a_mapping_budget_above_the_kernel_limit_is_warned_about_at_start() {
         .trim()
         .parse()
         .expect("a number");
-    let warning = "the kernel's memory-mapping limit (vm.max_map_count) is below";
+    let warning = format!(
+        "the kernel's memory-mapping limit (vm.max_map_count = {limit}) is below what this \
+         broker may need"
+    );
     let quiet = Broker::start();
     let too_many = (limit / 2 + 1).to_string();
     let warned = Broker::start_with(&["--max-mapped-segments", &too_many]);
     let deadline = std::time::Instant::now() + HANG_GUARD;
-    while !warned.log().contains(warning) {
+    while !warned.log().contains(&warning) {
         assert!(
             std::time::Instant::now() < deadline,
             "no warning: {}",
@@ -2013,17 +2016,18 @@ fn a_mapping_budget_above_the_kernel_limit_is_warned_about_at_start() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(warned.log().contains("--max-mapped-segments"));
-    assert!(!quiet.log().contains(warning), "{}", quiet.log());
+    assert!(!quiet.log().contains(&warning), "{}", quiet.log());
 }
 
 /// Retention runs on its own, at `--retention-check-ms`: the segments of records older
-/// than the topic's retention go, the active segment and younger records stay.
+/// than the topic's retention (an hour; those records are a day old) go, the active
+/// segment and younger records stay.
 #[tokio::test]
 async fn retention_ticks_delete_expired_segments_and_only_those() {
     let broker = Broker::start_with(&["--retention-check-ms", "50"]);
     let mut admin = broker.admin().await;
     let config = v1::TopicConfig {
-        retention_ms: Some(60_000),
+        retention_ms: Some(3_600_000),
         segment_bytes: Some(1024),
         ..Default::default()
     };
@@ -2034,7 +2038,7 @@ async fn retention_ticks_delete_expired_segments_and_only_those() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    for (topic, timestamp_ms) in [("old", now - 3_600_000), ("fresh", now)] {
+    for (topic, timestamp_ms) in [("old", now - 86_400_000), ("fresh", now)] {
         for _ in 0..20 {
             let stamped = v1::Record {
                 timestamp_ms,

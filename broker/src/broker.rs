@@ -132,26 +132,26 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::ShuttingDown)?
 }
 
-/// A creation that ran out of file descriptors says which knobs to turn, as a limit the
-/// client can act on, instead of an internal I/O error.
+/// A creation that ran out of file descriptors or memory mappings says which knobs to
+/// turn, as a limit the client can act on, instead of an internal I/O error.
 fn out_of_descriptors(e: Error, partitions: u32) -> Error {
-    let errno = match &e {
-        Error::Storage(strata_storage::Error::Io { source, .. }) | Error::Io { source, .. } => {
-            source.raw_os_error()
-        }
-        _ => None,
-    };
-    // EMFILE (the process's limit) and ENFILE (the system's).
-    if !matches!(errno, Some(24 | 23)) {
-        return e;
-    }
-    Error::LimitExceeded {
-        limit: "max_partitions",
-        message: format!(
+    let message = match e.errno() {
+        // EMFILE (the process's limit) and ENFILE (the system's).
+        Some(24 | 23) => format!(
             "creating {partitions} partitions ran out of file descriptors ({e}); each \
              partition holds one: raise the broker's descriptor limit (ulimit -n, \
              LimitNOFILE) or lower max_partitions so it fits"
         ),
+        Some(crate::error::ENOMEM) => format!(
+            "creating {partitions} partitions ran out of memory mappings or memory ({e}); \
+             each partition maps two index files: raise vm.max_map_count (sysctl) or \
+             lower max_partitions so it fits"
+        ),
+        _ => return e,
+    };
+    Error::LimitExceeded {
+        limit: "max_partitions",
+        message,
     }
 }
 

@@ -83,6 +83,8 @@ pub enum Error {
 
 /// The errno of a full disk.
 pub(crate) const ENOSPC: i32 = 28;
+/// The errno of a failed memory mapping or allocation (past `vm.max_map_count`, too).
+pub(crate) const ENOMEM: i32 = 12;
 
 /// True when a storage error is the disk running out of space.
 pub fn is_disk_full(e: &strata_storage::Error) -> bool {
@@ -131,6 +133,16 @@ pub enum Severity {
 }
 
 impl Error {
+    /// The OS error number of an I/O error, if this is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Storage(strata_storage::Error::Io { source, .. }) | Error::Io { source, .. } => {
+                source.raw_os_error()
+            }
+            _ => None,
+        }
+    }
+
     /// A short, stable name for the kind of error, from a fixed set: the `reason` label
     /// of the rejected-requests metric and the `strata-reason` header of a gRPC error.
     pub fn reason(&self) -> &'static str {

@@ -48,6 +48,9 @@ pub async fn serve(
     };
 
     let nofile = raise_nofile_limit();
+    // Before opening: each partition opened maps its indexes, so the open itself fails
+    // past the limit.
+    check_map_count(map_count_limit(), &config);
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
     let segment_files =
@@ -61,6 +64,11 @@ pub async fn serve(
             "{e}; stop that process, or give this broker a directory of its own with \
              --data-dir <path>"
         ),
+        e if e.errno() == Some(crate::error::ENOMEM) => anyhow::anyhow!(
+            "cannot open data directory {}: {e}; if the warning above says so, raise \
+             vm.max_map_count (each partition maps its indexes)",
+            config.data_dir.display()
+        ),
         e => anyhow::anyhow!(
             "cannot open data directory {}: {e}",
             config.data_dir.display()
@@ -68,7 +76,6 @@ pub async fn serve(
     })?;
     let broker = Arc::new(broker);
     check_nofile_limit(nofile, &config, &broker);
-    check_map_count(map_count_limit(), &config, &broker);
     broker
         .coordinator()
         .set_limits(config.limits.group_members, config.limits.groups);
@@ -235,14 +242,16 @@ fn partition_count(broker: &Broker) -> u64 {
 }
 
 /// Memory mappings the process needs beyond the indexes: the binary and libraries,
-/// thread stacks and their guard pages, the allocator's arenas. 10,000 partitions ran
-/// with 368 of them (docs/benchmarks.md, "The writer pool").
-const MAP_COUNT_MARGIN: u64 = 1024;
+/// thread stacks and their guard pages (tokio's blocking pool, which serves reads, grows
+/// to 512 threads), the allocator's arenas. 10,000 idle partitions ran with 368 of them
+/// (docs/benchmarks.md, "The writer pool").
+const MAP_COUNT_MARGIN: u64 = 4096;
 
 /// Memory mappings the broker may need: two per partition (the active segment's
-/// indexes), two per sealed segment kept mapped for reads, and [`MAP_COUNT_MARGIN`].
-fn map_count_needed(partitions: u64, max_mapped_segments: usize) -> u64 {
-    MAP_COUNT_MARGIN + 2 * partitions + 2 * max_mapped_segments as u64
+/// indexes) up to `max_partitions`, two per sealed segment kept mapped for reads, and
+/// [`MAP_COUNT_MARGIN`].
+fn map_count_needed(max_partitions: u64, max_mapped_segments: usize) -> u64 {
+    MAP_COUNT_MARGIN + 2 * max_partitions + 2 * max_mapped_segments as u64
 }
 
 /// The kernel's limit of memory mappings per process (`vm.max_map_count`), if known.
@@ -252,20 +261,32 @@ fn map_count_limit() -> Option<u64> {
         .and_then(|text| text.trim().parse().ok())
 }
 
-/// Warns when `vm.max_map_count` is below what the partitions and the mapping budget
-/// may need: past it, mapping an index fails, so segment rolls and reads of old
-/// segments fail until mappings are freed.
-fn check_map_count(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
-    let partitions = partition_count(broker);
-    let needed = map_count_needed(partitions, config.max_mapped_segments);
-    if let Some(limit) = limit.filter(|&limit| limit < needed) {
-        tracing::warn!(
-            limit,
-            needed,
-            partitions,
-            max_mapped_segments = config.max_mapped_segments,
-            "the kernel's memory-mapping limit (vm.max_map_count) is below what this broker              may need (1024 + 2 × partitions + 2 × max_mapped_segments): raise it (sysctl              -w vm.max_map_count=<n>, and in /etc/sysctl.d to keep it), or lower              --max-mapped-segments"
-        );
+/// The start's warning when `vm.max_map_count` (`limit`) is below what the partitions
+/// this broker may hold and its mapping budget may need: past it, opening a partition,
+/// rolling a segment or mapping a sealed segment's indexes for a read fails.
+fn map_count_warning(
+    limit: u64,
+    max_partitions: u64,
+    max_mapped_segments: usize,
+) -> Option<String> {
+    let needed = map_count_needed(max_partitions, max_mapped_segments);
+    (limit < needed).then(|| {
+        format!(
+            "the kernel's memory-mapping limit (vm.max_map_count = {limit}) is below what \
+             this broker may need ({needed} = {MAP_COUNT_MARGIN} + 2 × max_partitions + 2 × \
+             max_mapped_segments): raise it (sysctl -w vm.max_map_count=<n>, and a file in \
+             /etc/sysctl.d to keep it), or lower --max-partitions or --max-mapped-segments"
+        )
+    })
+}
+
+/// Logs [`map_count_warning`] at start, if the limit is known and too low.
+fn check_map_count(limit: Option<u64>, config: &ServeConfig) {
+    let max_partitions = config.limits.partitions as u64;
+    if let Some(warning) =
+        limit.and_then(|limit| map_count_warning(limit, max_partitions, config.max_mapped_segments))
+    {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -410,6 +431,22 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mapping_check_counts_every_partition_the_broker_may_hold() {
+        // The defaults fit the kernel's default limit, 65,530.
+        let defaults = crate::limits::Limits::default().partitions as u64;
+        assert_eq!(map_count_warning(65_530, defaults, 1024), None);
+        assert_eq!(map_count_needed(10_000, 1024), 4096 + 20_000 + 2048);
+        let warning = map_count_warning(65_530, 40_000, 1024).expect("80,000 mappings");
+        assert!(
+            warning
+                .contains("vm.max_map_count = 65530) is below what this broker may need (86144 = "),
+            "{warning}"
+        );
+        assert_eq!(map_count_warning(86_144, 40_000, 1024), None);
+        assert!(map_count_warning(86_143, 40_000, 1024).is_some());
+    }
 
     #[test]
     fn the_open_file_check_counts_kafka_connections_when_the_listener_is_on() {

@@ -569,7 +569,8 @@ impl Log {
         // A roll that cannot open its files (kept for its retry, and reported with the
         // upkeep failures) must not stop the deletions: on a full disk they are what frees
         // the space.
-        if self.active.next_offset != self.active.segment.base_offset && self.active_is_old() {
+        if self.active.next_offset != self.active.segment.base_offset && self.active_is_old(now_ms)
+        {
             match self.guard(|log| log.roll()) {
                 Ok(()) | Err(Error::RollFailed { .. }) => {}
                 Err(e) => return Err(e),
@@ -604,9 +605,9 @@ impl Log {
     /// The earliest time (ms since the epoch) at which [`Log::apply_retention`] could
     /// do anything, as the log stands: roll a non-empty active segment that reached
     /// `segment_ms`, or delete the oldest sealed segment once its newest record is older
-    /// than `retention_ms`. `i64::MIN` when it may have work now (size-based retention
-    /// with a sealed segment is always checked), `i64::MAX` when nothing but a write can
-    /// give it any. A write changes the answer; the passing of time does not.
+    /// than `retention_ms`; `i64::MIN` when the log is over `retention_bytes` by its oldest
+    /// sealed segment, `i64::MAX` when nothing but a write can give it work. Writes and
+    /// retention change the answer; the passing of time does not.
     pub fn retention_due_ms(&self) -> i64 {
         let mut due = i64::MAX;
         let active = &self.active;
@@ -621,8 +622,11 @@ impl Log {
         }
         let segments = self.reader.shared.segments();
         if let Some(oldest) = segments[..segments.len() - 1].first() {
-            if self.config.retention_bytes.is_some() {
-                return i64::MIN;
+            // Size changes only by writes and deletions, after which this is asked again.
+            if let Some(max_bytes) = self.config.retention_bytes {
+                if self.size_bytes() - oldest.readable_len() >= max_bytes {
+                    return i64::MIN;
+                }
             }
             if let Some(ms) = self.config.retention_ms {
                 let expires = oldest
@@ -722,13 +726,13 @@ impl Log {
             || segment.times.is_nearly_full_after_growing();
         let offsets_full =
             active.next_offset + record_count - segment.base_offset > u64::from(u32::MAX);
-        too_big || index_full || offsets_full || self.active_is_old()
+        too_big || index_full || offsets_full || self.active_is_old(now_ms())
     }
 
-    /// True when the active segment is older than `segment_ms`.
-    fn active_is_old(&self) -> bool {
+    /// True when the active segment is older than `segment_ms` at `now` (ms).
+    fn active_is_old(&self, now: i64) -> bool {
         self.config.segment_ms.is_some_and(|ms| {
-            now_ms().saturating_sub(self.active.created_ms) >= ms.min(i64::MAX as u64) as i64
+            now.saturating_sub(self.active.created_ms) >= ms.min(i64::MAX as u64) as i64
         })
     }
 
@@ -2283,14 +2287,13 @@ mod tests {
 
     /// Age-based rolling and size-based retention make retention due as the log says.
     #[test]
-    fn retention_is_due_at_the_roll_by_age_and_always_with_a_size_limit() {
+    fn retention_is_due_at_the_roll_by_age_and_when_over_the_size_limit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = LogConfig {
             segment_ms: Some(60_000),
             retention_ms: None,
             ..small()
         };
-        let before = now_ms();
         let mut log = Log::open(dir.path(), config.clone(), &FileCache::new(8)).expect("open");
         assert_eq!(
             log.retention_due_ms(),
@@ -2298,46 +2301,76 @@ mod tests {
             "an empty log never needs it"
         );
         log.append(&batch(&["a"], 0)).expect("append");
-        // The active segment was created at open.
-        let due = log.retention_due_ms();
-        assert!(due >= before + 60_000 && due <= now_ms() + 60_000, "{due}");
-        drop(log);
-        let sized = LogConfig {
-            retention_bytes: Some(1 << 20),
-            ..config
-        };
-        let mut log = Log::open(dir.path(), sized, &FileCache::new(8)).expect("reopen");
-        assert_ne!(log.retention_due_ms(), i64::MIN, "no sealed segment yet");
-        while log.reader().segment_count() < 2 {
+        assert_eq!(log.retention_due_ms(), log.active.created_ms + 60_000);
+        while log.reader().segment_count() < 3 {
             log.append(&batch(&["0123456789"; 4], 0)).expect("append");
         }
-        assert_eq!(log.retention_due_ms(), i64::MIN);
+        let size = log.size_bytes();
+        let oldest = log.reader.shared.segments()[0].readable_len();
+        drop(log);
+        // Exactly at the limit the oldest segment may go; one byte above it, not.
+        for (max_bytes, due_now) in [(size - oldest, true), (size - oldest + 1, false)] {
+            let sized = LogConfig {
+                retention_bytes: Some(max_bytes),
+                ..config.clone()
+            };
+            let mut log = Log::open(dir.path(), sized, &FileCache::new(8)).expect("reopen");
+            let due = log.retention_due_ms();
+            assert_eq!(due == i64::MIN, due_now, "{max_bytes}: {due}");
+            let deleted = log.apply_retention(now_ms()).expect("retention");
+            assert_eq!(deleted > 0, due_now);
+        }
     }
 
     proptest::proptest! {
-        /// With retention by time alone, retention is due exactly when it deletes:
-        /// before `retention_due_ms` it finds nothing, from then on it deletes.
+        /// Retention is due exactly when it would act: at `retention_due_ms() - 1` it
+        /// neither deletes nor rolls, at `retention_due_ms()` it does one or the other,
+        /// and when never due it does nothing however late (short of `i64::MAX` itself,
+        /// where saturation makes "never" and "at the end of time" the same).
         #[test]
-        fn retention_is_due_exactly_when_time_retention_deletes(
-            timestamps in proptest::collection::vec(0i64..100_000, 0..40),
-            retention_ms in 1u64..50_000,
-            now in 0i64..200_000,
+        fn retention_is_due_exactly_when_it_acts(
+            timestamps in proptest::collection::vec(
+                proptest::prop_oneof![0i64..100_000, 0i64..i64::MAX / 2],
+                0..40,
+            ),
+            retention_ms in proptest::option::of(proptest::prop_oneof![
+                1u64..50_000,
+                proptest::prelude::Just(u64::MAX),
+                proptest::prelude::any::<u64>(),
+            ]),
+            segment_ms in proptest::option::of(proptest::prop_oneof![
+                1u64..100_000,
+                proptest::prelude::Just(u64::MAX),
+            ]),
+            retention_bytes in proptest::option::of(0u64..6000),
         ) {
             let dir = tempfile::tempdir().expect("tempdir");
             let config = LogConfig {
-                segment_ms: None,
-                retention_ms: Some(retention_ms),
+                segment_ms,
+                retention_ms,
+                retention_bytes,
                 ..small()
             };
             let mut log = Log::open(dir.path(), config, &FileCache::new(8)).expect("open");
             for &timestamp in &timestamps {
                 log.append(&batch(&["0123456789"; 4], timestamp)).expect("append");
             }
+            let shape = |log: &Log| (log.reader().segment_count(), log.active.segment.base_offset);
+            let before = shape(&log);
             let due = log.retention_due_ms();
-            let segments = log.reader().segment_count();
-            let deleted = log.apply_retention(now).expect("retention");
-            proptest::prop_assert_eq!(deleted > 0, now >= due, "due {} now {}", due, now);
-            proptest::prop_assert_eq!(log.reader().segment_count(), segments - deleted);
+            if due == i64::MAX {
+                let late = log.apply_retention(i64::MAX - 1).expect("retention");
+                proptest::prop_assert_eq!(late, 0);
+                proptest::prop_assert_eq!(shape(&log), before);
+            } else {
+                if due != i64::MIN {
+                    let early = log.apply_retention(due - 1).expect("retention");
+                    proptest::prop_assert_eq!(early, 0, "due {}", due);
+                    proptest::prop_assert_eq!(shape(&log), before, "due {}", due);
+                }
+                let deleted = log.apply_retention(due).expect("retention");
+                proptest::prop_assert!(deleted > 0 || shape(&log) != before, "due {}", due);
+            }
         }
     }
 

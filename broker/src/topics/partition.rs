@@ -281,13 +281,15 @@ impl Closing {
 fn roll_failed(partition: &str, errno: Option<i32>, e: &strata_storage::Error) -> Error {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
-    const ENOMEM: i32 = 12;
     let hint = match errno {
         Some(EMFILE | ENFILE) => {
             "too many open files: raise the broker's file descriptor limit (ulimit -n, \
              LimitNOFILE) or lower max_connections; "
         }
-        Some(ENOMEM) => "out of memory; ",
+        Some(crate::error::ENOMEM) => {
+            "out of memory or memory mappings: check vm.max_map_count against the \
+             broker's start-up warning; "
+        }
         _ => "",
     };
     let why = format!("{hint}{e}");
@@ -491,8 +493,13 @@ impl Writer {
         // After retention, whose roll can fail too: an idle partition would otherwise
         // report it only at the next retention tick.
         self.report_upkeep();
-        self.retention_due
-            .store(self.log.retention_due_ms(), Ordering::Release);
+        // A failed partition's retention does nothing (see `retention`).
+        let due = if self.failed {
+            i64::MAX
+        } else {
+            self.log.retention_due_ms()
+        };
+        self.retention_due.store(due, Ordering::Release);
         self.idle.store(self.idle(), Ordering::Release);
     }
 
@@ -532,7 +539,7 @@ impl Writer {
 
     /// Whether a maintenance tick would find nothing to do: the partition fail-stopped,
     /// or its log is idle ([`Log::idle`]) and no producer snapshot waits for a retry.
-    /// Retention ticks come regardless.
+    /// Retention ticks come regardless once retention is due (`retention_due`).
     fn idle(&self) -> bool {
         self.failed
             || (self.log.idle()

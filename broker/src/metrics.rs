@@ -94,7 +94,7 @@ pub struct RejectedLabels {
 /// Labels of a storage upkeep failure.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpkeepLabels {
-    /// The step: `roll`, `checkpoint`, `index_seal` or `producer_snapshot`.
+    /// The step: `roll`, `checkpoint`, `index_seal`, `index_growth` or `producer_snapshot`.
     pub step: &'static str,
 }
 

@@ -128,7 +128,7 @@ async fn call(service: &Service, rpc: u8, bytes: &[u8]) -> Option<String> {
 /// fixture topic back if the run deleted it.
 async fn clean_up(service: &Service, rpc: u8, created: Option<String>) {
     if let Some(name) = created {
-        if rpc % 17 == 0 {
+        if rpc.is_multiple_of(17) {
             let _ = service
                 .delete_topic(Request::new(v1::DeleteTopicRequest { name }))
                 .await;

@@ -132,6 +132,9 @@ pub(crate) struct Index<E: Entry> {
     /// Entries backed by allocated disk blocks, all inside the file. The lock also
     /// serializes the writer's steps; readers never take it.
     allocated: Mutex<usize>,
+    /// The outcome of the last attempt to allocate more slots, until the log takes it
+    /// ([`Index::take_growth`]) to report a failure.
+    growth: Mutex<Option<io::Result<()>>>,
     _entry: PhantomData<E>,
 }
 
@@ -187,6 +190,7 @@ impl<E: Entry> Index<E> {
             sealed: AtomicBool::new(false),
             map: Mutex::new(Some(Arc::new(map))),
             allocated: Mutex::new(allocated),
+            growth: Mutex::new(None),
             _entry: PhantomData,
         })
     }
@@ -213,6 +217,7 @@ impl<E: Entry> Index<E> {
             sealed: AtomicBool::new(true),
             map: Mutex::new(None),
             allocated: Mutex::new(len),
+            growth: Mutex::new(None),
             _entry: PhantomData,
         };
         Ok(Some((index, tail)))
@@ -235,6 +240,16 @@ impl<E: Entry> Index<E> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn growth(&self) -> std::sync::MutexGuard<'_, Option<io::Result<()>>> {
+        self.growth.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The outcome of the last attempt to allocate more slots since the last call, if
+    /// any: a failure is retried (at the next push or roll check) and worth reporting.
+    pub fn take_growth(&self) -> Option<io::Result<()>> {
+        self.growth().take()
+    }
+
     /// True when fewer than two allocated slots are free: the segment should roll.
     pub fn is_nearly_full(&self) -> bool {
         self.len() + SLOTS_RESERVED > *self.allocated()
@@ -250,7 +265,8 @@ impl<E: Entry> Index<E> {
             && *allocated < self.capacity
             && !self.sealed.load(Ordering::Relaxed)
         {
-            let _ = self.grow(&mut allocated);
+            let grown = self.grow(&mut allocated);
+            *self.growth() = Some(grown);
         }
         self.len() + SLOTS_RESERVED > *allocated
     }
@@ -357,7 +373,8 @@ impl<E: Entry> Index<E> {
         self.len.store(i + 1, Ordering::Release);
         if i + 1 + SLOTS_RESERVED > *allocated && *allocated < self.capacity {
             // A failure leaves the index nearly full: see above.
-            let _ = self.grow(&mut allocated);
+            let grown = self.grow(&mut allocated);
+            *self.growth() = Some(grown);
         }
     }
 

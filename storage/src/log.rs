@@ -59,6 +59,10 @@ pub enum Deferred {
     /// Trimming and fsyncing a sealed segment's indexes: retried at every commit and at
     /// close. Until then a crash makes the next open rebuild them.
     IndexSeal,
+    /// Allocating more slots for the active segment's index (a full disk, no
+    /// descriptor to open the file): retried at the next write, which indexes more
+    /// sparsely meanwhile and rolls the segment once the index is nearly full.
+    IndexGrowth,
 }
 
 impl Deferred {
@@ -68,6 +72,7 @@ impl Deferred {
             Deferred::Roll => "roll",
             Deferred::Checkpoint => "checkpoint",
             Deferred::IndexSeal => "index_seal",
+            Deferred::IndexGrowth => "index_growth",
         }
     }
 
@@ -267,7 +272,7 @@ pub struct Log {
     /// Failures of upkeep the log retries, not yet taken by the caller.
     deferred: Vec<DeferredFailure>,
     /// Per [`Deferred`] step: its last attempt failed.
-    failing: [bool; 3],
+    failing: [bool; 4],
     /// The last checkpoint attempt failed: the next sync writes one whatever the
     /// checkpoint interval says.
     checkpoint_stale: bool,
@@ -362,7 +367,7 @@ impl Log {
             poisoned: false,
             recovery,
             deferred: Vec::new(),
-            failing: [false; 3],
+            failing: [false; 4],
             checkpoint_stale: false,
             unsealed: Vec::new(),
         };
@@ -447,7 +452,7 @@ impl Log {
         parsed.validate_records()?;
         let header = *parsed.header();
         let record_count = header.record_count as u64;
-        self.guard(|log| {
+        let written = self.guard(|log| {
             if log.should_roll(batch.len(), record_count) {
                 log.roll()?;
             }
@@ -476,7 +481,23 @@ impl Log {
                 last_offset: header.last_offset(),
                 max_timestamp: header.max_timestamp,
             })
-        })
+        });
+        self.report_index_growth();
+        written
+    }
+
+    /// Records the outcome of the active indexes' last attempts to grow, if any.
+    fn report_index_growth(&mut self) {
+        let segment = Arc::clone(&self.active.segment);
+        let grown = [
+            (segment.offsets.take_growth(), segment.offsets.path()),
+            (segment.times.take_growth(), segment.times.path()),
+        ];
+        for (outcome, path) in grown {
+            if let Some(outcome) = outcome {
+                let _ = self.deferred(Deferred::IndexGrowth, outcome.map_err(io_at(path)));
+            }
+        }
     }
 
     /// Writes staged batches, makes them durable as the policy says (fsync: one fsync
@@ -1879,6 +1900,17 @@ mod tests {
         }
         assert!(refused > 0, "the full index made the log roll");
         assert_eq!(log.reader().segment_count(), 1);
+        // The failed growths are reported, the first of the run as such.
+        let growths: Vec<_> = log
+            .take_deferred_failures()
+            .filter(|f| f.step == Deferred::IndexGrowth)
+            .collect();
+        assert!(!growths.is_empty());
+        assert!(
+            growths[0].first && growths[1..].iter().all(|f| !f.first),
+            "{growths:?}"
+        );
+        assert!(growths[0].error.contains(".timeindex"), "{growths:?}");
         injector.clear();
         append(&mut log).expect("the index grows");
         assert_eq!(log.reader().segment_count(), 1);

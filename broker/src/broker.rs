@@ -91,15 +91,13 @@ fn close_all<'a>(partitions: impl IntoIterator<Item = &'a Arc<Partition>>) -> Ve
 /// All topics of one data directory.
 #[derive(Debug)]
 pub struct Broker {
-    /// Holds an exclusive lock on `<data>/lock` for the broker's lifetime: two brokers
-    /// on one data directory would corrupt each other's logs.
-    _lock: std::fs::File,
     data_dir: PathBuf,
     defaults: TopicSettings,
     files: FileCache,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
     /// The threads that serve every partition's writer. After `topics`: fields drop in
-    /// order, so partitions dropped without a shutdown queue their close first.
+    /// order, so partitions dropped without a shutdown queue their close first, and the
+    /// pool's drop waits for those closes.
     writers: Writers,
     /// Serializes creation and deletion (directory renames), not reads or produce.
     admin: Mutex<()>,
@@ -120,6 +118,10 @@ pub struct Broker {
     producer_ids_unissued: AtomicI64,
     metrics: Arc<Metrics>,
     faults: Faults,
+    /// Holds an exclusive lock on `<data>/lock` for the broker's lifetime: two brokers
+    /// on one data directory would corrupt each other's logs. Last: fields drop in
+    /// order, so the lock outlives the writers' closes of the logs.
+    _lock: std::fs::File,
 }
 
 /// Runs blocking broker work (anything that may touch files) on the blocking pool, for
@@ -694,6 +696,50 @@ mod tests {
         assert_eq!(names(&broker), expected);
         drop(broker);
         assert_eq!(names(&open()), expected);
+    }
+
+    /// A broker dropped without a shutdown keeps the data directory locked until the
+    /// writers have closed every log: a broker opened next never meets a close still
+    /// writing, and finds every log clean.
+    #[test]
+    fn a_dropped_broker_holds_its_lock_until_every_log_is_closed() {
+        use strata_storage::fault::{Injector, Op};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = || {
+            Broker::open(
+                dir.path(),
+                TopicSettings::default(),
+                FileCache::new(64),
+                Arc::new(Metrics::default()),
+            )
+        };
+        let broker = open().expect("open");
+        let partitions = 8;
+        let settings = TopicSettings {
+            partitions,
+            ..TopicSettings::default()
+        };
+        broker.create_topic("t", settings).expect("create");
+        let injector = Injector::new(&dir.path().join("topics")).expect("injector");
+        // The next sync of a log is one of the closes the drop queues: hold it.
+        let held = injector.pause_nth(Op::Sync, 1);
+        let dropping = std::thread::spawn(move || drop(broker));
+        held.wait_reached();
+        let refused = open().expect_err("the dropped broker still closes a log");
+        assert!(
+            matches!(refused, Error::DataDirLocked { .. }),
+            "{refused:?}"
+        );
+        held.release();
+        dropping.join().expect("dropped");
+        drop(injector);
+        for p in 0..partitions {
+            let dir = dir.path().join("topics").join("t").join(p.to_string());
+            let log = strata_storage::Log::open(&dir, Default::default(), &FileCache::new(4))
+                .expect("open the log");
+            assert!(log.recovery().clean, "partition {p} was not closed cleanly");
+        }
+        open().expect("open again");
     }
 
     /// A partition that cannot be opened fails the creation cleanly: the partitions that

@@ -81,6 +81,8 @@ pub struct Writers {
     queue: Arc<RunQueue>,
     /// The free-space estimate every writer checks batches against.
     room: Arc<Mutex<Room>>,
+    /// Joined when the pool is dropped.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Debug, Default)]
@@ -109,7 +111,7 @@ impl Writers {
     /// Starts `threads` writer threads, or as many as the OS allows (at least one).
     pub fn start(threads: usize) -> Result<Writers> {
         let queue = Arc::new(RunQueue::default());
-        let mut started = 0;
+        let mut started = Vec::new();
         let mut refused = None;
         for i in 0..threads.max(1) {
             let queue = Arc::clone(&queue);
@@ -117,18 +119,19 @@ impl Writers {
                 .name(format!("writer-{i}"))
                 .spawn(move || serve(&queue))
             {
-                Ok(_) => started += 1,
+                Ok(thread) => started.push(thread),
                 Err(e) => refused = Some(e),
             }
         }
         match refused {
-            Some(e) if started == 0 => Err(Error::Unavailable(
+            Some(e) if started.is_empty() => Err(Error::Unavailable(
                 "writers".into(),
                 format!("cannot start a writer thread: {e}"),
             )),
             _ => Ok(Writers {
                 queue,
                 room: Arc::default(),
+                threads: started,
             }),
         }
     }
@@ -161,10 +164,20 @@ impl Writers {
 }
 
 impl Drop for Writers {
-    /// The threads end once the partitions already scheduled are served.
+    /// Serves the partitions already scheduled (among them the closes that partitions
+    /// dropped before the pool queued), then waits for the threads to end: whoever owns
+    /// the pool (the broker, with the data directory's lock) outlives every write.
     fn drop(&mut self) {
         self.queue.lock().closed = true;
         self.queue.wake.notify_all();
+        let current = std::thread::current().id();
+        for thread in self.threads.drain(..) {
+            // A writer thread never owns the pool; were it to drop it, it could not
+            // wait for itself.
+            if thread.thread().id() != current {
+                let _ = thread.join();
+            }
+        }
     }
 }
 

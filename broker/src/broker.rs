@@ -699,8 +699,8 @@ mod tests {
     }
 
     /// A broker dropped without a shutdown keeps the data directory locked until the
-    /// writers have closed every log: a broker opened next never meets a close still
-    /// writing, and finds every log clean.
+    /// writers have closed every log, the committed offsets' too: a broker opened next
+    /// never meets a close still writing, and finds every log clean.
     #[test]
     fn a_dropped_broker_holds_its_lock_until_every_log_is_closed() {
         use strata_storage::fault::{Injector, Op};
@@ -721,18 +721,25 @@ mod tests {
         };
         broker.create_topic("t", settings).expect("create");
         let injector = Injector::new(&dir.path().join("topics")).expect("injector");
-        // The next sync of a log is one of the closes the drop queues: hold it.
-        let held = injector.pause_nth(Op::Sync, 1);
+        let offsets = Injector::new(&dir.path().join("groups")).expect("injector");
+        // The next sync of a partition's log is one of the closes the drop queues, and
+        // the next of the committed-offsets log is its close: hold each in turn.
+        let held = [
+            injector.pause_nth(Op::Sync, 1),
+            offsets.pause_nth(Op::Sync, 1),
+        ];
         let dropping = std::thread::spawn(move || drop(broker));
-        held.wait_reached();
-        let refused = open().expect_err("the dropped broker still closes a log");
-        assert!(
-            matches!(refused, Error::DataDirLocked { .. }),
-            "{refused:?}"
-        );
-        held.release();
+        for held in held {
+            held.wait_reached();
+            let refused = open().expect_err("the dropped broker still closes a log");
+            assert!(
+                matches!(refused, Error::DataDirLocked { .. }),
+                "{refused:?}"
+            );
+            held.release();
+        }
         dropping.join().expect("dropped");
-        drop(injector);
+        drop((injector, offsets));
         for p in 0..partitions {
             let dir = dir.path().join("topics").join("t").join(p.to_string());
             let log = strata_storage::Log::open(&dir, Default::default(), &FileCache::new(4))

@@ -9,7 +9,7 @@
 //!   by RPC, fsync latency and commit-group sizes (histograms: one short lock per
 //!   request or commit, never per record); rejected requests; connections and requests
 //!   in flight; storage upkeep failures (failed rolls, checkpoints, index seals and
-//!   producer snapshots, which are retried rather than fail-stopping). These live in [`Metrics`], owned by the broker.
+//!   growths, and producer snapshots, which are retried rather than fail-stopping). These live in [`Metrics`], owned by the broker.
 //! - **Read at scrape time** by [`BrokerCollector`]: log start and end offsets, size and
 //!   segments per partition; fail-stopped partitions; per group its members, rebalances,
 //!   and per partition its committed offset and lag in records and in seconds; the
@@ -116,7 +116,7 @@ pub struct Metrics {
     /// Bytes per partition commit.
     pub commit_bytes: Histogram,
     /// Failures of partition upkeep that wrote no data (a segment roll, a checkpoint, an
-    /// index seal, a producer state snapshot): retried, never fail-stopping.
+    /// index seal or growth, a producer state snapshot): retried, never fail-stopping.
     pub upkeep_failures: Family<UpkeepLabels, Counter>,
     started: SystemTime,
     /// The histograms of `request_seconds`, one per RPC of every listener, made up front
@@ -284,7 +284,8 @@ pub fn registry(metrics: &Metrics, source: Arc<Source>) -> Registry {
     registry.register(
         "strata_storage_upkeep_failures",
         "Failures of partition upkeep that wrote no data (segment roll, checkpoint, index \
-         seal, producer state snapshot), by step: retried, the partition keeps serving",
+         seal or growth, producer state snapshot), by step: retried, the partition keeps \
+         serving",
         m.upkeep_failures.clone(),
     );
     registry.register_collector(Box::new(BrokerCollector {

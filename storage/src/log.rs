@@ -486,18 +486,25 @@ impl Log {
         written
     }
 
-    /// Records the outcome of the active indexes' last attempts to grow, if any.
+    /// Records the outcome of the active indexes' last attempts to grow, if any, as one:
+    /// failed if either failed (so one index growing does not end the other's run of
+    /// failures).
     fn report_index_growth(&mut self) {
         let segment = Arc::clone(&self.active.segment);
-        let grown = [
-            (segment.offsets.take_growth(), segment.offsets.path()),
-            (segment.times.take_growth(), segment.times.path()),
-        ];
-        for (outcome, path) in grown {
-            if let Some(outcome) = outcome {
-                let _ = self.deferred(Deferred::IndexGrowth, outcome.map_err(io_at(path)));
-            }
-        }
+        let offsets = segment
+            .offsets
+            .take_growth()
+            .map(|r| r.map_err(io_at(segment.offsets.path())));
+        let times = segment
+            .times
+            .take_growth()
+            .map(|r| r.map_err(io_at(segment.times.path())));
+        let outcome = match (offsets, times) {
+            (Some(Err(e)), _) | (_, Some(Err(e))) => Err(e),
+            (None, None) => return,
+            _ => Ok(()),
+        };
+        let _ = self.deferred(Deferred::IndexGrowth, outcome);
     }
 
     /// Writes staged batches, makes them durable as the policy says (fsync: one fsync
@@ -769,6 +776,9 @@ impl Log {
     /// - trimming the old segment's indexes and the new checkpoint are retried later
     ///   ([`Deferred`]).
     fn roll(&mut self) -> Result<()> {
+        // A failed growth may be why the segment rolls: report it while it is the
+        // active one's.
+        self.report_index_growth();
         self.write_staged()?;
         self.sync()?;
         self.publish();
@@ -787,6 +797,8 @@ impl Log {
             Err(e) => return self.deferred(Deferred::Roll, Err(e)),
         };
         self.failing[Deferred::Roll.slot()] = false;
+        // The new segment's indexes start a run of growths of their own.
+        self.failing[Deferred::IndexGrowth.slot()] = false;
         let segment = Arc::new(segment);
         let mut segments = self.reader.shared.segments().to_vec();
         segments.push(Arc::clone(&segment));

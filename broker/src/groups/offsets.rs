@@ -401,6 +401,20 @@ impl Offsets {
     }
 }
 
+impl Drop for Offsets {
+    /// Without a [`Offsets::shutdown`] (a broker dropped without its shutdown): ends the
+    /// writer by dropping the only sender, and waits while it writes what is queued and
+    /// closes the log, so whoever holds the data directory's lock outlives the writes.
+    /// No `blocking_send`: this may run on an async worker.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.changes, closed));
+        if let Some(thread) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Encodes the key of a partition's offset.
 fn offset_key(out: &mut Vec<u8>, group: &str, tp: &TopicPartition, incarnation: u64) {
     out.clear();

@@ -690,7 +690,7 @@ impl Writer {
     }
 
     /// Reports the log's upkeep failures since the last call (failed rolls, checkpoints,
-    /// index seals; all retried, none fail-stopping): counted in
+    /// index seals and growths; all retried, none fail-stopping): counted in
     /// `strata_storage_upkeep_failures`, and logged once per run of failures of a step.
     fn report_upkeep(&mut self) {
         for failure in self.log.take_deferred_failures() {

@@ -665,20 +665,22 @@ fn sync_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A broker over `dir` with the default settings.
+    fn open_in(dir: &Path) -> Result<Broker> {
+        Broker::open(
+            dir,
+            TopicSettings::default(),
+            FileCache::new(64),
+            Arc::new(Metrics::default()),
+        )
+    }
+
     /// Partitions are opened by several threads together, at creation and at start;
     /// each must still land at its own index.
     #[test]
     fn partitions_opened_together_keep_their_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let open = || {
-            Broker::open(
-                dir.path(),
-                TopicSettings::default(),
-                FileCache::new(64),
-                Arc::new(Metrics::default()),
-            )
-            .expect("open")
-        };
+        let open = || open_in(dir.path()).expect("open");
         let partitions = OPENERS as u32 * 2 + 3;
         let names = |broker: &Broker| {
             let topic = broker.topic("t").expect("topic");
@@ -705,14 +707,7 @@ mod tests {
     fn a_dropped_broker_holds_its_lock_until_every_log_is_closed() {
         use strata_storage::fault::{Injector, Op};
         let dir = tempfile::tempdir().expect("tempdir");
-        let open = || {
-            Broker::open(
-                dir.path(),
-                TopicSettings::default(),
-                FileCache::new(64),
-                Arc::new(Metrics::default()),
-            )
-        };
+        let open = || open_in(dir.path());
         let broker = open().expect("open");
         let partitions = 8;
         let settings = TopicSettings {
@@ -755,13 +750,7 @@ mod tests {
     fn a_partition_that_fails_to_open_leaves_no_topic_behind() {
         use strata_storage::fault::{Fault, Injector, Op};
         let dir = tempfile::tempdir().expect("tempdir");
-        let broker = Broker::open(
-            dir.path(),
-            TopicSettings::default(),
-            FileCache::new(64),
-            Arc::new(Metrics::default()),
-        )
-        .expect("open");
+        let broker = open_in(dir.path()).expect("open");
         let topics = dir.path().join("topics");
         let injector = Injector::new(&topics).expect("injector");
         let settings = || TopicSettings {

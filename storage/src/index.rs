@@ -265,8 +265,7 @@ impl<E: Entry> Index<E> {
             && *allocated < self.capacity
             && !self.sealed.load(Ordering::Relaxed)
         {
-            let grown = self.grow(&mut allocated);
-            *self.growth() = Some(grown);
+            self.grow(&mut allocated);
         }
         self.len() + SLOTS_RESERVED > *allocated
     }
@@ -373,18 +372,20 @@ impl<E: Entry> Index<E> {
         self.len.store(i + 1, Ordering::Release);
         if i + 1 + SLOTS_RESERVED > *allocated && *allocated < self.capacity {
             // A failure leaves the index nearly full: see above.
-            let grown = self.grow(&mut allocated);
-            *self.growth() = Some(grown);
+            self.grow(&mut allocated);
         }
     }
 
-    /// Allocates disk blocks for the next [`GROW_BYTES`] of entries.
-    fn grow(&self, allocated: &mut usize) -> io::Result<()> {
-        let file = fault::open(OpenOptions::new().write(true), &self.path)?;
+    /// Allocates disk blocks for the next [`GROW_BYTES`] of entries, and keeps the
+    /// outcome for [`Index::take_growth`]: a failure leaves `allocated` as it was.
+    fn grow(&self, allocated: &mut usize) {
         let target = (*allocated + grow_entries::<E>()).min(self.capacity);
-        allocate(&file, &self.path, *allocated * E::LEN, target * E::LEN)?;
-        *allocated = target;
-        Ok(())
+        let grown = fault::open(OpenOptions::new().write(true), &self.path)
+            .and_then(|file| allocate(&file, &self.path, *allocated * E::LEN, target * E::LEN));
+        if grown.is_ok() {
+            *allocated = target;
+        }
+        *self.growth() = Some(grown);
     }
 
     /// Writes the entries stored so far (and the file's size) to disk with `msync`,

@@ -608,7 +608,7 @@ impl Log {
         let sealed = &segments[..segments.len() - 1];
         let mut expired = 0;
         if let Some(ms) = self.config.retention_ms {
-            let cutoff = now_ms.saturating_sub(ms.min(i64::MAX as u64) as i64);
+            let cutoff = now_ms.saturating_sub(millis(ms));
             expired = sealed
                 .iter()
                 .take_while(|s| s.max_timestamp() < cutoff)
@@ -641,11 +641,7 @@ impl Log {
         let active = &self.active;
         if let Some(ms) = self.config.segment_ms {
             if active.next_offset != active.segment.base_offset {
-                due = due.min(
-                    active
-                        .created_ms
-                        .saturating_add(ms.min(i64::MAX as u64) as i64),
-                );
+                due = due.min(active.created_ms.saturating_add(millis(ms)));
             }
         }
         let segments = self.reader.shared.segments();
@@ -659,7 +655,7 @@ impl Log {
             if let Some(ms) = self.config.retention_ms {
                 let expires = oldest
                     .max_timestamp()
-                    .saturating_add(ms.min(i64::MAX as u64) as i64)
+                    .saturating_add(millis(ms))
                     .saturating_add(1);
                 due = due.min(expires);
             }
@@ -759,9 +755,9 @@ impl Log {
 
     /// True when the active segment is older than `segment_ms` at `now` (ms).
     fn active_is_old(&self, now: i64) -> bool {
-        self.config.segment_ms.is_some_and(|ms| {
-            now.saturating_sub(self.active.created_ms) >= ms.min(i64::MAX as u64) as i64
-        })
+        self.config
+            .segment_ms
+            .is_some_and(|ms| now.saturating_sub(self.active.created_ms) >= millis(ms))
     }
 
     /// Seals the active segment and starts a new one at the next offset.
@@ -1301,6 +1297,11 @@ pub fn now_ms() -> i64 {
 
 fn sync_dir(dir: &Path) -> Result<()> {
     fault::sync_dir(dir).map_err(io_at(dir))
+}
+
+/// A duration in ms as an `i64` for time arithmetic, saturating at `i64::MAX`.
+fn millis(ms: u64) -> i64 {
+    ms.min(i64::MAX as u64) as i64
 }
 
 /// Creates `dir` and its missing ancestors, fsyncing the parent of every level it

@@ -137,14 +137,14 @@ pub async fn blocking<T: Send + 'static>(
 /// A creation that ran out of file descriptors or memory mappings says which knobs to
 /// turn, as a limit the client can act on, instead of an internal I/O error.
 fn out_of_descriptors(e: Error, partitions: u32) -> Error {
+    use crate::error::{EMFILE, ENFILE, ENOMEM};
     let message = match e.errno() {
-        // EMFILE (the process's limit) and ENFILE (the system's).
-        Some(24 | 23) => format!(
+        Some(EMFILE | ENFILE) => format!(
             "creating {partitions} partitions ran out of file descriptors ({e}); each \
              partition holds one: raise the broker's descriptor limit (ulimit -n, \
              LimitNOFILE) or lower max_partitions so it fits"
         ),
-        Some(crate::error::ENOMEM) => format!(
+        Some(ENOMEM) => format!(
             "creating {partitions} partitions ran out of memory mappings or memory ({e}); \
              each partition maps two index files: raise vm.max_map_count (sysctl) or \
              lower max_partitions so it fits"

@@ -83,6 +83,10 @@ pub enum Error {
 
 /// The errno of a full disk.
 pub(crate) const ENOSPC: i32 = 28;
+/// The errno of a process at its open-file limit.
+pub(crate) const EMFILE: i32 = 24;
+/// The errno of a system at its open-file limit.
+pub(crate) const ENFILE: i32 = 23;
 /// The errno of a failed memory mapping or allocation (past `vm.max_map_count`, too).
 pub(crate) const ENOMEM: i32 = 12;
 

@@ -9,7 +9,8 @@
 //!   by RPC, fsync latency and commit-group sizes (histograms: one short lock per
 //!   request or commit, never per record); rejected requests; connections and requests
 //!   in flight; storage upkeep failures (failed rolls, checkpoints, index seals and
-//!   growths, and producer snapshots, which are retried rather than fail-stopping). These live in [`Metrics`], owned by the broker.
+//!   growths, and producer snapshots, which are retried rather than fail-stopping).
+//!   These live in [`Metrics`], owned by the broker.
 //! - **Read at scrape time** by [`BrokerCollector`]: log start and end offsets, size and
 //!   segments per partition; fail-stopped partitions; per group its members, rebalances,
 //!   and per partition its committed offset and lag in records and in seconds; the

@@ -53,27 +53,25 @@ pub async fn serve(
     check_map_count(map_count_limit(), &config);
     let data_dir = config.data_dir.clone();
     let defaults = config.topic_defaults.clone();
-    let segment_files =
-        FileCache::with_mapped_max(config.max_open_files, config.max_mapped_segments);
-    let broker = tokio::task::spawn_blocking(move || {
-        Broker::open(&data_dir, defaults, segment_files, metrics)
-    })
-    .await?
-    .map_err(|e| match e {
-        Error::DataDirLocked { .. } => anyhow::anyhow!(
-            "{e}; stop that process, or give this broker a directory of its own with \
+    let files = FileCache::with_mapped_max(config.max_open_files, config.max_mapped_segments);
+    let broker =
+        tokio::task::spawn_blocking(move || Broker::open(&data_dir, defaults, files, metrics))
+            .await?
+            .map_err(|e| match e {
+                Error::DataDirLocked { .. } => anyhow::anyhow!(
+                    "{e}; stop that process, or give this broker a directory of its own with \
              --data-dir <path>"
-        ),
-        e if e.errno() == Some(crate::error::ENOMEM) => anyhow::anyhow!(
-            "cannot open data directory {}: {e}; if the warning above says so, raise \
+                ),
+                e if e.errno() == Some(crate::error::ENOMEM) => anyhow::anyhow!(
+                    "cannot open data directory {}: {e}; if the warning above says so, raise \
              vm.max_map_count (each partition maps its indexes)",
-            config.data_dir.display()
-        ),
-        e => anyhow::anyhow!(
-            "cannot open data directory {}: {e}",
-            config.data_dir.display()
-        ),
-    })?;
+                    config.data_dir.display()
+                ),
+                e => anyhow::anyhow!(
+                    "cannot open data directory {}: {e}",
+                    config.data_dir.display()
+                ),
+            })?;
     let broker = Arc::new(broker);
     check_nofile_limit(nofile, &config, &broker);
     broker
@@ -207,7 +205,11 @@ fn connections_max(max_connections: usize, kafka: bool) -> usize {
 /// segment rolls fail (refusing the produces that need them until descriptors are
 /// free again) or connections are refused.
 fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker) {
-    let partitions = partition_count(broker);
+    let partitions: u64 = broker
+        .topics()
+        .iter()
+        .map(|t| u64::from(t.settings.partitions))
+        .sum();
     let http = if config.http_listen.is_some() {
         config.limits.http_connections
     } else {
@@ -231,14 +233,6 @@ fn check_nofile_limit(limit: Option<u64>, config: &ServeConfig, broker: &Broker)
              --max-open-files"
         );
     }
-}
-
-fn partition_count(broker: &Broker) -> u64 {
-    broker
-        .topics()
-        .iter()
-        .map(|t| u64::from(t.settings.partitions))
-        .sum()
 }
 
 /// Memory mappings the process needs beyond the indexes: the binary and libraries,

@@ -249,9 +249,7 @@ impl AcceptPacer {
 
 /// True for the `accept` errors that say the process is out of descriptors or memory.
 fn out_of_resources(e: &io::Error) -> bool {
-    const EMFILE: i32 = 24;
-    const ENFILE: i32 = 23;
-    const ENOMEM: i32 = 12;
+    use crate::error::{EMFILE, ENFILE, ENOMEM};
     const ENOBUFS: i32 = 105;
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOMEM | ENOBUFS))
 }

@@ -222,13 +222,6 @@ impl Partition {
         }
     }
 
-    /// Closes the log cleanly once everything queued for it is answered; the error
-    /// says why it could not (the next start then runs recovery). Blocks; call from a
-    /// blocking context.
-    pub fn shutdown(&self) -> std::result::Result<(), String> {
-        self.close().wait()
-    }
-
     /// Asks the writer to close the log once everything queued for it is answered,
     /// without waiting: closes of many partitions then run together. Blocks while the
     /// writer's queue is full; call from a blocking context.
@@ -245,8 +238,8 @@ impl Partition {
 }
 
 impl Drop for Partition {
-    /// A partition dropped without [`Partition::shutdown`] (a broker dropped without
-    /// its shutdown) still has its log closed cleanly, by the pool, once what is queued
+    /// A partition dropped without [`Partition::close`] (a broker dropped without its
+    /// shutdown) still has its log closed cleanly, by the pool, once what is queued
     /// is answered; with its queue full, the next start runs recovery instead.
     fn drop(&mut self) {
         let (reply, _) = std_mpsc::sync_channel(1);
@@ -279,14 +272,13 @@ impl Closing {
 /// saying what to do about the cause. EMFILE and ENFILE mostly come from idle client
 /// connections holding the descriptors the roll needed.
 fn roll_failed(partition: &str, errno: Option<i32>, e: &strata_storage::Error) -> Error {
-    const ENFILE: i32 = 23;
-    const EMFILE: i32 = 24;
+    use crate::error::{EMFILE, ENFILE, ENOMEM};
     let hint = match errno {
         Some(EMFILE | ENFILE) => {
             "too many open files: raise the broker's file descriptor limit (ulimit -n, \
              LimitNOFILE) or lower max_connections; "
         }
-        Some(crate::error::ENOMEM) => {
+        Some(ENOMEM) => {
             "out of memory or memory mappings: check vm.max_map_count against the \
              broker's start-up warning; "
         }
@@ -1025,6 +1017,6 @@ mod tests {
             .expect("stored");
         assert!(retry.duplicate);
         assert_eq!((retry.info.base_offset, retry.info.last_offset), (2, 3));
-        tokio::task::block_in_place(|| partition.shutdown()).expect("closed cleanly");
+        tokio::task::block_in_place(|| partition.close().wait()).expect("closed cleanly");
     }
 }

@@ -12,8 +12,9 @@
 //! The pool is sized for fsyncs, not for cores: a thread waiting in fdatasync uses no
 //! CPU, and fsyncs of different files proceed in parallel on the disk (measured on this
 //! machine's ext4 with `benches/fsync-files.c`, 10,000 files: 3,900 fdatasyncs/s from
-//! one thread, 19,300/s from 16, 27,200/s from 64). [`WRITER_THREADS`] threads therefore keep the disk busy across many partitions
-//! while the thread count stays fixed.
+//! one thread, 19,300/s from 16, 27,200/s from 64). [`WRITER_THREADS`] threads
+//! therefore keep the disk busy across many partitions while the thread count stays
+//! fixed.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

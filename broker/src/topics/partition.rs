@@ -454,6 +454,8 @@ impl Writer {
     /// Commits what the group staged, answers its producers, then does the upkeep
     /// that follows a commit (producer snapshot, retention, reporting).
     pub(crate) fn finish_group(&mut self) {
+        // The waiting list's allocation is kept for the next group.
+        let mut waiting = std::mem::take(&mut self.group.waiting);
         let group = std::mem::take(&mut self.group);
         let committed = self.commit();
         if committed.is_ok() && group.staged_batches > 0 {
@@ -465,13 +467,14 @@ impl Writer {
         for fsync in self.log.take_fsyncs() {
             self.metrics.fsync(fsync);
         }
-        for (reply, stored) in group.waiting {
+        for (reply, stored) in waiting.drain(..) {
             let _ = reply.send(match &committed {
                 Ok(()) => Ok(stored),
                 Err((true, e)) => Err(Error::DiskFull(self.name.clone(), e.clone())),
                 Err((false, e)) => Err(Error::Unavailable(self.name.clone(), e.clone())),
             });
         }
+        self.group.waiting = waiting;
         self.unsnapshotted_bytes += group.bytes as u64;
         if !self.failed && self.unsnapshotted_bytes >= self.log.config().checkpoint_interval_bytes {
             // Bounds the replay after a crash, like the log's checkpoint bounds its

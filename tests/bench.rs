@@ -38,8 +38,8 @@ async fn run_started(args: &[&str]) -> Report {
 }
 
 /// Two producers, three partitions and two consumer sets of two consumers: every
-/// message is acknowledged and counted once per set, and each latency is recorded once
-/// per acknowledgement and once per receipt.
+/// message is acknowledged and counted once per set, each latency is recorded once
+/// per acknowledgement and once per receipt, and the transport floor once per call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_acknowledged_and_consumed_once_per_set() {
     let broker = Broker::start();
@@ -62,8 +62,17 @@ async fn every_message_is_acknowledged_and_consumed_once_per_set() {
         "1",
         "--durability",
         "none",
+        "--rate",
+        "20000",
+        "--floor-calls",
+        "50",
     ])
     .await;
+    let floor = report.floor.as_ref().expect("a fixed-rate run has a floor");
+    assert_eq!(
+        (floor.call.as_str(), floor.latency.samples),
+        ("gRPC health check", 50)
+    );
     let produced = report.produced.as_ref().expect("a produce side");
     assert_eq!(
         (produced.sent, produced.acked, produced.failed),
@@ -207,6 +216,8 @@ async fn the_partitions_workload_reads_the_idle_broker() {
         "240",
         "--rate",
         "2000",
+        "--floor-calls",
+        "0",
     ])
     .await;
     let scale = report.scale.as_ref().expect("the idle probe ran");

@@ -545,6 +545,22 @@ async fn typed_errors() {
     );
 }
 
+/// `is_serving` is the broker's overall health check: true on a healthy broker, and an
+/// `Unavailable` error (not `false`) once nothing answers. disk_full.rs checks `false`
+/// while the committed-offsets log has failed.
+#[tokio::test]
+async fn is_serving_answers_the_health_check() {
+    let mut broker = Broker::start();
+    let client = connect(&broker).await;
+    assert!(client.is_serving().await.expect("a health answer"));
+    broker.stop();
+    let error = client
+        .is_serving()
+        .await
+        .expect_err("a stopped broker does not answer");
+    assert!(matches!(error, Error::Unavailable { .. }), "{error:?}");
+}
+
 /// A batch that compression would make larger (incompressible records: the codec adds
 /// framing) is sent plain: compressed, a batch the producer filled up to the topic's
 /// `max_message_bytes` would pass it and be refused, its records lost.

@@ -203,6 +203,10 @@ async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
         .into_inner()
         .status();
     assert_eq!(status, ServingStatus::NotServing);
+    assert!(
+        !client.is_serving().await.expect("a health answer"),
+        "the whole broker is not serving while commits are refused"
+    );
     drop(consumer);
 
     std::fs::remove_file(data.join("filler")).expect("free the space");
@@ -223,6 +227,7 @@ async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
     })
     .await
     .expect("the offsets log recovers once space is freed");
+    assert!(client.is_serving().await.expect("a health answer"));
     let mut groups = GroupsClient::new(broker.channel().await);
     let offset = v1::PartitionOffset {
         topic: "events".into(),

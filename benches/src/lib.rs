@@ -10,7 +10,8 @@
 //! end-to-end latency percentiles from HdrHistogram (from the intended send time in
 //! fixed-rate runs, so coordinated omission does not hide stalls), whether every
 //! acknowledged message reached every consumer set exactly once, and a same-run disk
-//! baseline so every MB/s can be read as a share of the disk.
+//! baseline so every MB/s can be read as a share of the disk, and (fixed-rate runs) a
+//! same-run transport floor so every latency can be read against one bare round trip.
 //!
 //! Code map:
 //! - [`options`]: flags, the named standard workloads, the resolved [`Plan`].
@@ -21,10 +22,12 @@
 //! - `strata`, `null`, `nats`, `redis`: the targets; `strata` starts its own broker with
 //!   `strata-spawn` unless `--broker` names one.
 //! - [`scale`]: what many partitions cost an idle broker (the `partitions` workload).
-//! - [`disk`]: the disk baseline. [`report`]: table, JSON and Markdown output.
+//! - [`disk`]: the disk baseline. [`floor`]: the transport floor, round trips of the
+//!   target's cheapest call. [`report`]: table, JSON and Markdown output.
 
 pub mod disk;
 mod error;
+pub mod floor;
 mod generator;
 pub mod machine;
 #[cfg(feature = "nats")]

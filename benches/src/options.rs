@@ -17,6 +17,9 @@ use crate::payload::HEADER_BYTES;
 /// Largest message the generator makes: the broker's largest batch limit, less room
 /// for the batch and record framing.
 const MESSAGE_BYTES_MAX: usize = (32 << 20) - 4096;
+/// Round trips the transport floor measures in a fixed-rate run by default: 2 s at one
+/// per millisecond, enough for a p99.9.
+const FLOOR_CALLS_DEFAULT: u32 = 2_000;
 
 /// `strata-bench`: load generator for Strata and, for a same-run comparison, NATS
 /// JetStream and Redis Streams.
@@ -96,6 +99,12 @@ pub struct Options {
     /// 2,048 for `--workload disk`).
     #[arg(long)]
     pub disk_baseline_mib: Option<u64>,
+    /// Round trips of the target's cheapest call (Strata's gRPC health check, Redis's
+    /// PING) to measure, one per millisecond, before the traffic: the transport floor
+    /// beside the run's latencies (0 skips it; default 2,000 for fixed-rate runs against
+    /// Strata or Redis, 0 otherwise).
+    #[arg(long)]
+    pub floor_calls: Option<u32>,
     /// Stop waiting for consumers after this many seconds without progress once the
     /// producers are done.
     #[arg(long, default_value_t = 10)]
@@ -300,6 +309,8 @@ pub struct Plan {
     pub max_pending: Option<usize>,
     /// Bytes the disk baseline writes (0: none).
     pub disk_baseline_bytes: u64,
+    /// Round trips the transport floor measures (0: none).
+    pub floor_calls: u32,
     /// Seconds the broker is left idle before the traffic to measure what the partitions
     /// cost it; `None`: no such probe.
     pub idle_s: Option<f64>,
@@ -378,6 +389,14 @@ impl Plan {
             _ => 512,
         });
         plan.disk_baseline_bytes = baseline_mib << 20;
+        plan.floor_calls = o
+            .floor_calls
+            .unwrap_or(match (plan.target, plan.rate, plan.mode) {
+                (TargetKind::Strata | TargetKind::Redis, Some(_), Mode::Live) => {
+                    FLOOR_CALLS_DEFAULT
+                }
+                _ => 0,
+            });
         plan.check()?;
         Ok(plan)
     }
@@ -402,6 +421,7 @@ impl Plan {
             durability: Durability::Fsync,
             max_pending: None,
             disk_baseline_bytes: 512 << 20,
+            floor_calls: 0,
             idle_s: None,
             drain_timeout: Duration::from_secs(10),
         };
@@ -572,8 +592,18 @@ mod tests {
         let p = plan(&["--rate", "5_000", "--messages", "10"]).expect("valid");
         assert_eq!(p.workload, "custom");
         assert_eq!((p.rate, p.amount), (Some(5_000.0), Amount::Messages(10)));
+        assert_eq!(
+            p.floor_calls, FLOOR_CALLS_DEFAULT,
+            "a fixed-rate run has a floor"
+        );
         let p = plan(&["--null"]).expect("valid");
         assert_eq!((p.target, p.disk_baseline_bytes), (TargetKind::Null, 0));
+        let p = plan(&["--null", "--rate", "1000"]).expect("valid");
+        assert_eq!(p.floor_calls, 0, "no transport under the null target");
+        let p = plan(&["--workload", "small-max"]).expect("valid");
+        assert_eq!(p.floor_calls, 0, "a max-rate run's latency is its queue");
+        let p = plan(&["--workload", "latency-10k", "--floor-calls", "0"]).expect("valid");
+        assert_eq!((p.floor_calls, p.modified), (0, false));
         let p = plan(&["--durability", "interval:50"]).expect("valid");
         assert_eq!(p.durability, Durability::IntervalMs(50));
     }

@@ -17,6 +17,7 @@ use redis::{AsyncConnectionConfig, Value};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
+use crate::floor::{self, Floor};
 use crate::generator::{generate, GeneratorPlan, Offer};
 use crate::options::Plan;
 use crate::report::TargetInfo;
@@ -205,6 +206,22 @@ impl RedisTarget {
                 acks: acks.finish(),
             }
         }))
+    }
+
+    /// The transport floor: lone `PING`s on a connection of their own.
+    pub(crate) async fn floor(&self, calls: u32) -> Result<Option<Floor>> {
+        let conn = connect(&self.client).await.map_err(peer_error)?;
+        floor::measure("PING", calls, || {
+            let mut conn = conn.clone();
+            async move {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(peer_error)?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     pub(crate) async fn start_consumer(

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::disk::DiskBaseline;
+use crate::floor::Floor;
 use crate::machine::Machine;
 use crate::options::{Mode, Plan};
 use crate::run::Measured;
@@ -25,6 +26,8 @@ pub struct Report {
     pub machine: Machine,
     /// The same-run disk baseline, if measured.
     pub disk: Option<DiskBaseline>,
+    /// The same-run transport floor: lone round trips of the target's cheapest call.
+    pub floor: Option<Floor>,
     /// The producers' side.
     pub produced: Option<ProduceResult>,
     /// The consumers' side.
@@ -190,6 +193,7 @@ impl Report {
             target,
             machine,
             disk,
+            floor: measured.floor,
             produced: measured.produced,
             consumed: measured.consumed,
             ack_latency: measured.ack_latency,
@@ -351,7 +355,7 @@ impl Report {
                  vs O_DIRECT read)"
             );
         }
-        if self.ack_latency.is_some() || self.e2e_latency.is_some() {
+        if self.ack_latency.is_some() || self.e2e_latency.is_some() || self.floor.is_some() {
             let _ = writeln!(w);
             let _ = writeln!(
                 w,
@@ -361,6 +365,7 @@ impl Report {
             for (name, p) in [
                 ("publish→ack", &self.ack_latency),
                 ("end-to-end", &self.e2e_latency),
+                ("floor", &self.floor.as_ref().map(|f| f.latency)),
             ] {
                 if let Some(p) = p {
                     let _ = writeln!(
@@ -381,6 +386,15 @@ impl Report {
                     w,
                     "  (fixed rate: latencies run from each message's intended send time, so a \
                      stall is not hidden)"
+                );
+            }
+            if let Some(f) = &self.floor {
+                let _ = writeln!(
+                    w,
+                    "  (floor: one {} at a time, one every {}, on a connection of its own: a \
+                     round trip with no work behind it)",
+                    f.call,
+                    format_latency(f.interval_us as f64)
                 );
             }
         }
@@ -442,11 +456,11 @@ impl Report {
         };
         if self.plan.mode == Mode::DiskOnly {
             let Some(d) = &self.disk else {
-                return "| disk | — | — | — | — | — | — | — | — | — |".into();
+                return "| disk | — | — | — | — | — | — | — | — | — | — |".into();
             };
             let opt = |v: Option<f64>| v.map_or_else(|| "—".to_string(), |v| format!("{v:.0}"));
             return format!(
-                "| disk | raw file | — | — | write {} MB/s (final fsync), {} MB/s (fsync every 1 MiB) | 100 % | read {} MB/s (O_DIRECT), {} MB/s (page cache) | — | — | {:.2} |",
+                "| disk | raw file | — | — | write {} MB/s (final fsync), {} MB/s (fsync every 1 MiB) | 100 % | read {} MB/s (O_DIRECT), {} MB/s (page cache) | — | — | — | {:.2} |",
                 opt(Some(d.write_mb_s)),
                 opt(d.write_fsync_each_mb_s),
                 opt(d.read_direct_mb_s),
@@ -482,7 +496,7 @@ impl Report {
             " **incomplete**"
         };
         format!(
-            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {}{complete} | {:.2} |",
+            "| {}{} | {} | {} | {} | {} | {} | {} | {} | {}{complete} | {} | {:.2} |",
             self.plan.workload,
             if self.plan.modified { "*" } else { "" },
             self.target.name,
@@ -494,13 +508,21 @@ impl Report {
             consume,
             latency(&self.ack_latency),
             latency(&self.e2e_latency),
+            self.floor.as_ref().map_or_else(
+                || "—".to_string(),
+                |f| format!(
+                    "{} / {}",
+                    format_latency(f.latency.p50_us),
+                    format_latency(f.latency.p99_us)
+                )
+            ),
             self.machine.load_at_start[0],
         )
     }
 
     /// The header of the Markdown table [`Report::markdown_row`] fills.
     pub fn markdown_header() -> &'static str {
-        "| workload | target | durability | produce msgs/s | produce MB/s | % of disk write | consume msgs/s (all sets) | publish→ack p50 / p99 / p99.9 / max | end-to-end p50 / p99 / p99.9 / max | load at start |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| workload | target | durability | produce msgs/s | produce MB/s | % of disk write | consume msgs/s (all sets) | publish→ack p50 / p99 / p99.9 / max | end-to-end p50 / p99 / p99.9 / max | floor p50 / p99 | load at start |\n|---|---|---|---|---|---|---|---|---|---|---|"
     }
 }
 

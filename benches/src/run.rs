@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::disk;
 use crate::error::{Error, Result};
+use crate::floor::Floor;
 use crate::generator::{GeneratorPlan, SinkClosed, Took};
 use crate::machine::Machine;
 use crate::options::{Amount, Mode, Options, Plan, TargetKind};
@@ -125,9 +126,26 @@ pub async fn run(options: &Options) -> Result<Outcome> {
         }
         _ => None,
     };
+    if plan.floor_calls > 0 && !options.quiet {
+        eprintln!(
+            "strata-bench: transport floor, {} calls",
+            thousands(f64::from(plan.floor_calls))
+        );
+    }
+    let floor = match backend.floor(plan.floor_calls).await {
+        Ok(floor) => floor,
+        Err(e) => {
+            backend.close().await;
+            return Err(e);
+        }
+    };
     let measured = drive(&backend, &shared, stop, options.quiet)
         .await
-        .map(|measured| Measured { scale, ..measured });
+        .map(|measured| Measured {
+            scale,
+            floor,
+            ..measured
+        });
     let info = backend.info();
     backend.close().await;
     let measured = measured?;
@@ -443,7 +461,7 @@ enum Backend {
     #[cfg(feature = "nats")]
     Nats(crate::nats::NatsTarget),
     #[cfg(feature = "redis")]
-    Redis(crate::redis::RedisTarget),
+    Redis(Box<crate::redis::RedisTarget>),
 }
 
 impl Backend {
@@ -460,9 +478,9 @@ impl Backend {
             #[cfg(not(feature = "nats"))]
             TargetKind::Nats => Err(Error::NotBuilt("nats")),
             #[cfg(feature = "redis")]
-            TargetKind::Redis => Ok(Backend::Redis(
+            TargetKind::Redis => Ok(Backend::Redis(Box::new(
                 crate::redis::RedisTarget::open(plan, &options.redis).await?,
-            )),
+            ))),
             #[cfg(not(feature = "redis"))]
             TargetKind::Redis => Err(Error::NotBuilt("redis")),
         }
@@ -518,6 +536,19 @@ impl Backend {
         }
     }
 
+    /// The transport floor: `calls` round trips of the target's cheapest call (none
+    /// for the null target, nor for NATS, whose client has no lone round trip to time).
+    async fn floor(&self, calls: u32) -> Result<Option<Floor>> {
+        match self {
+            Backend::Strata(t) => t.floor(calls).await,
+            Backend::Null(_) => Ok(None),
+            #[cfg(feature = "nats")]
+            Backend::Nats(_) => Ok(None),
+            #[cfg(feature = "redis")]
+            Backend::Redis(t) => t.floor(calls).await,
+        }
+    }
+
     async fn close(self) {
         match self {
             Backend::Strata(t) => t.close().await,
@@ -539,6 +570,7 @@ pub(crate) struct Measured {
     pub e2e_latency: Option<Percentiles>,
     pub per_second: Vec<Second>,
     pub scale: Option<ScaleResult>,
+    pub floor: Option<Floor>,
 }
 
 /// How long producers get to start before the first intended send time.
@@ -654,6 +686,7 @@ async fn drive(
         e2e_latency: Percentiles::of(&e2e_total),
         per_second,
         scale: None,
+        floor: None,
     })
 }
 

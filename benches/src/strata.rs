@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::{Stream, StreamExt, StreamMap};
 
 use crate::error::{Error, Result};
+use crate::floor::{self, Floor};
 use crate::generator::{generate, GeneratorPlan, Offer};
 use crate::options::{ConsumerMode, Options, Plan};
 use crate::report::TargetInfo;
@@ -216,6 +217,19 @@ impl StrataTarget {
                 acks: acks.finish(),
             }
         }))
+    }
+
+    /// The transport floor: lone gRPC health checks on a connection of their own.
+    pub(crate) async fn floor(&self, calls: u32) -> Result<Option<Floor>> {
+        let client = Client::connect(&self.address).await?;
+        floor::measure("gRPC health check", calls, || {
+            let client = client.clone();
+            async move {
+                client.is_serving().await?;
+                Ok(())
+            }
+        })
+        .await
     }
 
     pub(crate) async fn start_consumer(

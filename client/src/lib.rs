@@ -65,6 +65,9 @@ use strata_proto::v1::{
     admin_client::AdminClient, broker_client::BrokerClient, groups_client::GroupsClient,
 };
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
 pub use admin::{
     Admin, CommittedOffset, Durability, GroupDescription, GroupMemberInfo, GroupPartitionLag,
@@ -204,6 +207,20 @@ impl Client {
             config,
         )
         .await
+    }
+
+    /// Whether the broker reports itself `SERVING` (the standard gRPC health check of the
+    /// whole broker, service `""`): false while a partition is fail-stopped or the
+    /// committed-offsets log has failed, or while it shuts down. Fails with
+    /// [`Error::Unavailable`] if the broker cannot be reached.
+    pub async fn is_serving(&self) -> Result<bool> {
+        let answer = HealthClient::new(self.channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map_err(|status| Error::from_status(status, "", None))?;
+        Ok(answer.into_inner().status() == ServingStatus::Serving)
     }
 
     /// The generated gRPC client of the `Broker` service on this connection, with the

@@ -323,6 +323,51 @@ async fn producer_retries_through_broker_restarts() {
     }
 }
 
+/// A partition consumer tails its partition through a broker crash (SIGKILL) and a
+/// graceful restart (SIGTERM, which ends its stream with UNAVAILABLE): it subscribes
+/// again from where it was, and every record arrives once, in offset order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_consumer_follows_through_broker_restarts() {
+    let mut broker = Broker::start();
+    let client = connect(&broker).await;
+    client
+        .admin()
+        .create_topic("tailed", 1, config(Durability::Fsync))
+        .await
+        .expect("create topic");
+    let mut consumer = client
+        .partition_consumer("tailed", 0, StartAt::Earliest)
+        .await
+        .expect("a consumer");
+    let producer = client.producer("tailed").await.expect("a producer");
+    let mut offset = 0;
+    for round in 0..3 {
+        for i in 0..50 {
+            producer
+                .send(Record::new(format!("r{round}-{i}")))
+                .await
+                .expect("delivered");
+        }
+        // Read after the restart: these wait in the partition, not in the consumer.
+        match round {
+            0 => tokio::task::block_in_place(|| broker.kill()),
+            1 => tokio::task::block_in_place(|| broker.stop()),
+            _ => {}
+        }
+        if round < 2 {
+            tokio::task::block_in_place(|| broker.restart_on_same_port());
+        }
+        for (i, record) in take(&mut consumer, 50).await.into_iter().enumerate() {
+            assert_eq!(record.offset, offset, "round {round}, record {i}");
+            assert_eq!(
+                record.value.as_deref(),
+                Some(format!("r{round}-{i}").as_bytes())
+            );
+            offset += 1;
+        }
+    }
+}
+
 /// Admin calls round-trip their typed values and fail with typed errors.
 #[tokio::test]
 async fn admin_round_trips() {

@@ -1,5 +1,5 @@
-//! A standalone consumer of one partition (no consumer group): a background task
-//! long-polls Fetch and keeps one answer ready ahead of the application.
+//! A standalone consumer of one partition (no consumer group): a background task follows
+//! a Subscribe stream and keeps one answer ready ahead of the application.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -33,12 +33,12 @@ pub enum StartAt {
 /// Settings of a [`PartitionConsumer`].
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// Soft limit on the bytes of one fetch answer (the broker caps it at 8 MiB).
+    /// Soft limit on the bytes of one message of the stream (the broker caps it at
+    /// 8 MiB).
     pub fetch_bytes_max: u32,
-    /// How long a fetch waits at the end of the partition for new data.
-    pub max_wait: Duration,
-    /// How often a fetch that failed with a retriable error is retried, in a row, before
-    /// the stream yields the error and ends.
+    /// How often the subscription is made again, in a row, after a retriable failure (the
+    /// broker restarted or could not be reached, or its fetch memory was busy) before the
+    /// stream yields the error and ends. A message received resets the count.
     pub retries: u32,
     /// First retry delay; doubled per attempt.
     pub retry_backoff_min: Duration,
@@ -50,7 +50,6 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             fetch_bytes_max: 1 << 20,
-            max_wait: Duration::from_millis(500),
             retries: 30,
             retry_backoff_min: Duration::from_millis(20),
             retry_backoff_max: Duration::from_secs(1),
@@ -63,7 +62,9 @@ impl Default for ConsumerConfig {
 /// reader, a broker unreachable for longer than the retries) the stream yields that
 /// error and ends.
 ///
-/// Dropping the consumer stops its background fetches.
+/// It tails the partition through one Subscribe stream: the broker sends new records as
+/// soon as they are committed, with no request per answer. Dropping the consumer ends
+/// the stream.
 ///
 /// ```no_run
 /// use strata_client::{Client, StartAt};
@@ -181,61 +182,76 @@ impl Fetcher {
     async fn run(mut self, mut offset: u64, tx: mpsc::Sender<Result<Vec<ConsumedRecord>>>) {
         let mut failures = 0;
         loop {
-            let result = self.fetch(offset).await;
-            let records = match result {
-                Ok((records, next)) => {
-                    failures = 0;
-                    offset = offset.max(next);
-                    records
-                }
-                Err(e) if e.is_retriable() && failures < self.config.retries => {
-                    let delay = crate::backoff(
-                        self.config.retry_backoff_min,
-                        self.config.retry_backoff_max,
-                        failures,
-                    );
-                    failures += 1;
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
+            let error = match self.follow(&mut offset, &mut failures, &tx).await {
+                Ok(()) => return,
+                Err(e) => e,
             };
-            if !records.is_empty() && tx.send(Ok(records)).await.is_err() {
-                return;
+            // A read asks for nothing too large: RESOURCE_EXHAUSTED means the broker's
+            // fetch memory is held by responses in flight, and frees as they go.
+            let retriable = error.is_retriable() || matches!(error, Error::TooLarge { .. });
+            if retriable && failures < self.config.retries {
+                let delay = crate::backoff(
+                    self.config.retry_backoff_min,
+                    self.config.retry_backoff_max,
+                    failures,
+                );
+                failures += 1;
+                tokio::time::sleep(delay).await;
+                continue;
             }
+            let _ = tx.send(Err(error)).await;
+            return;
         }
     }
 
-    /// One fetch: the records at or after `offset` and where the next fetch starts.
-    async fn fetch(&mut self, offset: u64) -> Result<(Vec<ConsumedRecord>, u64)> {
-        let max_wait_ms = self.config.max_wait.as_millis().min(u32::MAX.into()) as u32;
-        let mut request = tonic::Request::new(v1::FetchRequest {
+    /// Subscribes at `offset` and hands the records of each message on, moving `offset`
+    /// past them, until the stream fails (the error) or the consumer is dropped (`Ok`).
+    async fn follow(
+        &mut self,
+        offset: &mut u64,
+        failures: &mut u32,
+        tx: &mpsc::Sender<Result<Vec<ConsumedRecord>>>,
+    ) -> Result<()> {
+        let request = v1::SubscribeRequest {
             topic: self.topic.to_string(),
             partition: self.partition,
-            offset,
+            offset: *offset,
             max_bytes: self.config.fetch_bytes_max,
-            max_wait_ms,
             decode: false,
-            member: None,
-        });
-        request.set_timeout(self.config.max_wait + Duration::from_secs(30));
-        let answer = self
+        };
+        let failed = |status, offset| {
+            Error::from_status(status, &self.topic, Some((self.partition, offset)))
+        };
+        let mut stream = self
             .client
-            .fetch(request)
+            .subscribe(request)
             .await
-            .map_err(|s| Error::from_status(s, &self.topic, Some((self.partition, offset))))?
+            .map_err(|s| failed(s, *offset))?
             .into_inner();
-        let mut records = Vec::new();
-        decode(
-            &answer.batches,
-            &self.topic,
-            self.partition,
-            offset,
-            &mut records,
-        )?;
-        Ok((records, answer.next_offset))
+        loop {
+            let Some(answer) = stream.message().await.map_err(|s| failed(s, *offset))? else {
+                // The broker ends a stream only with a status; an end without one is a
+                // cut connection.
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "the subscription to {} partition {} ended without a status",
+                        self.topic, self.partition
+                    ),
+                });
+            };
+            *failures = 0;
+            let mut records = Vec::new();
+            decode(
+                &answer.batches,
+                &self.topic,
+                self.partition,
+                *offset,
+                &mut records,
+            )?;
+            *offset = (*offset).max(answer.next_offset);
+            if !records.is_empty() && tx.send(Ok(records)).await.is_err() {
+                return Ok(());
+            }
+        }
     }
 }

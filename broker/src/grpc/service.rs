@@ -78,7 +78,7 @@ pub struct Service {
     /// broker-wide: clients that do not read cannot make it hold more.
     fetch_budget: Arc<Semaphore>,
     /// The part of the fetch budget Subscribe streams may hold: the rest stays for
-    /// Fetch, which consumers (strata-client's among them) use.
+    /// Fetch, which group members (strata-client's group consumer among them) use.
     subscribe_share: Arc<Semaphore>,
 }
 

@@ -428,6 +428,7 @@ async fn subscribe_streams_new_records_in_order() {
         offset,
         max_bytes: 0,
         decode,
+        member: None,
     };
     let mut decoded = client
         .subscribe(subscribe(true, 0))
@@ -1322,6 +1323,7 @@ async fn deleted_topic_is_gone_and_its_name_reusable() {
             offset: 0,
             max_bytes: 0,
             decode: true,
+            member: None,
         })
         .await
         .expect("subscribe to the doomed topic")
@@ -1661,6 +1663,7 @@ async fn graceful_shutdown_does_not_wait_for_subscribers_or_long_polls() {
             offset: 0,
             max_bytes: 0,
             decode: true,
+            member: None,
         })
         .await
         .expect("subscribe")

@@ -60,12 +60,11 @@ async fn create_topic(client: &Client, name: &str, partitions: u32) {
         .unwrap_or_else(|e| panic!("create topic {name}: {e}"));
 }
 
-/// Settings that make a test quick: short polls, commits and retry delays.
+/// Settings that make a test quick: short commits and retry delays.
 fn quick(client_id: &str) -> ConsumerGroupConfig {
     ConsumerGroupConfig {
         client_id: client_id.into(),
         auto_commit_interval: Some(Duration::from_millis(100)),
-        max_wait: Duration::from_millis(200),
         retry_backoff_max: Duration::from_millis(200),
         ..ConsumerGroupConfig::default()
     }

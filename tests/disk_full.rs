@@ -157,7 +157,6 @@ async fn a_failed_offsets_log_write_reaches_health_and_the_consumer() {
     let config = ConsumerGroupConfig {
         client_id: "auditor".into(),
         auto_commit_interval: Some(Duration::from_millis(50)),
-        max_wait: Duration::from_millis(100),
         ..ConsumerGroupConfig::default()
     };
     let mut consumer = client

@@ -1230,6 +1230,63 @@ async fn commits_that_break_the_rules_are_refused_and_change_nothing() {
     assert_eq!(committed(&mut groups, group, TOPIC).await[&other], 22);
 }
 
+/// A member's Subscribe stream is fenced like its fetches: opened with an epoch from
+/// before the partition came to the member, it fails at once with FAILED_PRECONDITION;
+/// opened as the owner, it streams the partition, and once the member has left the
+/// group it ends with FAILED_PRECONDITION at the next record instead of serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_subscribe_stream_is_fenced_like_its_fetches() {
+    let broker = Broker::start();
+    let mut admin = broker.admin().await;
+    let mut data = broker.client().await;
+    create(&mut admin, TOPIC, PARTITIONS).await;
+    let mut member = TestMember::join(&broker, "tailer", "tailers", TOPIC, 10_000).await;
+    let start = Instant::now();
+    while member.held.len() < PARTITIONS as usize {
+        member.beat().await;
+        check_deadline(start, "the only member gets every partition", || {
+            format!("{:?}", member.held)
+        });
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+    let subscribe = |member: v1::GroupMember| v1::SubscribeRequest {
+        topic: TOPIC.into(),
+        partition: 0,
+        offset: 0,
+        member: Some(member),
+        ..Default::default()
+    };
+    let mut stale = member.fence();
+    stale.member_epoch = 0;
+    expect_status(
+        data.subscribe(subscribe(stale)).await.map(|_| ()),
+        Code::FailedPrecondition,
+        "subscribe with an epoch from before the member owned the partition",
+    );
+
+    let mut stream = data
+        .subscribe(subscribe(member.fence()))
+        .await
+        .expect("the owner subscribes")
+        .into_inner();
+    produce_everywhere(&mut data, TOPIC, 1, 1, "first").await;
+    let message = stream
+        .message()
+        .await
+        .expect("the owner is served")
+        .expect("a message");
+    assert_eq!(message.next_offset, 1);
+
+    member.leave().await;
+    produce_everywhere(&mut data, TOPIC, 1, 1, "after-leaving").await;
+    let ended = stream.message().await;
+    expect_status(
+        ended,
+        Code::FailedPrecondition,
+        "the stream of a member that left, at its next record",
+    );
+}
+
 /// Guards the statuses of bad membership requests and of unknown groups, and that none
 /// of them disturbs a running group: a join of a missing topic gets NOT_FOUND; a bad
 /// group name, timeouts outside 1 s to 5 min, a join without topics or with an epoch

@@ -106,7 +106,6 @@ fn spawn_consumer(
         let config = ConsumerGroupConfig {
             client_id: name,
             auto_commit_interval: Some(Duration::from_millis(50)),
-            max_wait: Duration::from_millis(100),
             retry_backoff_max: Duration::from_millis(200),
             session_timeout: Duration::from_secs(6),
             ..ConsumerGroupConfig::default()

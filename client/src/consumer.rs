@@ -218,6 +218,7 @@ impl Fetcher {
             offset: *offset,
             max_bytes: self.config.fetch_bytes_max,
             decode: false,
+            member: None,
         };
         let failed = |status, offset| {
             Error::from_status(status, &self.topic, Some((self.partition, offset)))

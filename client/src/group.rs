@@ -7,9 +7,9 @@
 //! - the coordinator task runs the membership protocol (join, heartbeats, assignment
 //!   changes; docs/protocol.md) and makes every commit, so a commit always carries the
 //!   member's current epoch and never races an assignment change;
-//! - one fetch task per owned partition finds its start position, long-polls Fetch as
-//!   the member (a member that lost the partition is refused), decodes, and sends the
-//!   answers on while the prefetch budget (bytes) allows.
+//! - one fetch task per owned partition finds its start position, follows a Subscribe
+//!   stream as the member (the broker ends it for a member that lost the partition),
+//!   decodes, and sends the answers on while the prefetch budget (bytes) allows.
 //!
 //! Each owned partition has one [`Assigned`], shared by the three. Its cursor (a mutex
 //! never held across an await) holds the positions that may be committed and whether the
@@ -188,14 +188,14 @@ pub struct ConsumerGroupConfig {
     pub auto_commit_interval: Option<Duration>,
     /// Where to start without a committed position (default [`OffsetReset::Earliest`]).
     pub auto_offset_reset: OffsetReset,
-    /// Soft limit on the bytes of one fetch answer (per partition; the broker caps it at
-    /// 8 MiB).
+    /// Soft limit on the bytes of one streamed answer (per partition; the broker caps it
+    /// at 8 MiB).
     pub fetch_bytes_max: u32,
-    /// How long a fetch waits at the end of a partition for new data (long poll).
-    pub max_wait: Duration,
     /// Fetched bytes the consumer buffers ahead of the application, all partitions
     /// together (default 16 MiB). A fetch task waits for room before handing on an
-    /// answer, so memory stays within this plus one answer per owned partition.
+    /// answer, so memory stays within this plus one answer per owned partition, plus
+    /// what HTTP/2 flow control lets the broker stream ahead (the connection's window,
+    /// 32 MiB).
     pub prefetch_bytes_max: u32,
     /// How long a group call (heartbeat, commit, leave) may take; capped at half the
     /// session timeout so a hung call cannot cost the membership.
@@ -218,7 +218,6 @@ impl Default for ConsumerGroupConfig {
             auto_commit_interval: Some(Duration::from_secs(5)),
             auto_offset_reset: OffsetReset::Earliest,
             fetch_bytes_max: 1 << 20,
-            max_wait: Duration::from_millis(500),
             prefetch_bytes_max: 16 << 20,
             request_timeout: Duration::from_secs(10),
             retry_backoff_min: Duration::from_millis(50),
@@ -1290,39 +1289,21 @@ impl Fetcher {
         }
         failures = 0;
         loop {
-            match self.fetch(offset).await {
-                Ok((records, next, bytes)) => {
-                    failures = 0;
-                    if !records.is_empty() {
-                        let permits = bytes.clamp(1, self.config.prefetch_bytes_max as usize);
-                        let Ok(budget) = Arc::clone(&self.budget)
-                            .acquire_many_owned(permits as u32)
-                            .await
-                        else {
-                            return;
-                        };
-                        let fetched = Fetched {
-                            assigned: Arc::clone(&self.assigned),
-                            records: records.into_iter(),
-                            holding: false,
-                            _budget: budget,
-                        };
-                        if self.answers.send(Answer::Records(fetched)).is_err() {
-                            return;
-                        }
-                    }
-                    offset = offset.max(next);
-                }
+            let error = match self.follow(&mut offset, &mut failures).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            match error {
                 // Retention deleted the records at the position (or the position lies
                 // past the end): start again where the reset policy says.
-                Err(Error::OffsetOutOfRange { .. }) => match self
+                Error::OffsetOutOfRange { .. } => match self
                     .reset_offset("retention deleted the records at its position")
                     .await
                 {
                     Ok(reset) => offset = reset,
                     Err(e) => self.failed(e, &mut failures).await,
                 },
-                Err(e) => self.failed(e, &mut failures).await,
+                e => self.failed(e, &mut failures).await,
             }
         }
     }
@@ -1330,8 +1311,10 @@ impl Fetcher {
     /// Handles a failed call, then waits before the retry.
     async fn failed(&self, e: Error, failures: &mut u32) {
         match e {
-            // The broker restarts or is busy: retry.
-            e if e.is_retriable() => {}
+            // The broker restarts or is busy (a read asks for nothing too large:
+            // RESOURCE_EXHAUSTED means its fetch memory is held by responses in flight):
+            // retry.
+            e if e.is_retriable() || matches!(e, Error::TooLarge { .. }) => {}
             // The broker no longer counts this member as the owner, or the topic is
             // gone: the assignment has changed, and the coordinator learns how.
             Error::Fenced { .. } | Error::TopicNotFound { .. } => {
@@ -1407,37 +1390,77 @@ impl Fetcher {
             .await
     }
 
-    /// One fetch as the member: the records at or after `offset`, where the next fetch
-    /// starts, and the bytes the answer holds.
-    async fn fetch(&mut self, offset: u64) -> Result<(Vec<ConsumedRecord>, u64, usize)> {
-        let mut request = tonic::Request::new(v1::FetchRequest {
+    /// Subscribes as the member at `offset` and hands the records of each message on
+    /// (within the prefetch budget), moving `offset` past them, until the stream fails
+    /// (the error) or the consumer is gone (`Ok`). A message received resets `failures`.
+    async fn follow(&mut self, offset: &mut u64, failures: &mut u32) -> Result<()> {
+        let request = v1::SubscribeRequest {
             topic: self.assigned.topic.to_string(),
             partition: self.assigned.partition,
-            offset,
+            offset: *offset,
             max_bytes: self.config.fetch_bytes_max,
-            max_wait_ms: millis(self.config.max_wait),
             decode: false,
             member: Some(self.member.clone()),
-        });
-        request.set_timeout(self.config.max_wait + self.config.request_timeout);
-        let read = Some((self.assigned.partition, offset));
-        let answer = self
+        };
+        let refused = |status, offset| {
+            Error::from_member_status(
+                status,
+                &self.member.group,
+                &self.assigned.topic,
+                Some((self.assigned.partition, offset)),
+            )
+        };
+        let mut stream = self
             .broker
-            .fetch(request)
+            .clone()
+            .subscribe(request)
             .await
-            .map_err(|s| {
-                Error::from_member_status(s, &self.member.group, &self.assigned.topic, read)
-            })?
+            .map_err(|s| refused(s, *offset))?
             .into_inner();
-        let mut records = Vec::new();
-        decode(
-            &answer.batches,
-            &self.assigned.topic,
-            self.assigned.partition,
-            offset,
-            &mut records,
-        )?;
-        Ok((records, answer.next_offset, answer.batches.len()))
+        loop {
+            let Some(answer) = stream.message().await.map_err(|s| refused(s, *offset))? else {
+                // The broker ends a stream only with a status; an end without one is a
+                // cut connection.
+                return Err(Error::Unavailable {
+                    message: format!(
+                        "the subscription to {} partition {} ended without a status",
+                        self.assigned.topic, self.assigned.partition
+                    ),
+                });
+            };
+            *failures = 0;
+            let mut records = Vec::new();
+            decode(
+                &answer.batches,
+                &self.assigned.topic,
+                self.assigned.partition,
+                *offset,
+                &mut records,
+            )?;
+            *offset = (*offset).max(answer.next_offset);
+            if records.is_empty() {
+                continue;
+            }
+            let permits = answer
+                .batches
+                .len()
+                .clamp(1, self.config.prefetch_bytes_max as usize);
+            let Ok(budget) = Arc::clone(&self.budget)
+                .acquire_many_owned(permits as u32)
+                .await
+            else {
+                return Ok(());
+            };
+            let fetched = Fetched {
+                assigned: Arc::clone(&self.assigned),
+                records: records.into_iter(),
+                holding: false,
+                _budget: budget,
+            };
+            if self.answers.send(Answer::Records(fetched)).is_err() {
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -675,6 +675,7 @@ pub async fn consume(broker: &str, args: ConsumeArgs) -> anyhow::Result<()> {
                 offset: start,
                 max_bytes: 0,
                 decode: true,
+                member: None,
             })
             .await
             .map_err(status)?

@@ -762,16 +762,22 @@ impl broker_server::Broker for Service {
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
-        let scope = self
+        let mut scope = self
             .scope("Subscribe")
             .topic(&request.topic)
             .partition(request.partition);
+        if let Some(member) = &request.member {
+            scope = scope.group(&member.group);
+        }
         let max_bytes = fetch_bytes(request.max_bytes);
         let queue_bytes = self.limits.subscribe_queue_bytes;
         let queue = Arc::new(Semaphore::new(queue_bytes));
         let started = async {
             let topic = self.broker.topic(&request.topic)?;
             let partition = Arc::clone(topic.partition(request.partition)?);
+            if let Some(member) = &request.member {
+                groups::check_fetch(&self.broker, member, &request.topic, request.partition)?;
+            }
             // Refused at once while responses in flight hold the whole budget, so new
             // streams do not pile up waiting with their first read.
             let (share, memory) = self.try_subscribe_memory(max_bytes)?;
@@ -821,6 +827,19 @@ impl broker_server::Broker for Service {
                             let gone = Error::TopicNotFound(request.topic.clone());
                             let _ = sender.send((Err(scope.fail(gone)), None)).await;
                             return;
+                        }
+                        // The member may have lost the partition while it waited.
+                        if let Some(member) = &request.member {
+                            let owner = groups::check_fetch(
+                                &service.broker,
+                                member,
+                                &request.topic,
+                                request.partition,
+                            );
+                            if let Err(e) = owner {
+                                let _ = sender.send((Err(scope.fail(e)), None)).await;
+                                return;
+                            }
                         }
                         // Room for the next response before it is read: in this stream's
                         // queue (a client that does not read stops here), then in the

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use strata_proto::v1;
+use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
@@ -996,6 +997,89 @@ async fn unread_subscribe_streams_hold_bounded_memory() {
 /// the transport holds of each stream's last response (up to 8 MiB each), and the rest
 /// of the broker.
 const SUBSCRIBE_RSS_BOUND_BYTES: u64 = 640 << 20;
+
+/// Turns a hang into a failure; never reached when things work.
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 60 s"))
+}
+
+/// Client consumers that stop reading a backlog cancel their Subscribe streams once
+/// their prefetch budget is full, so the broker holds no responses for them: with a
+/// small fetch memory budget and six such partition consumers (which, holding their
+/// streams, would pin more than Subscribe's share of it), a new consumer still
+/// subscribes and reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_partition_consumers_leave_the_fetch_budget_to_others() {
+    stalled_consumers_leave_the_fetch_budget_to_others(false).await;
+}
+
+/// The same with group consumers: each stalled one is its own group's only member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_group_consumers_leave_the_fetch_budget_to_others() {
+    stalled_consumers_leave_the_fetch_budget_to_others(true).await;
+}
+
+async fn stalled_consumers_leave_the_fetch_budget_to_others(groups: bool) {
+    let broker = Broker::start_with(&["--fetch-memory-bytes", "16MiB"]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    create_topic(&mut admin, "big", 1, v1::TopicConfig::default()).await;
+    fill(&broker, "big", 16).await;
+    let client = strata_client::Client::connect(&broker.addr_arg())
+        .await
+        .expect("connect");
+    let consumer = |topic: &'static str, name: String| {
+        let client = client.clone();
+        async move {
+            let stream: Pin<Box<dyn tokio_stream::Stream<Item = _> + Send>> = if groups {
+                let config = strata_client::ConsumerGroupConfig {
+                    client_id: name.clone(),
+                    prefetch_bytes_max: 2 << 20,
+                    ..strata_client::ConsumerGroupConfig::default()
+                };
+                Box::pin(
+                    client
+                        .consumer_with(&name, &[topic], config)
+                        .await
+                        .expect("a group consumer"),
+                )
+            } else {
+                Box::pin(
+                    client
+                        .partition_consumer(topic, 0, strata_client::StartAt::Earliest)
+                        .await
+                        .expect("a partition consumer"),
+                )
+            };
+            stream
+        }
+    };
+    let mut stalled = Vec::new();
+    for i in 0..6 {
+        let mut consumer = consumer("big", format!("stalled-{i}")).await;
+        let first = within("the first record", consumer.next()).await;
+        assert!(matches!(first, Some(Ok(_))), "{first:?}");
+        stalled.push(consumer);
+    }
+    let mut data = broker.client().await;
+    let records = (0..10)
+        .map(|i| record(None, format!("r{i}").as_bytes()))
+        .collect();
+    data.produce(produce_records(TOPIC, 0, records))
+        .await
+        .expect("produce");
+    let mut fresh = consumer(TOPIC, "fresh".into()).await;
+    for offset in 0..10 {
+        let record = within("a record for the consumer that reads", fresh.next())
+            .await
+            .expect("the stream does not end")
+            .expect("a record, not an error");
+        assert_eq!(record.offset, offset);
+    }
+    drop(stalled);
+}
 
 /// With a small fetch memory budget held by unread streams, a new Subscribe and a
 /// Fetch are refused with RESOURCE_EXHAUSTED naming fetch_memory_bytes instead of

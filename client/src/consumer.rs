@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use strata_proto::v1::{self, broker_client::BrokerClient};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 
@@ -36,6 +36,10 @@ pub struct ConsumerConfig {
     /// Soft limit on the bytes of one message of the stream (the broker caps it at
     /// 8 MiB).
     pub fetch_bytes_max: u32,
+    /// Bytes of answers buffered ahead of the application (default 4 MiB). When an
+    /// answer would pass it, the stream is cancelled, and subscribed again once the
+    /// application has taken what waits, so a slow application holds no broker memory.
+    pub prefetch_bytes_max: u32,
     /// How often the subscription is made again, in a row, after a retriable failure (the
     /// broker restarted or could not be reached, or its fetch memory was busy) before the
     /// stream yields the error and ends. A message received resets the count.
@@ -50,6 +54,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             fetch_bytes_max: 1 << 20,
+            prefetch_bytes_max: 4 << 20,
             retries: 30,
             retry_backoff_min: Duration::from_millis(20),
             retry_backoff_max: Duration::from_secs(1),
@@ -82,7 +87,7 @@ impl Default for ConsumerConfig {
 /// ```
 #[derive(Debug)]
 pub struct PartitionConsumer {
-    answers: mpsc::Receiver<Result<Vec<ConsumedRecord>>>,
+    answers: mpsc::UnboundedReceiver<Answer>,
     ready: VecDeque<ConsumedRecord>,
     task: tokio::task::JoinHandle<()>,
     start: u64,
@@ -123,16 +128,18 @@ impl PartitionConsumer {
                     .await?
             }
         };
-        // Capacity 1: the task holds one answer ready while the application works
-        // through the previous one, and waits for room before fetching further.
-        let (tx, answers) = mpsc::channel(1);
+        // Unbounded in answers, bounded in bytes: an answer holds its share of the
+        // prefetch budget until the application takes it.
+        let (tx, answers) = mpsc::unbounded_channel();
         let fetcher = Fetcher {
             client,
             topic: Arc::from(topic),
             partition,
+            budget: Arc::new(Semaphore::new(config.prefetch_bytes_max.max(1) as usize)),
             config,
+            tx,
         };
-        let task = tokio::spawn(fetcher.run(offset, tx));
+        let task = tokio::spawn(fetcher.run(offset));
         Ok(PartitionConsumer {
             answers,
             ready: VecDeque::new(),
@@ -156,8 +163,9 @@ impl Stream for PartitionConsumer {
                 return Poll::Ready(Some(Ok(record)));
             }
             match self.answers.poll_recv(cx) {
-                Poll::Ready(Some(Ok(records))) => self.ready = records.into(),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                // The answer's budget goes back as it is taken.
+                Poll::Ready(Some((Ok(records), _budget))) => self.ready = records.into(),
+                Poll::Ready(Some((Err(e), _))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
@@ -171,19 +179,40 @@ impl Drop for PartitionConsumer {
     }
 }
 
+/// An answer for the application, with its share of the prefetch budget (none for the
+/// error that ends the stream).
+type Answer = (Result<Vec<ConsumedRecord>>, Option<OwnedSemaphorePermit>);
+
 struct Fetcher {
     client: BrokerClient<Channel>,
     topic: Arc<str>,
     partition: u32,
     config: ConsumerConfig,
+    /// Bytes of answers the application has not taken yet may hold.
+    budget: Arc<Semaphore>,
+    tx: mpsc::UnboundedSender<Answer>,
 }
 
 impl Fetcher {
-    async fn run(mut self, mut offset: u64, tx: mpsc::Sender<Result<Vec<ConsumedRecord>>>) {
+    async fn run(mut self, mut offset: u64) {
         let mut failures = 0;
         loop {
-            let error = match self.follow(&mut offset, &mut failures, &tx).await {
-                Ok(()) => return,
+            let error = match self.follow(&mut offset, &mut failures).await {
+                Ok(None) => return,
+                // The stream is cancelled; hand these on once the application has made
+                // room, then subscribe again where they end.
+                Ok(Some(paused)) => {
+                    let Ok(budget) = Arc::clone(&self.budget)
+                        .acquire_many_owned(paused.permits)
+                        .await
+                    else {
+                        return;
+                    };
+                    if self.tx.send((Ok(paused.records), Some(budget))).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) => e,
             };
             // A read asks for nothing too large: RESOURCE_EXHAUSTED means the broker's
@@ -199,19 +228,18 @@ impl Fetcher {
                 tokio::time::sleep(delay).await;
                 continue;
             }
-            let _ = tx.send(Err(error)).await;
+            let _ = self.tx.send((Err(error), None));
             return;
         }
     }
 
     /// Subscribes at `offset` and hands the records of each message on, moving `offset`
-    /// past them, until the stream fails (the error) or the consumer is dropped (`Ok`).
-    async fn follow(
-        &mut self,
-        offset: &mut u64,
-        failures: &mut u32,
-        tx: &mpsc::Sender<Result<Vec<ConsumedRecord>>>,
-    ) -> Result<()> {
+    /// past them, until the stream fails (the error), the consumer is dropped (`None`),
+    /// or the prefetch budget has no room for a message's records: then the stream is
+    /// dropped, which cancels it, and the records come back (`Paused`). A stream is
+    /// only held while the application keeps up, so one that stops reading never leaves
+    /// the broker holding responses for it. A message received resets `failures`.
+    async fn follow(&mut self, offset: &mut u64, failures: &mut u32) -> Result<Option<Paused>> {
         let request = v1::SubscribeRequest {
             topic: self.topic.to_string(),
             partition: self.partition,
@@ -250,9 +278,31 @@ impl Fetcher {
                 &mut records,
             )?;
             *offset = (*offset).max(answer.next_offset);
-            if !records.is_empty() && tx.send(Ok(records)).await.is_err() {
-                return Ok(());
+            if records.is_empty() {
+                continue;
+            }
+            let permits = answer
+                .batches
+                .len()
+                .clamp(1, self.config.prefetch_bytes_max.max(1) as usize)
+                as u32;
+            let budget = match Arc::clone(&self.budget).try_acquire_many_owned(permits) {
+                Ok(budget) => budget,
+                Err(TryAcquireError::NoPermits) => {
+                    return Ok(Some(Paused { records, permits }));
+                }
+                Err(TryAcquireError::Closed) => return Ok(None),
+            };
+            if self.tx.send((Ok(records), Some(budget))).is_err() {
+                return Ok(None);
             }
         }
     }
+}
+
+/// Records a subscription received when the prefetch budget had no room for them, and
+/// the budget they need.
+struct Paused {
+    records: Vec<ConsumedRecord>,
+    permits: u32,
 }

@@ -33,7 +33,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use strata_proto::v1::{self, broker_client::BrokerClient, groups_client::GroupsClient};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
@@ -1290,7 +1290,21 @@ impl Fetcher {
         failures = 0;
         loop {
             let error = match self.follow(&mut offset, &mut failures).await {
-                Ok(()) => return,
+                Ok(None) => return,
+                // The stream is cancelled; hand these on once the application has made
+                // room, then subscribe again where they end.
+                Ok(Some(paused)) => {
+                    let Ok(budget) = Arc::clone(&self.budget)
+                        .acquire_many_owned(paused.permits)
+                        .await
+                    else {
+                        return;
+                    };
+                    if !self.hand_on(paused.records, budget) {
+                        return;
+                    }
+                    continue;
+                }
                 Err(e) => e,
             };
             match error {
@@ -1390,10 +1404,14 @@ impl Fetcher {
             .await
     }
 
-    /// Subscribes as the member at `offset` and hands the records of each message on
-    /// (within the prefetch budget), moving `offset` past them, until the stream fails
-    /// (the error) or the consumer is gone (`Ok`). A message received resets `failures`.
-    async fn follow(&mut self, offset: &mut u64, failures: &mut u32) -> Result<()> {
+    /// Subscribes as the member at `offset` and hands the records of each message on,
+    /// moving `offset` past them, until the stream fails (the error), the consumer is
+    /// gone (`None`), or the prefetch budget has no room for a message's records: then
+    /// the stream is dropped, which cancels it, and the records come back (`Paused`). A
+    /// stream is only held while the application keeps up, so one that stops reading
+    /// never leaves the broker holding responses for it. A message received resets
+    /// `failures`.
+    async fn follow(&mut self, offset: &mut u64, failures: &mut u32) -> Result<Option<Paused>> {
         let request = v1::SubscribeRequest {
             topic: self.assigned.topic.to_string(),
             partition: self.assigned.partition,
@@ -1444,24 +1462,37 @@ impl Fetcher {
             let permits = answer
                 .batches
                 .len()
-                .clamp(1, self.config.prefetch_bytes_max as usize);
-            let Ok(budget) = Arc::clone(&self.budget)
-                .acquire_many_owned(permits as u32)
-                .await
-            else {
-                return Ok(());
+                .clamp(1, self.config.prefetch_bytes_max as usize) as u32;
+            let budget = match Arc::clone(&self.budget).try_acquire_many_owned(permits) {
+                Ok(budget) => budget,
+                Err(TryAcquireError::NoPermits) => {
+                    return Ok(Some(Paused { records, permits }));
+                }
+                Err(TryAcquireError::Closed) => return Ok(None),
             };
-            let fetched = Fetched {
-                assigned: Arc::clone(&self.assigned),
-                records: records.into_iter(),
-                holding: false,
-                _budget: budget,
-            };
-            if self.answers.send(Answer::Records(fetched)).is_err() {
-                return Ok(());
+            if !self.hand_on(records, budget) {
+                return Ok(None);
             }
         }
     }
+
+    /// Sends fetched records to the application side; false once the consumer is gone.
+    fn hand_on(&self, records: Vec<ConsumedRecord>, budget: OwnedSemaphorePermit) -> bool {
+        let fetched = Fetched {
+            assigned: Arc::clone(&self.assigned),
+            records: records.into_iter(),
+            holding: false,
+            _budget: budget,
+        };
+        self.answers.send(Answer::Records(fetched)).is_ok()
+    }
+}
+
+/// Records a fetch task received when the prefetch budget had no room for them, and the
+/// budget they need.
+struct Paused {
+    records: Vec<ConsumedRecord>,
+    permits: u32,
 }
 
 #[cfg(test)]

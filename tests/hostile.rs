@@ -1030,55 +1030,103 @@ async fn stalled_consumers_leave_the_fetch_budget_to_others(groups: bool) {
     let client = strata_client::Client::connect(&broker.addr_arg())
         .await
         .expect("connect");
-    let consumer = |topic: &'static str, name: String| {
-        let client = client.clone();
-        async move {
-            let stream: Pin<Box<dyn tokio_stream::Stream<Item = _> + Send>> = if groups {
-                let config = strata_client::ConsumerGroupConfig {
-                    client_id: name.clone(),
-                    prefetch_bytes_max: 2 << 20,
-                    ..strata_client::ConsumerGroupConfig::default()
-                };
-                Box::pin(
-                    client
-                        .consumer_with(&name, &[topic], config)
-                        .await
-                        .expect("a group consumer"),
-                )
-            } else {
-                Box::pin(
-                    client
-                        .partition_consumer(topic, 0, strata_client::StartAt::Earliest)
-                        .await
-                        .expect("a partition consumer"),
-                )
-            };
-            stream
-        }
-    };
     let mut stalled = Vec::new();
     for i in 0..6 {
-        let mut consumer = consumer("big", format!("stalled-{i}")).await;
+        let mut consumer = client_consumer(&client, "big", &format!("stalled-{i}"), groups).await;
         let first = within("the first record", consumer.next()).await;
         assert!(matches!(first, Some(Ok(_))), "{first:?}");
         stalled.push(consumer);
     }
+    reads_ten_new_records(&broker, &client, groups).await;
+    drop(stalled);
+}
+
+/// Raw Subscribe streams that are never read hold Subscribe's whole share of a small
+/// fetch memory budget, so every new Subscribe is refused: strata-client's consumers
+/// then poll with Fetch from the rest of the budget, and keep reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_consumers_read_on_while_unread_streams_hold_the_streaming_share() {
+    let broker = Broker::start_with(&[
+        "--fetch-memory-bytes",
+        "16MiB",
+        "--subscribe-queue-bytes",
+        "8MiB",
+    ]);
+    let mut admin = broker.admin().await;
+    create_topic(&mut admin, TOPIC, 1, v1::TopicConfig::default()).await;
+    create_topic(&mut admin, "big", 1, v1::TopicConfig::default()).await;
+    fill(&broker, "big", 64).await;
+    let mut streams = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(stream) = unread_subscribe(&broker, "big", 4 << 20).await {
+        streams.push(stream);
+        assert!(Instant::now() < deadline, "Subscribe was never refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = strata_client::Client::connect(&broker.addr_arg())
+        .await
+        .expect("connect");
+    for groups in [false, true] {
+        reads_ten_new_records(&broker, &client, groups).await;
+    }
+    drop(streams);
+}
+
+/// A strata-client consumer of partition 0 of [`TOPIC`]: a partition consumer, or the
+/// only member of the group `name` (prefetching at most 2 MiB).
+async fn client_consumer(
+    client: &strata_client::Client,
+    topic: &str,
+    name: &str,
+    groups: bool,
+) -> Pin<
+    Box<
+        dyn tokio_stream::Stream<Item = strata_client::Result<strata_client::ConsumedRecord>>
+            + Send,
+    >,
+> {
+    if groups {
+        let config = strata_client::ConsumerGroupConfig {
+            client_id: name.to_string(),
+            prefetch_bytes_max: 2 << 20,
+            ..strata_client::ConsumerGroupConfig::default()
+        };
+        Box::pin(
+            client
+                .consumer_with(name, &[topic], config)
+                .await
+                .expect("a group consumer"),
+        )
+    } else {
+        Box::pin(
+            client
+                .partition_consumer(topic, 0, strata_client::StartAt::Earliest)
+                .await
+                .expect("a partition consumer"),
+        )
+    }
+}
+
+/// Produces ten records to [`TOPIC`], then reads every record of it, in order, with a
+/// new consumer (a new group starts at the earliest offset too).
+async fn reads_ten_new_records(broker: &Broker, client: &strata_client::Client, groups: bool) {
     let mut data = broker.client().await;
+    let start = high_watermarks(&mut broker.admin().await, TOPIC).await[0];
     let records = (0..10)
         .map(|i| record(None, format!("r{i}").as_bytes()))
         .collect();
     data.produce(produce_records(TOPIC, 0, records))
         .await
         .expect("produce");
-    let mut fresh = consumer(TOPIC, "fresh".into()).await;
-    for offset in 0..10 {
+    let name = if groups { "fresh-group" } else { "fresh" };
+    let mut fresh = client_consumer(client, TOPIC, name, groups).await;
+    for offset in 0..start + 10 {
         let record = within("a record for the consumer that reads", fresh.next())
             .await
             .expect("the stream does not end")
             .expect("a record, not an error");
         assert_eq!(record.offset, offset);
     }
-    drop(stalled);
 }
 
 /// With a small fetch memory budget held by unread streams, a new Subscribe and a

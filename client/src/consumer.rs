@@ -1,5 +1,5 @@
-//! A standalone consumer of one partition (no consumer group): a background task follows
-//! a Subscribe stream and keeps one answer ready ahead of the application.
+//! A standalone consumer of one partition (no consumer group): a background task reads
+//! it (`follow`) and buffers answers ahead of the application within a byte budget.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -7,14 +7,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use strata_proto::v1::{self, broker_client::BrokerClient};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use strata_proto::v1::broker_client::BrokerClient;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 
 use crate::admin::{Admin, OffsetSpec};
 use crate::error::{Error, Result};
-use crate::record::{decode, ConsumedRecord};
+use crate::follow::{Follower, Stop};
+use crate::record::ConsumedRecord;
 
 /// Where a [`PartitionConsumer`] starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +132,17 @@ impl PartitionConsumer {
         // Unbounded in answers, bounded in bytes: an answer holds its share of the
         // prefetch budget until the application takes it.
         let (tx, answers) = mpsc::unbounded_channel();
+        let budget_bytes = config.prefetch_bytes_max.max(1);
         let fetcher = Fetcher {
-            client,
-            topic: Arc::from(topic),
-            partition,
-            budget: Arc::new(Semaphore::new(config.prefetch_bytes_max.max(1) as usize)),
+            follower: Follower {
+                client,
+                topic: Arc::from(topic),
+                partition,
+                member: None,
+                fetch_bytes_max: config.fetch_bytes_max,
+                budget: Arc::new(Semaphore::new(budget_bytes as usize)),
+                budget_bytes,
+            },
             config,
             tx,
         };
@@ -184,31 +191,26 @@ impl Drop for PartitionConsumer {
 type Answer = (Result<Vec<ConsumedRecord>>, Option<OwnedSemaphorePermit>);
 
 struct Fetcher {
-    client: BrokerClient<Channel>,
-    topic: Arc<str>,
-    partition: u32,
+    follower: Follower,
     config: ConsumerConfig,
-    /// Bytes of answers the application has not taken yet may hold.
-    budget: Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Answer>,
 }
 
 impl Fetcher {
-    async fn run(mut self, mut offset: u64) {
+    async fn run(self, mut offset: u64) {
+        let tx = self.tx.clone();
+        let mut hand_on = |records, budget| tx.send((Ok(records), Some(budget))).is_ok();
         let mut failures = 0;
         loop {
-            let error = match self.follow(&mut offset, &mut failures).await {
-                Ok(None) => return,
-                // The stream is cancelled; hand these on once the application has made
-                // room, then subscribe again where they end.
-                Ok(Some(paused)) => {
-                    let Ok(budget) = Arc::clone(&self.budget)
-                        .acquire_many_owned(paused.permits)
-                        .await
-                    else {
-                        return;
-                    };
-                    if self.tx.send((Ok(paused.records), Some(budget))).is_err() {
+            let error = match self
+                .follower
+                .follow(&mut offset, &mut failures, &mut hand_on)
+                .await
+            {
+                Ok(Stop::Gone) => return,
+                Ok(Stop::Again) => continue,
+                Ok(Stop::Paused(paused)) => {
+                    if !self.follower.resume(paused, &mut hand_on).await {
                         return;
                     }
                     continue;
@@ -232,77 +234,4 @@ impl Fetcher {
             return;
         }
     }
-
-    /// Subscribes at `offset` and hands the records of each message on, moving `offset`
-    /// past them, until the stream fails (the error), the consumer is dropped (`None`),
-    /// or the prefetch budget has no room for a message's records: then the stream is
-    /// dropped, which cancels it, and the records come back (`Paused`). A stream is
-    /// only held while the application keeps up, so one that stops reading never leaves
-    /// the broker holding responses for it. A message received resets `failures`.
-    async fn follow(&mut self, offset: &mut u64, failures: &mut u32) -> Result<Option<Paused>> {
-        let request = v1::SubscribeRequest {
-            topic: self.topic.to_string(),
-            partition: self.partition,
-            offset: *offset,
-            max_bytes: self.config.fetch_bytes_max,
-            decode: false,
-            member: None,
-        };
-        let failed = |status, offset| {
-            Error::from_status(status, &self.topic, Some((self.partition, offset)))
-        };
-        let mut stream = self
-            .client
-            .subscribe(request)
-            .await
-            .map_err(|s| failed(s, *offset))?
-            .into_inner();
-        loop {
-            let Some(answer) = stream.message().await.map_err(|s| failed(s, *offset))? else {
-                // The broker ends a stream only with a status; an end without one is a
-                // cut connection.
-                return Err(Error::Unavailable {
-                    message: format!(
-                        "the subscription to {} partition {} ended without a status",
-                        self.topic, self.partition
-                    ),
-                });
-            };
-            *failures = 0;
-            let mut records = Vec::new();
-            decode(
-                &answer.batches,
-                &self.topic,
-                self.partition,
-                *offset,
-                &mut records,
-            )?;
-            *offset = (*offset).max(answer.next_offset);
-            if records.is_empty() {
-                continue;
-            }
-            let permits = answer
-                .batches
-                .len()
-                .clamp(1, self.config.prefetch_bytes_max.max(1) as usize)
-                as u32;
-            let budget = match Arc::clone(&self.budget).try_acquire_many_owned(permits) {
-                Ok(budget) => budget,
-                Err(TryAcquireError::NoPermits) => {
-                    return Ok(Some(Paused { records, permits }));
-                }
-                Err(TryAcquireError::Closed) => return Ok(None),
-            };
-            if self.tx.send((Ok(records), Some(budget))).is_err() {
-                return Ok(None);
-            }
-        }
-    }
-}
-
-/// Records a subscription received when the prefetch budget had no room for them, and
-/// the budget they need.
-struct Paused {
-    records: Vec<ConsumedRecord>,
-    permits: u32,
 }

@@ -33,14 +33,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use strata_proto::v1::{self, broker_client::BrokerClient, groups_client::GroupsClient};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 
 use crate::admin::{flatten, Admin, OffsetSpec, TopicPartition};
 use crate::error::{Error, Result};
-use crate::record::{decode, ConsumedRecord};
+use crate::follow::{Follower, Stop};
+use crate::record::ConsumedRecord;
 use crate::Client;
 
 /// The range the broker accepts for the session and rebalance timeouts.
@@ -961,21 +962,29 @@ impl Coordinator {
             partition: tp.partition,
             cursor: Mutex::new(Cursor::default()),
         });
+        // Granted at this epoch, the partition may be read with it for as long as the
+        // member owns it, whatever later epochs bring.
+        let member = v1::GroupMember {
+            group: self.group.clone(),
+            member_id: member.id.clone(),
+            member_epoch: member.epoch,
+        };
         let fetcher = Fetcher {
-            broker: self.broker.clone(),
+            follower: Follower {
+                client: self.broker.clone(),
+                topic: Arc::clone(&assigned.topic),
+                partition: assigned.partition,
+                member: Some(member.clone()),
+                fetch_bytes_max: self.config.fetch_bytes_max,
+                budget: Arc::clone(&self.budget),
+                budget_bytes: self.config.prefetch_bytes_max,
+            },
             groups: self.groups.clone(),
             admin: self.admin.clone(),
             assigned: Arc::clone(&assigned),
-            // Granted at this epoch, the partition may be fetched with it for as long as
-            // the member owns it, whatever later epochs bring.
-            member: v1::GroupMember {
-                group: self.group.clone(),
-                member_id: member.id.clone(),
-                member_epoch: member.epoch,
-            },
+            member,
             config: Arc::clone(&self.config),
             answers: self.answers.clone(),
-            budget: Arc::clone(&self.budget),
             refused: self.refused_tx.clone(),
             start,
         };
@@ -1256,14 +1265,13 @@ fn millis(d: Duration) -> u32 {
 
 /// The task that reads one owned partition.
 struct Fetcher {
-    broker: BrokerClient<Channel>,
+    follower: Follower,
     groups: GroupsClient<Channel>,
     admin: Admin,
     assigned: Arc<Assigned>,
     member: v1::GroupMember,
     config: Arc<ConsumerGroupConfig>,
     answers: mpsc::UnboundedSender<Answer>,
-    budget: Arc<Semaphore>,
     refused: mpsc::UnboundedSender<()>,
     /// Where to start instead of the committed position (a seek).
     start: Option<u64>,
@@ -1288,19 +1296,26 @@ impl Fetcher {
             cursor.acked = Some(offset);
         }
         failures = 0;
+        let (assigned, answers) = (Arc::clone(&self.assigned), self.answers.clone());
+        let mut hand_on = |records: Vec<ConsumedRecord>, budget| {
+            let fetched = Fetched {
+                assigned: Arc::clone(&assigned),
+                records: records.into_iter(),
+                holding: false,
+                _budget: budget,
+            };
+            answers.send(Answer::Records(fetched)).is_ok()
+        };
         loop {
-            let error = match self.follow(&mut offset, &mut failures).await {
-                Ok(None) => return,
-                // The stream is cancelled; hand these on once the application has made
-                // room, then subscribe again where they end.
-                Ok(Some(paused)) => {
-                    let Ok(budget) = Arc::clone(&self.budget)
-                        .acquire_many_owned(paused.permits)
-                        .await
-                    else {
-                        return;
-                    };
-                    if !self.hand_on(paused.records, budget) {
+            let error = match self
+                .follower
+                .follow(&mut offset, &mut failures, &mut hand_on)
+                .await
+            {
+                Ok(Stop::Gone) => return,
+                Ok(Stop::Again) => continue,
+                Ok(Stop::Paused(paused)) => {
+                    if !self.follower.resume(paused, &mut hand_on).await {
                         return;
                     }
                     continue;
@@ -1325,10 +1340,8 @@ impl Fetcher {
     /// Handles a failed call, then waits before the retry.
     async fn failed(&self, e: Error, failures: &mut u32) {
         match e {
-            // The broker restarts or is busy (a read asks for nothing too large:
-            // RESOURCE_EXHAUSTED means its fetch memory is held by responses in flight):
-            // retry.
-            e if e.is_retriable() || matches!(e, Error::TooLarge { .. }) => {}
+            // The broker restarts or is busy: retry.
+            e if e.is_retriable() => {}
             // The broker no longer counts this member as the owner, or the topic is
             // gone: the assignment has changed, and the coordinator learns how.
             Error::Fenced { .. } | Error::TopicNotFound { .. } => {
@@ -1403,96 +1416,6 @@ impl Fetcher {
             .list_offsets(&self.assigned.topic, self.assigned.partition, spec)
             .await
     }
-
-    /// Subscribes as the member at `offset` and hands the records of each message on,
-    /// moving `offset` past them, until the stream fails (the error), the consumer is
-    /// gone (`None`), or the prefetch budget has no room for a message's records: then
-    /// the stream is dropped, which cancels it, and the records come back (`Paused`). A
-    /// stream is only held while the application keeps up, so one that stops reading
-    /// never leaves the broker holding responses for it. A message received resets
-    /// `failures`.
-    async fn follow(&mut self, offset: &mut u64, failures: &mut u32) -> Result<Option<Paused>> {
-        let request = v1::SubscribeRequest {
-            topic: self.assigned.topic.to_string(),
-            partition: self.assigned.partition,
-            offset: *offset,
-            max_bytes: self.config.fetch_bytes_max,
-            decode: false,
-            member: Some(self.member.clone()),
-        };
-        let refused = |status, offset| {
-            Error::from_member_status(
-                status,
-                &self.member.group,
-                &self.assigned.topic,
-                Some((self.assigned.partition, offset)),
-            )
-        };
-        let mut stream = self
-            .broker
-            .clone()
-            .subscribe(request)
-            .await
-            .map_err(|s| refused(s, *offset))?
-            .into_inner();
-        loop {
-            let Some(answer) = stream.message().await.map_err(|s| refused(s, *offset))? else {
-                // The broker ends a stream only with a status; an end without one is a
-                // cut connection.
-                return Err(Error::Unavailable {
-                    message: format!(
-                        "the subscription to {} partition {} ended without a status",
-                        self.assigned.topic, self.assigned.partition
-                    ),
-                });
-            };
-            *failures = 0;
-            let mut records = Vec::new();
-            decode(
-                &answer.batches,
-                &self.assigned.topic,
-                self.assigned.partition,
-                *offset,
-                &mut records,
-            )?;
-            *offset = (*offset).max(answer.next_offset);
-            if records.is_empty() {
-                continue;
-            }
-            let permits = answer
-                .batches
-                .len()
-                .clamp(1, self.config.prefetch_bytes_max as usize) as u32;
-            let budget = match Arc::clone(&self.budget).try_acquire_many_owned(permits) {
-                Ok(budget) => budget,
-                Err(TryAcquireError::NoPermits) => {
-                    return Ok(Some(Paused { records, permits }));
-                }
-                Err(TryAcquireError::Closed) => return Ok(None),
-            };
-            if !self.hand_on(records, budget) {
-                return Ok(None);
-            }
-        }
-    }
-
-    /// Sends fetched records to the application side; false once the consumer is gone.
-    fn hand_on(&self, records: Vec<ConsumedRecord>, budget: OwnedSemaphorePermit) -> bool {
-        let fetched = Fetched {
-            assigned: Arc::clone(&self.assigned),
-            records: records.into_iter(),
-            holding: false,
-            _budget: budget,
-        };
-        self.answers.send(Answer::Records(fetched)).is_ok()
-    }
-}
-
-/// Records a fetch task received when the prefetch budget had no room for them, and the
-/// budget they need.
-struct Paused {
-    records: Vec<ConsumedRecord>,
-    permits: u32,
 }
 
 #[cfg(test)]

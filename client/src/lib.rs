@@ -5,7 +5,7 @@
 //!   the shared batch codec, keeps a bounded number of requests in flight, retries with
 //!   backoff, and resolves each [`send`](Producer::send) to its partition and offset.
 //! - [`Consumer`]: a member of a consumer group. It follows the partitions the broker
-//!   assigns it, long-polls them with prefetch, yields their records as an async
+//!   assigns it, streams them with prefetch, yields their records as an async
 //!   [`Stream`](tokio_stream::Stream), and commits what the application has received
 //!   (at an interval, on revoke and on close) or what it commits explicitly: at least
 //!   once.
@@ -54,6 +54,7 @@ mod admin;
 mod consumer;
 mod dead_letter;
 mod error;
+mod follow;
 mod group;
 mod producer;
 mod record;

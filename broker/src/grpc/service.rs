@@ -78,7 +78,8 @@ pub struct Service {
     /// broker-wide: clients that do not read cannot make it hold more.
     fetch_budget: Arc<Semaphore>,
     /// The part of the fetch budget Subscribe streams may hold: the rest stays for
-    /// Fetch, which group members (strata-client's group consumer among them) use.
+    /// Fetch, so clients holding streams cannot stop readers that poll (Kafka clients,
+    /// and strata-client's consumers, which poll when a Subscribe is refused).
     subscribe_share: Arc<Semaphore>,
 }
 
@@ -828,19 +829,6 @@ impl broker_server::Broker for Service {
                             let _ = sender.send((Err(scope.fail(gone)), None)).await;
                             return;
                         }
-                        // The member may have lost the partition while it waited.
-                        if let Some(member) = &request.member {
-                            let owner = groups::check_fetch(
-                                &service.broker,
-                                member,
-                                &request.topic,
-                                request.partition,
-                            );
-                            if let Err(e) = owner {
-                                let _ = sender.send((Err(scope.fail(e)), None)).await;
-                                return;
-                            }
-                        }
                         // Room for the next response before it is read: in this stream's
                         // queue (a client that does not read stops here), then in the
                         // broker-wide budget.
@@ -853,6 +841,20 @@ impl broker_server::Broker for Service {
                             }
                         };
                         let Some(held) = held else { return };
+                        // The member may have lost the partition while it waited, for
+                        // data or for room: checked right before the read.
+                        if let Some(member) = &request.member {
+                            let owner = groups::check_fetch(
+                                &service.broker,
+                                member,
+                                &request.topic,
+                                request.partition,
+                            );
+                            if let Err(e) = owner {
+                                let _ = sender.send((Err(scope.fail(e)), None)).await;
+                                return;
+                            }
+                        }
                         (read(&partition, offset, max_bytes).await, held)
                     }
                 };

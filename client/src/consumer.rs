@@ -142,6 +142,7 @@ impl PartitionConsumer {
                 fetch_bytes_max: config.fetch_bytes_max,
                 budget: Arc::new(Semaphore::new(budget_bytes as usize)),
                 budget_bytes,
+                polling: false,
             },
             config,
             tx,
@@ -197,7 +198,7 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    async fn run(self, mut offset: u64) {
+    async fn run(mut self, mut offset: u64) {
         let tx = self.tx.clone();
         let mut hand_on = |records, budget| tx.send((Ok(records), Some(budget))).is_ok();
         let mut failures = 0;

@@ -6,14 +6,16 @@
 //!   consumer's budget until the application takes it. When a message does not fit, the
 //!   stream is dropped, which cancels it: a consumer holds a stream only while it has
 //!   room for what the stream brings, so an application that stops reading leaves the
-//!   broker holding nothing for it. The stream is opened again once half the budget is
-//!   free, not at the first free byte, so a slow application costs one Subscribe per
-//!   half budget, not one per answer.
+//!   broker holding nothing for it.
+//! - **Behind, it polls.** An application slower than its partition would have every
+//!   new stream cancelled at its first answer, after the broker had read and sent ahead
+//!   what the stream's window allows, for nothing. So after a pause the reader uses
+//!   long-poll Fetch, one answer per request and nothing read ahead, until an answer
+//!   reaches the high watermark: caught up, it subscribes again.
 //! - **The broker's streaming memory.** The broker lets Subscribe streams hold only part
-//!   of its fetch memory and keeps the rest for Fetch. When a Subscribe is refused for
-//!   lack of it (`RESOURCE_EXHAUSTED`), one long-poll Fetch from the rest takes its
-//!   place before the next Subscribe, so clients that hold the streaming part (or a
-//!   hostile one) slow a consumer down but do not stop it.
+//!   of its fetch memory and keeps the rest for Fetch. When a Subscribe is refused or
+//!   ended for lack of it (`RESOURCE_EXHAUSTED`), the reader polls too, so clients that
+//!   hold the streaming part (or a hostile one) slow a consumer down but do not stop it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +45,8 @@ pub(crate) struct Follower {
     /// The consumer's prefetch budget (bytes), and its size.
     pub budget: Arc<Semaphore>,
     pub budget_bytes: u32,
+    /// Reading with Fetch until caught up (see the module documentation).
+    pub polling: bool,
 }
 
 /// How reading stopped, when not by an error.
@@ -52,7 +56,7 @@ pub(crate) enum Stop {
     /// A message did not fit the budget: the stream is cancelled. [`Follower::resume`]
     /// waits for room, and these records go on before reading again.
     Paused(Paused),
-    /// A poll stood in for a refused Subscribe and handed on what it read: read again.
+    /// A poll handed on what it read: read again.
     Again,
 }
 
@@ -63,16 +67,19 @@ pub(crate) struct Paused {
 }
 
 impl Follower {
-    /// Reads from `offset` on, moving it past what it hands on, until an error, the
-    /// application side is gone, or a message does not fit the budget. `hand_on` gives
-    /// records with their budget to the application side, false once it is gone. A
-    /// message decoded resets `failures`.
+    /// Reads from `offset` on (one poll while polling), moving it past what it hands on,
+    /// until an error, the application side is gone, or a message does not fit the
+    /// budget. `hand_on` gives records with their budget to the application side, false
+    /// once it is gone. A message decoded resets `failures`.
     pub async fn follow(
-        &self,
+        &mut self,
         offset: &mut u64,
         failures: &mut u32,
         hand_on: &mut impl FnMut(Vec<ConsumedRecord>, OwnedSemaphorePermit) -> bool,
     ) -> Result<Stop> {
+        if self.polling {
+            return self.poll(offset, failures, hand_on).await;
+        }
         let request = v1::SubscribeRequest {
             topic: self.topic.to_string(),
             partition: self.partition,
@@ -83,17 +90,21 @@ impl Follower {
         };
         let mut stream = match self.client.clone().subscribe(request).await {
             Ok(answer) => answer.into_inner(),
-            Err(status) => match self.refused(status, *offset) {
-                // The broker's streaming memory is full: one poll from the rest.
-                Error::TooLarge { .. } => return self.poll(offset, failures, hand_on).await,
-                e => return Err(e),
-            },
+            Err(status) => {
+                return self
+                    .streaming_failed(status, offset, failures, hand_on)
+                    .await
+            }
         };
         loop {
-            let answer = stream
-                .message()
-                .await
-                .map_err(|s| self.refused(s, *offset))?;
+            let answer = match stream.message().await {
+                Ok(answer) => answer,
+                Err(status) => {
+                    return self
+                        .streaming_failed(status, offset, failures, hand_on)
+                        .await
+                }
+            };
             let Some(answer) = answer else {
                 // The broker ends a stream only with a status; an end without one is a
                 // cut connection.
@@ -110,9 +121,27 @@ impl Follower {
         }
     }
 
-    /// One long-poll Fetch in place of a refused Subscribe.
+    /// A refused Subscribe or a failed stream: the error, or for lack of the broker's
+    /// streaming memory a poll from the rest of it.
+    async fn streaming_failed(
+        &mut self,
+        status: Status,
+        offset: &mut u64,
+        failures: &mut u32,
+        hand_on: &mut impl FnMut(Vec<ConsumedRecord>, OwnedSemaphorePermit) -> bool,
+    ) -> Result<Stop> {
+        match self.refused(status, *offset) {
+            Error::TooLarge { .. } => {
+                self.polling = true;
+                self.poll(offset, failures, hand_on).await
+            }
+            e => Err(e),
+        }
+    }
+
+    /// One long-poll Fetch; caught up with the partition, it stops polling.
     async fn poll(
-        &self,
+        &mut self,
         offset: &mut u64,
         failures: &mut u32,
         hand_on: &mut impl FnMut(Vec<ConsumedRecord>, OwnedSemaphorePermit) -> bool,
@@ -134,15 +163,18 @@ impl Follower {
             .await
             .map_err(|s| self.refused(s, *offset))?
             .into_inner();
-        Ok(self
-            .take(answer, offset, failures, hand_on)?
-            .unwrap_or(Stop::Again))
+        let caught_up = answer.next_offset >= answer.high_watermark;
+        let stop = self.take(answer, offset, failures, hand_on)?;
+        if caught_up && stop.is_none() {
+            self.polling = false;
+        }
+        Ok(stop.unwrap_or(Stop::Again))
     }
 
     /// Decodes one answer and hands its records on within the budget; what stops the
     /// reading, if anything.
     fn take(
-        &self,
+        &mut self,
         answer: v1::FetchResponse,
         offset: &mut u64,
         failures: &mut u32,
@@ -165,30 +197,27 @@ impl Follower {
         let budget = match Arc::clone(&self.budget).try_acquire_many_owned(permits) {
             Ok(budget) => budget,
             Err(TryAcquireError::NoPermits) => {
-                return Ok(Some(Stop::Paused(Paused { records, permits })))
+                self.polling = true;
+                return Ok(Some(Stop::Paused(Paused { records, permits })));
             }
             Err(TryAcquireError::Closed) => return Ok(Some(Stop::Gone)),
         };
         Ok((!hand_on(records, budget)).then_some(Stop::Gone))
     }
 
-    /// Waits until the budget has room for `paused` and half the budget besides, hands
-    /// the paused records on, and says whether the application side is still there.
+    /// Waits until the budget has room for `paused`, hands the records on, and says
+    /// whether the application side is still there.
     pub async fn resume(
         &self,
         paused: Paused,
         hand_on: &mut impl FnMut(Vec<ConsumedRecord>, OwnedSemaphorePermit) -> bool,
     ) -> bool {
-        let wanted = (paused.permits + self.budget_bytes / 2).min(self.budget_bytes);
-        let Ok(mut room) = Arc::clone(&self.budget).acquire_many_owned(wanted).await else {
-            return false;
-        };
-        // Keep the records' share; the rest was only to wait for.
-        let budget = room.split(paused.permits as usize);
-        drop(room);
-        match budget {
-            Some(budget) => hand_on(paused.records, budget),
-            None => false,
+        match Arc::clone(&self.budget)
+            .acquire_many_owned(paused.permits)
+            .await
+        {
+            Ok(budget) => hand_on(paused.records, budget),
+            Err(_) => false,
         }
     }
 

@@ -978,6 +978,7 @@ impl Coordinator {
                 fetch_bytes_max: self.config.fetch_bytes_max,
                 budget: Arc::clone(&self.budget),
                 budget_bytes: self.config.prefetch_bytes_max,
+                polling: false,
             },
             groups: self.groups.clone(),
             admin: self.admin.clone(),
@@ -1340,8 +1341,10 @@ impl Fetcher {
     /// Handles a failed call, then waits before the retry.
     async fn failed(&self, e: Error, failures: &mut u32) {
         match e {
-            // The broker restarts or is busy: retry.
-            e if e.is_retriable() => {}
+            // The broker restarts or is busy (a read asks for nothing too large:
+            // RESOURCE_EXHAUSTED means its fetch memory is held by responses in flight):
+            // retry.
+            e if e.is_retriable() || matches!(e, Error::TooLarge { .. }) => {}
             // The broker no longer counts this member as the owner, or the topic is
             // gone: the assignment has changed, and the coordinator learns how.
             Error::Fenced { .. } | Error::TopicNotFound { .. } => {

@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use crate::admin::{Admin, OffsetSpec};
 use crate::error::{Error, Result};
-use crate::follow::{Follower, Stop};
+use crate::follow::{self, Follower};
 use crate::record::ConsumedRecord;
 
 /// Where a [`PartitionConsumer`] starts.
@@ -205,23 +205,13 @@ impl Fetcher {
         loop {
             let error = match self
                 .follower
-                .follow(&mut offset, &mut failures, &mut hand_on)
+                .read(&mut offset, &mut failures, &mut hand_on)
                 .await
             {
-                Ok(Stop::Gone) => return,
-                Ok(Stop::Again) => continue,
-                Ok(Stop::Paused(paused)) => {
-                    if !self.follower.resume(paused, &mut hand_on).await {
-                        return;
-                    }
-                    continue;
-                }
+                Ok(()) => return,
                 Err(e) => e,
             };
-            // A read asks for nothing too large: RESOURCE_EXHAUSTED means the broker's
-            // fetch memory is held by responses in flight, and frees as they go.
-            let retriable = error.is_retriable() || matches!(error, Error::TooLarge { .. });
-            if retriable && failures < self.config.retries {
+            if follow::retriable(&error) && failures < self.config.retries {
                 let delay = crate::backoff(
                     self.config.retry_backoff_min,
                     self.config.retry_backoff_max,

@@ -49,8 +49,8 @@ pub(crate) struct Follower {
     pub polling: bool,
 }
 
-/// How reading stopped, when not by an error.
-pub(crate) enum Stop {
+/// How one stream or poll ended, when not by an error.
+enum Stop {
     /// The application side is gone.
     Gone,
     /// A message did not fit the budget: the stream is cancelled. [`Follower::resume`]
@@ -61,17 +61,45 @@ pub(crate) enum Stop {
 }
 
 /// Records that did not fit the prefetch budget, and the budget they need.
-pub(crate) struct Paused {
-    pub records: Vec<ConsumedRecord>,
-    pub permits: u32,
+struct Paused {
+    records: Vec<ConsumedRecord>,
+    permits: u32,
+}
+
+/// Whether a failed read is worth retrying: the broker is unreachable or restarting, or
+/// busy (a read asks for nothing too large, so `RESOURCE_EXHAUSTED` means its fetch
+/// memory is held by responses in flight, and frees as they go).
+pub(crate) fn retriable(error: &Error) -> bool {
+    error.is_retriable() || matches!(error, Error::TooLarge { .. })
 }
 
 impl Follower {
-    /// Reads from `offset` on (one poll while polling), moving it past what it hands on,
-    /// until an error, the application side is gone, or a message does not fit the
-    /// budget. `hand_on` gives records with their budget to the application side, false
-    /// once it is gone. A message decoded resets `failures`.
-    pub async fn follow(
+    /// Reads from `offset` on, moving it past what it hands on, until a read fails (the
+    /// error) or the application side is gone (`Ok`). `hand_on` gives records with their
+    /// budget to the application side, false once it is gone. An answer decoded resets
+    /// `failures`.
+    pub async fn read(
+        &mut self,
+        offset: &mut u64,
+        failures: &mut u32,
+        hand_on: &mut impl FnMut(Vec<ConsumedRecord>, OwnedSemaphorePermit) -> bool,
+    ) -> Result<()> {
+        loop {
+            match self.follow(offset, failures, hand_on).await? {
+                Stop::Gone => return Ok(()),
+                Stop::Again => {}
+                Stop::Paused(paused) => {
+                    if !self.resume(paused, hand_on).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// One stream (one poll while polling), until an error, the application side is
+    /// gone, or a message does not fit the budget.
+    async fn follow(
         &mut self,
         offset: &mut u64,
         failures: &mut u32,
@@ -207,7 +235,7 @@ impl Follower {
 
     /// Waits until the budget has room for `paused`, hands the records on, and says
     /// whether the application side is still there.
-    pub async fn resume(
+    async fn resume(
         &self,
         paused: Paused,
         hand_on: &mut impl FnMut(Vec<ConsumedRecord>, OwnedSemaphorePermit) -> bool,

@@ -40,7 +40,7 @@ use tonic::transport::Channel;
 
 use crate::admin::{flatten, Admin, OffsetSpec, TopicPartition};
 use crate::error::{Error, Result};
-use crate::follow::{Follower, Stop};
+use crate::follow::{self, Follower};
 use crate::record::ConsumedRecord;
 use crate::Client;
 
@@ -1310,17 +1310,10 @@ impl Fetcher {
         loop {
             let error = match self
                 .follower
-                .follow(&mut offset, &mut failures, &mut hand_on)
+                .read(&mut offset, &mut failures, &mut hand_on)
                 .await
             {
-                Ok(Stop::Gone) => return,
-                Ok(Stop::Again) => continue,
-                Ok(Stop::Paused(paused)) => {
-                    if !self.follower.resume(paused, &mut hand_on).await {
-                        return;
-                    }
-                    continue;
-                }
+                Ok(()) => return,
                 Err(e) => e,
             };
             match error {
@@ -1341,10 +1334,8 @@ impl Fetcher {
     /// Handles a failed call, then waits before the retry.
     async fn failed(&self, e: Error, failures: &mut u32) {
         match e {
-            // The broker restarts or is busy (a read asks for nothing too large:
-            // RESOURCE_EXHAUSTED means its fetch memory is held by responses in flight):
-            // retry.
-            e if e.is_retriable() || matches!(e, Error::TooLarge { .. }) => {}
+            // The broker restarts or is busy: retry.
+            e if follow::retriable(&e) => {}
             // The broker no longer counts this member as the owner, or the topic is
             // gone: the assignment has changed, and the coordinator learns how.
             Error::Fenced { .. } | Error::TopicNotFound { .. } => {

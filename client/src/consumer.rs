@@ -38,8 +38,8 @@ pub struct ConsumerConfig {
     /// 8 MiB).
     pub fetch_bytes_max: u32,
     /// Bytes of answers buffered ahead of the application (default 4 MiB). When an
-    /// answer would pass it, the stream is cancelled, and subscribed again once the
-    /// application has taken what waits, so a slow application holds no broker memory.
+    /// answer would pass it, the stream is cancelled, so a slow application holds no
+    /// broker memory, and the consumer polls with Fetch until it has caught up.
     pub prefetch_bytes_max: u32,
     /// How often the subscription is made again, in a row, after a retriable failure (the
     /// broker restarted or could not be reached, or its fetch memory was busy) before the
@@ -68,9 +68,10 @@ impl Default for ConsumerConfig {
 /// reader, a broker unreachable for longer than the retries) the stream yields that
 /// error and ends.
 ///
-/// It tails the partition through one Subscribe stream: the broker sends new records as
-/// soon as they are committed, with no request per answer. Dropping the consumer ends
-/// the stream.
+/// It tails the partition through one Subscribe stream while it keeps up: the broker
+/// sends new records as soon as they are committed, with no request per answer. Behind
+/// its prefetch budget, it polls with Fetch until it reaches the end of the partition.
+/// Dropping the consumer ends the stream.
 ///
 /// ```no_run
 /// use strata_client::{Client, StartAt};

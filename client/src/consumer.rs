@@ -200,8 +200,7 @@ struct Fetcher {
 
 impl Fetcher {
     async fn run(mut self, mut offset: u64) {
-        let tx = self.tx.clone();
-        let mut hand_on = |records, budget| tx.send((Ok(records), Some(budget))).is_ok();
+        let mut hand_on = |records, budget| self.tx.send((Ok(records), Some(budget))).is_ok();
         let mut failures = 0;
         loop {
             let error = match self

@@ -1297,15 +1297,14 @@ impl Fetcher {
             cursor.acked = Some(offset);
         }
         failures = 0;
-        let (assigned, answers) = (Arc::clone(&self.assigned), self.answers.clone());
         let mut hand_on = |records: Vec<ConsumedRecord>, budget| {
             let fetched = Fetched {
-                assigned: Arc::clone(&assigned),
+                assigned: Arc::clone(&self.assigned),
                 records: records.into_iter(),
                 holding: false,
                 _budget: budget,
             };
-            answers.send(Answer::Records(fetched)).is_ok()
+            self.answers.send(Answer::Records(fetched)).is_ok()
         };
         loop {
             let error = match self
